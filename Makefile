@@ -1,0 +1,52 @@
+# The project's own installer and entry points. `make demo` and `make test` work on a fresh
+# Debian machine as root: they install the system packages, a virtual environment, the CPU
+# build of torch and the project itself before doing anything else.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SYSTEM_PACKAGES := softhsm2 swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config
+TORCH_CPU := torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup system-packages demo test lint protos check-protos bench clean
+
+setup: system-packages $(STAMP)
+
+system-packages:
+	@if ! dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1; then \
+	  echo "==> installing system packages: $(SYSTEM_PACKAGES)"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES); \
+	fi
+
+$(STAMP): pyproject.toml
+	@echo "==> creating $(VENV) and installing the project"
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_CPU)"
+	$(BIN)/pip install -q -e ".[test,tpm,train]"
+	touch $@
+
+demo: setup
+	$(BIN)/python -m demo
+
+lint: setup
+	$(BIN)/ruff check .
+
+protos: setup
+	$(BIN)/python scripts/gen_protos.py
+
+check-protos: setup
+	$(BIN)/python scripts/gen_protos.py --check
+
+test: setup
+	$(BIN)/ruff check .
+	@if [ -f scripts/gen_protos.py ]; then $(BIN)/python scripts/gen_protos.py --check; fi
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python -m benchmarks --quick
+
+clean:
+	rm -rf $(VENV) run .pytest_cache .ruff_cache .hypothesis

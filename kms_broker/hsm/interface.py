@@ -1,0 +1,81 @@
+"""What the broker needs from an HSM (DESIGN.md section 3). Domain code sees only this.
+
+Implementations: ``kms_broker.hsm.fake.FakeHsm`` (fast unit tests) and
+``kms_broker.hsm.pkcs11_hsm.Pkcs11Hsm`` (python-pkcs11; SoftHSM2 in tests and the embedded
+default). One contract suite (tests/kms_broker/test_hsm_contract.py) runs against both.
+
+Share custody: a share enters as a blob the tenant sealed to an import key and leaves as a
+blob sealed to a node's one-time key. In between it exists only as HSM objects and as
+``wrapped_share`` (AES-KWP under the tenant KEK, stored in the broker DB). No method takes or
+returns a share in the clear.
+
+Sealing (tenant -> import key, and HSM -> node) is the same construction, mirrored on the
+other side with ``cryptography`` by ``kms_broker.sealing``:
+
+    Z        = ECDH-P256(ephemeral, recipient)            (x coordinate, CKD_NULL)
+    K        = AES-256-ECB(key = Z, data = SHA-256(transcript))   (CKM_AES_ECB_ENCRYPT_DATA)
+    sealed   = AES-KWP(K, share)                          (CKM_AES_KEY_WRAP_PAD)
+
+and the wire blob is ``BE16 len(ephemeral_pub) || ephemeral_pub (SEC1 uncompressed) || sealed``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+__all__ = ["Hsm", "HsmError", "HsmUnavailable", "KeyNotFound", "UnwrapFailed"]
+
+
+class HsmError(Exception):
+    """Base class; messages never carry key material."""
+
+
+class HsmUnavailable(HsmError):
+    """The token cannot be reached or logged into: callers fail closed (gRPC UNAVAILABLE)."""
+
+
+class KeyNotFound(HsmError):
+    """No such key (for example a shredded tenant KEK or an expired import key)."""
+
+
+class UnwrapFailed(HsmError):
+    """A wrapped or sealed blob did not authenticate under the expected key."""
+
+
+class Hsm(Protocol):
+    # broker signing key (tokens, audit checkpoints)
+    def signing_public_key(self) -> bytes: ...  # SEC1 uncompressed P-256
+    def sign(self, data: bytes) -> bytes: ...  # ECDSA P-256 SHA-256, DER signature
+
+    # tenant KEKs: label tenant/<id>/kek/v<n>, AES-256, non-extractable, sensitive
+    def create_tenant_kek(self, tenant_id: str, version: int) -> None: ...
+    def has_tenant_kek(self, tenant_id: str, version: int) -> bool: ...
+    def destroy_tenant_keks(self, tenant_id: str) -> int: ...  # crypto-shred; returns count
+
+    # import keys: one EC P-256 key pair per upload session
+    def create_import_key(self, import_id: str) -> bytes: ...  # returns public key (SEC1)
+    def destroy_import_key(self, import_id: str) -> None: ...
+
+    def import_share(
+        self,
+        import_id: str,
+        sealed_share: bytes,
+        transcript: bytes,
+        tenant_id: str,
+        kek_version: int,
+    ) -> bytes: ...  # returns wrapped_share
+
+    def rewrap_share(
+        self, wrapped_share: bytes, tenant_id: str, from_version: int, to_version: int
+    ) -> bytes: ...
+
+    def seal_share(
+        self,
+        wrapped_share: bytes,
+        tenant_id: str,
+        kek_version: int,
+        node_public_key: bytes,
+        transcript: bytes,
+    ) -> bytes: ...  # sealed blob for the node
+
+    def health(self) -> None: ...  # raises HsmUnavailable when the token is unusable
