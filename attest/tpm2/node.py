@@ -1,0 +1,272 @@
+"""Node-side TPM operations over tpm2-pytss (ESAPI): EK, AK, activation, measurement, quote.
+
+Works over any TCTI: ``"swtpm:host=127.0.0.1,port=N"`` for swtpm, ``"device:/dev/tpmrm0"`` on a
+real machine. This is the only module of the package that needs the TSS; the verifier side
+(:mod:`attest.tpm2.verifier`, :mod:`attest.tpm2.enrolment`) is pure Python.
+
+* EK: the TCG default RSA-2048 EK (template L-1, or the one the TPM's NV template index names),
+  created as a primary in the endorsement hierarchy; its certificate is read from NV 0x01C00002.
+* AK: a restricted ECDSA P-256/SHA-256 signing key, primary in the endorsement hierarchy with a
+  fixed template. Primaries are derived from the hierarchy seed, so the same TPM gives back the
+  same AK on every start without storing a key blob; another TPM gives another AK.
+* Quote: SHA-256 bank, boot PCRs 0-7 plus the application PCR, qualifying data as given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from types import TracebackType
+
+from tpm2_pytss import ESAPI, TSS2_Exception
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_SE, TPMA_OBJECT
+from tpm2_pytss.types import (
+    TPM2B_DATA,
+    TPM2B_ENCRYPTED_SECRET,
+    TPM2B_ID_OBJECT,
+    TPM2B_PUBLIC,
+    TPML_DIGEST_VALUES,
+    TPML_PCR_SELECTION,
+    TPMT_HA,
+    TPMT_SIG_SCHEME,
+    TPMT_SYM_DEF,
+    TPMU_HA,
+)
+from tpm2_pytss.utils import NoSuchIndex, NVReadEK, create_ek_template
+
+from attest.eventlog import APP_PCR, EventLog
+from attest.tpm2.evidence import Tpm2Evidence
+
+__all__ = ["BOOT_PCRS", "QUOTED_PCRS", "TpmError", "TpmNode"]
+
+BOOT_PCRS = tuple(range(8))
+QUOTED_PCRS = (*BOOT_PCRS, APP_PCR)
+
+_AK_ATTRIBUTES = (
+    TPMA_OBJECT.FIXEDTPM
+    | TPMA_OBJECT.FIXEDPARENT
+    | TPMA_OBJECT.SENSITIVEDATAORIGIN
+    | TPMA_OBJECT.USERWITHAUTH
+    | TPMA_OBJECT.RESTRICTED
+    | TPMA_OBJECT.SIGN_ENCRYPT
+)
+
+
+class TpmError(RuntimeError):
+    """A TPM command failed; the message names the operation."""
+
+
+def _selection(indices: Iterable[int]) -> TPML_PCR_SELECTION:
+    return TPML_PCR_SELECTION.parse("sha256:" + ",".join(str(i) for i in sorted(indices)))
+
+
+def trim_der(data: bytes) -> bytes:
+    """Cut NV padding after a DER certificate (its outer SEQUENCE length says where it ends)."""
+    if len(data) < 4 or data[0] != 0x30:
+        return data
+    first = data[1]
+    if first < 0x80:
+        return data[: 2 + first]
+    n = first & 0x7F
+    if not 1 <= n <= 3 or len(data) < 2 + n:
+        return data
+    return data[: 2 + n + int.from_bytes(data[2 : 2 + n], "big")]
+
+
+class _DefinedNvRead:
+    """NVReadEK that only touches indices the TPM lists, so absent optional EK template
+    indices do not make the TSS log errors for every probe."""
+
+    def __init__(self, ectx: ESAPI) -> None:
+        self._read = NVReadEK(ectx)
+        self._defined: set[int] = set()
+        more = True
+        start = 0x01000000
+        while more:
+            more, data = ectx.get_capability(TPM2_CAP.HANDLES, start, 256)
+            handles = [int(h) for h in data.data.handles]
+            self._defined.update(handles)
+            if not handles:
+                break
+            start = max(handles) + 1
+
+    def __call__(self, index: int) -> bytes:
+        if int(index) not in self._defined:
+            raise NoSuchIndex(index)
+        return self._read(index)
+
+
+class TpmNode:
+    """One connection to the node's TPM; a context manager that closes it."""
+
+    def __init__(self, tcti: str) -> None:
+        try:
+            self._ectx = ESAPI(tcti)
+        except TSS2_Exception as exc:
+            raise TpmError(f"cannot open TPM over {tcti.split(':', 1)[0]!r}: {exc}") from None
+        self._ek: ESYS_TR | None = None
+        self._ek_public: bytes = b""
+        self._ek_cert: bytes = b""
+        self._ak: ESYS_TR | None = None
+        self._ak_public: bytes = b""
+
+    def __enter__(self) -> TpmNode:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for handle in (self._ak, self._ek):
+            if handle is not None:
+                with contextlib.suppress(TSS2_Exception):
+                    self._ectx.flush_context(handle)
+        self._ak = self._ek = None
+        self._ectx.close()
+
+    # -- endorsement key --------------------------------------------------------------
+    def _load_ek(self) -> ESYS_TR:
+        if self._ek is None:
+            try:
+                cert, template = create_ek_template("EK-RSA2048", _DefinedNvRead(self._ectx))
+                handle, public, *_ = self._ectx.create_primary(None, template, ESYS_TR.ENDORSEMENT)
+            except TSS2_Exception as exc:
+                raise TpmError(f"creating the endorsement key failed: {exc}") from None
+            self._ek = handle
+            self._ek_public = public.publicArea.marshal()
+            self._ek_cert = trim_der(bytes(cert)) if cert else b""
+        return self._ek
+
+    def ek_public(self) -> bytes:
+        """The EK's TPMT_PUBLIC."""
+        self._load_ek()
+        return self._ek_public
+
+    def ek_certificate(self) -> bytes:
+        """The EK certificate (DER) provisioned in NV; TpmError when there is none."""
+        self._load_ek()
+        if not self._ek_cert:
+            raise TpmError("this TPM has no RSA EK certificate in NV 0x01C00002")
+        return self._ek_cert
+
+    # -- attestation key --------------------------------------------------------------
+    def _load_ak(self) -> ESYS_TR:
+        if self._ak is None:
+            template = TPM2B_PUBLIC.parse(
+                "ecc256:ecdsa-sha256:null", objectAttributes=_AK_ATTRIBUTES, nameAlg=TPM2_ALG.SHA256
+            )
+            try:
+                handle, public, *_ = self._ectx.create_primary(None, template, ESYS_TR.ENDORSEMENT)
+            except TSS2_Exception as exc:
+                raise TpmError(f"creating the attestation key failed: {exc}") from None
+            self._ak = handle
+            self._ak_public = public.publicArea.marshal()
+        return self._ak
+
+    def ak_public(self) -> bytes:
+        """The AK's TPMT_PUBLIC (what the verifier enrols)."""
+        self._load_ak()
+        return self._ak_public
+
+    def activate_credential(self, credential_blob: bytes, encrypted_secret: bytes) -> bytes:
+        """Recover a MakeCredential secret; TpmError when it was not made for this EK and AK."""
+        ak = self._load_ak()
+        ek = self._load_ek()
+        session = self._ectx.start_auth_session(
+            tpm_key=ESYS_TR.NONE,
+            bind=ESYS_TR.NONE,
+            session_type=TPM2_SE.POLICY,
+            symmetric=TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL),
+            auth_hash=TPM2_ALG.SHA256,
+        )
+        try:
+            self._ectx.policy_secret(ESYS_TR.ENDORSEMENT, session)
+            blob = TPM2B_ID_OBJECT(credential=credential_blob)
+            secret = TPM2B_ENCRYPTED_SECRET(secret=encrypted_secret)
+            out = self._ectx.activate_credential(
+                ak, ek, blob, secret, session1=ESYS_TR.PASSWORD, session2=session
+            )
+        except TSS2_Exception as exc:
+            raise TpmError(f"ActivateCredential refused the challenge: {exc}") from None
+        finally:
+            with contextlib.suppress(TSS2_Exception):
+                self._ectx.flush_context(session)
+        return bytes(out)
+
+    # -- PCRs ----------------------------------------------------------------------------
+    def measure(self, log: EventLog) -> None:
+        """Reset the application PCR and extend every event of ``log`` into it, in order."""
+        handle = getattr(ESYS_TR, f"PCR{APP_PCR}")
+        try:
+            self._ectx.pcr_reset(handle)
+            for event in log.events:
+                ha = TPMT_HA(hashAlg=TPM2_ALG.SHA256, digest=TPMU_HA(sha256=event.digest))
+                self._ectx.pcr_extend(handle, TPML_DIGEST_VALUES([ha]))
+        except TSS2_Exception as exc:
+            raise TpmError(f"measuring into PCR {APP_PCR} failed: {exc}") from None
+
+    def read_pcrs(self, indices: Iterable[int]) -> dict[int, bytes]:
+        """SHA-256 PCR values (PCR_Read returns at most 8 per call, so read in chunks)."""
+        wanted = sorted(set(indices))
+        out: dict[int, bytes] = {}
+        for start in range(0, len(wanted), 8):
+            chunk = wanted[start : start + 8]
+            try:
+                _, selection, values = self._ectx.pcr_read(_selection(chunk))
+            except TSS2_Exception as exc:
+                raise TpmError(f"PCR_Read failed: {exc}") from None
+            got = [
+                i
+                for sel in selection
+                for i in range(sel.sizeofSelect * 8)
+                if sel.pcrSelect[i // 8] >> (i % 8) & 1
+            ]
+            out.update(zip(got, (bytes(v) for v in values), strict=True))
+        if sorted(out) != wanted:
+            raise TpmError("the TPM did not return every requested SHA-256 PCR")
+        return out
+
+    # -- quote ---------------------------------------------------------------------------
+    def quote(
+        self, qualifying_data: bytes, pcrs: Iterable[int] = QUOTED_PCRS
+    ) -> tuple[bytes, bytes]:
+        """TPM2_Quote: (TPMS_ATTEST bytes, TPMT_SIGNATURE bytes)."""
+        ak = self._load_ak()
+        try:
+            attest, signature = self._ectx.quote(
+                ak,
+                _selection(pcrs),
+                TPM2B_DATA(qualifying_data),
+                TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL),
+            )
+        except TSS2_Exception as exc:
+            raise TpmError(f"TPM2_Quote failed: {exc}") from None
+        return bytes(attest), signature.marshal()
+
+    def evidence(self, log: EventLog, report_data: bytes) -> Tpm2Evidence:
+        """Measure ``log``, quote boot PCRs + application PCR over ``report_data``, package it.
+
+        The PCRs are read right after the quote; if anything extended a quoted PCR in between,
+        the verifier's digest check fails, so the node retries once before giving up.
+        """
+        self.measure(log)
+        for _ in range(2):
+            attest, signature = self.quote(report_data)
+            values = self.read_pcrs(QUOTED_PCRS)
+            evidence = Tpm2Evidence(attest, signature, values, log.to_bytes())
+            if _digest_matches(evidence):
+                return evidence
+        raise TpmError("PCRs kept changing while quoting")
+
+
+def _digest_matches(evidence: Tpm2Evidence) -> bool:
+    from attest.tpm2.marshal import ALG_SHA256, parse_attest, parse_signature
+    from attest.tpm2.quote import pcr_digest
+
+    attest = parse_attest(evidence.attest)
+    sig = parse_signature(evidence.signature)
+    return pcr_digest(sig.hash_alg, attest.pcr_select, {ALG_SHA256: evidence.pcrs}) == (
+        attest.pcr_digest
+    )

@@ -1,0 +1,109 @@
+"""Composition root for ``kms-broker serve``: build every concrete piece from a config."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from kms_broker.audit import AuditLog
+from kms_broker.config import BrokerConfig, ConfigError, read_secret_file
+from kms_broker.domain.admin import Admin
+from kms_broker.domain.clock import SystemClock, SystemRandom
+from kms_broker.domain.deps import BrokerDeps, Settings
+from kms_broker.domain.node_flow import NodeFlow
+from kms_broker.metrics import BrokerMetrics, TimedHsm
+from kms_broker.server import BrokerServer, TlsMaterial
+from kms_broker.state.sqlite import SqliteRepository
+from sealed.secrets import SecretBuffer
+
+__all__ = ["build_server", "load_plugin", "open_hsm"]
+
+log = logging.getLogger("kms_broker")
+
+
+def load_plugin(spec: str) -> Any:
+    """``"package.module:factory"`` -> ``factory()``."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep:
+        raise ConfigError(f"plugin {spec!r} must be 'module:factory'")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot load plugin {spec!r}: {exc}") from None
+    return factory()
+
+
+def open_hsm(config: BrokerConfig) -> Any:
+    if config.hsm.backend == "fake":
+        from kms_broker.hsm.fake import FakeHsm
+
+        log.warning("using the in-process FakeHsm: NOT a custody boundary, tests only")
+        return FakeHsm()
+    from kms_broker.hsm.pkcs11_hsm import Pkcs11Hsm
+
+    if config.hsm.softhsm_conf is not None:
+        os.environ["SOFTHSM2_CONF"] = str(config.hsm.softhsm_conf)  # a path, not a secret
+    assert config.hsm.pin_file is not None
+    raw = read_secret_file(config.hsm.pin_file)
+    try:
+        pin = SecretBuffer.from_bytes(raw)
+    finally:
+        raw[:] = bytes(len(raw))
+    with pin:
+        return Pkcs11Hsm(config.hsm.module, config.hsm.token_label, pin)
+
+
+def _verifiers(config: BrokerConfig) -> dict[str, Any]:
+    if config.verifiers == "default":
+        from attest.policy import default_verifiers
+
+        return dict(default_verifiers())
+    table = {}
+    for spec in config.verifiers:
+        verifier = load_plugin(spec)
+        table[verifier.kind] = verifier
+    return table
+
+
+def build_server(config: BrokerConfig, *, hsm: Any = None) -> BrokerServer:
+    from attest.policy import Policy
+
+    state = Path(config.state_dir)
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    metrics = BrokerMetrics()
+    hsm = TimedHsm(hsm if hsm is not None else open_hsm(config), metrics)
+    clock = SystemClock()
+    ttl = config.ttl_ms
+    settings = Settings(
+        broker_id=config.broker_id,
+        session_ttl_ms=ttl.get("session", 30_000),
+        token_ttl_ms=ttl.get("token", 60_000),
+        lease_ttl_ms=ttl.get("lease", 300_000),
+        upload_ttl_ms=ttl.get("upload", 600_000),
+    )
+    deps = BrokerDeps(
+        repo=SqliteRepository(state / "broker.db"),
+        hsm=hsm,
+        audit=AuditLog(state / "audit.log", now_ms=clock.now_ms, sign=hsm.sign),
+        clock=clock,
+        random=SystemRandom(),
+        verifiers=_verifiers(config),
+        load_policy=Policy.from_yaml,
+        settings=settings,
+        reference_values=config.reference_values,
+    )
+    tls = TlsMaterial(ca_pem=config.ca.read_bytes(), cert_pem=config.cert.read_bytes(),
+                      key_pem=config.key.read_bytes())
+    server = BrokerServer(
+        flow=NodeFlow(deps),
+        admin=Admin(deps, trusted_tenant_keys=config.trusted_tenant_keys),
+        tls=tls,
+        address=config.listen,
+        metrics=metrics,
+    )
+    if config.metrics_port is not None:
+        metrics.serve(config.metrics_port)
+    return server

@@ -1,0 +1,402 @@
+"""Node-facing release pipeline: challenge, attest, release, renew (DESIGN.md section 5).
+
+Each step runs authenticate -> authorize -> audit -> act, and the audit fails closed: when
+the record cannot be written the step raises ``Unavailable`` and nothing is released. The
+broker process never sees a share: the HSM unwraps it under the tenant KEK and seals it to the
+node's one-time key in one call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from attest.interface import MalformedEvidence, VerificationContext, expected_report_data
+from kms_broker.domain.deps import BrokerDeps, check_id, check_size, hsm_errors
+from kms_broker.domain.errors import (
+    BrokerError,
+    InvalidArgument,
+    NotFound,
+    RuleOutcome,
+    Unauthenticated,
+)
+from kms_broker.domain.model import Grant, Lease, Session
+from kms_broker.encoding import canonical_json
+from kms_broker.grants import InvalidGrantSignature, verify_grant
+from kms_broker.sealing import release_transcript
+from kms_broker.tokens import InvalidToken, TokenClaims, TokenVerifier, issue_token
+
+__all__ = ["AttestResult", "Challenge", "NodeFlow", "ReleaseResult"]
+
+NONCE_SIZE = 32
+MAX_KEY_VERSION = 2**32 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    nonce: bytes
+    session_id: str
+    expires_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class AttestResult:
+    token: bytes
+    expires_ms: int
+    rules: tuple[RuleOutcome, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseResult:
+    sealed_share: bytes
+    transcript: bytes
+    share_index: int
+    share_count: int
+    lease_id: str
+    lease_expires_ms: int
+
+
+def _check_node_key(key: bytes) -> bytes:
+    if len(key) != 65 or key[0] != 4:
+        raise InvalidArgument("node_public_key must be a 65-byte SEC1 uncompressed P-256 point")
+    try:
+        ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), key)
+    except ValueError:
+        raise InvalidArgument("node_public_key is not a point on P-256") from None
+    return key
+
+
+def _claims_json(claims: Mapping[str, Any]) -> bytes:
+    try:
+        return canonical_json(dict(claims))
+    except (TypeError, ValueError):
+        return json.dumps(dict(claims), sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+class NodeFlow:
+    def __init__(self, deps: BrokerDeps) -> None:
+        self.d = deps
+        self._tokens: TokenVerifier | None = None
+        self._policies: dict[tuple[str, str], Any] = {}
+
+    # ------------------------------------------------------------- helpers
+    def _token_verifier(self) -> TokenVerifier:
+        if self._tokens is None:
+            with hsm_errors("loading the signing key"):
+                self._tokens = TokenVerifier(self.d.hsm.signing_public_key())
+        return self._tokens
+
+    def _policy(self, tenant_id: str, digest: str) -> Any | None:
+        cached = self._policies.get((tenant_id, digest))
+        if cached is None:
+            text = self.d.repo.get_policy(tenant_id, digest)
+            if text is None:
+                return None
+            cached = self.d.load_policy(text)
+            self._policies[(tenant_id, digest)] = cached
+        return cached
+
+    def _evaluate(
+        self, tenant_id: str, digest: str, claims: Mapping[str, Any]
+    ) -> list[RuleOutcome]:
+        policy = self._policy(tenant_id, digest)
+        if policy is None:
+            return [RuleOutcome("policy.missing", False, f"policy {digest[:12]} is not stored")]
+        decision = policy.evaluate(claims)
+        rules = [RuleOutcome(r.name, bool(r.passed), r.reason) for r in decision.rules]
+        if not decision.allowed and all(r.passed for r in rules):
+            rules.append(RuleOutcome("policy", False, "policy denied"))
+        return rules
+
+    def _verify_token(self, token: bytes, node_id: str, actor: str) -> TokenClaims:
+        try:
+            claims = self._token_verifier().verify(token, now_ms=self.d.clock.now_ms())
+        except InvalidToken as exc:
+            raise Unauthenticated(f"attestation token rejected: {exc}") from None
+        if claims.node_id != node_id:
+            raise Unauthenticated("attestation token was issued to another node")
+        return claims
+
+    def _live_node(self, node_id: str, actor: str, event: str, subject: str) -> None:
+        node = self.d.repo.get_node(node_id)
+        if node is None:
+            raise NotFound(f"node {node_id} is not enrolled")
+        if node.revoked:
+            raise self.d.deny(event, actor=actor, subject=subject,
+                              reason=f"node.revoked: node {node_id} has been revoked")
+
+    # ----------------------------------------------------------- challenge
+    def challenge(self, *, node_id: str, job_id: str) -> Challenge:
+        check_id("node", node_id)
+        check_id("job", job_id)
+        actor = f"node:{node_id}"
+        self._live_node(node_id, actor, "challenge", f"job:{job_id}")
+        session = Session(
+            session_id=self.d.random.token_id(),
+            node_id=node_id,
+            job_id=job_id,
+            nonce=self.d.random.bytes(NONCE_SIZE),
+            expires_ms=self.d.clock.now_ms() + self.d.settings.session_ttl_ms,
+        )
+        self.d.repo.add_session(session)
+        return Challenge(session.nonce, session.session_id, session.expires_ms)
+
+    # -------------------------------------------------------------- attest
+    def attest(
+        self, *, node_id: str, session_id: str, kind: str, payload: bytes, node_public_key: bytes
+    ) -> AttestResult:
+        check_id("node", node_id)
+        check_id("session", session_id)
+        check_size("evidence", payload, self.d.settings.max_evidence_bytes)
+        _check_node_key(node_public_key)
+        actor, subject = f"node:{node_id}", f"session:{session_id}"
+        node = self.d.repo.get_node(node_id)
+        if node is None:
+            raise NotFound(f"node {node_id} is not enrolled")
+        if node.revoked:
+            raise self.d.deny("attest", actor=actor, subject=subject,
+                              reason=f"node.revoked: node {node_id} has been revoked")
+        verifier = self.d.verifiers.get(kind)
+        if verifier is None:
+            raise InvalidArgument(
+                f"evidence kind {kind!r:.40} is not configured; known: {sorted(self.d.verifiers)}"
+            )
+        session = self.d.repo.consume_session(session_id)
+        if session is None:
+            raise NotFound("unknown session id")
+        if session.node_id != node_id:
+            raise self.d.deny("attest", actor=actor, subject=subject,
+                              reason="session.node: the session was issued to another node")
+        if session.used:
+            raise self.d.deny("attest", actor=actor, subject=subject,
+                              reason="nonce.reused: this session's nonce was already used")
+        if self.d.clock.now_ms() >= session.expires_ms:
+            raise self.d.deny("attest", actor=actor, subject=subject,
+                              reason="session.expired: the challenge is older than its TTL")
+        context = VerificationContext(
+            expected_report_data=expected_report_data(session.nonce, session_id, node_public_key),
+            node={"node_id": node_id, "ak_public": node.ak_public,
+                  "ek_certificate": node.ek_certificate},
+            reference=self.d.reference_values.get(kind, {}),
+        )
+        try:
+            result = verifier.verify(payload, context)
+        except MalformedEvidence as exc:
+            self.d.deny("attest", actor=actor, subject=subject, reason=f"evidence.malformed: {exc}")
+            raise InvalidArgument(f"malformed {kind} evidence: {exc}") from None
+        if not result.ok:
+            rules = tuple(
+                RuleOutcome(f.id, f.severity != "error", f.message) for f in result.failures
+            )
+            raise self.d.deny("attest", actor=actor, subject=subject,
+                              reason="evidence: verification failed", rules=rules)
+        rules = self._job_policy_rules(session.job_id, node.tenant_scope, result.claims)
+        if rules is not None and not any(all(r.passed for r in group) for group in rules):
+            flat = tuple(r for group in rules for r in group)
+            raise self.d.deny("attest", actor=actor, subject=subject,
+                              reason="policy: no grant's policy for this job passes", rules=flat)
+        claims_json = _claims_json(result.claims)
+        self.d.repo.put_session_claims(session_id, claims_json)
+        now = self.d.clock.now_ms()
+        token_claims = TokenClaims(
+            session_id=session_id, node_id=node_id, node_key=node_public_key,
+            job_id=session.job_id, tenant_scope=node.tenant_scope,
+            claims_digest=hashlib.sha256(claims_json).hexdigest(),
+            iat=now, exp=now + self.d.settings.token_ttl_ms,
+        )
+        self.d.audit.append("attest", actor=actor, subject=subject, outcome="allowed",
+                            reason=f"{kind} evidence verified for job {session.job_id}")
+        with hsm_errors("token signing"):
+            token = issue_token(token_claims, self.d.hsm.sign)
+        passed = tuple(r for group in (rules or []) for r in group)
+        return AttestResult(token, token_claims.exp, passed)
+
+    def _job_policy_rules(
+        self, job_id: str, tenant_scope: str, claims: Mapping[str, Any]
+    ) -> list[list[RuleOutcome]] | None:
+        now = self.d.clock.now_ms()
+        grants = [
+            g for g in self.d.repo.grants_for(job_id=job_id)
+            if not g.revoked and g.expires_ms > now and tenant_scope in ("", g.tenant_id)
+        ]
+        if not grants:
+            return None  # nothing to check yet; release will say "no grant"
+        digests = sorted({(g.tenant_id, g.policy_digest) for g in grants})
+        return [self._evaluate(t, d, claims) for t, d in digests]
+
+    # ------------------------------------------------------------- release
+    def release(
+        self, *, node_id: str, token: bytes, tenant_id: str, dataset_id: str, key_version: int
+    ) -> ReleaseResult:
+        check_id("node", node_id)
+        check_id("tenant", tenant_id)
+        check_id("dataset", dataset_id)
+        if not 1 <= key_version <= MAX_KEY_VERSION:
+            raise InvalidArgument("key_version must be from 1 to 2**32-1")
+        actor = f"node:{node_id}"
+        subject = f"dataset:{tenant_id}/{dataset_id}@v{key_version}"
+        claims = self._verify_token(token, node_id, actor)
+        self._live_node(node_id, actor, "release", subject)
+        tenant = self.d.repo.get_tenant(tenant_id)
+        if tenant is None:
+            raise NotFound(f"tenant {tenant_id} is not registered")
+        if tenant.status != "active":
+            raise self.d.deny("release", actor=actor, subject=subject,
+                              reason=f"tenant.shredded: tenant {tenant_id} has been shredded")
+        if claims.tenant_scope not in ("", tenant_id):
+            raise self.d.deny("release", actor=actor, subject=subject,
+                              reason=f"node.scope: node is enrolled for tenant "
+                                     f"{claims.tenant_scope} only")
+        dataset = self.d.repo.get_dataset(tenant_id, dataset_id)
+        if dataset is None:
+            raise NotFound(f"dataset {tenant_id}/{dataset_id} does not exist")
+        if dataset.status != "active":
+            raise self.d.deny("release", actor=actor, subject=subject,
+                              reason="dataset.pending: the dataset's upload is not finished")
+        share = self.d.repo.get_share(tenant_id, dataset_id, key_version)
+        if share is None:
+            raise NotFound(f"dataset {tenant_id}/{dataset_id} has no key version {key_version}")
+        grant = self._authorize(claims, node_id, tenant_id, dataset_id, actor, subject)
+        session = self.d.repo.get_session(claims.session_id)
+        if session is None:
+            raise Unauthenticated("the token's session no longer exists")
+        transcript = release_transcript(
+            session_id=claims.session_id, nonce=session.nonce, tenant_id=tenant_id,
+            dataset_id=dataset_id, key_version=key_version,
+            broker_id=self.d.settings.broker_id, node_public_key=claims.node_key,
+        )
+        self.d.audit.append("release", actor=actor, subject=subject, outcome="allowed",
+                            reason=f"grant {grant.grant_id}, job {claims.job_id}")
+        try:
+            with hsm_errors("sealing"):
+                sealed = self.d.hsm.seal_share(
+                    share.wrapped_share, tenant_id, share.kek_version, claims.node_key, transcript
+                )
+        except BrokerError as exc:
+            self._audit_error("release", actor, subject, str(exc))
+            raise
+        now = self.d.clock.now_ms()
+        lease = Lease(
+            lease_id=self.d.random.token_id(), node_id=node_id, grant_id=grant.grant_id,
+            tenant_id=tenant_id, dataset_id=dataset_id,
+            expires_ms=min(now + self.d.settings.lease_ttl_ms, grant.expires_ms),
+        )
+        self.d.repo.add_lease(lease)
+        return ReleaseResult(sealed, transcript, dataset.share_index, dataset.share_count,
+                             lease.lease_id, lease.expires_ms)
+
+    def _audit_error(self, event: str, actor: str, subject: str, reason: str) -> None:
+        with contextlib.suppress(BrokerError):
+            self.d.audit.append(event, actor=actor, subject=subject, outcome="error",
+                                reason=reason)
+
+    def _authorize(
+        self, claims: TokenClaims, node_id: str, tenant_id: str, dataset_id: str,
+        actor: str, subject: str,
+    ) -> Grant:
+        """A grant that is signed, unexpired, unrevoked, policy-passing and has lease room."""
+        grants = [
+            g for g in self.d.repo.grants_for(job_id=claims.job_id, dataset_id=dataset_id)
+            if g.tenant_id == tenant_id
+        ]
+        if not grants:
+            raise self.d.deny("release", actor=actor, subject=subject,
+                              reason=f"grant.missing: no grant lets job {claims.job_id} "
+                                     f"read {tenant_id}/{dataset_id}")
+        session_claims = self.d.repo.get_session_claims(claims.session_id)
+        if session_claims is None or (
+            hashlib.sha256(session_claims).hexdigest() != claims.claims_digest
+        ):
+            raise self.d.deny("release", actor=actor, subject=subject,
+                              reason="claims.digest: stored claims do not match the token")
+        claims_map = json.loads(session_claims)
+        tenant = self.d.repo.get_tenant(tenant_id)
+        assert tenant is not None
+        now = self.d.clock.now_ms()
+        outcomes: list[RuleOutcome] = []
+        for grant in grants:
+            failed = self._grant_problems(grant, tenant.signing_public_key, now)
+            if not failed:
+                rules = self._evaluate(tenant_id, grant.policy_digest, claims_map)
+                failed = [r for r in rules if not r.passed]
+            if not failed:
+                holders = self.d.repo.active_lease_nodes(grant.grant_id, now)
+                if node_id not in holders and len(holders) >= grant.max_nodes:
+                    failed = [RuleOutcome("lease.no_room", False,
+                                          f"grant {grant.grant_id} allows {grant.max_nodes} "
+                                          f"node(s), all leased")]
+            if not failed:
+                return grant
+            outcomes.extend(failed)
+        first = outcomes[0]
+        raise self.d.deny("release", actor=actor, subject=subject,
+                          reason=f"{first.name}: {first.reason}", rules=tuple(outcomes))
+
+    def _grant_problems(self, grant: Grant, tenant_key: bytes, now: int) -> list[RuleOutcome]:
+        gid = grant.grant_id
+        if grant.revoked:
+            return [RuleOutcome("grant.revoked", False, f"grant {gid} was revoked")]
+        if now >= grant.expires_ms:
+            return [RuleOutcome("grant.expired", False, f"grant {gid} has expired")]
+        signed = self.d.repo.grant_document(gid)
+        try:
+            if signed is None:
+                raise InvalidGrantSignature("no signed document")
+            doc = verify_grant(signed[0], signed[1], tenant_key)
+        except (InvalidGrantSignature, ValueError):
+            return [RuleOutcome("grant.signature", False,
+                                f"grant {gid} is not signed by the tenant's key")]
+        stored = (doc.tenant_id, doc.dataset_id, doc.job_id, doc.policy_digest, doc.max_nodes,
+                  doc.expires_unix_ms)
+        if stored != (grant.tenant_id, grant.dataset_id, grant.job_id, grant.policy_digest,
+                      grant.max_nodes, grant.expires_ms):
+            return [RuleOutcome("grant.signature", False,
+                                f"grant {gid}'s stored fields differ from the signed document")]
+        return []
+
+    # --------------------------------------------------------------- renew
+    def renew(self, *, node_id: str, lease_id: str, token: bytes) -> int:
+        check_id("node", node_id)
+        check_id("lease", lease_id)
+        actor, subject = f"node:{node_id}", f"lease:{lease_id}"
+        claims = self._verify_token(token, node_id, actor)
+        self._live_node(node_id, actor, "renew", subject)
+        lease = self.d.repo.get_lease(lease_id)
+        if lease is None or lease.node_id != node_id:
+            raise NotFound("unknown lease id for this node")
+        now = self.d.clock.now_ms()
+        if lease.revoked:
+            raise self.d.deny("renew", actor=actor, subject=subject,
+                              reason="lease.revoked: the lease was revoked")
+        if now >= lease.expires_ms:
+            raise self.d.deny("renew", actor=actor, subject=subject,
+                              reason="lease.expired: the lease expired; release again")
+        grant = self.d.repo.get_grant(lease.grant_id)
+        tenant = self.d.repo.get_tenant(lease.tenant_id)
+        if grant is None or tenant is None or tenant.status != "active":
+            raise self.d.deny("renew", actor=actor, subject=subject,
+                              reason="grant.missing: the lease's grant or tenant is gone")
+        if grant.job_id != claims.job_id:
+            raise self.d.deny("renew", actor=actor, subject=subject,
+                              reason="grant.job: the token is for another job")
+        failed = self._grant_problems(grant, tenant.signing_public_key, now)
+        if not failed:
+            stored = self.d.repo.get_session_claims(claims.session_id) or b"{}"
+            failed = [
+                r for r in self._evaluate(lease.tenant_id, grant.policy_digest, json.loads(stored))
+                if not r.passed
+            ]
+        if failed:
+            raise self.d.deny("renew", actor=actor, subject=subject,
+                              reason=f"{failed[0].name}: {failed[0].reason}", rules=tuple(failed))
+        expires = min(now + self.d.settings.lease_ttl_ms, grant.expires_ms)
+        self.d.audit.append("renew", actor=actor, subject=subject, outcome="allowed",
+                            reason=f"grant {grant.grant_id}")
+        self.d.repo.extend_lease(lease_id, expires)
+        return expires

@@ -1,0 +1,238 @@
+"""Thin servicers: proto -> domain call -> proto, domain errors -> status via one table.
+
+A denial ends with PERMISSION_DENIED; its message names the first failed check, and the
+trailing metadata key ``kmsbroker-rules`` carries every rule as JSON
+``[{"name":..,"passed":..,"reason":..}, ...]`` (ASCII) for clients to show.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+
+from kms_broker._proto.kmsbroker.v1 import broker_pb2 as pb
+from kms_broker._proto.kmsbroker.v1 import broker_pb2_grpc as pb_grpc
+from kms_broker.audit import tail_log, verify_log
+from kms_broker.domain.admin import Admin
+from kms_broker.domain.errors import BrokerError, PermissionDenied
+from kms_broker.domain.node_flow import NodeFlow
+from kms_broker.errors import status_for
+from kms_broker.interceptors import CURRENT_IDENTITY
+from kms_broker.metrics import BrokerMetrics
+
+__all__ = ["RULES_METADATA_KEY", "NodeServicer", "OperatorServicer", "TenantServicer"]
+
+RULES_METADATA_KEY = "kmsbroker-rules"
+log = logging.getLogger("kms_broker.server")
+T = TypeVar("T")
+
+
+def run(context: grpc.ServicerContext, call: Callable[[], T], method: str,
+        metrics: BrokerMetrics | None = None) -> T:
+    try:
+        result = call()
+    except BrokerError as exc:
+        code, message = status_for(exc)
+        if metrics is not None:
+            metrics.rpcs.labels(method=method, code=code.name).inc()
+        if isinstance(exc, PermissionDenied):
+            rules = [{"name": r.name, "passed": r.passed, "reason": r.reason} for r in exc.rules]
+            context.set_trailing_metadata(
+                ((RULES_METADATA_KEY, json.dumps(rules, ensure_ascii=True)),)
+            )
+        context.abort(code, message)
+    except Exception:
+        log.exception("unexpected error in %s", method)
+        context.abort(grpc.StatusCode.INTERNAL, "internal error")
+    if metrics is not None:
+        metrics.rpcs.labels(method=method, code="OK").inc()
+    return result
+
+
+def _rules(rules: Any) -> list[pb.RuleResult]:
+    return [pb.RuleResult(name=r.name, passed=r.passed, reason=r.reason) for r in rules]
+
+
+class NodeServicer(pb_grpc.NodeServiceServicer):
+    def __init__(self, flow: NodeFlow, metrics: BrokerMetrics) -> None:
+        self.flow = flow
+        self.metrics = metrics
+
+    def Challenge(self, request: pb.ChallengeRequest, context: grpc.ServicerContext) -> Any:
+        c = run(context, lambda: self.flow.challenge(node_id=request.node_id,
+                                                     job_id=request.job_id), "Challenge",
+                self.metrics)
+        return pb.ChallengeResponse(nonce=c.nonce, session_id=c.session_id,
+                                    expires_unix_ms=c.expires_ms,
+                                    broker_id=self.flow.d.settings.broker_id)
+
+    def Attest(self, request: pb.AttestRequest, context: grpc.ServicerContext) -> Any:
+        r = run(context, lambda: self.flow.attest(
+            node_id=request.node_id, session_id=request.session_id,
+            kind=request.evidence.kind, payload=request.evidence.payload,
+            node_public_key=request.node_public_key), "Attest", self.metrics)
+        return pb.AttestResponse(allowed=True, token=r.token, token_expires_unix_ms=r.expires_ms,
+                                 rules=_rules(r.rules))
+
+    def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> Any:
+        start = time.perf_counter()
+        r = run(context, lambda: self.flow.release(
+            node_id=request.node_id, token=request.token, tenant_id=request.tenant_id,
+            dataset_id=request.dataset_id, key_version=request.key_version), "Release",
+            self.metrics)
+        self.metrics.release_seconds.observe(time.perf_counter() - start)
+        return pb.ReleaseResponse(
+            sealed_share=r.sealed_share, transcript=r.transcript, share_index=r.share_index,
+            share_count=r.share_count, lease_id=r.lease_id,
+            lease_expires_unix_ms=r.lease_expires_ms,
+        )
+
+    def RenewLease(self, request: pb.RenewLeaseRequest, context: grpc.ServicerContext) -> Any:
+        expires = run(context, lambda: self.flow.renew(
+            node_id=request.node_id, lease_id=request.lease_id, token=request.token),
+            "RenewLease", self.metrics)
+        return pb.RenewLeaseResponse(lease_expires_unix_ms=expires)
+
+    def WatchRevocations(
+        self, request: pb.WatchRevocationsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.RevocationEvent]:
+        hub = self.flow.d.revocations
+        q = hub.subscribe(request.node_id)
+        try:
+            yield pb.RevocationEvent(reason="subscribed")  # tells the node the watch is live
+            while context.is_active():
+                try:
+                    event = q.get(timeout=0.25)
+                except queue.Empty:
+                    continue
+                yield pb.RevocationEvent(lease_id=event.lease_id, tenant_id=event.tenant_id,
+                                         dataset_id=event.dataset_id, reason=event.reason)
+        finally:
+            hub.unsubscribe(request.node_id, q)
+
+
+class TenantServicer(pb_grpc.TenantServiceServicer):
+    def __init__(self, admin: Admin, metrics: BrokerMetrics) -> None:
+        self.admin = admin
+        self.metrics = metrics
+
+    def _run(self, context: grpc.ServicerContext, call: Callable[[], T], method: str) -> T:
+        return run(context, call, method, self.metrics)
+
+    def RegisterTenant(self, request: Any, context: grpc.ServicerContext) -> Any:
+        v = self._run(context, lambda: self.admin.register_tenant(
+            request.tenant_id, request.signing_public_key), "RegisterTenant")
+        return pb.RegisterTenantResponse(kek_version=v)
+
+    def OpenUpload(self, request: Any, context: grpc.ServicerContext) -> Any:
+        u = self._run(context, lambda: self.admin.open_upload(
+            tenant_id=request.tenant_id, dataset_id=request.dataset_id,
+            key_version=request.key_version, share_index=request.share_index,
+            share_count=request.share_count), "OpenUpload")
+        return pb.OpenUploadResponse(upload_id=u.upload_id, import_public_key=u.import_public_key,
+                                     transcript=u.transcript, expires_unix_ms=u.expires_ms,
+                                     broker_id=self.admin.d.settings.broker_id)
+
+    def CommitShare(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._run(context, lambda: self.admin.commit_share(
+            tenant_id=request.tenant_id, upload_id=request.upload_id,
+            sealed_share=request.sealed_share), "CommitShare")
+        return pb.CommitShareResponse()
+
+    def RegisterDataset(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._run(context, lambda: self.admin.register_dataset(
+            tenant_id=request.tenant_id, dataset_id=request.dataset_id,
+            key_version=request.key_version, manifest_name=request.manifest_name,
+            store_uri=request.store_uri, holders=tuple(request.holders)), "RegisterDataset")
+        return pb.RegisterDatasetResponse()
+
+    def ListDatasets(self, request: Any, context: grpc.ServicerContext) -> Any:
+        rows = self._run(context, lambda: self.admin.list_datasets(request.tenant_id),
+                         "ListDatasets")
+        return pb.ListDatasetsResponse(datasets=[
+            pb.DatasetInfo(
+                dataset_id=ds.dataset_id, key_versions=[s.key_version for s in shares],
+                kek_version=max((s.kek_version for s in shares), default=0),
+                manifest_name=ds.manifest_name, store_uri=ds.store_uri, holders=ds.holders,
+                share_index=ds.share_index, share_count=ds.share_count, status=ds.status,
+            )
+            for ds, shares in rows
+        ])
+
+    def DeleteDataset(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._run(context, lambda: self.admin.delete_dataset(
+            tenant_id=request.tenant_id, dataset_id=request.dataset_id), "DeleteDataset")
+        return pb.DeleteDatasetResponse()
+
+    def PutPolicy(self, request: Any, context: grpc.ServicerContext) -> Any:
+        digest = self._run(context, lambda: self.admin.put_policy(
+            tenant_id=request.tenant_id, text=request.policy_yaml), "PutPolicy")
+        return pb.PutPolicyResponse(digest=digest)
+
+    def CreateGrant(self, request: Any, context: grpc.ServicerContext) -> Any:
+        gid = self._run(context, lambda: self.admin.create_grant(
+            tenant_id=request.tenant_id, document=request.grant, signature=request.signature),
+            "CreateGrant")
+        return pb.CreateGrantResponse(grant_id=gid)
+
+    def RevokeGrant(self, request: Any, context: grpc.ServicerContext) -> Any:
+        n = self._run(context, lambda: self.admin.revoke_grant(
+            tenant_id=request.tenant_id, grant_id=request.grant_id), "RevokeGrant")
+        return pb.RevokeGrantResponse(leases_revoked=n)
+
+    def RotateKek(self, request: Any, context: grpc.ServicerContext) -> Any:
+        version, count = self._run(context, lambda: self.admin.rotate_kek(request.tenant_id),
+                                   "RotateKek")
+        return pb.RotateKekResponse(kek_version=version, shares_rewrapped=count)
+
+    def ShredTenant(self, request: Any, context: grpc.ServicerContext) -> Any:
+        n = self._run(context, lambda: self.admin.shred_tenant(request.tenant_id), "ShredTenant")
+        return pb.ShredTenantResponse(keys_destroyed=n)
+
+    def TailAudit(self, request: Any, context: grpc.ServicerContext) -> Any:
+        limit = min(request.limit or 50, 1000)
+        records = tail_log(self.admin.d.audit.path, limit)
+        return pb.TailAuditResponse(records=[
+            pb.AuditRecord(seq=int(r.get("seq", 0)) if isinstance(r.get("seq"), int) else 0,
+                           canonical_json=json.dumps(r, sort_keys=True),
+                           hash=str(r.get("hash", "")))
+            for r in records
+        ])
+
+    def VerifyAudit(self, request: Any, context: grpc.ServicerContext) -> Any:
+        key = self._run(context, self._signing_key, "VerifyAudit")
+        result = verify_log(self.admin.d.audit.path, key)
+        return pb.VerifyAuditResponse(ok=result.ok, records=result.records,
+                                      first_bad_seq=result.first_bad_seq, problem=result.problem)
+
+    def _signing_key(self) -> bytes:
+        from kms_broker.domain.deps import hsm_errors
+
+        with hsm_errors("reading the signing key"):
+            return self.admin.d.hsm.signing_public_key()
+
+
+class OperatorServicer(pb_grpc.OperatorServiceServicer):
+    def __init__(self, admin: Admin, metrics: BrokerMetrics) -> None:
+        self.admin = admin
+        self.metrics = metrics
+
+    def EnrolNode(self, request: Any, context: grpc.ServicerContext) -> Any:
+        actor = str(CURRENT_IDENTITY.get())
+        run(context, lambda: self.admin.enrol_node(
+            actor=actor, node_id=request.node_id, tenant_scope=request.tenant_scope,
+            ak_public=request.ak_public, ek_certificate=request.ek_certificate), "EnrolNode",
+            self.metrics)
+        return pb.EnrolNodeResponse()
+
+    def RevokeNode(self, request: Any, context: grpc.ServicerContext) -> Any:
+        actor = str(CURRENT_IDENTITY.get())
+        n = run(context, lambda: self.admin.revoke_node(actor=actor, node_id=request.node_id),
+                "RevokeNode", self.metrics)
+        return pb.RevokeNodeResponse(leases_revoked=n)

@@ -1,0 +1,424 @@
+"""SQLite implementation of :class:`kms_broker.state.repository.Repository`.
+
+WAL journal, foreign keys on, schema versioned in ``schema_migrations``. One connection
+guarded by a lock (the gRPC thread pool shares it); ``sqlite3.OperationalError`` (disk full,
+locked, unreadable) becomes ``Unavailable`` so callers fail closed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kms_broker.domain.errors import AlreadyExists, Unavailable
+from kms_broker.domain.model import (
+    Dataset,
+    DatasetShare,
+    Grant,
+    Lease,
+    Node,
+    Session,
+    Tenant,
+    Upload,
+)
+
+__all__ = ["SqliteRepository"]
+
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE tenants (
+        tenant_id TEXT PRIMARY KEY, signing_public_key BLOB NOT NULL,
+        kek_version INTEGER NOT NULL, status TEXT NOT NULL, created_ms INTEGER NOT NULL);
+    CREATE TABLE datasets (
+        tenant_id TEXT NOT NULL REFERENCES tenants(tenant_id), dataset_id TEXT NOT NULL,
+        share_index INTEGER NOT NULL, share_count INTEGER NOT NULL,
+        manifest_name TEXT NOT NULL, store_uri TEXT NOT NULL, holders TEXT NOT NULL,
+        status TEXT NOT NULL, created_ms INTEGER NOT NULL,
+        PRIMARY KEY (tenant_id, dataset_id));
+    CREATE TABLE dataset_shares (
+        tenant_id TEXT NOT NULL, dataset_id TEXT NOT NULL, key_version INTEGER NOT NULL,
+        kek_version INTEGER NOT NULL, wrapped_share BLOB NOT NULL,
+        PRIMARY KEY (tenant_id, dataset_id, key_version),
+        FOREIGN KEY (tenant_id, dataset_id) REFERENCES datasets(tenant_id, dataset_id)
+            ON DELETE CASCADE);
+    CREATE TABLE uploads (
+        upload_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL REFERENCES tenants(tenant_id),
+        dataset_id TEXT NOT NULL, key_version INTEGER NOT NULL, share_index INTEGER NOT NULL,
+        share_count INTEGER NOT NULL, expires_ms INTEGER NOT NULL, committed INTEGER NOT NULL,
+        import_public_key BLOB NOT NULL);
+    CREATE TABLE nodes (
+        node_id TEXT PRIMARY KEY, tenant_scope TEXT NOT NULL, ak_public BLOB NOT NULL,
+        ek_certificate BLOB NOT NULL, revoked INTEGER NOT NULL, enrolled_ms INTEGER NOT NULL);
+    CREATE TABLE sessions (
+        session_id TEXT PRIMARY KEY, node_id TEXT NOT NULL REFERENCES nodes(node_id),
+        job_id TEXT NOT NULL, nonce BLOB NOT NULL, expires_ms INTEGER NOT NULL,
+        used INTEGER NOT NULL, claims BLOB);
+    CREATE TABLE policies (
+        tenant_id TEXT NOT NULL REFERENCES tenants(tenant_id), digest TEXT NOT NULL,
+        text TEXT NOT NULL, PRIMARY KEY (tenant_id, digest));
+    CREATE TABLE grants (
+        grant_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL REFERENCES tenants(tenant_id),
+        dataset_id TEXT NOT NULL, job_id TEXT NOT NULL, policy_digest TEXT NOT NULL,
+        max_nodes INTEGER NOT NULL, expires_ms INTEGER NOT NULL, revoked INTEGER NOT NULL,
+        document BLOB NOT NULL, signature BLOB NOT NULL);
+    CREATE INDEX grants_by_job ON grants(job_id, dataset_id);
+    CREATE TABLE leases (
+        lease_id TEXT PRIMARY KEY, node_id TEXT NOT NULL, grant_id TEXT NOT NULL,
+        tenant_id TEXT NOT NULL, dataset_id TEXT NOT NULL, expires_ms INTEGER NOT NULL,
+        revoked INTEGER NOT NULL);
+    CREATE INDEX leases_by_grant ON leases(grant_id, expires_ms);
+    """,
+)
+
+T = TypeVar("T")
+
+
+def _guarded(fn: Callable[..., T]) -> Callable[..., T]:
+    @functools.wraps(fn)
+    def wrapper(self: SqliteRepository, *args: Any, **kwargs: Any) -> T:
+        with self._lock:
+            try:
+                with self._db:
+                    return fn(self, *args, **kwargs)
+            except sqlite3.IntegrityError as exc:
+                raise AlreadyExists(f"already exists or violates a reference: {exc}") from None
+            except sqlite3.OperationalError as exc:
+                raise Unavailable(f"state store unavailable: {exc}") from None
+
+    return wrapper
+
+
+class SqliteRepository:
+    def __init__(self, path: Path | str) -> None:
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.isolation_level = ""  # implicit transactions, committed by `with self._db`
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._migrate()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _migrate(self) -> None:
+        with self._lock, self._db:
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)"
+            )
+            done = {r[0] for r in self._db.execute("SELECT version FROM schema_migrations")}
+        for version, script in enumerate(MIGRATIONS, start=1):
+            if version in done:
+                continue
+            with self._lock:
+                self._db.executescript(f"BEGIN;{script};COMMIT;")
+                with self._db:
+                    self._db.execute("INSERT INTO schema_migrations VALUES (?)", (version,))
+
+    def schema_version(self) -> int:
+        return self._db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0]
+
+    # ------------------------------------------------------------------ tenants
+    @_guarded
+    def add_tenant(self, t: Tenant) -> None:
+        self._db.execute(
+            "INSERT INTO tenants VALUES (?,?,?,?,?)",
+            (t.tenant_id, t.signing_public_key, t.kek_version, t.status, t.created_ms),
+        )
+
+    @_guarded
+    def get_tenant(self, tenant_id: str) -> Tenant | None:
+        r = self._db.execute("SELECT * FROM tenants WHERE tenant_id=?", (tenant_id,)).fetchone()
+        return None if r is None else Tenant(
+            tenant_id=r[0], signing_public_key=r[1], kek_version=r[2], status=r[3], created_ms=r[4]
+        )
+
+    @_guarded
+    def set_tenant_kek_version(self, tenant_id: str, version: int) -> None:
+        self._db.execute("UPDATE tenants SET kek_version=? WHERE tenant_id=?", (version, tenant_id))
+
+    @_guarded
+    def set_tenant_status(self, tenant_id: str, status: str) -> None:
+        self._db.execute("UPDATE tenants SET status=? WHERE tenant_id=?", (status, tenant_id))
+
+    # ------------------------------------------------------------ uploads etc.
+    @_guarded
+    def add_upload(self, u: Upload) -> None:
+        self._db.execute(
+            "INSERT INTO uploads VALUES (?,?,?,?,?,?,?,?,?)",
+            (u.upload_id, u.tenant_id, u.dataset_id, u.key_version, u.share_index,
+             u.share_count, u.expires_ms, int(u.committed), u.import_public_key),
+        )
+
+    @_guarded
+    def get_upload(self, upload_id: str) -> Upload | None:
+        r = self._db.execute("SELECT * FROM uploads WHERE upload_id=?", (upload_id,)).fetchone()
+        return None if r is None else Upload(
+            upload_id=r[0], tenant_id=r[1], dataset_id=r[2], key_version=r[3], share_index=r[4],
+            share_count=r[5], expires_ms=r[6], committed=bool(r[7]),
+            import_public_key=bytes(r[8]),
+        )
+
+    @_guarded
+    def mark_upload_committed(self, upload_id: str) -> bool:
+        cur = self._db.execute(
+            "UPDATE uploads SET committed=1 WHERE upload_id=? AND committed=0", (upload_id,)
+        )
+        return cur.rowcount == 1
+
+    @_guarded
+    def put_dataset(self, d: Dataset) -> None:
+        self._db.execute(
+            "INSERT INTO datasets VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(tenant_id, dataset_id) "
+            "DO UPDATE SET manifest_name=excluded.manifest_name, store_uri=excluded.store_uri, "
+            "holders=excluded.holders, status=excluded.status",
+            (d.tenant_id, d.dataset_id, d.share_index, d.share_count, d.manifest_name,
+             d.store_uri, json.dumps(list(d.holders)), d.status, d.created_ms),
+        )
+
+    @staticmethod
+    def _dataset(r: tuple) -> Dataset:
+        return Dataset(
+            tenant_id=r[0], dataset_id=r[1], share_index=r[2], share_count=r[3],
+            manifest_name=r[4], store_uri=r[5], holders=tuple(json.loads(r[6])), status=r[7],
+            created_ms=r[8],
+        )
+
+    @_guarded
+    def get_dataset(self, tenant_id: str, dataset_id: str) -> Dataset | None:
+        r = self._db.execute(
+            "SELECT * FROM datasets WHERE tenant_id=? AND dataset_id=?", (tenant_id, dataset_id)
+        ).fetchone()
+        return None if r is None else self._dataset(r)
+
+    @_guarded
+    def list_datasets(self, tenant_id: str) -> list[Dataset]:
+        rows = self._db.execute(
+            "SELECT * FROM datasets WHERE tenant_id=? ORDER BY dataset_id", (tenant_id,)
+        )
+        return [self._dataset(r) for r in rows]
+
+    @_guarded
+    def delete_dataset(self, tenant_id: str, dataset_id: str) -> bool:
+        cur = self._db.execute(
+            "DELETE FROM datasets WHERE tenant_id=? AND dataset_id=?", (tenant_id, dataset_id)
+        )
+        return cur.rowcount == 1
+
+    @_guarded
+    def put_share(self, s: DatasetShare) -> None:
+        self._db.execute(
+            "INSERT INTO dataset_shares VALUES (?,?,?,?,?)",
+            (s.tenant_id, s.dataset_id, s.key_version, s.kek_version, s.wrapped_share),
+        )
+
+    @_guarded
+    def replace_share(self, s: DatasetShare) -> None:
+        self._db.execute(
+            "UPDATE dataset_shares SET kek_version=?, wrapped_share=? "
+            "WHERE tenant_id=? AND dataset_id=? AND key_version=?",
+            (s.kek_version, s.wrapped_share, s.tenant_id, s.dataset_id, s.key_version),
+        )
+
+    @staticmethod
+    def _share(r: tuple) -> DatasetShare:
+        return DatasetShare(
+            tenant_id=r[0], dataset_id=r[1], key_version=r[2], kek_version=r[3],
+            wrapped_share=bytes(r[4]),
+        )
+
+    @_guarded
+    def get_share(self, tenant_id: str, dataset_id: str, key_version: int) -> DatasetShare | None:
+        r = self._db.execute(
+            "SELECT * FROM dataset_shares WHERE tenant_id=? AND dataset_id=? AND key_version=?",
+            (tenant_id, dataset_id, key_version),
+        ).fetchone()
+        return None if r is None else self._share(r)
+
+    @_guarded
+    def list_shares(self, tenant_id: str, dataset_id: str | None = None) -> list[DatasetShare]:
+        sql, args = "SELECT * FROM dataset_shares WHERE tenant_id=?", [tenant_id]
+        if dataset_id is not None:
+            sql, args = sql + " AND dataset_id=?", [*args, dataset_id]
+        rows = self._db.execute(sql + " ORDER BY dataset_id, key_version", args)
+        return [self._share(r) for r in rows]
+
+    # ------------------------------------------------------------ nodes, sessions
+    @_guarded
+    def put_node(self, n: Node) -> None:
+        self._db.execute(
+            "INSERT INTO nodes VALUES (?,?,?,?,?,?) ON CONFLICT(node_id) DO UPDATE SET "
+            "tenant_scope=excluded.tenant_scope, ak_public=excluded.ak_public, "
+            "ek_certificate=excluded.ek_certificate, revoked=0, enrolled_ms=excluded.enrolled_ms",
+            (n.node_id, n.tenant_scope, n.ak_public, n.ek_certificate, int(n.revoked),
+             n.enrolled_ms),
+        )
+
+    @_guarded
+    def get_node(self, node_id: str) -> Node | None:
+        r = self._db.execute("SELECT * FROM nodes WHERE node_id=?", (node_id,)).fetchone()
+        return None if r is None else Node(
+            node_id=r[0], tenant_scope=r[1], ak_public=bytes(r[2]), ek_certificate=bytes(r[3]),
+            revoked=bool(r[4]), enrolled_ms=r[5],
+        )
+
+    @_guarded
+    def revoke_node(self, node_id: str) -> bool:
+        return self._db.execute(
+            "UPDATE nodes SET revoked=1 WHERE node_id=?", (node_id,)
+        ).rowcount == 1
+
+    @_guarded
+    def add_session(self, s: Session) -> None:
+        self._db.execute(
+            "INSERT INTO sessions VALUES (?,?,?,?,?,?,NULL)",
+            (s.session_id, s.node_id, s.job_id, s.nonce, s.expires_ms, int(s.used)),
+        )
+
+    @staticmethod
+    def _session(r: tuple) -> Session:
+        return Session(
+            session_id=r[0], node_id=r[1], job_id=r[2], nonce=bytes(r[3]), expires_ms=r[4],
+            used=bool(r[5]),
+        )
+
+    @_guarded
+    def get_session(self, session_id: str) -> Session | None:
+        r = self._db.execute("SELECT * FROM sessions WHERE session_id=?", (session_id,)).fetchone()
+        return None if r is None else self._session(r)
+
+    @_guarded
+    def consume_session(self, session_id: str) -> Session | None:
+        r = self._db.execute("SELECT * FROM sessions WHERE session_id=?", (session_id,)).fetchone()
+        if r is None:
+            return None
+        self._db.execute("UPDATE sessions SET used=1 WHERE session_id=?", (session_id,))
+        return self._session(r)  # carries the *previous* used flag
+
+    @_guarded
+    def put_session_claims(self, session_id: str, claims_json: bytes) -> None:
+        self._db.execute(
+            "UPDATE sessions SET claims=? WHERE session_id=?", (claims_json, session_id)
+        )
+
+    @_guarded
+    def get_session_claims(self, session_id: str) -> bytes | None:
+        r = self._db.execute(
+            "SELECT claims FROM sessions WHERE session_id=?", (session_id,)
+        ).fetchone()
+        return None if r is None or r[0] is None else bytes(r[0])
+
+    # ------------------------------------------------------------ policies, grants
+    @_guarded
+    def put_policy(self, tenant_id: str, digest: str, text: str) -> None:
+        self._db.execute("INSERT OR IGNORE INTO policies VALUES (?,?,?)", (tenant_id, digest, text))
+
+    @_guarded
+    def get_policy(self, tenant_id: str, digest: str) -> str | None:
+        r = self._db.execute(
+            "SELECT text FROM policies WHERE tenant_id=? AND digest=?", (tenant_id, digest)
+        ).fetchone()
+        return None if r is None else r[0]
+
+    @_guarded
+    def add_grant(self, g: Grant, document: bytes, signature: bytes) -> None:
+        self._db.execute(
+            "INSERT INTO grants VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (g.grant_id, g.tenant_id, g.dataset_id, g.job_id, g.policy_digest, g.max_nodes,
+             g.expires_ms, int(g.revoked), document, signature),
+        )
+
+    @staticmethod
+    def _grant(r: tuple) -> Grant:
+        return Grant(
+            grant_id=r[0], tenant_id=r[1], dataset_id=r[2], job_id=r[3], policy_digest=r[4],
+            max_nodes=r[5], expires_ms=r[6], revoked=bool(r[7]),
+        )
+
+    @_guarded
+    def get_grant(self, grant_id: str) -> Grant | None:
+        r = self._db.execute("SELECT * FROM grants WHERE grant_id=?", (grant_id,)).fetchone()
+        return None if r is None else self._grant(r)
+
+    @_guarded
+    def grant_document(self, grant_id: str) -> tuple[bytes, bytes] | None:
+        r = self._db.execute(
+            "SELECT document, signature FROM grants WHERE grant_id=?", (grant_id,)
+        ).fetchone()
+        return None if r is None else (bytes(r[0]), bytes(r[1]))
+
+    @_guarded
+    def grants_for(self, *, job_id: str, dataset_id: str | None = None) -> list[Grant]:
+        sql, args = "SELECT * FROM grants WHERE job_id=?", [job_id]
+        if dataset_id is not None:
+            sql, args = sql + " AND dataset_id=?", [*args, dataset_id]
+        return [self._grant(r) for r in self._db.execute(sql + " ORDER BY grant_id", args)]
+
+    @_guarded
+    def revoke_grant(self, grant_id: str) -> bool:
+        return self._db.execute(
+            "UPDATE grants SET revoked=1 WHERE grant_id=?", (grant_id,)
+        ).rowcount == 1
+
+    # ------------------------------------------------------------------ leases
+    @_guarded
+    def add_lease(self, le: Lease) -> None:
+        self._db.execute(
+            "INSERT INTO leases VALUES (?,?,?,?,?,?,?)",
+            (le.lease_id, le.node_id, le.grant_id, le.tenant_id, le.dataset_id, le.expires_ms,
+             int(le.revoked)),
+        )
+
+    @staticmethod
+    def _lease(r: tuple) -> Lease:
+        return Lease(
+            lease_id=r[0], node_id=r[1], grant_id=r[2], tenant_id=r[3], dataset_id=r[4],
+            expires_ms=r[5], revoked=bool(r[6]),
+        )
+
+    @_guarded
+    def get_lease(self, lease_id: str) -> Lease | None:
+        r = self._db.execute("SELECT * FROM leases WHERE lease_id=?", (lease_id,)).fetchone()
+        return None if r is None else self._lease(r)
+
+    @_guarded
+    def extend_lease(self, lease_id: str, expires_ms: int) -> None:
+        self._db.execute("UPDATE leases SET expires_ms=? WHERE lease_id=?", (expires_ms, lease_id))
+
+    @_guarded
+    def active_lease_nodes(self, grant_id: str, now_ms: int) -> set[str]:
+        rows = self._db.execute(
+            "SELECT DISTINCT node_id FROM leases WHERE grant_id=? AND revoked=0 AND expires_ms>?",
+            (grant_id, now_ms),
+        )
+        return {r[0] for r in rows}
+
+    @_guarded
+    def revoke_leases(
+        self,
+        *,
+        now_ms: int,
+        node_id: str | None = None,
+        grant_id: str | None = None,
+        tenant_id: str | None = None,
+        dataset_id: str | None = None,
+    ) -> list[Lease]:
+        where, args = ["revoked=0", "expires_ms>?"], [now_ms]
+        for column, value in (("node_id", node_id), ("grant_id", grant_id),
+                              ("tenant_id", tenant_id), ("dataset_id", dataset_id)):
+            if value is not None:
+                where.append(f"{column}=?")
+                args.append(value)
+        clause = " AND ".join(where)
+        # the clause joins fixed column names only; values are bound parameters
+        rows = self._db.execute(f"SELECT * FROM leases WHERE {clause}", args)  # noqa: S608
+        leases = [self._lease(r) for r in rows]
+        self._db.execute(f"UPDATE leases SET revoked=1 WHERE {clause}", args)  # noqa: S608
+        return leases

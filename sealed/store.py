@@ -1,0 +1,349 @@
+"""Object stores: where ciphertext lives. Names and sizes are all a store ever learns.
+
+:class:`ObjectStore` is the interface: flat names such as ``shards/3f2a...``, whole-object
+atomic ``put`` (a reader sees the complete object or none), ranged reads, ``size``,
+``exists``, ``delete`` and ``list``. It maps one to one onto S3 (PutObject or a multipart
+upload completed at the end, GetObject with ``Range``, HeadObject, DeleteObject,
+ListObjectsV2 with a prefix), so an S3 backend plugs in later without touching callers.
+Nothing in the interface exposes a local path.
+
+Object names: 1-512 characters, ``/``-separated components of ``[A-Za-z0-9._-]`` that start
+with a letter or digit (so no ``.``/``..`` traversal, no hidden names, no absolute paths), at
+most 8 components.
+
+Backends here: :class:`LocalDirStore` (a directory; atomic writes with a temporary file in
+the same directory, fsync, link into place, fsync of the directory), :class:`MemoryStore`
+(the fake, for tests of other components) and :class:`CountingStore` (a wrapper that counts
+bytes and calls of reads, used to prove that random access reads only what it needs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from sealed.errors import StoreError
+
+__all__ = [
+    "MAX_NAME_LENGTH",
+    "CountingStore",
+    "LocalDirStore",
+    "MemoryStore",
+    "ObjectStore",
+    "validate_object_name",
+]
+
+MAX_NAME_LENGTH = 512
+MAX_NAME_DEPTH = 8
+MAX_RANGE = 1 << 31  # one ranged read returns at most 2 GiB
+_COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_TMP_PREFIX = ".tmp-"
+
+Chunks = bytes | bytearray | memoryview | Iterable[bytes | bytearray | memoryview]
+
+
+def validate_object_name(name: str) -> str:
+    """Return ``name`` if it is a valid object name, else raise :class:`StoreError`."""
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_LENGTH:
+        raise StoreError(f"object name must be 1-{MAX_NAME_LENGTH} characters")
+    parts = name.split("/")
+    if len(parts) > MAX_NAME_DEPTH or not all(_COMPONENT.match(p) for p in parts):
+        raise StoreError(
+            f"invalid object name {name!r:.80}: use '/'-separated components of letters, "
+            "digits, '.', '_' or '-' that start with a letter or digit"
+        )
+    return name
+
+
+def _check_prefix(prefix: str) -> str:
+    if prefix and not prefix.endswith("/"):
+        validate_object_name(prefix)
+    elif prefix:
+        validate_object_name(prefix[:-1])
+    return prefix
+
+
+def _iter_chunks(data: Chunks) -> Iterator[memoryview]:
+    if isinstance(data, bytes | bytearray | memoryview):
+        yield memoryview(data).cast("B")
+        return
+    for chunk in data:
+        yield memoryview(chunk).cast("B")
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    """Flat object storage with atomic whole-object writes and ranged reads."""
+
+    def put(self, name: str, data: Chunks) -> int:
+        """Store ``data`` (bytes or an iterable of chunks, consumed once) as a new object.
+
+        Atomic: on any error (including one raised by the chunk iterator) no object named
+        ``name`` appears. Refuses to replace an existing object. Returns the size written.
+        """
+        ...
+
+    def readinto(self, name: str, offset: int, buf: memoryview | bytearray) -> None:
+        """Fill ``buf`` with the object's bytes ``[offset, offset + len(buf))`` exactly."""
+        ...
+
+    def get_range(self, name: str, offset: int, length: int) -> bytes: ...
+
+    def size(self, name: str) -> int: ...
+
+    def exists(self, name: str) -> bool: ...
+
+    def delete(self, name: str) -> None:
+        """Remove an object; removing a missing object is not an error."""
+        ...
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Names starting with ``prefix``, sorted."""
+        ...
+
+
+def _check_range(offset: int, length: int) -> None:
+    if not isinstance(offset, int) or not isinstance(length, int):
+        raise StoreError("offset and length must be integers")
+    if offset < 0 or not 0 <= length <= MAX_RANGE:
+        raise StoreError(f"invalid range: offset {offset}, length {length}")
+
+
+class LocalDirStore:
+    """Objects as files under one directory (created if missing).
+
+    A write goes to ``<dir>/.tmp-<random>`` in the object's directory, is fsynced, then
+    hard-linked to its final name (which fails if the name exists: objects are immutable),
+    the temporary name is removed and the directory is fsynced. Readers never see a partial
+    object; a crash leaves at most a ``.tmp-`` file, which :meth:`list` ignores.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self._root = Path(root)
+        self._root.mkdir(parents=True, exist_ok=True)
+        self._root = self._root.resolve()
+
+    def __repr__(self) -> str:
+        return "LocalDirStore(...)"
+
+    def _path(self, name: str) -> Path:
+        return self._root.joinpath(*validate_object_name(name).split("/"))
+
+    def put(self, name: str, data: Chunks) -> int:
+        path = self._path(name)
+        if path.exists():
+            raise StoreError(f"object {name} already exists")
+        tmp = path.parent / f"{_TMP_PREFIX}{os.urandom(8).hex()}"
+        size = 0
+        try:
+            with self._os_errors(name):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                f = open(fd, "wb", buffering=0)  # noqa: SIM115 - closed in the finally below
+            try:
+                # errors raised by the chunk iterator (the caller's source) pass unchanged
+                for chunk in _iter_chunks(data):
+                    with self._os_errors(name):
+                        while chunk:
+                            n = f.write(chunk)
+                            chunk = chunk[n:]
+                            size += n
+                with self._os_errors(name):
+                    os.fsync(f.fileno())
+            finally:
+                f.close()
+            with self._os_errors(name):
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    raise StoreError(f"object {name} already exists") from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        with self._os_errors(name):
+            self._fsync_dir(path.parent)
+        return size
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _os_errors(name: str) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            raise StoreError(f"cannot write object {name}: {exc.strerror or exc}") from None
+
+    @staticmethod
+    def _fsync_dir(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def readinto(self, name: str, offset: int, buf: memoryview | bytearray) -> None:
+        view = memoryview(buf).cast("B")
+        _check_range(offset, len(view))
+        try:
+            fd = os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise StoreError(f"object {name} not found") from None
+        except OSError as exc:
+            raise StoreError(f"cannot read object {name}: {exc.strerror}") from None
+        try:
+            done = 0
+            while done < len(view):
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n == 0:
+                    raise StoreError(
+                        f"object {name} is shorter than {offset + len(view)} bytes"
+                    )
+                done += n
+        except OSError as exc:
+            raise StoreError(f"cannot read object {name}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+
+    def get_range(self, name: str, offset: int, length: int) -> bytes:
+        _check_range(offset, length)
+        buf = bytearray(length)
+        self.readinto(name, offset, buf)
+        return bytes(buf)
+
+    def size(self, name: str) -> int:
+        try:
+            return self._path(name).stat().st_size
+        except FileNotFoundError:
+            raise StoreError(f"object {name} not found") from None
+
+    def exists(self, name: str) -> bool:
+        return self._path(name).is_file()
+
+    def delete(self, name: str) -> None:
+        path = self._path(name)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StoreError(f"cannot delete object {name}: {exc.strerror}") from None
+        self._fsync_dir(path.parent)
+
+    def list(self, prefix: str = "") -> list[str]:
+        _check_prefix(prefix)
+        names = []
+        for dirpath, dirnames, filenames in os.walk(self._root):
+            dirnames[:] = [d for d in dirnames if _COMPONENT.match(d)]
+            rel = Path(dirpath).relative_to(self._root)
+            for f in filenames:
+                if not _COMPONENT.match(f):
+                    continue  # temporary files and anything not written through this store
+                name = (rel / f).as_posix() if rel.parts else f
+                if name.startswith(prefix):
+                    names.append(name)
+        return sorted(names)
+
+
+class MemoryStore:
+    """An in-memory :class:`ObjectStore` with the same semantics (the fake for tests)."""
+
+    def __init__(self) -> None:
+        self._objects: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def put(self, name: str, data: Chunks) -> int:
+        validate_object_name(name)
+        if name in self._objects:
+            raise StoreError(f"object {name} already exists")
+        blob = b"".join(bytes(c) for c in _iter_chunks(data))
+        with self._lock:
+            if name in self._objects:
+                raise StoreError(f"object {name} already exists")
+            self._objects[name] = blob
+        return len(blob)
+
+    def _get(self, name: str) -> bytes:
+        validate_object_name(name)
+        try:
+            return self._objects[name]
+        except KeyError:
+            raise StoreError(f"object {name} not found") from None
+
+    def readinto(self, name: str, offset: int, buf: memoryview | bytearray) -> None:
+        view = memoryview(buf).cast("B")
+        _check_range(offset, len(view))
+        blob = self._get(name)
+        if offset + len(view) > len(blob):
+            raise StoreError(f"object {name} is shorter than {offset + len(view)} bytes")
+        view[:] = memoryview(blob)[offset : offset + len(view)]
+
+    def get_range(self, name: str, offset: int, length: int) -> bytes:
+        _check_range(offset, length)
+        blob = self._get(name)
+        if offset + length > len(blob):
+            raise StoreError(f"object {name} is shorter than {offset + length} bytes")
+        return blob[offset : offset + length]
+
+    def size(self, name: str) -> int:
+        return len(self._get(name))
+
+    def exists(self, name: str) -> bool:
+        validate_object_name(name)
+        return name in self._objects
+
+    def delete(self, name: str) -> None:
+        validate_object_name(name)
+        with self._lock:
+            self._objects.pop(name, None)
+
+    def list(self, prefix: str = "") -> list[str]:
+        _check_prefix(prefix)
+        return sorted(n for n in self._objects if n.startswith(prefix))
+
+
+class CountingStore:
+    """Wraps a store and counts what is read: ``bytes_read``, ``reads`` (ranged reads)."""
+
+    def __init__(self, inner: ObjectStore) -> None:
+        self.inner = inner
+        self.bytes_read = 0
+        self.reads = 0
+        self.ranges: list[tuple[str, int, int]] = []
+
+    def reset(self) -> None:
+        self.bytes_read = 0
+        self.reads = 0
+        self.ranges.clear()
+
+    def _count(self, name: str, offset: int, length: int) -> None:
+        self.bytes_read += length
+        self.reads += 1
+        self.ranges.append((name, offset, length))
+
+    def put(self, name: str, data: Chunks) -> int:
+        return self.inner.put(name, data)
+
+    def readinto(self, name: str, offset: int, buf: memoryview | bytearray) -> None:
+        self.inner.readinto(name, offset, buf)
+        self._count(name, offset, len(memoryview(buf)))
+
+    def get_range(self, name: str, offset: int, length: int) -> bytes:
+        data = self.inner.get_range(name, offset, length)
+        self._count(name, offset, len(data))
+        return data
+
+    def size(self, name: str) -> int:
+        return self.inner.size(name)
+
+    def exists(self, name: str) -> bool:
+        return self.inner.exists(name)
+
+    def delete(self, name: str) -> None:
+        self.inner.delete(name)
+
+    def list(self, prefix: str = "") -> list[str]:
+        return self.inner.list(prefix)

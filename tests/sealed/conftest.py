@@ -1,0 +1,94 @@
+"""Shared fixtures for the sealed format tests: keys, stores, a Tink oracle."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from sealed import LocalDirStore, MemoryStore, SecretBuffer
+
+TENANT, DATASET, VERSION = "tenant-a", "dataset-1", 1
+
+
+@pytest.fixture
+def raw_key() -> bytes:
+    return os.urandom(32)
+
+
+@pytest.fixture
+def dek(raw_key: bytes) -> Iterator[SecretBuffer]:
+    key = SecretBuffer.from_bytes(raw_key)
+    yield key
+    key.zeroize()
+
+
+@pytest.fixture(params=["local", "memory"])
+def store(request: pytest.FixtureRequest, tmp_path):
+    if request.param == "local":
+        return LocalDirStore(tmp_path / "store")
+    return MemoryStore()
+
+
+@pytest.fixture
+def local_store(tmp_path) -> LocalDirStore:
+    return LocalDirStore(tmp_path / "store")
+
+
+class TinkOracle:
+    """tink-py's StreamingAead over a keyset built from raw key bytes (tests only)."""
+
+    def __init__(self, raw_key: bytes) -> None:
+        import tink  # noqa: F401 - registers the proto modules
+        from tink import cleartext_keyset_handle, streaming_aead
+        from tink.proto import aes_gcm_hkdf_streaming_pb2 as pb
+        from tink.proto import common_pb2, tink_pb2
+
+        streaming_aead.register()
+        key = pb.AesGcmHkdfStreamingKey(
+            version=0,
+            key_value=raw_key,
+            params=pb.AesGcmHkdfStreamingParams(
+                ciphertext_segment_size=1 << 20,
+                derived_key_size=32,
+                hkdf_hash_type=common_pb2.SHA256,
+            ),
+        )
+        keyset = tink_pb2.Keyset(
+            primary_key_id=1,
+            key=[
+                tink_pb2.Keyset.Key(
+                    key_data=tink_pb2.KeyData(
+                        type_url="type.googleapis.com/google.crypto.tink.AesGcmHkdfStreamingKey",
+                        value=key.SerializeToString(),
+                        key_material_type=tink_pb2.KeyData.SYMMETRIC,
+                    ),
+                    status=tink_pb2.ENABLED,
+                    key_id=1,
+                    output_prefix_type=tink_pb2.RAW,
+                )
+            ],
+        )
+        handle = cleartext_keyset_handle.from_keyset(keyset)
+        self._primitive = handle.primitive(streaming_aead.StreamingAead)
+
+    def encrypt(self, plaintext: bytes, aad: bytes) -> bytes:
+        class _Keep(io.BytesIO):
+            def close(self) -> None:  # tink closes the destination; keep the bytes readable
+                pass
+
+        dest = _Keep()
+        with self._primitive.new_encrypting_stream(dest, aad) as enc:
+            enc.write(plaintext)
+        return dest.getvalue()
+
+    def decrypt(self, ciphertext: bytes, aad: bytes) -> bytes:
+        with self._primitive.new_decrypting_stream(io.BytesIO(ciphertext), aad) as dec:
+            return dec.read()
+
+
+@pytest.fixture
+def tink_oracle(raw_key: bytes) -> TinkOracle:
+    return TinkOracle(raw_key)

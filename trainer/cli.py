@@ -1,0 +1,149 @@
+"""``trainer``: the composition root of the training node.
+
+    trainer --attest --job JOB.yaml          train (also under torchrun)
+    torchrun --nproc-per-node 2 -m trainer --attest --job JOB.yaml
+    trainer check                            run the process-hardening self-check
+    trainer validate --job JOB.yaml          check a job file and print what it would run
+
+Exit codes: 0 ok, 1 failure, 2 usage or invalid job file, 3 key revoked (or lease expired),
+4 attestation denied, 128 + N when stopped by signal N (130 SIGINT, 143 SIGTERM, 129 SIGHUP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from trainer.config import ConfigError, JobConfig
+from trainer.shred import EXIT_ATTESTATION_DENIED, EXIT_FAILURE, EXIT_OK
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+
+_DESCRIPTION = """\
+Confidential training node. With --attest the trainer hardens itself (not dumpable, no core
+dumps, umask 077, memory locked), proves the node to every key broker in the job (TPM quote
+over its measured state and the digest of this trainer's code), receives the key shares
+sealed to a one-time key, derives the dataset key in memory, and trains on shards that are
+decrypted only in memory. It writes only encrypted checkpoints and shreds every key and
+plaintext buffer on exit, on SIGTERM/SIGINT/SIGHUP and on revocation.
+"""
+
+_EPILOG = """\
+commands:
+  (none)      train the job given by --job (requires --attest)
+  check       run the hardening self-check and print each check with how to fix it
+  validate    load and validate --job, print a summary, get no keys
+
+exit codes: 0 ok, 1 failure, 2 usage / invalid job, 3 key revoked, 4 attestation denied,
+            130 SIGINT, 143 SIGTERM, 129 SIGHUP
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="trainer",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("command", nargs="?", choices=("train", "check", "validate"),
+                   default="train", help="what to do (default: train)")
+    p.add_argument("--job", metavar="JOB.yaml", help="the job file (see trainer/config.py)")
+    p.add_argument("--attest", action="store_true",
+                   help="obtain the dataset key by attested release from the job's brokers "
+                        "(the only way this CLI obtains keys)")
+    p.add_argument("--log-level", default="INFO",
+                   choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log verbosity")
+    return p
+
+
+def setup_logging(level: str) -> None:
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(
+        level=getattr(logging, level) if rank == "0" else logging.WARNING,
+        format=f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _check() -> int:
+    from trainer.hardening import failed_required, format_checks, harden_process, self_check
+
+    result = harden_process()
+    checks = self_check()
+    print(format_checks(checks))
+    if not result.mlockall:
+        print(f"note: mlockall refused ({result.mlockall_error})")
+    failed = failed_required(checks)
+    if failed:
+        print(f"self-check FAILED: {', '.join(c.name for c in failed)}", file=sys.stderr)
+        return EXIT_FAILURE
+    print("self-check passed")
+    return EXIT_OK
+
+
+def _load(parser: argparse.ArgumentParser, job: str | None) -> JobConfig:
+    if not job:
+        parser.error("--job JOB.yaml is required")
+    try:
+        return JobConfig.from_yaml(job)
+    except ConfigError as exc:
+        print(f"trainer: invalid job file: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    if args.command == "check":
+        return _check()
+    config = _load(parser, args.job)
+    if args.command == "validate":
+        print(f"job {config.job_id} (tenant {config.tenant_id}): dataset {config.dataset.id} "
+              f"v{config.dataset.key_version}, model {config.model.name}, {config.steps} steps, "
+              f"batch {config.batch_size}x{config.grad_accum}, {config.precision}, "
+              f"{len(config.brokers)} broker(s)")
+        return EXIT_OK
+    if not args.attest:
+        print(
+            "trainer: refusing to train without --attest: the dataset key is only ever "
+            "released to an attested node, and this command has no other way to obtain it. "
+            "Run `trainer --attest --job JOB.yaml` on an enrolled node.",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    return _train(config)
+
+
+def _train(config: JobConfig) -> int:
+    from trainer.keysource import AttestationDenied, AttestedKeySource, KeySourceUnavailable
+    from trainer.train import HardeningFailed, run_job
+
+    log = logging.getLogger("trainer")
+    try:
+        source = AttestedKeySource(config, rank=int(os.environ.get("RANK", "0")))
+        result = run_job(config, source, require_hardening=True)
+    except HardeningFailed as exc:
+        print(f"trainer: refusing to start: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except AttestationDenied as exc:
+        reasons = "".join(f"\n  - {r}" for r in exc.reasons)
+        print(f"trainer: attestation denied: {exc}{reasons}", file=sys.stderr)
+        return EXIT_ATTESTATION_DENIED
+    except (KeySourceUnavailable, NotImplementedError, ConfigError) as exc:
+        print(f"trainer: cannot obtain the dataset key: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as exc:
+        log.error("training failed: %s: %s", type(exc).__name__, exc)
+        return EXIT_FAILURE
+    log.info("done: %d steps, %.1f samples/s", result.steps_done, result.samples_per_s)
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""Job configuration: typed, frozen, keyword-only, validated once at the edge.
+
+A job is described by one YAML document (``JobConfig.from_yaml(path)``). Unknown keys are
+rejected, every value is checked in ``__post_init__`` and errors name the offending field
+(``optimizer.lr must be > 0, got -1``). The objects are then passed down; nothing reads the
+YAML again. Secrets never appear here: only dataset ids, paths and broker addresses.
+
+Example::
+
+    job_id: job-7
+    tenant_id: acme
+    dataset: {id: corpus, key_version: 1, manifest: corpus.manifest, store: /data/store}
+    brokers:
+      - {address: "broker-a:7443", ca: ca.pem, cert: node.pem, key: node.key}
+    model: {name: tiny-gpt, params: {layers: 2, d_model: 128, heads: 4}}
+    optimizer: {lr: 3.0e-3, weight_decay: 0.1, betas: [0.9, 0.95]}
+    schedule: {warmup_steps: 10, min_lr_ratio: 0.1}
+    steps: 100
+    batch_size: 8
+    seq_len: 64
+    precision: bf16
+    checkpoint: {dir: /run/job-7/ckpt, interval: 20, keep_last: 2}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from sealed.errors import StoreError
+from sealed.keys import validate_identifier
+from sealed.store import validate_object_name
+
+__all__ = [
+    "BrokerConfig",
+    "CheckpointConfig",
+    "ConfigError",
+    "DatasetConfig",
+    "JobConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "Precision",
+    "ScheduleConfig",
+]
+
+Precision = Literal["bf16", "fp16", "fp32"]
+Device = Literal["auto", "cpu", "cuda"]
+MAX_CONFIG_BYTES = 1 << 20
+_BUILTIN_MODELS = ("tiny-gpt", "classifier")
+_FACTORY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")
+_ADDRESS = re.compile(r"^(unix:[^\s]+|[A-Za-z0-9.\-\[\]:]+:\d{1,5})$")
+
+
+class ConfigError(ValueError):
+    """A job configuration that cannot be used; the message names the field."""
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _int(where: str, value: object, *, lo: int, hi: int = 2**62) -> None:
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi,
+        f"{where} must be an integer from {lo} to {hi}, got {value!r:.60}",
+    )
+
+
+def _float(where: str, value: object, *, lo: float, hi: float, lo_open: bool = False) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and value <= hi
+    bound = f"> {lo}" if lo_open else f">= {lo}"
+    _require(ok, f"{where} must be a number {bound} and <= {hi}, got {value!r:.60}")
+
+
+def _path(where: str, value: object) -> None:
+    _require(
+        isinstance(value, str) and 0 < len(value) <= 4096 and "\x00" not in value,
+        f"{where} must be a non-empty path, got {value!r:.60}",
+    )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DatasetConfig:
+    id: str
+    key_version: int
+    manifest: str
+    store: str  # a local directory (or file:// URI) holding the sealed objects
+
+    def __post_init__(self) -> None:
+        try:
+            validate_identifier("dataset", self.id)
+        except ValueError as exc:
+            raise ConfigError(f"dataset.id: {exc}") from None
+        _int("dataset.key_version", self.key_version, lo=1, hi=2**32 - 1)
+        try:
+            validate_object_name(self.manifest)
+        except StoreError as exc:
+            raise ConfigError(f"dataset.manifest: {exc}") from None
+        _path("dataset.store", self.store)
+
+    @property
+    def store_path(self) -> Path:
+        return Path(self.store.removeprefix("file://"))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BrokerConfig:
+    """One key broker holding one share; the list order is the share order."""
+
+    address: str
+    ca: str
+    cert: str
+    key: str
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.address, str) and bool(_ADDRESS.match(self.address)),
+            f"brokers[].address must be host:port or unix:PATH, got {self.address!r:.60}",
+        )
+        for name in ("ca", "cert", "key"):
+            _path(f"brokers[].{name}", getattr(self, name))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelConfig:
+    name: str = "tiny-gpt"
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.name, str)
+            and (self.name in _BUILTIN_MODELS or bool(_FACTORY.match(self.name))),
+            f"model.name must be one of {', '.join(_BUILTIN_MODELS)} or 'module:factory', "
+            f"got {self.name!r:.60}",
+        )
+        _require(isinstance(self.params, Mapping), "model.params must be a mapping")
+        for key, value in self.params.items():
+            _require(
+                isinstance(key, str) and isinstance(value, int | float | str | bool),
+                f"model.params.{key} must be a number, string or boolean",
+            )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OptimizerConfig:
+    """AdamW."""
+
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _float("optimizer.lr", self.lr, lo=0.0, hi=10.0, lo_open=True)
+        _float("optimizer.weight_decay", self.weight_decay, lo=0.0, hi=10.0)
+        _require(
+            isinstance(self.betas, tuple | list) and len(self.betas) == 2,
+            f"optimizer.betas must be two numbers, got {self.betas!r:.60}",
+        )
+        for i, beta in enumerate(self.betas):
+            _float(f"optimizer.betas[{i}]", beta, lo=0.0, hi=0.999999)
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        _float("optimizer.eps", self.eps, lo=0.0, hi=1.0, lo_open=True)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ScheduleConfig:
+    """Linear warmup to optimizer.lr, then cosine decay to lr * min_lr_ratio at the last step."""
+
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        _int("schedule.warmup_steps", self.warmup_steps, lo=0)
+        _float("schedule.min_lr_ratio", self.min_lr_ratio, lo=0.0, hi=1.0)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CheckpointConfig:
+    dir: str
+    interval: int = 100  # steps between checkpoints; the last step always checkpoints
+    keep_last: int = 2
+
+    def __post_init__(self) -> None:
+        _path("checkpoint.dir", self.dir)
+        _int("checkpoint.interval", self.interval, lo=1)
+        _int("checkpoint.keep_last", self.keep_last, lo=1, hi=1000)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class JobConfig:
+    job_id: str
+    tenant_id: str
+    dataset: DatasetConfig
+    checkpoint: CheckpointConfig
+    brokers: tuple[BrokerConfig, ...] = ()
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    steps: int = 100
+    batch_size: int = 8  # per rank, per micro-step
+    grad_accum: int = 1
+    clip: float = 1.0  # max gradient norm; 0 disables clipping
+    precision: Precision = "bf16"
+    seq_len: int = 128
+    seed: int = 0
+    log_interval: int = 10
+    prefetch_depth: int = 2
+    lease_poll_interval: float = 5.0  # seconds between lease renewals / revocation polls
+    metrics_port: int | None = None  # rank 0 serves Prometheus metrics here when set
+    device: Device = "auto"
+
+    def __post_init__(self) -> None:
+        for kind in ("job", "tenant"):
+            try:
+                validate_identifier(kind, getattr(self, f"{kind}_id"))
+            except ValueError as exc:
+                raise ConfigError(f"{kind}_id: {exc}") from None
+        for name, cls in (
+            ("dataset", DatasetConfig),
+            ("checkpoint", CheckpointConfig),
+            ("model", ModelConfig),
+            ("optimizer", OptimizerConfig),
+            ("schedule", ScheduleConfig),
+        ):
+            _require(isinstance(getattr(self, name), cls), f"{name} must be a {cls.__name__}")
+        _require(
+            isinstance(self.brokers, tuple | list)
+            and all(isinstance(b, BrokerConfig) for b in self.brokers)
+            and len(self.brokers) <= 16,
+            "brokers must be a list of at most 16 brokers",
+        )
+        object.__setattr__(self, "brokers", tuple(self.brokers))
+        _int("steps", self.steps, lo=1, hi=10**9)
+        _int("batch_size", self.batch_size, lo=1, hi=1 << 16)
+        _int("grad_accum", self.grad_accum, lo=1, hi=1 << 12)
+        _float("clip", self.clip, lo=0.0, hi=1e6)
+        _require(
+            self.precision in typing.get_args(Precision),
+            f"precision must be one of bf16, fp16, fp32, got {self.precision!r:.60}",
+        )
+        _int("seq_len", self.seq_len, lo=1, hi=1 << 16)
+        _int("seed", self.seed, lo=0, hi=2**63 - 1)
+        _int("log_interval", self.log_interval, lo=1)
+        _int("prefetch_depth", self.prefetch_depth, lo=1, hi=64)
+        _float("lease_poll_interval", self.lease_poll_interval, lo=0.05, hi=3600.0)
+        if self.metrics_port is not None:
+            _int("metrics_port", self.metrics_port, lo=0, hi=65535)
+        _require(
+            self.device in typing.get_args(Device),
+            f"device must be one of auto, cpu, cuda, got {self.device!r:.60}",
+        )
+
+    @classmethod
+    def from_mapping(cls, data: object) -> JobConfig:
+        """Build from parsed YAML/JSON; unknown keys and wrong types are rejected by name."""
+        return _build(cls, data, "")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> JobConfig:
+        import yaml  # the edge is the only place that parses YAML
+
+        path = Path(path)
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise ConfigError(f"cannot read job file {path}: {exc.strerror}") from None
+        _require(size <= MAX_CONFIG_BYTES, f"job file {path} is larger than 1 MiB")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"job file {path} is not valid YAML: {exc}") from None
+        return cls.from_mapping(data)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.seq_len
+
+
+_NESTED: dict[str, type] = {
+    "dataset": DatasetConfig,
+    "checkpoint": CheckpointConfig,
+    "model": ModelConfig,
+    "optimizer": OptimizerConfig,
+    "schedule": ScheduleConfig,
+}
+
+
+def _build(cls: type, data: object, where: str) -> Any:
+    label = where or "job config"
+    _require(isinstance(data, Mapping), f"{label} must be a mapping, got {type(data).__name__}")
+    assert isinstance(data, Mapping)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(str(k) for k in data if k not in names)
+    _require(
+        not unknown,
+        f"{label}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}",
+    )
+    required = {
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    missing = sorted(required - set(data))
+    _require(not missing, f"{label}: missing required key(s) {', '.join(missing)}")
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        sub = f"{where}.{key}" if where else key
+        if cls is JobConfig and key in _NESTED:
+            kwargs[key] = _build(_NESTED[key], value, sub)
+        elif cls is JobConfig and key == "brokers":
+            _require(isinstance(value, list), "brokers must be a list")
+            kwargs[key] = tuple(
+                _build(BrokerConfig, b, f"brokers[{i}]") for i, b in enumerate(value)
+            )
+        elif cls is OptimizerConfig and key == "betas":
+            _require(isinstance(value, list | tuple), "optimizer.betas must be a list")
+            kwargs[key] = tuple(value)
+        elif cls is ModelConfig and key == "params":
+            kwargs[key] = dict(value) if isinstance(value, Mapping) else value
+        else:
+            kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{label}: {exc}") from None

@@ -1,0 +1,65 @@
+"""The sealed dataset reader seen through the pipeline's :class:`~trainer.data.ShardReader`.
+
+A sealed shard's plaintext is an offset table followed by its records back to back
+(sealed/shard.py), so a shard's payload is the single range ``[o_0, o_n)`` of the decrypted
+buffer; records are views into it. The manifest's copy of the offset table (authenticated
+with the manifest) is what this adapter uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from sealed.reader import DatasetReader
+from sealed.secrets import SecretBuffer
+from sealed.store import LocalDirStore
+
+if TYPE_CHECKING:
+    from trainer.config import JobConfig
+
+__all__ = ["SealedShards", "open_sealed_reader"]
+
+
+class SealedShards:
+    """Adapter over :class:`sealed.reader.DatasetReader` (used by one thread at a time)."""
+
+    def __init__(self, reader: DatasetReader) -> None:
+        self.reader = reader
+        self._offsets = [list(s.offsets) for s in reader.manifest.shards]
+
+    @property
+    def num_shards(self) -> int:
+        return self.reader.num_shards
+
+    def shard_capacity(self, j: int) -> int:
+        return self.reader.shard_plaintext_size(j)
+
+    def decrypt_shard_into(self, j: int, buffer: bytearray) -> memoryview:
+        return self.reader.decrypt_shard_into(j, buffer)
+
+    def records(self, j: int, plaintext: memoryview) -> Iterator[memoryview]:
+        offsets = self._offsets[j]
+        for i in range(len(offsets) - 1):
+            yield plaintext[offsets[i] : offsets[i + 1]]
+
+    def payload(self, j: int, plaintext: memoryview) -> memoryview:
+        offsets = self._offsets[j]
+        return plaintext[offsets[0] : offsets[-1]]
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def open_sealed_reader(config: JobConfig, dek: SecretBuffer) -> SealedShards:
+    """Open the job's dataset (authenticating its manifest) from its local store."""
+    store = LocalDirStore(config.dataset.store_path)
+    reader = DatasetReader.open(
+        store,
+        config.dataset.manifest,
+        dek=dek,
+        tenant_id=config.tenant_id,
+        dataset_id=config.dataset.id,
+        key_version=config.dataset.key_version,
+    )
+    return SealedShards(reader)
