@@ -102,6 +102,18 @@ class Decision:
     def failed(self) -> tuple[RuleResult, ...]:
         return tuple(r for r in self.rules if not r.passed)
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (for the Attest reply, the audit log and ``policy test``)."""
+        return {
+            "policy": self.policy_name,
+            "policy_digest": self.policy_digest,
+            "allowed": self.allowed,
+            "rules": [{"name": r.name, "passed": r.passed, "reason": r.reason}
+                      for r in self.rules],
+            "evidence_failures": [{"id": f.id, "severity": f.severity, "message": f.message}
+                                  for f in self.evidence_failures],
+        }
+
     def summary(self) -> str:
         """Multi-line text: one line per rule, PASS/FAIL and the reason."""
         head = f"policy {self.policy_name} ({self.policy_digest[:12]}): " + (

@@ -168,7 +168,9 @@ def upload_dataset(
     key_version: int = 1,
     store_uri: str = "",
     progress: Callable[[int, int], None] | None = None,
+    make_share: Callable[[], SecretBuffer] = lambda: SecretBuffer.random(32),
 ) -> UploadResult:
+    """``make_share`` exists for tests that must know the shares (a memory scan)."""
     if not brokers:
         raise ValueError("need at least one broker")
     tenant_id = brokers[0].tenant_id
@@ -189,7 +191,7 @@ def upload_dataset(
             if transcript != opened.transcript:
                 raise BrokerRpcError("broker's upload transcript differs from ours",
                                      code="FAILED_PRECONDITION", broker=broker.address)
-            share = SecretBuffer.random(32)
+            share = make_share()
             shares.append(share)
             broker.commit_share(opened.upload_id,
                                 sealing.seal_share_to(opened.import_public_key, share, transcript))

@@ -12,7 +12,14 @@ from sealed.manifest import Manifest, ShardEntry, open_manifest
 from sealed.reader import DatasetReader
 from sealed.secrets import SecretBuffer, zeroize
 from sealed.shard import DEFAULT_TARGET_SHARD_SIZE, ShardView
-from sealed.store import CountingStore, LocalDirStore, MemoryStore, ObjectStore
+from sealed.store import (
+    CountingStore,
+    LocalDirStore,
+    MappedDirStore,
+    MemoryStore,
+    ObjectStore,
+    RangeViewStore,
+)
 from sealed.streaming import StreamEncryptor
 from sealed.writer import DEFAULT_MAX_RECORD_SIZE, DatasetRef, write_dataset
 
@@ -29,8 +36,10 @@ __all__ = [
     "InputError",
     "LocalDirStore",
     "Manifest",
+    "MappedDirStore",
     "MemoryStore",
     "ObjectStore",
+    "RangeViewStore",
     "SealedError",
     "SecretBuffer",
     "ShardEntry",

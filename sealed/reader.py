@@ -3,7 +3,8 @@
 :meth:`DatasetReader.open` reads and authenticates the manifest. After that:
 
 * :meth:`~DatasetReader.decrypt_shard_into` checks the shard object's size and stream header
-  against the manifest, reads the ciphertext with ``readinto`` into one reused buffer and
+  against the manifest, reads the ciphertext with ``readinto`` into one reused buffer (8 MiB
+  per ranged read) or, from a store that offers ``view_range``, takes a zero-copy view, and
   decrypts every segment straight into the caller's buffer (no intermediate plaintext copy).
   If any segment fails, everything already written to the caller's buffer is zeroed and
   :class:`DecryptionError` names the shard and segment: no plaintext of a tampered shard is
@@ -32,7 +33,7 @@ from sealed.errors import DecryptionError
 from sealed.manifest import Manifest, ShardEntry, open_manifest
 from sealed.secrets import SecretBuffer, zeroize
 from sealed.shard import ShardView, shard_aad
-from sealed.store import ObjectStore
+from sealed.store import ObjectStore, RangeViewStore
 
 __all__ = ["READ_SEGMENTS", "DatasetReader"]
 
@@ -152,8 +153,13 @@ class DatasetReader:
         """Decrypt segments first..last of shard j into ``out``; zero ``out`` on failure."""
         cipher = self._cipher(j)
         ct_size = entry.ciphertext_size
-        ctview = memoryview(self._ctbuf)
         written = 0
+        if isinstance(self._store, RangeViewStore):  # ciphertext already in memory: no copy
+            start = streaming.ciphertext_start(first)
+            end = min(ct_size, (last + 1) * streaming.SEGMENT_SIZE)
+            chunk = self._store.view_range(entry.object_name, start, end - start)
+            return cipher.decrypt_segments_into(ct_size, first, last, chunk, out)
+        ctview = memoryview(self._ctbuf)
         try:
             for a in range(first, last + 1, READ_SEGMENTS):
                 b = min(last, a + READ_SEGMENTS - 1)
@@ -192,6 +198,26 @@ class DatasetReader:
             zeroize(view)
             raise DecryptionError(f"shard {j}", shard=j)
         return view
+
+    def decrypt_segments_into(
+        self, j: int, first: int, last: int, buffer: bytearray | memoryview
+    ) -> memoryview:
+        """Decrypt segments ``first..last`` (inclusive) of shard ``j`` into ``buffer``.
+
+        The plaintext starts at shard offset ``sealed.streaming.plaintext_start(first)``.
+        Only those segments are read. Returns the plaintext view.
+        """
+        entry = self._entry(j)
+        n = streaming.segment_count(entry.ciphertext_size)
+        if not 0 <= first <= last < n:
+            raise IndexError(f"segments {first}..{last} outside shard {j}'s {n} segments")
+        end = min(entry.plaintext_size, streaming.plaintext_start(last + 1))
+        need = end - streaming.plaintext_start(first)
+        out = memoryview(buffer).cast("B")
+        if out.readonly or len(out) < need:
+            raise ValueError(f"segments need a writable buffer of {need} bytes, got {len(out)}")
+        self._check_size(j, entry)
+        return out[: self._decrypt_segments(j, entry, first, last, out)]
 
     def iter_shard_records(self, j: int, buffer: bytearray | memoryview) -> Iterator[memoryview]:
         """Decrypt shard ``j`` into ``buffer`` and yield its records as zero-copy views."""

@@ -12,14 +12,19 @@ with a letter or digit (so no ``.``/``..`` traversal, no hidden names, no absolu
 most 8 components.
 
 Backends here: :class:`LocalDirStore` (a directory; atomic writes with a temporary file in
-the same directory, fsync, link into place, fsync of the directory), :class:`MemoryStore`
-(the fake, for tests of other components) and :class:`CountingStore` (a wrapper that counts
-bytes and calls of reads, used to prove that random access reads only what it needs).
+the same directory, fsync, link into place, fsync of the directory), :class:`MappedDirStore`
+(the same directory layout, with zero-copy reads through ``mmap``), :class:`MemoryStore`
+(the fake, for tests of other components, and the zero-copy source of the benchmarks) and
+:class:`CountingStore` (a wrapper that counts bytes and calls of reads, used to prove that
+random access reads only what it needs). A store that already holds ciphertext in memory may
+also offer :class:`RangeViewStore`'s ``view_range``; the reader then decrypts straight from it
+instead of copying into its read buffer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import re
 import threading
@@ -33,8 +38,10 @@ __all__ = [
     "MAX_NAME_LENGTH",
     "CountingStore",
     "LocalDirStore",
+    "MappedDirStore",
     "MemoryStore",
     "ObjectStore",
+    "RangeViewStore",
     "validate_object_name",
 ]
 
@@ -104,6 +111,15 @@ class ObjectStore(Protocol):
 
     def list(self, prefix: str = "") -> list[str]:
         """Names starting with ``prefix``, sorted."""
+        ...
+
+
+@runtime_checkable
+class RangeViewStore(Protocol):
+    """Optional capability: ranged reads without a copy (ciphertext already in memory)."""
+
+    def view_range(self, name: str, offset: int, length: int) -> memoryview:
+        """A read-only view of bytes ``[offset, offset + length)``; valid while referenced."""
         ...
 
 
@@ -248,6 +264,42 @@ class LocalDirStore:
         return sorted(names)
 
 
+class MappedDirStore(LocalDirStore):
+    """A :class:`LocalDirStore` whose ranged reads can be zero-copy memory maps.
+
+    ``view_range`` maps the object read-only, so the reader decrypts straight from the page
+    cache instead of copying into its buffer first. Objects written through a store are never
+    modified in place (a replacement is a new file), so a mapping stays valid; but if someone
+    truncates an object file in place while it is mapped and read, the process receives
+    SIGBUS. Use it where the directory is not writable by others.
+    """
+
+    def __repr__(self) -> str:
+        return "MappedDirStore(...)"
+
+    def view_range(self, name: str, offset: int, length: int) -> memoryview:
+        _check_range(offset, length)
+        try:
+            fd = os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise StoreError(f"object {name} not found") from None
+        except OSError as exc:
+            raise StoreError(f"cannot read object {name}: {exc.strerror}") from None
+        try:
+            size = os.fstat(fd).st_size
+            if offset + length > size:
+                raise StoreError(f"object {name} is shorter than {offset + length} bytes")
+            if length == 0:
+                return memoryview(b"")
+            mapping = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+        except OSError as exc:
+            raise StoreError(f"cannot map object {name}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+        # the view keeps the mapping alive; it is unmapped when the last view is released
+        return memoryview(mapping)[offset : offset + length]
+
+
 class MemoryStore:
     """An in-memory :class:`ObjectStore` with the same semantics (the fake for tests)."""
 
@@ -280,6 +332,13 @@ class MemoryStore:
         if offset + len(view) > len(blob):
             raise StoreError(f"object {name} is shorter than {offset + len(view)} bytes")
         view[:] = memoryview(blob)[offset : offset + len(view)]
+
+    def view_range(self, name: str, offset: int, length: int) -> memoryview:
+        _check_range(offset, length)
+        blob = self._get(name)
+        if offset + length > len(blob):
+            raise StoreError(f"object {name} is shorter than {offset + length} bytes")
+        return memoryview(blob)[offset : offset + length]
 
     def get_range(self, name: str, offset: int, length: int) -> bytes:
         _check_range(offset, length)
@@ -335,6 +394,15 @@ class CountingStore:
         data = self.inner.get_range(name, offset, length)
         self._count(name, offset, len(data))
         return data
+
+    def view_range(self, name: str, offset: int, length: int) -> memoryview:
+        """Zero-copy where the inner store can; otherwise a copy. Counted either way."""
+        if isinstance(self.inner, RangeViewStore):
+            view = self.inner.view_range(name, offset, length)
+        else:
+            view = memoryview(self.inner.get_range(name, offset, length))
+        self._count(name, offset, len(view))
+        return view
 
     def size(self, name: str) -> int:
         return self.inner.size(name)

@@ -27,7 +27,7 @@ __all__ = [
 
 _WHERE = {
     "AttestationDenied": "trainer.keysource",
-    "AttestedKeySource": "trainer.keysource",
+    "AttestedKeySource": "trainer.attested",
     "CheckpointStore": "trainer.checkpoint",
     "ConfigError": "trainer.config",
     "JobConfig": "trainer.config",

@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--attest", action="store_true",
                    help="obtain the dataset key by attested release from the job's brokers "
                         "(the only way this CLI obtains keys)")
+    p.add_argument("--node-id", metavar="ID",
+                   help="this node's enrolled id (overrides attestation.node_id in the job)")
     p.add_argument("--log-level", default="INFO",
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log verbosity")
     return p
@@ -117,16 +119,17 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    return _train(config)
+    return _train(config, args.node_id)
 
 
-def _train(config: JobConfig) -> int:
-    from trainer.keysource import AttestationDenied, AttestedKeySource, KeySourceUnavailable
+def _train(config: JobConfig, node_id: str | None) -> int:
+    from trainer.attested import AttestedKeySource
+    from trainer.keysource import AttestationDenied, KeySourceUnavailable
     from trainer.train import HardeningFailed, run_job
 
     log = logging.getLogger("trainer")
     try:
-        source = AttestedKeySource(config, rank=int(os.environ.get("RANK", "0")))
+        source = AttestedKeySource(config, node_id=node_id)
         result = run_job(config, source, require_hardening=True)
     except HardeningFailed as exc:
         print(f"trainer: refusing to start: {exc}", file=sys.stderr)
@@ -135,7 +138,7 @@ def _train(config: JobConfig) -> int:
         reasons = "".join(f"\n  - {r}" for r in exc.reasons)
         print(f"trainer: attestation denied: {exc}{reasons}", file=sys.stderr)
         return EXIT_ATTESTATION_DENIED
-    except (KeySourceUnavailable, NotImplementedError, ConfigError) as exc:
+    except (KeySourceUnavailable, ConfigError) as exc:
         print(f"trainer: cannot obtain the dataset key: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except Exception as exc:

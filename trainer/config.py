@@ -10,8 +10,9 @@ Example::
     job_id: job-7
     tenant_id: acme
     dataset: {id: corpus, key_version: 1, manifest: corpus.manifest, store: /data/store}
-    brokers:
+    brokers:          # one per share, in share order
       - {address: "broker-a:7443", ca: ca.pem, cert: node.pem, key: node.key}
+    attestation: {node_id: node-1, tcti: "device:/dev/tpmrm0"}
     model: {name: tiny-gpt, params: {layers: 2, d_model: 128, heads: 4}}
     optimizer: {lr: 3.0e-3, weight_decay: 0.1, betas: [0.9, 0.95]}
     schedule: {warmup_steps: 10, min_lr_ratio: 0.1}
@@ -38,6 +39,7 @@ from sealed.keys import validate_identifier
 from sealed.store import validate_object_name
 
 __all__ = [
+    "AttestationConfig",
     "BrokerConfig",
     "CheckpointConfig",
     "ConfigError",
@@ -120,14 +122,43 @@ class BrokerConfig:
     ca: str
     cert: str
     key: str
+    server_name: str | None = None  # TLS name of the broker when it differs from the address
 
     def __post_init__(self) -> None:
+        if self.server_name is not None:
+            _require(
+                isinstance(self.server_name, str) and 0 < len(self.server_name) <= 253,
+                f"brokers[].server_name must be a host name, got {self.server_name!r:.60}",
+            )
         _require(
             isinstance(self.address, str) and bool(_ADDRESS.match(self.address)),
             f"brokers[].address must be host:port or unix:PATH, got {self.address!r:.60}",
         )
         for name in ("ca", "cert", "key"):
             _path(f"brokers[].{name}", getattr(self, name))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AttestationConfig:
+    """How this node proves itself: its enrolled node id and its TPM."""
+
+    node_id: str
+    tcti: str = "device:/dev/tpmrm0"  # tpm2-tss TCTI: device:PATH, swtpm:host=..,port=..
+    evidence: Literal["tpm2"] = "tpm2"
+
+    def __post_init__(self) -> None:
+        try:
+            validate_identifier("node", self.node_id)
+        except ValueError as exc:
+            raise ConfigError(f"attestation.node_id: {exc}") from None
+        _require(
+            isinstance(self.tcti, str) and 0 < len(self.tcti) <= 512
+            and self.tcti.split(":", 1)[0] in ("device", "swtpm", "mssim", "tabrmd"),
+            f"attestation.tcti must be device:PATH, swtpm:..., mssim:... or tabrmd:..., "
+            f"got {self.tcti!r:.60}",
+        )
+        _require(self.evidence == "tpm2", f"attestation.evidence must be tpm2, got "
+                 f"{self.evidence!r:.60}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -203,6 +234,7 @@ class JobConfig:
     dataset: DatasetConfig
     checkpoint: CheckpointConfig
     brokers: tuple[BrokerConfig, ...] = ()
+    attestation: AttestationConfig | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -233,6 +265,10 @@ class JobConfig:
             ("schedule", ScheduleConfig),
         ):
             _require(isinstance(getattr(self, name), cls), f"{name} must be a {cls.__name__}")
+        _require(
+            self.attestation is None or isinstance(self.attestation, AttestationConfig),
+            "attestation must be an AttestationConfig",
+        )
         _require(
             isinstance(self.brokers, tuple | list)
             and all(isinstance(b, BrokerConfig) for b in self.brokers)
@@ -287,6 +323,7 @@ class JobConfig:
 
 
 _NESTED: dict[str, type] = {
+    "attestation": AttestationConfig,
     "dataset": DatasetConfig,
     "checkpoint": CheckpointConfig,
     "model": ModelConfig,

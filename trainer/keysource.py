@@ -4,8 +4,8 @@ A :class:`KeySource` yields a :class:`KeyHandle`: the DEK in a :class:`SecretBuf
 expiry and a ``revoked`` event that the source sets when the broker revokes the lease (the
 trainer then shreds and exits with code 3). Sources:
 
-* :class:`AttestedKeySource`: the production path, ``trainer --attest``. Each process proves
-  itself to every broker holding a share and derives the DEK in memory (kms_broker.client).
+* :class:`trainer.attested.AttestedKeySource`: the production path, ``trainer --attest``.
+  Each process proves itself to every broker holding a share and derives the DEK in memory.
 * :class:`StaticKeySource`: holds a DEK given in memory. For unit tests and the benchmark
   only; the CLI never constructs it.
 """
@@ -14,18 +14,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from sealed.secrets import SecretBuffer
 
-if TYPE_CHECKING:
-    from trainer.config import JobConfig
-
 __all__ = [
     "AttestationDenied",
-    "AttestedKeySource",
     "KeyHandle",
     "KeySource",
     "KeySourceUnavailable",
@@ -97,40 +92,3 @@ class StaticKeySource:
 
     def close(self) -> None:
         self._dek.zeroize()
-
-
-EvidenceCallback = Callable[[bytes], tuple[str, bytes]]
-
-
-class AttestedKeySource:
-    """Attest to every broker in ``config.brokers`` and derive the DEK (production path).
-
-    Adapter over ``kms_broker.client.KeyClient`` and the attestation collector
-    (``attest.facts``, ``attest.code_digest``, ``attest.tpm2``). Built by the CLI only.
-    """
-
-    def __init__(self, config: JobConfig, *, rank: int = 0) -> None:
-        if not config.brokers:
-            raise KeySourceUnavailable(
-                "the job lists no brokers: --attest needs at least one broker holding a share"
-            )
-        self._config = config
-        self._rank = rank
-        self._client: object | None = None
-
-    def acquire(self) -> KeyHandle:
-        try:
-            from kms_broker import client as _client  # noqa: F401
-        except ImportError:
-            raise NotImplementedError(
-                "AttestedKeySource: kms_broker.client (the broker key client) is not available "
-                "in this build, so attested key release cannot run yet"
-            ) from None
-        raise NotImplementedError(
-            "AttestedKeySource: wiring to kms_broker.client.KeyClient is not done in this build"
-        )
-
-    def close(self) -> None:
-        close = getattr(self._client, "close", None)
-        if close is not None:
-            close()

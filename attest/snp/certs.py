@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
@@ -34,6 +34,7 @@ __all__ = [
     "MAX_CERT_SIZE",
     "AmdTrustStore",
     "cert_hwid",
+    "cert_product_name",
     "cert_tcb",
     "common_name",
     "load_certificate",
@@ -50,8 +51,13 @@ _OID_SPL = {
     "fmc": "1.3.6.1.4.1.3704.1.3.9",
 }
 _OID_HWID = "1.3.6.1.4.1.3704.1.4"
+_OID_PRODUCT_NAME = "1.3.6.1.4.1.3704.1.2"
 _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
 PRODUCTS = ("Milan", "Genoa", "Turin")
+# What cryptography raises for a certificate it cannot decode. Parts decode lazily and raise
+# many types (ValueError, TypeError, InvalidVersion, DuplicateExtension,
+# UnsupportedGeneralNameType, ...), so every error from decoding untrusted bytes is caught.
+_PARSE_ERRORS = (Exception,)
 
 
 def load_certificate(data: bytes, what: str) -> x509.Certificate:
@@ -62,10 +68,17 @@ def load_certificate(data: bytes, what: str) -> x509.Certificate:
         warnings.simplefilter("ignore")  # serial number 0 on every real VCEK
         try:
             if data.lstrip().startswith(b"-----BEGIN"):
-                return x509.load_pem_x509_certificate(data)
-            return x509.load_der_x509_certificate(data)
-        except ValueError as exc:
+                cert = x509.load_pem_x509_certificate(data)
+            else:
+                cert = x509.load_der_x509_certificate(data)
+            # parse lazily-decoded parts now, so a broken one is malformed evidence here
+            # rather than an unexpected error in the middle of verification
+            _ = (cert.issuer, cert.subject, cert.extensions, cert.public_key(),
+                 cert.signature_algorithm_oid, cert.not_valid_before_utc,
+                 cert.not_valid_after_utc, cert.tbs_certificate_bytes, cert.signature)
+        except _PARSE_ERRORS as exc:
             raise MalformedEvidence(f"{what} is not a valid X.509 certificate") from exc
+    return cert
 
 
 def load_certificates_pem(data: bytes) -> list[x509.Certificate]:
@@ -73,7 +86,7 @@ def load_certificates_pem(data: bytes) -> list[x509.Certificate]:
         warnings.simplefilter("ignore")
         try:
             return x509.load_pem_x509_certificates(data)
-        except ValueError as exc:
+        except _PARSE_ERRORS as exc:
             raise MalformedEvidence("PEM bundle holds no valid certificate") from exc
 
 
@@ -89,9 +102,12 @@ def pss_signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> str | Non
                 f"not {common_name(issuer.subject)!r}")
     if cert.signature_algorithm_oid != SignatureAlgorithmOID.RSASSA_PSS:
         return f"{common_name(cert.subject)!r} is not signed with RSASSA-PSS"
-    params = cert.signature_algorithm_parameters
-    if not isinstance(params, padding.PSS) or not isinstance(
-            cert.signature_hash_algorithm, hashes.SHA384):
+    try:
+        params = cert.signature_algorithm_parameters
+        digest = cert.signature_hash_algorithm
+    except (ValueError, UnsupportedAlgorithm):
+        return f"{common_name(cert.subject)!r} has unreadable RSASSA-PSS parameters"
+    if not isinstance(params, padding.PSS) or not isinstance(digest, hashes.SHA384):
         return f"{common_name(cert.subject)!r} is not signed with RSASSA-PSS SHA-384"
     key = issuer.public_key()
     if not isinstance(key, rsa.RSAPublicKey):
@@ -145,6 +161,28 @@ def cert_hwid(cert: x509.Certificate) -> bytes | None:
     if len(raw) >= 2 and raw[0] == 0x04 and raw[1] == len(raw) - 2 and raw[1] in (8, 64):
         return raw[2:]
     raise MalformedEvidence(f"hwID extension has an unexpected length ({len(raw)} bytes)")
+
+
+def cert_product_name(cert: x509.Certificate) -> tuple[str, int | None]:
+    """productName (1.3.6.1.4.1.3704.1.2, DER IA5String) as (name, stepping).
+
+    ``"Milan-B0"`` gives ``("Milan-B0", 0)``: the stepping is the hex digit(s) after the model
+    letter, as go-sev-guest reads it. A VLEK names only the product (``"Milan"``): stepping None.
+    """
+    raw = _ext_raw(cert, _OID_PRODUCT_NAME)
+    if raw is None:
+        return "", None
+    if len(raw) < 2 or raw[0] != 0x16 or raw[1] != len(raw) - 2 or not raw[2:].isascii():
+        raise MalformedEvidence("productName extension is not a short DER IA5String")
+    name = raw[2:].decode("ascii")
+    _, _, variant = name.partition("-")
+    stepping = None
+    if len(variant) >= 2 and variant[0].isalpha():
+        try:
+            stepping = int(variant[1:], 16)
+        except ValueError:
+            stepping = None
+    return name, stepping
 
 
 def _bundled(name: str) -> bytes:

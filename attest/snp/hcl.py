@@ -7,14 +7,14 @@ by trustee's az-snp-vtpm verifier:
 offset  size    field
 ======  ======  =================================================================
 0x000   4       signature ``b"HCLA"``
-0x004   4       version
+0x004   4       version (1 or 2)
 0x008   4       report_size: bytes used from 0x000 (header + report + runtime data)
-0x00C   4       request_type (2 = key/attestation request)
-0x010   4       status
-0x014   12      reserved
+0x00C   4       request_type (must be 2 = attestation report request)
+0x010   4       status (must be 0)
+0x014   12      reserved (must be zero)
 0x020   1184    SEV-SNP attestation report (:mod:`attest.snp.report`)
 0x4C0   4       runtime data_size (20 + variable_data_size)
-0x4C4   4       runtime version (1)
+0x4C4   4       runtime version (must be 1)
 0x4C8   4       report_type (2 = SEV-SNP, 4 = TDX)
 0x4CC   4       report_data hash type (1 = SHA-256, 2 = SHA-384, 3 = SHA-512)
 0x4D0   4       variable_data_size
@@ -47,6 +47,7 @@ _REPORT_OFFSET = 0x20
 _RUNTIME_OFFSET = _REPORT_OFFSET + REPORT_SIZE
 _VAR_OFFSET = _RUNTIME_OFFSET + 20
 _REPORT_TYPE_SNP = 2
+_HCL_VERSIONS = (1, 2)
 _HASHES = {1: hashlib.sha256, 2: hashlib.sha384, 3: hashlib.sha512}
 
 
@@ -91,9 +92,17 @@ def parse_hcl_report(data: bytes) -> HclReport:
         raise MalformedEvidence(f"HCL report is {len(data)} bytes, shorter than its header")
     if data[:4] != HCL_MAGIC:
         raise MalformedEvidence("HCL report does not start with 'HCLA'")
-    (report_size,) = struct.unpack_from("<I", data, 0x008)
-    data_size, _version, report_type, hash_type, var_size = struct.unpack_from(
+    version, report_size, request_type, status = struct.unpack_from("<4I", data, 0x004)
+    # The header is not signed; only values seen from Azure are accepted, so an edited one is
+    # refused rather than silently ignored.
+    if version not in _HCL_VERSIONS or request_type != 2 or status != 0 or any(data[0x14:0x20]):
+        raise MalformedEvidence(
+            f"HCL header is not a successful attestation report (version {version}, "
+            f"request type {request_type}, status {status})")
+    data_size, runtime_version, report_type, hash_type, var_size = struct.unpack_from(
         "<5I", data, _RUNTIME_OFFSET)
+    if runtime_version != 1:
+        raise MalformedEvidence(f"HCL runtime data version {runtime_version} is unknown")
     if report_type != _REPORT_TYPE_SNP:
         raise MalformedEvidence(f"HCL report type {report_type} is not SEV-SNP (2)")
     if hash_type not in _HASHES:

@@ -14,7 +14,9 @@ snp.chain          VCEK <- ASK <- ARK, or VLEK <- ASVK <- ARK, RSA-PSS SHA-384 s
 snp.cert_validity  every certificate in the chain is valid at ``now``
 snp.tcb_binding    the leaf's blSPL/teeSPL/snpSPL/ucodeSPL (+fmcSPL on Turin) equal reported_tcb
 snp.chip_id        VCEK hwID equals chip_id (Turin: the first 8 bytes, the rest zero)
-snp.product        the CPUID family in a v3+ report matches the product of the certificate
+snp.product        the CPUID family in a v3+ report matches the product of the certificate;
+                   with ``reference["snp_expected_stepping"]``, the VCEK productName stepping
+                   (``Milan-B0`` -> 0) equals it
 snp.hcl.var_data   Azure: hash(HCL variable data) equals report_data[0:hash length]
 snp.report_data    the session binding: report_data (Azure: the HCL ``user-data``) equals
                    ``context.expected_report_data`` (64 bytes), or it followed by zeros (32)
@@ -35,6 +37,8 @@ Claims (flat names, values JSON-like; hex strings are lower case):
 ``snp.author_key_digest``, ``snp.author_key_en``, ``snp.family_id``, ``snp.image_id``,
 ``snp.report_id``, ``snp.report_id_ma``, ``snp.chip_id``, ``snp.mask_chip_key``,
 ``snp.signing_key`` ("vcek"|"vlek"|...), ``snp.product`` ("Milan"|"Genoa"|"Turin"|""),
+``snp.product_name`` (the certificate's productName, e.g. "Milan-B0"), ``snp.stepping`` (-1
+when the certificate names none),
 ``snp.firmware.current``/``.committed`` ("major.minor.build"),
 ``snp.tcb.{current,reported,committed,launch}.{raw,bl,tee,snp,ucode[,fmc]}``,
 ``snp.cpuid.{family,model,stepping}`` (v3+), and for Azure ``snp.hcl.user_data``,
@@ -64,6 +68,7 @@ from attest.interface import (
 from .certs import (
     AmdTrustStore,
     cert_hwid,
+    cert_product_name,
     cert_tcb,
     common_name,
     load_certificate,
@@ -140,6 +145,8 @@ class SnpVerifier:
         if not isinstance(store, AmdTrustStore):
             raise TypeError("context.reference['snp_trust_store'] must be an AmdTrustStore")
         now = context.reference.get("now") or dt.datetime.now(dt.UTC)
+        if not isinstance(now, dt.datetime) or now.tzinfo is None:
+            raise TypeError("context.reference['now'] must be a timezone-aware datetime")
 
         failures: list[Failure] = []
         problem = verify_report_signature(report, leaf)
@@ -150,6 +157,9 @@ class SnpVerifier:
         failures += self._check_tcb(report, leaf, product)
         failures += self._check_chip_id(report, leaf)
         failures += self._check_product(report, product)
+        product_name, stepping, stepping_failures = self._check_stepping(
+            leaf, context.reference.get("snp_expected_stepping"))
+        failures += stepping_failures
         if hcl is not None:
             digest = hcl.var_data_digest()
             if report.report_data[:len(digest)] != digest:
@@ -164,6 +174,8 @@ class SnpVerifier:
         failures += self._check_binding(bound, context.expected_report_data, what)
 
         claims = self._claims(report, product, hcl)
+        claims["snp.product_name"] = product_name
+        claims["snp.stepping"] = -1 if stepping is None else stepping
         claims["evidence.verified"] = not any(f.severity == "error" for f in failures)
         return VerificationResult(kind=self.kind, claims=claims, failures=tuple(failures))
 
@@ -265,6 +277,19 @@ class SnpVerifier:
                             f"report CPUID family {report.cpuid_fam_id:#x} does not match a "
                             f"{product} certificate (family {expected:#x})")]
         return []
+
+    @staticmethod
+    def _check_stepping(leaf: x509.Certificate, want: int | None
+                        ) -> tuple[str, int | None, list[Failure]]:
+        try:
+            name, stepping = cert_product_name(leaf)
+        except MalformedEvidence as exc:
+            return "", None, [Failure("snp.product", str(exc))]
+        if want is not None and want != stepping:
+            got = "none" if stepping is None else stepping
+            return name, stepping, [Failure(
+                "snp.product", f"expected product stepping {want}, got {got}")]
+        return name, stepping, []
 
     @staticmethod
     def _check_binding(bound: bytes | None, expected: bytes, what: str) -> list[Failure]:

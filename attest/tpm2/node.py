@@ -109,6 +109,7 @@ class TpmNode:
         self._ek_cert: bytes = b""
         self._ak: ESYS_TR | None = None
         self._ak_public: bytes = b""
+        self._closed = False
 
     def __enter__(self) -> TpmNode:
         return self
@@ -119,6 +120,11 @@ class TpmNode:
         self.close()
 
     def close(self) -> None:
+        """Flush the keys this connection loaded (no resource manager does it for swtpm or
+        /dev/tpm0) and close; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         for handle in (self._ak, self._ek):
             if handle is not None:
                 with contextlib.suppress(TSS2_Exception):

@@ -18,6 +18,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from attest.interface import MalformedEvidence, VerificationContext, expected_report_data
+from attest.policy import evidence_claims
 from kms_broker.domain.deps import BrokerDeps, check_id, check_size, hsm_errors
 from kms_broker.domain.errors import (
     BrokerError,
@@ -83,6 +84,7 @@ class NodeFlow:
     def __init__(self, deps: BrokerDeps) -> None:
         self.d = deps
         self._tokens: TokenVerifier | None = None
+        self._token_verifier()  # fail at start-up, not at the first release, if the HSM is down
         self._policies: dict[tuple[str, str], Any] = {}
 
     # ------------------------------------------------------------- helpers
@@ -196,12 +198,13 @@ class NodeFlow:
             )
             raise self.d.deny("attest", actor=actor, subject=subject,
                               reason="evidence: verification failed", rules=rules)
-        rules = self._job_policy_rules(session.job_id, node.tenant_scope, result.claims)
+        claims = evidence_claims(result)
+        rules = self._job_policy_rules(session.job_id, node.tenant_scope, claims)
         if rules is not None and not any(all(r.passed for r in group) for group in rules):
             flat = tuple(r for group in rules for r in group)
             raise self.d.deny("attest", actor=actor, subject=subject,
                               reason="policy: no grant's policy for this job passes", rules=flat)
-        claims_json = _claims_json(result.claims)
+        claims_json = _claims_json(claims)
         self.d.repo.put_session_claims(session_id, claims_json)
         now = self.d.clock.now_ms()
         token_claims = TokenClaims(

@@ -16,7 +16,26 @@ other side with ``cryptography`` by ``kms_broker.sealing``:
     K        = AES-256-ECB(key = Z, data = SHA-256(transcript))   (CKM_AES_ECB_ENCRYPT_DATA)
     sealed   = AES-KWP(K, share)                          (CKM_AES_KEY_WRAP_PAD)
 
-and the wire blob is ``BE16 len(ephemeral_pub) || ephemeral_pub (SEC1 uncompressed) || sealed``.
+and the wire blob is ``BE16 len(ephemeral_pub) || ephemeral_pub (SEC1 uncompressed) || sealed``
+(107 bytes for a 32-byte share; ``kms_broker.sealing`` documents it byte by byte and builds the
+canonical transcripts). SoftHSM 2.6.1 supports every mechanism named above, verified by the
+contract suite; it has no CKM_ECDSA_SHA256, so ``sign`` hashes (public data) with SHA-256 and
+signs the digest with CKM_ECDSA.
+
+Semantics every backend keeps (the contract suite checks them):
+
+- ``wrapped_share`` is the raw 40-byte AES-KWP output; its KEK version is stored beside it.
+- ``create_tenant_kek`` and ``create_import_key`` are idempotent: an existing key is kept (and
+  for an import key its public key returned again), so an interrupted upload can be retried.
+- ``destroy_import_key`` raises ``KeyNotFound`` when there is nothing to destroy;
+  ``destroy_tenant_keks`` returns 0 then.
+- Input that is malformed whatever the key (wrong lengths, a public key not on P-256, bad
+  identifiers or versions, a transcript over 4096 bytes) raises ``ValueError``/``TypeError``
+  before the HSM is touched; a well-formed blob that does not authenticate raises
+  ``UnwrapFailed``; a missing KEK or import key raises ``KeyNotFound``; an HSM that cannot be
+  used raises ``HsmUnavailable`` (never ``KeyNotFound``), and the backend recovers by itself
+  when the HSM comes back.
+- ``close()`` releases the backend's sessions; later calls raise ``HsmUnavailable``.
 """
 
 from __future__ import annotations
@@ -79,3 +98,5 @@ class Hsm(Protocol):
     ) -> bytes: ...  # sealed blob for the node
 
     def health(self) -> None: ...  # raises HsmUnavailable when the token is unusable
+
+    def close(self) -> None: ...  # added: release sessions/keys; idempotent

@@ -39,6 +39,7 @@ module) are retried once on fresh sessions.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -71,13 +72,16 @@ _UNWRAP_ERRORS = (
     p11e.DataLenRange,
     p11e.FunctionFailed,
 )
-# Errors that concern our sessions, not the token: retried once on fresh sessions.
+# Errors that concern our sessions or cached handles, not the token: retried once on fresh
+# sessions with an empty handle cache (a key destroyed by another user shows up here).
 _SESSION_ERRORS = (
     p11e.SessionHandleInvalid,
     p11e.SessionClosed,
     p11e.UserNotLoggedIn,
     p11e.KeyHandleInvalid,
     p11e.ObjectHandleInvalid,
+    p11e.WrappingKeyHandleInvalid,
+    p11e.UnwrappingKeyHandleInvalid,
     p11e.OperationActive,
 )
 
@@ -456,7 +460,8 @@ class Pkcs11Hsm:
 
         def op(pooled: _Pooled) -> bytes:
             private, _ = self._signing_pair(pooled)
-            raw = private.sign(payload, mechanism=Mechanism.ECDSA_SHA256)
+            # SoftHSM 2.6 has no CKM_ECDSA_SHA256: hash here (public data), sign the digest
+            raw = private.sign(hashlib.sha256(payload).digest(), mechanism=Mechanism.ECDSA)
             return raw
 
         raw = self._run("sign", op)

@@ -425,3 +425,13 @@ def test_tpm2_agent_fact_names_map_to_agreed_claims(dev: Policy, prod: Policy) -
     agreed_wins = evidence_claims(VerificationResult(
         "tpm2", {**facts, "node.ksm.enabled": True}, ()))
     assert only_failure(dev.evaluate(agreed_wins)).name == "ksm-off"
+
+
+def test_decision_to_dict_is_json_ready(dev: Policy) -> None:
+    import json
+
+    decision = dev.evaluate(good_node(**{"node.swap.enabled": True}))
+    data = json.loads(json.dumps(decision.to_dict()))
+    assert data["allowed"] is False and data["policy_digest"] == dev.digest
+    assert [r["name"] for r in data["rules"] if not r["passed"]] == ["swap-off"]
+    assert len(data["rules"]) == len(dev.rules)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from attest.interface import MalformedEvidence, VerificationContext, VerificationResult
 from attest.snp import (
@@ -436,3 +438,47 @@ def test_bad_expected_report_data_length_is_a_usage_error() -> None:
     with pytest.raises(ValueError, match="32 or 64"):
         SnpVerifier().verify(_good_evidence(),
                              VerificationContext(expected_report_data=b"\0" * 16))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_any_corruption_is_malformed_or_a_failure(data: st.DataObject) -> None:
+    """Flipping bytes anywhere never escapes as an unexpected error, and never verifies."""
+    evidence = bytearray(_good_evidence())
+    positions = data.draw(st.lists(st.integers(0, len(evidence) - 1), min_size=1, max_size=4))
+    for pos in positions:
+        evidence[pos] ^= data.draw(st.integers(1, 255))
+    report, _ = virtee()
+    context = VerificationContext(expected_report_data=parse_report(report).report_data,
+                                  reference={"now": VALID_DAY})
+    try:
+        result = SnpVerifier().verify(bytes(evidence), context)
+    except MalformedEvidence:
+        return
+    # A flip in the unsigned, unchecked parts could leave a valid result only if it changed
+    # nothing the verifier reads; every byte here is read (header, report, certificate).
+    if result.ok:
+        decoded = decode_evidence(bytes(evidence))
+        assert decoded.report == report, "a changed report verified"
+        assert load_certificate(decoded.certificates[0], "vcek").public_key() == \
+            load_certificate(virtee()[1][0], "vcek").public_key()
+
+
+def test_gosev_product_stepping_as_published() -> None:
+    """go-sev-guest: passes with product Milan stepping 0; stepping 12 is refused."""
+    report, certs = gosev()
+    evidence = encode_evidence(report, certs)
+    expected = parse_report(report).report_data
+
+    def run(stepping: int) -> VerificationResult:
+        return SnpVerifier().verify(evidence, VerificationContext(
+            expected_report_data=expected,
+            reference={"now": VALID_DAY, "snp_expected_stepping": stepping}))
+
+    good = run(0)
+    assert good.ok
+    assert good.claims["snp.product_name"] == "Milan-B0"
+    assert good.claims["snp.stepping"] == 0
+    bad = run(12)
+    assert _ids(bad) == {"snp.product"}
+    assert bad.failures[0].message == "expected product stepping 12, got 0"

@@ -198,17 +198,27 @@ def test_edited_event_log_is_refused_and_yields_no_claims(node, enrolled, claims
     _, _, rd = challenge()
     ev = node.evidence(EventLog.from_claims(claims), rd)
     log = EventLog.from_bytes(ev.event_log)
-    edited = EventLog(
-        tuple(Event.claim("ksm_enabled", False) if e.type == "ksm_enabled" else e
-              for e in log.events)
-        + (Event.claim("extra", 1),)
-    )
+    flipped = Event.claim("ksm_enabled", not claims["ksm_enabled"])
+    edited = EventLog(tuple(flipped if e.type == "ksm_enabled" else e for e in log.events))
+    assert edited.claims()["ksm_enabled"] != claims["ksm_enabled"]
     tampered = Tpm2Evidence(ev.attest, ev.signature, ev.pcrs, edited.to_bytes())
 
     result = Tpm2Verifier().verify(tampered.to_bytes(), context(rd, enrolled))
 
     assert ids(result) == {"tpm2.eventlog_replay"}
     assert result.claims == {}
+
+
+def test_event_appended_to_the_log_is_refused(node, enrolled, claims):
+    _, _, rd = challenge()
+    ev = node.evidence(EventLog.from_claims(claims), rd)
+    log = EventLog.from_bytes(ev.event_log)
+    appended = EventLog((*log.events, Event.claim("gpu_cc_mode", "on")))
+    tampered = Tpm2Evidence(ev.attest, ev.signature, ev.pcrs, appended.to_bytes())
+
+    result = Tpm2Verifier().verify(tampered.to_bytes(), context(rd, enrolled))
+
+    assert ids(result) == {"tpm2.eventlog_replay"}
 
 
 def test_reordered_event_log_is_refused(node, enrolled, claims):
@@ -336,3 +346,67 @@ def test_trainer_code_changed_by_one_byte_gives_another_attested_digest(
     assert result.ok
     assert result.claims["code_digest"] == after["code_digest"]
     assert result.claims["code_digest"] != before["code_digest"]
+
+
+# -- the dev policy over verified swtpm evidence ------------------------------------------
+
+
+def _hardened_root(root: Path) -> Path:
+    for rel, text in {
+        "proc/cmdline": "quiet init_on_free=1\n",
+        "sys/kernel/mm/ksm/run": "0\n",
+        "proc/swaps": "Filename Type Size Used Priority\n",
+        "proc/self/limits": "Max core file size        0                    0  bytes\n",
+    }.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+def _dev_policy_decision(node, enrolled, claims, allowed_digest):
+    from attest.policy import Policy, evidence_claims
+
+    policy = Policy.from_file(Path(__file__).resolve().parents[2] / "policies/dev-swtpm.yaml")
+    policy = policy.with_params({"allowed_code_digests": [allowed_digest]})
+    _, _, rd = challenge()
+    evidence = node.evidence(EventLog.from_claims(claims), rd).to_bytes()
+    result = Tpm2Verifier().verify(evidence, context(rd, enrolled))
+    return policy.evaluate(evidence_claims(result))
+
+
+def test_dev_policy_allows_a_hardened_swtpm_node(node, enrolled, tmp_path):
+    claims = node_claims(HostSource(root=_hardened_root(tmp_path), gpu_probe=_no_gpu))
+    decision = _dev_policy_decision(node, enrolled, claims, claims["code_digest"])
+    assert decision.allowed, decision.summary()
+
+
+@pytest.mark.parametrize(
+    ("edit", "failing_rule"),
+    [
+        (("sys/kernel/mm/ksm/run", "1\n"), "ksm-off"),
+        (("proc/swaps", "Filename Type Size Used Priority\n/dev/sda2 partition 1 0 -2\n"),
+         "swap-off"),
+        (("proc/self/limits", "Max core file size        unlimited  unlimited  bytes\n"),
+         "core-dumps-disabled"),
+    ],
+)
+def test_dev_policy_names_the_rule_a_hostile_node_fails(node, enrolled, tmp_path, edit,
+                                                         failing_rule):
+    root = _hardened_root(tmp_path)
+    (root / edit[0]).write_text(edit[1])
+    claims = node_claims(HostSource(root=root, gpu_probe=_no_gpu))
+    decision = _dev_policy_decision(node, enrolled, claims, claims["code_digest"])
+    assert not decision.allowed
+    assert [r.name for r in decision.failed] == [failing_rule]
+
+
+def test_dev_policy_refuses_trainer_code_changed_by_one_byte(node, enrolled, tmp_path):
+    pkg = tmp_path / "pkg" / "trainer"
+    pkg.mkdir(parents=True)
+    (pkg / "loop.py").write_text("STEPS = 100\n")
+    root = _hardened_root(tmp_path / "root")
+    approved = node_claims(HostSource(root=root, gpu_probe=_no_gpu), {"trainer": pkg})
+    (pkg / "loop.py").write_text("STEPS = 101\n")
+    changed = node_claims(HostSource(root=root, gpu_probe=_no_gpu), {"trainer": pkg})
+    decision = _dev_policy_decision(node, enrolled, changed, approved["code_digest"])
+    assert [r.name for r in decision.failed] == ["trainer-code-allowed"]

@@ -1,8 +1,15 @@
 """Pytest fixtures for HSM backends: a real SoftHSM2 token, a Pkcs11Hsm on it, a FakeHsm.
 
-Use from any test module (or a conftest) with::
+The fixtures are named ``softhsm_config``, ``softhsm_token``, ``pkcs11_hsm`` and ``fake_hsm``;
+the functions carry a ``_fixture`` suffix so that importing them does not shadow the argument
+names. Use them from any test module or conftest with::
 
-    from tests.kms_broker.hsm_fixtures import softhsm_token, pkcs11_hsm, fake_hsm  # noqa: F401
+    from tests.kms_broker.hsm_fixtures import (  # noqa: F401 - registers the fixtures
+        fake_hsm_fixture, pkcs11_hsm_fixture, softhsm_config_fixture, softhsm_token_fixture,
+    )
+
+(``pkcs11_hsm`` needs ``softhsm_token`` which needs ``softhsm_config``: import all three), or
+list ``"tests.kms_broker.hsm_fixtures"`` in ``pytest_plugins`` of the root conftest.
 
 SoftHSM reads ``SOFTHSM2_CONF`` once per process, so every test in a pytest process shares one
 SoftHSM configuration (one token directory under pytest's temporary directory); each
@@ -29,7 +36,17 @@ from kms_broker.hsm import softhsm
 from kms_broker.hsm.fake import FakeHsm
 from kms_broker.hsm.pkcs11_hsm import Pkcs11Hsm
 
-__all__ = ["SoftHsmToken", "fake_hsm", "pkcs11_hsm", "softhsm_config", "softhsm_token"]
+__all__ = [
+    "SoftHsmToken",
+    "fake_hsm",
+    "fake_hsm_fixture",
+    "pkcs11_hsm",
+    "pkcs11_hsm_fixture",
+    "softhsm_config",
+    "softhsm_config_fixture",
+    "softhsm_token",
+    "softhsm_token_fixture",
+]
 
 _CONFIG: softhsm.SoftHsmConfig | None = None
 _LABELS = itertools.count(1)
@@ -60,8 +77,8 @@ class SoftHsmToken:
         return Pkcs11Hsm(self.module_path, self.label, self.user_pin, **kwargs)  # type: ignore[arg-type]
 
 
-@pytest.fixture(scope="session")
-def softhsm_config(tmp_path_factory: pytest.TempPathFactory) -> softhsm.SoftHsmConfig:
+@pytest.fixture(name="softhsm_config", scope="session")
+def softhsm_config_fixture(tmp_path_factory: pytest.TempPathFactory) -> softhsm.SoftHsmConfig:
     global _CONFIG
     if _CONFIG is None:
         _CONFIG = softhsm.write_config(tmp_path_factory.mktemp("softhsm"))
@@ -69,8 +86,8 @@ def softhsm_config(tmp_path_factory: pytest.TempPathFactory) -> softhsm.SoftHsmC
     return _CONFIG
 
 
-@pytest.fixture
-def softhsm_token(softhsm_config: softhsm.SoftHsmConfig) -> SoftHsmToken:
+@pytest.fixture(name="softhsm_token")
+def softhsm_token_fixture(softhsm_config: softhsm.SoftHsmConfig) -> SoftHsmToken:
     label = f"test-{os.getpid()}-{next(_LABELS)}"
     user_pin = secrets.token_hex(8)
     so_pin = secrets.token_hex(8)
@@ -84,15 +101,22 @@ def softhsm_token(softhsm_config: softhsm.SoftHsmConfig) -> SoftHsmToken:
     )
 
 
-@pytest.fixture
-def pkcs11_hsm(softhsm_token: SoftHsmToken) -> Iterator[Pkcs11Hsm]:
+@pytest.fixture(name="pkcs11_hsm")
+def pkcs11_hsm_fixture(softhsm_token: SoftHsmToken) -> Iterator[Pkcs11Hsm]:
     hsm = softhsm_token.open_hsm()
     yield hsm
     hsm.close()
 
 
-@pytest.fixture
-def fake_hsm() -> Iterator[FakeHsm]:
+@pytest.fixture(name="fake_hsm")
+def fake_hsm_fixture() -> Iterator[FakeHsm]:
     hsm = FakeHsm()
     yield hsm
     hsm.close()
+
+
+# Plain names, for modules that import the fixtures without taking them as arguments.
+softhsm_config = softhsm_config_fixture
+softhsm_token = softhsm_token_fixture
+pkcs11_hsm = pkcs11_hsm_fixture
+fake_hsm = fake_hsm_fixture

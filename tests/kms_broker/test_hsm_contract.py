@@ -16,9 +16,9 @@ from kms_broker import sealing
 from kms_broker.hsm.fake import FakeHsm
 from kms_broker.hsm.interface import Hsm, HsmUnavailable, KeyNotFound, UnwrapFailed
 from sealed.secrets import SecretBuffer
-from tests.kms_broker.hsm_fixtures import (  # noqa: F401
-    softhsm_config,
-    softhsm_token,
+from tests.kms_broker.hsm_fixtures import (  # noqa: F401 - registers the fixtures
+    softhsm_config_fixture,
+    softhsm_token_fixture,
 )
 
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from sealed import LocalDirStore, MemoryStore, SecretBuffer
+from sealed import LocalDirStore, MappedDirStore, MemoryStore, SecretBuffer
 
 TENANT, DATASET, VERSION = "tenant-a", "dataset-1", 1
 
@@ -25,10 +25,13 @@ def dek(raw_key: bytes) -> Iterator[SecretBuffer]:
     key.zeroize()
 
 
-@pytest.fixture(params=["local", "memory"])
+@pytest.fixture(params=["local", "mapped", "memory"])
 def store(request: pytest.FixtureRequest, tmp_path):
+    """Every backend: the contract and the format tests run against each."""
     if request.param == "local":
         return LocalDirStore(tmp_path / "store")
+    if request.param == "mapped":
+        return MappedDirStore(tmp_path / "store")
     return MemoryStore()
 
 

@@ -144,7 +144,7 @@ def test_truncated_or_dropped_shard_is_rejected(store, dek) -> None:
 @given(pos_fraction=st.floats(0, 1, exclude_max=True), bit=st.integers(0, 7))
 def test_bit_flip_in_a_stored_shard_is_rejected(dek, pos_fraction: float, bit: int) -> None:
     store = MemoryStore()
-    ref, records = _dataset(store, dek)
+    ref, _ = _dataset(store, dek)
     name = _shard_names(store, ref, dek)[1]
     blob = bytearray(read_object(store, name))
     pos = int(pos_fraction * len(blob))

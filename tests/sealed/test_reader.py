@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from sealed import CountingStore, MemoryStore, streaming
+from sealed import CountingStore, streaming
 from sealed.shard import ShardView
 
 from .helpers import make_records, open_reader, write
@@ -59,9 +59,10 @@ def test_names_stay_inside_the_manifest(store, dek) -> None:
         assert "cat" not in name and "secret" not in name
 
 
-def test_random_access_reads_only_the_segments_holding_the_record(dek) -> None:
+def test_random_access_reads_only_the_segments_holding_the_record(store, dek) -> None:
+    """Both read paths: readinto (local directory) and zero-copy views (memory)."""
     # one shard of 8 records of 1 MiB - 100 bytes: record k spans segments k..k+1
-    inner = MemoryStore()
+    inner = store
     sizes = [SEG - 100] * 8
     records = make_records(sizes)
     ref = write(inner, records, dek, target_shard_size=64 << 20)
@@ -98,8 +99,8 @@ def test_random_access_reads_only_the_segments_holding_the_record(dek) -> None:
     reader2.close()
 
 
-def test_whole_shard_decrypt_reads_the_shard_once(dek) -> None:
-    inner = MemoryStore()
+def test_whole_shard_decrypt_reads_the_shard_once(store, dek) -> None:
+    inner = store
     records = make_records([1 << 20] * 5)
     ref = write(inner, records, dek, target_shard_size=64 << 20)
     counting = CountingStore(inner)
@@ -134,3 +135,25 @@ def test_bad_buffers_and_indexes_are_clear_errors(store, dek) -> None:
             reader.read_record(2)
         with pytest.raises(IndexError, match="record 9"):
             reader.read_shard_record(0, 9)
+
+
+def test_segment_range_decrypt_reads_and_returns_only_that_range(store, dek) -> None:
+    inner = store
+    records = make_records([SEG] * 5)
+    ref = write(inner, records, dek, target_shard_size=64 << 20)
+    counting = CountingStore(inner)
+    with open_reader(counting, ref, dek) as reader:
+        full = bytes(reader.decrypt_shard_into(0, bytearray(reader.shard_plaintext_size(0))))
+        counting.reset()
+        out = bytearray(3 * SEG)
+        view = reader.decrypt_segments_into(0, 2, 3, out)
+        start = streaming.plaintext_start(2)
+        assert view == full[start : streaming.plaintext_start(4)]
+        assert counting.bytes_read == 2 * SEG
+        last = streaming.segment_count(reader.manifest.shards[0].ciphertext_size) - 1
+        tail = reader.decrypt_segments_into(0, last, last, out)
+        assert tail == full[streaming.plaintext_start(last) :]
+        with pytest.raises(IndexError, match="outside shard 0"):
+            reader.decrypt_segments_into(0, 0, last + 1, out)
+        with pytest.raises(ValueError, match="writable buffer"):
+            reader.decrypt_segments_into(0, 0, 1, bytearray(10))

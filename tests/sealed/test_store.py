@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from sealed import CountingStore, LocalDirStore, ObjectStore, StoreError
+from sealed import CountingStore, LocalDirStore, ObjectStore, RangeViewStore, StoreError
 
 
 def test_backends_implement_the_protocol(store) -> None:
@@ -97,3 +97,21 @@ def test_counting_store_counts_bytes_and_calls(store) -> None:
     counting.readinto("a", 0, bytearray(4))
     assert (counting.bytes_read, counting.reads) == (7, 2)
     assert counting.ranges == [("a", 2, 3), ("a", 0, 4)]
+
+
+def test_zero_copy_views_match_ranged_reads(store) -> None:
+    data = os.urandom(5000)
+    store.put("a", data)
+    if not isinstance(store, RangeViewStore):
+        assert isinstance(store, LocalDirStore) and type(store) is LocalDirStore
+        return
+    view = store.view_range("a", 100, 4000)
+    assert view.readonly and view == data[100:4100] == store.get_range("a", 100, 4000)
+    assert store.view_range("a", 5000, 0) == b""
+    with pytest.raises(StoreError, match="shorter than 5001 bytes"):
+        store.view_range("a", 1, 5000)
+    with pytest.raises(StoreError, match="not found"):
+        store.view_range("missing", 0, 1)
+    del view
+    store.delete("a")
+    assert not store.exists("a")

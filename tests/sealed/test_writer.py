@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -45,7 +46,7 @@ def test_folder_round_trip_keeps_names_in_sorted_order(tmp_path, store, dek) -> 
     assert ref.num_records == 5
     total = sum(len(v) for v in files.values()) + len(files["c"])
     assert progress[-1] == (total, total)
-    assert all(d1 <= d2 for (d1, _), (d2, _) in zip(progress, progress[1:], strict=False))
+    assert all(d1 <= d2 for (d1, _), (d2, _) in itertools.pairwise(progress))
     with open_reader(store, ref, dek) as reader:
         names = [reader.record_name(k) for k in range(reader.num_records)]
         assert names == ["a/y.bin", "a/z.bin", "b.txt", "c", "link-to-c"]

@@ -4,6 +4,7 @@ revocation: every rank shreds and exits with code 3."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
@@ -84,6 +85,7 @@ def test_revocation_stops_and_shreds_every_rank(tmp_path, dataset, key_server, p
     err = proc.err()
     assert rc != 0
     assert err.count("shred report (revoked: revoked by the test key server)") == 2, err[-3000:]
-    assert "exitcode: 3" in err or "exit code: 3" in err or "exitcode  : 3" in err, err[-3000:]
+    # torchrun's failure summary lists each worker with its exit code
+    assert len(re.findall(r"exitcode\s*:\s*3 \(pid", err)) == 2, err[-3000:]
     assert elapsed < 10.0, elapsed
     assert files_containing([tmp_path], [dataset.canary, dataset.dek_bytes()]) == []

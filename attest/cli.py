@@ -1,0 +1,259 @@
+"""``attest``: this node's facts, tpm2 evidence, offline verification, and a policy doctor.
+
+    attest collect [--json] [--evidence OUT --tcti TCTI --nonce HEX --session-id S --node-key HEX]
+    attest verify EVIDENCE --ak AK.pem (--report-data HEX | --nonce HEX --session-id S
+                  --node-key HEX) [--boot-pcrs PCRS.json] [--json]
+    attest doctor [--policy FILE] [--json]
+
+Exit codes: 0 success (verify: evidence verified; doctor: every rule passes), 1 failure
+(verification failures, failed rules, TPM errors), 2 usage errors.
+This module is the composition root of the node-side pieces; it reads no environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from attest.code_digest import code_digest
+from attest.facts import HostSource, collect_facts
+from attest.interface import (
+    MalformedEvidence,
+    VerificationContext,
+    VerificationResult,
+    expected_report_data,
+)
+
+__all__ = ["main"]
+
+MAX_EVIDENCE_FILE = 4 << 20
+
+
+class UsageError(Exception):
+    """Bad arguments or unreadable inputs: exit code 2."""
+
+
+def _hex(value: str, what: str, length: int | None = None) -> bytes:
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        raise UsageError(f"{what} must be hex") from None
+    if length is not None and len(raw) != length:
+        raise UsageError(f"{what} must be {length} bytes ({2 * length} hex digits)")
+    return raw
+
+
+def _source(args: argparse.Namespace) -> HostSource:
+    if args.no_gpu:
+        return HostSource(root=Path(args.root), gpu_probe=lambda: None)
+    return HostSource(root=Path(args.root))
+
+
+def _claims(args: argparse.Namespace) -> dict[str, Any]:
+    claims = collect_facts(_source(args))
+    claims.update(code_digest().claims())
+    return claims
+
+
+def _report_data(args: argparse.Namespace) -> bytes:
+    if getattr(args, "report_data", None):
+        return _hex(args.report_data, "--report-data", 32)
+    if not (args.nonce and args.session_id and args.node_key):
+        raise UsageError("give --report-data, or --nonce, --session-id and --node-key")
+    try:
+        return expected_report_data(
+            _hex(args.nonce, "--nonce", 32), args.session_id, _hex(args.node_key, "--node-key")
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _print_claims(claims: dict[str, Any]) -> None:
+    width = max(len(k) for k in claims)
+    for k in sorted(claims):
+        print(f"{k:<{width}}  {json.dumps(claims[k])}")
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    claims = _claims(args)
+    if args.evidence:
+        if not args.tcti:
+            raise UsageError("--evidence needs --tcti (e.g. device:/dev/tpmrm0)")
+        report_data = _report_data(args)
+        from attest.eventlog import EventLog
+        from attest.tpm2.node import TpmError, TpmNode
+
+        print(f"measuring {len(claims)} claims into PCR 23 and quoting...", file=sys.stderr)
+        try:
+            with TpmNode(args.tcti) as tpm:
+                evidence = tpm.evidence(EventLog.from_claims(claims), report_data)
+        except TpmError as exc:
+            print(f"attest: {exc}", file=sys.stderr)
+            return 1
+        Path(args.evidence).write_bytes(evidence.to_bytes())
+        print(f"wrote tpm2 evidence to {args.evidence}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(claims, sort_keys=True, indent=2))
+    else:
+        _print_claims(claims)
+    return 0
+
+
+def _load_boot_pcrs(path: str | None) -> dict[str, str]:
+    if path is None:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--boot-pcrs {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError('--boot-pcrs must be a JSON object {"0": "<sha256 hex>", ...}')
+    return {str(k): str(v) for k, v in data.items()}
+
+
+def _result_json(result: VerificationResult) -> dict[str, Any]:
+    return {
+        "kind": result.kind,
+        "ok": result.ok,
+        "claims": dict(result.claims),
+        "failures": [
+            {"id": f.id, "severity": f.severity, "message": f.message} for f in result.failures
+        ],
+    }
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from attest.tpm2.verifier import Tpm2Verifier
+
+    path = Path(args.evidence)
+    try:
+        if path.stat().st_size > MAX_EVIDENCE_FILE:
+            raise UsageError(f"{path} is larger than {MAX_EVIDENCE_FILE} bytes")
+        evidence = path.read_bytes()
+        ak = Path(args.ak).read_text()
+    except OSError as exc:
+        raise UsageError(str(exc)) from None
+    context = VerificationContext(
+        expected_report_data=_report_data(args),
+        node={"ak_public": ak},
+        reference={"boot_pcrs": _load_boot_pcrs(args.boot_pcrs)},
+    )
+    try:
+        result = Tpm2Verifier().verify(evidence, context)
+    except MalformedEvidence as exc:
+        print(f"attest: malformed evidence: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(_result_json(result), sort_keys=True, indent=2))
+    else:
+        print("VERIFIED" if result.ok else "REFUSED")
+        for f in result.failures:
+            print(f"  {f.severity} {f.id}: {f.message}")
+        if result.claims:
+            _print_claims(dict(result.claims))
+    return 0 if result.ok else 1
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    claims = _claims(args)
+    report: dict[str, Any] = {"claims": claims}
+    if not args.json:
+        print("This node's facts (what its tpm2 evidence would claim):")
+        _print_claims(claims)
+    if not args.policy:
+        if args.json:
+            print(json.dumps(report, sort_keys=True, indent=2))
+        return 0
+    from attest.policy import Policy, PolicyError, evidence_claims
+
+    try:
+        policy = Policy.from_file(args.policy)
+    except (OSError, PolicyError) as exc:
+        raise UsageError(f"--policy {args.policy}: {exc}") from None
+    # Local facts stand in for verified evidence here: the evidence checks themselves
+    # (signature, nonce, PCRs, event log) are what `attest verify` shows.
+    decision = policy.evaluate(evidence_claims(VerificationResult("tpm2", claims)))
+    helps = {r.name: r.help for r in policy.rules}
+    rules = [
+        {"name": r.name, "passed": r.passed, "reason": r.reason, "fix": helps.get(r.name, "")}
+        for r in decision.rules
+    ]
+    report["policy"] = {"name": decision.policy_name, "allowed": decision.allowed, "rules": rules}
+    if args.json:
+        print(json.dumps(report, sort_keys=True, indent=2))
+    else:
+        failed = [r for r in rules if not r["passed"]]
+        print(f"\npolicy {decision.policy_name}: "
+              + ("every rule passes" if not failed else f"{len(failed)} rule(s) would fail"))
+        for r in rules:
+            print(f"  {'PASS' if r['passed'] else 'FAIL'} {r['name']}: {r['reason']}")
+            if not r["passed"] and r["fix"] and r["fix"] not in r["reason"]:
+                print(f"       fix: {r['fix']}")
+    return 0 if decision.allowed else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="attest",
+        description="Node attestation: hardening facts, TPM 2.0 evidence, verification.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def facts_options(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        sp.add_argument("--root", default="/", help="read /proc and /sys under this directory")
+        sp.add_argument("--no-gpu", action="store_true", help="do not ask nvidia-smi")
+
+    def binding_options(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--nonce", help="the broker's 32-byte challenge nonce, hex")
+        sp.add_argument("--session-id", help="the broker's session id")
+        sp.add_argument("--node-key", help="the node's one-time public key, hex")
+        sp.add_argument("--report-data", help="the 32-byte qualifying data itself, hex")
+
+    c = sub.add_parser("collect", help="print this node's facts and code digest",
+                       description="Print hardening facts and the trainer code digest; with "
+                       "--evidence, also measure them into PCR 23 and write a tpm2 quote.")
+    facts_options(c)
+    c.add_argument("--evidence", metavar="OUT", help="write tpm2 evidence to this file")
+    c.add_argument("--tcti", help="TPM to quote with: device:/dev/tpmrm0 or "
+                   "swtpm:host=127.0.0.1,port=N")
+    binding_options(c)
+    c.set_defaults(func=cmd_collect)
+
+    v = sub.add_parser("verify", help="verify a tpm2 evidence file offline",
+                       description="Verify tpm2 evidence as the broker does: AK signature, "
+                       "nonce binding, PCR digest, boot PCRs, event-log replay.")
+    v.add_argument("evidence", help="tpm2 evidence file")
+    v.add_argument("--ak", required=True, help="the node's enrolled AK public key (PEM)")
+    v.add_argument("--boot-pcrs", help='JSON {"0": "<sha256 hex>", ...} reference boot PCRs '
+                   "(without it the boot check fails closed)")
+    v.add_argument("--json", action="store_true", help="print JSON")
+    binding_options(v)
+    v.set_defaults(func=cmd_verify)
+
+    d = sub.add_parser("doctor", help="which policy rules this node would fail, and fixes",
+                       description="Show this node's facts and, with --policy, every rule "
+                       "of that policy with pass/fail, the reason and how to fix it.")
+    facts_options(d)
+    d.add_argument("--policy", help="policy YAML file (e.g. policies/production.yaml)")
+    d.set_defaults(func=cmd_doctor)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"attest: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,428 @@
+"""``kms-broker``: the broker's command line and composition root.
+
+    kms-broker hsm init --state-dir DIR --label broker --so-pin-file F --pin-file F
+    kms-broker certs ca|issue ...                  (dev CA and certificates)
+    kms-broker serve --config broker.yaml
+    kms-broker tenant init --key tenant.key
+    kms-broker tenant register|shred  --tenant ID --tenant-key F --broker ADDR --tls DIR
+    kms-broker dataset upload PATH --store DIR --dataset ID --broker ADDR [--broker ADDR ...]
+    kms-broker dataset list|rotate|delete ...
+    kms-broker policy put POLICY.yaml ...
+    kms-broker grant create|revoke ...
+    kms-broker node enrol|revoke ...               (operator certificate)
+    kms-broker audit verify|tail --state-dir DIR   (offline) or --broker ADDR (online)
+
+Client TLS material comes from ``--tls DIR`` (ca.pem, <name>.pem, <name>.key) or from
+``--ca/--cert/--key``. Exit codes: 0 ok, 1 failure, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+
+class CliError(Exception):
+    """A failure to report on one line and exit 1."""
+
+
+def _tls_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", action="append", required=True, metavar="HOST:PORT",
+                   help="broker address (repeat for several brokers, in share order)")
+    p.add_argument("--ca", type=Path, help="CA certificate (PEM)")
+    p.add_argument("--cert", type=Path, help="client certificate (PEM)")
+    p.add_argument("--key", type=Path, help="client private key (PEM)")
+    p.add_argument("--server-name", help="TLS name the broker certificate carries")
+
+
+def _tenant_args(p: argparse.ArgumentParser, *, key: bool = True) -> None:
+    _tls_args(p)
+    p.add_argument("--tenant", required=True, help="tenant id")
+    if key:
+        p.add_argument("--tenant-key", type=Path, required=True,
+                       help="tenant Ed25519 key file (0600, from `tenant init`)")
+
+
+def _endpoints(args: argparse.Namespace) -> list[Any]:
+    from kms_broker.rpc import BrokerEndpoint
+
+    if not (args.ca and args.cert and args.key):
+        raise CliError("--ca, --cert and --key are required to reach a broker")
+    return [BrokerEndpoint.from_files(a, ca=args.ca, cert=args.cert, key=args.key,
+                                      server_name=args.server_name) for a in args.broker]
+
+
+def _tenant_clients(args: argparse.Namespace) -> list[Any]:
+    from kms_broker.tenant import TenantClient, load_tenant_key
+
+    key = load_tenant_key(args.tenant_key) if getattr(args, "tenant_key", None) else None
+    return [TenantClient(e, tenant_id=args.tenant, signing_key=key) for e in _endpoints(args)]
+
+
+# ------------------------------------------------------------------ commands
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kms_broker.app import build_server
+    from kms_broker.config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    config = load_config(args.config)
+    server = build_server(config)
+    server.start()
+    host = config.listen.rsplit(":", 1)[0]
+    port_file = Path(config.state_dir) / "broker.port"
+    port_file.write_text(f"{server.port}\n")
+    print(f"kms-broker {config.broker_id} listening on {host}:{server.port}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=2.0)
+    return 0
+
+
+def cmd_hsm_init(args: argparse.Namespace) -> int:
+    from kms_broker.config import read_secret_file
+    from kms_broker.hsm.softhsm import init_token
+    from sealed.secrets import SecretBuffer
+
+    so, user = read_secret_file(args.so_pin_file), read_secret_file(args.pin_file)
+    try:
+        with SecretBuffer.from_bytes(so) as so_pin, SecretBuffer.from_bytes(user) as user_pin:
+            config = init_token(args.state_dir, args.label, so_pin, user_pin)
+    finally:
+        so[:] = bytes(len(so))
+        user[:] = bytes(len(user))
+    print(f"token {args.label!r} ready; SOFTHSM2_CONF={config.config_path}")
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    try:
+        from kms_broker import certs
+    except ImportError:
+        raise CliError("kms_broker.certs is not installed in this build") from None
+    main_fn = getattr(certs, "main", None)
+    if main_fn is None:
+        raise CliError("kms_broker.certs offers no command line")
+    return int(main_fn([args.action, *args.rest]) or 0)
+
+
+def cmd_tenant_init(args: argparse.Namespace) -> int:
+    from kms_broker.tenant import create_tenant_key
+
+    try:
+        public = create_tenant_key(args.key)
+    except FileExistsError:
+        raise CliError(f"{args.key} exists; refusing to overwrite a tenant key") from None
+    print(f"tenant key written to {args.key}; public key {public.hex()}")
+    return 0
+
+
+def cmd_tenant_register(args: argparse.Namespace) -> int:
+    for client in _tenant_clients(args):
+        with client:
+            print(f"{client.address}: registered, KEK v{client.register()}")
+    return 0
+
+
+def cmd_tenant_shred(args: argparse.Namespace) -> int:
+    if not args.yes:
+        raise CliError("shredding destroys every key of this tenant; pass --yes to confirm")
+    for client in _tenant_clients(args):
+        with client:
+            print(f"{client.address}: {client.shred()} key(s) destroyed")
+    return 0
+
+
+def _progress(done: int, total: int) -> None:
+    pct = 100 * done // total if total else 100
+    print(f"\r  encrypting: {pct:3d}% ({done}/{total} bytes)", end="", file=sys.stderr,
+          flush=True)
+    if done >= total:
+        print(file=sys.stderr)
+
+
+def cmd_dataset_upload(args: argparse.Namespace) -> int:
+    from kms_broker.tenant import upload_dataset
+    from sealed import LocalDirStore
+
+    if not args.path.exists():
+        raise CliError(f"{args.path} does not exist")
+    clients = _tenant_clients(args)
+    try:
+        result = upload_dataset(clients, args.path, LocalDirStore(args.store),
+                                dataset_id=args.dataset, key_version=args.key_version,
+                                store_uri=str(args.store.resolve()), progress=_progress)
+    finally:
+        for c in clients:
+            c.close()
+    print(f"uploaded {result.num_records} records in {result.num_shards} shards; "
+          f"manifest {result.manifest_name}; shares at {', '.join(result.holders)}")
+    return 0
+
+
+def cmd_dataset_list(args: argparse.Namespace) -> int:
+    for client in _tenant_clients(args):
+        with client:
+            for d in client.list_datasets():
+                print(f"{client.address} {d.dataset_id} status={d.status} "
+                      f"versions={list(d.key_versions)} kek=v{d.kek_version} "
+                      f"share={d.share_index + 1}/{d.share_count} manifest={d.manifest_name}")
+    return 0
+
+
+def cmd_dataset_rotate(args: argparse.Namespace) -> int:
+    for client in _tenant_clients(args):
+        with client:
+            version, count = client.rotate_kek()
+            print(f"{client.address}: KEK now v{version}, {count} share(s) re-wrapped")
+    return 0
+
+
+def cmd_dataset_delete(args: argparse.Namespace) -> int:
+    for client in _tenant_clients(args):
+        with client:
+            client.delete_dataset(args.dataset)
+            print(f"{client.address}: deleted {args.dataset}")
+    return 0
+
+
+def cmd_policy_put(args: argparse.Namespace) -> int:
+    text = args.policy.read_text()
+    for client in _tenant_clients(args):
+        with client:
+            print(f"{client.address}: policy {client.put_policy(text)}")
+    return 0
+
+
+def cmd_grant_create(args: argparse.Namespace) -> int:
+    import secrets
+
+    from kms_broker.grants import GrantDocument
+
+    grant = GrantDocument(
+        grant_id=args.grant_id or f"g-{secrets.token_hex(8)}", tenant_id=args.tenant,
+        dataset_id=args.dataset, job_id=args.job, policy_digest=args.policy_digest,
+        max_nodes=args.max_nodes, expires_unix_ms=int(time.time() * 1000) + args.ttl * 1000,
+    )
+    for client in _tenant_clients(args):
+        with client:
+            print(f"{client.address}: grant {client.create_grant(grant)}")
+    return 0
+
+
+def cmd_grant_revoke(args: argparse.Namespace) -> int:
+    for client in _tenant_clients(args):
+        with client:
+            n = client.revoke_grant(args.grant_id)
+            print(f"{client.address}: revoked {args.grant_id}, {n} lease(s) ended")
+    return 0
+
+
+def _operator_stub(endpoint: Any) -> tuple[Any, Any]:
+    from kms_broker._proto.kmsbroker.v1 import broker_pb2_grpc as pb_grpc
+    from kms_broker.rpc import open_channel
+
+    channel = open_channel(endpoint)
+    return channel, pb_grpc.OperatorServiceStub(channel)
+
+
+def _operator_call(args: argparse.Namespace, method: str, request: Any) -> list[Any]:
+    import grpc
+
+    from kms_broker.rpc import error_from_rpc
+
+    out = []
+    for endpoint in _endpoints(args):
+        channel, stub = _operator_stub(endpoint)
+        try:
+            out.append(getattr(stub, method)(request, timeout=30))
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, endpoint.address) from None
+        finally:
+            channel.close()
+    return out
+
+
+def cmd_node_enrol(args: argparse.Namespace) -> int:
+    from kms_broker._proto.kmsbroker.v1 import broker_pb2 as pb
+
+    request = pb.EnrolNodeRequest(
+        node_id=args.node, tenant_scope=args.tenant_scope or "",
+        ak_public=args.ak.read_bytes() if args.ak else b"",
+        ek_certificate=args.ek_cert.read_bytes() if args.ek_cert else b"",
+    )
+    _operator_call(args, "EnrolNode", request)
+    print(f"node {args.node} enrolled at {len(args.broker)} broker(s)")
+    return 0
+
+
+def cmd_node_revoke(args: argparse.Namespace) -> int:
+    from kms_broker._proto.kmsbroker.v1 import broker_pb2 as pb
+
+    for r in _operator_call(args, "RevokeNode", pb.RevokeNodeRequest(node_id=args.node)):
+        print(f"node {args.node} revoked, {r.leases_revoked} lease(s) ended")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from kms_broker.audit import tail_log, verify_log
+
+    if args.state_dir is not None:
+        log_path = args.state_dir / "audit.log"
+        if not log_path.exists():
+            raise CliError(f"no audit log at {log_path}")
+        if args.action == "verify":
+            key = bytes.fromhex(args.public_key) if args.public_key else None
+            result = verify_log(log_path, key)
+            print(("OK: " if result.ok else "TAMPERED: ") + result.problem)
+            return 0 if result.ok else 1
+        for rec in tail_log(log_path, args.limit):
+            print(json.dumps(rec, sort_keys=True))
+        return 0
+    if not args.broker or not args.tenant:
+        raise CliError("give --state-dir, or --broker with --tenant and TLS material")
+    bad = 0
+    for client in _tenant_clients(args):
+        with client:
+            if args.action == "verify":
+                r = client.verify_audit()
+                print(f"{client.address}: " + ("OK: " if r.ok else "TAMPERED: ") + r.problem)
+                bad += 0 if r.ok else 1
+            else:
+                for rec in client.tail_audit(args.limit):
+                    print(rec.canonical_json)
+    return 1 if bad else 0
+
+
+# ------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kms-broker", description="Key broker: HSM-backed release of dataset key shares.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the broker")
+    p.add_argument("--config", type=Path, required=True, help="broker.yaml")
+    p.set_defaults(func=cmd_serve)
+
+    hsm = sub.add_parser("hsm", help="HSM token setup").add_subparsers(dest="action",
+                                                                       required=True)
+    p = hsm.add_parser("init", help="create a SoftHSM2 token under a state directory")
+    p.add_argument("--state-dir", type=Path, required=True)
+    p.add_argument("--label", default="broker")
+    p.add_argument("--so-pin-file", type=Path, required=True, help="SO PIN file (0600)")
+    p.add_argument("--pin-file", type=Path, required=True, help="user PIN file (0600)")
+    p.set_defaults(func=cmd_hsm_init)
+
+    p = sub.add_parser("certs", help="dev CA and certificates (kms_broker.certs)")
+    p.add_argument("action", choices=["ca", "issue"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for kms_broker.certs")
+    p.set_defaults(func=cmd_certs)
+
+    tenant = sub.add_parser("tenant", help="tenant keys and registration").add_subparsers(
+        dest="action", required=True)
+    p = tenant.add_parser("init", help="create the tenant's Ed25519 signing key")
+    p.add_argument("--key", type=Path, required=True)
+    p.set_defaults(func=cmd_tenant_init)
+    p = tenant.add_parser("register", help="register the tenant at brokers")
+    _tenant_args(p)
+    p.set_defaults(func=cmd_tenant_register)
+    p = tenant.add_parser("shred", help="destroy every KEK of the tenant (irreversible)")
+    _tenant_args(p, key=False)
+    p.add_argument("--yes", action="store_true", help="confirm")
+    p.set_defaults(func=cmd_tenant_shred)
+
+    ds = sub.add_parser("dataset", help="datasets").add_subparsers(dest="action", required=True)
+    p = ds.add_parser("upload", help="encrypt PATH into a store, one share per broker")
+    p.add_argument("path", type=Path)
+    p.add_argument("--store", type=Path, required=True, help="local store directory")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--key-version", type=int, default=1)
+    _tenant_args(p)
+    p.set_defaults(func=cmd_dataset_upload)
+    for name, fn, helptext in (("list", cmd_dataset_list, "list datasets"),
+                               ("rotate", cmd_dataset_rotate, "rotate the tenant KEK"),
+                               ("delete", cmd_dataset_delete, "delete a dataset's shares")):
+        p = ds.add_parser(name, help=helptext)
+        _tenant_args(p, key=False)
+        if name == "delete":
+            p.add_argument("--dataset", required=True)
+        p.set_defaults(func=fn)
+
+    pol = sub.add_parser("policy", help="release policies").add_subparsers(dest="action",
+                                                                           required=True)
+    p = pol.add_parser("put", help="store a policy; prints its digest")
+    p.add_argument("policy", type=Path)
+    _tenant_args(p, key=False)
+    p.set_defaults(func=cmd_policy_put)
+
+    gr = sub.add_parser("grant", help="grants").add_subparsers(dest="action", required=True)
+    p = gr.add_parser("create", help="sign and submit a grant")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--job", required=True)
+    p.add_argument("--policy-digest", required=True)
+    p.add_argument("--max-nodes", type=int, default=1)
+    p.add_argument("--ttl", type=int, default=86400, help="seconds until the grant expires")
+    p.add_argument("--grant-id")
+    _tenant_args(p)
+    p.set_defaults(func=cmd_grant_create)
+    p = gr.add_parser("revoke", help="revoke a grant and end its leases")
+    p.add_argument("grant_id")
+    _tenant_args(p, key=False)
+    p.set_defaults(func=cmd_grant_revoke)
+
+    node = sub.add_parser("node", help="node enrolment (operator)").add_subparsers(
+        dest="action", required=True)
+    p = node.add_parser("enrol")
+    p.add_argument("node")
+    p.add_argument("--ak", type=Path, help="attestation key public part")
+    p.add_argument("--ek-cert", type=Path)
+    p.add_argument("--tenant-scope")
+    _tls_args(p)
+    p.set_defaults(func=cmd_node_enrol)
+    p = node.add_parser("revoke")
+    p.add_argument("node")
+    _tls_args(p)
+    p.set_defaults(func=cmd_node_revoke)
+
+    au = sub.add_parser("audit", help="audit log").add_subparsers(dest="action", required=True)
+    for name in ("verify", "tail"):
+        p = au.add_parser(name, help=f"{name} the hash-chained audit log")
+        p.add_argument("--state-dir", type=Path, help="read the log offline from here")
+        p.add_argument("--public-key", help="hex broker signing key to check checkpoints")
+        p.add_argument("--limit", type=int, default=20)
+        p.add_argument("--broker", action="append")
+        p.add_argument("--tenant")
+        p.add_argument("--ca", type=Path)
+        p.add_argument("--cert", type=Path)
+        p.add_argument("--key", type=Path)
+        p.add_argument("--server-name")
+        p.set_defaults(func=cmd_audit)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kms_broker.config import ConfigError
+    from kms_broker.rpc import BrokerRpcError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (CliError, ConfigError, BrokerRpcError, ValueError, OSError) as exc:
+        print(f"kms-broker: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The trainer command: help, refusals, config errors, hardening refusal, key errors."""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+import socket
+import subprocess
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tests.trainer.conftest import PY, REPO, child_env, job_dict, write_job
+
+
+def trainer(*args: str, wrap: list[str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*(wrap or []), PY, "-m", "trainer", *args], cwd=REPO,
+                          env=child_env(), capture_output=True, text=True)
+
+
+def _pem_files(tmp_path):
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "node.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "node.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _attested_job(tmp_path, dataset):
+    _pem_files(tmp_path)
+    broker = {"address": f"127.0.0.1:{_closed_port()}", "ca": str(tmp_path / "ca.pem"),
+              "cert": str(tmp_path / "node.pem"), "key": str(tmp_path / "node.key")}
+    return write_job(tmp_path / "job.yaml", job_dict(
+        dataset, tmp_path / "run", brokers=[broker],
+        attestation={"node_id": "node-1", "tcti": "device:/nonexistent/tpm"}))
+
+
+def test_help_explains_commands_and_exit_codes():
+    out = trainer("--help")
+    assert out.returncode == 0
+    for text in ("--attest", "--job", "check", "validate", "exit codes", "143 SIGTERM",
+                 "4 attestation denied"):
+        assert text in out.stdout
+
+
+def test_without_attest_the_cli_refuses_to_get_keys(tmp_path, dataset):
+    job = write_job(tmp_path / "job.yaml", job_dict(dataset, tmp_path / "run"))
+    out = trainer("--job", str(job))
+    assert out.returncode == 2
+    assert "refusing to train without --attest" in out.stderr
+    assert not (tmp_path / "run" / "ckpt").exists()
+
+
+def test_usage_and_config_errors_exit_2(tmp_path, dataset):
+    assert trainer("--attest").returncode == 2
+    assert "--job JOB.yaml is required" in trainer("--attest").stderr
+    assert trainer("frobnicate").returncode == 2
+    job = write_job(tmp_path / "bad.yaml", job_dict(dataset, tmp_path / "run", steps=0,
+                                                    precision="fp8"))
+    out = trainer("--attest", "--job", str(job))
+    assert out.returncode == 2
+    assert "invalid job file: steps must be an integer from 1" in out.stderr
+
+
+def test_validate_prints_a_summary(tmp_path, dataset):
+    job = write_job(tmp_path / "job.yaml", job_dict(dataset, tmp_path / "run"))
+    out = trainer("validate", "--job", str(job))
+    assert out.returncode == 0
+    assert "job job-1 (tenant acme): dataset corpus v1, model tiny-gpt, 60 steps" in out.stdout
+
+
+def test_attest_without_brokers_says_why(tmp_path, dataset):
+    job = write_job(tmp_path / "job.yaml", job_dict(dataset, tmp_path / "run"))
+    out = trainer("--attest", "--job", str(job))
+    assert out.returncode == 1
+    assert "the job lists no brokers" in out.stderr
+
+
+def test_attest_with_unreachable_broker_fails_cleanly(tmp_path, dataset):
+    job = _attested_job(tmp_path, dataset)
+    out = trainer("--attest", "--job", str(job))
+    assert out.returncode == 1, out.stderr
+    assert "cannot obtain the dataset key: key release failed (UNAVAILABLE)" in out.stderr
+    assert "shred report (error)" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_check_passes_here():
+    out = trainer("check")
+    assert out.returncode == 0, out.stdout
+    for name in ("not-dumpable", "no-core-dumps", "umask-077", "mlock-key-buffers"):
+        assert f"[ok  ] {name}" in out.stdout
+    assert "self-check passed" in out.stdout
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux setpriv")
+def test_attest_refuses_to_start_when_keys_cannot_be_locked(tmp_path, dataset):
+    # without CAP_IPC_LOCK and with a zero locked-memory limit, key buffers cannot be mlocked
+    wrap = ["setpriv", "--bounding-set=-ipc_lock", "--inh-caps=-ipc_lock", "prlimit",
+            "--memlock=0:0", "--"]
+    out = trainer("check", wrap=wrap)
+    assert out.returncode == 1
+    assert "[FAIL] mlock-key-buffers" in out.stdout and "fix: raise the locked-memory" in out.stdout
+    job = _attested_job(tmp_path, dataset)
+    out = trainer("--attest", "--job", str(job), wrap=wrap)
+    assert out.returncode == 1
+    assert "refusing to start: process hardening self-check failed" in out.stderr
+    assert "[FAIL] mlock-key-buffers" in out.stderr and "CAP_IPC_LOCK" in out.stderr
+    assert "key release failed" not in out.stderr  # no key was asked for

@@ -1,0 +1,158 @@
+"""The production key source: attested release from every broker holding a share.
+
+For each process (every torchrun rank attests for itself, so no key crosses a process
+boundary): ``kms_broker.client.KeyClient`` makes a one-time P-256 key per broker, gets a
+challenge, asks :meth:`AttestedKeySource.evidence_for` for evidence over
+``expected_report_data(nonce, session_id, node_public_key)``, attests, releases, opens the
+sealed shares and derives the DEK (shares zeroed). Evidence is a TPM 2.0 quote: the node's
+hardening facts and the digest of the trainer code (``attest.tpm2.agent``) are measured into
+the application PCR and quoted with the enrolled AK. Local ranks take turns at the TPM (an
+``flock`` on a lock file named after the TCTI) because measuring resets and extends one PCR.
+
+Lease: a background thread renews every lease (re-attesting) once half of it has run out; a
+refusal (permission denied, lease or grant gone) revokes the handle, so the trainer shreds
+and exits with code 3. Revocations pushed by the brokers (``WatchRevocations``) do the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trainer.keysource import AttestationDenied, KeyHandle, KeySourceUnavailable
+
+if TYPE_CHECKING:
+    from trainer.config import JobConfig
+
+__all__ = ["AttestedKeySource"]
+
+log = logging.getLogger("trainer.attest")
+
+EvidenceFor = Callable[[bytes], tuple[str, bytes]]
+
+
+def _tpm_lock_path(tcti: str) -> Path:
+    tag = hashlib.sha256(tcti.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"trainer-tpm-{tag}.lock"
+
+
+class AttestedKeySource:
+    """Attest to every broker in ``config.brokers`` and derive the DEK (see module doc)."""
+
+    def __init__(
+        self,
+        config: JobConfig,
+        *,
+        node_id: str | None = None,
+        evidence_for: EvidenceFor | None = None,
+    ) -> None:
+        if not config.brokers:
+            raise KeySourceUnavailable(
+                "the job lists no brokers: --attest needs every broker that holds a share"
+            )
+        if config.attestation is None and (node_id is None or evidence_for is None):
+            raise KeySourceUnavailable(
+                "the job has no attestation section: add `attestation: {node_id: ..., "
+                "tcti: device:/dev/tpmrm0}`"
+            )
+        self._config = config
+        self._node_id = node_id or (config.attestation.node_id if config.attestation else "")
+        self._evidence_for = evidence_for
+        self._client: Any = None
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    # evidence -------------------------------------------------------------------------------
+    def evidence_for(self, report_data: bytes) -> tuple[str, bytes]:
+        """TPM 2.0 evidence over ``report_data`` (facts + code digest measured and quoted)."""
+        if self._evidence_for is not None:
+            return self._evidence_for(report_data)
+        from attest.tpm2.agent import collect_evidence
+
+        assert self._config.attestation is not None
+        tcti = self._config.attestation.tcti
+        with open(_tpm_lock_path(tcti), "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                return "tpm2", collect_evidence(tcti, report_data)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    # key -----------------------------------------------------------------------------------
+    def acquire(self) -> KeyHandle:
+        from kms_broker.client import KeyClient
+        from kms_broker.rpc import BrokerEndpoint, BrokerRpcError, PermissionDeniedError
+
+        config = self._config
+        try:
+            endpoints = [
+                BrokerEndpoint.from_files(b.address, ca=Path(b.ca), cert=Path(b.cert),
+                                          key=Path(b.key), server_name=b.server_name)
+                for b in config.brokers
+            ]
+        except OSError as exc:
+            raise KeySourceUnavailable(
+                f"cannot read broker TLS material {exc.filename}: {exc.strerror}"
+            ) from None
+        client = KeyClient(endpoints, node_id=self._node_id, job_id=config.job_id,
+                           evidence_for=self.evidence_for)
+        self._client = client
+        try:
+            released = client.fetch_dek(tenant_id=config.tenant_id,
+                                        dataset_id=config.dataset.id,
+                                        key_version=config.dataset.key_version)
+        except PermissionDeniedError as exc:
+            reasons = tuple(f"{r.name}: {r.reason}" for r in exc.failed_rules)
+            raise AttestationDenied(f"release denied by {exc}", reasons) from None
+        except BrokerRpcError as exc:
+            raise KeySourceUnavailable(f"key release failed ({exc.code}): {exc}") from None
+        expiry = min(lease.expires_unix_ms for lease in released.leases) / 1000.0
+        handle = KeyHandle(dek=released.dek, lease_expiry=expiry)
+
+        def on_revoked(notice: Any) -> None:
+            handle.revoke(f"broker {notice.broker} revoked the lease: {notice.reason}")
+
+        def on_error(exc: BrokerRpcError) -> None:
+            log.warning("revocation stream from %s ended (%s); relying on lease renewal",
+                        exc.broker, exc.code)
+
+        client.watch_revocations(on_revoked, on_error)
+        self._renewer = threading.Thread(target=self._renew_loop, args=(handle, expiry),
+                                         name="trainer-renew", daemon=True)
+        self._renewer.start()
+        return handle
+
+    def _renew_loop(self, handle: KeyHandle, expiry: float) -> None:
+        from kms_broker.rpc import NotFoundError, PermissionDeniedError, UnavailableError
+
+        span = max(1.0, expiry - time.time())
+        poll = self._config.lease_poll_interval
+        while not self._stop.wait(poll):
+            if handle.revoked.is_set():
+                return
+            if time.time() < handle.lease_expiry - span / 2:  # type: ignore[operator]
+                continue
+            try:
+                new_expiry = self._client.renew() / 1000.0
+            except (PermissionDeniedError, NotFoundError) as exc:
+                handle.revoke(f"lease renewal refused: {exc}")
+                return
+            except UnavailableError as exc:
+                log.warning("lease renewal failed (%s); retrying until the lease expires", exc)
+                continue
+            span = max(1.0, new_expiry - time.time())
+            handle.lease_expiry = new_expiry
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                self._client.close()
