@@ -240,6 +240,8 @@ class LocalHarness:
                 proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 log.warning("service %s did not stop within %.1fs; killing it", service, grace)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
         # Whatever is left in its groups or carries its marker (helpers, workers) goes too.
         kill_all(f"{self.run_id}:{service}", pgids=pgids)
         if proc is not None:

@@ -406,7 +406,7 @@ class _Parser:
             env_files = [env_files]
         for i, entry in enumerate(self._string_list(env_files, f"{where}.env_file", variables)):
             file = (self.path.parent / entry).resolve()
-            for key, value in read_env_file(file, f"{where}.env_file[{i}]").items():
+            for key, value in read_env_file(file, f"{self.path}: {where}.env_file[{i}]").items():
                 merged[key] = None if value is None else interpolate(
                     value, variables, where=f"{file}: {key}"
                 )

@@ -183,8 +183,7 @@ class DatasetReader:
         out = memoryview(buffer).cast("B")
         if out.readonly or len(out) < entry.plaintext_size:
             raise ValueError(
-                f"shard {j} needs a writable buffer of {entry.plaintext_size} bytes, "
-                f"got {len(out)}"
+                f"shard {j} needs a writable buffer of {entry.plaintext_size} bytes, got {len(out)}"
             )
         self._check_size(j, entry)
         header = bytearray(streaming.HEADER_SIZE)

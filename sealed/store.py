@@ -215,9 +215,7 @@ class LocalDirStore:
             while done < len(view):
                 n = os.preadv(fd, [view[done:]], offset + done)
                 if n == 0:
-                    raise StoreError(
-                        f"object {name} is shorter than {offset + len(view)} bytes"
-                    )
+                    raise StoreError(f"object {name} is shorter than {offset + len(view)} bytes")
                 done += n
         except OSError as exc:
             raise StoreError(f"cannot read object {name}: {exc.strerror}") from None

@@ -318,9 +318,7 @@ class StreamEncryptor:
                         yield ct_view[:n]
                         seg, fill, cap = seg + 1, 0, SEGMENT_CAPACITY
                     if fill == 0 and size - pos > cap:  # a full segment straight from input
-                        n = cipher.encrypt_segment_into(
-                            seg, False, data[pos : pos + cap], ct_view
-                        )
+                        n = cipher.encrypt_segment_into(seg, False, data[pos : pos + cap], ct_view)
                         out_total += n
                         yield ct_view[:n]
                         seg, pos, cap = seg + 1, pos + cap, SEGMENT_CAPACITY

@@ -352,7 +352,9 @@ def _build(cls: type, data: object, where: str) -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         sub = f"{where}.{key}" if where else key
-        if cls is JobConfig and key in _NESTED:
+        if cls is JobConfig and key == "attestation" and value is None:
+            kwargs[key] = None
+        elif cls is JobConfig and key in _NESTED:
             kwargs[key] = _build(_NESTED[key], value, sub)
         elif cls is JobConfig and key == "brokers":
             _require(isinstance(value, list), "brokers must be a list")

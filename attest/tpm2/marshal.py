@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from attest.interface import MalformedEvidence
 
@@ -63,6 +64,7 @@ __all__ = [
     "parse_pcr_selection",
     "parse_public",
     "parse_signature",
+    "trim_der",
 ]
 
 ATTEST_MAGIC = 0xFF544347
@@ -264,8 +266,6 @@ class Signature:
 
 
 def parse_signature(data: bytes) -> Signature:
-    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-
     if len(data) > 1024:
         raise MalformedEvidence(f"TPMT_SIGNATURE: {len(data)} bytes, maximum 1024")
     r = Reader(data, "TPMT_SIGNATURE")
@@ -358,3 +358,16 @@ def parse_public(data: bytes) -> TpmPublic:
         raise MalformedEvidence(f"TPMT_PUBLIC: unsupported key type 0x{typ:04x}")
     r.end()
     return TpmPublic(typ, name_alg, attrs, policy, symmetric, scheme, key, curve, bytes(data))
+
+
+def trim_der(data: bytes) -> bytes:
+    """Cut NV padding after a DER certificate (its outer SEQUENCE length says where it ends)."""
+    if len(data) < 4 or data[0] != 0x30:
+        return data
+    first = data[1]
+    if first < 0x80:
+        return data[: 2 + first]
+    n = first & 0x7F
+    if not 1 <= n <= 3 or len(data) < 2 + n:
+        return data
+    return data[: 2 + n + int.from_bytes(data[2 : 2 + n], "big")]

@@ -36,6 +36,8 @@ from tpm2_pytss.utils import NoSuchIndex, NVReadEK, create_ek_template
 
 from attest.eventlog import APP_PCR, EventLog
 from attest.tpm2.evidence import Tpm2Evidence
+from attest.tpm2.marshal import ALG_SHA256, parse_attest, parse_signature, trim_der
+from attest.tpm2.quote import pcr_digest
 
 __all__ = ["BOOT_PCRS", "QUOTED_PCRS", "TpmError", "TpmNode"]
 
@@ -58,19 +60,6 @@ class TpmError(RuntimeError):
 
 def _selection(indices: Iterable[int]) -> TPML_PCR_SELECTION:
     return TPML_PCR_SELECTION.parse("sha256:" + ",".join(str(i) for i in sorted(indices)))
-
-
-def trim_der(data: bytes) -> bytes:
-    """Cut NV padding after a DER certificate (its outer SEQUENCE length says where it ends)."""
-    if len(data) < 4 or data[0] != 0x30:
-        return data
-    first = data[1]
-    if first < 0x80:
-        return data[: 2 + first]
-    n = first & 0x7F
-    if not 1 <= n <= 3 or len(data) < 2 + n:
-        return data
-    return data[: 2 + n + int.from_bytes(data[2 : 2 + n], "big")]
 
 
 class _DefinedNvRead:
@@ -145,14 +134,27 @@ class TpmNode:
             self._ek_cert = trim_der(bytes(cert)) if cert else b""
         return self._ek
 
+    def _unload_ek(self) -> None:
+        # swtpm and bare /dev/tpm0 hold only three transient objects: keep the EK loaded
+        # only while it is used, the AK (needed for every quote) stays
+        if self._ek is not None:
+            with contextlib.suppress(TSS2_Exception):
+                self._ectx.flush_context(self._ek)
+            self._ek = None
+
+    def _ek_info(self) -> None:
+        if not self._ek_public:
+            self._load_ek()
+            self._unload_ek()
+
     def ek_public(self) -> bytes:
         """The EK's TPMT_PUBLIC."""
-        self._load_ek()
+        self._ek_info()
         return self._ek_public
 
     def ek_certificate(self) -> bytes:
         """The EK certificate (DER) provisioned in NV; TpmError when there is none."""
-        self._load_ek()
+        self._ek_info()
         if not self._ek_cert:
             raise TpmError("this TPM has no RSA EK certificate in NV 0x01C00002")
         return self._ek_cert
@@ -180,14 +182,16 @@ class TpmNode:
         """Recover a MakeCredential secret; TpmError when it was not made for this EK and AK."""
         ak = self._load_ak()
         ek = self._load_ek()
-        session = self._ectx.start_auth_session(
-            tpm_key=ESYS_TR.NONE,
-            bind=ESYS_TR.NONE,
-            session_type=TPM2_SE.POLICY,
-            symmetric=TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL),
-            auth_hash=TPM2_ALG.SHA256,
-        )
+        session: ESYS_TR | None = None
         try:
+            session = self._ectx.start_auth_session(
+                tpm_key=ESYS_TR.NONE,
+                bind=ESYS_TR.NONE,
+                session_type=TPM2_SE.POLICY,
+                symmetric=TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL),
+                auth_hash=TPM2_ALG.SHA256,
+            )
+            # the default EK's policy is PolicySecret(endorsement hierarchy)
             self._ectx.policy_secret(ESYS_TR.ENDORSEMENT, session)
             blob = TPM2B_ID_OBJECT(credential=credential_blob)
             secret = TPM2B_ENCRYPTED_SECRET(secret=encrypted_secret)
@@ -197,8 +201,10 @@ class TpmNode:
         except TSS2_Exception as exc:
             raise TpmError(f"ActivateCredential refused the challenge: {exc}") from None
         finally:
-            with contextlib.suppress(TSS2_Exception):
-                self._ectx.flush_context(session)
+            if session is not None:
+                with contextlib.suppress(TSS2_Exception):
+                    self._ectx.flush_context(session)
+            self._unload_ek()
         return bytes(out)
 
     # -- PCRs ----------------------------------------------------------------------------
@@ -268,9 +274,6 @@ class TpmNode:
 
 
 def _digest_matches(evidence: Tpm2Evidence) -> bool:
-    from attest.tpm2.marshal import ALG_SHA256, parse_attest, parse_signature
-    from attest.tpm2.quote import pcr_digest
-
     attest = parse_attest(evidence.attest)
     sig = parse_signature(evidence.signature)
     return pcr_digest(sig.hash_alg, attest.pcr_select, {ALG_SHA256: evidence.pcrs}) == (

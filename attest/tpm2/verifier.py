@@ -17,7 +17,9 @@ values carried; ``tpm2.pcr_selection`` the quote covers SHA-256 PCRs 0-7 and 23;
 event log replays to the quoted PCR 23.
 
 Claims come **only** from the replayed event log, and only when it replays to the quoted
-application PCR; a result with failures carries no claims from an unverified log.
+application PCR of a quote whose signature, nonce, PCR digest and selection all hold; a
+stale, forged or unbound quote yields no claims at all. (A boot PCR mismatch keeps the claims:
+they are authentic, and the failure alone makes the result not ok.)
 """
 
 from __future__ import annotations
@@ -104,11 +106,13 @@ class Tpm2Verifier:
             failures.append(
                 Failure("tpm2.pcr_selection", f"quote does not cover SHA-256 PCRs {missing}")
             )
+        quote_authentic = not failures  # signature, nonce, PCR digest and selection all hold
         failures += self._boot_failures(ev, quoted, context.reference)
         claims: dict[str, Any] = {}
         app = ev.pcrs.get(APP_PCR)
         if app is not None and APP_PCR in quoted and hmac.compare_digest(log.replay(), app):
-            claims = log.claims()
+            if quote_authentic:
+                claims = log.claims()
         else:
             failures.append(
                 Failure(

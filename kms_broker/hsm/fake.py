@@ -34,6 +34,7 @@ __all__ = ["FakeHsm"]
 class FakeHsm:
     def __init__(self) -> None:
         self.available = True
+        self._closed = False
         self._fail: list[type[HsmError]] = []
         self._lock = threading.RLock()
         self._signing = ec.generate_private_key(ec.SECP256R1())
@@ -53,6 +54,8 @@ class FakeHsm:
             self.calls += 1
             if self._fail:
                 raise self._fail.pop(0)("injected HSM fault")
+        if self._closed:
+            raise HsmUnavailable("HSM backend is closed")
         if not self.available:
             raise HsmUnavailable("HSM token unavailable (fake)")
 
@@ -190,7 +193,9 @@ class FakeHsm:
         self._gate()
 
     def close(self) -> None:
+        """Forget every key; later calls raise HsmUnavailable (like a closed Pkcs11Hsm)."""
         with self._lock:
+            self._closed = True
             for kek in self._keks.values():
                 kek.zeroize()
             self._keks.clear()

@@ -16,7 +16,17 @@ the local private key and the tenant's ephemeral key as the peer)::
     blob   = BE16 65 || eph.public (SEC1) || sealed        then every session object destroyed
 
 SoftHSM 2.6.1 implements CKM_AES_KEY_WRAP_PAD as RFC 5649 (what ``cryptography`` calls
-``aes_key_wrap_with_padding``) and takes the ECDH value as the 32-byte x coordinate.
+``aes_key_wrap_with_padding``) and takes the ECDH value as the 32-byte x coordinate. It reports
+an RFC 5649 integrity failure as CKR_GENERAL_ERROR (mapped to ``UnwrapFailed`` for the unwrap
+call only), leaves CKA_VALUE_LEN at 0 on unwrapped keys (so the share length is checked by the
+node, which accepts exactly 32 bytes) and has no CKM_ECDSA_SHA256 (``sign`` hashes the public
+data with SHA-256 and signs the digest with CKM_ECDSA; the signature is returned DER-encoded).
+
+Object templates: KEKs are token objects, private, sensitive, never extractable, not
+modifiable, usable only to wrap and unwrap, with CKA_ID ``tenant/<id>`` (found all at once by
+crypto-shredding). Import and signing private keys are token objects, sensitive, not
+extractable, usable only to derive (import) or sign. Everything made during one call (share,
+ephemeral key pair, Z, K) is a session object destroyed before the call returns.
 
 Concurrency. python-pkcs11 initialises the module with ``C_Initialize(NULL)``, which tells
 SoftHSM that the application is single-threaded, so SoftHSM turns its own mutexes off. Every
@@ -312,7 +322,9 @@ class Pkcs11Hsm:
             ) as exc:
                 raise HsmUnavailable(f"HSM login refused: {type(exc).__name__}") from None
             except p11e.PKCS11Error as exc:
-                raise HsmUnavailable(f"HSM unavailable: {type(exc).__name__}") from None
+                # The library's view of the token may be stale (SoftHSM keeps failing a token
+                # whose files vanished even after they return): start the module afresh.
+                raise self._outage(f"opening a session: {type(exc).__name__}") from None
             return _Pooled(session=session, epoch=epoch, cache_gen=self._cache_gen)
 
     def _login(self, token: Any) -> Any:
@@ -385,9 +397,12 @@ class Pkcs11Hsm:
 
     # --- object lookup -------------------------------------------------------------------------
 
-    def _find(self, pooled: _Pooled, label: str, object_class: ObjectClass) -> Any | None:
+    def _find(
+        self, pooled: _Pooled, label: str, object_class: ObjectClass, *, cached: bool = True
+    ) -> Any | None:
+        """Find a key by label; ``cached=False`` asks the token (for existence questions)."""
         cache_key = (label, int(object_class))
-        obj = pooled.keys.get(cache_key)
+        obj = pooled.keys.get(cache_key) if cached else None
         if obj is not None:
             return obj
         found = list(
@@ -478,7 +493,7 @@ class Pkcs11Hsm:
         kek_id = labels.kek_id(tenant_id)
 
         def op(pooled: _Pooled) -> None:
-            if self._find(pooled, label, ObjectClass.SECRET_KEY) is not None:
+            if self._find(pooled, label, ObjectClass.SECRET_KEY, cached=False) is not None:
                 return
             key = pooled.session.generate_key(
                 KeyType.AES,
@@ -505,7 +520,7 @@ class Pkcs11Hsm:
         label = labels.kek_label(tenant_id, version)
 
         def op(pooled: _Pooled) -> bool:
-            if self._find(pooled, label, ObjectClass.SECRET_KEY) is not None:
+            if self._find(pooled, label, ObjectClass.SECRET_KEY, cached=False) is not None:
                 return True
             self._check_marker(pooled)
             return False

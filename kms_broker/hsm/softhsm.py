@@ -17,9 +17,11 @@ with another configuration (python-pkcs11), and a token created by a child is vi
 process that initialises the library afterwards.
 
 Making the token unavailable for fault tests: :func:`make_token_unavailable` renames the token
-directory away and :func:`make_token_available` puts it back. SoftHSM re-scans the token
-directory on every object access, so a running ``Pkcs11Hsm`` sees real PKCS#11 errors while the
-directory is gone and works again once it returns (see ``Pkcs11Hsm`` on recovery).
+directory away and :func:`make_token_available` puts it back. This affects every token of that
+configuration. SoftHSM notices on its next access that the token's files are gone (objects
+vanish, logins fail with CKR_GENERAL_ERROR, C_Initialize fails), so a running ``Pkcs11Hsm``
+raises ``HsmUnavailable``; it reinitialises the module on each failure and works again, the same
+object, once the directory is back (see ``kms_broker.hsm.pkcs11_hsm`` on recovery).
 """
 
 from __future__ import annotations

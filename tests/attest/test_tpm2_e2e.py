@@ -131,6 +131,7 @@ def test_quote_over_another_nonce_is_refused(node, enrolled, claims):
 
     assert ids(result) == {"tpm2.nonce"}
     assert not result.ok
+    assert result.claims == {}  # stale claims are not claims
 
 
 def test_evidence_bound_to_another_node_key_is_refused(node, enrolled, claims):
@@ -285,6 +286,7 @@ def test_one_byte_change_in_the_quote_breaks_the_signature(node, enrolled, claim
     result = Tpm2Verifier().verify(tampered.to_bytes(), context(rd, enrolled))
 
     assert ids(result) == {"tpm2.signature"}
+    assert result.claims == {}  # a forged quote vouches for nothing
 
 
 def test_truncated_evidence_is_malformed(node, enrolled, claims):
@@ -410,3 +412,15 @@ def test_dev_policy_refuses_trainer_code_changed_by_one_byte(node, enrolled, tmp
     changed = node_claims(HostSource(root=root, gpu_probe=_no_gpu), {"trainer": pkg})
     decision = _dev_policy_decision(node, enrolled, changed, approved["code_digest"])
     assert [r.name for r in decision.failed] == ["trainer-code-allowed"]
+
+
+def test_agent_collect_evidence_is_what_the_trainer_calls(swtpm, enrolled):
+    from attest.tpm2.agent import collect_evidence
+
+    _, _, rd = challenge()
+    evidence = collect_evidence(swtpm.tcti, rd)  # real facts + real code digest
+
+    result = Tpm2Verifier().verify(evidence, context(rd, enrolled))
+
+    assert result.ok, result.failures
+    assert result.claims["code_digest"] == code_digest().digest

@@ -13,14 +13,24 @@ import base64
 import json
 import struct
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from attest.interface import MalformedEvidence
-from attest.tpm2.marshal import ALG_RSASSA, ALG_SHA256, parse_attest, parse_public
+from attest.tpm2.enrolment import EkTrustStore, check_ek_certificate
+from attest.tpm2.marshal import (
+    ALG_RSASSA,
+    ALG_SHA256,
+    TpmPublic,
+    parse_attest,
+    parse_public,
+    trim_der,
+)
 from attest.tpm2.quote import PublicKey, check_quote
 from attest.tpm2.tpm2tools import parse_tpm2tools_pcrs
 
@@ -190,3 +200,55 @@ def test_wrong_magic_is_malformed():
     c = keylime()
     with pytest.raises(MalformedEvidence, match="magic"):
         check(c, attest=b"\x00" + c.attest[1:])
+
+
+# -- real EK certificates (STMicro ST33, keylime's test data) against their vendor CAs ------
+
+EK_CERTS = TPM / "keylime/ek_certs"
+AT = datetime(2025, 1, 1, tzinfo=UTC)  # inside every certificate's validity window
+
+
+def _ek_with_key_of(cert: x509.Certificate) -> TpmPublic:
+    """A TpmPublic carrying the certified key (what the real TPM would have presented)."""
+    key = cert.public_key()
+    assert isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey)
+    return TpmPublic(0x0001, ALG_SHA256, 0, b"", (0x0010, 0, 0), (0x0010, 0), key, 0, b"")
+
+
+@pytest.mark.parametrize(
+    ("leaf", "intermediate", "root"),
+    [
+        ("st_sha256_with_rsa.der", "STM_RSA_05I.pem", "STM_RSA_RT.pem"),
+        ("st_ecdsa_sha256.der", "STM_ECC_01I.pem", "STM_ECC_01RT.pem"),
+    ],
+)
+def test_real_vendor_ek_certificates_chain_to_their_root(leaf, intermediate, root):
+    der = trim_der((EK_CERTS / leaf).read_bytes())  # NV padding after the DER is cut off
+    cert = x509.load_der_x509_certificate(der)
+    trust = EkTrustStore.from_pem([(EK_CERTS / root).read_bytes()],
+                                  [(EK_CERTS / intermediate).read_bytes()])
+
+    assert check_ek_certificate(der, _ek_with_key_of(cert), trust, now=AT) == []
+
+    # without the vendor's root, or for another key, it is refused with the check named
+    other_root = "STM_ECC_01RT.pem" if "RSA" in root else "STM_RSA_RT.pem"
+    other = EkTrustStore.from_pem([(EK_CERTS / other_root).read_bytes()],
+                                  [(EK_CERTS / intermediate).read_bytes()])
+    assert {f.id for f in check_ek_certificate(der, _ek_with_key_of(cert), other, now=AT)} == {
+        "tpm2.ek_cert_untrusted"}
+    stranger = rsa.generate_private_key(65537, 2048).public_key()
+    wrong_key = TpmPublic(0x0001, ALG_SHA256, 0, b"", (0x0010, 0, 0), (0x0010, 0), stranger, 0,
+                          b"")
+    assert {f.id for f in check_ek_certificate(der, wrong_key, trust, now=AT)} == {
+        "tpm2.ek_mismatch"}
+
+
+def test_untrimmed_nv_certificate_is_refused_with_a_reason():
+    raw = (EK_CERTS / "st_sha256_with_rsa.der").read_bytes()
+    assert len(raw) == 1600 and len(trim_der(raw)) == 1169
+    trust = EkTrustStore.from_pem([(EK_CERTS / "STM_RSA_RT.pem").read_bytes()])
+    key = rsa.generate_private_key(65537, 2048).public_key()
+    ek = TpmPublic(0x0001, ALG_SHA256, 0, b"", (0x0010, 0, 0), (0x0010, 0), key, 0, b"")
+    failures = check_ek_certificate(raw, ek, trust, now=AT)
+    assert [f.id for f in failures] == ["tpm2.ek_cert_untrusted"]
+    assert "DER" in failures[0].message

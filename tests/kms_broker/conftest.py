@@ -51,7 +51,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
     for t in TENANTS:
         p.issue("tenant", t)
     p.issue("operator", "ops")
-    p.issue("node", "nobody", uri="urn:other:thing")  # names no broker identity
+    p.issue("node", "nobody", uri="urn:other:thing", cn="nobody")  # names no broker identity
     return p
 
 

@@ -36,7 +36,7 @@ class TestPki:
         self.ca_path.write_bytes(self._ca.public_bytes(serialization.Encoding.PEM))
 
     def issue(self, role: str, ident: str, *, server: bool = False,
-              uri: str | None = None) -> tuple[Path, Path]:
+              uri: str | None = None, cn: str | None = None) -> tuple[Path, Path]:
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         sans: list[x509.GeneralName] = [
@@ -47,7 +47,9 @@ class TestPki:
                      x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
         cert = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{role}:{ident}")]))
+            .subject_name(
+                x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn or f"{role}:{ident}")])
+            )
             .issuer_name(self._ca.subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))

@@ -32,9 +32,9 @@ def world(broker_factory, tmp_path_factory) -> World:
 
 def denied(world: World, node: str, job: str, *, tenant: str = "acme",
            dataset: str = "ds1", evidence_for=make_evidence) -> PermissionDeniedError:
-    with world.broker.key_client(node, job, evidence_for) as client:
-        with pytest.raises(PermissionDeniedError) as info:
-            client.fetch_dek(tenant_id=tenant, dataset_id=dataset, key_version=1)
+    with world.broker.key_client(node, job, evidence_for) as client, \
+            pytest.raises(PermissionDeniedError) as info:
+        client.fetch_dek(tenant_id=tenant, dataset_id=dataset, key_version=1)
     return info.value
 
 

@@ -49,9 +49,9 @@ def test_release_gives_the_node_the_right_dek(world: World) -> None:
 
 def test_sealed_share_opens_only_with_the_node_key(world: World) -> None:
     """The share on the wire is sealed: a release opened with another key fails."""
+    from attest.interface import expected_report_data
     from kms_broker import sealing
     from kms_broker._proto.kmsbroker.v1 import broker_pb2 as pb
-    from attest.interface import expected_report_data
     from tests.kms_broker.verifiers import make_evidence
 
     stub = world.broker.node_stub("n1")

@@ -267,3 +267,30 @@ def test_unavailable_then_recovers_without_reconstruction(backend: Backend) -> N
     hsm.health()
     assert hsm.has_tenant_kek("tenant-a", 1)
     assert _release_and_open(hsm, wrapped, "tenant-a", 1).equals(share)
+
+
+@pytest.mark.parametrize("first_call", ["seal", "sign", "health", "has_kek", "create_kek",
+                                        "rewrap", "import_key"])
+def test_one_failed_call_during_an_outage_then_recovery(backend: Backend, first_call: str) -> None:
+    """Whatever single call meets the outage first, the next call after it works again."""
+    hsm = backend.hsm
+    share = SecretBuffer.random(32)
+    wrapped = _upload(hsm, "tenant-a", "ds", share)
+    hsm.create_tenant_kek("tenant-a", 2)
+    assert _release_and_open(hsm, wrapped, "tenant-a", 1).equals(share)  # handles cached
+    hsm.sign(b"warm")
+    _, node_pub = sealing.generate_node_key()
+    transcript = _release_transcript("tenant-a", "ds", node_pub, os.urandom(32))
+    calls: dict[str, Callable[[], object]] = {
+        "seal": lambda: hsm.seal_share(wrapped, "tenant-a", 1, node_pub, transcript),
+        "sign": lambda: hsm.sign(b"x"),
+        "health": hsm.health,
+        "has_kek": lambda: hsm.has_tenant_kek("tenant-a", 1),
+        "create_kek": lambda: hsm.create_tenant_kek("tenant-c", 1),
+        "rewrap": lambda: hsm.rewrap_share(wrapped, "tenant-a", 1, 2),
+        "import_key": lambda: hsm.create_import_key("imp-x"),
+    }
+    with backend.outage(), pytest.raises(HsmUnavailable):
+        calls[first_call]()
+    assert _release_and_open(hsm, wrapped, "tenant-a", 1).equals(share)
+    calls[first_call]()

@@ -22,8 +22,15 @@ SIZES = [3 << 19] * 4
 
 def _dataset(store, dek, dataset_id=DATASET, key_version=VERSION, tenant_id=TENANT):
     records = make_records(SIZES)
-    ref = write(store, records, dek, dataset_id=dataset_id, key_version=key_version,
-                tenant_id=tenant_id, target_shard_size=(3 << 20) + 4096)
+    ref = write(
+        store,
+        records,
+        dek,
+        dataset_id=dataset_id,
+        key_version=key_version,
+        tenant_id=tenant_id,
+        target_shard_size=(3 << 20) + 4096,
+    )
     assert ref.num_shards == 2
     return ref, records
 
@@ -37,8 +44,9 @@ def _check_no_secret(err: Exception, dek: SecretBuffer, records: list[bytes]) ->
     message = str(err)
     with dek.view() as k:
         assert bytes(k).hex() not in message
-    assert all(r[:8].hex() not in message and r[:8].decode("latin-1") not in message
-               for r in records)
+    assert all(
+        r[:8].hex() not in message and r[:8].decode("latin-1") not in message for r in records
+    )
 
 
 def _assert_shard_rejected(store, ref, dek, records, j: int) -> None:
@@ -67,12 +75,24 @@ def test_shards_swapped_within_a_dataset_are_rejected(store, dek) -> None:
 
 def test_shard_aad_binds_index_count_dataset_tenant_version(dek) -> None:
     """Even with the right salt and key, another place in the AAD fails authentication."""
-    base = dict(tenant_id=TENANT, dataset_id=DATASET, key_version=VERSION,
-                upload_id=b"u" * 16, shard_index=1, shard_count=3)
+    base = dict(
+        tenant_id=TENANT,
+        dataset_id=DATASET,
+        key_version=VERSION,
+        upload_id=b"u" * 16,
+        shard_index=1,
+        shard_count=3,
+    )
     ciphertext = streaming.encrypt(dek, shard_aad(**base), b"shard bytes")
     assert streaming.decrypt(dek, shard_aad(**base), ciphertext) == b"shard bytes"
-    for change in [dict(shard_index=0), dict(shard_count=2), dict(dataset_id="dataset-2"),
-                   dict(tenant_id="tenant-b"), dict(key_version=2), dict(upload_id=b"v" * 16)]:
+    for change in [
+        dict(shard_index=0),
+        dict(shard_count=2),
+        dict(dataset_id="dataset-2"),
+        dict(tenant_id="tenant-b"),
+        dict(key_version=2),
+        dict(upload_id=b"v" * 16),
+    ]:
         with pytest.raises(DecryptionError, match=r"^decryption failed \(stream, segment 0\)$"):
             streaming.decrypt(dek, shard_aad(**{**base, **change}), ciphertext)
 
@@ -113,8 +133,11 @@ def test_manifest_copied_under_another_name_is_rejected(store, dek) -> None:
 
 def test_wrong_key_version_tenant_or_key_is_rejected(store, dek) -> None:
     ref, _ = _dataset(store, dek)
-    for kw in [dict(key_version=VERSION + 1), dict(tenant_id="tenant-b"),
-               dict(dataset_id="dataset-2")]:
+    for kw in [
+        dict(key_version=VERSION + 1),
+        dict(tenant_id="tenant-b"),
+        dict(dataset_id="dataset-2"),
+    ]:
         with pytest.raises(DecryptionError, match=MANIFEST_MSG):
             open_reader(store, ref, dek, **kw)
     with SecretBuffer.random(32) as other, pytest.raises(DecryptionError, match=MANIFEST_MSG):
@@ -124,8 +147,11 @@ def test_wrong_key_version_tenant_or_key_is_rejected(store, dek) -> None:
 def test_shard_of_another_key_version_is_rejected(store, dek) -> None:
     ref_1, records = _dataset(store, dek, key_version=1)
     ref_2, _ = _dataset(store, dek, key_version=2)
-    replace_object(store, _shard_names(store, ref_1, dek)[0],
-                   read_object(store, _shard_names(store, ref_2, dek)[0]))
+    replace_object(
+        store,
+        _shard_names(store, ref_1, dek)[0],
+        read_object(store, _shard_names(store, ref_2, dek)[0]),
+    )
     _assert_shard_rejected(store, ref_1, dek, records, 0)
 
 
@@ -139,8 +165,11 @@ def test_truncated_or_dropped_shard_is_rejected(store, dek) -> None:
     _assert_shard_rejected(store, ref, dek, records, 1)
 
 
-@settings(max_examples=25, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(pos_fraction=st.floats(0, 1, exclude_max=True), bit=st.integers(0, 7))
 def test_bit_flip_in_a_stored_shard_is_rejected(dek, pos_fraction: float, bit: int) -> None:
     store = MemoryStore()

@@ -55,12 +55,24 @@ def test_packing_is_greedy_and_keeps_order() -> None:
 def _manifest() -> Manifest:
     sizes = [5, 7]
     offs = array("Q", [40, 45, 52])
-    entry = ShardEntry(object_name="shards/aa", header=bytes([40]) + b"s" * 39,
-                       ciphertext_size=streaming.ciphertext_size(52), plaintext_size=52,
-                       sha256=b"d" * 32, offsets=offs, names=("x/1", ""))
+    entry = ShardEntry(
+        object_name="shards/aa",
+        header=bytes([40]) + b"s" * 39,
+        ciphertext_size=streaming.ciphertext_size(52),
+        plaintext_size=52,
+        sha256=b"d" * 32,
+        offsets=offs,
+        names=("x/1", ""),
+    )
     assert sum(sizes) + 40 == 52
-    return Manifest(tenant_id="t", dataset_id="d", key_version=3, upload_id=b"u" * 16,
-                    share_holders=("b1", "b2"), shards=(entry, entry))
+    return Manifest(
+        tenant_id="t",
+        dataset_id="d",
+        key_version=3,
+        upload_id=b"u" * 16,
+        share_holders=("b1", "b2"),
+        shards=(entry, entry),
+    )
 
 
 def test_manifest_round_trip() -> None:

@@ -15,12 +15,19 @@ F = streaming.FIRST_SEGMENT_CAPACITY
 
 
 def _aad(m, j: int) -> bytes:
-    return shard_aad(tenant_id=m.tenant_id, dataset_id=m.dataset_id, key_version=m.key_version,
-                     upload_id=m.upload_id, shard_index=j, shard_count=len(m.shards))
+    return shard_aad(
+        tenant_id=m.tenant_id,
+        dataset_id=m.dataset_id,
+        key_version=m.key_version,
+        upload_id=m.upload_id,
+        shard_index=j,
+        shard_count=len(m.shards),
+    )
 
 
-def test_tink_decrypts_every_shard_and_the_manifest_the_writer_stored(store, dek,
-                                                                      tink_oracle) -> None:
+def test_tink_decrypts_every_shard_and_the_manifest_the_writer_stored(
+    store, dek, tink_oracle
+) -> None:
     records = make_records([0, 1, F - 100, 3 << 20, 12345, 5 << 20])
     ref = write(store, records, dek, target_shard_size=4 << 20)
     assert ref.num_shards >= 3
@@ -33,8 +40,12 @@ def test_tink_decrypts_every_shard_and_the_manifest_the_writer_stored(store, dek
             assert hashlib.sha256(plaintext).digest() == entry.sha256
     manifest_plain = tink_oracle.decrypt(
         read_object(store, ref.manifest_name),
-        manifest_aad(tenant_id=ref.tenant_id, dataset_id=ref.dataset_id,
-                     key_version=ref.key_version, name=ref.manifest_name),
+        manifest_aad(
+            tenant_id=ref.tenant_id,
+            dataset_id=ref.dataset_id,
+            key_version=ref.key_version,
+            name=ref.manifest_name,
+        ),
     )
     assert manifest_plain.startswith(b"SMAN")
 
@@ -49,12 +60,14 @@ def test_reader_reads_shards_that_tink_encrypted(store, dek, tink_oracle) -> Non
     tink_ct = tink_oracle.encrypt(plaintext, _aad(m, 0))
     replace_object(store, entry.object_name, tink_ct)
     # the tenant re-issues the manifest for the tink-made shard (its header and size)
-    new_entry = dataclasses.replace(entry, header=tink_ct[: streaming.HEADER_SIZE],
-                                    ciphertext_size=len(tink_ct))
+    new_entry = dataclasses.replace(
+        entry, header=tink_ct[: streaming.HEADER_SIZE], ciphertext_size=len(tink_ct)
+    )
     new_manifest = dataclasses.replace(m, shards=(new_entry,))
     replace_object(store, ref.manifest_name, seal_manifest(dek, new_manifest, ref.manifest_name))
     with open_reader(store, ref, dek) as reader:
         for k, record in enumerate(records):
             assert reader.read_record(k) == record
-        assert reader.decrypt_shard_into(0, bytearray(len(plaintext)),
-                                         verify_digest=True) == plaintext
+        assert (
+            reader.decrypt_shard_into(0, bytearray(len(plaintext)), verify_digest=True) == plaintext
+        )

@@ -51,8 +51,10 @@ def test_names_stay_inside_the_manifest(store, dek) -> None:
     records = [("photos/cat.jpg", b"meow" * 100), ("notes/secret-plan.txt", b"plan")]
     ref = write(store, records, dek)
     with open_reader(store, ref, dek) as reader:
-        assert [reader.record_name(k) for k in range(2)] == ["photos/cat.jpg",
-                                                             "notes/secret-plan.txt"]
+        assert [reader.record_name(k) for k in range(2)] == [
+            "photos/cat.jpg",
+            "notes/secret-plan.txt",
+        ]
     for name in store.list():
         blob = store.get_range(name, 0, store.size(name))
         assert b"cat.jpg" not in blob and b"secret-plan" not in blob and b"meow" not in blob

@@ -65,8 +65,19 @@ def test_reads_past_the_end_and_missing_objects_are_store_errors(store) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["../x", "/abs", "a/../b", ".hidden", "a//b", "", "a/", "sp ace", "x" * 513, "a\x00b",
-     "/".join("a" * 9)],
+    [
+        "../x",
+        "/abs",
+        "a/../b",
+        ".hidden",
+        "a//b",
+        "",
+        "a/",
+        "sp ace",
+        "x" * 513,
+        "a\x00b",
+        "/".join("a" * 9),
+    ],
 )
 def test_invalid_names_are_rejected(store, name) -> None:
     with pytest.raises(StoreError, match="object name"):

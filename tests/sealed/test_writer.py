@@ -217,5 +217,12 @@ def test_bad_arguments_are_value_errors(kw, match, store, dek) -> None:
 
 def test_dek_must_be_a_secret_buffer(store) -> None:
     with pytest.raises(ValueError, match="SecretBuffer"):
-        write_dataset(store, [b"a"], dek=b"k" * 32, tenant_id=TENANT, dataset_id=DATASET,
-                      key_version=1, share_holders=["b"])
+        write_dataset(
+            store,
+            [b"a"],
+            dek=b"k" * 32,
+            tenant_id=TENANT,
+            dataset_id=DATASET,
+            key_version=1,
+            share_holders=["b"],
+        )
