@@ -4,8 +4,9 @@ Works over any TCTI: ``"swtpm:host=127.0.0.1,port=N"`` for swtpm, ``"device:/dev
 real machine. This is the only module of the package that needs the TSS; the verifier side
 (:mod:`attest.tpm2.verifier`, :mod:`attest.tpm2.enrolment`) is pure Python.
 
-* EK: the TCG default RSA-2048 EK (template L-1, or the one the TPM's NV template index names),
-  created as a primary in the endorsement hierarchy; its certificate is read from NV 0x01C00002.
+* EK: by default the TCG RSA-2048 EK (template L-1, or the one the TPM's NV template index
+  names), created as a primary in the endorsement hierarchy, certificate from NV 0x01C00002;
+  ``ek_type="EK-ECC256"`` picks the TCG ECC P-256 template (L-2, certificate in 0x01C0000A).
 * AK: a restricted ECDSA P-256/SHA-256 signing key, primary in the endorsement hierarchy with a
   fixed template. Primaries are derived from the hierarchy seed, so the same TPM gives back the
   same AK on every start without storing a key blob; another TPM gives another AK.
@@ -39,7 +40,12 @@ from attest.tpm2.evidence import Tpm2Evidence
 from attest.tpm2.marshal import ALG_SHA256, parse_attest, parse_signature, trim_der
 from attest.tpm2.quote import pcr_digest
 
-__all__ = ["BOOT_PCRS", "QUOTED_PCRS", "TpmError", "TpmNode"]
+__all__ = ["BOOT_PCRS", "EK_TYPES", "QUOTED_PCRS", "TpmError", "TpmNode"]
+
+# TCG EK Credential Profile low-range templates L-1 and L-2, the ones most TPMs certify. Their
+# authPolicy is PolicySecret(endorsement), which activate_credential satisfies; the high-range
+# templates (H-n) use PolicyOR(A, C) over SHA-384 and are not supported yet.
+EK_TYPES = frozenset({"ek-rsa2048", "ek-ecc256"})
 
 BOOT_PCRS = tuple(range(8))
 QUOTED_PCRS = (*BOOT_PCRS, APP_PCR)
@@ -88,11 +94,14 @@ class _DefinedNvRead:
 class TpmNode:
     """One connection to the node's TPM; a context manager that closes it."""
 
-    def __init__(self, tcti: str) -> None:
+    def __init__(self, tcti: str, *, ek_type: str = "EK-RSA2048") -> None:
         try:
             self._ectx = ESAPI(tcti)
         except TSS2_Exception as exc:
             raise TpmError(f"cannot open TPM over {tcti.split(':', 1)[0]!r}: {exc}") from None
+        if ek_type.lower() not in EK_TYPES:
+            raise ValueError(f"ek_type must be one of {sorted(EK_TYPES)}")
+        self._ek_type = ek_type
         self._ek: ESYS_TR | None = None
         self._ek_public: bytes = b""
         self._ek_cert: bytes = b""
@@ -125,7 +134,7 @@ class TpmNode:
     def _load_ek(self) -> ESYS_TR:
         if self._ek is None:
             try:
-                cert, template = create_ek_template("EK-RSA2048", _DefinedNvRead(self._ectx))
+                cert, template = create_ek_template(self._ek_type, _DefinedNvRead(self._ectx))
                 handle, public, *_ = self._ectx.create_primary(None, template, ESYS_TR.ENDORSEMENT)
             except TSS2_Exception as exc:
                 raise TpmError(f"creating the endorsement key failed: {exc}") from None
@@ -156,7 +165,7 @@ class TpmNode:
         """The EK certificate (DER) provisioned in NV; TpmError when there is none."""
         self._ek_info()
         if not self._ek_cert:
-            raise TpmError("this TPM has no RSA EK certificate in NV 0x01C00002")
+            raise TpmError(f"this TPM has no {self._ek_type} certificate in NV")
         return self._ek_cert
 
     # -- attestation key --------------------------------------------------------------

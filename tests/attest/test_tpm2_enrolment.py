@@ -133,3 +133,18 @@ def _self_signed_pem() -> bytes:
         .sign(key, hashes.SHA256())
     )
     return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def test_ecc_p256_ek_activates_our_make_credential(swtpm):
+    # swtpm certifies only the RSA EK, so this checks the ECDH/KDFe path of MakeCredential
+    # against the real TPM, without a certificate
+    with TpmNode(swtpm.tcti, ek_type="EK-ECC256") as tpm:
+        ek = parse_public(tpm.ek_public())
+        assert ek.type == 0x0023 and ek.curve == 0x0003
+        made = make_credential(ek, parse_public(tpm.ak_public()).name, b"e" * 32)
+        assert tpm.activate_credential(made.credential_blob, made.encrypted_secret) == b"e" * 32
+
+
+def test_unsupported_ek_type_is_a_usage_error(swtpm):
+    with pytest.raises(ValueError, match="ek_type"):
+        TpmNode(swtpm.tcti, ek_type="EK-HIGH-ECC384")

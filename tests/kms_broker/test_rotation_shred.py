@@ -4,10 +4,13 @@ Also n-of-n across two brokers, and upload rollback."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from kms_broker.client import KeyClient
-from kms_broker.rpc import NotFoundError, PermissionDeniedError, UnavailableError
+from kms_broker.grants import GrantDocument
+from kms_broker.rpc import NotFoundError, PermissionDeniedError
 from kms_broker.tenant import upload_dataset
 from sealed import DatasetReader, LocalDirStore
 from tests.kms_broker.conftest import World, enrol, make_world, records
@@ -99,9 +102,6 @@ def test_n_of_n_release_from_every_broker(broker_factory, tmp_path) -> None:
     result = upload_dataset(clients, data, store, dataset_id="split")
     assert result.holders == (b1.address, b2.address)
     digest = clients[0].put_policy(POLICY_YAML)
-    from kms_broker.grants import GrantDocument
-    import time
-
     for c in clients:
         c.put_policy(POLICY_YAML)
         c.create_grant(GrantDocument(grant_id="g-split", tenant_id="acme", dataset_id="split",
@@ -126,13 +126,21 @@ def test_n_of_n_release_from_every_broker(broker_factory, tmp_path) -> None:
 
 
 def test_upload_rolls_back_when_a_broker_fails(broker_factory, tmp_path) -> None:
-    b1 = broker_factory("rb1")
-    with b1.tenant("acme") as good:
+    from sealed import InputError
+
+    b1, b2 = broker_factory("rb1"), broker_factory("rb2")
+    b2.keys["acme"] = b1.tenant("acme")._key
+    store = LocalDirStore(tmp_path / "store")
+    with b1.tenant("acme") as good, b2.tenant("acme") as unregistered:
         good.register()
-        # the second "broker" is b1 again as an unregistered tenant: OpenUpload is refused
-        with b1.tenant("ghost") as ghost:
-            store = LocalDirStore(tmp_path / "store")
-            with pytest.raises((NotFoundError, UnavailableError)):
-                upload_dataset([good, ghost], records(3), store, dataset_id="rolled")
+        # the second broker does not know the tenant: its OpenUpload fails after the first
+        # broker already holds a committed share
+        with pytest.raises(NotFoundError):
+            upload_dataset([good, unregistered], records(3), store, dataset_id="rolled")
         assert good.list_datasets() == []
-        assert store.list() == []
+        # a failure while encrypting (no records) rolls back every broker too
+        unregistered.register()
+        with pytest.raises(InputError):
+            upload_dataset([good, unregistered], [], store, dataset_id="rolled")
+        assert good.list_datasets() == [] and unregistered.list_datasets() == []
+    assert store.list() == []

@@ -1,0 +1,109 @@
+"""``python -m compose`` as people use it, in its own process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from tests.compose.conftest import live_processes
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def _compose(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "compose", *args, "--run-dir", str(tmp_path / "run"), "--mode",
+         "local"], cwd=tmp_path, env=_env(), capture_output=True, text=True, check=False,
+    )
+
+
+def test_up_runs_to_completion_and_cleans_up(tmp_path: Path):
+    (tmp_path / "docker-compose.yml").write_text(textwrap.dedent("""
+        services:
+          first:
+            command: [python, -c, "print('hello from first')"]
+          second:
+            command: [python, -c, "import os; print('second sees', os.environ['WHO'])"]
+            environment: [WHO=${WHO:-nobody}]
+            depends_on: {first: {condition: service_completed_successfully}}
+        """))
+    (tmp_path / ".env").write_text("WHO=dotenv\n")
+    result = _compose(tmp_path, "up")
+    assert result.returncode == 0, result.stderr
+    assert "first  | hello from first" in result.stdout
+    assert "second | second sees dotenv" in result.stdout
+    assert result.stdout.index("hello from first") < result.stdout.index("second sees")
+    assert "all processes gone, run directory removed" in result.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_up_reports_a_failed_dependency(tmp_path: Path):
+    (tmp_path / "docker-compose.yml").write_text(textwrap.dedent("""
+        services:
+          setup:
+            command: [python, -c, "import sys; print('no config'); sys.exit(5)"]
+          app:
+            command: [python, -c, "print('app ran')"]
+            depends_on: {setup: {condition: service_completed_successfully}}
+        """))
+    result = _compose(tmp_path, "up")
+    assert result.returncode == 1
+    assert "service 'setup' exited with status 5" in result.stderr
+    assert "no config" in result.stderr
+    assert "app ran" not in result.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_ps_logs_and_down_from_another_process(tmp_path: Path):
+    (tmp_path / "docker-compose.yml").write_text(textwrap.dedent("""
+        services:
+          web:
+            command: [python, -c, "import time; print('serving', flush=True); time.sleep(600)"]
+            healthcheck:
+              test: [CMD, "true"]
+              interval: 50ms
+        """))
+    up = subprocess.Popen(
+        [sys.executable, "-m", "compose", "up", "--run-dir", str(tmp_path / "run"), "--mode",
+         "local"], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, text=True,
+    )
+    assert up.stdout is not None
+    seen = []
+    for line in up.stdout:
+        seen.append(line)
+        if "every service is up" in line:
+            break
+    assert any("every service is up" in line for line in seen), seen
+    run_id = seen[0].split("(run ")[1].rstrip(")\n")
+    ps = _compose(tmp_path, "ps")
+    assert ps.returncode == 0
+    (row,) = [line for line in ps.stdout.splitlines() if line.startswith("web")]
+    assert row.split()[1:3] == ["running", "healthy"]
+    logs = _compose(tmp_path, "logs", "web")
+    assert logs.stdout == "serving\n"
+    assert live_processes(pgids=set(), marker=f"CT_COMPOSE_ID={run_id}:")
+    down = _compose(tmp_path, "down")
+    assert down.returncode == 0, down.stderr
+    assert up.wait() == 0
+    up.stdout.close()
+    assert live_processes(pgids=set(), marker=f"CT_COMPOSE_ID={run_id}:") == []
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_and_usage_errors(tmp_path: Path):
+    result = subprocess.run([sys.executable, "-m", "compose", "--help"], env=_env(),
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and "up" in result.stdout and "down" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "compose", "explode"], env=_env(),
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 2
+    result = _compose(tmp_path, "up")  # no compose file there
+    assert result.returncode == 1
+    assert "cannot read compose file" in result.stderr
