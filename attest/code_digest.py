@@ -13,8 +13,9 @@ Canonical encoding hashed with SHA-256 (all lengths big-endian)::
             BE16 len(path) | path (UTF-8) | BE64 len(content) | content
     BE16 len(python) | python ("3.11.2")  |  BE16 len(torch) | torch ("2.13.0" or "none")
 
-Symbolic links are followed only inside the package directory (a link pointing elsewhere is
-hashed as its target path string, so it cannot smuggle outside code in unseen).
+A symbolic link is hashed as ``b"symlink:" || target path`` in place of content: retargeting
+it changes the digest, and the file it points to is hashed in its own right when it lies in a
+package. (Installed packages hold no links; an editable checkout may.)
 """
 
 from __future__ import annotations
@@ -81,11 +82,11 @@ def _files(directory: Path) -> list[tuple[str, Path]]:
     return found
 
 
-def _hash_file(h: hashlib._Hash, rel: str, path: Path, root: Path) -> None:
+def _hash_file(h: hashlib._Hash, rel: str, path: Path) -> None:
     name = rel.encode()
     h.update(struct.pack(">H", len(name)) + name)
-    if path.is_symlink() and not path.resolve().is_relative_to(root):
-        target = str(path.readlink()).encode()
+    if path.is_symlink():
+        target = b"symlink:" + str(path.readlink()).encode()
         h.update(struct.pack(">Q", len(target)) + target)
         return
     size = path.stat().st_size
@@ -116,7 +117,7 @@ def code_digest(
         files = _files(Path(directory)) if directory is not None else []
         h.update(struct.pack(">H", len(encoded)) + encoded + struct.pack(">I", len(files)))
         for rel, path in files:
-            _hash_file(h, rel, path, Path(directory).resolve())  # type: ignore[arg-type]
+            _hash_file(h, rel, path)
         total += len(files)
     for value in (py, torch):
         v = value.encode()

@@ -111,6 +111,9 @@ def _docker(args: argparse.Namespace, compose_file: Path) -> int:
 # --- local mode ----------------------------------------------------------------------------
 
 
+_STATE_LOCK = threading.Lock()
+
+
 def _write_state(harness: LocalHarness, path: Path) -> None:
     state = {
         "run_id": harness.run_id,
@@ -118,9 +121,12 @@ def _write_state(harness: LocalHarness, path: Path) -> None:
         "compose_file": str(harness.project.path),
         "services": [status.__dict__ for status in harness.ps()],
     }
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    tmp.replace(path)
+    with _STATE_LOCK:
+        if not path.parent.exists():
+            return
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(path)
 
 
 def _read_state(run_dir: Path) -> dict[str, Any] | None:
@@ -186,6 +192,7 @@ def _start(
 ) -> None:
     try:
         harness.up(services or None, wait=True)
+        _write_state(harness, harness.run_dir / STATE_FILE)
         print("[compose] every service is up", flush=True)
     except ComposeError as exc:
         if stopping.is_set():

@@ -33,9 +33,11 @@ transcript is at most :data:`MAX_TRANSCRIPT` bytes.
 
 Any failure to open (wrong key, wrong transcript, modified blob) raises the one opaque
 :class:`SealingError`; misuse (wrong types, lengths) raises ``TypeError``/``ValueError``.
-Limits of Python: ``cryptography`` returns the ECDH secret, K and the unwrapped share as
-``bytes`` that cannot be wiped; they are copied into :class:`SecretBuffer` at once and the
-intermediate objects dropped, which shortens but does not remove their lifetime in memory.
+Limits of Python: ``cryptography`` returns the ECDH secret and the unwrapped share as
+``bytes`` and its key-wrap functions take the share to wrap as ``bytes``; these copies cannot
+be wiped. K lives in a :class:`SecretBuffer`, the opened share is copied into one at once, and
+the intermediate objects are dropped right away, which shortens but does not remove their
+lifetime in memory. (The broker never runs this code: its HSM does the same inside itself.)
 """
 
 from __future__ import annotations

@@ -95,12 +95,12 @@ class TpmNode:
     """One connection to the node's TPM; a context manager that closes it."""
 
     def __init__(self, tcti: str, *, ek_type: str = "EK-RSA2048") -> None:
+        if ek_type.lower() not in EK_TYPES:
+            raise ValueError(f"ek_type must be one of {sorted(EK_TYPES)}")
         try:
             self._ectx = ESAPI(tcti)
         except TSS2_Exception as exc:
             raise TpmError(f"cannot open TPM over {tcti.split(':', 1)[0]!r}: {exc}") from None
-        if ek_type.lower() not in EK_TYPES:
-            raise ValueError(f"ek_type must be one of {sorted(EK_TYPES)}")
         self._ek_type = ek_type
         self._ek: ESYS_TR | None = None
         self._ek_public: bytes = b""

@@ -656,8 +656,7 @@ class Pkcs11Hsm:
         finally:
             z.destroy()
 
-    @staticmethod
-    def _unwrap_share(unwrapping_key: Any, wrapped: bytes) -> Any:
+    def _unwrap_share(self, pooled: _Pooled, unwrapping_key: Any, wrapped: bytes) -> Any:
         try:
             share = unwrapping_key.unwrap_key(
                 ObjectClass.SECRET_KEY,
@@ -668,6 +667,8 @@ class Pkcs11Hsm:
                 template=_SHARE_TEMPLATE,
             )
         except _UNWRAP_ERRORS:
+            # CKR_GENERAL_ERROR is also what a vanished token gives: tell the two apart
+            self._check_marker(pooled)
             raise UnwrapFailed("share did not authenticate") from None
         # SoftHSM leaves CKA_VALUE_LEN at 0 on unwrapped keys, so the share length cannot be
         # checked here; a 40-byte KWP blob holds 25-32 bytes and a short share (which only a
@@ -693,7 +694,7 @@ class Pkcs11Hsm:
             kek = self._require(pooled, kek_label, ObjectClass.SECRET_KEY)
             k = self._transcript_key(private, ephemeral, digest)
             try:
-                share = self._unwrap_share(k, sealed)
+                share = self._unwrap_share(pooled, k, sealed)
             finally:
                 k.destroy()
             try:
@@ -713,7 +714,7 @@ class Pkcs11Hsm:
         def op(pooled: _Pooled) -> bytes:
             old = self._require(pooled, old_label, ObjectClass.SECRET_KEY)
             new = self._require(pooled, new_label, ObjectClass.SECRET_KEY)
-            share = self._unwrap_share(old, wrapped)
+            share = self._unwrap_share(pooled, old, wrapped)
             try:
                 return bytes(new.wrap_key(share, mechanism=Mechanism.AES_KEY_WRAP_PAD))
             finally:
@@ -737,7 +738,7 @@ class Pkcs11Hsm:
 
         def op(pooled: _Pooled) -> bytes:
             kek = self._require(pooled, kek_label, ObjectClass.SECRET_KEY)
-            share = self._unwrap_share(kek, wrapped)
+            share = self._unwrap_share(pooled, kek, wrapped)
             doomed = [share]
             try:
                 params = pooled.session.create_domain_parameters(

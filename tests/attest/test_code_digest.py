@@ -85,3 +85,18 @@ def test_installed_project_digest_covers_the_real_packages():
     assert len(result.digest) == 64
     assert result.files > 0
     assert result.claims()["code_digest"] == result.digest
+
+
+def test_symlinks_are_hashed_by_target(packages, tmp_path):
+    outside = tmp_path / "outside.py"
+    outside.write_text("A = 1\n")
+    link = packages["trainer"] / "linked.py"
+    link.symlink_to(outside)
+    first = digest(packages)
+    other = tmp_path / "other.py"
+    other.write_text("A = 1\n")
+    link.unlink()
+    link.symlink_to(other)
+    assert digest(packages) != first
+    (packages["trainer"] / "subdir_link").symlink_to(packages["trainer"] / "sub")
+    assert digest(packages) != first  # a link to a directory is hashed, not opened

@@ -424,3 +424,18 @@ def test_agent_collect_evidence_is_what_the_trainer_calls(swtpm, enrolled):
 
     assert result.ok, result.failures
     assert result.claims["code_digest"] == code_digest().digest
+
+
+def test_every_failure_is_collected_not_just_the_first(node, enrolled, claims):
+    _, _, quoted_rd = challenge()
+    _, _, expected_rd = challenge()
+    ev = node.evidence(EventLog.from_claims(claims), quoted_rd)
+    edited = EventLog((*EventLog.from_bytes(ev.event_log).events, Event.claim("x", 1)))
+    tampered = Tpm2Evidence(ev.attest, ev.signature, ev.pcrs, edited.to_bytes())
+    wrong_boot = {**ZERO_BOOT, 7: "11" * 32}
+
+    result = Tpm2Verifier().verify(tampered.to_bytes(), context(expected_rd, enrolled, wrong_boot))
+
+    assert ids(result) == {"tpm2.nonce", "tpm2.boot_pcr", "tpm2.eventlog_replay"}
+    assert all(f.severity == "error" and f.message for f in result.failures)
+    assert result.claims == {}

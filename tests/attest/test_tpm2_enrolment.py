@@ -148,3 +148,10 @@ def test_ecc_p256_ek_activates_our_make_credential(swtpm):
 def test_unsupported_ek_type_is_a_usage_error(swtpm):
     with pytest.raises(ValueError, match="ek_type"):
         TpmNode(swtpm.tcti, ek_type="EK-HIGH-ECC384")
+
+
+def test_unreachable_tpm_is_a_clear_error():
+    from attest.tpm2.node import TpmError
+
+    with pytest.raises(TpmError, match="cannot open TPM over 'swtpm'"):
+        TpmNode("swtpm:host=127.0.0.1,port=1")

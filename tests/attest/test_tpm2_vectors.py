@@ -252,3 +252,14 @@ def test_untrimmed_nv_certificate_is_refused_with_a_reason():
     failures = check_ek_certificate(raw, ek, trust, now=AT)
     assert [f.id for f in failures] == ["tpm2.ek_cert_untrusted"]
     assert "DER" in failures[0].message
+
+
+def test_tpm2_tools_pcr_file_errors_are_specific():
+    data = (TPM / "keylime/pcrs.tpm2tools_pcrs_output.bin").read_bytes()
+    with pytest.raises(MalformedEvidence, match="does not match the size"):
+        parse_tpm2tools_pcrs(data[:-1])
+    with pytest.raises(MalformedEvidence, match="truncated"):
+        parse_tpm2tools_pcrs(data[:100])
+    too_many = struct.pack("<I", 17) + data[4:]
+    with pytest.raises(MalformedEvidence, match="17 banks"):
+        parse_tpm2tools_pcrs(too_many)

@@ -31,7 +31,7 @@ def test_up_runs_to_completion_and_cleans_up(tmp_path: Path):
             command: [python, -c, "print('hello from first')"]
           second:
             command: [python, -c, "import os; print('second sees', os.environ['WHO'])"]
-            environment: [WHO=${WHO:-nobody}]
+            environment: ["WHO=${WHO:-nobody}"]
             depends_on: {first: {condition: service_completed_successfully}}
         """))
     (tmp_path / ".env").write_text("WHO=dotenv\n")

@@ -34,7 +34,7 @@ from tests.kms_broker.hsm_fixtures import (  # noqa: F401 - fixtures
     softhsm_config,
     softhsm_token,
 )
-from tests.kms_broker.pki import TestPki
+from tests.kms_broker.pki import DevPki
 from tests.kms_broker.verifiers import POLICY_YAML, make_evidence
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,8 +43,8 @@ TENANTS = ("acme", "beta")
 
 
 @pytest.fixture(scope="session")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
-    p = TestPki(tmp_path_factory.mktemp("pki"))
+def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
+    p = DevPki(tmp_path_factory.mktemp("pki"))
     p.issue("broker", "b", server=True)
     for n in NODES:
         p.issue("node", n)
@@ -61,7 +61,7 @@ class BrokerProc:
     proc: subprocess.Popen
     state_dir: Path
     address: str
-    pki: TestPki
+    pki: DevPki
     token_dir: Path
     keys: dict[str, Ed25519PrivateKey] = field(default_factory=dict)
 
@@ -108,7 +108,7 @@ class BrokerProc:
                 self.proc.wait()
 
 
-def start_broker(root: Path, pki: TestPki, config: softhsm.SoftHsmConfig, *, name: str = "b1",
+def start_broker(root: Path, pki: DevPki, config: softhsm.SoftHsmConfig, *, name: str = "b1",
                  ttl_ms: dict[str, int] | None = None) -> BrokerProc:
     state = root / f"{name}-state"
     state.mkdir(parents=True)
@@ -152,7 +152,7 @@ def start_broker(root: Path, pki: TestPki, config: softhsm.SoftHsmConfig, *, nam
 
 @pytest.fixture(scope="module")
 def broker_factory(
-    tmp_path_factory: pytest.TempPathFactory, pki: TestPki, softhsm_config: Any,  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory, pki: DevPki, softhsm_config: Any,  # noqa: F811
 ) -> Iterator[Callable[..., BrokerProc]]:
     started: list[BrokerProc] = []
     root = tmp_path_factory.mktemp("brokers")

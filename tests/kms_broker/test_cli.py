@@ -1,0 +1,123 @@
+"""The tenant and operator command line, run as real subprocesses against a broker whose
+certificates were made by ``kms-broker certs``."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from kms_broker.cli import main
+from kms_broker.client import KeyClient
+from kms_broker.rpc import BrokerEndpoint, PermissionDeniedError
+from sealed import DatasetReader, LocalDirStore
+from tests.kms_broker.conftest import REPO, start_broker
+from tests.kms_broker.verifiers import POLICY_YAML, make_evidence
+
+pytestmark = pytest.mark.integration
+
+
+def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "kms_broker.cli", *args], cwd=REPO,
+                          capture_output=True, text=True, check=False)
+    if ok:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def cli_broker(tmp_path_factory, softhsm_config):
+    root = tmp_path_factory.mktemp("cli")
+    pki_dir = root / "pki"
+    assert main(["certs", "ca", "--dir", str(pki_dir)]) == 0
+    for role, ident in (("broker", "b"), ("tenant", "acme"), ("node", "n1"),
+                        ("operator", "ops")):
+        assert main(["certs", "issue", "--ca-dir", str(pki_dir), "--out", str(pki_dir),
+                     "--role", role, "--id", ident]) == 0
+    pki = SimpleNamespace(ca_path=pki_dir / "ca.pem", root=pki_dir)
+    broker = start_broker(root, pki, softhsm_config, name="cli")
+    yield broker, root, pki_dir
+    broker.stop()
+
+
+def tls(pki_dir: Path, role: str, ident: str) -> list[str]:
+    return ["--ca", str(pki_dir / "ca.pem"), "--cert", str(pki_dir / f"{role}-{ident}.pem"),
+            "--key", str(pki_dir / f"{role}-{ident}.key")]
+
+
+def test_tenant_workflow_through_the_cli(cli_broker) -> None:
+    broker, root, pki_dir = cli_broker
+    key = root / "tenant.key"
+    tenant = ["--broker", broker.address, "--tenant", "acme", *tls(pki_dir, "tenant", "acme")]
+    run("tenant", "init", "--key", str(key))
+    assert os.stat(key).st_mode & 0o777 == 0o600
+    assert run("tenant", "init", "--key", str(key), ok=False).returncode == 1
+    assert "registered, KEK v1" in run("tenant", "register", *tenant, "--tenant-key",
+                                       str(key)).stdout
+    run("node", "enrol", "n1", "--broker", broker.address, *tls(pki_dir, "operator", "ops"))
+    data = root / "data"
+    (data / "sub").mkdir(parents=True)
+    files = {f"f{i}.bin": secrets.token_bytes(2000 + i) for i in range(5)}
+    files["sub/x.txt"] = b"hello"
+    for name, payload in files.items():
+        (data / name).write_bytes(payload)
+    store = root / "store"
+    up = run("dataset", "upload", str(data), "--store", str(store), "--dataset", "ds1",
+             *tenant, "--tenant-key", str(key))
+    assert "uploaded 6 records" in up.stdout and "100%" in up.stderr
+    policy = root / "policy.yaml"
+    policy.write_text(POLICY_YAML)
+    digest = run("policy", "put", str(policy), *tenant).stdout.split()[-1]
+    assert len(digest) == 64
+    grant = run("grant", "create", "--dataset", "ds1", "--job", "job1", "--policy-digest",
+                digest, "--grant-id", "g1", *tenant, "--tenant-key", str(key))
+    assert "grant g1" in grant.stdout
+    listing = run("dataset", "list", *tenant).stdout
+    assert "ds1 status=active versions=[1] kek=v1" in listing
+
+    endpoint = BrokerEndpoint.from_files(broker.address, ca=pki_dir / "ca.pem",
+                                         cert=pki_dir / "node-n1.pem",
+                                         key=pki_dir / "node-n1.key")
+    manifest = listing.split("manifest=")[1].strip()
+    with KeyClient([endpoint], node_id="n1", job_id="job1", evidence_for=make_evidence) as kc:
+        with kc.fetch_dek(tenant_id="acme", dataset_id="ds1", key_version=1).dek as dek:
+            reader = DatasetReader.open(LocalDirStore(store), manifest, dek=dek,
+                                        tenant_id="acme", dataset_id="ds1", key_version=1)
+            names = [reader.record_name(k) for k in range(reader.num_records)]
+            assert sorted(names) == sorted(files)
+
+    assert "KEK now v2, 1 share(s)" in run("dataset", "rotate", *tenant).stdout
+    run("grant", "revoke", "g1", *tenant)
+    with KeyClient([endpoint], node_id="n1", job_id="job1", evidence_for=make_evidence) as kc, \
+            pytest.raises(PermissionDeniedError, match="grant.revoked"):
+        kc.fetch_dek(tenant_id="acme", dataset_id="ds1", key_version=1)
+
+    assert run("audit", "verify", "--state-dir", str(broker.state_dir)).stdout.startswith("OK")
+    tail = run("audit", "tail", "--state-dir", str(broker.state_dir), "--limit", "2").stdout
+    assert len(tail.splitlines()) == 2
+    online = run("audit", "verify", *tenant).stdout
+    assert "OK" in online
+    refused = run("tenant", "shred", *tenant, ok=False)
+    assert refused.returncode == 1 and "--yes" in refused.stderr
+    assert "key(s) destroyed" in run("tenant", "shred", *tenant, "--yes").stdout
+
+
+def test_usage_errors_exit_2_and_failures_exit_1(cli_broker, tmp_path) -> None:
+    broker, _, pki_dir = cli_broker
+    assert run("dataset", "upload", ok=False).returncode == 2
+    assert run("nonsense", ok=False).returncode == 2
+    bad_pin = tmp_path / "pin"
+    bad_pin.write_text("1234")
+    bad_pin.chmod(0o644)
+    failed = run("hsm", "init", "--state-dir", str(tmp_path / "h"), "--so-pin-file",
+                 str(bad_pin), "--pin-file", str(bad_pin), ok=False)
+    assert failed.returncode == 1 and "0600" in failed.stderr
+    missing = run("dataset", "list", "--broker", broker.address, "--tenant", "nobody-here",
+                  *tls(pki_dir, "tenant", "acme"), ok=False)
+    assert missing.returncode == 1 and "does not match the client certificate" in missing.stderr
+    assert "--help" not in run("--help").stderr and "serve" in run("--help").stdout
