@@ -15,7 +15,8 @@ run with the interpolation variables as its environment):
     ps()                  DC ps --all --format json
     down()                DC down --volumes --remove-orphans, then DC ps --all -q must be empty
 
-CT_ROOT and CT_HOST are not set, so container paths and service host names stay as written.
+``docker compose`` runs with this process's environment plus the variables (it interpolates
+from its environment). CT_ROOT and CT_HOST are not set, so container paths and service host names stay as written.
 This runner cannot be exercised on machines without an engine (like the development and CI
 machines of this project); ``compose.local`` is the one the tests run.
 """
@@ -66,13 +67,16 @@ class DockerHarness:
         self.run_dir = Path(run_dir).resolve()
         self.profiles = tuple(profiles)
         self._base = compose_base_argv(self.project, self.profiles, docker=docker)
+        # docker itself needs HOME, PATH, DOCKER_HOST...: it gets this process's environment
+        # with the variables over it (docker compose interpolates from its environment).
+        self._env = {**os.environ, **self.variables}
         self._closed = False
 
     def _run(
         self, *args: str, check: bool = True, input: bytes | None = None
     ) -> subprocess.CompletedProcess[bytes]:
         result = subprocess.run(
-            [*self._base, *args], env=self.variables, input=input, capture_output=True,
+            [*self._base, *args], env=self._env, input=input, capture_output=True,
             check=False, cwd=self.project.directory,
         )
         if check and result.returncode != 0:

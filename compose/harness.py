@@ -62,12 +62,19 @@ def open_harness(
     variables: Mapping[str, str] | None = None,
     profiles: Sequence[str] = (),
     project_name: str | None = None,
+    image_env: Mapping[str, str] | None = None,
 ) -> LocalHarness | DockerHarness:
-    """A harness for ``compose_file``; ``mode="auto"`` uses Docker only if an engine runs."""
+    """A harness for ``compose_file``; ``mode="auto"`` uses Docker only if an engine runs.
+
+    ``image_env`` applies to local processes only (under Docker the image sets it)."""
     if mode not in ("auto", "local", "docker"):
         raise ValueError(f"mode must be auto, local or docker, not {mode!r}")
-    use_docker = mode == "docker" or (mode == "auto" and docker_engine_available())
-    cls = DockerHarness if use_docker else LocalHarness
-    return cls(
-        compose_file, run_dir, variables=variables, profiles=profiles, project_name=project_name
+    if mode == "docker" or (mode == "auto" and docker_engine_available()):
+        return DockerHarness(
+            compose_file, run_dir, variables=variables, profiles=profiles,
+            project_name=project_name,
+        )
+    return LocalHarness(
+        compose_file, run_dir, variables=variables, profiles=profiles,
+        project_name=project_name, image_env=image_env,
     )

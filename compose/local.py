@@ -102,7 +102,9 @@ class LocalHarness:
 
     ``variables`` are what ``${VAR}`` sees (default: this process's environment); the
     harness adds CT_HOST and, per service, CT_ROOT. ``run_dir`` must not exist or be empty:
-    ``down()`` deletes it.
+    ``down()`` deletes it. ``image_env`` stands for the environment an image would set (for
+    example PYTHONPATH for a source checkout that is not installed); the compose file's own
+    environment comes after it.
     """
 
     mode = "local"
@@ -115,7 +117,9 @@ class LocalHarness:
         variables: Mapping[str, str] | None = None,
         profiles: Sequence[str] = (),
         project_name: str | None = None,
+        image_env: Mapping[str, str] | None = None,
     ) -> None:
+        self.image_env = dict(image_env or {})
         self.run_dir = Path(run_dir).resolve()
         if self.run_dir.exists() and (not self.run_dir.is_dir() or any(self.run_dir.iterdir())):
             raise ComposeError(
@@ -147,7 +151,8 @@ class LocalHarness:
 
         Each dependency's condition is awaited before its dependent starts. With ``wait``,
         also wait until every started service with a healthcheck is healthy and every
-        one-shot service that already exited did so with status 0.
+        one-shot service that already exited did so with status 0. On ``ServiceFailed`` the
+        services already started keep running (to be inspected); ``down()`` ends them.
         """
         order = self._start_order(services)
         self._prepare()
@@ -450,6 +455,7 @@ class LocalHarness:
             "TMPDIR": str(runtime.root / ".ct" / "tmp"),
             "LANG": "C.UTF-8",
         }
+        env.update(self.image_env)
         env.update(runtime.service.environment)
         env[MARKER_VARIABLE] = f"{self.run_id}:{runtime.service.name}"
         return env

@@ -3,10 +3,12 @@
     python -m compose.probe grpc ADDRESS --ca CA.pem --cert CERT.pem --key KEY.pem
         [--service NAME] [--server-name NAME] [--timeout SECONDS]
     python -m compose.probe tcp HOST:PORT [--timeout SECONDS]
+    python -m compose.probe pidfile PATH
 
 ``grpc`` calls the standard ``grpc.health.v1.Health/Check`` over mTLS and succeeds only on
-SERVING. ``tcp`` succeeds when a TCP connection opens. Exit status: 0 healthy, 1 not
-healthy (reason on stderr), 2 usage error.
+SERVING. ``tcp`` succeeds when a TCP connection opens. ``pidfile`` succeeds while the process
+whose pid the file holds is alive (for services with no port, like a trainer). Exit status:
+0 healthy, 1 not healthy (reason on stderr), 2 usage error.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import socket
 import sys
 from pathlib import Path
 
-__all__ = ["main", "probe_grpc", "probe_tcp"]
+__all__ = ["main", "probe_grpc", "probe_pidfile", "probe_tcp"]
 
 MAX_PEM_BYTES = 64 * 1024
 
@@ -78,6 +80,21 @@ def probe_tcp(address: str, *, timeout: float = 5.0) -> None:
         raise ProbeFailed(f"{address}: {exc.strerror or exc}") from None
 
 
+def probe_pidfile(path: str) -> None:
+    try:
+        text = Path(path).read_text()[:32].strip()
+    except OSError as exc:
+        raise ProbeFailed(f"cannot read pid file {path}: {exc.strerror}") from None
+    if not text.isdigit():
+        raise ProbeFailed(f"{path} does not hold a pid")
+    try:
+        stat = Path(f"/proc/{int(text)}/stat").read_text()
+    except OSError:
+        raise ProbeFailed(f"process {text} from {path} is gone") from None
+    if stat[stat.rfind(")") + 2 :].startswith("Z"):
+        raise ProbeFailed(f"process {text} from {path} has exited")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m compose.probe", description="Health probes for compose healthchecks."
@@ -94,6 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     tcp_parser = sub.add_parser("tcp", help="a TCP connection opens")
     tcp_parser.add_argument("address", help="HOST:PORT")
     tcp_parser.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    pid_parser = sub.add_parser("pidfile", help="the process named in a pid file is alive")
+    pid_parser.add_argument("path", help="file holding a pid")
     return parser
 
 
@@ -105,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
                 args.address, ca=args.ca, cert=args.cert, key=args.key, service=args.service,
                 server_name=args.server_name, timeout=args.timeout,
             )
-        else:
+        elif args.kind == "tcp":
             probe_tcp(args.address, timeout=args.timeout)
+        else:
+            probe_pidfile(args.path)
     except ProbeFailed as exc:
         print(f"unhealthy: {exc}", file=sys.stderr)
         return 1

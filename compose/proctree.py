@@ -48,19 +48,24 @@ def read_process(pid: int) -> ProcessInfo | None:
 
 
 def _environ_has(pid: int, needle: bytes) -> bool:
+    """``needle`` ending in ``:`` matches any service of the run, else exactly one."""
     try:
         with open(_PROC / str(pid) / "environ", "rb") as handle:
             data = handle.read(MAX_ENVIRON_BYTES)
     except OSError:
         return False
-    return any(entry.startswith(needle) for entry in data.split(b"\0"))
+    if needle.endswith(b":"):
+        return any(entry.startswith(needle) for entry in data.split(b"\0"))
+    return needle in data.split(b"\0")
 
 
 def marked_processes(marker_prefix: str, *, pgids: frozenset[int] = frozenset()) -> list[
     ProcessInfo
 ]:
-    """Live processes whose environment has ``CT_COMPOSE_ID=<marker_prefix>...`` or whose
-    process group is in ``pgids``. Zombies and this process are left out."""
+    """Live processes whose environment has ``CT_COMPOSE_ID=<run id>:<service>`` matching
+    ``marker_prefix`` (``"<run id>:"``: any service of the run; ``"<run id>:<service>"``:
+    that service only) or whose process group is in ``pgids``. Zombies and this process are
+    left out."""
     needle = f"{MARKER_VARIABLE}={marker_prefix}".encode()
     own = os.getpid()
     found = []

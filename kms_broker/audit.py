@@ -15,10 +15,13 @@ object (:mod:`kms_broker.encoding`) with these fields::
                    b"kmsbroker/v1/audit-checkpoint\\x00" || prev (32 bytes) || BE64 seq
     hash     str   hex SHA-256(prev (32 raw bytes) || canonical JSON of the other fields)
 
-Fail closed: :meth:`AuditLog.append` opens, writes, fdatasyncs and closes the file on each
-record and raises ``Unavailable`` if any step fails; callers perform the audited action only
-after it returns. The in-memory head moves only after a successful write, so the log recovers
-as soon as the file is writable again (tests swap the file for a directory to break it).
+Fail closed: :meth:`AuditLog.append` returns only once its record is on disk (fdatasync) and
+raises ``Unavailable`` if any step fails; callers perform the audited action only after it
+returns. Group commit: records are written under one lock, then one fdatasync covers every
+record written so far, so concurrent appends share a sync instead of queueing for one each.
+The file is opened per write and per sync (cheap), so swapping it for a directory breaks the
+log at once and putting it back recovers it; the in-memory head moves only after a successful
+write.
 
 :func:`verify_log` recomputes the chain and names the first bad record: edited (hash
 mismatch), deleted or reordered (sequence gap or wrong ``prev``), or a bad checkpoint
@@ -83,6 +86,12 @@ class AuditLog:
         self._sign = sign
         self._every = checkpoint_every
         self._lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._synced = 0  # every record up to here is on disk
+        self._attempted = 0  # a sync has been started for every record up to here
+        self._failed: list[tuple[int, int, str]] = []  # (first, last, why) of failed syncs
+        self._closed = False
+        self._syncer: threading.Thread | None = None
         if not self.path.exists():
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             os.close(fd)
@@ -92,6 +101,7 @@ class AuditLog:
         else:
             rec = json.loads(last)
             self._seq, self._head = int(rec["seq"]), str(rec["hash"])
+        self._synced = self._attempted = self._seq
         self._since_checkpoint = 0
 
     @property
@@ -102,6 +112,15 @@ class AuditLog:
         self, event: str, *, actor: str, subject: str, outcome: str, reason: str = ""
     ) -> int:
         """Write one record durably; raise ``Unavailable`` (and change nothing) on failure."""
+        seq = self.write(event, actor=actor, subject=subject, outcome=outcome, reason=reason)
+        self.wait_durable(seq)
+        return seq
+
+    def write(
+        self, event: str, *, actor: str, subject: str, outcome: str, reason: str = ""
+    ) -> int:
+        """Write one record without waiting for the disk; pair with :meth:`wait_durable`
+        before the audited result leaves the process (lets the sync overlap the HSM call)."""
         with self._lock:
             seq = self._write(event, actor, subject, outcome, reason[:1000], None)
             self._since_checkpoint += 1
@@ -112,7 +131,71 @@ class AuditLog:
                     self._since_checkpoint = 0
                 except Exception:  # noqa: S110 - a missed checkpoint is retried on the next append
                     pass
-            return seq
+        return seq
+
+    def checkpoint(self) -> None:
+        """Append a signed checkpoint now (for example at shutdown) and wait for the disk."""
+        if self._sign is None:
+            return
+        with self._lock:
+            sig = self._sign(checkpoint_message(self._head, self._seq + 1)).hex()
+            seq = self._write("checkpoint", "broker", f"seq:{self._seq}", "ok", "", sig)
+            self._since_checkpoint = 0
+        self.wait_durable(seq)
+
+    def wait_durable(self, seq: int) -> None:
+        """Return once record ``seq`` is on disk; ``Unavailable`` if its sync failed.
+
+        One background thread syncs everything written so far with one fdatasync (group
+        commit), so concurrent appends share a sync and a sync overlaps the caller's work.
+        """
+        with self._cond:
+            if self._syncer is None:
+                self._syncer = threading.Thread(target=self._sync_loop, daemon=True,
+                                                 name="audit-sync")
+                self._syncer.start()
+            self._cond.notify_all()
+            while True:
+                for first, last, why in self._failed:
+                    if first <= seq <= last:
+                        raise Unavailable(f"audit log unavailable: {why}")
+                if self._synced >= seq:
+                    return
+                if self._closed:
+                    raise Unavailable("audit log closed")
+                self._cond.wait()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._syncer is not None:
+            self._syncer.join(timeout=5)
+
+    def _sync_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and self._seq <= self._attempted:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                first, target = self._attempted + 1, self._seq
+                self._attempted = target
+            try:
+                fd = os.open(self.path, os.O_RDONLY)
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+                error = None
+            except OSError as exc:
+                error = exc.strerror or str(exc)
+            with self._cond:
+                if error is None:
+                    self._synced = max(self._synced, target)
+                else:
+                    self._failed = [*self._failed[-63:], (first, target, error)]
+                self._cond.notify_all()
 
     def _write(
         self, event: str, actor: str, subject: str, outcome: str, reason: str, sig: str | None
@@ -131,7 +214,6 @@ class AuditLog:
             try:
                 if os.write(fd, line) != len(line):
                     raise OSError("short write")
-                os.fdatasync(fd)
             finally:
                 os.close(fd)
         except OSError as exc:
@@ -160,7 +242,7 @@ def verify_log(path: Path, public_key_sec1: bytes | None = None) -> AuditVerific
         if public_key_sec1
         else None
     )
-    prev, count = GENESIS, 0
+    prev, count, sealed_at = GENESIS, 0, 0
     for expected, raw in enumerate(_lines(path), start=1):
 
         def bad(problem: str, at: int = expected, n: int = count) -> AuditVerification:
@@ -193,8 +275,12 @@ def verify_log(path: Path, public_key_sec1: bytes | None = None) -> AuditVerific
                 )
             except (InvalidSignature, ValueError):
                 return bad("checkpoint signature is not the broker's")
+            sealed_at = seq
         prev, count = stored_hash, count + 1
-    return AuditVerification(True, count, 0, f"{count} records, chain intact")
+    tail = (f"; last signed checkpoint at record {sealed_at}, {count - sealed_at} record(s) "
+            f"after it (deleting records from the end is only evident up to it)"
+            if key is not None else "")
+    return AuditVerification(True, count, 0, f"{count} records, chain intact{tail}")
 
 
 def tail_log(path: Path, limit: int) -> list[dict]:

@@ -8,6 +8,7 @@
     kms-broker dataset upload PATH --store DIR --dataset ID --broker ADDR [--broker ADDR ...]
     kms-broker dataset list|rotate|delete ...
     kms-broker policy put POLICY.yaml ...
+    kms-broker policy test POLICY.yaml EVIDENCE --kind K --report-data HEX   (offline)
     kms-broker grant create|revoke ...
     kms-broker node enrol|revoke ...               (operator certificate)
     kms-broker audit verify|tail --state-dir DIR   (offline) or --broker ADDR (online)
@@ -204,6 +205,28 @@ def cmd_policy_put(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_policy_test(args: argparse.Namespace) -> int:
+    """Offline: the same verification and policy decision the broker's Attest would make."""
+    from attest.interface import VerificationContext
+    from attest.policy import default_verifiers, test_policy_offline
+    from kms_broker.app import load_plugin
+
+    verifiers = dict(default_verifiers())
+    for spec in args.verifier or ():
+        plugin = load_plugin(spec)
+        verifiers[plugin.kind] = plugin
+    try:
+        report_data = bytes.fromhex(args.report_data)
+    except ValueError:
+        raise CliError("--report-data must be hex") from None
+    node = {"ak_public": args.ak.read_bytes()} if args.ak else {}
+    context = VerificationContext(expected_report_data=report_data, node=node)
+    decision = test_policy_offline(args.policy.read_text(), args.evidence.read_bytes(),
+                                   args.kind, context, verifiers=verifiers)
+    print(decision.summary())
+    return 0 if decision.allowed else 1
+
+
 def cmd_grant_create(args: argparse.Namespace) -> int:
     import secrets
 
@@ -366,6 +389,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("policy", type=Path)
     _tenant_args(p, key=False)
     p.set_defaults(func=cmd_policy_put)
+
+    p = pol.add_parser("test", help="offline: verify EVIDENCE and evaluate POLICY on it")
+    p.add_argument("policy", type=Path)
+    p.add_argument("evidence", type=Path)
+    p.add_argument("--kind", required=True, help="evidence kind, e.g. tpm2 or sev-snp")
+    p.add_argument("--report-data", required=True,
+                   help="hex report data the evidence must be bound to")
+    p.add_argument("--ak", type=Path, help="the node's enrolled attestation key")
+    p.add_argument("--verifier", action="append", metavar="MODULE:FACTORY",
+                   help="extra verifier plugin")
+    p.set_defaults(func=cmd_policy_test)
 
     gr = sub.add_parser("grant", help="grants").add_subparsers(dest="action", required=True)
     p = gr.add_parser("create", help="sign and submit a grant")

@@ -6,6 +6,7 @@ TLS 1.3 with current peers (Python's grpc exposes no switch to forbid 1.2).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -45,6 +46,7 @@ class BrokerServer:
         max_workers: int = 64,
     ) -> None:
         self.metrics = metrics or BrokerMetrics()
+        self.on_stop: list[Callable[[], None]] = []
         flow.d.on_denial = lambda reason: self.metrics.denials.labels(reason=reason).inc()
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="broker"),
@@ -84,3 +86,5 @@ class BrokerServer:
     def stop(self, grace: float | None = 1.0) -> None:
         self.health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
+        for hook in self.on_stop:
+            hook()

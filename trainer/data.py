@@ -7,10 +7,11 @@ Pipeline (per rank)::
     --(main thread: adapter cuts fixed-size samples into preallocated batch tensors)-->
     IterableDataset --> torch DataLoader(batch_size=None, num_workers=0)
 
-* **Assignment.** Shard ``j`` belongs to rank ``j % world_size``; every epoch a rank visits its
-  shards in an order drawn from ``(seed, epoch, rank)``, and samples inside a shard in an order
-  drawn from ``(seed, epoch, shard)``. The stream never ends (epochs repeat), so every rank
-  always has the next batch and DDP steps stay in lockstep.
+* **Assignment.** Shard ``j`` belongs to rank ``j % world_size`` (with fewer shards than
+  ranks, every rank reads every shard and takes a disjoint stride of its samples); every epoch
+  a rank visits its shards in an order drawn from ``(seed, epoch, rank)``, and samples inside
+  a shard in an order drawn from ``(seed, epoch, shard)``. The stream never ends (epochs
+  repeat), so every rank always has the next batch and DDP steps stay in lockstep.
 * **Buffers.** ``prefetch_depth + 2`` decrypt buffers are allocated once (grown only if a
   larger shard appears) and registered with the shredder, as are the batch tensors. Nothing
   is written to disk and ``num_workers=0`` keeps plaintext in this process.
@@ -117,7 +118,13 @@ class PlaintextShards:
 
 @dataclass(frozen=True, slots=True)
 class ShardPlan:
-    """Which shards a rank reads, in which order, each epoch."""
+    """Which shards a rank reads, in which order, each epoch.
+
+    With at least as many shards as ranks, shard ``j`` belongs to rank ``j % world_size``.
+    With fewer shards than ranks, every rank reads every shard and keeps every
+    ``world_size``-th sample of the shard's (rank-independent) shuffled order, starting at its
+    rank: the ranks still see disjoint samples.
+    """
 
     num_shards: int
     rank: int
@@ -125,14 +132,19 @@ class ShardPlan:
     seed: int
 
     def __post_init__(self) -> None:
-        if self.num_shards < self.world_size:
-            raise ValueError(
-                f"the dataset has {self.num_shards} shard(s) but the job runs "
-                f"{self.world_size} ranks: every rank needs at least one shard"
-            )
+        if self.num_shards < 1:
+            raise ValueError("the dataset has no shards")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
+
+    @property
+    def striped(self) -> bool:
+        return self.num_shards < self.world_size
 
     @property
     def shards(self) -> list[int]:
+        if self.striped:
+            return list(range(self.num_shards))
         return list(range(self.rank, self.num_shards, self.world_size))
 
     def order(self, epoch: int) -> list[int]:
@@ -402,9 +414,11 @@ class EncryptedBatches(IterableDataset):
                     (self.seed * 1_000_003 + ready.epoch * 65_537 + ready.shard) % (1 << 63)
                 )
                 order = torch.randperm(ready.count, generator=gen)
-                taken = 0
-                while taken < ready.count:
-                    n = min(self.batch_size - fill, ready.count - taken)
+                if self.plan.striped:
+                    order = order[self.plan.rank :: self.plan.world_size]
+                taken, count = 0, len(order)
+                while taken < count:
+                    n = min(self.batch_size - fill, count - taken)
                     torch.index_select(
                         samples, 0, order[taken : taken + n], out=rows[fill : fill + n]
                     )

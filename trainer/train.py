@@ -14,6 +14,9 @@
 6. always, in ``finally``: shred (DEK, derived keys, plaintext buffers, model and optimizer
    tensors, work files) and log the shred report.
 
+Resuming restores model, optimizer, scaler and step from the newest checkpoint; the data
+stream restarts at the next epoch (a fresh deterministic shuffle) rather than mid-epoch.
+
 ``plaintext_baseline_for_benchmark_only`` feeds the same loop from plaintext records held in
 memory; it exists only so the benchmark can measure the cost of confidentiality and is never
 reachable from the CLI.
@@ -225,6 +228,24 @@ def run_job(
             result.shred_report = str(report)
 
 
+def _on_device(
+    batch: tuple[torch.Tensor, torch.Tensor],
+    env: DistEnv,
+    reused: list[torch.Tensor],
+    shredder: Shredder,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copy a batch into preallocated device tensors (registered with the shredder once), so
+    plaintext token ids never land in fresh allocations the caching allocator frees unwiped."""
+    if env.device.type == "cpu":
+        return batch
+    if not reused:
+        reused.extend(torch.empty_like(t, device=env.device) for t in batch)
+        shredder.add_tensors("device batch", lambda: list(reused))
+    for dst, src in zip(reused, batch, strict=True):
+        dst.copy_(src, non_blocking=True)
+    return reused[0], reused[1]
+
+
 def _train(
     config: JobConfig,
     env: DistEnv,
@@ -297,6 +318,7 @@ def _train(
         shredder=shredder, start_epoch=start_epoch,
     )
     it = iter(make_loader(batches))
+    device_batch: list[torch.Tensor] = []  # reused device copies of the batch (CUDA only)
     metrics = _Metrics(config.metrics_port if env.is_main else None)
     result = JobResult(rank=env.rank, world_size=env.world_size, start_step=start_step,
                        steps_done=0)
@@ -312,9 +334,7 @@ def _train(
             group["lr"] = lr
         loss_sum = 0.0
         for micro in range(config.grad_accum):
-            x, y = next(it)
-            x = x.to(env.device, non_blocking=True)
-            y = y.to(env.device, non_blocking=True)
+            x, y = _on_device(next(it), env, device_batch, shredder)
             last = micro == config.grad_accum - 1
             sync = (model.no_sync() if isinstance(model, DDP) and not last
                     else contextlib.nullcontext())

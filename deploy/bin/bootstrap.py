@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--operator", default="ops", help="operator id")
     parser.add_argument("--listen", action="append", default=[], metavar="BROKER=HOST:PORT",
                         help="listen address of a broker (default 0.0.0.0:7443/7444)")
+    parser.add_argument("--lease-ttl-ms", type=int, default=60000,
+                        help="how long a released share's lease lasts before renewal")
     args = parser.parse_args(argv)
     root = args.root.rstrip("/")
 
@@ -126,12 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"{broker} broker: certificate, SoftHSM token, broker.yaml")
         _issue(pki, data / "tls", "broker", broker, f"{broker}-broker")
         _token(hsm, broker)
-        ek_roots = ek_ca.root_cert_pem() + ek_ca.issuer_cert_pem()
+        ek_roots = ek_ca.root_cert_pem + ek_ca.issuer_cert_pem
         (data / "ek-ca.pem").write_bytes(ek_roots)
         (data / "state").mkdir(parents=True, exist_ok=True, mode=0o700)
         (data / "broker.yaml").write_text(template.substitute(
             broker_id=broker, listen=listen[broker], data=str(data), hsm=str(hsm),
-            cert=f"broker-{broker}",
+            cert=f"broker-{broker}", lease_ms=args.lease_ttl_ms,
         ))
 
     _log(f"tenant {args.tenant} and operator {args.operator} certificates")

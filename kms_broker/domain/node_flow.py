@@ -37,6 +37,17 @@ __all__ = ["AttestResult", "Challenge", "NodeFlow", "ReleaseResult"]
 
 NONCE_SIZE = 32
 MAX_KEY_VERSION = 2**32 - 1
+CACHE_ENTRIES = 4096
+
+
+class _BoundedCache(dict):  # type: ignore[type-arg]
+    """Memo for pure checks over immutable inputs (a token's signature, a grant document's
+    signature, a policy over one session's claims): safe to reuse, cleared when full."""
+
+    def put(self, key: object, value: object) -> None:
+        if len(self) >= CACHE_ENTRIES:
+            self.clear()
+        self[key] = value
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +97,9 @@ class NodeFlow:
         self._tokens: TokenVerifier | None = None
         self._token_verifier()  # fail at start-up, not at the first release, if the HSM is down
         self._policies: dict[tuple[str, str], Any] = {}
+        self._verified_tokens = _BoundedCache()
+        self._verified_grants = _BoundedCache()
+        self._decisions = _BoundedCache()
 
     # ------------------------------------------------------------- helpers
     def _token_verifier(self) -> TokenVerifier:
@@ -117,10 +131,17 @@ class NodeFlow:
         return rules
 
     def _verify_token(self, token: bytes, node_id: str, actor: str) -> TokenClaims:
-        try:
-            claims = self._token_verifier().verify(token, now_ms=self.d.clock.now_ms())
-        except InvalidToken as exc:
-            raise Unauthenticated(f"attestation token rejected: {exc}") from None
+        now = self.d.clock.now_ms()
+        key = hashlib.sha256(token).digest()
+        claims = self._verified_tokens.get(key)
+        if claims is None:
+            try:
+                claims = self._token_verifier().verify(token, now_ms=now)
+            except InvalidToken as exc:
+                raise Unauthenticated(f"attestation token rejected: {exc}") from None
+            self._verified_tokens.put(key, claims)
+        elif now >= claims.exp:
+            raise Unauthenticated("attestation token rejected: token expired")
         if claims.node_id != node_id:
             raise Unauthenticated("attestation token was issued to another node")
         return claims
@@ -274,8 +295,10 @@ class NodeFlow:
             dataset_id=dataset_id, key_version=key_version,
             broker_id=self.d.settings.broker_id, node_public_key=claims.node_key,
         )
-        self.d.audit.append("release", actor=actor, subject=subject, outcome="allowed",
-                            reason=f"grant {grant.grant_id}, job {claims.job_id}")
+        # fail closed: the record is written before the HSM acts, and the sealed share leaves
+        # only once the record is on disk (the sync overlaps the HSM call)
+        seq = self.d.audit.write("release", actor=actor, subject=subject, outcome="allowed",
+                                 reason=f"grant {grant.grant_id}, job {claims.job_id}")
         try:
             with hsm_errors("sealing"):
                 sealed = self.d.hsm.seal_share(
@@ -284,6 +307,8 @@ class NodeFlow:
         except BrokerError as exc:
             self._audit_error("release", actor, subject, str(exc))
             raise
+        finally:
+            self.d.audit.wait_durable(seq)
         now = self.d.clock.now_ms()
         lease = Lease(
             lease_id=self.d.random.token_id(), node_id=node_id, grant_id=grant.grant_id,
@@ -326,7 +351,11 @@ class NodeFlow:
         for grant in grants:
             failed = self._grant_problems(grant, tenant.signing_public_key, now)
             if not failed:
-                rules = self._evaluate(tenant_id, grant.policy_digest, claims_map)
+                memo = (tenant_id, grant.policy_digest, claims.claims_digest)
+                rules = self._decisions.get(memo)
+                if rules is None:
+                    rules = self._evaluate(tenant_id, grant.policy_digest, claims_map)
+                    self._decisions.put(memo, rules)
                 failed = [r for r in rules if not r.passed]
             if not failed:
                 holders = self.d.repo.active_lease_nodes(grant.grant_id, now)
@@ -348,13 +377,18 @@ class NodeFlow:
         if now >= grant.expires_ms:
             return [RuleOutcome("grant.expired", False, f"grant {gid} has expired")]
         signed = self.d.repo.grant_document(gid)
-        try:
-            if signed is None:
-                raise InvalidGrantSignature("no signed document")
-            doc = verify_grant(signed[0], signed[1], tenant_key)
-        except (InvalidGrantSignature, ValueError):
-            return [RuleOutcome("grant.signature", False,
-                                f"grant {gid} is not signed by the tenant's key")]
+        cache_key = None if signed is None else hashlib.sha256(
+            b"".join((tenant_key, signed[1], signed[0]))).digest()
+        doc = self._verified_grants.get(cache_key)
+        if doc is None:
+            try:
+                if signed is None:
+                    raise InvalidGrantSignature("no signed document")
+                doc = verify_grant(signed[0], signed[1], tenant_key)
+            except (InvalidGrantSignature, ValueError):
+                return [RuleOutcome("grant.signature", False,
+                                    f"grant {gid} is not signed by the tenant's key")]
+            self._verified_grants.put(cache_key, doc)
         stored = (doc.tenant_id, doc.dataset_id, doc.job_id, doc.policy_digest, doc.max_nodes,
                   doc.expires_unix_ms)
         if stored != (grant.tenant_id, grant.dataset_id, grant.job_id, grant.policy_digest,

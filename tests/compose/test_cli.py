@@ -74,6 +74,18 @@ def test_ps_logs_and_down_from_another_process(tmp_path: Path):
         [sys.executable, "-m", "compose", "up", "--run-dir", str(tmp_path / "run"), "--mode",
          "local"], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, text=True,
     )
+    try:
+        _check_ps_logs_down(tmp_path, up)
+    finally:
+        if up.poll() is None:  # the checks failed: SIGTERM makes `up` bring everything down
+            up.terminate()
+        up.wait()
+        assert up.stdout is not None
+        up.stdout.close()
+    assert not (tmp_path / "run").exists()
+
+
+def _check_ps_logs_down(tmp_path: Path, up: subprocess.Popen[str]) -> None:
     assert up.stdout is not None
     seen = []
     for line in up.stdout:
@@ -92,9 +104,7 @@ def test_ps_logs_and_down_from_another_process(tmp_path: Path):
     down = _compose(tmp_path, "down")
     assert down.returncode == 0, down.stderr
     assert up.wait() == 0
-    up.stdout.close()
     assert live_processes(pgids=set(), marker=f"CT_COMPOSE_ID={run_id}:") == []
-    assert not (tmp_path / "run").exists()
 
 
 def test_help_and_usage_errors(tmp_path: Path):

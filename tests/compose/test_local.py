@@ -499,3 +499,31 @@ def test_missing_command_is_a_clear_error(make_harness: HarnessFactory):
     )
     with pytest.raises(ComposeError, match="'db' has no command or entrypoint"):
         harness.up()
+
+
+def test_stop_ends_only_that_service(make_harness: HarnessFactory):
+    # "node" is a prefix of "node-b": stopping one must not touch the other's processes,
+    # not even the helpers that left its process group.
+    spawn = ("import os, pathlib, subprocess, sys, time; subprocess.Popen([sys.executable, '-c',"
+             " 'import time; time.sleep(600)'], start_new_session=True);"
+             " pathlib.Path(os.environ['HOME'], 'ready').touch(); time.sleep(600)")
+    harness = make_harness(
+        f"""
+        services:
+          node:
+            command: [python, -c, "{spawn}"]
+            healthcheck: {READY_CHECK}
+          node-b:
+            command: [python, -c, "{spawn}"]
+            healthcheck: {READY_CHECK}
+        """
+    )
+    harness.up(wait=True)
+    others = live_processes(pgids=set(), marker=f"CT_COMPOSE_ID={harness.run_id}:node-b\0")
+    assert len(others) == 2  # the service and its helper in another session
+    harness.stop("node")
+    assert live_processes(pgids=set(), marker=f"CT_COMPOSE_ID={harness.run_id}:node\0") == []
+    assert sorted(live_processes(pgids=set(),
+                                 marker=f"CT_COMPOSE_ID={harness.run_id}:node-b\0")) == sorted(
+        others
+    )

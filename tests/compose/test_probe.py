@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -146,3 +147,25 @@ def test_tcp_probe_succeeds_on_listening_port(capsys):
         listener.listen()
         port = listener.getsockname()[1]
         assert probe_main(["tcp", f"127.0.0.1:{port}"]) == 0
+
+
+def test_pidfile_probe(tmp_path: Path, capsys):
+    import subprocess
+    import sys
+
+    pid_file = tmp_path / "svc.pid"
+    assert probe_main(["pidfile", str(pid_file)]) == 1
+    assert "cannot read pid file" in capsys.readouterr().err
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        pid_file.write_text(f"{child.pid}\n")
+        assert probe_main(["pidfile", str(pid_file)]) == 0
+    finally:
+        child.kill()
+    os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # dead, not reaped: a zombie
+    assert probe_main(["pidfile", str(pid_file)]) == 1
+    child.wait()
+    assert probe_main(["pidfile", str(pid_file)]) == 1
+    assert "is gone" in capsys.readouterr().err
+    pid_file.write_text("not a pid")
+    assert probe_main(["pidfile", str(pid_file)]) == 1

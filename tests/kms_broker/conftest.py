@@ -109,7 +109,8 @@ class BrokerProc:
 
 
 def start_broker(root: Path, pki: DevPki, config: softhsm.SoftHsmConfig, *, name: str = "b1",
-                 ttl_ms: dict[str, int] | None = None) -> BrokerProc:
+                 ttl_ms: dict[str, int] | None = None,
+                 metrics_port: int | None = None) -> BrokerProc:
     state = root / f"{name}-state"
     state.mkdir(parents=True)
     label = f"{name}-{secrets.token_hex(4)}"
@@ -129,6 +130,7 @@ def start_broker(root: Path, pki: DevPki, config: softhsm.SoftHsmConfig, *, name
                 "pin_file": str(pin_file), "softhsm_conf": str(config.config_path)},
         "verifiers": ["tests.kms_broker.verifiers:JsonClaimsVerifier"],
         "ttl_ms": ttl_ms or {},
+        "metrics_port": metrics_port,
     }
     cfg_path = root / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))

@@ -138,3 +138,34 @@ def test_cli_tail_prints_last_records(log, capsys) -> None:
     assert main(["audit", "tail", "--state-dir", str(path.parent), "--limit", "3"]) == 0
     out = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [r["seq"] for r in out] == [12, 13, 14]
+
+
+def test_failed_sync_fails_only_its_records_and_recovers(tmp_path: Path, monkeypatch) -> None:
+    import kms_broker.audit as audit_module
+
+    audit = AuditLog(tmp_path / "audit.log", now_ms=lambda: 0)
+    audit.append("a", actor="x", subject="y", outcome="ok")
+    real = os.fdatasync
+
+    def broken(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(audit_module.os, "fdatasync", broken)
+    seq = audit.write("b", actor="x", subject="y", outcome="ok")
+    with pytest.raises(Unavailable, match="Input/output error"):
+        audit.wait_durable(seq)
+    monkeypatch.setattr(audit_module.os, "fdatasync", real)
+    assert audit.append("c", actor="x", subject="y", outcome="ok") == seq + 1
+    with pytest.raises(Unavailable):
+        audit.wait_durable(seq)  # a record whose sync failed is never reported durable
+    audit.close()
+    assert verify_log(tmp_path / "audit.log").ok
+
+
+def test_shutdown_checkpoint_seals_the_tail(log) -> None:
+    path, hsm = log
+    assert "2 record(s) after it" in verify_log(path, hsm.signing_public_key()).problem
+    audit = AuditLog(path, now_ms=lambda: 0, sign=hsm.sign)
+    audit.checkpoint()
+    result = verify_log(path, hsm.signing_public_key())
+    assert result.ok and "0 record(s) after it" in result.problem

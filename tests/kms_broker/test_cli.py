@@ -85,16 +85,17 @@ def test_tenant_workflow_through_the_cli(cli_broker) -> None:
                                          key=pki_dir / "node-n1.key")
     manifest = listing.split("manifest=")[1].strip()
     with KeyClient([endpoint], node_id="n1", job_id="job1", evidence_for=make_evidence) as kc:
-        with kc.fetch_dek(tenant_id="acme", dataset_id="ds1", key_version=1).dek as dek:
-            reader = DatasetReader.open(LocalDirStore(store), manifest, dek=dek,
-                                        tenant_id="acme", dataset_id="ds1", key_version=1)
-            names = [reader.record_name(k) for k in range(reader.num_records)]
-            assert sorted(names) == sorted(files)
+        released = kc.fetch_dek(tenant_id="acme", dataset_id="ds1", key_version=1)
+    with released.dek as dek:
+        reader = DatasetReader.open(LocalDirStore(store), manifest, dek=dek,
+                                    tenant_id="acme", dataset_id="ds1", key_version=1)
+        names = [reader.record_name(k) for k in range(reader.num_records)]
+        assert sorted(names) == sorted(files)
 
     assert "KEK now v2, 1 share(s)" in run("dataset", "rotate", *tenant).stdout
     run("grant", "revoke", "g1", *tenant)
     with KeyClient([endpoint], node_id="n1", job_id="job1", evidence_for=make_evidence) as kc, \
-            pytest.raises(PermissionDeniedError, match="grant.revoked"):
+            pytest.raises(PermissionDeniedError, match=r"grant\.revoked"):
         kc.fetch_dek(tenant_id="acme", dataset_id="ds1", key_version=1)
 
     assert run("audit", "verify", "--state-dir", str(broker.state_dir)).stdout.startswith("OK")
@@ -121,3 +122,51 @@ def test_usage_errors_exit_2_and_failures_exit_1(cli_broker, tmp_path) -> None:
                   *tls(pki_dir, "tenant", "acme"), ok=False)
     assert missing.returncode == 1 and "does not match the client certificate" in missing.stderr
     assert "--help" not in run("--help").stderr and "serve" in run("--help").stdout
+
+
+def test_hsm_init_creates_a_token_from_pin_files(tmp_path) -> None:
+    pins = []
+    for name in ("so", "user"):
+        path = tmp_path / f"{name}.pin"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, secrets.token_hex(8).encode() + b"\n")
+        os.close(fd)
+        pins.append(path)
+    out = run("hsm", "init", "--state-dir", str(tmp_path / "hsm"), "--label", "t1",
+              "--so-pin-file", str(pins[0]), "--pin-file", str(pins[1]))
+    assert "token 't1' ready" in out.stdout
+    assert any((tmp_path / "hsm" / "tokens").iterdir())
+    again = run("hsm", "init", "--state-dir", str(tmp_path / "hsm"), "--label", "t1",
+                "--so-pin-file", str(pins[0]), "--pin-file", str(pins[1]), ok=False)
+    assert again.returncode == 1 and "already exists" in again.stderr
+    for p in pins:  # the PINs never reach argv or output
+        assert p.read_text().strip() not in out.stdout + out.stderr
+
+
+def test_policy_test_offline(tmp_path) -> None:
+    from tests.kms_broker.verifiers import make_evidence
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY_YAML)
+    report_data = secrets.token_bytes(32)
+    args = ["policy", "test", str(policy), "--kind", "test-json", "--report-data",
+            report_data.hex(), "--verifier", "tests.kms_broker.verifiers:JsonClaimsVerifier"]
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_bytes(make_evidence(report_data)[1])
+    bad.write_bytes(make_evidence(report_data, {"node.ksm.enabled": True,
+                                                "node.swap.enabled": False})[1])
+    allowed = run(*args[:3], str(good), *args[3:])
+    assert "ALLOWED" in allowed.stdout and "PASS ksm-off" in allowed.stdout
+    denied = run(*args[:3], str(bad), *args[3:], ok=False)
+    assert denied.returncode == 1 and "FAIL ksm-off" in denied.stdout
+
+
+def test_sigterm_stops_the_broker_with_a_signed_checkpoint(cli_broker) -> None:
+    """Runs last in this module: it stops the module's broker."""
+    import json
+
+    broker, _, _ = cli_broker
+    broker.stop()
+    assert broker.proc.returncode == 0
+    last = json.loads((broker.state_dir / "audit.log").read_text().splitlines()[-1])
+    assert last["event"] == "checkpoint" and len(last["sig"]) > 100

@@ -50,13 +50,6 @@ def test_hsm_outage_is_unavailable_and_releases_nothing(world: World, outage_res
     assert errors and "HSM" in errors[-1]["reason"]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="kms_broker.hsm.pkcs11_hsm (another helper's module): after an outage whose calls "
-    "failed with GeneralError the Pkcs11Hsm sometimes never recovers and every later call "
-    "raises HsmUnavailable(GeneralError) (intermittent; standalone repro fails every time). "
-    "Reported to the coordinator; remove this mark once fixed.",
-)
 def test_hsm_recovers_without_restart(world: World, outage_result) -> None:
     pid = world.broker.pid
     assert _release(world, outage_result["token"]).sealed_share

@@ -55,8 +55,10 @@ def test_shard_plan_assigns_each_shard_to_one_rank_and_shuffles_per_epoch():
         assert sorted(p.order(0)) == p.shards
         assert p.order(0) == ShardPlan(10, p.rank, 3, seed=1).order(0)  # deterministic
     assert any(p.order(0) != p.order(1) for p in plans)
-    with pytest.raises(ValueError, match="2 shard\\(s\\) but the job runs 3 ranks"):
-        ShardPlan(2, 0, 3, seed=0)
+    few = [ShardPlan(2, r, 3, seed=0) for r in range(3)]
+    assert all(p.striped and p.shards == [0, 1] for p in few)
+    with pytest.raises(ValueError, match="rank 3 outside world size 3"):
+        ShardPlan(2, 3, 3, seed=0)
 
 
 def test_encrypted_batches_equal_the_plaintext_baseline(dataset):
@@ -94,6 +96,25 @@ def test_ranks_read_disjoint_shards(dataset):
         assert set(batches.plan.shards) == set(range(rank, reader.num_shards, 2))
         shredder.shred("test")
     assert all(n > 0 for n in seen)
+
+
+def test_fewer_shards_than_ranks_gives_disjoint_samples(tmp_path, dataset):
+    records = [f"{i:032d}\n".encode() for i in range(64)]  # each record is one 33-byte window
+    seen = []
+    for rank in range(2):
+        shredder = Shredder()
+        pipe = EncryptedBatches(PlaintextShards([records]), TokenWindows(32), batch_size=8,
+                                rank=rank, world_size=2, seed=3, prefetch_depth=1,
+                                shredder=shredder)
+        it = iter(pipe)
+        rows = set()
+        for _ in range(4):  # one epoch: 32 windows per rank
+            x, y = next(it)
+            rows |= {bytes(x[r].tolist()) + bytes([int(y[r, -1])]) for r in range(8)}
+        seen.append(rows)
+        shredder.shred("test")
+    assert len(seen[0]) == len(seen[1]) == 32 and not seen[0] & seen[1]
+    assert seen[0] | seen[1] == set(records)
 
 
 def test_tampered_shard_fails_before_any_batch(dataset):

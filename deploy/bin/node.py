@@ -1,0 +1,82 @@
+"""Entry point of a training node (services ``node-a`` and ``node-b`` in docker-compose.yml).
+
+Renders this node's job file from ``/deploy/config/job.yaml.tmpl`` (its own certificate,
+TPM and paths; the dataset's manifest name from the job description the tenant published in
+the store), records its pid for the healthcheck (``python -m compose.probe pidfile``), and
+replaces itself with the trainer: ``torchrun`` with a static rendezvous at ``--master`` when
+the job spans several nodes, else ``trainer`` directly. Always ``--attest``: the only way the
+trainer obtains the dataset key.
+
+Container paths are ``--root`` + the path, as in bootstrap.py (``${CT_ROOT:-}``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import string
+import sys
+from pathlib import Path
+
+MAX_JOB_INFO_BYTES = 64 * 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--root", default="", help="prefix of every container path (CT_ROOT)")
+    parser.add_argument("--node", required=True, help="this node's enrolled id")
+    parser.add_argument("--tcti", required=True, help="this node's TPM (swtpm:host=..,port=..)")
+    parser.add_argument("--broker", action="append", required=True, metavar="HOST:PORT",
+                        help="brokers in share order")
+    parser.add_argument("--job-info", required=True, help="JSON the tenant published")
+    parser.add_argument("--rank", type=int, default=0, help="this node's rank")
+    parser.add_argument("--nnodes", type=int, default=1, help="nodes in the job")
+    parser.add_argument("--master", default="", help="HOST:PORT of rank 0's rendezvous")
+    parser.add_argument("--steps", type=int, default=40, help="training steps")
+    args = parser.parse_args(argv)
+    if not 0 <= args.rank < args.nnodes:
+        parser.error(f"--rank must be in [0, {args.nnodes})")
+    if args.nnodes > 1 and ":" not in args.master:
+        parser.error("--master HOST:PORT is needed for a job over several nodes")
+
+    root = args.root.rstrip("/")
+    home = Path(f"{root}/var/lib/{args.node}")
+    info_path = Path(args.job_info)
+    if info_path.stat().st_size > MAX_JOB_INFO_BYTES:
+        raise SystemExit(f"node: {info_path} is larger than {MAX_JOB_INFO_BYTES} bytes")
+    info = json.loads(info_path.read_text())
+    tls = home / "tls"
+    brokers = "\n".join(
+        f'  - {{address: "{address}", ca: {tls}/ca.pem, cert: {tls}/node-{args.node}.pem, '
+        f"key: {tls}/node-{args.node}.key}}"
+        for address in args.broker
+    )
+    template = string.Template(Path(f"{root}/deploy/config/job.yaml.tmpl").read_text())
+    job = template.substitute(
+        job_id=info["job_id"], tenant_id=info["tenant_id"], dataset_id=info["dataset_id"],
+        key_version=int(info["key_version"]), manifest=info["manifest"], store=f"{root}/store",
+        brokers=brokers, node_id=args.node, tcti=args.tcti, steps=args.steps,
+        checkpoints=f"{root}/store/checkpoints/{info['job_id']}",
+    )
+    job_file = home / "job.yaml"
+    job_file.write_text(job)
+    (home / "trainer.pid").write_text(f"{os.getpid()}\n")
+    trainer = ["-m", "trainer", "--attest", "--job", str(job_file), "--node-id", args.node]
+    if args.nnodes > 1:
+        host, _, port = args.master.rpartition(":")
+        argv_exec = [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", str(args.nnodes),
+            "--node-rank", str(args.rank), "--nproc-per-node", "1", "--master-addr", host,
+            "--master-port", port, *trainer,
+        ]
+    else:
+        argv_exec = [sys.executable, *trainer]
+    print(f"node {args.node}: rank {args.rank}/{args.nnodes}, job {info['job_id']}, "
+          f"starting the trainer", flush=True)
+    os.execv(sys.executable, argv_exec)  # noqa: S606 - fixed argv, no shell
+    return 1  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

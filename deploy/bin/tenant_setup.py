@@ -1,0 +1,93 @@
+"""Tenant one-shot (service ``tenant``): what the tenant does on its own machine.
+
+1. ``kms-broker tenant init``: its Ed25519 signing key (kept in the ``tenant`` volume).
+2. ``kms-broker tenant register`` at both brokers (one share each: dual control).
+3. The release policy: ``/policies/dev-swtpm.yaml`` with the trainer code digest that
+   ``attest collect`` reports for this image allowed, ``kms-broker policy put`` at both.
+4. ``kms-broker dataset upload``: the sample corpus encrypted into the shared store.
+5. ``kms-broker grant create`` for the job, for ``--max-nodes`` nodes, at both brokers.
+6. Publishes the job description (ids and the manifest's object name, no secret) to
+   ``/store/jobs/<job>.json`` for the nodes.
+
+Container paths are ``--root`` + the path, as in bootstrap.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def _run(*argv: str, quiet: bool = False) -> str:
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"tenant: `{' '.join(argv[:3])}` failed: {result.stderr.strip()}")
+    if not quiet:
+        for line in result.stdout.strip().splitlines():
+            print(f"tenant: {line}", flush=True)
+    return result.stdout
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--root", default="", help="prefix of every container path (CT_ROOT)")
+    parser.add_argument("--tenant", default="acme")
+    parser.add_argument("--dataset", default="corpus")
+    parser.add_argument("--job", default="job-1")
+    parser.add_argument("--max-nodes", type=int, default=2)
+    parser.add_argument("--corpus", required=True, help="plaintext corpus to upload")
+    parser.add_argument("--policy", required=True, help="policy YAML to start from")
+    parser.add_argument("--broker", action="append", required=True, metavar="HOST:PORT")
+    args = parser.parse_args(argv)
+    root = args.root.rstrip("/")
+    home = Path(f"{root}/var/lib/tenant")
+    store = Path(f"{root}/store")
+    key = home / "tenant.key"
+    tls = ["--ca", str(home / "ca.pem"), "--cert", str(home / f"tenant-{args.tenant}.pem"),
+           "--key", str(home / f"tenant-{args.tenant}.key")]
+    brokers = [arg for b in args.broker for arg in ("--broker", b)]
+    who = ["--tenant", args.tenant, *brokers, *tls]
+
+    if not key.exists():
+        _run("kms-broker", "tenant", "init", "--key", str(key))
+    _run("kms-broker", "tenant", "register", "--tenant-key", str(key), *who)
+
+    claims = json.loads(_run("attest", "collect", "--json", "--no-gpu", quiet=True))
+    policy = yaml.safe_load(Path(args.policy).read_text())
+    policy.setdefault("params", {})["allowed_code_digests"] = [claims["code_digest"]]
+    policy_file = home / "policy.yaml"
+    policy_file.write_text(yaml.safe_dump(policy, sort_keys=False))
+    digests = set(re.findall(r"policy (\S+)", _run("kms-broker", "policy", "put",
+                                                   str(policy_file), *who)))
+    if len(digests) != 1:
+        raise SystemExit(f"tenant: brokers report different policy digests: {sorted(digests)}")
+    (digest,) = digests
+
+    uploaded = _run("kms-broker", "dataset", "upload", args.corpus, "--store", str(store),
+                    "--dataset", args.dataset, "--tenant-key", str(key), *who)
+    manifest = re.search(r"manifest (\S+);", uploaded)
+    if manifest is None:
+        raise SystemExit("tenant: the upload did not name its manifest")
+
+    _run("kms-broker", "grant", "create", "--dataset", args.dataset, "--job", args.job,
+         "--policy-digest", digest, "--max-nodes", str(args.max_nodes), "--grant-id",
+         f"grant-{args.job}", "--tenant-key", str(key), *who)
+
+    jobs = store / "jobs"
+    jobs.mkdir(exist_ok=True)
+    (jobs / f"{args.job}.json").write_text(json.dumps({
+        "job_id": args.job, "tenant_id": args.tenant, "dataset_id": args.dataset,
+        "key_version": 1, "manifest": manifest.group(1), "grant_id": f"grant-{args.job}",
+    }, indent=1))
+    print(f"tenant: job {args.job} published", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Fast domain tests of the release pipeline (FakeHsm, manual clock, no sockets): lease room,
+token and lease expiry, renewals, and that denials never reach the HSM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from attest.interface import expected_report_data
+from attest.policy import Policy
+from kms_broker import sealing
+from kms_broker.audit import AuditLog, verify_log
+from kms_broker.domain.admin import Admin
+from kms_broker.domain.clock import ManualClock, SystemRandom
+from kms_broker.domain.deps import BrokerDeps, Settings
+from kms_broker.domain.errors import PermissionDenied, Unauthenticated
+from kms_broker.domain.node_flow import NodeFlow
+from kms_broker.grants import GrantDocument, sign_grant
+from kms_broker.hsm.fake import FakeHsm
+from kms_broker.state.sqlite import SqliteRepository
+from sealed.secrets import SecretBuffer
+from tests.kms_broker.verifiers import POLICY_YAML, JsonClaimsVerifier, make_evidence
+
+
+@pytest.fixture
+def broker(tmp_path: Path):
+    clock = ManualClock()
+    hsm = FakeHsm()
+    deps = BrokerDeps(
+        repo=SqliteRepository(tmp_path / "db"), hsm=hsm,
+        audit=AuditLog(tmp_path / "audit.log", now_ms=clock.now_ms, sign=hsm.sign),
+        clock=clock, random=SystemRandom(), verifiers={"test-json": JsonClaimsVerifier()},
+        load_policy=Policy.from_yaml,
+        settings=Settings(token_ttl_ms=60_000, lease_ttl_ms=120_000),
+    )
+    admin, flow = Admin(deps), NodeFlow(deps)
+    key = Ed25519PrivateKey.generate()
+    admin.register_tenant("acme", key.public_key().public_bytes_raw())
+    up = admin.open_upload(tenant_id="acme", dataset_id="ds", key_version=1, share_index=0,
+                           share_count=1)
+    with SecretBuffer.random(32) as share:
+        admin.commit_share(tenant_id="acme", upload_id=up.upload_id,
+                           sealed_share=sealing.seal_share_to(up.import_public_key, share,
+                                                              up.transcript))
+    admin.register_dataset(tenant_id="acme", dataset_id="ds", key_version=1, manifest_name="m",
+                           store_uri="", holders=())
+    digest = admin.put_policy(tenant_id="acme", text=POLICY_YAML)
+    doc, sig = sign_grant(GrantDocument(
+        grant_id="g", tenant_id="acme", dataset_id="ds", job_id="j", policy_digest=digest,
+        max_nodes=1, expires_unix_ms=clock.now_ms() + 3_600_000), key)
+    admin.create_grant(tenant_id="acme", document=doc, signature=sig)
+    for n in ("n1", "n2"):
+        admin.enrol_node(actor="operator:ops", node_id=n, tenant_scope="", ak_public=b"",
+                         ek_certificate=b"")
+    return flow, clock, hsm, tmp_path
+
+
+def _token(flow: NodeFlow, node: str) -> bytes:
+    ch = flow.challenge(node_id=node, job_id="j")
+    _, pub = sealing.generate_node_key()
+    kind, payload = make_evidence(expected_report_data(ch.nonce, ch.session_id, pub))
+    return flow.attest(node_id=node, session_id=ch.session_id, kind=kind, payload=payload,
+                       node_public_key=pub).token
+
+
+def _release(flow: NodeFlow, node: str, token: bytes):
+    return flow.release(node_id=node, token=token, tenant_id="acme", dataset_id="ds",
+                        key_version=1)
+
+
+def test_lease_room_limits_nodes_until_a_lease_expires(broker) -> None:
+    flow, clock, hsm, _ = broker
+    first = _release(flow, "n1", _token(flow, "n1"))
+    _release(flow, "n1", _token(flow, "n1"))  # the same node may release again
+    calls = hsm.calls
+    with pytest.raises(PermissionDenied, match=r"lease\.no_room"):
+        _release(flow, "n2", _token(flow, "n2"))
+    assert hsm.calls == calls + 1  # only the token signature touched the HSM
+    clock.advance(first.lease_expires_ms - clock.now_ms())
+    _release(flow, "n2", _token(flow, "n2"))
+
+
+def test_tokens_expire_and_belong_to_one_node(broker) -> None:
+    flow, clock, _, _ = broker
+    token = _token(flow, "n1")
+    with pytest.raises(Unauthenticated, match="another node"):
+        _release(flow, "n2", token)
+    clock.advance(60_000)
+    with pytest.raises(Unauthenticated, match="expired"):
+        _release(flow, "n1", token)
+
+
+def test_renewal_needs_a_fresh_token_and_a_live_lease(broker) -> None:
+    flow, clock, _, tmp = broker
+    lease = _release(flow, "n1", _token(flow, "n1"))
+    clock.advance(100_000)
+    expires = flow.renew(node_id="n1", lease_id=lease.lease_id, token=_token(flow, "n1"))
+    assert expires == clock.now_ms() + 120_000
+    clock.advance(120_000)
+    with pytest.raises(PermissionDenied, match=r"lease\.expired"):
+        flow.renew(node_id="n1", lease_id=lease.lease_id, token=_token(flow, "n1"))
+    assert verify_log(tmp / "audit.log").ok

@@ -1,0 +1,49 @@
+"""TEST ONLY entry point: ``run_job`` with :class:`AttestedKeySource` against a real broker,
+using the broker tests' ``test-json`` evidence kind in place of a TPM quote.
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 \\
+        tests/trainer/attested_entry.py --job JOB.yaml [--ksm-on]
+
+Everything else is the production path: one-time node keys, Challenge/Attest/Release over
+mTLS, shares sealed inside SoftHSM, DEK derived in memory, lease renewal, revocation push.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tests.kms_broker.verifiers import make_evidence
+from trainer.attested import AttestedKeySource
+from trainer.cli import setup_logging
+from trainer.config import JobConfig
+from trainer.keysource import AttestationDenied, KeySourceUnavailable
+from trainer.shred import EXIT_ATTESTATION_DENIED, EXIT_FAILURE, EXIT_OK
+from trainer.train import run_job
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--job", required=True)
+    p.add_argument("--ksm-on", action="store_true", help="claim KSM is on (policy denies)")
+    args = p.parse_args()
+    setup_logging("INFO")
+    config = JobConfig.from_yaml(args.job)
+    claims = {"node.ksm.enabled": args.ksm_on, "node.swap.enabled": False}
+    source = AttestedKeySource(config, evidence_for=lambda rd: make_evidence(rd, claims))
+    try:
+        result = run_job(config, source, require_hardening=True)
+    except AttestationDenied as exc:
+        reasons = "".join(f"\n  - {r}" for r in exc.reasons)
+        print(f"trainer: attestation denied: {exc}{reasons}", file=sys.stderr)
+        return EXIT_ATTESTATION_DENIED
+    except KeySourceUnavailable as exc:
+        print(f"trainer: cannot obtain the dataset key: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if result.rank == 0:
+        print(f"RESULT steps_done={result.steps_done} start_step={result.start_step}", flush=True)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
