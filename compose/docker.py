@@ -7,16 +7,19 @@ run with the interpolation variables as its environment):
     wait_healthy(s)       poll DC ps --all --format json S until Health is healthy
                           (ServiceFailed on unhealthy, or on exited)
     wait_completed(s)     DC wait S  (exit status of the container)
+    wait_all_completed    poll DC ps --all --format json S for each until all exited
     stop(s, timeout)      DC stop [--timeout N] S
     start(s)              DC start S
     restart(s, timeout)   DC restart [--timeout N] S
     exec(s, argv)         DC exec -T S ARGV...
+    run(s, argv)          DC run --rm --no-deps -T S ARGV...
     logs(s)               DC logs --no-color --no-log-prefix S
     ps()                  DC ps --all --format json
     down()                DC down --volumes --remove-orphans, then DC ps --all -q must be empty
 
 ``docker compose`` runs with this process's environment plus the variables (it interpolates
-from its environment). CT_ROOT and CT_HOST are not set, so container paths and service host names stay as written.
+from its environment). CT_ROOT and CT_HOST are not set, so container paths and service host
+names stay as written.
 This runner cannot be exercised on machines without an engine (like the development and CI
 machines of this project); ``compose.local`` is the one the tests run.
 """
@@ -123,6 +126,21 @@ class DockerHarness:
             )
         return code
 
+    def wait_all_completed(self, services: Iterable[str]) -> None:
+        """Polls until all have exited with 0; ServiceFailed as soon as one exits otherwise."""
+        pending = list(services)
+        while pending:
+            for service in list(pending):
+                states = self._states(service)
+                if states and states[0].get("State") in ("exited", "dead"):
+                    code = int(str(states[0].get("ExitCode", 1)))
+                    if code != 0:
+                        raise ServiceFailed(service, f"service {service!r} exited with status "
+                                            f"{code}\n{self._tail(service)}")
+                    pending.remove(service)
+            if pending:
+                time.sleep(_POLL_SECONDS)
+
     def stop(self, service: str, *, timeout: float | None = None) -> None:
         extra = ["--timeout", str(round(timeout))] if timeout is not None else []
         self._run("stop", *extra, service)
@@ -146,6 +164,20 @@ class DockerHarness:
         for key, value in (env or {}).items():
             extra += ["--env", f"{key}={value}"]
         return self._run("exec", "-T", *extra, service, *argv, check=False, input=input)
+
+    def run(
+        self,
+        service: str,
+        argv: Sequence[str],
+        *,
+        input: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[bytes]:
+        extra: list[str] = []
+        for key, value in (env or {}).items():
+            extra += ["--env", f"{key}={value}"]
+        return self._run("run", "--rm", "--no-deps", "-T", *extra, service, *argv, check=False,
+                         input=input)
 
     def logs(self, service: str) -> str:
         return self._run("logs", "--no-color", "--no-log-prefix", service).stdout.decode(

@@ -18,9 +18,10 @@ variables (``${PROVIDER_BROKER_PORT:-50051}``) so that tests can pass free ports
 
 Process environment: only what the compose file gives (env_file, environment) plus PATH
 (the harness's Python first, as the image's would be), HOME and TMPDIR under
-``RUN/roots/<service>/.ct``, LANG, and the run marker ``CT_COMPOSE_ID`` (see
-``compose.proctree``). The harness's own environment is not passed through, as a container
-would not see it.
+``RUN/roots/<service>/.ct``, LANG, ``image_env`` (what an image would set, for example
+PYTHONPATH), and the run marker ``CT_COMPOSE_ID`` (see ``compose.proctree``). The harness's
+own environment is not passed through, as a container would not see it. Logs: each
+service's stdout and stderr go to ``RUN/logs/<service>.log``, across restarts.
 
 Not enforced here, documented: read-only mounts, resource limits, the image, users and
 network isolation. The healthcheck runs as a host process with the service's environment
@@ -227,6 +228,30 @@ class LocalHarness:
             raise ServiceFailed(service, self._with_log_tail(service, reason))
         return code
 
+    def wait_all_completed(self, services: Iterable[str]) -> None:
+        """Block until every one of ``services`` has exited with status 0; ``ServiceFailed``
+        as soon as one of them exits otherwise (its peers may be left waiting for it)."""
+        runtimes = [self._runtime(name) for name in services]
+        failed: _Runtime | None = None
+        with self._cond:
+            while failed is None:
+                finished = 0
+                for runtime in runtimes:
+                    if runtime.state == "created":
+                        name = runtime.service.name
+                        raise ServiceFailed(name, f"service {name!r} was never started")
+                    if runtime.state in ("exited", "stopped") and not runtime.restart_pending:
+                        if runtime.exit_code != 0:
+                            failed = runtime
+                            break
+                        finished += 1
+                if failed is None:
+                    if finished == len(runtimes):
+                        return
+                    self._cond.wait()
+        reason = self._ended_reason(failed, "instead of completing successfully")
+        raise ServiceFailed(failed.service.name, self._with_log_tail(failed.service.name, reason))
+
     def stop(self, service: str, *, timeout: float | None = None) -> None:
         """Signal the service's process group with its stop signal, SIGKILL after the grace
         period (``stop_grace_period`` or ``timeout``). Its restart policy does not apply."""
@@ -286,6 +311,31 @@ class LocalHarness:
         with self._cond:
             if runtime.state != "running":
                 raise ComposeError(f"service {service!r} is not running ({runtime.state})")
+        environment = self._environment(runtime)
+        environment.update(env or {})
+        return subprocess.run(
+            list(argv),
+            input=input,
+            capture_output=True,
+            env=environment,
+            cwd=self._working_dir(runtime),
+            start_new_session=True,
+            check=False,
+        )
+
+    def run(
+        self,
+        service: str,
+        argv: Sequence[str],
+        *,
+        input: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run a one-off ``argv`` with the service's environment, mounts and working
+        directory, whether or not the service runs (``docker compose run --rm --no-deps``):
+        for example a tenant command after the ``tenant`` one-shot has finished."""
+        runtime = self._runtime(service)
+        self._prepare()
         environment = self._environment(runtime)
         environment.update(env or {})
         return subprocess.run(
@@ -549,6 +599,7 @@ class LocalHarness:
                 return
             runtime.state = "exited"
             runtime.exit_code = code
+            runtime.health = None
             runtime.wake.set()
             restart = (
                 not runtime.user_stopped

@@ -12,15 +12,7 @@ import importlib
 import inspect
 from pathlib import Path
 
-MODULES = (
-    "abc argparse asyncio base64 bisect calendar collections concurrent.futures contextlib "
-    "copy csv dataclasses datetime decimal difflib email enum fractions functools gettext glob "
-    "hashlib heapq hmac html http.client inspect io ipaddress itertools json logging mailbox "
-    "math mimetypes numbers operator optparse os pathlib pickle pprint queue random re sched "
-    "secrets selectors shelve shlex shutil socket sqlite3 statistics string struct subprocess "
-    "tarfile tempfile textwrap threading timeit tokenize traceback types typing unittest "
-    "urllib.parse uuid warnings weakref zipfile zlib"
-).split()
+MODULES = ["abc", "argparse", "asyncio", "base64", "bisect", "calendar", "collections", "concurrent.futures", "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "email", "enum", "fractions", "functools", "gettext", "glob", "hashlib", "heapq", "hmac", "html", "http.client", "inspect", "io", "ipaddress", "itertools", "json", "logging", "mailbox", "math", "mimetypes", "numbers", "operator", "optparse", "os", "pathlib", "pickle", "pprint", "queue", "random", "re", "sched", "secrets", "selectors", "shelve", "shlex", "shutil", "socket", "sqlite3", "statistics", "string", "struct", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "timeit", "tokenize", "traceback", "types", "typing", "unittest", "urllib.parse", "uuid", "warnings", "weakref", "zipfile", "zlib"]
 
 
 def module_text(name: str) -> str:

@@ -283,14 +283,19 @@ def verify_log(path: Path, public_key_sec1: bytes | None = None) -> AuditVerific
     return AuditVerification(True, count, 0, f"{count} records, chain intact{tail}")
 
 
-def tail_log(path: Path, limit: int) -> list[dict]:
-    """The last ``limit`` records as dicts (including their hash)."""
+def tail_log(
+    path: Path, limit: int, keep: Callable[[dict], bool] | None = None
+) -> list[dict]:
+    """The last ``limit`` records (those ``keep`` accepts) as dicts, with their hash."""
     out: list[dict] = []
     for raw in _lines(path):
         try:
-            out.append(json.loads(raw))
+            rec = json.loads(raw)
         except ValueError:
-            out.append({"unparseable": raw[:200].decode(errors="replace")})
+            rec = {"unparseable": raw[:200].decode(errors="replace")}
+        if keep is not None and not keep(rec):
+            continue
+        out.append(rec)
         if len(out) > limit:
             out.pop(0)
     return out

@@ -197,7 +197,14 @@ class TenantServicer(pb_grpc.TenantServiceServicer):
 
     def TailAudit(self, request: Any, context: grpc.ServicerContext) -> Any:
         limit = min(request.limit or 50, 1000)
-        records = tail_log(self.admin.d.audit.path, limit)
+        tenant = request.tenant_id
+
+        def about_tenant(r: dict) -> bool:  # a tenant sees only records about itself
+            subject, actor = str(r.get("subject", "")), str(r.get("actor", ""))
+            return (actor == f"tenant:{tenant}" or subject == f"tenant:{tenant}"
+                    or subject.startswith(f"dataset:{tenant}/"))
+
+        records = tail_log(self.admin.d.audit.path, limit, keep=about_tenant)
         return pb.TailAuditResponse(records=[
             pb.AuditRecord(seq=int(r.get("seq", 0)) if isinstance(r.get("seq"), int) else 0,
                            canonical_json=json.dumps(r, sort_keys=True),

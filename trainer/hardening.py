@@ -8,9 +8,11 @@
 3. ``umask(0o077)``: whatever the trainer writes (encrypted checkpoints) is owner-only;
 4. ``mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)`` where allowed, so no page of the process
    (keys, plaintext buffers) can be swapped out. ``MCL_ONFAULT`` locks pages as they are
-   touched rather than populating every reservation. Where it is refused (no
-   ``CAP_IPC_LOCK`` and a small ``RLIMIT_MEMLOCK``) the check reports it; key buffers are still
-   ``mlock``-ed one by one by :class:`~sealed.secrets.SecretBuffer`.
+   touched rather than populating every reservation. It is only attempted with
+   ``CAP_IPC_LOCK`` or an unlimited ``RLIMIT_MEMLOCK``: under a finite limit every later
+   allocation would count against it and fail once it is reached. Otherwise the check reports
+   it, and key buffers are still ``mlock``-ed one by one by
+   :class:`~sealed.secrets.SecretBuffer`.
 
 :func:`self_check` returns one :class:`Check` per property with how to fix a failure.
 ``required`` checks must pass for ``trainer --attest`` to start; the others are advisory.
@@ -38,7 +40,7 @@ PR_GET_DUMPABLE = 3
 MCL_CURRENT = 1
 MCL_FUTURE = 2
 MCL_ONFAULT = 4
-_KEY_PROBE_BYTES = 64 * 1024  # the key buffers of a job fit easily in this
+_KEY_PROBE_BYTES = 8 * 1024  # the key buffers of a job (a few 32-byte keys) fit in this
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -72,10 +74,38 @@ def harden_process() -> HardeningResult:
         raise OSError(err, f"prctl(PR_SET_DUMPABLE, 0) failed: {os.strerror(err)}")
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     os.umask(0o077)
+    if not _mlockall_unbounded():
+        # with MCL_FUTURE, every later allocation would count against a finite
+        # RLIMIT_MEMLOCK and fail once it is reached: lock key buffers only
+        limit = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+        return HardeningResult(
+            mlockall=False,
+            mlockall_error=f"skipped: RLIMIT_MEMLOCK is {limit} bytes and CAP_IPC_LOCK is absent",
+        )
     if _libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) == 0:
         return HardeningResult(mlockall=True, mlockall_error="")
     err = ctypes.get_errno()
     return HardeningResult(mlockall=False, mlockall_error=os.strerror(err))
+
+
+CAP_IPC_LOCK = 14
+
+
+def _has_cap_ipc_lock() -> bool:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_IPC_LOCK & 1)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def _mlockall_unbounded() -> bool:
+    """Whether locking all future memory cannot make allocations fail."""
+    limit = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+    return limit == resource.RLIM_INFINITY or _has_cap_ipc_lock()
 
 
 def _locked_kib() -> int:

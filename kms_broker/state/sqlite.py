@@ -296,11 +296,17 @@ class SqliteRepository:
 
     @_guarded
     def consume_session(self, session_id: str) -> Session | None:
+        # the conditional UPDATE is the single-use check, atomic even across processes
+        won = self._db.execute(
+            "UPDATE sessions SET used=1 WHERE session_id=? AND used=0", (session_id,)
+        ).rowcount == 1
         r = self._db.execute("SELECT * FROM sessions WHERE session_id=?", (session_id,)).fetchone()
         if r is None:
             return None
-        self._db.execute("UPDATE sessions SET used=1 WHERE session_id=?", (session_id,))
-        return self._session(r)  # carries the *previous* used flag
+        session = self._session(r)
+        return Session(session_id=session.session_id, node_id=session.node_id,
+                       job_id=session.job_id, nonce=session.nonce,
+                       expires_ms=session.expires_ms, used=not won)
 
     @_guarded
     def put_session_claims(self, session_id: str, claims_json: bytes) -> None:

@@ -117,3 +117,22 @@ def test_help_and_usage_errors(tmp_path: Path):
     result = _compose(tmp_path, "up")  # no compose file there
     assert result.returncode == 1
     assert "cannot read compose file" in result.stderr
+
+
+def test_exit_code_from_a_service(tmp_path: Path):
+    (tmp_path / "docker-compose.yml").write_text(textwrap.dedent("""
+        services:
+          server:
+            command: [python, -c, "import time; time.sleep(600)"]
+          job:
+            command: [python, -c, "import sys; print('job finished'); sys.exit(3)"]
+            depends_on: [server]
+        """))
+    result = _compose(tmp_path, "up", "--exit-code-from", "job")
+    assert result.returncode == 3, result.stderr
+    assert "job    | job finished" in result.stdout
+    assert "[compose] job exited with status 3" in result.stdout
+    assert not (tmp_path / "run").exists()
+    result = _compose(tmp_path, "up", "--exit-code-from", "nope")
+    assert result.returncode == 1
+    assert "no enabled service 'nope'" in result.stderr

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import time
 from pathlib import Path
 
 import pytest
 
-from compose import LocalHarness, load_project
+from compose import LocalHarness, ServiceFailed, load_project
 from tests.compose.conftest import live_processes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -115,9 +116,51 @@ def _files_containing(root: Path, needles: list[bytes]) -> list[str]:
     return hits
 
 
+def _deployment(tmp_path: Path, **settings: str) -> tuple[LocalHarness, dict[str, str]]:
+    """A harness on docker-compose.yml with free ports and a frozen copy of the code, and
+    the variables it was given."""
+    provider, tenant, tpm_a, tpm_b, master = _free_ports(5)
+    variables = {
+        "PROVIDER_BROKER_PORT": str(provider), "TENANT_BROKER_PORT": str(tenant),
+        "TPM_A_PORT": str(tpm_a), "TPM_A_CTRL_PORT": str(tpm_a + 1),
+        "TPM_B_PORT": str(tpm_b), "TPM_B_CTRL_PORT": str(tpm_b + 1),
+        "MASTER_PORT": str(master), **settings,
+    }
+    harness = LocalHarness(COMPOSE_FILE, tmp_path / "run", variables=variables,
+                           image_env={"PYTHONPATH": str(_image(tmp_path / "image"))})
+    return harness, variables
+
+
+def _image(directory: Path) -> Path:
+    """A frozen copy of the project's packages, standing in for the image's installed code.
+
+    The services import it before the editable checkout (PYTHONPATH), so edits made to the
+    checkout while the test runs cannot change the trainer code digest between the tenant's
+    approval and the nodes' attestation; and `compose.probe` is importable before the
+    compose package is installed.
+    """
+    for package in ("sealed", "kms_broker", "attest", "trainer", "compose"):
+        shutil.copytree(REPO / package, directory / package,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return directory
+
+
+def _assert_nodes_alive(harness: LocalHarness) -> None:
+    states = {s.name: s.state for s in harness.ps()}
+    for node in ("node-a", "node-b"):
+        assert states[node] in ("created", "running"), harness.logs(node)[-3000:]
+
+
 def _audit(harness: LocalHarness, broker: str) -> list[dict]:
     path = harness.volume_path(f"{broker}-broker") / "state" / "audit.log"
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def _released_to(harness: LocalHarness, broker: str) -> set[str]:
+    return {r["actor"] for r in _audit(harness, broker)
+            if r["event"] == "release" and r["outcome"] == "allowed"}
 
 
 @pytest.mark.integration
@@ -126,28 +169,20 @@ def test_two_brokers_two_attested_nodes_train_through_a_broker_restart(tmp_path:
     """Issue 6 scenarios 1, 3 and 7 through docker-compose.yml: each broker holds one share,
     both nodes attest and train together; the provider broker restarts mid-training and the
     leases renew once it is back; nothing in the clear reaches disk; nothing is left."""
-    provider, tenant, tpm_a, tpm_b, master = _free_ports(5)
-    variables = {
-        "PROVIDER_BROKER_PORT": str(provider), "TENANT_BROKER_PORT": str(tenant),
-        "TPM_A_PORT": str(tpm_a), "TPM_A_CTRL_PORT": str(tpm_a + 1),
-        "TPM_B_PORT": str(tpm_b), "TPM_B_CTRL_PORT": str(tpm_b + 1),
-        "MASTER_PORT": str(master), "TRAIN_STEPS": "40", "LEASE_TTL_MS": "10000",
-    }
-    # The project is not installed with the compose package yet: the "image" is this checkout.
-    harness = LocalHarness(COMPOSE_FILE, tmp_path / "run", variables=variables,
-                           image_env={"PYTHONPATH": str(REPO)})
+    harness, _ = _deployment(tmp_path, TRAIN_STEPS="40", LEASE_TTL_MS="16000")
     marker = f"CT_COMPOSE_ID={harness.run_id}:"
     try:
         harness.up()
-        while "step 5/40" not in harness.logs("node-a"):  # training is under way
-            node_a = {s.name: s for s in harness.ps()}["node-a"]
-            assert node_a.state in ("created", "running"), harness.logs("node-a")
+        nodes = {"node:node-a", "node:node-b"}
+        # Restart the provider broker as soon as both nodes hold their shares (training is
+        # starting): it is back well before the first renewal, at half the lease.
+        while _released_to(harness, "provider") != nodes:
+            _assert_nodes_alive(harness)
             time.sleep(0.2)
         restarted_ms = int(time.time() * 1000)
         harness.restart("provider-broker")
         harness.wait_healthy("provider-broker")
-        assert harness.wait_completed("node-a") == 0, harness.logs("node-a")
-        assert harness.wait_completed("node-b") == 0, harness.logs("node-b")
+        harness.wait_all_completed(["node-a", "node-b"])
         states = {s.name: s for s in harness.ps()}
         assert states["tenant-broker"].health == "healthy"
         assert states["tenant-broker"].restarts == 0
@@ -163,12 +198,8 @@ def test_two_brokers_two_attested_nodes_train_through_a_broker_restart(tmp_path:
         store = harness.volume_path("store")
         assert list((store / "checkpoints" / "job-1").iterdir()), "no checkpoint written"
 
-        nodes = {"node:node-a", "node:node-b"}
         for broker in ("provider", "tenant"):
-            records = _audit(harness, broker)
-            released = {r["actor"] for r in records
-                        if r["event"] == "release" and r["outcome"] == "allowed"}
-            assert released == nodes, broker
+            assert _released_to(harness, broker) == nodes, broker
             verified = harness.exec(f"{broker}-broker", [
                 "kms-broker", "audit", "verify", "--state-dir",
                 str(harness.host_path(f"{broker}-broker", f"/var/lib/{broker}-broker/state"))])
@@ -187,3 +218,42 @@ def test_two_brokers_two_attested_nodes_train_through_a_broker_restart(tmp_path:
         harness.down()
     assert live_processes(pgids=set(), marker=marker) == []
     assert not harness.run_dir.exists()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_tenant_revokes_at_its_own_broker_and_both_nodes_shred(tmp_path: Path):
+    """Issue 6 scenario 4: the tenant revokes the grant at the broker it runs; both nodes
+    shred and stop although the provider broker never saw the revocation."""
+    harness, variables = _deployment(tmp_path, TRAIN_STEPS="100000", LEASE_TTL_MS="16000")
+    marker = f"CT_COMPOSE_ID={harness.run_id}:"
+    nodes = {"node:node-a", "node:node-b"}
+    try:
+        harness.up()
+        while _released_to(harness, "tenant") != nodes or "step 5/" not in harness.logs("node-a"):
+            _assert_nodes_alive(harness)
+            time.sleep(0.2)
+        home = "/var/lib/tenant"
+        tls = [f"--ca={harness.host_path('tenant', f'{home}/ca.pem')}",
+               f"--cert={harness.host_path('tenant', f'{home}/tenant-acme.pem')}",
+               f"--key={harness.host_path('tenant', f'{home}/tenant-acme.key')}"]
+        broker = f"--broker=127.0.0.1:{variables['TENANT_BROKER_PORT']}"
+        revoked = harness.run("tenant", ["kms-broker", "grant", "revoke", "grant-job-1",
+                                         "--tenant=acme", broker, *tls])
+        assert revoked.returncode == 0, revoked.stderr
+        for node in ("node-a", "node-b"):
+            with pytest.raises(ServiceFailed):
+                harness.wait_completed(node)
+            log = harness.logs(node)
+            tenant_broker = f"127.0.0.1:{variables['TENANT_BROKER_PORT']}"
+            assert f"shred report (revoked: broker {tenant_broker} revoked the lease" in log, (
+                log[-3000:]
+            )
+            assert "step 100000/100000" not in log
+        assert [r["event"] for r in _audit(harness, "tenant")].count("revoke_grant") == 1
+        assert not any("revoke" in r["event"] for r in _audit(harness, "provider"))
+        assert {s.name: s.state for s in harness.ps()}["provider-broker"] == "running"
+        assert _files_containing(harness.run_dir, CANARIES) == []
+    finally:
+        harness.down()
+    assert live_processes(pgids=set(), marker=marker) == []

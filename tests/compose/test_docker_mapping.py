@@ -84,11 +84,13 @@ def test_command_mapping(stub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     harness.up(wait=True)
     harness.wait_healthy("web")
     assert harness.wait_completed("web") == 0
+    harness.wait_all_completed([])
     harness.stop("web", timeout=3)
     harness.start("web")
     harness.restart("web")
     result = harness.exec("web", ["echo", "hi"], env={"A": "1"})
     assert result.returncode == 0
+    assert harness.run("web", ["true"]).returncode == 0
     assert harness.logs("web") == "web says hi\n"
     harness.down()
     harness.down()  # idempotent
@@ -100,6 +102,7 @@ def test_command_mapping(stub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         [*base, "start", "web"],
         [*base, "restart", "web"],
         [*base, "exec", "-T", "--env", "A=1", "web", "echo", "hi"],
+        [*base, "run", "--rm", "--no-deps", "-T", "web", "true"],
         [*base, "logs", "--no-color", "--no-log-prefix", "web"],
         [*base, "down", "--volumes", "--remove-orphans"],
         [*base, "ps", "--all", "-q"],

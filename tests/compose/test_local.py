@@ -25,7 +25,13 @@ if mode == "oneshot":
     event(f"{name} done")
     sys.exit(int(sys.argv[4]))
 if mode == "serve":
-    pathlib.Path(os.environ["HOME"], "ready").unlink(missing_ok=True)
+    ready = pathlib.Path(os.environ["HOME"], "ready")
+
+    def on_term(signum, frame):
+        ready.unlink(missing_ok=True)  # so that a restarted life is not healthy too early
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
     event(f"{name} start")
     print(f"{name} booting", flush=True)
     time.sleep(float(sys.argv[3]))
@@ -127,6 +133,28 @@ def test_depends_on_orders_by_completion_and_health(make_harness: HarnessFactory
     assert states["web"].state == "running" and states["web"].health == "healthy"
 
 
+def test_wait_all_completed_fails_fast(make_harness: HarnessFactory):
+    harness = make_harness(
+        """
+        services:
+          ok:
+            command: [python, -c, "print('fine')"]
+          waiting:
+            command: [python, -c, "import time; time.sleep(600)"]
+          broken:
+            command: [python, -c, "import sys; print('peer lost'); sys.exit(6)"]
+        """
+    )
+    harness.up()
+    with pytest.raises(ServiceFailed, match=r"(?s)'broken' exited with status 6.*peer lost"):
+        harness.wait_all_completed(["ok", "waiting", "broken"])
+    assert {s.name: s.state for s in harness.ps()}["waiting"] == "running"
+    harness.stop("waiting")
+    with pytest.raises(ServiceFailed, match="'waiting' was stopped instead of completing"):
+        harness.wait_all_completed(["ok", "waiting"])
+    harness.wait_all_completed(["ok"])
+
+
 def test_failed_one_shot_blocks_its_dependents(make_harness: HarnessFactory, toy: Path):
     harness = make_harness(
         f"""
@@ -203,10 +231,13 @@ def test_never_healthy_fails_naming_service_with_log_tail(make_harness: HarnessF
         """
         services:
           db:
-            command: [python, -c, "import time; print('db booting, cannot bind', flush=True);
-              time.sleep(600)"]
+            command: [python, -c, "import os, pathlib, time;
+              print('db booting, cannot bind', flush=True);
+              pathlib.Path(os.environ['HOME'], 'booted').touch(); time.sleep(600)"]
             healthcheck:
-              test: ["CMD-SHELL", "echo not ready yet; exit 1"]
+              # fails only once the service has logged, so that its log tail is known
+              test: ["CMD-SHELL", "until test -f $$HOME/booted; do sleep 0.05; done;
+                echo not ready yet; exit 1"]
               interval: 50ms
               retries: 3
           app:
@@ -341,6 +372,26 @@ def test_exec_sees_service_environment_and_requires_running(make_harness: Harnes
     assert result.stderr == b"stdin works"
 
 
+def test_run_one_off_command_of_a_finished_service(make_harness: HarnessFactory):
+    harness = make_harness(
+        """
+        services:
+          setup:
+            command: [python, -c, "import os; open(os.environ['OUT'], 'w').write('setup')"]
+            environment: {OUT: "${CT_ROOT:-}/data/out", ROLE: tenant}
+            volumes: [data:/data]
+        volumes: {data: {}}
+        """
+    )
+    harness.up()
+    assert harness.wait_completed("setup") == 0
+    result = harness.run("setup", ["sh", "-c", 'cat "$OUT"; echo " again as $ROLE"'])
+    assert result.returncode == 0
+    assert result.stdout == b"setup again as tenant\n"
+    with pytest.raises(ComposeError, match="'setup' is not running"):
+        harness.exec("setup", ["true"])
+
+
 def test_restart_one_service_while_others_keep_running(make_harness: HarnessFactory, toy: Path):
     harness = make_harness(
         f"""
@@ -432,6 +483,13 @@ def test_down_leaves_no_process_and_wipes_run_dir(
     harness.down()  # idempotent
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # gone meanwhile
+        return b""
+
+
 def _is_zombie(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -519,11 +577,14 @@ def test_stop_ends_only_that_service(make_harness: HarnessFactory):
         """
     )
     harness.up(wait=True)
-    others = live_processes(pgids=set(), marker=f"CT_COMPOSE_ID={harness.run_id}:node-b\0")
+
+    def pythons(service: str) -> set[int]:  # leaves out healthcheck probes (sh)
+        marker = f"CT_COMPOSE_ID={harness.run_id}:{service}\0"
+        return {p for p in live_processes(pgids=set(), marker=marker) if b"python" in _cmdline(p)}
+
+    others = pythons("node-b")
     assert len(others) == 2  # the service and its helper in another session
+    assert len(pythons("node")) == 2
     harness.stop("node")
     assert live_processes(pgids=set(), marker=f"CT_COMPOSE_ID={harness.run_id}:node\0") == []
-    assert sorted(live_processes(pgids=set(),
-                                 marker=f"CT_COMPOSE_ID={harness.run_id}:node-b\0")) == sorted(
-        others
-    )
+    assert pythons("node-b") == others

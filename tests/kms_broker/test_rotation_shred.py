@@ -4,6 +4,7 @@ Also n-of-n across two brokers, and upload rollback."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -144,3 +145,13 @@ def test_upload_rolls_back_when_a_broker_fails(broker_factory, tmp_path) -> None
             upload_dataset([good, unregistered], [], store, dataset_id="rolled")
         assert good.list_datasets() == [] and unregistered.list_datasets() == []
     assert store.list() == []
+
+
+def test_a_tenant_tails_only_its_own_audit_records(world: World) -> None:
+    with world.broker.tenant("acme") as acme:
+        records = [json.loads(r.canonical_json) for r in acme.tail_audit(1000)]
+    assert records and all(
+        r["actor"] == "tenant:acme" or r["subject"] == "tenant:acme"
+        or r["subject"].startswith("dataset:acme/") for r in records)
+    assert any(r["event"] == "release" for r in records)
+    assert not any("beta" in r["subject"] or "beta" in r["actor"] for r in records)

@@ -177,3 +177,15 @@ def test_gen_protos_check_detects_stale_stubs(tmp_path: Path) -> None:
     os.remove(copy / "kmsbroker" / "v1" / "broker_pb2_grpc.py")
     assert gen.differences(fresh, copy) == [
         "missing: kmsbroker/v1/broker_pb2_grpc.py", "differs: kmsbroker/v1/broker_pb2.pyi"]
+
+
+def test_domain_imports_neither_grpc_nor_pkcs11() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, kms_broker.domain.node_flow, kms_broker.domain.admin, "
+            "kms_broker.state.sqlite, kms_broker.audit, kms_broker.grants, kms_broker.tokens; "
+            "print(sorted(m for m in ('grpc', 'pkcs11', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).parents[2]).stdout.strip()
+    assert out == "[]"

@@ -124,3 +124,15 @@ def test_attest_refuses_to_start_when_keys_cannot_be_locked(tmp_path, dataset):
     assert "refusing to start: process hardening self-check failed" in out.stderr
     assert "[FAIL] mlock-key-buffers" in out.stderr and "CAP_IPC_LOCK" in out.stderr
     assert "key release failed" not in out.stderr  # no key was asked for
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux setpriv")
+def test_finite_memlock_limit_skips_mlockall_but_locks_keys():
+    # mlockall(MCL_FUTURE) under a finite limit would make later allocations fail
+    wrap = ["setpriv", "--bounding-set=-ipc_lock", "--inh-caps=-ipc_lock", "prlimit",
+            "--memlock=65536:65536", "--"]
+    out = trainer("check", wrap=wrap)
+    assert out.returncode == 0, out.stdout
+    assert "[ok  ] mlock-key-buffers" in out.stdout
+    assert "[warn] mlockall" in out.stdout
+    assert "skipped: RLIMIT_MEMLOCK is 65536 bytes and CAP_IPC_LOCK is absent" in out.stdout

@@ -1,0 +1,1 @@
+"""Broker state: the ``Repository`` protocol and its SQLite implementation."""
