@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 class BenchVerifier:
     """Benchmark-only evidence: JSON {"report_data": hex, "claims": {...}}, binding checked."""
 
-    kind = "bench-json"
+    kind = "test-json"
 
     def verify(self, evidence: bytes, context):  # type: ignore[no-untyped-def]
         from attest.interface import Failure, VerificationResult
@@ -121,7 +121,7 @@ def _tenant_setup(address: str, pki: Path, nodes: int) -> None:
 
     ops = pb_grpc.OperatorServiceStub(open_channel(_endpoint(address, pki, "operator", "ops")))
     for i in range(nodes):
-        ops.EnrolNode(pb.EnrolNodeRequest(node_id=f"n{i}", ak_public=b"ak"), timeout=30)
+        ops.EnrolTestNode(pb.EnrolTestNodeRequest(node_id=f"n{i}"), timeout=30)
     with TenantClient(_endpoint(address, pki, "tenant", "acme"), tenant_id="acme",
                       signing_key=Ed25519PrivateKey.generate()) as tenant:
         tenant.register()
@@ -158,7 +158,7 @@ class _Node:
                               "claims": {"node.ksm.enabled": False}}).encode()
         self.token = self.stub.Attest(pb.AttestRequest(
             node_id=node_id, session_id=ch.session_id, node_public_key=pub,
-            evidence=pb.Evidence(kind="bench-json", payload=payload)), timeout=30).token
+            evidence=pb.Evidence(kind="test-json", payload=payload)), timeout=30).token
         self.request = pb.ReleaseRequest(node_id=node_id, token=self.token, tenant_id="acme",
                                          dataset_id="ds", key_version=1)
 

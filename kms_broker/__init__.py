@@ -8,7 +8,10 @@ Public entry points (imported from their modules so that the domain never pulls 
   ``load_tenant_key``.
 - ``kms_broker.grants``: ``GrantDocument``, ``sign_grant``, ``verify_grant``.
 - ``kms_broker.rpc``: ``BrokerEndpoint`` and the typed client errors.
+- ``kms_broker.node_enrol.enrol_node``: operator-side TPM enrolment (``kms-broker node enrol``):
+  EK certificate, MakeCredential/ActivateCredential at every broker.
 - ``kms_broker.app.build_server`` / ``kms-broker serve``: the server's composition root.
-- ``kms_broker.domain``: the release pipeline and admin actions (no grpc, no pkcs11).
+- ``kms_broker.domain``: the release pipeline, admin actions and node enrolment
+  (``domain.enrolment.NodeEnrolment``) (no grpc, no pkcs11).
 - ``kms_broker.audit``: the hash-chained audit log and its verifier.
 """

@@ -13,13 +13,14 @@ from kms_broker.config import BrokerConfig, ConfigError, read_secret_file
 from kms_broker.domain.admin import Admin
 from kms_broker.domain.clock import SystemClock, SystemRandom
 from kms_broker.domain.deps import BrokerDeps, Settings
+from kms_broker.domain.enrolment import NodeEnrolment
 from kms_broker.domain.node_flow import NodeFlow
 from kms_broker.metrics import BrokerMetrics, TimedHsm
 from kms_broker.server import BrokerServer, TlsMaterial
 from kms_broker.state.sqlite import SqliteRepository
 from sealed.secrets import SecretBuffer
 
-__all__ = ["build_server", "load_plugin", "open_hsm"]
+__all__ = ["build_server", "load_ek_trust", "load_plugin", "open_hsm"]
 
 log = logging.getLogger("kms_broker")
 
@@ -68,6 +69,32 @@ def _verifiers(config: BrokerConfig) -> dict[str, Any]:
     return table
 
 
+def load_ek_trust(config: BrokerConfig) -> Any:
+    """The manufacturer CAs for EK certificates (``ek_roots``/``ek_intermediates``), or None."""
+    from attest.tpm2.enrolment import EkTrustStore
+
+    if not config.ek_roots:
+        if config.ek_intermediates:
+            raise ConfigError("ek_intermediates needs ek_roots")
+        log.warning("no ek_roots configured: TPM node enrolment will be refused")
+        return None
+
+    def read(paths: tuple[Path, ...], key: str) -> list[bytes]:
+        out = []
+        for p in paths:
+            try:
+                out.append(p.read_bytes())
+            except OSError as exc:
+                raise ConfigError(f"{key}: cannot read {p}: {exc.strerror}") from None
+        return out
+
+    try:
+        return EkTrustStore.from_pem(read(config.ek_roots, "ek_roots"),
+                                     read(config.ek_intermediates, "ek_intermediates"))
+    except ValueError as exc:
+        raise ConfigError(f"ek_roots/ek_intermediates: not PEM certificates: {exc}") from None
+
+
 def build_server(config: BrokerConfig, *, hsm: Any = None) -> BrokerServer:
     from attest.policy import Policy
 
@@ -83,6 +110,7 @@ def build_server(config: BrokerConfig, *, hsm: Any = None) -> BrokerServer:
         token_ttl_ms=ttl.get("token", 60_000),
         lease_ttl_ms=ttl.get("lease", 300_000),
         upload_ttl_ms=ttl.get("upload", 600_000),
+        enrolment_ttl_ms=ttl.get("enrolment", 120_000),
     )
     deps = BrokerDeps(
         repo=SqliteRepository(state / "broker.db"),
@@ -103,6 +131,7 @@ def build_server(config: BrokerConfig, *, hsm: Any = None) -> BrokerServer:
         tls=tls,
         address=config.listen,
         metrics=metrics,
+        enrolment=NodeEnrolment(deps, load_ek_trust(config)),
     )
     if config.metrics_port is not None:
         metrics.serve(config.metrics_port)

@@ -10,7 +10,8 @@
     kms-broker policy put POLICY.yaml ...
     kms-broker policy test POLICY.yaml EVIDENCE --kind K --report-data HEX   (offline)
     kms-broker grant create|revoke ...
-    kms-broker node enrol|revoke ...               (operator certificate)
+    kms-broker node enrol NODE --tcti TCTI ...     (on the node, operator certificate)
+    kms-broker node revoke|enrol-test ...          (operator certificate)
     kms-broker audit verify|tail --state-dir DIR   (offline) or --broker ADDR (online)
 
 Client TLS material comes from ``--tls DIR`` (ca.pem, <name>.pem, <name>.key) or from
@@ -277,15 +278,34 @@ def _operator_call(args: argparse.Namespace, method: str, request: Any) -> list[
 
 
 def cmd_node_enrol(args: argparse.Namespace) -> int:
+    from kms_broker.node_enrol import enrol_node
+
+    endpoints = _endpoints(args)
+    try:
+        from attest.tpm2.node import TpmError, TpmNode
+    except ImportError as exc:
+        raise CliError(f"TPM support is not installed (tpm2-pytss): {exc}") from None
+    print(f"enrolling node {args.node}: reading EK and AK from the TPM over "
+          f"{args.tcti.split(':', 1)[0]}", file=sys.stderr, flush=True)
+    try:
+        with TpmNode(args.tcti, ek_type=args.ek_type) as tpm:
+            done = enrol_node(endpoints, node_id=args.node,
+                              tenant_scope=args.tenant_scope or "", tpm=tpm)
+    except TpmError as exc:
+        raise CliError(f"TPM: {exc}") from None
+    for d in done:
+        print(f"node {d.node_id} enrolled at {d.broker}: AK {d.ak_name.hex()}, "
+              f"EK certificate sha256 {d.ek_certificate_sha256}")
+    print(f"node {args.node} enrolled at {len(done)} broker(s)")
+    return 0
+
+
+def cmd_node_enrol_test(args: argparse.Namespace) -> int:
     from kms_broker._proto.kmsbroker.v1 import broker_pb2 as pb
 
-    request = pb.EnrolNodeRequest(
-        node_id=args.node, tenant_scope=args.tenant_scope or "",
-        ak_public=args.ak.read_bytes() if args.ak else b"",
-        ek_certificate=args.ek_cert.read_bytes() if args.ek_cert else b"",
-    )
-    _operator_call(args, "EnrolNode", request)
-    print(f"node {args.node} enrolled at {len(args.broker)} broker(s)")
+    _operator_call(args, "EnrolTestNode", pb.EnrolTestNodeRequest(
+        node_id=args.node, tenant_scope=args.tenant_scope or ""))
+    print(f"test node {args.node} enrolled (no TPM) at {len(args.broker)} broker(s)")
     return 0
 
 
@@ -418,13 +438,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     node = sub.add_parser("node", help="node enrolment (operator)").add_subparsers(
         dest="action", required=True)
-    p = node.add_parser("enrol")
-    p.add_argument("node")
-    p.add_argument("--ak", type=Path, help="attestation key public part")
-    p.add_argument("--ek-cert", type=Path)
-    p.add_argument("--tenant-scope")
+    p = node.add_parser(
+        "enrol", help="enrol this machine's TPM (run on the node, operator certificate)",
+        description="Read the EK certificate, EK and AK from the TPM, and bind the AK to the "
+                    "EK at every broker by MakeCredential/ActivateCredential. The broker checks "
+                    "the EK certificate against its manufacturer CAs (config ek_roots).")
+    p.add_argument("node", help="node id to enrol")
+    p.add_argument("--tcti", required=True,
+                   help='TPM connection, e.g. "device:/dev/tpmrm0" or '
+                        '"swtpm:host=127.0.0.1,port=2321"')
+    p.add_argument("--ek-type", default="EK-RSA2048", choices=["EK-RSA2048", "EK-ECC256"],
+                   help="which certified EK to use (default EK-RSA2048)")
+    p.add_argument("--tenant-scope", help="tenant this node may serve (default: any)")
     _tls_args(p)
     p.set_defaults(func=cmd_node_enrol)
+    p = node.add_parser(
+        "enrol-test", help="test brokers only: enrol a node without a TPM (test-json evidence)",
+        description="Enrol a node with no attestation key. Only brokers whose configuration "
+                    "loads the test-json verifier accept it; every other broker refuses "
+                    "(enrolment.unattested).")
+    p.add_argument("node")
+    p.add_argument("--tenant-scope")
+    _tls_args(p)
+    p.set_defaults(func=cmd_node_enrol_test)
     p = node.add_parser("revoke")
     p.add_argument("node")
     _tls_args(p)

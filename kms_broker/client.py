@@ -123,16 +123,22 @@ class KeyClient:
         self.close()
 
     # ------------------------------------------------------------------ calls
-    def _call(self, broker: _Broker, method: str, request: object) -> object:
+    def _call(self, broker: _Broker, method: str, request: object, *,
+              wait_for_ready: bool = False) -> object:
+        # wait_for_ready: a call made while the broker restarts waits (up to the deadline) for
+        # the channel to reconnect instead of failing at once with UNAVAILABLE
         try:
-            return getattr(broker.stub, method)(request, timeout=self._timeout)
+            return getattr(broker.stub, method)(request, timeout=self._timeout,
+                                                wait_for_ready=wait_for_ready)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, broker.endpoint.address) from None
 
-    def _attest(self, broker: _Broker) -> tuple[ec.EllipticCurvePrivateKey, bytes, object, bytes]:
+    def _attest(self, broker: _Broker, *, wait_for_ready: bool = False
+                ) -> tuple[ec.EllipticCurvePrivateKey, bytes, object, bytes]:
         """One fresh attestation: (private key, public key, challenge, token)."""
         challenge = self._call(broker, "Challenge",
-                               pb.ChallengeRequest(node_id=self.node_id, job_id=self.job_id))
+                               pb.ChallengeRequest(node_id=self.node_id, job_id=self.job_id),
+                               wait_for_ready=wait_for_ready)
         private_key, public_key = sealing.generate_node_key()
         report_data = expected_report_data(
             challenge.nonce, challenge.session_id, public_key  # type: ignore[attr-defined]
@@ -199,10 +205,12 @@ class KeyClient:
         expiries = []
         renewed = []
         for broker, lease in zip(self._brokers, self._leases, strict=True):
-            private_key, _, _, token = self._attest(broker)
+            # a renewal rides out a broker restart: wait for the channel (up to the deadline)
+            private_key, _, _, token = self._attest(broker, wait_for_ready=True)
             del private_key
             reply = self._call(broker, "RenewLease", pb.RenewLeaseRequest(
-                node_id=self.node_id, lease_id=lease.lease_id, token=token))
+                node_id=self.node_id, lease_id=lease.lease_id, token=token),
+                wait_for_ready=True)
             expiries.append(reply.lease_expires_unix_ms)  # type: ignore[attr-defined]
             renewed.append(Lease(lease.broker, lease.lease_id,
                                  reply.lease_expires_unix_ms))  # type: ignore[attr-defined]

@@ -14,9 +14,13 @@ Example::
       softhsm_conf: softhsm2.conf       # optional, sets SOFTHSM2_CONF for this process
     verifiers: default                  # or a list of "module:factory" plugin names
     reference_values: {tpm2: {...}}     # passed to verifiers as VerificationContext.reference
+    ek_roots: [ek-ca.pem]               # TPM manufacturer root CAs (PEM files) for enrolment
+    ek_intermediates: []                # their intermediate CAs (PEM files), optional
     trusted_tenant_keys: {acme: <hex Ed25519 public key>}   # optional allow-list
     metrics_port: 9464                  # optional Prometheus endpoint on 127.0.0.1
-    ttl_ms: {session: 30000, token: 60000, lease: 300000, upload: 600000}
+    ttl_ms: {session: 30000, token: 60000, lease: 300000, upload: 600000, enrolment: 120000}
+
+Without ``ek_roots`` the broker refuses every TPM enrolment (``tpm2.ek_cert_untrusted``).
 
 Relative paths are relative to the config file's directory.
 """
@@ -62,6 +66,8 @@ class BrokerConfig:
     verifiers: tuple[str, ...] | Literal["default"] = "default"
     reference_values: dict[str, Any] = field(default_factory=dict)
     trusted_tenant_keys: dict[str, bytes] = field(default_factory=dict)
+    ek_roots: tuple[Path, ...] = ()
+    ek_intermediates: tuple[Path, ...] = ()
     metrics_port: int | None = None
     ttl_ms: dict[str, int] = field(default_factory=dict)
 
@@ -107,7 +113,7 @@ def load_config(path: Path) -> BrokerConfig:
     if not isinstance(doc, dict):
         raise ConfigError("config must be a mapping")
     known = {"broker_id", "listen", "state_dir", "tls", "hsm", "verifiers", "reference_values",
-             "trusted_tenant_keys", "metrics_port", "ttl_ms"}
+             "trusted_tenant_keys", "metrics_port", "ttl_ms", "ek_roots", "ek_intermediates"}
     if unknown := set(doc) - known:
         raise ConfigError(f"unknown config keys: {sorted(unknown)}")
     base = path.resolve().parent
@@ -141,8 +147,17 @@ def load_config(path: Path) -> BrokerConfig:
     if port is not None and (not isinstance(port, int) or not 0 <= port < 65536):
         raise ConfigError("metrics_port must be a port number")
     ttl = doc.get("ttl_ms") or {}
-    if not isinstance(ttl, dict) or set(ttl) - {"session", "token", "lease", "upload"}:
-        raise ConfigError("ttl_ms keys are session, token, lease, upload")
+    if not isinstance(ttl, dict) or set(ttl) - {"session", "token", "lease", "upload",
+                                                "enrolment"}:
+        raise ConfigError("ttl_ms keys are session, token, lease, upload, enrolment")
+    ek_files = {}
+    for key in ("ek_roots", "ek_intermediates"):
+        value = doc.get(key) or []
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list of PEM file paths")
+        ek_files[key] = tuple(_path(base, v, key) for v in value)
     try:
         return BrokerConfig(
             broker_id=str(doc.get("broker_id", "broker")),
@@ -155,6 +170,8 @@ def load_config(path: Path) -> BrokerConfig:
             verifiers=verifiers,
             reference_values=dict(doc.get("reference_values") or {}),
             trusted_tenant_keys=trusted,
+            ek_roots=ek_files["ek_roots"],
+            ek_intermediates=ek_files["ek_intermediates"],
             metrics_port=port,
             ttl_ms={k: int(v) for k, v in ttl.items()},
         )

@@ -44,6 +44,16 @@ class BrokerEndpoint:
                    server_name=server_name)
 
 
+# gRPC's default reconnect backoff starts at 1 s and grows to 120 s: after a broker restart a
+# client kept failing with "connection refused" for minutes, past its lease. Brokers are few
+# and local, so retry the connection quickly and never wait more than 2 s between attempts.
+RECONNECT_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
+
+
 def open_channel(endpoint: BrokerEndpoint) -> grpc.Channel:
     credentials = grpc.ssl_channel_credentials(
         root_certificates=endpoint.ca_pem,
@@ -53,6 +63,7 @@ def open_channel(endpoint: BrokerEndpoint) -> grpc.Channel:
     options: list[tuple[str, int | str]] = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        *RECONNECT_OPTIONS,
     ]
     if endpoint.server_name:
         options.append(("grpc.ssl_target_name_override", endpoint.server_name))

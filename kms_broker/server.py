@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kms_broker._proto.kmsbroker.v1 import broker_pb2_grpc as pb_grpc
 from kms_broker.domain.admin import Admin
+from kms_broker.domain.enrolment import NodeEnrolment
 from kms_broker.domain.node_flow import NodeFlow
 from kms_broker.interceptors import AuthInterceptor
 from kms_broker.metrics import BrokerMetrics
@@ -44,6 +45,7 @@ class BrokerServer:
         address: str,
         metrics: BrokerMetrics | None = None,
         max_workers: int = 64,
+        enrolment: NodeEnrolment | None = None,
     ) -> None:
         self.metrics = metrics or BrokerMetrics()
         self.on_stop: list[Callable[[], None]] = []
@@ -64,7 +66,8 @@ class BrokerServer:
             TenantServicer(admin, self.metrics), self._server
         )
         pb_grpc.add_OperatorServiceServicer_to_server(
-            OperatorServicer(admin, self.metrics), self._server
+            OperatorServicer(admin, enrolment or NodeEnrolment(admin.d, None), self.metrics),
+            self._server,
         )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

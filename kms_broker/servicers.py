@@ -20,6 +20,7 @@ from kms_broker._proto.kmsbroker.v1 import broker_pb2 as pb
 from kms_broker._proto.kmsbroker.v1 import broker_pb2_grpc as pb_grpc
 from kms_broker.audit import tail_log, verify_log
 from kms_broker.domain.admin import Admin
+from kms_broker.domain.enrolment import NodeEnrolment
 from kms_broker.domain.errors import BrokerError, PermissionDenied
 from kms_broker.domain.node_flow import NodeFlow
 from kms_broker.errors import status_for
@@ -226,17 +227,36 @@ class TenantServicer(pb_grpc.TenantServiceServicer):
 
 
 class OperatorServicer(pb_grpc.OperatorServiceServicer):
-    def __init__(self, admin: Admin, metrics: BrokerMetrics) -> None:
+    def __init__(self, admin: Admin, enrolment: NodeEnrolment, metrics: BrokerMetrics) -> None:
         self.admin = admin
+        self.enrolment = enrolment
         self.metrics = metrics
 
-    def EnrolNode(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def BeginEnrolNode(self, request: Any, context: grpc.ServicerContext) -> Any:
         actor = str(CURRENT_IDENTITY.get())
-        run(context, lambda: self.admin.enrol_node(
+        b = run(context, lambda: self.enrolment.begin(
             actor=actor, node_id=request.node_id, tenant_scope=request.tenant_scope,
-            ak_public=request.ak_public, ek_certificate=request.ek_certificate), "EnrolNode",
-            self.metrics)
-        return pb.EnrolNodeResponse()
+            ek_certificate=request.ek_certificate, ek_public=request.ek_public,
+            ak_public=request.ak_public), "BeginEnrolNode", self.metrics)
+        return pb.BeginEnrolNodeResponse(enrolment_id=b.enrolment_id,
+                                         credential_blob=b.credential_blob,
+                                         encrypted_secret=b.encrypted_secret,
+                                         expires_unix_ms=b.expires_ms)
+
+    def CompleteEnrolNode(self, request: Any, context: grpc.ServicerContext) -> Any:
+        actor = str(CURRENT_IDENTITY.get())
+        c = run(context, lambda: self.enrolment.complete(
+            actor=actor, enrolment_id=request.enrolment_id,
+            activated_secret=request.activated_secret), "CompleteEnrolNode", self.metrics)
+        return pb.CompleteEnrolNodeResponse(node_id=c.node_id, ak_name=c.ak_name,
+                                            ek_certificate_sha256=c.ek_certificate_sha256)
+
+    def EnrolTestNode(self, request: Any, context: grpc.ServicerContext) -> Any:
+        actor = str(CURRENT_IDENTITY.get())
+        run(context, lambda: self.enrolment.enrol_test_node(
+            actor=actor, node_id=request.node_id, tenant_scope=request.tenant_scope),
+            "EnrolTestNode", self.metrics)
+        return pb.EnrolTestNodeResponse()
 
     def RevokeNode(self, request: Any, context: grpc.ServicerContext) -> Any:
         actor = str(CURRENT_IDENTITY.get())

@@ -10,7 +10,8 @@ Creates, once (a second run finds ``/pki/bootstrapped`` and does nothing):
   random user PIN in a 0600 file there; the SO PIN is used once and deleted;
 - ``broker.yaml`` for each broker, rendered from ``/deploy/config/broker.yaml.tmpl``;
 - a test EK manufacturer CA and, per node, swtpm state with an EK certificate it signed
-  (``attest.swtpm``); the EK CA certificate goes to each broker.
+  (``attest.swtpm``); the EK CA's root (``ek-root.pem``) and issuing CA
+  (``ek-intermediates.pem``) go to each broker, which trusts them for TPM enrolment.
 
 Container paths: every path below is ``ROOT + <container path>``; ROOT is ``--root``, given as
 ``${CT_ROOT:-}`` in docker-compose.yml (empty under Docker, the service root under the local
@@ -128,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"{broker} broker: certificate, SoftHSM token, broker.yaml")
         _issue(pki, data / "tls", "broker", broker, f"{broker}-broker")
         _token(hsm, broker)
-        ek_roots = ek_ca.root_cert_pem + ek_ca.issuer_cert_pem
-        (data / "ek-ca.pem").write_bytes(ek_roots)
+        (data / "ek-root.pem").write_bytes(ek_ca.root_cert_pem)
+        (data / "ek-intermediates.pem").write_bytes(ek_ca.issuer_cert_pem)
         (data / "state").mkdir(parents=True, exist_ok=True, mode=0o700)
         (data / "broker.yaml").write_text(template.substitute(
             broker_id=broker, listen=listen[broker], data=str(data), hsm=str(hsm),

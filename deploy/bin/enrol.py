@@ -1,10 +1,11 @@
 """Operator one-shot (service ``enrol``): enrol every node's TPM at every broker.
 
-For each ``--node ID=TCTI``: read the attestation key's public area and the EK certificate
-from the node's TPM (``attest.tpm2.node.TpmNode``), keep them under
-``/var/lib/operator/<id>.ak`` and ``.ek.der``, and run ``kms-broker node enrol`` with the
-operator certificate at every broker, scoped to the tenant. Container paths are ``--root`` +
-the path, as in bootstrap.py.
+For each ``--node ID=TCTI`` it runs ``kms-broker node enrol ID --tcti TCTI --tenant-scope T``
+with the operator certificate against every broker: the command reads the EK certificate, EK
+and AK from that TPM, each broker checks the EK certificate against its manufacturer CAs
+(``ek_roots`` in broker.yaml, the swtpm EK CA that bootstrap.py made) and challenges the TPM
+with MakeCredential; the TPM answers with ActivateCredential, which binds the AK to the EK.
+Container paths are ``--root`` + the path, as in bootstrap.py.
 """
 
 from __future__ import annotations
@@ -24,29 +25,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--operator", default="ops", help="operator id (certificate)")
     args = parser.parse_args(argv)
 
-    from attest.tpm2.node import TpmNode
-
     home = Path(f"{args.root.rstrip('/')}/var/lib/operator")
     tls = ["--ca", str(home / "ca.pem"), "--cert", str(home / f"operator-{args.operator}.pem"),
            "--key", str(home / f"operator-{args.operator}.key")]
+    brokers = [arg for b in args.broker for arg in ("--broker", b)]
     for item in args.node:
         node, sep, tcti = item.partition("=")
-        if not sep:
+        if not sep or not node or not tcti:
             parser.error(f"--node takes ID=TCTI, got {item!r}")
-        with TpmNode(tcti) as tpm:
-            ak, ek_cert = tpm.ak_public(), tpm.ek_certificate()
-        (home / f"{node}.ak").write_bytes(ak)
-        (home / f"{node}.ek.der").write_bytes(ek_cert)
-        argv_enrol = ["kms-broker", "node", "enrol", node, "--ak", str(home / f"{node}.ak"),
-                      "--ek-cert", str(home / f"{node}.ek.der"), "--tenant-scope", args.tenant,
-                      *tls]
-        for broker in args.broker:
-            argv_enrol += ["--broker", broker]
-        result = subprocess.run(argv_enrol, capture_output=True, text=True, check=False)
+        result = subprocess.run(
+            ["kms-broker", "node", "enrol", node, "--tcti", tcti, "--tenant-scope", args.tenant,
+             *brokers, *tls],
+            capture_output=True, text=True, check=False)
         if result.returncode != 0:
             print(f"enrol: {node}: {result.stderr.strip()}", file=sys.stderr)
             return 1
-        print(f"enrol: {result.stdout.strip()}", flush=True)
+        for line in result.stdout.strip().splitlines():
+            print(f"enrol: {line}", flush=True)
     return 0
 
 

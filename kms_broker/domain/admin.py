@@ -1,6 +1,6 @@
 """Tenant- and operator-facing actions: tenants, uploads, datasets, policies, grants, keys,
-nodes. Each is audited before it acts (fail closed) and validates everything first, so bad
-input changes nothing.
+node revocation (enrolment is :mod:`kms_broker.domain.enrolment`). Each is audited before it
+acts (fail closed) and validates everything first, so bad input changes nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from kms_broker.domain.errors import (
     NotFound,
     PermissionDenied,
 )
-from kms_broker.domain.model import Dataset, DatasetShare, Grant, Node, Tenant, Upload
+from kms_broker.domain.model import Dataset, DatasetShare, Grant, Tenant, Upload
 from kms_broker.grants import InvalidGrantSignature, verify_grant
 from kms_broker.sealing import import_transcript
 from sealed.keys import MAX_SHARES
@@ -27,7 +27,6 @@ __all__ = ["Admin", "OpenedUpload"]
 
 MAX_KEY_VERSION = 2**32 - 1
 MAX_TEXT = 1024
-MAX_NODE_BLOB = 64 << 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,18 +295,6 @@ class Admin:
         return destroyed
 
     # ------------------------------------------------------------ nodes
-    def enrol_node(self, *, actor: str, node_id: str, tenant_scope: str, ak_public: bytes,
-                   ek_certificate: bytes) -> None:
-        check_id("node", node_id)
-        if tenant_scope:
-            check_id("tenant", tenant_scope)
-        check_size("ak_public", ak_public, MAX_NODE_BLOB)
-        check_size("ek_certificate", ek_certificate, MAX_NODE_BLOB)
-        self._audit("enrol_node", actor, f"node:{node_id}", f"scope {tenant_scope or 'any'}")
-        self.d.repo.put_node(Node(node_id=node_id, tenant_scope=tenant_scope,
-                                  ak_public=ak_public, ek_certificate=ek_certificate,
-                                  enrolled_ms=self.d.clock.now_ms()))
-
     def revoke_node(self, *, actor: str, node_id: str) -> int:
         check_id("node", node_id)
         if self.d.repo.get_node(node_id) is None:

@@ -64,12 +64,14 @@ class Settings:
     token_ttl_ms: int = 60_000
     lease_ttl_ms: int = 300_000
     upload_ttl_ms: int = 600_000
+    enrolment_ttl_ms: int = 120_000  # between BeginEnrolNode and CompleteEnrolNode
     max_evidence_bytes: int = 1 << 20
     max_policy_bytes: int = 64 << 10
     max_sealed_share_bytes: int = 512
 
     def __post_init__(self) -> None:
-        for name in ("session_ttl_ms", "token_ttl_ms", "lease_ttl_ms", "upload_ttl_ms"):
+        for name in ("session_ttl_ms", "token_ttl_ms", "lease_ttl_ms", "upload_ttl_ms",
+                     "enrolment_ttl_ms"):
             if not 0 < getattr(self, name) <= 7 * 86_400_000:
                 raise ValueError(f"{name} must be between 1 ms and 7 days")
 

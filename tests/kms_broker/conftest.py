@@ -98,6 +98,17 @@ class BrokerProc:
         return [json.loads(line) for line in (self.state_dir / "audit.log").read_text()
                 .splitlines()]
 
+    def restart(self) -> None:
+        """Stop and start the same broker (same config, state, token and port)."""
+        self.stop()
+        root = self.state_dir.parent
+        cfg_path = root / f"{self.name}.yaml"
+        cfg = yaml.safe_load(cfg_path.read_text())
+        cfg["listen"] = self.address
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        (self.state_dir / "broker.port").unlink(missing_ok=True)
+        self.proc = _spawn(root, self.name, cfg_path, self.state_dir)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -110,7 +121,10 @@ class BrokerProc:
 
 def start_broker(root: Path, pki: DevPki, config: softhsm.SoftHsmConfig, *, name: str = "b1",
                  ttl_ms: dict[str, int] | None = None,
-                 metrics_port: int | None = None) -> BrokerProc:
+                 metrics_port: int | None = None,
+                 extra_config: dict[str, Any] | None = None) -> BrokerProc:
+    """A real broker subprocess on a fresh SoftHSM token. ``extra_config`` overrides config
+    keys (e.g. ``verifiers: default`` with ``ek_roots`` for TPM enrolment tests)."""
     state = root / f"{name}-state"
     state.mkdir(parents=True)
     label = f"{name}-{secrets.token_hex(4)}"
@@ -131,10 +145,18 @@ def start_broker(root: Path, pki: DevPki, config: softhsm.SoftHsmConfig, *, name
         "verifiers": ["tests.kms_broker.verifiers:JsonClaimsVerifier"],
         "ttl_ms": ttl_ms or {},
         "metrics_port": metrics_port,
+        **(extra_config or {}),
     }
     cfg_path = root / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    log = (root / f"{name}.log").open("wb")
+    proc = _spawn(root, name, cfg_path, state)
+    port = int((state / "broker.port").read_text())
+    return BrokerProc(name, proc, state, f"127.0.0.1:{port}", pki, config.token_dir)
+
+
+def _spawn(root: Path, name: str, cfg_path: Path, state: Path) -> subprocess.Popen:
+    """Start ``kms-broker serve`` and wait until it has written its port file."""
+    log = (root / f"{name}.log").open("ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "kms_broker.cli", "serve", "--config", str(cfg_path)],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
@@ -148,8 +170,7 @@ def start_broker(root: Path, pki: DevPki, config: softhsm.SoftHsmConfig, *, name
             raise RuntimeError(f"broker {name} did not start:\n"
                                f"{(root / f'{name}.log').read_text()[-3000:]}")
         time.sleep(0.05)
-    port = int(port_file.read_text())
-    return BrokerProc(name, proc, state, f"127.0.0.1:{port}", pki, config.token_dir)
+    return proc
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +191,10 @@ def broker_factory(
 
 
 def enrol(broker: BrokerProc, node_id: str, tenant_scope: str = "") -> None:
-    broker.operator().EnrolNode(pb.EnrolNodeRequest(node_id=node_id, tenant_scope=tenant_scope,
-                                                    ak_public=b"test-ak"), timeout=10)
+    """Test-only direct enrolment (no TPM) for brokers that load the test-json verifier."""
+    broker.operator().EnrolTestNode(pb.EnrolTestNodeRequest(node_id=node_id,
+                                                            tenant_scope=tenant_scope),
+                                    timeout=10)
 
 
 def records(n: int = 20, size: int = 300) -> list[tuple[str, bytes]]:

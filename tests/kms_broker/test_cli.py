@@ -59,7 +59,8 @@ def test_tenant_workflow_through_the_cli(cli_broker) -> None:
     assert run("tenant", "init", "--key", str(key), ok=False).returncode == 1
     assert "registered, KEK v1" in run("tenant", "register", *tenant, "--tenant-key",
                                        str(key)).stdout
-    run("node", "enrol", "n1", "--broker", broker.address, *tls(pki_dir, "operator", "ops"))
+    run("node", "enrol-test", "n1", "--broker", broker.address,
+        *tls(pki_dir, "operator", "ops"))
     data = root / "data"
     (data / "sub").mkdir(parents=True)
     files = {f"f{i}.bin": secrets.token_bytes(2000 + i) for i in range(5)}

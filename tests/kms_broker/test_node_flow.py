@@ -15,6 +15,7 @@ from kms_broker.audit import AuditLog, verify_log
 from kms_broker.domain.admin import Admin
 from kms_broker.domain.clock import ManualClock, SystemRandom
 from kms_broker.domain.deps import BrokerDeps, Settings
+from kms_broker.domain.enrolment import NodeEnrolment
 from kms_broker.domain.errors import PermissionDenied, Unauthenticated
 from kms_broker.domain.node_flow import NodeFlow
 from kms_broker.grants import GrantDocument, sign_grant
@@ -52,8 +53,8 @@ def broker(tmp_path: Path):
         max_nodes=1, expires_unix_ms=clock.now_ms() + 3_600_000), key)
     admin.create_grant(tenant_id="acme", document=doc, signature=sig)
     for n in ("n1", "n2"):
-        admin.enrol_node(actor="operator:ops", node_id=n, tenant_scope="", ak_public=b"",
-                         ek_certificate=b"")
+        NodeEnrolment(deps, None).enrol_test_node(actor="operator:ops", node_id=n,
+                                                  tenant_scope="")
     return flow, clock, hsm, tmp_path
 
 

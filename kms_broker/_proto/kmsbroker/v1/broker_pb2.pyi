@@ -367,19 +367,59 @@ class VerifyAuditResponse(_message.Message):
     problem: str
     def __init__(self, ok: _Optional[bool] = ..., records: _Optional[int] = ..., first_bad_seq: _Optional[int] = ..., problem: _Optional[str] = ...) -> None: ...
 
-class EnrolNodeRequest(_message.Message):
-    __slots__ = ("node_id", "tenant_scope", "ak_public", "ek_certificate")
+class BeginEnrolNodeRequest(_message.Message):
+    __slots__ = ("node_id", "tenant_scope", "ek_certificate", "ek_public", "ak_public")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_SCOPE_FIELD_NUMBER: _ClassVar[int]
-    AK_PUBLIC_FIELD_NUMBER: _ClassVar[int]
     EK_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    EK_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    AK_PUBLIC_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     tenant_scope: str
-    ak_public: bytes
     ek_certificate: bytes
-    def __init__(self, node_id: _Optional[str] = ..., tenant_scope: _Optional[str] = ..., ak_public: _Optional[bytes] = ..., ek_certificate: _Optional[bytes] = ...) -> None: ...
+    ek_public: bytes
+    ak_public: bytes
+    def __init__(self, node_id: _Optional[str] = ..., tenant_scope: _Optional[str] = ..., ek_certificate: _Optional[bytes] = ..., ek_public: _Optional[bytes] = ..., ak_public: _Optional[bytes] = ...) -> None: ...
 
-class EnrolNodeResponse(_message.Message):
+class BeginEnrolNodeResponse(_message.Message):
+    __slots__ = ("enrolment_id", "credential_blob", "encrypted_secret", "expires_unix_ms")
+    ENROLMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_BLOB_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTED_SECRET_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    enrolment_id: str
+    credential_blob: bytes
+    encrypted_secret: bytes
+    expires_unix_ms: int
+    def __init__(self, enrolment_id: _Optional[str] = ..., credential_blob: _Optional[bytes] = ..., encrypted_secret: _Optional[bytes] = ..., expires_unix_ms: _Optional[int] = ...) -> None: ...
+
+class CompleteEnrolNodeRequest(_message.Message):
+    __slots__ = ("enrolment_id", "activated_secret")
+    ENROLMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATED_SECRET_FIELD_NUMBER: _ClassVar[int]
+    enrolment_id: str
+    activated_secret: bytes
+    def __init__(self, enrolment_id: _Optional[str] = ..., activated_secret: _Optional[bytes] = ...) -> None: ...
+
+class CompleteEnrolNodeResponse(_message.Message):
+    __slots__ = ("node_id", "ak_name", "ek_certificate_sha256")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    AK_NAME_FIELD_NUMBER: _ClassVar[int]
+    EK_CERTIFICATE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    ak_name: bytes
+    ek_certificate_sha256: str
+    def __init__(self, node_id: _Optional[str] = ..., ak_name: _Optional[bytes] = ..., ek_certificate_sha256: _Optional[str] = ...) -> None: ...
+
+class EnrolTestNodeRequest(_message.Message):
+    __slots__ = ("node_id", "tenant_scope")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_SCOPE_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    tenant_scope: str
+    def __init__(self, node_id: _Optional[str] = ..., tenant_scope: _Optional[str] = ...) -> None: ...
+
+class EnrolTestNodeResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 

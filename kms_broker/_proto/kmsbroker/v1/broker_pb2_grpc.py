@@ -887,10 +887,20 @@ class OperatorServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.EnrolNode = channel.unary_unary(
-                '/kmsbroker.v1.OperatorService/EnrolNode',
-                request_serializer=kmsbroker_dot_v1_dot_broker__pb2.EnrolNodeRequest.SerializeToString,
-                response_deserializer=kmsbroker_dot_v1_dot_broker__pb2.EnrolNodeResponse.FromString,
+        self.BeginEnrolNode = channel.unary_unary(
+                '/kmsbroker.v1.OperatorService/BeginEnrolNode',
+                request_serializer=kmsbroker_dot_v1_dot_broker__pb2.BeginEnrolNodeRequest.SerializeToString,
+                response_deserializer=kmsbroker_dot_v1_dot_broker__pb2.BeginEnrolNodeResponse.FromString,
+                _registered_method=True)
+        self.CompleteEnrolNode = channel.unary_unary(
+                '/kmsbroker.v1.OperatorService/CompleteEnrolNode',
+                request_serializer=kmsbroker_dot_v1_dot_broker__pb2.CompleteEnrolNodeRequest.SerializeToString,
+                response_deserializer=kmsbroker_dot_v1_dot_broker__pb2.CompleteEnrolNodeResponse.FromString,
+                _registered_method=True)
+        self.EnrolTestNode = channel.unary_unary(
+                '/kmsbroker.v1.OperatorService/EnrolTestNode',
+                request_serializer=kmsbroker_dot_v1_dot_broker__pb2.EnrolTestNodeRequest.SerializeToString,
+                response_deserializer=kmsbroker_dot_v1_dot_broker__pb2.EnrolTestNodeResponse.FromString,
                 _registered_method=True)
         self.RevokeNode = channel.unary_unary(
                 '/kmsbroker.v1.OperatorService/RevokeNode',
@@ -904,8 +914,32 @@ class OperatorServiceServicer:
 
     """
 
-    def EnrolNode(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+    def BeginEnrolNode(self, request, context):
+        """TPM enrolment, step 1: the broker checks the EK certificate against its configured
+        manufacturer CAs, that it certifies ek_public, and the AK's attributes, then makes a
+        credential (TPM2_MakeCredential) for the AK's Name encrypted to the EK. Refusals are
+        PERMISSION_DENIED with every failure id (tpm2.ek_cert_untrusted, tpm2.ek_mismatch,
+        tpm2.ak_attributes, ...) in the kmsbroker-rules trailer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompleteEnrolNode(self, request, context):
+        """Step 2: the secret the node's TPM recovered with TPM2_ActivateCredential. A wrong answer
+        is tpm2.credential_activation; an unknown, expired, already used (a wrong answer uses it
+        too) or another operator's enrolment id is enrolment.unknown; both PERMISSION_DENIED and
+        audited. On success the node's AK and EK certificate are stored and audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EnrolTestNode(self, request, context):
+        """Test-only: enrols a node with no AK, for the "test-json" evidence kind. The broker
+        refuses it (PERMISSION_DENIED, enrolment.unattested) unless its configuration loads the
+        test-json verifier; such a node can never pass tpm2 attestation.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -919,10 +953,20 @@ class OperatorServiceServicer:
 
 def add_OperatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'EnrolNode': grpc.unary_unary_rpc_method_handler(
-                    servicer.EnrolNode,
-                    request_deserializer=kmsbroker_dot_v1_dot_broker__pb2.EnrolNodeRequest.FromString,
-                    response_serializer=kmsbroker_dot_v1_dot_broker__pb2.EnrolNodeResponse.SerializeToString,
+            'BeginEnrolNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.BeginEnrolNode,
+                    request_deserializer=kmsbroker_dot_v1_dot_broker__pb2.BeginEnrolNodeRequest.FromString,
+                    response_serializer=kmsbroker_dot_v1_dot_broker__pb2.BeginEnrolNodeResponse.SerializeToString,
+            ),
+            'CompleteEnrolNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteEnrolNode,
+                    request_deserializer=kmsbroker_dot_v1_dot_broker__pb2.CompleteEnrolNodeRequest.FromString,
+                    response_serializer=kmsbroker_dot_v1_dot_broker__pb2.CompleteEnrolNodeResponse.SerializeToString,
+            ),
+            'EnrolTestNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnrolTestNode,
+                    request_deserializer=kmsbroker_dot_v1_dot_broker__pb2.EnrolTestNodeRequest.FromString,
+                    response_serializer=kmsbroker_dot_v1_dot_broker__pb2.EnrolTestNodeResponse.SerializeToString,
             ),
             'RevokeNode': grpc.unary_unary_rpc_method_handler(
                     servicer.RevokeNode,
@@ -943,7 +987,7 @@ class OperatorService:
     """
 
     @staticmethod
-    def EnrolNode(request,
+    def BeginEnrolNode(request,
             target,
             options=(),
             channel_credentials=None,
@@ -956,9 +1000,63 @@ class OperatorService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/kmsbroker.v1.OperatorService/EnrolNode',
-            kmsbroker_dot_v1_dot_broker__pb2.EnrolNodeRequest.SerializeToString,
-            kmsbroker_dot_v1_dot_broker__pb2.EnrolNodeResponse.FromString,
+            '/kmsbroker.v1.OperatorService/BeginEnrolNode',
+            kmsbroker_dot_v1_dot_broker__pb2.BeginEnrolNodeRequest.SerializeToString,
+            kmsbroker_dot_v1_dot_broker__pb2.BeginEnrolNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteEnrolNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kmsbroker.v1.OperatorService/CompleteEnrolNode',
+            kmsbroker_dot_v1_dot_broker__pb2.CompleteEnrolNodeRequest.SerializeToString,
+            kmsbroker_dot_v1_dot_broker__pb2.CompleteEnrolNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnrolTestNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kmsbroker.v1.OperatorService/EnrolTestNode',
+            kmsbroker_dot_v1_dot_broker__pb2.EnrolTestNodeRequest.SerializeToString,
+            kmsbroker_dot_v1_dot_broker__pb2.EnrolTestNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

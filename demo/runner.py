@@ -1,0 +1,249 @@
+"""The demo's phases: docker-compose.yml brought up step by step through the harness.
+
+Each phase starts the services it needs and waits for them (health checks, one-shots that
+complete); a phase that fails raises :class:`PhaseFailed` naming the phase and carrying the
+failing service's log tail. Files the summary needs (audit logs, the store) are read where
+the services keep them: under the run directory with the local harness, through
+``docker compose run`` under Docker.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compose import ComposeError, LocalHarness, ServiceFailed, open_harness
+from demo.report import progress_line
+
+__all__ = ["DemoRun", "PhaseFailed", "Settings"]
+
+REPO = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = REPO / "docker-compose.yml"
+PACKAGES = ("sealed", "kms_broker", "attest", "trainer", "compose")
+BROKERS = ("provider", "tenant")
+NODES = ("node-a", "node-b")
+MAX_AUDIT_BYTES = 16 << 20
+
+Say = Callable[[str], None]
+
+
+class PhaseFailed(Exception):
+    def __init__(self, phase: str, message: str) -> None:
+        super().__init__(f"phase '{phase}' failed: {message}")
+        self.phase = phase
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    steps: int = 40
+    lease_ttl_ms: int = 20000
+    mode: str = "auto"  # auto | local | docker
+    run_root: Path = REPO / "run"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.steps <= 100_000:
+            raise ValueError("steps must be from 1 to 100000")
+        if not 2000 <= self.lease_ttl_ms <= 3_600_000:
+            raise ValueError("lease TTL must be from 2000 to 3600000 ms")
+        if self.mode not in ("auto", "local", "docker"):
+            raise ValueError("mode must be auto, local or docker")
+
+
+def _free_port_pairs(count: int) -> list[int]:
+    """Ports P with P and P+1 free now (a swtpm listens on a pair)."""
+    chosen: list[int] = []
+    held: list[socket.socket] = []
+    try:
+        while len(chosen) < count:
+            first = socket.socket()
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            second = socket.socket()
+            try:
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                first.close()
+                second.close()
+                continue
+            held += [first, second]
+            chosen.append(port)
+    finally:
+        for sock in held:
+            sock.close()
+    return chosen
+
+
+def _freeze_code(directory: Path) -> Path:
+    """A copy of the project's packages that the services import (PYTHONPATH), as an image
+    would hold them: edits to the checkout during the run cannot change the trainer code
+    digest between the tenant's approval and the nodes' attestation."""
+    for package in PACKAGES:
+        shutil.copytree(REPO / package, directory / package,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return directory
+
+
+@dataclass
+class DemoRun:
+    settings: Settings
+    say: Say
+    directory: Path = field(init=False)
+    harness: Any = field(init=False)
+    variables: dict[str, str] = field(init=False)
+    timings: list[tuple[str, float]] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.settings.run_root.mkdir(parents=True, exist_ok=True)
+        self.directory = self.settings.run_root / f"demo-{stamp}"
+        suffix = 1
+        while self.directory.exists():
+            suffix += 1
+            self.directory = self.settings.run_root / f"demo-{stamp}-{suffix}"
+        self.directory.mkdir(mode=0o700)
+        provider, tenant, tpm_a, tpm_b, master = _free_port_pairs(5)
+        self.variables = {
+            "PROVIDER_BROKER_PORT": str(provider), "TENANT_BROKER_PORT": str(tenant),
+            "TPM_A_PORT": str(tpm_a), "TPM_A_CTRL_PORT": str(tpm_a + 1),
+            "TPM_B_PORT": str(tpm_b), "TPM_B_CTRL_PORT": str(tpm_b + 1),
+            "MASTER_PORT": str(master), "TRAIN_STEPS": str(self.settings.steps),
+            "LEASE_TTL_MS": str(self.settings.lease_ttl_ms),
+        }
+        image = _freeze_code(self.directory / "image")
+        self.harness = open_harness(
+            COMPOSE_FILE, self.directory / "compose", mode=self.settings.mode,  # type: ignore[arg-type]
+            variables=self.variables, image_env={"PYTHONPATH": str(image)},
+        )
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def local(self) -> bool:
+        return isinstance(self.harness, LocalHarness)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    @contextmanager
+    def phase(self, name: str, what: str) -> Iterator[None]:
+        self.say(f"[{self.elapsed():6.1f}s] {name}: {what} ...")
+        t0 = time.monotonic()
+        try:
+            yield
+        except ServiceFailed as exc:
+            raise PhaseFailed(name, str(exc)) from None
+        except ComposeError as exc:
+            raise PhaseFailed(name, str(exc)) from None
+        took = time.monotonic() - t0
+        self.timings.append((name, took))
+        self.say(f"[{self.elapsed():6.1f}s] {name}: done in {took:.1f}s")
+
+    def read(self, service: str, path: str, limit: int = MAX_AUDIT_BYTES) -> bytes:
+        """A file as ``service`` sees it at container path ``path`` (b"" when absent)."""
+        if self.local:
+            host = self.harness.host_path(service, path)
+            if not host.exists():
+                return b""
+            if host.stat().st_size > limit:
+                raise PhaseFailed("summary", f"{path} in {service} is over {limit} bytes")
+            return host.read_bytes()
+        result = self.harness.run(service, ["cat", path])
+        return result.stdout[:limit] if result.returncode == 0 else b""
+
+    def list_files(self, service: str, path: str) -> list[tuple[str, int]]:
+        """``(relative name, size)`` of every file under ``path`` in ``service``."""
+        if self.local:
+            root = self.harness.host_path(service, path).resolve()
+            return sorted((p.relative_to(root).as_posix(), p.stat().st_size)
+                          for p in root.rglob("*") if p.is_file())
+        result = self.harness.run(service, ["find", path, "-type", "f", "-printf", "%s %P\\n"])
+        out = []
+        for line in result.stdout.decode().splitlines():
+            size, _, name = line.partition(" ")
+            out.append((name, int(size)))
+        return sorted(out)
+
+    def audit(self, broker: str) -> list[dict[str, Any]]:
+        raw = self.read(f"{broker}-broker", f"/var/lib/{broker}-broker/state/audit.log")
+        return [json.loads(line) for line in raw.decode().splitlines() if line.endswith("}")]
+
+    def log_tail(self, service: str, lines: int = 25) -> str:
+        try:
+            return "\n".join(self.harness.logs(service).splitlines()[-lines:])
+        except ComposeError:
+            return ""
+
+    # ------------------------------------------------------------------ phases
+    def bring_up(self) -> None:
+        h = self.harness
+        with self.phase("bootstrap", "development CA, certificates, a SoftHSM token per "
+                                     "broker, a software TPM per node"):
+            h.up(["bootstrap"])
+            h.wait_completed("bootstrap")
+        with self.phase("services", "provider broker, tenant broker, TPMs of node-a and "
+                                    "node-b (waiting for their health checks)"):
+            h.up(["provider-broker", "tenant-broker", "tpm-a", "tpm-b"], wait=True)
+        with self.phase("enrol", "the operator enrols each node's TPM at both brokers"):
+            h.up(["enrol"])
+            h.wait_completed("enrol")
+        with self.phase("tenant", "tenant key, registration, policy, encrypted upload of the "
+                                  "sample corpus (one key share per broker), grant for 2 nodes"):
+            h.up(["tenant"])
+            h.wait_completed("tenant")
+        for line in h.logs("tenant").splitlines():
+            if line.startswith("tenant: ") and "progress" not in line:
+                self.say(f"          {line}")
+
+    def train(self) -> None:
+        h = self.harness
+        steps = self.settings.steps
+        with self.phase("train", f"node-a and node-b attest to both brokers, receive their "
+                                 f"sealed shares and train tiny-gpt together ({steps} steps)"):
+            h.up(list(NODES))
+            announced: set[tuple[str, str, str]] = set()
+            printed_step = 0
+            while True:
+                for broker in BROKERS:
+                    for r in self.audit(broker):
+                        if r["event"] not in ("attest", "release") or not r["actor"].startswith(
+                                "node:"):
+                            continue
+                        key = (broker, r["actor"], r["event"])
+                        if key in announced:
+                            continue
+                        announced.add(key)
+                        verb = {"attest": "attestation", "release": "share release"}[r["event"]]
+                        self.say(f"          {r['actor'][5:]}: {verb} at the {broker} broker: "
+                                 f"{r['outcome']}")
+                for line in h.logs("node-a").splitlines():
+                    progress = progress_line(line)
+                    if progress is not None and progress[0] > printed_step:
+                        step, total, loss, rate = progress
+                        printed_step = step
+                        self.say(f"          step {step:>4}/{total}  loss {loss:.4f}  {rate}")
+                states = {s.name: s for s in h.ps()}
+                done = [states[n] for n in NODES if states[n].state in ("exited", "stopped")]
+                failed = [s for s in done if s.exit_code != 0]
+                if failed:
+                    h.wait_completed(failed[0].name)  # raises ServiceFailed with the log tail
+                if len(done) == len(NODES):
+                    break
+                time.sleep(0.5)
+
+    def tear_down(self, *, keep: bool) -> None:
+        h = self.harness
+        if not keep:
+            h.down()
+            shutil.rmtree(self.directory, ignore_errors=True)
+            return
+        for status in h.ps():
+            if status.state == "running":
+                h.stop(status.name)
+
