@@ -52,9 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupted)
-    run = DemoRun(settings, _say)
-    _say(f"confidential training demo: run directory {run.directory} "
-         f"({'local processes' if run.local else 'docker compose'})")
+    try:
+        run = DemoRun(settings, _say)
+    except PhaseFailed as exc:
+        _say(f"demo: {exc}")
+        return 1
+    how = f"local processes, run {run.harness.run_id}" if run.local else "docker compose"
+    _say(f"confidential training demo: run directory {run.directory} ({how})")
     code = 0
     try:
         run.bring_up()
@@ -76,10 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # the run's outcome stands; say what could not be cleaned
             _say(f"demo: teardown problem: {exc}")
             code = code or 1
-        if args.keep:
-            _say(f"demo: run directory kept at {run.directory}")
         else:
-            _say("demo: services stopped, run directory wiped")
+            if args.keep:
+                _say(f"demo: services stopped; run directory kept at {run.directory}")
+            else:
+                _say("demo: services stopped, run directory wiped")
     return code
 
 

@@ -117,11 +117,15 @@ class DemoRun:
             "MASTER_PORT": str(master), "TRAIN_STEPS": str(self.settings.steps),
             "LEASE_TTL_MS": str(self.settings.lease_ttl_ms),
         }
-        image = _freeze_code(self.directory / "image")
-        self.harness = open_harness(
-            COMPOSE_FILE, self.directory / "compose", mode=self.settings.mode,  # type: ignore[arg-type]
-            variables=self.variables, image_env={"PYTHONPATH": str(image)},
-        )
+        try:
+            image = _freeze_code(self.directory / "image")
+            self.harness = open_harness(
+                COMPOSE_FILE, self.directory / "compose", mode=self.settings.mode,  # type: ignore[arg-type]
+                variables=self.variables, image_env={"PYTHONPATH": str(image)},
+            )
+        except (OSError, ComposeError) as exc:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            raise PhaseFailed("prepare", str(exc)) from None
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -240,8 +244,10 @@ class DemoRun:
     def tear_down(self, *, keep: bool) -> None:
         h = self.harness
         if not keep:
-            h.down()
-            shutil.rmtree(self.directory, ignore_errors=True)
+            try:
+                h.down()
+            finally:
+                shutil.rmtree(self.directory, ignore_errors=True)
             return
         for status in h.ps():
             if status.state == "running":

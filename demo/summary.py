@@ -144,7 +144,7 @@ def summarise(run: DemoRun, *, keep: bool) -> list[str]:
             + ("" if keep else "  (removed at the end; run with --keep to inspect them)"))
         if keep:
             say(f"volumes: {Path(shown).parent / 'volumes'}   code the services ran: "
-                f"{run.directory / 'image'}")
+                f"{Path(shown).parent.parent / 'image'}")
     else:
         say("service logs: docker compose logs <service>")
     return out

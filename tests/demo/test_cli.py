@@ -3,9 +3,14 @@ running the demo; the same deployment is tested scenario by scenario in tests/co
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from tests.compose.conftest import live_processes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,3 +33,31 @@ def test_bad_arguments_exit_2_and_start_nothing(tmp_path: Path):
     assert "steps must be from 1 to 100000" in result.stderr
     assert not (tmp_path / "runs").exists()
     assert _demo("--mode", "podman").returncode == 2
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_leaves_nothing(tmp_path: Path):
+    """`make demo`'s command: every phase passes, the summary has its sections, and the
+    run directory and every process of the run are gone afterwards."""
+    runs = tmp_path / "runs"
+    result = _demo("--steps", "10", "--mode", "local", "--run-root", str(runs))
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    out = result.stdout
+    for phase in ("bootstrap", "services", "enrol", "tenant", "train"):
+        assert f"] {phase}: done in " in out
+    for node in ("node-a", "node-b"):
+        for broker in ("provider", "tenant"):
+            assert f"{node}: share release at the {broker} broker: allowed" in out
+        assert f"{node}: shred report (normal exit)" in out
+    losses = [float(x) for x in re.findall(r"step +\d+/10 +loss ([\d.]+)", out)]
+    assert len(losses) >= 2 and losses[-1] < losses[0]
+    assert "verify: OK" in out and "denials or errors: none" in out
+    assert "corpus lines found in any of them: 0" in out
+    assert re.search(r"every file the services wrote .*: \d+; containing corpus text: 0", out)
+    assert "encrypted checkpoint" in out and "encrypted shard" in out
+    assert out.rstrip().endswith("demo: services stopped, run directory wiped")
+    assert list(runs.iterdir()) == []
+    run_id = re.search(r"\(local processes, run ([0-9a-f]+)\)", out)
+    assert run_id is not None, out[:500]
+    assert live_processes(pgids=set(), marker=f"CT_COMPOSE_ID={run_id.group(1)}:") == []
