@@ -156,8 +156,18 @@ class KeyClient:
         leases: list[Lease] = []
         try:
             counts = set()
+            # Attest to every broker before releasing from any: each broker then judges (and
+            # audits) this node on its own, so a refusal shows in every broker's log, and no
+            # share is released to a node that another share holder refuses.
+            attested, denials = [], []
             for broker in self._brokers:
-                private_key, public_key, challenge, token = self._attest(broker)
+                try:
+                    attested.append((broker, *self._attest(broker)))
+                except PermissionDeniedError as exc:
+                    denials.append(exc)
+            if denials:
+                raise denials[0]
+            for broker, private_key, public_key, challenge, token in attested:
                 reply = self._call(broker, "Release", pb.ReleaseRequest(
                     node_id=self.node_id, token=token, tenant_id=tenant_id,
                     dataset_id=dataset_id, key_version=key_version,

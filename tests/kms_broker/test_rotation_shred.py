@@ -122,6 +122,13 @@ def test_n_of_n_release_from_every_broker(broker_factory, tmp_path) -> None:
                    evidence_for=make_evidence) as client, pytest.raises(Exception) as info:
         client.fetch_dek(tenant_id="acme", dataset_id="split", key_version=1)
     assert "configure every broker" in str(info.value)
+    # a grant revoked at one share holder is enough to refuse the whole key
+    clients[1].revoke_grant("g-split")
+    with KeyClient(endpoints, node_id="n1", job_id="job-split",
+                   evidence_for=make_evidence) as client, pytest.raises(PermissionDeniedError):
+        client.fetch_dek(tenant_id="acme", dataset_id="split", key_version=1)
+    denials = [json.loads(r.canonical_json) for r in clients[1].tail_audit(1000)]
+    assert denials[-1]["event"] == "release" and denials[-1]["outcome"] != "allowed"
     for c in clients:
         c.close()
 
