@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from compose import ComposeError, LocalHarness, ServiceFailed, open_harness
+from compose.ports import free_port_pairs
 from demo.report import progress_line
 
 __all__ = ["DemoRun", "PhaseFailed", "Settings"]
@@ -56,30 +56,6 @@ class Settings:
             raise ValueError("mode must be auto, local or docker")
 
 
-def _free_port_pairs(count: int) -> list[int]:
-    """Ports P with P and P+1 free now (a swtpm listens on a pair)."""
-    chosen: list[int] = []
-    held: list[socket.socket] = []
-    try:
-        while len(chosen) < count:
-            first = socket.socket()
-            first.bind(("127.0.0.1", 0))
-            port = first.getsockname()[1]
-            second = socket.socket()
-            try:
-                second.bind(("127.0.0.1", port + 1))
-            except OSError:
-                first.close()
-                second.close()
-                continue
-            held += [first, second]
-            chosen.append(port)
-    finally:
-        for sock in held:
-            sock.close()
-    return chosen
-
-
 def _freeze_code(directory: Path) -> Path:
     """A copy of the project's packages that the services import (PYTHONPATH), as an image
     would hold them: edits to the checkout during the run cannot change the trainer code
@@ -109,7 +85,7 @@ class DemoRun:
             suffix += 1
             self.directory = self.settings.run_root / f"demo-{stamp}-{suffix}"
         self.directory.mkdir(mode=0o700)
-        provider, tenant, tpm_a, tpm_b, master = _free_port_pairs(5)
+        provider, tenant, tpm_a, tpm_b, master = free_port_pairs(5)
         self.variables = {
             "PROVIDER_BROKER_PORT": str(provider), "TENANT_BROKER_PORT": str(tenant),
             "TPM_A_PORT": str(tpm_a), "TPM_A_CTRL_PORT": str(tpm_a + 1),

@@ -6,13 +6,13 @@ import json
 import os
 import re
 import shutil
-import socket
 import time
 from pathlib import Path
 
 import pytest
 
 from compose import LocalHarness, ServiceFailed, load_project
+from compose.ports import free_port_pairs
 from tests.compose.conftest import live_processes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,28 +82,6 @@ def test_every_volume_has_one_container_path_everywhere():
     assert {k: v for k, v in targets.items() if len(v) != 1} == {}
 
 
-def _free_ports(count: int) -> list[int]:
-    """Ports P such that P and P+1 are free now (a swtpm needs a pair)."""
-    chosen: list[int] = []
-    held = []
-    while len(chosen) < count:
-        first = socket.socket()
-        first.bind(("127.0.0.1", 0))
-        port = first.getsockname()[1]
-        second = socket.socket()
-        try:
-            second.bind(("127.0.0.1", port + 1))
-        except OSError:
-            first.close()
-            second.close()
-            continue
-        held += [first, second]
-        chosen.append(port)
-    for sock in held:
-        sock.close()
-    return chosen
-
-
 def _files_containing(root: Path, needles: list[bytes]) -> list[str]:
     hits = []
     for directory, _dirs, files in os.walk(root):  # does not follow links (bind mounts)
@@ -119,7 +97,7 @@ def _files_containing(root: Path, needles: list[bytes]) -> list[str]:
 def _deployment(tmp_path: Path, **settings: str) -> tuple[LocalHarness, dict[str, str]]:
     """A harness on docker-compose.yml with free ports and a frozen copy of the code, and
     the variables it was given."""
-    provider, tenant, tpm_a, tpm_b, master = _free_ports(5)
+    provider, tenant, tpm_a, tpm_b, master = free_port_pairs(5)
     variables = {
         "PROVIDER_BROKER_PORT": str(provider), "TENANT_BROKER_PORT": str(tenant),
         "TPM_A_PORT": str(tpm_a), "TPM_A_CTRL_PORT": str(tpm_a + 1),
