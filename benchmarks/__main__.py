@@ -7,8 +7,8 @@ side comparison and ends with one line per goal: ``goal NAME: VALUE (target TARG
 from __future__ import annotations
 
 import argparse
-import importlib
 import pkgutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,11 +27,13 @@ def main() -> int:
     for name in names:
         print(f"\n===== {name} =====", flush=True)
         start = time.perf_counter()
-        try:
-            importlib.import_module(f"benchmarks.{name}").main(quick=args.quick)
-        except Exception as exc:  # a broken benchmark must not hide the others' results
+        # each benchmark in its own interpreter: SoftHSM reads its configuration once per
+        # process, torch keeps thread pools, and one benchmark must not warm up another
+        code = f"import benchmarks.{name} as b; b.main(quick={args.quick!r})"
+        result = subprocess.run([sys.executable, "-c", code], cwd=here.parent, check=False)
+        if result.returncode != 0:  # a broken benchmark must not hide the others' results
             failed.append(name)
-            print(f"benchmark {name} failed: {type(exc).__name__}: {exc}", flush=True)
+            print(f"benchmark {name} failed with exit status {result.returncode}", flush=True)
         print(f"({name} took {time.perf_counter() - start:.1f} s)", flush=True)
     return 1 if failed else 0
 
