@@ -116,7 +116,7 @@ class EventLog:
                 raise MalformedEvidence(f"event log: claim {e.type!r} measured twice")
             try:
                 out[e.type] = json.loads(e.data)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise MalformedEvidence(f"event log: data of {e.type!r} is not JSON") from None
         return out
 

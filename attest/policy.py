@@ -284,7 +284,12 @@ class Policy:
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(exc, "problem", None) or "invalid YAML"
             raise _fail(f"policy is not valid YAML{where}: {problem}") from None
-        return cls.from_mapping(doc)
+        except RecursionError:
+            raise _fail("policy is nested too deeply") from None
+        try:
+            return cls.from_mapping(doc)
+        except RecursionError:
+            raise _fail("policy is nested too deeply") from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> Policy:

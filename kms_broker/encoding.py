@@ -29,6 +29,8 @@ def parse_canonical_json(data: bytes, *, what: str, max_size: int) -> dict[str, 
         obj = json.loads(data.decode("ascii"), parse_float=_no_floats)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ValueError(f"{what} is not canonical JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"{what} is nested too deeply") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{what} must be a JSON object")
     if canonical_json(obj) != data:

@@ -122,7 +122,18 @@ class TenantClient:
         self._call("DeleteDataset", dataset_id=dataset_id)
 
     def put_policy(self, policy_yaml: str) -> str:
-        return self._call("PutPolicy", policy_yaml=policy_yaml).digest
+        """Store a policy; returns its digest, computed here: the tenant signs grants over
+        this digest, so it must not take the broker's word for it."""
+        from attest.policy import Policy  # the tenant side only; the broker never imports this
+
+        digest = Policy.from_yaml(policy_yaml).digest
+        reported = self._call("PutPolicy", policy_yaml=policy_yaml).digest
+        if reported != digest:
+            raise BrokerRpcError(
+                f"broker {self.address} reported policy digest {reported[:16]}..., "
+                f"the policy's own digest is {digest[:16]}...: not signing grants for it",
+                code="DATA_LOSS")
+        return digest
 
     def create_grant(self, grant: GrantDocument) -> str:
         if self._key is None:
@@ -207,9 +218,13 @@ def upload_dataset(
         return UploadResult(ref.manifest_name, ref.num_shards, ref.num_records,
                             ref.plaintext_bytes, holders)
     except BaseException:
-        for broker in started:
-            with contextlib.suppress(BrokerRpcError):
-                broker.delete_dataset(dataset_id)
+        # Roll back only what this upload created: deleting the dataset drops every key
+        # version's shares, so a failed upload of version n > 1 must not touch the dataset
+        # (its half-committed shares are unusable: no manifest is ever registered for them).
+        if key_version == 1:
+            for broker in started:
+                with contextlib.suppress(BrokerRpcError):
+                    broker.delete_dataset(dataset_id)
         if ref is not None and dek is not None:
             _delete_objects(store, ref.manifest_name, dek, tenant_id, dataset_id, key_version)
         raise

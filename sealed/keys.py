@@ -29,7 +29,7 @@ _IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 def validate_identifier(kind: str, value: str) -> str:
     """Tenant, dataset and job ids: 1-128 chars of [A-Za-z0-9._-], not starting with a symbol."""
-    if not isinstance(value, str) or not _IDENTIFIER.match(value):
+    if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
         raise ValueError(
             f"{kind} id must be 1-128 characters of letters, digits, '.', '_' or '-', "
             f"starting with a letter or digit; got {value!r:.60}"

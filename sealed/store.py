@@ -59,7 +59,7 @@ def validate_object_name(name: str) -> str:
     if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_LENGTH:
         raise StoreError(f"object name must be 1-{MAX_NAME_LENGTH} characters")
     parts = name.split("/")
-    if len(parts) > MAX_NAME_DEPTH or not all(_COMPONENT.match(p) for p in parts):
+    if len(parts) > MAX_NAME_DEPTH or not all(_COMPONENT.fullmatch(p) for p in parts):
         raise StoreError(
             f"invalid object name {name!r:.80}: use '/'-separated components of letters, "
             "digits, '.', '_' or '-' that start with a letter or digit"
@@ -251,10 +251,10 @@ class LocalDirStore:
         _check_prefix(prefix)
         names = []
         for dirpath, dirnames, filenames in os.walk(self._root):
-            dirnames[:] = [d for d in dirnames if _COMPONENT.match(d)]
+            dirnames[:] = [d for d in dirnames if _COMPONENT.fullmatch(d)]
             rel = Path(dirpath).relative_to(self._root)
             for f in filenames:
-                if not _COMPONENT.match(f):
+                if not _COMPONENT.fullmatch(f):
                     continue  # temporary files and anything not written through this store
                 name = (rel / f).as_posix() if rel.parts else f
                 if name.startswith(prefix):

@@ -119,7 +119,28 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    unmeasured = _unmeasured_model_code(config.model.name)
+    if unmeasured:
+        print(f"trainer: refusing to train: {unmeasured}", file=sys.stderr)
+        return EXIT_USAGE
     return _train(config, args.node_id)
+
+
+def _unmeasured_model_code(name: str) -> str | None:
+    """A model factory runs inside the process that holds the dataset key, so with --attest
+    it must come from code the attestation measured (the code digest covers the project's
+    packages, not the job file or other installed modules)."""
+    from attest.code_digest import PROJECT_PACKAGES
+
+    module, sep, _ = name.partition(":")
+    if not sep or module.split(".")[0] in PROJECT_PACKAGES:
+        return None
+    return (
+        f"model.name {name!r} names code outside the measured packages "
+        f"({', '.join(PROJECT_PACKAGES)}); a model factory runs beside the dataset key, so "
+        f"with --attest it must live in one of them (for example trainer.models_custom), "
+        f"where the trainer code digest the tenant approved covers it"
+    )
 
 
 def _train(config: JobConfig, node_id: str | None) -> int:

@@ -119,6 +119,8 @@ def parse_hcl_report(data: bytes) -> HclReport:
         var_json = json.loads(var_data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise MalformedEvidence("HCL variable data is not UTF-8 JSON") from exc
+    except RecursionError:
+        raise MalformedEvidence("HCL variable data is nested too deeply") from None
     if not isinstance(var_json, dict):
         raise MalformedEvidence("HCL variable data is not a JSON object")
     return HclReport(

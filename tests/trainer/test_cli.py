@@ -93,6 +93,16 @@ def test_attest_without_brokers_says_why(tmp_path, dataset):
     assert "the job lists no brokers" in out.stderr
 
 
+@pytest.mark.parametrize("name", ["runpy:run_module", "tests.trainer.custom_model:make"])
+def test_attest_refuses_model_code_outside_the_measured_packages(tmp_path, dataset, name):
+    job = job_dict(dataset, tmp_path / "run")
+    job["model"] = {"name": name, "params": {"mod_name": "this"}}
+    out = trainer("--attest", "--job", str(write_job(tmp_path / "job.yaml", job)))
+    assert out.returncode == 2, out.stderr
+    assert f"model.name {name!r} names code outside the measured packages" in out.stderr
+    assert "The Zen of Python" not in out.stdout + out.stderr  # the module never ran
+
+
 def test_attest_with_unreachable_broker_fails_cleanly(tmp_path, dataset):
     job = _attested_job(tmp_path, dataset)
     out = trainer("--attest", "--job", str(job))
