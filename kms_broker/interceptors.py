@@ -31,11 +31,26 @@ SERVICE_ROLES = {
 }
 
 
+_IDENTITY_CACHE_ENTRIES = 4096
+_identities: dict[bytes, Identity | None] = {}
+
+
 def _peer_identity(context: grpc.ServicerContext) -> Identity | None:
     certs = context.auth_context().get("x509_pem_cert")
     if not certs:
         return None
-    return identity_from_certificate(certs[0])
+    # The identity is a pure function of the certificate bytes, which gRPC core has already
+    # verified against the CA in this connection's handshake; memoise the parse per PEM.
+    pem = certs[0]
+    try:
+        return _identities[pem]
+    except KeyError:
+        pass
+    ident = identity_from_certificate(pem)
+    if len(_identities) >= _IDENTITY_CACHE_ENTRIES:
+        _identities.clear()
+    _identities[pem] = ident
+    return ident
 
 
 class AuthInterceptor(grpc.ServerInterceptor):

@@ -33,6 +33,15 @@ class BrokerMetrics:
             "kmsbroker_rpcs", "RPCs by method and status code", ["method", "code"],
             registry=self.registry,
         )
+        self._rpc_children: dict[tuple[str, str], Any] = {}
+
+    def rpc_counter(self, method: str, code: str) -> Any:
+        """The ``rpcs`` child for (method, code), looked up once and kept (same counter)."""
+        key = (method, code)
+        child = self._rpc_children.get(key)
+        if child is None:
+            child = self._rpc_children[key] = self.rpcs.labels(method=method, code=code)
+        return child
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         start_http_server(port, addr=addr, registry=self.registry)
@@ -49,12 +58,15 @@ class TimedHsm:
     def __init__(self, hsm: Any, metrics: BrokerMetrics) -> None:
         self._hsm = hsm
         self._metrics = metrics
+        self._histograms: dict[str, Any] = {}
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._hsm, name)
         if name not in self._TIMED:
             return attr
-        histogram = self._metrics.hsm_seconds.labels(op=name)
+        histogram = self._histograms.get(name)
+        if histogram is None:  # the labelled child is fixed per op: look it up once
+            histogram = self._histograms[name] = self._metrics.hsm_seconds.labels(op=name)
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()

@@ -41,7 +41,7 @@ def run(context: grpc.ServicerContext, call: Callable[[], T], method: str,
     except BrokerError as exc:
         code, message = status_for(exc)
         if metrics is not None:
-            metrics.rpcs.labels(method=method, code=code.name).inc()
+            metrics.rpc_counter(method, code.name).inc()
         if isinstance(exc, PermissionDenied):
             rules = [{"name": r.name, "passed": r.passed, "reason": r.reason} for r in exc.rules]
             context.set_trailing_metadata(
@@ -52,7 +52,7 @@ def run(context: grpc.ServicerContext, call: Callable[[], T], method: str,
         log.exception("unexpected error in %s", method)
         context.abort(grpc.StatusCode.INTERNAL, "internal error")
     if metrics is not None:
-        metrics.rpcs.labels(method=method, code="OK").inc()
+        metrics.rpc_counter(method, "OK").inc()
     return result
 
 

@@ -114,7 +114,14 @@ class NodeFlow:
             text = self.d.repo.get_policy(tenant_id, digest)
             if text is None:
                 return None
-            cached = self.d.load_policy(text)
+            try:
+                cached = self.d.load_policy(text)
+            except ValueError:  # a stored row that no longer parses: no policy, fail closed
+                return None
+            if cached.digest != digest:
+                # the stored text is not the policy the tenant's grant signed for: an edited
+                # row must not loosen the rules, so this is the same as a missing policy
+                return None
             self._policies[(tenant_id, digest)] = cached
         return cached
 
@@ -267,8 +274,15 @@ class NodeFlow:
         actor = f"node:{node_id}"
         subject = f"dataset:{tenant_id}/{dataset_id}@v{key_version}"
         claims = self._verify_token(token, node_id, actor)
-        self._live_node(node_id, actor, "release", subject)
-        tenant = self.d.repo.get_tenant(tenant_id)
+        # every row this release checks, in one repository call; checked in the order below
+        node, tenant, dataset, share, session, session_claims = self.d.repo.release_reads(
+            node_id=node_id, tenant_id=tenant_id, dataset_id=dataset_id,
+            key_version=key_version, session_id=claims.session_id)
+        if node is None:
+            raise NotFound(f"node {node_id} is not enrolled")
+        if node.revoked:
+            raise self.d.deny("release", actor=actor, subject=subject,
+                              reason=f"node.revoked: node {node_id} has been revoked")
         if tenant is None:
             raise NotFound(f"tenant {tenant_id} is not registered")
         if tenant.status != "active":
@@ -278,17 +292,15 @@ class NodeFlow:
             raise self.d.deny("release", actor=actor, subject=subject,
                               reason=f"node.scope: node is enrolled for tenant "
                                      f"{claims.tenant_scope} only")
-        dataset = self.d.repo.get_dataset(tenant_id, dataset_id)
         if dataset is None:
             raise NotFound(f"dataset {tenant_id}/{dataset_id} does not exist")
         if dataset.status != "active":
             raise self.d.deny("release", actor=actor, subject=subject,
                               reason="dataset.pending: the dataset's upload is not finished")
-        share = self.d.repo.get_share(tenant_id, dataset_id, key_version)
         if share is None:
             raise NotFound(f"dataset {tenant_id}/{dataset_id} has no key version {key_version}")
-        grant = self._authorize(claims, node_id, tenant_id, dataset_id, actor, subject)
-        session = self.d.repo.get_session(claims.session_id)
+        grant = self._authorize(claims, node_id, tenant_id, dataset_id, actor, subject,
+                                tenant.signing_public_key, session_claims)
         if session is None:
             raise Unauthenticated("the token's session no longer exists")
         transcript = release_transcript(
@@ -327,43 +339,45 @@ class NodeFlow:
 
     def _authorize(
         self, claims: TokenClaims, node_id: str, tenant_id: str, dataset_id: str,
-        actor: str, subject: str,
+        actor: str, subject: str, tenant_key: bytes, session_claims: bytes | None,
     ) -> Grant:
-        """A grant that is signed, unexpired, unrevoked, policy-passing and has lease room."""
+        """A grant that is signed, unexpired, unrevoked, policy-passing and has lease room.
+
+        ``tenant_key`` is the signing key of the tenant record this release just read and
+        checked active; ``session_claims`` the stored claims of the token's session."""
         grants = [
-            g for g in self.d.repo.grants_for(job_id=claims.job_id, dataset_id=dataset_id)
+            (g, signed) for g, signed in self.d.repo.grants_with_documents(
+                job_id=claims.job_id, dataset_id=dataset_id)
             if g.tenant_id == tenant_id
         ]
         if not grants:
             raise self.d.deny("release", actor=actor, subject=subject,
                               reason=f"grant.missing: no grant lets job {claims.job_id} "
                                      f"read {tenant_id}/{dataset_id}")
-        session_claims = self.d.repo.get_session_claims(claims.session_id)
         if session_claims is None or (
             hashlib.sha256(session_claims).hexdigest() != claims.claims_digest
         ):
             raise self.d.deny("release", actor=actor, subject=subject,
                               reason="claims.digest: stored claims do not match the token")
-        claims_map = json.loads(session_claims)
-        tenant = self.d.repo.get_tenant(tenant_id)
-        assert tenant is not None
+        claims_map: Any = None
         now = self.d.clock.now_ms()
         outcomes: list[RuleOutcome] = []
-        for grant in grants:
-            failed = self._grant_problems(grant, tenant.signing_public_key, now)
+        for grant, signed in grants:
+            failed = self._signed_grant_problems(grant, tenant_key, now, signed)
             if not failed:
                 memo = (tenant_id, grant.policy_digest, claims.claims_digest)
                 rules = self._decisions.get(memo)
                 if rules is None:
+                    if claims_map is None:
+                        claims_map = json.loads(session_claims)
                     rules = self._evaluate(tenant_id, grant.policy_digest, claims_map)
                     self._decisions.put(memo, rules)
                 failed = [r for r in rules if not r.passed]
-            if not failed:
-                holders = self.d.repo.active_lease_nodes(grant.grant_id, now)
-                if node_id not in holders and len(holders) >= grant.max_nodes:
-                    failed = [RuleOutcome("lease.no_room", False,
-                                          f"grant {grant.grant_id} allows {grant.max_nodes} "
-                                          f"node(s), all leased")]
+            if not failed and not self.d.repo.lease_room(grant.grant_id, node_id, now,
+                                                          grant.max_nodes):
+                failed = [RuleOutcome("lease.no_room", False,
+                                      f"grant {grant.grant_id} allows {grant.max_nodes} "
+                                      f"node(s), all leased")]
             if not failed:
                 return grant
             outcomes.extend(failed)
@@ -372,12 +386,20 @@ class NodeFlow:
                           reason=f"{first.name}: {first.reason}", rules=tuple(outcomes))
 
     def _grant_problems(self, grant: Grant, tenant_key: bytes, now: int) -> list[RuleOutcome]:
+        if grant.revoked or now >= grant.expires_ms:
+            return self._signed_grant_problems(grant, tenant_key, now, None)
+        return self._signed_grant_problems(grant, tenant_key, now,
+                                           self.d.repo.grant_document(grant.grant_id))
+
+    def _signed_grant_problems(
+        self, grant: Grant, tenant_key: bytes, now: int, signed: tuple[bytes, bytes] | None
+    ) -> list[RuleOutcome]:
+        """``signed``: the grant's stored (document, signature), read with the grant row."""
         gid = grant.grant_id
         if grant.revoked:
             return [RuleOutcome("grant.revoked", False, f"grant {gid} was revoked")]
         if now >= grant.expires_ms:
             return [RuleOutcome("grant.expired", False, f"grant {gid} has expired")]
-        signed = self.d.repo.grant_document(gid)
         cache_key = None if signed is None else hashlib.sha256(
             b"".join((tenant_key, signed[1], signed[0]))).digest()
         doc = self._verified_grants.get(cache_key)
@@ -425,7 +447,10 @@ class NodeFlow:
                               reason="grant.job: the token is for another job")
         failed = self._grant_problems(grant, tenant.signing_public_key, now)
         if not failed:
-            stored = self.d.repo.get_session_claims(claims.session_id) or b"{}"
+            stored = self.d.repo.get_session_claims(claims.session_id)
+            if stored is None or hashlib.sha256(stored).hexdigest() != claims.claims_digest:
+                raise self.d.deny("renew", actor=actor, subject=subject,
+                                  reason="claims.digest: stored claims do not match the token")
             failed = [
                 r for r in self._evaluate(lease.tenant_id, grant.policy_digest, json.loads(stored))
                 if not r.passed

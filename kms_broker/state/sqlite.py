@@ -103,6 +103,11 @@ class SqliteRepository:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._migrate()
+        # a lookup index for the per-release lease-room check (is this node already a holder?);
+        # derived data only, so it is created idempotently outside the versioned migrations
+        with self._lock, self._db:
+            self._db.execute("CREATE INDEX IF NOT EXISTS leases_by_grant_node "
+                             "ON leases(grant_id, node_id, expires_ms)")
 
     def close(self) -> None:
         with self._lock:
@@ -315,6 +320,29 @@ class SqliteRepository:
         )
 
     @_guarded
+    def release_reads(
+        self, *, node_id: str, tenant_id: str, dataset_id: str, key_version: int,
+        session_id: str,
+    ) -> tuple[Node | None, Tenant | None, Dataset | None, DatasetShare | None,
+               Session | None, bytes | None]:
+        """The rows one release checks, read under one hold of the connection lock (no write
+        from this process lands between them):
+        node, tenant, dataset, share, the token's session and its stored claims."""
+        node = self.get_node(node_id)
+        tenant = self.get_tenant(tenant_id)
+        dataset = self.get_dataset(tenant_id, dataset_id)
+        share = self.get_share(tenant_id, dataset_id, key_version)
+        session, claims = self.get_session_and_claims(session_id)
+        return node, tenant, dataset, share, session, claims
+
+    @_guarded
+    def get_session_and_claims(self, session_id: str) -> tuple[Session | None, bytes | None]:
+        r = self._db.execute("SELECT * FROM sessions WHERE session_id=?", (session_id,)).fetchone()
+        if r is None:
+            return None, None
+        return self._session(r), None if r[6] is None else bytes(r[6])
+
+    @_guarded
     def get_session_claims(self, session_id: str) -> bytes | None:
         r = self._db.execute(
             "SELECT claims FROM sessions WHERE session_id=?", (session_id,)
@@ -368,6 +396,16 @@ class SqliteRepository:
         return [self._grant(r) for r in self._db.execute(sql + " ORDER BY grant_id", args)]
 
     @_guarded
+    def grants_with_documents(
+        self, *, job_id: str, dataset_id: str
+    ) -> list[tuple[Grant, tuple[bytes, bytes]]]:
+        rows = self._db.execute(
+            "SELECT * FROM grants WHERE job_id=? AND dataset_id=? ORDER BY grant_id",
+            (job_id, dataset_id),
+        )
+        return [(self._grant(r), (bytes(r[8]), bytes(r[9]))) for r in rows]
+
+    @_guarded
     def revoke_grant(self, grant_id: str) -> bool:
         return self._db.execute(
             "UPDATE grants SET revoked=1 WHERE grant_id=?", (grant_id,)
@@ -405,6 +443,22 @@ class SqliteRepository:
             (grant_id, now_ms),
         )
         return {r[0] for r in rows}
+
+    @_guarded
+    def lease_room(self, grant_id: str, node_id: str, now_ms: int, max_nodes: int) -> bool:
+        """True if ``node_id`` holds an active lease of the grant or fewer than ``max_nodes``
+        nodes do (``node_id in holders or len(holders) < max_nodes`` over
+        :meth:`active_lease_nodes`), without reading every lease of the grant."""
+        if self._db.execute(
+            "SELECT 1 FROM leases WHERE grant_id=? AND node_id=? AND revoked=0 AND expires_ms>? "
+            "LIMIT 1", (grant_id, node_id, now_ms),
+        ).fetchone() is not None:
+            return True
+        n = self._db.execute(
+            "SELECT COUNT(*) FROM (SELECT DISTINCT node_id FROM leases WHERE grant_id=? "
+            "AND revoked=0 AND expires_ms>? LIMIT ?)", (grant_id, now_ms, max(0, max_nodes)),
+        ).fetchone()[0]
+        return n < max_nodes
 
     @_guarded
     def revoke_leases(

@@ -95,3 +95,29 @@ def test_audit_failure_blocks_release_then_recovers(world: World) -> None:
     from kms_broker.audit import verify_log
 
     assert verify_log(log).ok
+
+
+def test_policy_text_edited_under_its_digest_is_not_used(world: World) -> None:
+    """An attacker with the broker DB swaps the policy text for one that allows everything:
+    the text no longer hashes to the digest the tenant signed, so no release follows."""
+    with world.broker.db() as db:
+        digest, original = db.execute(
+            "SELECT digest, text FROM policies WHERE tenant_id='acme'").fetchone()
+        permissive = ("name: open\nversion: 1\nrules:\n  - name: anything\n"
+                      "    expr: 'true'\n    reason: allows every node\n")
+        db.execute("UPDATE policies SET text=? WHERE tenant_id='acme' AND digest=?",
+                   (permissive, digest))
+    world.broker.restart()  # the broker caches checked policies; start from the DB alone
+    leases = _count(world, "SELECT COUNT(*) FROM leases")
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            _release(world, _token(world))
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "policy" in info.value.details()
+        assert _count(world, "SELECT COUNT(*) FROM leases") == leases
+    finally:
+        with world.broker.db() as db:
+            db.execute("UPDATE policies SET text=? WHERE tenant_id='acme' AND digest=?",
+                       (original, digest))
+        world.broker.restart()
+    assert _release(world, _token(world)).sealed_share
