@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -100,6 +101,7 @@ class NodeFlow:
         self._verified_tokens = _BoundedCache()
         self._verified_grants = _BoundedCache()
         self._decisions = _BoundedCache()
+        self._lease_lock = threading.Lock()
 
     # ------------------------------------------------------------- helpers
     def _token_verifier(self) -> TokenVerifier:
@@ -299,10 +301,35 @@ class NodeFlow:
                               reason="dataset.pending: the dataset's upload is not finished")
         if share is None:
             raise NotFound(f"dataset {tenant_id}/{dataset_id} has no key version {key_version}")
-        grant = self._authorize(claims, node_id, tenant_id, dataset_id, actor, subject,
-                                tenant.signing_public_key, session_claims)
         if session is None:
             raise Unauthenticated("the token's session no longer exists")
+        # The lease-room check and the lease that takes the room are one critical section,
+        # so two nodes releasing at once cannot both fit under max_nodes. The lease is taken
+        # before sealing and dropped again if sealing or the audit fails. (One broker process
+        # owns its SQLite state; replicas over PostgreSQL need a row lock on the grant.)
+        with self._lease_lock:
+            grant = self._authorize(claims, node_id, tenant_id, dataset_id, actor, subject,
+                                    tenant.signing_public_key, session_claims)
+            now = self.d.clock.now_ms()
+            lease = Lease(
+                lease_id=self.d.random.token_id(), node_id=node_id, grant_id=grant.grant_id,
+                tenant_id=tenant_id, dataset_id=dataset_id,
+                expires_ms=min(now + self.d.settings.lease_ttl_ms, grant.expires_ms),
+            )
+            self.d.repo.add_lease(lease)
+        try:
+            sealed, transcript = self._seal(claims, session, share, tenant_id, dataset_id,
+                                            key_version, grant, actor, subject)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.d.repo.drop_lease(lease.lease_id)  # the reservation never took effect
+            raise
+        return ReleaseResult(sealed, transcript, dataset.share_index, dataset.share_count,
+                             lease.lease_id, lease.expires_ms)
+
+    def _seal(self, claims: TokenClaims, session: Any, share: Any, tenant_id: str,
+              dataset_id: str, key_version: int, grant: Grant, actor: str,
+              subject: str) -> tuple[bytes, bytes]:
         transcript = release_transcript(
             session_id=claims.session_id, nonce=session.nonce, tenant_id=tenant_id,
             dataset_id=dataset_id, key_version=key_version,
@@ -322,15 +349,7 @@ class NodeFlow:
             raise
         finally:
             self.d.audit.wait_durable(seq)
-        now = self.d.clock.now_ms()
-        lease = Lease(
-            lease_id=self.d.random.token_id(), node_id=node_id, grant_id=grant.grant_id,
-            tenant_id=tenant_id, dataset_id=dataset_id,
-            expires_ms=min(now + self.d.settings.lease_ttl_ms, grant.expires_ms),
-        )
-        self.d.repo.add_lease(lease)
-        return ReleaseResult(sealed, transcript, dataset.share_index, dataset.share_count,
-                             lease.lease_id, lease.expires_ms)
+        return sealed, transcript
 
     def _audit_error(self, event: str, actor: str, subject: str, reason: str) -> None:
         with contextlib.suppress(BrokerError):

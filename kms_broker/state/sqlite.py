@@ -437,6 +437,10 @@ class SqliteRepository:
         self._db.execute("UPDATE leases SET expires_ms=? WHERE lease_id=?", (expires_ms, lease_id))
 
     @_guarded
+    def drop_lease(self, lease_id: str) -> None:
+        self._db.execute("DELETE FROM leases WHERE lease_id=?", (lease_id,))
+
+    @_guarded
     def active_lease_nodes(self, grant_id: str, now_ms: int) -> set[str]:
         rows = self._db.execute(
             "SELECT DISTINCT node_id FROM leases WHERE grant_id=? AND revoked=0 AND expires_ms>?",

@@ -16,10 +16,11 @@ from kms_broker.domain.admin import Admin
 from kms_broker.domain.clock import ManualClock, SystemRandom
 from kms_broker.domain.deps import BrokerDeps, Settings
 from kms_broker.domain.enrolment import NodeEnrolment
-from kms_broker.domain.errors import PermissionDenied, Unauthenticated
+from kms_broker.domain.errors import PermissionDenied, Unauthenticated, Unavailable
 from kms_broker.domain.node_flow import NodeFlow
 from kms_broker.grants import GrantDocument, sign_grant
 from kms_broker.hsm.fake import FakeHsm
+from kms_broker.hsm.interface import HsmUnavailable
 from kms_broker.state.sqlite import SqliteRepository
 from sealed.secrets import SecretBuffer
 from tests.kms_broker.verifiers import POLICY_YAML, JsonClaimsVerifier, make_evidence
@@ -103,3 +104,60 @@ def test_renewal_needs_a_fresh_token_and_a_live_lease(broker) -> None:
     with pytest.raises(PermissionDenied, match=r"lease\.expired"):
         flow.renew(node_id="n1", lease_id=lease.lease_id, token=_token(flow, "n1"))
     assert verify_log(tmp / "audit.log").ok
+
+
+def test_concurrent_releases_cannot_overfill_the_grant(broker, monkeypatch) -> None:
+    """max_nodes=1 holds when several nodes release at the same moment: the room check and
+    the lease that takes the room are one step, and sealing (slowed here) is outside it."""
+    import threading
+    import time
+
+    flow, _, hsm, _ = broker
+    nodes = [f"r{i}" for i in range(6)]
+    for n in nodes:
+        NodeEnrolment(flow.d, None).enrol_test_node(actor="operator:ops", node_id=n,
+                                                    tenant_scope="")
+    tokens = {n: _token(flow, n) for n in nodes}
+    slow_seal = hsm.seal_share
+
+    def seal_slowly(*args, **kwargs):
+        time.sleep(0.05)  # a slow HSM
+        return slow_seal(*args, **kwargs)
+
+    monkeypatch.setattr(hsm, "seal_share", seal_slowly)
+    room = flow.d.repo.lease_room
+
+    def check_room_slowly(*args, **kwargs):
+        answer = room(*args, **kwargs)
+        time.sleep(0.05)  # and the window between the room check and the lease insert
+        return answer
+
+    monkeypatch.setattr(flow.d.repo, "lease_room", check_room_slowly)
+    barrier = threading.Barrier(len(nodes))
+    outcomes: dict[str, str] = {}
+
+    def go(node: str) -> None:
+        barrier.wait()
+        try:
+            _release(flow, node, tokens[node])
+            outcomes[node] = "released"
+        except PermissionDenied as exc:
+            outcomes[node] = str(exc)
+
+    threads = [threading.Thread(target=go, args=(n,)) for n in nodes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    released = [n for n, o in outcomes.items() if o == "released"]
+    assert len(released) == 1, outcomes
+    assert all("lease.no_room" in o for n, o in outcomes.items() if n not in released)
+
+
+def test_a_failed_sealing_does_not_keep_the_room(broker) -> None:
+    flow, _, hsm, _ = broker
+    token = _token(flow, "n1")
+    hsm.fail_next(error=HsmUnavailable)
+    with pytest.raises(Unavailable):
+        _release(flow, "n1", token)
+    _release(flow, "n2", _token(flow, "n2"))  # the grant's one place is still free
