@@ -307,10 +307,14 @@ class NodeFlow:
         # so two nodes releasing at once cannot both fit under max_nodes. The lease is taken
         # before sealing and dropped again if sealing or the audit fails. (One broker process
         # owns its SQLite state; replicas over PostgreSQL need a row lock on the grant.)
-        with self._lease_lock:
-            grant = self._authorize(claims, node_id, tenant_id, dataset_id, actor, subject,
-                                    tenant.signing_public_key, session_claims)
+        grant = self._authorize(claims, node_id, tenant_id, dataset_id, actor, subject,
+                                tenant.signing_public_key, session_claims)
+        with self._lease_lock:  # re-checked here: another release may have taken the room
             now = self.d.clock.now_ms()
+            if not self.d.repo.lease_room(grant.grant_id, node_id, now, grant.max_nodes):
+                raise self.d.deny("release", actor=actor, subject=subject,
+                                  reason=f"lease.no_room: grant {grant.grant_id} allows "
+                                         f"{grant.max_nodes} node(s), all leased")
             lease = Lease(
                 lease_id=self.d.random.token_id(), node_id=node_id, grant_id=grant.grant_id,
                 tenant_id=tenant_id, dataset_id=dataset_id,
