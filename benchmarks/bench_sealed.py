@@ -66,36 +66,9 @@ def _best(fn: Callable[[], object], reps: int) -> float:
 
 
 def _tink(raw_key: bytes):
-    from tink import cleartext_keyset_handle, streaming_aead
-    from tink.proto import aes_gcm_hkdf_streaming_pb2 as pb
-    from tink.proto import common_pb2, tink_pb2
+    from tests.sealed.tink_oracle import tink_streaming_aead  # the oracle the tests use
 
-    streaming_aead.register()
-    key = pb.AesGcmHkdfStreamingKey(
-        version=0,
-        key_value=raw_key,
-        params=pb.AesGcmHkdfStreamingParams(
-            ciphertext_segment_size=streaming.SEGMENT_SIZE,
-            derived_key_size=32,
-            hkdf_hash_type=common_pb2.SHA256,
-        ),
-    )
-    keyset = tink_pb2.Keyset(
-        primary_key_id=1,
-        key=[
-            tink_pb2.Keyset.Key(
-                key_data=tink_pb2.KeyData(
-                    type_url="type.googleapis.com/google.crypto.tink.AesGcmHkdfStreamingKey",
-                    value=key.SerializeToString(),
-                    key_material_type=tink_pb2.KeyData.SYMMETRIC,
-                ),
-                status=tink_pb2.ENABLED,
-                key_id=1,
-                output_prefix_type=tink_pb2.RAW,
-            )
-        ],
-    )
-    return cleartext_keyset_handle.from_keyset(keyset).primitive(streaming_aead.StreamingAead)
+    return tink_streaming_aead(raw_key)
 
 
 class _Sink(io.BytesIO):

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from sealed import LocalDirStore, MappedDirStore, MemoryStore, SecretBuffer
+from tests.sealed.tink_oracle import tink_streaming_aead
 
 TENANT, DATASET, VERSION = "tenant-a", "dataset-1", 1
 
@@ -44,38 +45,7 @@ class TinkOracle:
     """tink-py's StreamingAead over a keyset built from raw key bytes (tests only)."""
 
     def __init__(self, raw_key: bytes) -> None:
-        import tink  # noqa: F401 - registers the proto modules
-        from tink import cleartext_keyset_handle, streaming_aead
-        from tink.proto import aes_gcm_hkdf_streaming_pb2 as pb
-        from tink.proto import common_pb2, tink_pb2
-
-        streaming_aead.register()
-        key = pb.AesGcmHkdfStreamingKey(
-            version=0,
-            key_value=raw_key,
-            params=pb.AesGcmHkdfStreamingParams(
-                ciphertext_segment_size=1 << 20,
-                derived_key_size=32,
-                hkdf_hash_type=common_pb2.SHA256,
-            ),
-        )
-        keyset = tink_pb2.Keyset(
-            primary_key_id=1,
-            key=[
-                tink_pb2.Keyset.Key(
-                    key_data=tink_pb2.KeyData(
-                        type_url="type.googleapis.com/google.crypto.tink.AesGcmHkdfStreamingKey",
-                        value=key.SerializeToString(),
-                        key_material_type=tink_pb2.KeyData.SYMMETRIC,
-                    ),
-                    status=tink_pb2.ENABLED,
-                    key_id=1,
-                    output_prefix_type=tink_pb2.RAW,
-                )
-            ],
-        )
-        handle = cleartext_keyset_handle.from_keyset(keyset)
-        self._primitive = handle.primitive(streaming_aead.StreamingAead)
+        self._primitive = tink_streaming_aead(raw_key)
 
     def encrypt(self, plaintext: bytes, aad: bytes) -> bytes:
         class _Keep(io.BytesIO):
