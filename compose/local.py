@@ -311,17 +311,7 @@ class LocalHarness:
         with self._cond:
             if runtime.state != "running":
                 raise ComposeError(f"service {service!r} is not running ({runtime.state})")
-        environment = self._environment(runtime)
-        environment.update(env or {})
-        return subprocess.run(
-            list(argv),
-            input=input,
-            capture_output=True,
-            env=environment,
-            cwd=self._working_dir(runtime),
-            start_new_session=True,
-            check=False,
-        )
+        return self._run_command(runtime, argv, input=input, env=env)
 
     def run(
         self,
@@ -336,6 +326,11 @@ class LocalHarness:
         for example a tenant command after the ``tenant`` one-shot has finished."""
         runtime = self._runtime(service)
         self._prepare()
+        return self._run_command(runtime, argv, input=input, env=env)
+
+    def _run_command(self, runtime, argv: Sequence[str], *, input: bytes | None,
+                     env: Mapping[str, str] | None) -> subprocess.CompletedProcess[bytes]:
+        """``argv`` with the service's environment (plus ``env``) and working directory."""
         environment = self._environment(runtime)
         environment.update(env or {})
         return subprocess.run(
