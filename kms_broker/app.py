@@ -15,6 +15,7 @@ from kms_broker.domain.clock import SystemClock, SystemRandom
 from kms_broker.domain.deps import BrokerDeps, Settings
 from kms_broker.domain.enrolment import NodeEnrolment
 from kms_broker.domain.node_flow import NodeFlow
+from kms_broker.domain.revocations import RevocationRelay
 from kms_broker.metrics import BrokerMetrics, TimedHsm
 from kms_broker.server import BrokerServer, TlsMaterial
 from kms_broker.state.sqlite import SqliteRepository
@@ -95,7 +96,11 @@ def load_ek_trust(config: BrokerConfig) -> Any:
         raise ConfigError(f"ek_roots/ek_intermediates: not PEM certificates: {exc}") from None
 
 
-def build_server(config: BrokerConfig, *, hsm: Any = None) -> BrokerServer:
+def build_server(config: BrokerConfig, *, hsm: Any = None, worker: int | None = None
+                 ) -> BrokerServer:
+    """Everything ``serve`` runs. ``worker``: this process is worker N of several sharing the
+    port and state (:mod:`kms_broker.workers`): listen with SO_REUSEPORT and leave the metrics
+    endpoint to the supervisor."""
     from attest.policy import Policy
 
     state = Path(config.state_dir)
@@ -132,8 +137,9 @@ def build_server(config: BrokerConfig, *, hsm: Any = None) -> BrokerServer:
         address=config.listen,
         metrics=metrics,
         enrolment=NodeEnrolment(deps, load_ek_trust(config)),
+        worker=worker,
     )
-    if config.metrics_port is not None:
+    if config.metrics_port is not None and worker is None:
         metrics.serve(config.metrics_port)
 
     def seal_the_log() -> None:  # a signed checkpoint over the last record at shutdown
@@ -143,4 +149,9 @@ def build_server(config: BrokerConfig, *, hsm: Any = None) -> BrokerServer:
             log.warning("no shutdown checkpoint: %s", exc)
 
     server.on_stop.append(seal_the_log)
+    # revocations reach WatchRevocations streams held by other worker processes
+    relay = RevocationRelay(deps.revocations, deps.repo,
+                            origin=f"{os.getpid()}/{os.urandom(4).hex()}", now_ms=clock.now_ms)
+    relay.start()
+    server.on_stop.insert(0, relay.stop)
     return server

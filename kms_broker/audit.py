@@ -17,11 +17,26 @@ object (:mod:`kms_broker.encoding`) with these fields::
 
 Fail closed: :meth:`AuditLog.append` returns only once its record is on disk (fdatasync) and
 raises ``Unavailable`` if any step fails; callers perform the audited action only after it
-returns. Group commit: records are written under one lock, then one fdatasync covers every
-record written so far, so concurrent appends share a sync instead of queueing for one each.
+returns. Group commit: records are written under one lock, then one fdatasync, run by the
+first waiting caller, covers every record written so far, so concurrent appends share a sync
+instead of queueing for one each (and no sync thread costs a hand-off per record).
 The file is opened per write and per sync (cheap), so swapping it for a directory breaks the
 log at once and putting it back recovers it; the in-memory head moves only after a successful
 write.
+
+Safe across processes (``kms-broker serve --workers N``) as well as threads: every write
+opens the file O_APPEND and takes an exclusive ``flock`` on that descriptor (closing it
+releases the lock), so writers in all processes, and several :class:`AuditLog` instances in
+one process, take turns. Under the lock ``fstat`` tells whether anyone else appended since
+this instance's last write (size, inode and device differ from what it remembers); if so it
+re-reads the last line of the file to pick up the current head (seq and hash) before chaining
+the new record onto it. The tail re-read is strict: a partial or unparseable last line, a last
+record whose hash does not match its content, or a log that went backwards (fewer records
+than this instance already saw) makes the write fail closed with ``Unavailable`` and write
+nothing; nothing is ever chained onto garbage. Checkpoints are signed under the same lock, so
+their ``prev`` is the real head. Each instance counts its own records towards its next
+checkpoint and group-commits its own writes (an fdatasync covers the whole file, so it covers
+this instance's earlier writes too).
 
 :func:`verify_log` recomputes the chain and names the first bad record: edited (hash
 mismatch), deleted or reordered (sequence gap or wrong ``prev``), or a bad checkpoint
@@ -30,9 +45,12 @@ signature.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import stat
 import struct
 import threading
 from collections.abc import Callable, Iterator
@@ -61,17 +79,36 @@ def _record_hash(prev_hex: str, body: dict) -> str:
     return hashlib.sha256(bytes.fromhex(prev_hex) + canonical_json(body)).hexdigest()
 
 
-def _last_line(path: Path) -> str | None:
-    with path.open("rb") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - 2 * MAX_LINE))
-        lines = f.read().splitlines()
-    return lines[-1].decode() if lines else None
+def _read_head(fd: int, size: int) -> tuple[int, str]:
+    """(seq, hash) of the last record of the open log ``fd`` whose size is ``size``.
+
+    ``Unavailable`` unless the file ends with one whole, self-consistent record: a partial
+    line (a writer died mid-write), garbage or an edited last record is never chained onto.
+    """
+    if size == 0:
+        return 0, GENESIS
+    start = max(0, size - 2 * MAX_LINE)
+    data = os.pread(fd, size - start, start)
+    if len(data) != size - start or not data.endswith(b"\n"):
+        raise Unavailable("audit log unavailable: it ends with a partial record")
+    line = data[:-1].rsplit(b"\n", 1)[-1]
+    try:
+        rec = json.loads(line)
+        stored = rec.pop("hash")
+        seq = rec["seq"]
+        if type(seq) is not int or seq < 1 or _record_hash(rec["prev"], rec) != stored:
+            raise ValueError("inconsistent record")
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        raise Unavailable(
+            "audit log unavailable: its last line is not a valid audit record"
+        ) from None
+    return seq, stored
 
 
 class AuditLog:
-    """Thread-safe appender. ``sign`` is the HSM signing function (for checkpoints)."""
+    """Thread- and process-safe appender (see the module docstring); one per process is
+    enough, several on one file also work. ``sign`` is the HSM signing function (for
+    checkpoints)."""
 
     def __init__(
         self,
@@ -87,26 +124,56 @@ class AuditLog:
         self._every = checkpoint_every
         self._lock = threading.Lock()
         self._cond = threading.Condition()
-        self._synced = 0  # every record up to here is on disk
-        self._attempted = 0  # a sync has been started for every record up to here
+        self._synced = 0  # every record of this instance up to here is on disk
+        self._attempted = 0  # a sync has been started for every own record up to here
         self._failed: list[tuple[int, int, str]] = []  # (first, last, why) of failed syncs
         self._closed = False
-        self._syncer: threading.Thread | None = None
+        self._syncing = False  # a caller of wait_durable is running the fdatasync
+        # Chain head as last seen in the file, and the file's (size, inode, device) right after
+        # this instance last wrote or read it: anything else under the lock means another
+        # writer appended (or the file was swapped), so the head is re-read from the file.
+        self._seq, self._head = 0, GENESIS
+        self._end: tuple[int, int, int] = (-1, 0, 0)
         if not self.path.exists():
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            os.close(fd)
-        last = _last_line(self.path)
-        if last is None:
-            self._seq, self._head = 0, GENESIS
-        else:
-            rec = json.loads(last)
-            self._seq, self._head = int(rec["seq"]), str(rec["hash"])
-        self._synced = self._attempted = self._seq
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                os.close(fd)
+            except FileExistsError:  # another worker created it first
+                pass
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                self._refresh(fd, os.fstat(fd))
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise Unavailable(f"audit log unavailable: {exc.strerror or exc}") from None
+        # The sync loop works on this instance's own records: other processes advance _seq.
+        self._written = self._seq  # seq of this instance's last successful write
+        self._synced = self._attempted = self._written
         self._since_checkpoint = 0
 
     @property
     def head(self) -> tuple[int, str]:
-        return self._seq, self._head
+        """(seq, hash) of the last record in the file, including other writers' records.
+
+        One ``stat`` when nothing changed; the tail is re-read (under a shared lock) only when
+        the file did. If the file cannot be read the last head this instance saw is returned.
+        """
+        with self._lock:
+            try:
+                st = os.stat(self.path)
+                if (st.st_size, st.st_ino, st.st_dev) != self._end and stat.S_ISREG(st.st_mode):
+                    fd = os.open(self.path, os.O_RDONLY)
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_SH)
+                        self._refresh(fd, os.fstat(fd))
+                    finally:
+                        os.close(fd)
+            except (OSError, Unavailable):
+                pass
+            return self._seq, self._head
 
     def append(
         self, event: str, *, actor: str, subject: str, outcome: str, reason: str = ""
@@ -120,17 +187,24 @@ class AuditLog:
         self, event: str, *, actor: str, subject: str, outcome: str, reason: str = ""
     ) -> int:
         """Write one record without waiting for the disk; pair with :meth:`wait_durable`
-        before the audited result leaves the process (lets the sync overlap the HSM call)."""
+        before the audited result leaves the process (so one sync can cover the records of
+        several concurrent callers)."""
         with self._lock:
-            seq = self._write(event, actor, subject, outcome, reason[:1000], None)
-            self._since_checkpoint += 1
-            if self._sign is not None and self._since_checkpoint >= self._every:
-                try:
-                    sig = self._sign(checkpoint_message(self._head, self._seq + 1)).hex()
-                    self._write("checkpoint", "broker", f"seq:{self._seq}", "ok", "", sig)
-                    self._since_checkpoint = 0
-                except Exception:  # noqa: S110 - a missed checkpoint is retried on the next append
-                    pass
+            fd = self._open_locked()
+            try:
+                seq = self._emit(fd, event, actor, subject, outcome, reason[:1000], None)
+                self._since_checkpoint += 1
+                if self._sign is not None and self._since_checkpoint >= self._every:
+                    try:  # signed under the file lock, so prev is the real head
+                        sig = self._sign(checkpoint_message(self._head, self._seq + 1)).hex()
+                        self._emit(fd, "checkpoint", "broker", f"seq:{self._seq}", "ok", "", sig)
+                        self._since_checkpoint = 0
+                    except Exception:  # noqa: S110 - a missed checkpoint is retried on the next append
+                        pass
+            except OSError as exc:
+                raise Unavailable(f"audit log unavailable: {exc.strerror or exc}") from None
+            finally:
+                os.close(fd)  # releases the flock
         return seq
 
     def checkpoint(self) -> None:
@@ -138,23 +212,26 @@ class AuditLog:
         if self._sign is None:
             return
         with self._lock:
-            sig = self._sign(checkpoint_message(self._head, self._seq + 1)).hex()
-            seq = self._write("checkpoint", "broker", f"seq:{self._seq}", "ok", "", sig)
-            self._since_checkpoint = 0
+            fd = self._open_locked()
+            try:
+                sig = self._sign(checkpoint_message(self._head, self._seq + 1)).hex()
+                seq = self._emit(fd, "checkpoint", "broker", f"seq:{self._seq}", "ok", "", sig)
+                self._since_checkpoint = 0
+            except OSError as exc:
+                raise Unavailable(f"audit log unavailable: {exc.strerror or exc}") from None
+            finally:
+                os.close(fd)
         self.wait_durable(seq)
 
     def wait_durable(self, seq: int) -> None:
         """Return once record ``seq`` is on disk; ``Unavailable`` if its sync failed.
 
-        One background thread syncs everything written so far with one fdatasync (group
-        commit), so concurrent appends share a sync and a sync overlaps the caller's work.
+        Group commit without a sync thread: the first caller that finds no sync running
+        becomes the leader and runs one fdatasync covering every record this instance has
+        written so far; callers that arrive meanwhile wait for it, and the next of them leads
+        the following sync. No thread hand-off when there is no contention.
         """
         with self._cond:
-            if self._syncer is None:
-                self._syncer = threading.Thread(target=self._sync_loop, daemon=True,
-                                                 name="audit-sync")
-                self._syncer.start()
-            self._cond.notify_all()
             while True:
                 for first, last, why in self._failed:
                     if first <= seq <= last:
@@ -163,43 +240,78 @@ class AuditLog:
                     return
                 if self._closed:
                     raise Unavailable("audit log closed")
+                if not self._syncing:
+                    break
                 self._cond.wait()
+            # Only this instance's own records are waited for; _written is set after each
+            # write returned, so this fdatasync starts after every record up to target.
+            self._syncing = True
+            first, target = self._attempted + 1, self._written
+            self._attempted = target
+        error = None
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            error = exc.strerror or str(exc)
+        with self._cond:
+            self._syncing = False
+            if error is None:
+                self._synced = max(self._synced, target)
+            else:
+                self._failed = [*self._failed[-63:], (first, target, error)]
+            self._cond.notify_all()
+            if error is not None and first <= seq <= target:
+                raise Unavailable(f"audit log unavailable: {error}")
+        if seq > target:  # written by this instance after the sync began: one more round
+            self.wait_durable(seq)
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if self._syncer is not None:
-            self._syncer.join(timeout=5)
 
-    def _sync_loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._closed and self._seq <= self._attempted:
-                    self._cond.wait()
-                if self._closed:
-                    return
-                first, target = self._attempted + 1, self._seq
-                self._attempted = target
-            try:
-                fd = os.open(self.path, os.O_RDONLY)
-                try:
-                    os.fdatasync(fd)
-                finally:
-                    os.close(fd)
-                error = None
-            except OSError as exc:
-                error = exc.strerror or str(exc)
-            with self._cond:
-                if error is None:
-                    self._synced = max(self._synced, target)
-                else:
-                    self._failed = [*self._failed[-63:], (first, target, error)]
-                self._cond.notify_all()
+    def _refresh(self, fd: int, st: os.stat_result) -> None:
+        """Adopt the head of the file open as ``fd`` (locked by the caller) if it changed."""
+        end = (st.st_size, st.st_ino, st.st_dev)
+        if end == self._end:
+            return
+        if not stat.S_ISREG(st.st_mode):
+            raise Unavailable("audit log unavailable: not a regular file")
+        seq, head = _read_head(fd, st.st_size)
+        if seq < self._seq:
+            raise Unavailable(
+                f"audit log unavailable: it went back to record {seq} after record {self._seq}"
+            )
+        self._seq, self._head, self._end = seq, head, end
 
-    def _write(
-        self, event: str, actor: str, subject: str, outcome: str, reason: str, sig: str | None
+    def _open_locked(self) -> int:
+        """Open the log for appending, lock it exclusively and catch up with other writers.
+
+        Returns the descriptor; closing it releases the lock. ``Unavailable`` on any failure.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
+        except OSError as exc:
+            raise Unavailable(f"audit log unavailable: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._refresh(fd, os.fstat(fd))
+        except BaseException as exc:
+            os.close(fd)
+            if isinstance(exc, OSError):
+                raise Unavailable(f"audit log unavailable: {exc.strerror or exc}") from None
+            raise
+        return fd
+
+    def _emit(
+        self, fd: int, event: str, actor: str, subject: str, outcome: str, reason: str,
+        sig: str | None,
     ) -> int:
+        """Append one record to ``fd`` (from :meth:`_open_locked`); move the head on success."""
         seq = self._seq + 1
         body = {
             "seq": seq, "time_ms": self._now_ms(), "prev": self._head, "event": event,
@@ -209,16 +321,18 @@ class AuditLog:
             body["sig"] = sig
         digest = _record_hash(self._head, body)
         line = canonical_json({**body, "hash": digest}) + b"\n"
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        size, ino, dev = self._end
+        written = os.write(fd, line)
+        if written != len(line):
+            # Take the partial line back (we hold the lock) so the log stays well formed.
             try:
-                if os.write(fd, line) != len(line):
-                    raise OSError("short write")
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise Unavailable(f"audit log unavailable: {exc.strerror or exc}") from None
-        self._seq, self._head = seq, digest
+                if os.fstat(fd).st_size == size + written:
+                    os.ftruncate(fd, size)
+            except OSError:
+                pass
+            raise OSError(errno.EIO, "short write")
+        self._seq, self._head, self._end = seq, digest, (size + len(line), ino, dev)
+        self._written = seq
         return seq
 
 

@@ -72,17 +72,44 @@ def _tenant_clients(args: argparse.Namespace) -> list[Any]:
 
 # ------------------------------------------------------------------ commands
 def cmd_serve(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from kms_broker.app import build_server
     from kms_broker.config import load_config
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    worker = args.worker
+    prefix = "" if worker is None else f"worker {worker} "
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(asctime)s {prefix}%(levelname)s %(message)s")
     config = load_config(args.config)
-    server = build_server(config)
-    server.start()
+    if args.listen:
+        config = dataclasses.replace(config, listen=args.listen)
+    count = args.workers if args.workers is not None else config.workers
+    if not 1 <= count <= 64:
+        raise CliError("--workers must be from 1 to 64")
     host = config.listen.rsplit(":", 1)[0]
     port_file = Path(config.state_dir) / "broker.port"
-    port_file.write_text(f"{server.port}\n")
-    print(f"kms-broker {config.broker_id} listening on {host}:{server.port}", flush=True)
+
+    def listening(port: int) -> None:
+        port_file.write_text(f"{port}\n")
+        workers = f" ({count} worker processes)" if count > 1 else ""
+        print(f"kms-broker {config.broker_id} listening on {host}:{port}{workers}", flush=True)
+
+    if worker is None and count > 1:
+        from kms_broker.workers import supervise
+
+        return supervise(args.config, config, count, on_listening=listening)
+    server = build_server(config, worker=worker)
+    server.start()
+    if worker is None:
+        listening(server.port)
+    else:  # tell the supervisor (kms_broker.workers) this worker listens
+        from kms_broker.workers import worker_port_file
+
+        path = worker_port_file(config, worker)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(f"{server.port}\n")
+        tmp.rename(path)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -357,6 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the broker")
     p.add_argument("--config", type=Path, required=True, help="broker.yaml")
+    p.add_argument("--workers", type=int,
+                   help="broker processes sharing the port and state (default: the config's "
+                        "'workers', else 1); more than one uses more cores")
+    p.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by the supervisor
+    p.add_argument("--listen", help=argparse.SUPPRESS)  # set by the supervisor
     p.set_defaults(func=cmd_serve)
 
     hsm = sub.add_parser("hsm", help="HSM token setup").add_subparsers(dest="action",

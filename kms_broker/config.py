@@ -18,6 +18,7 @@ Example::
     ek_intermediates: []                # their intermediate CAs (PEM files), optional
     trusted_tenant_keys: {acme: <hex Ed25519 public key>}   # optional allow-list
     metrics_port: 9464                  # optional Prometheus endpoint on 127.0.0.1
+    workers: 1                          # broker processes on one port (see kms_broker.workers)
     ttl_ms: {session: 30000, token: 60000, lease: 300000, upload: 600000, enrolment: 120000}
 
 Without ``ek_roots`` the broker refuses every TPM enrolment (``tpm2.ek_cert_untrusted``).
@@ -70,6 +71,7 @@ class BrokerConfig:
     ek_intermediates: tuple[Path, ...] = ()
     metrics_port: int | None = None
     ttl_ms: dict[str, int] = field(default_factory=dict)
+    workers: int = 1
 
 
 def read_secret_file(path: Path) -> bytearray:
@@ -113,7 +115,8 @@ def load_config(path: Path) -> BrokerConfig:
     if not isinstance(doc, dict):
         raise ConfigError("config must be a mapping")
     known = {"broker_id", "listen", "state_dir", "tls", "hsm", "verifiers", "reference_values",
-             "trusted_tenant_keys", "metrics_port", "ttl_ms", "ek_roots", "ek_intermediates"}
+             "trusted_tenant_keys", "metrics_port", "ttl_ms", "ek_roots", "ek_intermediates",
+             "workers"}
     if unknown := set(doc) - known:
         raise ConfigError(f"unknown config keys: {sorted(unknown)}")
     base = path.resolve().parent
@@ -146,6 +149,9 @@ def load_config(path: Path) -> BrokerConfig:
     port = doc.get("metrics_port")
     if port is not None and (not isinstance(port, int) or not 0 <= port < 65536):
         raise ConfigError("metrics_port must be a port number")
+    workers = doc.get("workers", 1)
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 64:
+        raise ConfigError("workers must be a whole number from 1 to 64")
     ttl = doc.get("ttl_ms") or {}
     if not isinstance(ttl, dict) or set(ttl) - {"session", "token", "lease", "upload",
                                                 "enrolment"}:
@@ -174,6 +180,7 @@ def load_config(path: Path) -> BrokerConfig:
             ek_intermediates=ek_files["ek_intermediates"],
             metrics_port=port,
             ttl_ms={k: int(v) for k, v in ttl.items()},
+            workers=workers,
         )
     except KeyError as exc:
         raise ConfigError(f"missing config key {exc}") from None

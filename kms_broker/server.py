@@ -46,7 +46,11 @@ class BrokerServer:
         metrics: BrokerMetrics | None = None,
         max_workers: int = 64,
         enrolment: NodeEnrolment | None = None,
+        worker: int | None = None,
     ) -> None:
+        """``worker``: this process is worker N of several on one port (kms_broker.workers):
+        listen with SO_REUSEPORT and answer health checks for ``kmsbroker.worker/N``, which
+        tells a client (or a test) which worker its connection reached."""
         self.metrics = metrics or BrokerMetrics()
         self.on_stop: list[Callable[[], None]] = []
         flow.d.on_denial = lambda reason: self.metrics.denials.labels(reason=reason).inc()
@@ -57,7 +61,7 @@ class BrokerServer:
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_concurrent_streams", 256),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", int(worker is not None)),
             ],
             maximum_concurrent_rpcs=max_workers * 4,
         )
@@ -69,6 +73,9 @@ class BrokerServer:
             OperatorServicer(admin, enrolment or NodeEnrolment(admin.d, None), self.metrics),
             self._server,
         )
+        self._services = ["", "kmsbroker.v1.NodeService", "kmsbroker.v1.TenantService"]
+        if worker is not None:
+            self._services.append(f"kmsbroker.worker/{worker}")
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         credentials = grpc.ssl_server_credentials(
@@ -80,7 +87,7 @@ class BrokerServer:
 
     def start(self) -> None:
         self._server.start()
-        for service in ("", "kmsbroker.v1.NodeService", "kmsbroker.v1.TenantService"):
+        for service in self._services:
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     def wait(self) -> None:

@@ -145,8 +145,9 @@ class NodeEnrolment:
         if pending is None or pending.actor != actor or now >= pending.expires_ms:
             raise self.d.deny("enrol_node", actor=actor, subject=f"enrolment:{enrolment_id}",
                               reason="enrolment.unknown: no pending enrolment with this id (it "
-                                     "expired, was already used, or was begun by another "
-                                     "operator)")
+                                     "expired, was already used, was begun by another "
+                                     "operator, or reached another worker process of this "
+                                     "broker: begin again on one channel)")
         subject = f"node:{pending.node_id}"
         try:
             enrolled = complete_enrolment(pending.state, activated_secret)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -101,7 +100,6 @@ class NodeFlow:
         self._verified_tokens = _BoundedCache()
         self._verified_grants = _BoundedCache()
         self._decisions = _BoundedCache()
-        self._lease_lock = threading.Lock()
 
     # ------------------------------------------------------------- helpers
     def _token_verifier(self) -> TokenVerifier:
@@ -303,24 +301,22 @@ class NodeFlow:
             raise NotFound(f"dataset {tenant_id}/{dataset_id} has no key version {key_version}")
         if session is None:
             raise Unauthenticated("the token's session no longer exists")
-        # The lease-room check and the lease that takes the room are one critical section,
-        # so two nodes releasing at once cannot both fit under max_nodes. The lease is taken
-        # before sealing and dropped again if sealing or the audit fails. (One broker process
-        # owns its SQLite state; replicas over PostgreSQL need a row lock on the grant.)
+        # The lease-room check and the lease that takes the room are one repository step
+        # (one write transaction), so two nodes releasing at once, through one broker process
+        # or several sharing the state, cannot both fit under max_nodes. The lease is taken
+        # before sealing and dropped again if sealing or the audit fails.
         grant = self._authorize(claims, node_id, tenant_id, dataset_id, actor, subject,
                                 tenant.signing_public_key, session_claims)
-        with self._lease_lock:  # re-checked here: another release may have taken the room
-            now = self.d.clock.now_ms()
-            if not self.d.repo.lease_room(grant.grant_id, node_id, now, grant.max_nodes):
-                raise self.d.deny("release", actor=actor, subject=subject,
-                                  reason=f"lease.no_room: grant {grant.grant_id} allows "
-                                         f"{grant.max_nodes} node(s), all leased")
-            lease = Lease(
-                lease_id=self.d.random.token_id(), node_id=node_id, grant_id=grant.grant_id,
-                tenant_id=tenant_id, dataset_id=dataset_id,
-                expires_ms=min(now + self.d.settings.lease_ttl_ms, grant.expires_ms),
-            )
-            self.d.repo.add_lease(lease)
+        now = self.d.clock.now_ms()
+        lease = Lease(
+            lease_id=self.d.random.token_id(), node_id=node_id, grant_id=grant.grant_id,
+            tenant_id=tenant_id, dataset_id=dataset_id,
+            expires_ms=min(now + self.d.settings.lease_ttl_ms, grant.expires_ms),
+        )
+        if not self.d.repo.take_lease(lease, now_ms=now, max_nodes=grant.max_nodes):
+            raise self.d.deny("release", actor=actor, subject=subject,
+                              reason=f"lease.no_room: grant {grant.grant_id} allows "
+                                     f"{grant.max_nodes} node(s), all leased")
         try:
             sealed, transcript = self._seal(claims, session, share, tenant_id, dataset_id,
                                             key_version, grant, actor, subject)

@@ -82,6 +82,9 @@ class Repository(Protocol):
     def drop_lease(self, lease_id: str) -> None: ...  # a reservation that never took effect
     def active_lease_nodes(self, grant_id: str, now_ms: int) -> set[str]: ...
     def lease_room(self, grant_id: str, node_id: str, now_ms: int, max_nodes: int) -> bool: ...
+    def take_lease(
+        self, lease: Lease, *, now_ms: int, max_nodes: int
+    ) -> bool: ...  # lease_room + add_lease as one step, atomic across broker processes
     def revoke_leases(
         self,
         *,

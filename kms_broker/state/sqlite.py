@@ -2,7 +2,10 @@
 
 WAL journal, foreign keys on, schema versioned in ``schema_migrations``. One connection
 guarded by a lock (the gRPC thread pool shares it); ``sqlite3.OperationalError`` (disk full,
-locked, unreadable) becomes ``Unavailable`` so callers fail closed.
+locked, unreadable) becomes ``Unavailable`` so callers fail closed. Several broker worker
+processes may share the file (``kms-broker serve --workers N``): every write transaction
+begins IMMEDIATE, and checks that must hold across processes (single-use nonces, lease room)
+are single statements or one IMMEDIATE transaction.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from kms_broker.domain.model import (
     Tenant,
     Upload,
 )
+from kms_broker.domain.revocations import RevocationEvent
 
 __all__ = ["SqliteRepository"]
 
@@ -73,6 +77,12 @@ MIGRATIONS: tuple[str, ...] = (
         revoked INTEGER NOT NULL);
     CREATE INDEX leases_by_grant ON leases(grant_id, expires_ms);
     """,
+    """
+    CREATE TABLE revocation_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, origin TEXT NOT NULL, node_id TEXT NOT NULL,
+        lease_id TEXT NOT NULL, tenant_id TEXT NOT NULL, dataset_id TEXT NOT NULL,
+        reason TEXT NOT NULL, created_ms INTEGER NOT NULL);
+    """,
 )
 
 T = TypeVar("T")
@@ -97,7 +107,11 @@ class SqliteRepository:
     def __init__(self, path: Path | str) -> None:
         self._lock = threading.RLock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.isolation_level = ""  # implicit transactions, committed by `with self._db`
+        # implicit transactions, committed by `with self._db`, begun with BEGIN IMMEDIATE so a
+        # writer takes SQLite's write lock (waiting up to busy_timeout) before reading: broker
+        # worker processes share this file, and a deferred read-then-write transaction could
+        # fail with SQLITE_BUSY_SNAPSHOT instead of waiting
+        self._db.isolation_level = "IMMEDIATE"
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -122,10 +136,10 @@ class SqliteRepository:
         for version, script in enumerate(MIGRATIONS, start=1):
             if version in done:
                 continue
-            with self._lock:
-                self._db.executescript(f"BEGIN;{script};COMMIT;")
-                with self._db:
-                    self._db.execute("INSERT INTO schema_migrations VALUES (?)", (version,))
+            with self._lock:  # the step and its record commit together, or neither does
+                self._db.executescript(  # constant scripts and an int: nothing from outside
+                    f"BEGIN IMMEDIATE;{script};"  # noqa: S608
+                    f"INSERT INTO schema_migrations VALUES ({int(version)});COMMIT;")
 
     def schema_version(self) -> int:
         return self._db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0]
@@ -414,6 +428,9 @@ class SqliteRepository:
     # ------------------------------------------------------------------ leases
     @_guarded
     def add_lease(self, le: Lease) -> None:
+        self._insert_lease(le)
+
+    def _insert_lease(self, le: Lease) -> None:
         self._db.execute(
             "INSERT INTO leases VALUES (?,?,?,?,?,?,?)",
             (le.lease_id, le.node_id, le.grant_id, le.tenant_id, le.dataset_id, le.expires_ms,
@@ -453,6 +470,20 @@ class SqliteRepository:
         """True if ``node_id`` holds an active lease of the grant or fewer than ``max_nodes``
         nodes do (``node_id in holders or len(holders) < max_nodes`` over
         :meth:`active_lease_nodes`), without reading every lease of the grant."""
+        return self._room(grant_id, node_id, now_ms, max_nodes)
+
+    @_guarded
+    def take_lease(self, lease: Lease, *, now_ms: int, max_nodes: int) -> bool:
+        """Insert ``lease`` if its grant has room for its node (:meth:`lease_room`), as one
+        write transaction: ``BEGIN IMMEDIATE`` takes SQLite's write lock before the check, so
+        broker worker processes sharing this file cannot both take the last place."""
+        self._db.execute("BEGIN IMMEDIATE")
+        if not self._room(lease.grant_id, lease.node_id, now_ms, max_nodes):
+            return False
+        self._insert_lease(lease)
+        return True
+
+    def _room(self, grant_id: str, node_id: str, now_ms: int, max_nodes: int) -> bool:
         if self._db.execute(
             "SELECT 1 FROM leases WHERE grant_id=? AND node_id=? AND revoked=0 AND expires_ms>? "
             "LIMIT 1", (grant_id, node_id, now_ms),
@@ -486,3 +517,29 @@ class SqliteRepository:
         leases = [self._lease(r) for r in rows]
         self._db.execute(f"UPDATE leases SET revoked=1 WHERE {clause}", args)  # noqa: S608
         return leases
+
+    # ------------------------------------------------- revocations between workers
+    @_guarded
+    def add_revocation_events(self, origin: str, events: list[tuple[str, RevocationEvent]],
+                              now_ms: int, keep_ms: int) -> None:
+        self._db.execute("DELETE FROM revocation_events WHERE created_ms<?", (now_ms - keep_ms,))
+        self._db.executemany(
+            "INSERT INTO revocation_events (origin, node_id, lease_id, tenant_id, dataset_id, "
+            "reason, created_ms) VALUES (?,?,?,?,?,?,?)",
+            [(origin, node, e.lease_id, e.tenant_id, e.dataset_id, e.reason, now_ms)
+             for node, e in events],
+        )
+
+    @_guarded
+    def revocation_events_after(
+        self, after_id: int, origin: str
+    ) -> tuple[int, list[tuple[str, RevocationEvent]]]:
+        """Events with id > ``after_id`` from other origins, and the highest id now stored
+        (``after_id < 0``: only that id, no events)."""
+        last = self._db.execute("SELECT MAX(id) FROM revocation_events").fetchone()[0] or 0
+        if after_id < 0 or last <= after_id:
+            return max(last, after_id), []
+        rows = self._db.execute(
+            "SELECT node_id, lease_id, tenant_id, dataset_id, reason FROM revocation_events "
+            "WHERE id>? AND id<=? AND origin!=? ORDER BY id", (after_id, last, origin))
+        return last, [(r[0], RevocationEvent(r[1], r[2], r[3], r[4])) for r in rows]

@@ -147,7 +147,7 @@ def test_two_brokers_two_attested_nodes_train_through_a_broker_restart(tmp_path:
     """Issue 6 scenarios 1, 3 and 7 through docker-compose.yml: each broker holds one share,
     both nodes attest and train together; the provider broker restarts mid-training and the
     leases renew once it is back; nothing in the clear reaches disk; nothing is left."""
-    harness, _ = _deployment(tmp_path, TRAIN_STEPS="40", LEASE_TTL_MS="16000")
+    harness, _ = _deployment(tmp_path, TRAIN_STEPS="60", LEASE_TTL_MS="10000")
     marker = f"CT_COMPOSE_ID={harness.run_id}:"
     try:
         harness.up()
@@ -167,8 +167,8 @@ def test_two_brokers_two_attested_nodes_train_through_a_broker_restart(tmp_path:
 
         node_a = harness.logs("node-a")
         assert "rank 0/2" in node_a and "world 2 on cpu" in node_a
-        assert "step 40/40" in node_a
-        losses = [float(x) for x in re.findall(r"step \d+/40 loss ([\d.]+)", node_a)]
+        assert "step 60/60" in node_a
+        losses = [float(x) for x in re.findall(r"step \d+/60 loss ([\d.]+)", node_a)]
         assert losses[-1] < losses[0]
         assert "shred report (normal exit)" in harness.logs("node-b")
         assert harness.logs("provider-broker").count("listening on") == 2

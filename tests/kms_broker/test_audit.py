@@ -169,3 +169,35 @@ def test_shutdown_checkpoint_seals_the_tail(log) -> None:
     audit.checkpoint()
     result = verify_log(path, hsm.signing_public_key())
     assert result.ok and "0 record(s) after it" in result.problem
+
+
+def test_short_write_is_taken_back(tmp_path: Path, monkeypatch) -> None:
+    import kms_broker.audit as audit_module
+
+    path = tmp_path / "audit.log"
+    audit = AuditLog(path, now_ms=lambda: 0)
+    audit.append("a", actor="x", subject="y", outcome="ok")
+    before, head = path.read_bytes(), audit.head
+    real = os.write
+    monkeypatch.setattr(audit_module.os, "write", lambda fd, data: real(fd, data[:10]))
+    with pytest.raises(Unavailable, match="short write"):
+        audit.append("b", actor="x", subject="y", outcome="ok")
+    monkeypatch.setattr(audit_module.os, "write", real)
+    assert path.read_bytes() == before and audit.head == head  # the partial line is gone
+    assert audit.append("c", actor="x", subject="y", outcome="ok") == 2
+    assert verify_log(path).ok
+
+
+def test_log_that_went_backwards_fails_closed(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    audit = AuditLog(path, now_ms=lambda: 0)
+    for _ in range(3):
+        audit.append("a", actor="x", subject="y", outcome="ok")
+    full = path.read_bytes()
+    path.write_bytes(b"".join(full.splitlines(keepends=True)[:2]))  # last record cut off
+    with pytest.raises(Unavailable, match="went back to record 2 after record 3"):
+        audit.append("b", actor="x", subject="y", outcome="ok")
+    assert len(path.read_bytes().splitlines()) == 2
+    path.write_bytes(full)
+    assert audit.append("c", actor="x", subject="y", outcome="ok") == 4
+    assert verify_log(path).ok

@@ -16,7 +16,7 @@ from kms_broker.errors import STATUS_TABLE, status_for
 from kms_broker.grants import GrantDocument, InvalidGrantSignature, sign_grant, verify_grant
 from kms_broker.hsm.fake import FakeHsm
 from kms_broker.identity import identity_from_certificate
-from kms_broker.state.sqlite import SqliteRepository
+from kms_broker.state.sqlite import MIGRATIONS, SqliteRepository
 from kms_broker.tokens import InvalidToken, TokenClaims, TokenVerifier, issue_token
 from tests.kms_broker.pki import DevPki
 
@@ -83,7 +83,7 @@ def test_tokens_verify_expire_and_reject_forgeries() -> None:
 
 def test_sqlite_repository(tmp_path: Path) -> None:
     repo = SqliteRepository(tmp_path / "db")
-    assert repo.schema_version() == 1
+    assert repo.schema_version() == len(MIGRATIONS)
     repo.close()
     repo = SqliteRepository(tmp_path / "db")  # migrations are idempotent
     repo.add_tenant(Tenant(tenant_id="acme", signing_public_key=b"k" * 32, kek_version=1))
