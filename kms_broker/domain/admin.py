@@ -80,7 +80,9 @@ class Admin:
             if not self.d.hsm.has_tenant_kek(tenant_id, 1):
                 self.d.hsm.create_tenant_kek(tenant_id, 1)
         self.d.repo.add_tenant(Tenant(tenant_id=tenant_id, signing_public_key=signing_public_key,
-                                      kek_version=1, created_ms=self.d.clock.now_ms()))
+                                      kek_version=1, created_ms=self.d.clock.now_ms(),
+                                      binding_sig=self.d.sign_tenant(tenant_id,
+                                                                     signing_public_key)))
         return 1
 
     # ------------------------------------------------------------ uploads
@@ -221,6 +223,8 @@ class Admin:
     def create_grant(self, *, tenant_id: str, document: bytes, signature: bytes) -> str:
         tenant = self._tenant(tenant_id)
         actor = f"tenant:{tenant_id}"
+        self.d.require_bound(tenant, event="create_grant", actor=actor,
+                             subject=f"tenant:{tenant_id}")
         try:
             doc = verify_grant(document, signature, tenant.signing_public_key)
         except InvalidGrantSignature:

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from attest.interface import EvidenceVerifier
 from kms_broker.audit import AuditLog
+from kms_broker.domain.bindings import BindingVerifier, node_binding, tenant_binding
 from kms_broker.domain.clock import Clock, Random
 from kms_broker.domain.errors import (
     IntegrityFailure,
@@ -23,6 +24,7 @@ from kms_broker.domain.errors import (
     RuleOutcome,
     Unavailable,
 )
+from kms_broker.domain.model import Node, Tenant
 from kms_broker.domain.revocations import RevocationHub
 from kms_broker.hsm.interface import Hsm, HsmError, HsmUnavailable, KeyNotFound, UnwrapFailed
 from kms_broker.state.repository import Repository
@@ -89,6 +91,36 @@ class BrokerDeps:
     settings: Settings = field(default_factory=Settings)
     reference_values: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     on_denial: Callable[[str], None] = lambda reason: None  # metrics hook
+    binding_checks: BindingVerifier | None = None  # made on first use from the HSM key
+
+    def sign_tenant(self, tenant_id: str, signing_public_key: bytes) -> bytes:
+        """The broker's signature binding a tenant id to its grant-signing key."""
+        with hsm_errors("signing the tenant record"):
+            return self.hsm.sign(tenant_binding(tenant_id, signing_public_key))
+
+    def sign_node(self, node_id: str, tenant_scope: str, ak_public: bytes,
+                  ek_certificate: bytes) -> bytes:
+        """The broker's signature binding a node id to its AK, EK certificate and scope."""
+        with hsm_errors("signing the node record"):
+            return self.hsm.sign(node_binding(node_id, tenant_scope, ak_public, ek_certificate))
+
+    def require_bound(self, row: Tenant | Node, *, event: str, actor: str,
+                      subject: str) -> None:
+        """Deny (audited) unless the stored row carries this broker's binding signature."""
+        if self.binding_checks is None:
+            with hsm_errors("loading the signing key"):
+                self.binding_checks = BindingVerifier(self.hsm.signing_public_key())
+        if isinstance(row, Tenant):
+            if self.binding_checks.tenant_ok(row):
+                return
+            what = f"tenant {row.tenant_id}"
+        else:
+            if self.binding_checks.node_ok(row):
+                return
+            what = f"node {row.node_id}"
+        raise self.deny(event, actor=actor, subject=subject,
+                        reason=f"state.tampered: the stored record of {what} does not carry "
+                               f"this broker's signature (edited or copied in the database)")
 
     def deny(
         self,

@@ -160,7 +160,10 @@ class NodeEnrolment:
         self.d.repo.put_node(Node(node_id=pending.node_id, tenant_scope=pending.tenant_scope,
                                   ak_public=enrolled.ak_public,
                                   ek_certificate=pending.state.ek_certificate,
-                                  enrolled_ms=now))
+                                  enrolled_ms=now,
+                                  binding_sig=self.d.sign_node(
+                                      pending.node_id, pending.tenant_scope, enrolled.ak_public,
+                                      pending.state.ek_certificate)))
         return CompletedEnrolment(pending.node_id, enrolled.ak_name,
                                   enrolled.ek_certificate_sha256)
 
@@ -178,4 +181,5 @@ class NodeEnrolment:
         self.d.audit.append("enrol_test_node", actor=actor, subject=f"node:{node_id}",
                             outcome="ok", reason=f"test node, scope {tenant_scope or 'any'}")
         self.d.repo.put_node(Node(node_id=node_id, tenant_scope=tenant_scope, ak_public=b"",
-                                  ek_certificate=b"", enrolled_ms=self.d.clock.now_ms()))
+                                  ek_certificate=b"", enrolled_ms=self.d.clock.now_ms(),
+                                  binding_sig=self.d.sign_node(node_id, tenant_scope, b"", b"")))

@@ -24,6 +24,7 @@ class Tenant:
     kek_version: int
     status: Literal["active", "shredded"] = "active"
     created_ms: int = 0
+    binding_sig: bytes = b""  # broker signature over (tenant_id, key): domain.bindings
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,6 +70,7 @@ class Node:
     ek_certificate: bytes
     revoked: bool = False
     enrolled_ms: int = 0
+    binding_sig: bytes = b""  # broker signature over (node_id, scope, AK, EK cert)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

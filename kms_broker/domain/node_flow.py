@@ -160,6 +160,7 @@ class NodeFlow:
         if node.revoked:
             raise self.d.deny(event, actor=actor, subject=subject,
                               reason=f"node.revoked: node {node_id} has been revoked")
+        self.d.require_bound(node, event=event, actor=actor, subject=subject)
 
     # ----------------------------------------------------------- challenge
     def challenge(self, *, node_id: str, job_id: str) -> Challenge:
@@ -192,6 +193,7 @@ class NodeFlow:
         if node.revoked:
             raise self.d.deny("attest", actor=actor, subject=subject,
                               reason=f"node.revoked: node {node_id} has been revoked")
+        self.d.require_bound(node, event="attest", actor=actor, subject=subject)
         verifier = self.d.verifiers.get(kind)
         if verifier is None:
             raise InvalidArgument(
@@ -288,6 +290,9 @@ class NodeFlow:
         if tenant.status != "active":
             raise self.d.deny("release", actor=actor, subject=subject,
                               reason=f"tenant.shredded: tenant {tenant_id} has been shredded")
+        # the rows this release relies on for who the node and the tenant are
+        self.d.require_bound(node, event="release", actor=actor, subject=subject)
+        self.d.require_bound(tenant, event="release", actor=actor, subject=subject)
         if claims.tenant_scope not in ("", tenant_id):
             raise self.d.deny("release", actor=actor, subject=subject,
                               reason=f"node.scope: node is enrolled for tenant "
@@ -464,6 +469,7 @@ class NodeFlow:
         if grant.job_id != claims.job_id:
             raise self.d.deny("renew", actor=actor, subject=subject,
                               reason="grant.job: the token is for another job")
+        self.d.require_bound(tenant, event="renew", actor=actor, subject=subject)
         failed = self._grant_problems(grant, tenant.signing_public_key, now)
         if not failed:
             stored = self.d.repo.get_session_claims(claims.session_id)

@@ -83,6 +83,10 @@ MIGRATIONS: tuple[str, ...] = (
         lease_id TEXT NOT NULL, tenant_id TEXT NOT NULL, dataset_id TEXT NOT NULL,
         reason TEXT NOT NULL, created_ms INTEGER NOT NULL);
     """,
+    """
+    ALTER TABLE tenants ADD COLUMN binding_sig BLOB NOT NULL DEFAULT x'';
+    ALTER TABLE nodes ADD COLUMN binding_sig BLOB NOT NULL DEFAULT x'';
+    """,
 )
 
 T = TypeVar("T")
@@ -148,15 +152,17 @@ class SqliteRepository:
     @_guarded
     def add_tenant(self, t: Tenant) -> None:
         self._db.execute(
-            "INSERT INTO tenants VALUES (?,?,?,?,?)",
-            (t.tenant_id, t.signing_public_key, t.kek_version, t.status, t.created_ms),
+            "INSERT INTO tenants VALUES (?,?,?,?,?,?)",
+            (t.tenant_id, t.signing_public_key, t.kek_version, t.status, t.created_ms,
+             t.binding_sig),
         )
 
     @_guarded
     def get_tenant(self, tenant_id: str) -> Tenant | None:
         r = self._db.execute("SELECT * FROM tenants WHERE tenant_id=?", (tenant_id,)).fetchone()
         return None if r is None else Tenant(
-            tenant_id=r[0], signing_public_key=r[1], kek_version=r[2], status=r[3], created_ms=r[4]
+            tenant_id=r[0], signing_public_key=r[1], kek_version=r[2], status=r[3], created_ms=r[4],
+            binding_sig=bytes(r[5]),
         )
 
     @_guarded
@@ -273,11 +279,12 @@ class SqliteRepository:
     @_guarded
     def put_node(self, n: Node) -> None:
         self._db.execute(
-            "INSERT INTO nodes VALUES (?,?,?,?,?,?) ON CONFLICT(node_id) DO UPDATE SET "
+            "INSERT INTO nodes VALUES (?,?,?,?,?,?,?) ON CONFLICT(node_id) DO UPDATE SET "
             "tenant_scope=excluded.tenant_scope, ak_public=excluded.ak_public, "
-            "ek_certificate=excluded.ek_certificate, revoked=0, enrolled_ms=excluded.enrolled_ms",
+            "ek_certificate=excluded.ek_certificate, revoked=0, enrolled_ms=excluded.enrolled_ms, "
+            "binding_sig=excluded.binding_sig",
             (n.node_id, n.tenant_scope, n.ak_public, n.ek_certificate, int(n.revoked),
-             n.enrolled_ms),
+             n.enrolled_ms, n.binding_sig),
         )
 
     @_guarded
@@ -285,7 +292,7 @@ class SqliteRepository:
         r = self._db.execute("SELECT * FROM nodes WHERE node_id=?", (node_id,)).fetchone()
         return None if r is None else Node(
             node_id=r[0], tenant_scope=r[1], ak_public=bytes(r[2]), ek_certificate=bytes(r[3]),
-            revoked=bool(r[4]), enrolled_ms=r[5],
+            revoked=bool(r[4]), enrolled_ms=r[5], binding_sig=bytes(r[6]),
         )
 
     @_guarded

@@ -86,6 +86,11 @@ class Deployment:
         assert _files_containing(self.harness.run_dir, CANARIES) == []
         # environ entries end with NUL: "tenant" must not match "tenant-broker"
         marker = f"CT_COMPOSE_ID={self.harness.run_id}:{service}\0"
+        # a service counts as finished when its main process exits; its children (torchrun's
+        # workers) may take a moment longer to exit, so give them a grace before judging
+        deadline = time.monotonic() + 10
+        while live_processes(pgids=set(), marker=marker) and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert live_processes(pgids=set(), marker=marker) == []
 
 
