@@ -87,6 +87,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     count = args.workers if args.workers is not None else config.workers
     if not 1 <= count <= 64:
         raise CliError("--workers must be from 1 to 64")
+    if count > 1 and config.hsm.backend != "pkcs11":
+        raise CliError("--workers above 1 needs hsm.backend pkcs11: the workers share one "
+                       "token, and the fake HSM lives inside a single process")
     host = config.listen.rsplit(":", 1)[0]
     port_file = Path(config.state_dir) / "broker.port"
 

@@ -235,14 +235,32 @@ class KeyClient:
         self, on_revoked: Callable[[RevocationNotice], None],
         on_error: Callable[[BrokerRpcError], None] | None = None,
     ) -> None:
-        """Start one background stream per broker; ``on_revoked`` runs on its thread."""
+        """Start one background stream per broker; ``on_revoked`` runs on its thread.
+
+        A stream lost to an outage or a broker restart is opened again (backing off up to
+        ``RESUBSCRIBE_MAX_S``) until :meth:`close`; ``on_error`` hears of each loss. A refusal
+        (the node was revoked, its certificate no longer fits) ends that broker's watch.
+        Revocations made while a stream is down are not replayed: the next renewal fails."""
         for broker in self._brokers:
             watcher = _Watcher(broker, self.node_id, on_revoked, on_error)
             watcher.start()
             self._watchers.append(watcher)
 
     def watching(self) -> bool:
+        """True while at least one broker's stream is subscribed."""
         return any(w.connected.is_set() for w in self._watchers)
+
+    def watching_all(self) -> bool:
+        """True while every broker's stream is subscribed."""
+        return bool(self._watchers) and all(w.connected.is_set() for w in self._watchers)
+
+
+RESUBSCRIBE_FIRST_S = 0.2
+RESUBSCRIBE_MAX_S = 5.0
+# a lost stream is worth reopening after these; anything else is a refusal
+_TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                        grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
+                        grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED})
 
 
 class _Watcher:
@@ -254,34 +272,58 @@ class _Watcher:
         self._on_revoked = on_revoked
         self._on_error = on_error
         self._call: grpc.Future | None = None  # type: ignore[name-defined]
-        self._stopped = False
+        self._stop = threading.Event()
         self.connected = threading.Event()
+        self.subscriptions = 0  # how many times the stream has been (re)opened and confirmed
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"revocations-{broker.endpoint.address}")
 
     def start(self) -> None:
         self._thread.start()
 
-    def _run(self) -> None:
+    def _stream(self, wait_for_ready: bool) -> None:
+        """One subscription, until the stream ends; raises grpc.RpcError if it fails."""
         address = self._broker.endpoint.address
+        self._call = self._broker.stub.WatchRevocations(
+            pb.WatchRevocationsRequest(node_id=self._node_id), wait_for_ready=wait_for_ready)
         try:
-            self._call = self._broker.stub.WatchRevocations(
-                pb.WatchRevocationsRequest(node_id=self._node_id)
-            )
             for event in self._call:
                 if not event.lease_id:  # the broker's first message: subscription is live
+                    self.subscriptions += 1
                     self.connected.set()
                     continue
                 self._on_revoked(RevocationNotice(address, event.lease_id, event.tenant_id,
                                                   event.dataset_id, event.reason))
-        except grpc.RpcError as exc:
-            if not self._stopped and self._on_error is not None:
-                self._on_error(error_from_rpc(exc, address))
         finally:
             self.connected.clear()
 
+    def _run(self) -> None:
+        address = self._broker.endpoint.address
+        delay, reported = RESUBSCRIBE_FIRST_S, False
+        while not self._stop.is_set():
+            before = self.subscriptions
+            try:
+                self._stream(wait_for_ready=before > 0)
+                error = UnavailableError("the broker ended the revocation stream",
+                                         code="UNAVAILABLE", broker=address)
+                transient = True
+            except grpc.RpcError as exc:
+                error = error_from_rpc(exc, address)
+                transient = exc.code() in _TRANSIENT  # type: ignore[attr-defined]
+            if self._stop.is_set():
+                return
+            if self.subscriptions > before:  # the stream was live: a new loss
+                delay, reported = RESUBSCRIBE_FIRST_S, False
+            if not reported and self._on_error is not None:
+                self._on_error(error)  # once per loss, not once per retry
+            reported = True
+            if not transient:
+                return
+            self._stop.wait(delay)
+            delay = min(delay * 2, RESUBSCRIBE_MAX_S)
+
     def stop(self) -> None:
-        self._stopped = True
+        self._stop.set()
         if self._call is not None:
             self._call.cancel()
         self._thread.join(timeout=5)

@@ -121,8 +121,8 @@ class AttestedKeySource:
             handle.revoke(f"broker {notice.broker} revoked the lease: {notice.reason}")
 
         def on_error(exc: BrokerRpcError) -> None:
-            log.warning("revocation stream from %s ended (%s); relying on lease renewal",
-                        exc.broker, exc.code)
+            log.warning("revocation stream from %s lost (%s); resubscribing when it is back, "
+                        "lease renewal still applies", exc.broker, exc.code)
 
         client.watch_revocations(on_revoked, on_error)
         self._renewer = threading.Thread(target=self._renew_loop, args=(handle, expiry),

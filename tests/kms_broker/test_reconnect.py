@@ -50,3 +50,41 @@ def test_renew_succeeds_soon_after_a_broker_restart(broker_factory, tmp_path) ->
     assert took_ms < LEASE_MS  # renewed while the lease still held
     assert any(r["event"] == "renew" and r["outcome"] in ("ok", "allowed")
                for r in broker.audit()), "the restarted broker did not record the renewal"
+
+
+def test_revocation_watch_resubscribes_after_a_broker_restart(broker_factory, tmp_path) -> None:
+    """The push stream comes back by itself: a grant revoked after the restart still reaches
+    the node at once, not only at its next renewal."""
+    broker = broker_factory("rewatch", ttl_ms={"lease": LEASE_MS})
+    world = make_world(broker, tmp_path)
+    notices, losses = [], []
+    client = KeyClient([broker.endpoint("node", "n1")], node_id="n1", job_id=world.job_id,
+                       evidence_for=make_evidence, timeout_s=3.0)
+    with client:
+        released = client.fetch_dek(tenant_id="acme", dataset_id=world.dataset_id,
+                                    key_version=1)
+        released.dek.zeroize()
+        client.watch_revocations(notices.append, losses.append)
+        deadline = time.monotonic() + 60  # hang guard for the waits below, not a timing check
+        while not client.watching() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert client.watching()
+
+        broker.stop()
+        while not losses and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert losses and losses[0].code == "UNAVAILABLE", losses
+        assert not client.watching()
+
+        broker.restart()
+        while not client.watching() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.watching(), "the revocation stream did not come back after the restart"
+        assert len(losses) == 1  # one report per loss, not one per retry
+
+        with broker.tenant("acme") as acme:
+            assert acme.revoke_grant(world.grant_id) == 1
+        while not notices and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert notices and notices[0].lease_id == released.leases[0].lease_id
+    assert world.grant_id in notices[0].reason

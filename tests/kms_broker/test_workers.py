@@ -286,3 +286,7 @@ def test_workers_value_is_checked(tmp_path: Path) -> None:
                           str(cfg), "--workers", "0"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode != 0
     assert "--workers must be from 1 to 64" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "kms_broker.cli", "serve", "--config",
+                          str(cfg), "--workers", "2"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "needs hsm.backend pkcs11" in out.stderr
