@@ -112,7 +112,7 @@ def main(quick: bool) -> None:
     logging.getLogger("trainer").setLevel(logging.ERROR)
     total = (16 if quick else 96) << 20
     steps = 15 if quick else 60
-    loader_batches = 400 if quick else 2000
+    loader_batches = 3000 if quick else 12000  # 0.1-0.3 s per run: scheduling averages out
     reps = 7 if quick else 11
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
         root = Path(tmp)
