@@ -21,7 +21,7 @@ from kms_broker._proto.kmsbroker.v1 import broker_pb2_grpc as pb_grpc
 from kms_broker.audit import tail_log, verify_log
 from kms_broker.domain.admin import Admin
 from kms_broker.domain.enrolment import NodeEnrolment
-from kms_broker.domain.errors import BrokerError, PermissionDenied
+from kms_broker.domain.errors import BrokerError, PermissionDenied, Unavailable
 from kms_broker.domain.node_flow import NodeFlow
 from kms_broker.errors import status_for
 from kms_broker.interceptors import CURRENT_IDENTITY
@@ -54,6 +54,14 @@ def run(context: grpc.ServicerContext, call: Callable[[], T], method: str,
     if metrics is not None:
         metrics.rpc_counter(method, "OK").inc()
     return result
+
+
+def _read_log(read: Callable[[], T]) -> T:
+    """Run a read of the audit log file; an unreadable log is UNAVAILABLE, not INTERNAL."""
+    try:
+        return read()
+    except OSError as exc:
+        raise Unavailable(f"audit log unreadable: {exc.strerror or exc}") from None
 
 
 def _rules(rules: Any) -> list[pb.RuleResult]:
@@ -205,7 +213,8 @@ class TenantServicer(pb_grpc.TenantServiceServicer):
             return (actor == f"tenant:{tenant}" or subject == f"tenant:{tenant}"
                     or subject.startswith(f"dataset:{tenant}/"))
 
-        records = tail_log(self.admin.d.audit.path, limit, keep=about_tenant)
+        records = self._run(context, lambda: _read_log(
+            lambda: tail_log(self.admin.d.audit.path, limit, keep=about_tenant)), "TailAudit")
         return pb.TailAuditResponse(records=[
             pb.AuditRecord(seq=int(r.get("seq", 0)) if isinstance(r.get("seq"), int) else 0,
                            canonical_json=json.dumps(r, sort_keys=True),
@@ -215,7 +224,8 @@ class TenantServicer(pb_grpc.TenantServiceServicer):
 
     def VerifyAudit(self, request: Any, context: grpc.ServicerContext) -> Any:
         key = self._run(context, self._signing_key, "VerifyAudit")
-        result = verify_log(self.admin.d.audit.path, key)
+        result = self._run(context, lambda: _read_log(
+            lambda: verify_log(self.admin.d.audit.path, key)), "VerifyAudit")
         return pb.VerifyAuditResponse(ok=result.ok, records=result.records,
                                       first_bad_seq=result.first_bad_seq, problem=result.problem)
 

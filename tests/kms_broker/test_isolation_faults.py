@@ -11,7 +11,7 @@ import pytest
 from attest.interface import expected_report_data
 from kms_broker import sealing
 from kms_broker._proto.kmsbroker.v1 import broker_pb2 as pb
-from kms_broker.rpc import DataLoss
+from kms_broker.rpc import DataLoss, UnavailableError
 from kms_broker.tenant import upload_dataset
 from tests.kms_broker.conftest import World, make_world, records
 from tests.kms_broker.verifiers import make_evidence
@@ -87,9 +87,16 @@ def test_audit_failure_blocks_release_then_recovers(world: World) -> None:
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "audit" in info.value.details()
         assert _count(world, "SELECT COUNT(*) FROM leases") == leases
+        # reading the log through the API says the same, not INTERNAL
+        with world.broker.tenant("acme") as acme:
+            for read in (lambda: acme.tail_audit(10), acme.verify_audit):
+                with pytest.raises(UnavailableError, match="audit log unreadable"):
+                    read()
     finally:
         shutil.rmtree(log)
         os.rename(aside, log)
+    with world.broker.tenant("acme") as acme:
+        assert acme.verify_audit().ok
     assert _release(world, token).sealed_share
     assert _count(world, "SELECT COUNT(*) FROM leases") == leases + 1
     from kms_broker.audit import verify_log
