@@ -170,6 +170,10 @@ class DemoRun:
         with self.phase("services", "provider broker, tenant broker, TPMs of node-a and "
                                     "node-b (waiting for their health checks)"):
             h.up(["provider-broker", "tenant-broker", "tpm-a", "tpm-b"], wait=True)
+        for broker in ("provider-broker", "tenant-broker"):
+            for line in h.logs(broker).splitlines():
+                if line.startswith("kms-broker ") and " listening on " in line:
+                    self.say(f"          {broker}: {line.removeprefix('kms-broker ')}")
         with self.phase("enrol", "the operator enrols each node's TPM at both brokers"):
             h.up(["enrol"])
             h.wait_completed("enrol")

@@ -160,9 +160,10 @@ def supervise(config_path: Path, config: BrokerConfig, count: int,
         return 1
     if config.metrics_port is not None:
         _serve_metrics(config, metrics_dir)
-    log.info("%d workers listening on %s", count, shared)
     if on_listening is not None:
         on_listening(port)
+    else:
+        log.info("%d workers listening on %s", count, shared)
     deaths: collections.deque[float] = collections.deque()
     status = 0
     while not stop.wait(0.2):
