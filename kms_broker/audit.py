@@ -141,12 +141,7 @@ class AuditLog:
             except FileExistsError:  # another worker created it first
                 pass
         try:
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH)
-                self._refresh(fd, os.fstat(fd))
-            finally:
-                os.close(fd)
+            self._reread()
         except OSError as exc:
             raise Unavailable(f"audit log unavailable: {exc.strerror or exc}") from None
         # The sync loop works on this instance's own records: other processes advance _seq.
@@ -165,12 +160,7 @@ class AuditLog:
             try:
                 st = os.stat(self.path)
                 if (st.st_size, st.st_ino, st.st_dev) != self._end and stat.S_ISREG(st.st_mode):
-                    fd = os.open(self.path, os.O_RDONLY)
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_SH)
-                        self._refresh(fd, os.fstat(fd))
-                    finally:
-                        os.close(fd)
+                    self._reread()
             except (OSError, Unavailable):
                 pass
             return self._seq, self._head
@@ -273,6 +263,15 @@ class AuditLog:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+    def _reread(self) -> None:
+        """Pick up the file's current head under a shared lock (OSError if unreadable)."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            self._refresh(fd, os.fstat(fd))
+        finally:
+            os.close(fd)
 
     def _refresh(self, fd: int, st: os.stat_result) -> None:
         """Adopt the head of the file open as ``fd`` (locked by the caller) if it changed."""

@@ -180,18 +180,19 @@ def test_revocation_reaches_a_node_on_the_other_worker(world: World) -> None:
             client.renew()
 
 
+def release_on(world: World, worker: int, times: int) -> None:
+    """``times`` full attest-and-release rounds of node n1 through ``worker``."""
+    stub = pb_grpc.NodeServiceStub(channel_on(world.broker, "node", "n1", worker))
+    for _ in range(times):
+        token, _ = attested(stub, "n1", world.job_id)
+        stub.Release(pb.ReleaseRequest(node_id="n1", token=token, tenant_id="acme",
+                                       dataset_id=world.dataset_id, key_version=1), timeout=10)
+
+
 def test_one_audit_chain_from_both_workers(world: World) -> None:
     """Traffic on both workers at once, then the CLI verifies one unbroken chain."""
-    def hammer(worker: int) -> None:
-        stub = pb_grpc.NodeServiceStub(channel_on(world.broker, "node", "n1", worker))
-        for _ in range(40):
-            token, _ = attested(stub, "n1", world.job_id)
-            stub.Release(pb.ReleaseRequest(node_id="n1", token=token, tenant_id="acme",
-                                           dataset_id=world.dataset_id, key_version=1),
-                         timeout=10)
-
     before = len(world.broker.audit())
-    threads = [threading.Thread(target=hammer, args=(w,)) for w in range(WORKERS)]
+    threads = [threading.Thread(target=release_on, args=(world, w, 40)) for w in range(WORKERS)]
     for t in threads:
         t.start()
     for t in threads:
@@ -221,12 +222,7 @@ def _metric(broker: BrokerProc, name: str) -> float:
 def test_metrics_count_releases_on_every_worker(world: World) -> None:
     before = _metric(world.broker, "kmsbroker_release_seconds_count")
     for worker in range(WORKERS):
-        stub = pb_grpc.NodeServiceStub(channel_on(world.broker, "node", "n1", worker))
-        for _ in range(3):
-            token, _ = attested(stub, "n1", world.job_id)
-            stub.Release(pb.ReleaseRequest(node_id="n1", token=token, tenant_id="acme",
-                                           dataset_id=world.dataset_id, key_version=1),
-                         timeout=10)
+        release_on(world, worker, 3)
     assert _metric(world.broker, "kmsbroker_release_seconds_count") == before + 3 * WORKERS
 
 
