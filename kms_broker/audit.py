@@ -45,6 +45,7 @@ signature.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -179,38 +180,20 @@ class AuditLog:
         """Write one record without waiting for the disk; pair with :meth:`wait_durable`
         before the audited result leaves the process (so one sync can cover the records of
         several concurrent callers)."""
-        with self._lock:
-            fd = self._open_locked()
-            try:
-                seq = self._emit(fd, event, actor, subject, outcome, reason[:1000], None)
-                self._since_checkpoint += 1
-                if self._sign is not None and self._since_checkpoint >= self._every:
-                    try:  # signed under the file lock, so prev is the real head
-                        sig = self._sign(checkpoint_message(self._head, self._seq + 1)).hex()
-                        self._emit(fd, "checkpoint", "broker", f"seq:{self._seq}", "ok", "", sig)
-                        self._since_checkpoint = 0
-                    except Exception:  # noqa: S110 - a missed checkpoint is retried on the next append
-                        pass
-            except OSError as exc:
-                raise Unavailable(f"audit log unavailable: {exc.strerror or exc}") from None
-            finally:
-                os.close(fd)  # releases the flock
+        with self._lock, self._appending() as fd:
+            seq = self._emit(fd, event, actor, subject, outcome, reason[:1000], None)
+            self._since_checkpoint += 1
+            if self._sign is not None and self._since_checkpoint >= self._every:
+                with contextlib.suppress(Exception):  # a missed one is retried next append
+                    self._emit_checkpoint(fd)
         return seq
 
     def checkpoint(self) -> None:
         """Append a signed checkpoint now (for example at shutdown) and wait for the disk."""
         if self._sign is None:
             return
-        with self._lock:
-            fd = self._open_locked()
-            try:
-                sig = self._sign(checkpoint_message(self._head, self._seq + 1)).hex()
-                seq = self._emit(fd, "checkpoint", "broker", f"seq:{self._seq}", "ok", "", sig)
-                self._since_checkpoint = 0
-            except OSError as exc:
-                raise Unavailable(f"audit log unavailable: {exc.strerror or exc}") from None
-            finally:
-                os.close(fd)
+        with self._lock, self._appending() as fd:
+            seq = self._emit_checkpoint(fd)
         self.wait_durable(seq)
 
     def wait_durable(self, seq: int) -> None:
@@ -305,6 +288,27 @@ class AuditLog:
                 raise Unavailable(f"audit log unavailable: {exc.strerror or exc}") from None
             raise
         return fd
+
+    @contextlib.contextmanager
+    def _appending(self) -> Iterator[int]:
+        """The log open for appending and locked (:meth:`_open_locked`); an OSError inside
+        becomes ``Unavailable``, and leaving releases the lock."""
+        fd = self._open_locked()
+        try:
+            yield fd
+        except OSError as exc:
+            raise Unavailable(f"audit log unavailable: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)  # releases the flock
+
+    def _emit_checkpoint(self, fd: int) -> int:
+        """A checkpoint signed by the HSM over the current head; signed under the file lock,
+        so its prev is the real head."""
+        assert self._sign is not None
+        sig = self._sign(checkpoint_message(self._head, self._seq + 1)).hex()
+        seq = self._emit(fd, "checkpoint", "broker", f"seq:{self._seq}", "ok", "", sig)
+        self._since_checkpoint = 0
+        return seq
 
     def _emit(
         self, fd: int, event: str, actor: str, subject: str, outcome: str, reason: str,

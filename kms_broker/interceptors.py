@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from kms_broker.domain.memo import BoundedCache
 from kms_broker.identity import Identity, identity_from_certificate
 
 __all__ = ["CURRENT_IDENTITY", "AuthInterceptor"]
@@ -31,8 +32,7 @@ SERVICE_ROLES = {
 }
 
 
-_IDENTITY_CACHE_ENTRIES = 4096
-_identities: dict[bytes, Identity | None] = {}
+_identities = BoundedCache()  # PEM -> Identity | None
 
 
 def _peer_identity(context: grpc.ServicerContext) -> Identity | None:
@@ -47,9 +47,7 @@ def _peer_identity(context: grpc.ServicerContext) -> Identity | None:
     except KeyError:
         pass
     ident = identity_from_certificate(pem)
-    if len(_identities) >= _IDENTITY_CACHE_ENTRIES:
-        _identities.clear()
-    _identities[pem] = ident
+    _identities.put(pem, ident)
     return ident
 
 

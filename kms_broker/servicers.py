@@ -56,10 +56,10 @@ def run(context: grpc.ServicerContext, call: Callable[[], T], method: str,
     return result
 
 
-def _read_log(read: Callable[[], T]) -> T:
+def _read_log(read: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a read of the audit log file; an unreadable log is UNAVAILABLE, not INTERNAL."""
     try:
-        return read()
+        return read(*args, **kwargs)
     except OSError as exc:
         raise Unavailable(f"audit log unreadable: {exc.strerror or exc}") from None
 
@@ -214,7 +214,7 @@ class TenantServicer(pb_grpc.TenantServiceServicer):
                     or subject.startswith(f"dataset:{tenant}/"))
 
         records = self._run(context, lambda: _read_log(
-            lambda: tail_log(self.admin.d.audit.path, limit, keep=about_tenant)), "TailAudit")
+            tail_log, self.admin.d.audit.path, limit, keep=about_tenant), "TailAudit")
         return pb.TailAuditResponse(records=[
             pb.AuditRecord(seq=int(r.get("seq", 0)) if isinstance(r.get("seq"), int) else 0,
                            canonical_json=json.dumps(r, sort_keys=True),
@@ -225,7 +225,7 @@ class TenantServicer(pb_grpc.TenantServiceServicer):
     def VerifyAudit(self, request: Any, context: grpc.ServicerContext) -> Any:
         key = self._run(context, self._signing_key, "VerifyAudit")
         result = self._run(context, lambda: _read_log(
-            lambda: verify_log(self.admin.d.audit.path, key)), "VerifyAudit")
+            verify_log, self.admin.d.audit.path, key), "VerifyAudit")
         return pb.VerifyAuditResponse(ok=result.ok, records=result.records,
                                       first_bad_seq=result.first_bad_seq, problem=result.problem)
 

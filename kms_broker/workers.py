@@ -77,9 +77,8 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 
 class _Workers:
-    def __init__(self, config_path: Path, config: BrokerConfig, count: int,
-                 env: dict[str, str]) -> None:
-        self.config_path, self.config, self.count, self.env = config_path, config, count, env
+    def __init__(self, config_path: Path, config: BrokerConfig, env: dict[str, str]) -> None:
+        self.config_path, self.config, self.env = config_path, config, env
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
 
     def start(self, index: int, listen: str) -> None:
@@ -144,7 +143,7 @@ def supervise(config_path: Path, config: BrokerConfig, count: int,
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    workers = _Workers(Path(config_path), config, count, env)
+    workers = _Workers(Path(config_path), config, env)
     try:
         workers.start(0, config.listen)
         port = workers.wait_listening(0, stop)

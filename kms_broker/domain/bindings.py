@@ -22,6 +22,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from kms_broker.domain.memo import BoundedCache
 from kms_broker.domain.model import Node, Tenant
 from kms_broker.encoding import canonical_json
 
@@ -29,7 +30,6 @@ __all__ = ["BindingVerifier", "node_binding", "tenant_binding"]
 
 TENANT_DOMAIN = b"kmsbroker/v1/tenant-binding\x00"
 NODE_DOMAIN = b"kmsbroker/v1/node-binding\x00"
-CACHE_ENTRIES = 4096
 
 
 def tenant_binding(tenant_id: str, signing_public_key: bytes) -> bytes:
@@ -53,7 +53,7 @@ class BindingVerifier:
 
     def __init__(self, public_key_sec1: bytes) -> None:
         self._key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), public_key_sec1)
-        self._good: set[bytes] = set()
+        self._good = BoundedCache()
 
     def _verify(self, message: bytes, signature: bytes) -> bool:
         memo = hashlib.sha256(len(message).to_bytes(4, "big") + message + signature).digest()
@@ -63,9 +63,7 @@ class BindingVerifier:
             self._key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
         except (InvalidSignature, ValueError):
             return False
-        if len(self._good) >= CACHE_ENTRIES:
-            self._good.clear()
-        self._good.add(memo)
+        self._good.put(memo, True)
         return True
 
     def tenant_ok(self, tenant: Tenant) -> bool:

@@ -27,6 +27,7 @@ from kms_broker.domain.errors import (
     RuleOutcome,
     Unauthenticated,
 )
+from kms_broker.domain.memo import BoundedCache
 from kms_broker.domain.model import Grant, Lease, Session
 from kms_broker.encoding import canonical_json
 from kms_broker.grants import InvalidGrantSignature, verify_grant
@@ -37,19 +38,6 @@ __all__ = ["AttestResult", "Challenge", "NodeFlow", "ReleaseResult"]
 
 NONCE_SIZE = 32
 MAX_KEY_VERSION = 2**32 - 1
-CACHE_ENTRIES = 4096
-
-
-class _BoundedCache(dict):  # type: ignore[type-arg]
-    """Memo for pure checks over immutable inputs (a token's signature, a grant document's
-    signature, a policy over one session's claims): safe to reuse, cleared when full."""
-
-    def put(self, key: object, value: object) -> None:
-        if len(self) >= CACHE_ENTRIES:
-            self.clear()
-        self[key] = value
-
-
 @dataclass(frozen=True, slots=True)
 class Challenge:
     nonce: bytes
@@ -97,9 +85,9 @@ class NodeFlow:
         self._tokens: TokenVerifier | None = None
         self._token_verifier()  # fail at start-up, not at the first release, if the HSM is down
         self._policies: dict[tuple[str, str], Any] = {}
-        self._verified_tokens = _BoundedCache()
-        self._verified_grants = _BoundedCache()
-        self._decisions = _BoundedCache()
+        self._verified_tokens = BoundedCache()
+        self._verified_grants = BoundedCache()
+        self._decisions = BoundedCache()
 
     # ------------------------------------------------------------- helpers
     def _token_verifier(self) -> TokenVerifier:
