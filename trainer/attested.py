@@ -47,6 +47,8 @@ def _tpm_lock_path(tcti: str) -> Path:
 class AttestedKeySource:
     """Attest to every broker in ``config.brokers`` and derive the DEK (see module doc)."""
 
+    attested = True  # trainer.sealed_comm_ddp refuses plaintext collectives for this source
+
     def __init__(
         self,
         config: JobConfig,

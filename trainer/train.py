@@ -5,7 +5,10 @@
 1. shredder and signal watcher first, then process hardening (before any key arrives);
 2. ``init_distributed()`` (gloo on CPU, NCCL on CUDA);
 3. the key source's DEK (registered with the shredder) and a lease watcher that shreds and
-   exits with code 3 on revocation or lease expiry;
+   exits with code 3 on revocation or lease expiry; with several ranks, the authenticated
+   rendezvous and the sealed channel (:mod:`trainer.sealed_comm_ddp`): every parameter
+   broadcast, gradient bucket and barrier between ranks travels sealed under link keys
+   derived from the DEK; a forged, replayed or reordered message shreds and exits with 5;
 4. the dataset reader (decrypting in memory), the model, AdamW, warmup + cosine LR, and a
    ``GradScaler`` enabled only for fp16; resume from the newest encrypted checkpoint;
 5. the loop: ``autocast`` (bf16/fp16) forward, gradient accumulation with ``no_sync`` on all
@@ -19,7 +22,8 @@ stream restarts at the next epoch (a fresh deterministic shuffle) rather than mi
 
 ``plaintext_baseline_for_benchmark_only`` feeds the same loop from plaintext records held in
 memory; it exists only so the benchmark can measure the cost of confidentiality and is never
-reachable from the CLI.
+reachable from the CLI. ``plaintext_collectives_for_tests_only`` keeps DDP's own plaintext
+collectives for the wire test's positive control; it is refused with an attested key source.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from trainer.distributed import DistEnv, init_distributed, shutdown_distributed
 from trainer.hardening import failed_required, format_checks, harden_process, self_check
 from trainer.keysource import KeyHandle, KeySource
 from trainer.models import build_model, model_adapter, model_loss
+from trainer.sealed_comm_ddp import JobComm, open_job_comm
 from trainer.shred import EXIT_REVOKED, Shredder, install_signal_handlers
 
 __all__ = ["HardeningFailed", "JobResult", "ReaderFactory", "lr_at", "run_job"]
@@ -186,6 +191,7 @@ def run_job(
     require_hardening: bool = False,
     handle_signals: bool = True,
     plaintext_baseline_for_benchmark_only: ShardReader | None = None,
+    plaintext_collectives_for_tests_only: bool = False,
 ) -> JobResult:
     """Run one process of the job end to end (see the module docstring). Always shreds."""
     shredder = Shredder()
@@ -210,10 +216,17 @@ def run_job(
         shredder.add_secret("dataset key", handle.dek)
         watcher = _LeaseWatcher(handle, shredder, config.lease_poll_interval)
         watcher.start()
+        comm = None
+        if env.distributed:  # authenticated rendezvous before any model state moves
+            comm = open_job_comm(
+                rank=env.rank, world_size=env.world_size, backend=env.backend or "gloo",
+                dek=handle.dek, job_id=config.job_id, shredder=shredder,
+                attested=bool(getattr(key_source, "attested", False)),
+                plaintext_for_tests=plaintext_collectives_for_tests_only)
         trained = _train(config, env, handle, shredder, open_reader,
-                         plaintext_baseline_for_benchmark_only)
-        if env.distributed:
-            torch.distributed.barrier()
+                         plaintext_baseline_for_benchmark_only, comm)
+        if comm is not None:
+            comm.barrier()
         result = trained
         return trained
     finally:
@@ -253,6 +266,7 @@ def _train(
     shredder: Shredder,
     open_reader: ReaderFactory | None,
     baseline: ShardReader | None,
+    comm: JobComm | None = None,
 ) -> JobResult:
     torch.manual_seed(config.seed)
     if baseline is not None:
@@ -265,8 +279,9 @@ def _train(
             shredder.add_stop_hook(close)  # after the prefetcher stops (it registers first)
 
     if env.is_main:
-        log.info("world %d on %s, backend %s, precision %s", env.world_size, env.device,
-                 env.backend or "none", config.precision)
+        log.info("world %d on %s, backend %s, precision %s, collectives %s", env.world_size,
+                 env.device, env.backend or "none", config.precision,
+                 comm.mode if comm is not None else "none")
     model = build_model(config.model.name, config.model.params, seq_len=config.seq_len)
     model.to(env.device)
     raw_model = model
@@ -308,9 +323,8 @@ def _train(
         if env.is_main:
             log.info("resumed from %s at step %d", latest[1].name, start_step)
 
-    if env.distributed:
-        model = DDP(raw_model, device_ids=[env.device.index] if env.device.type == "cuda"
-                    else None, gradient_as_bucket_view=True)
+    if comm is not None:
+        model = comm.wrap(raw_model, env.device)  # sealed collectives (trainer/sealed_comm*)
 
     batches = EncryptedBatches(
         reader, adapter, batch_size=config.batch_size, rank=env.rank,
