@@ -35,40 +35,41 @@ from trainer.sealed_comm_ddp import JobComm, open_job_comm
 from trainer.shred import Shredder
 
 
-class _Done:
-    """A completed Work stand-in for a frame the tamperer holds back."""
-
-    def wait(self) -> bool:
-        return True
-
-
 class TamperingChannel(SealedChannel):
-    """Rank 0's channel with one frame to rank 1 forged, replayed, reordered or dropped."""
+    """Rank 0's channel: one of its frames to rank 1 (sequence ``target`` on the link 0 -> 1)
+    is forged, replayed, reordered or dropped on its way into the all-to-all."""
 
     mode = ""
-    target = 2  # the sequence number (on the link 0 -> 1) that is tampered with
+    target = 5  # all-reduce #2, reduce-scatter, chunk 0 (0: handshake, 1-4: all-reduce #1)
 
-    def _transmit(self, dst: int, frame: torch.Tensor):  # type: ignore[override]
-        seq = struct.unpack_from(">Q", bytes(frame[12:20].numpy()))[0]
-        held = getattr(self, "_held", {})
-        self._held = held
-        if seq == self.target - 1:
-            held["previous"] = frame.clone()
-        if seq == self.target:
+    def _alltoall(self, out, out_splits, inp, in_splits):  # type: ignore[override]
+        region = inp[in_splits[0]: in_splits[0] + in_splits[1]]
+        frames, off = [], 0
+        while off < region.numel():  # (offset, size, sequence) of each frame to rank 1
+            seq, = struct.unpack_from(">Q", bytes(region[off + 12: off + 20].numpy()))
+            n, = struct.unpack_from(">I", bytes(region[off + 28: off + 32].numpy()))
+            frames.append((off, 48 + n, seq))
+            off += 48 + n
+        saved = self.__dict__.setdefault("saved", {})
+        for off, size, seq in frames:
+            saved[seq] = region[off: off + size].clone()
+        for i, (off, size, seq) in enumerate(frames):
+            if seq != self.target:
+                continue
+            here = region[off: off + size]
             if self.mode == "forge":
-                forged = frame.clone()
-                forged[40] ^= 1  # one ciphertext bit
-                return dist.isend(forged, dst, group=self._group)
-            if self.mode == "replay":
-                return dist.isend(held["previous"], dst, group=self._group)
-            if self.mode in ("reorder", "drop"):
-                held["late"] = frame.clone()
-                return _Done()
-        if seq == self.target + 1 and self.mode == "reorder":
-            work = dist.isend(frame, dst, group=self._group)
-            dist.isend(held["late"], dst, group=self._group)
-            return work
-        return super()._transmit(dst, frame)
+                here[40] ^= 1  # one ciphertext bit
+            elif self.mode == "replay":
+                here.copy_(saved[seq - 2])  # a frame rank 1 already accepted
+            elif self.mode in ("reorder", "drop"):
+                nxt_off, nxt_size, _ = frames[i + 1]
+                nxt = region[nxt_off: nxt_off + nxt_size]
+                if self.mode == "reorder":  # swap this frame and the next
+                    here.copy_(saved[seq + 1])
+                    nxt.copy_(saved[seq])
+                else:  # this frame lost, the next one arrives in its place (and again)
+                    here.copy_(saved[seq + 1])
+        super()._alltoall(out, out_splits, inp, in_splits)
 
 
 def _init(args: argparse.Namespace) -> None:
@@ -117,8 +118,9 @@ def tamper(args: argparse.Namespace) -> dict:
 
         sc.SealedChannel = TamperingChannel  # type: ignore[misc]  # rank 0 only
     comm = _comm(args, shredder)
+    comm.channel._chunk = 1024  # two frames per part, both ranks alike
     t = torch.ones(1024)
-    for _ in range(4):  # each all-reduce is 2 frames per link: sequences 0..7
+    for _ in range(4):  # each all-reduce: 2 reduce-scatter + 2 all-gather frames per link
         comm.channel.all_reduce_(t)
     return {"unexpected": "every all-reduce passed"}
 

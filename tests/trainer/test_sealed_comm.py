@@ -162,10 +162,10 @@ def test_sealed_collectives_match_gloo(world: int):
 
 @pytest.mark.integration
 @pytest.mark.parametrize(("scenario", "why"), [
-    ("forge", "authentication tag invalid"),
-    ("replay", "replayed (sequence 1, expected 2)"),
-    ("reorder", "out of order or a message was dropped (sequence 3, expected 2)"),
-    ("drop", "out of order or a message was dropped (sequence 3, expected 2)"),
+    ("forge", "authentication tag invalid (reduce-scatter #2, sequence 5)"),
+    ("replay", "replayed (sequence 3, expected 5)"),
+    ("reorder", "out of order or a message was dropped (sequence 6, expected 5)"),
+    ("drop", "out of order or a message was dropped (sequence 6, expected 5)"),
 ])
 def test_tampered_message_stops_the_job_with_the_named_error_and_shreds(scenario, why):
     """Rank 0 forges, replays, reorders or drops one of its frames to rank 1; rank 1 stops
