@@ -53,10 +53,9 @@ def _timed(fn, reps: int) -> float:
     return (time.perf_counter() - start) / reps
 
 
-def _allreduce(rank: int, world: int, mib: int, pairs: int, reps: int) -> dict:
+def _allreduce(comm, rank: int, world: int, mib: int, pairs: int, reps: int) -> dict:
     from trainer.sealed_comm_ddp import SealedAllReduce
 
-    comm = _comm(rank, world)
     hook = SealedAllReduce(comm.channel, world)
     bucket = torch.randn(mib * (1 << 20) // 4)
     plain_bucket = bucket.clone()
@@ -82,12 +81,11 @@ def _allreduce(rank: int, world: int, mib: int, pairs: int, reps: int) -> dict:
             "plain_gbps": statistics.median(p_bw)}
 
 
-def _training(rank: int, world: int, pairs: int, steps: int) -> dict:
+def _training(comm, rank: int, world: int, pairs: int, steps: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from trainer.models import build_model
 
-    comm = _comm(rank, world)
     params = {"layers": 4, "d_model": 128, "heads": 4}
     seq, batch = 128, 8
     runs = {}
@@ -124,14 +122,13 @@ def _training(rank: int, world: int, pairs: int, steps: int) -> dict:
         ratios.append(rate["sealed"] / rate["plain"])
         s_rate.append(rate["sealed"])
         p_rate.append(rate["plain"])
-    comm.close()
     return {"ratio": statistics.median(ratios), "sealed_sps": statistics.median(s_rate),
             "plain_sps": statistics.median(p_rate)}
 
 
 def _worker(argv: list[str]) -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=("allreduce", "training"))
+    p.add_argument("what", choices=("allreduce", "allreduce+training"))
     p.add_argument("--rank", type=int)
     p.add_argument("--world", type=int)
     p.add_argument("--store-port", type=int)
@@ -145,12 +142,14 @@ def _worker(argv: list[str]) -> None:
                           timeout=timedelta(seconds=600))
     dist.init_process_group("gloo", store=store, rank=a.rank, world_size=a.world,
                             timeout=timedelta(seconds=600))
-    if a.what == "allreduce":
-        out = _allreduce(a.rank, a.world, a.mib, a.pairs, a.reps)
-    else:
-        out = _training(a.rank, a.world, a.pairs, a.steps)
+    comm = _comm(a.rank, a.world)
+    out = {"allreduce": _allreduce(comm, a.rank, a.world, a.mib, a.pairs, a.reps)}
+    if a.what == "allreduce+training":
+        out["training"] = _training(comm, a.rank, a.world, a.pairs, a.steps)
+    comm.close()
     if a.rank == 0:
         print("RESULT " + json.dumps(out), flush=True)
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -177,14 +176,14 @@ def main(quick: bool) -> None:
     mib, pairs, reps, steps = (8, 3, 2, 4) if quick else (25, 7, 3, 10)
     print(f"cores: {os.cpu_count()} (shared with whatever else runs here); one process per "
           f"rank, OMP_NUM_THREADS=1; bucket {mib} MiB; {pairs} alternating pairs")
-    ar = {}
-    for world in (2, 4):
-        r = _run("allreduce", world, "--mib", str(mib), "--pairs", str(pairs),
-                 "--reps", str(reps))
-        ar[world] = r
+    ar, tr = {}, {}
+    for world in (2, 4):  # the 2-rank processes also run the training comparison
+        res = _run("allreduce+training" if world == 2 else "allreduce", world, "--mib",
+                   str(mib), "--pairs", str(pairs), "--reps", str(reps), "--steps", str(steps))
+        r = ar[world] = res["allreduce"]
+        tr = res.get("training", tr)
         print(f"all-reduce {world} ranks: sealed {r['sealed_gbps']:.2f} GB/s, plain gloo "
               f"{r['plain_gbps']:.2f} GB/s, ratio {r['ratio']:.3f}")
-    tr = _run("training", 2, "--pairs", str(pairs), "--steps", str(steps))
     print(f"DDP training 2 ranks (tiny-gpt 4x128, bf16 autocast): sealed "
           f"{tr['sealed_sps']:.1f} samples/s, plain {tr['plain_sps']:.1f} samples/s, "
           f"ratio {tr['ratio']:.3f}")
