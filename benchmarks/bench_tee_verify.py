@@ -16,6 +16,7 @@ validation, binding and policy-facing claims cost on top. Goals: each ratio <= 3
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -156,7 +157,7 @@ def nvidia(quick: bool) -> tuple[float, float]:
     leaf_key = chain[0].public_key()
     assert isinstance(leaf_key, ec.EllipticCurvePublicKey)
     checks = [_raw_ecdsa(leaf_key, parsed.signature, parsed.signed_bytes, hashes.SHA384())]
-    checks += [_cert_link(cert, issuer) for cert, issuer in zip(chain, chain[1:], strict=False)]
+    checks += [_cert_link(cert, issuer) for cert, issuer in itertools.pairwise(chain)]
 
     def raw() -> None:
         for check in checks:
