@@ -24,7 +24,8 @@ nvidia.architecture    the NVML architecture differs from the one the leaf certi
 =====================  ======================================================================
 
 Context: ``reference["nvidia_trust_store"]`` (:class:`NvidiaTrustStore`, default: the bundled
-NVIDIA roots), ``reference["nvidia_rims"]`` (:class:`RimStore`), ``reference["now"]``.
+NVIDIA roots), ``reference["nvidia_rims"]`` (:class:`RimStore`), ``reference["now"]``; or,
+from a broker's YAML, root and RIM file paths (:mod:`attest.tee_reference`).
 
 Claims: ``evidence.kind`` "nvidia-gpu", ``evidence.verified``; signed: ``nvidia.architecture``
 (from the leaf certificate: GH100 -> "Hopper", GB100/GB200 -> "Blackwell"),
@@ -56,6 +57,7 @@ from attest.interface import (
     VerificationContext,
     VerificationResult,
 )
+from attest.tee_reference import nvidia_trust
 
 from .certs import NvidiaTrustStore, common_name, leaf_fwid, verify_device_chain
 from .evidence import decode_evidence
@@ -122,10 +124,11 @@ class NvidiaGpuVerifier:
         report = parse_report(container.report)
         chain = _load_certificates(container.certificates)
         leaf = chain[0]
-        store = context.reference.get("nvidia_trust_store") or self._trust_store or _bundled()
+        configured_store, configured_rims = nvidia_trust(context.reference)
+        store = configured_store or self._trust_store or _bundled()
         if not isinstance(store, NvidiaTrustStore):
             raise TypeError("reference['nvidia_trust_store'] must be an NvidiaTrustStore")
-        rims = context.reference.get("nvidia_rims") or self._rims
+        rims = configured_rims or self._rims
         if rims is not None and not isinstance(rims, RimStore):
             raise TypeError("reference['nvidia_rims'] must be a RimStore")
         now = context.reference.get("now") or dt.datetime.now(dt.UTC)

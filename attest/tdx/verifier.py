@@ -38,7 +38,8 @@ the platform status as Intel's ``convergeTcbStatus`` does.
 
 Context: ``reference["tdx_trust_store"]`` (:class:`IntelTrustStore`, default: the bundled
 Intel SGX Root CA), ``reference["tdx_collateral"]`` (:class:`TdxCollateral`),
-``reference["now"]`` (aware datetime, default: now).
+``reference["now"]`` (aware datetime, default: now); or, from a broker's YAML, ``roots`` and
+``collateral`` file paths (:mod:`attest.tee_reference`).
 
 Claims: ``evidence.kind`` "tdx", ``evidence.verified``, ``tdx.version``, ``tdx.body_type``,
 ``tdx.mr_td``, ``tdx.rtmr0``..``tdx.rtmr3``, ``tdx.mr_config_id``, ``tdx.mr_owner``,
@@ -78,6 +79,7 @@ from attest.interface import (
     VerificationContext,
     VerificationResult,
 )
+from attest.tee_reference import tdx_trust
 
 from .collateral import (
     EnclaveIdentity,
@@ -193,10 +195,11 @@ class TdxVerifier:
         quote = parse_quote(evidence)
         chain = self._load_chain(quote.pck_chain_pem)
         pck = pck_extensions(chain[0])
-        store = context.reference.get("tdx_trust_store") or self._trust_store or _bundled()
+        configured_store, configured_collateral = tdx_trust(context.reference)
+        store = configured_store or self._trust_store or _bundled()
         if not isinstance(store, IntelTrustStore):
             raise TypeError("reference['tdx_trust_store'] must be an IntelTrustStore")
-        collateral = context.reference.get("tdx_collateral") or self._collateral
+        collateral = configured_collateral or self._collateral
         if collateral is not None and not isinstance(collateral, TdxCollateral):
             raise TypeError("reference['tdx_collateral'] must be a TdxCollateral")
         now = context.reference.get("now") or dt.datetime.now(dt.UTC)
