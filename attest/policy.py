@@ -466,6 +466,9 @@ def default_verifiers() -> dict[str, EvidenceVerifier]:
         pass
     else:
         verifiers["tpm2"] = Tpm2Verifier()
+    from attest.composite import CompositeVerifier
+
+    verifiers["composite"] = CompositeVerifier(dict(verifiers))
     return verifiers
 
 
