@@ -10,6 +10,7 @@ Public API::
 """
 
 from .collateral import CollateralError, EnclaveIdentity, TcbInfo, TdxCollateral
+from .evidence import TdxEvidence, decode_evidence, encode_azure_evidence
 from .pck import PckExtensions, pck_extensions
 from .quote import TdReportBody, TdxQuote, parse_quote
 from .verifier import IntelTrustStore, TdxVerifier
@@ -22,8 +23,11 @@ __all__ = [
     "TcbInfo",
     "TdReportBody",
     "TdxCollateral",
+    "TdxEvidence",
     "TdxQuote",
     "TdxVerifier",
+    "decode_evidence",
+    "encode_azure_evidence",
     "parse_quote",
     "pck_extensions",
 ]

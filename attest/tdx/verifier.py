@@ -1,7 +1,8 @@
 """The ``tdx`` evidence verifier (attest.interface.EvidenceVerifier): DCAP quotes v4 and v5.
 
 The evidence is the quote exactly as the TD's quote generation service returns it (configfs-tsm
-``outblob``); see :mod:`attest.tdx.quote` for its bytes. Checks, each reported as a
+``outblob``; see :mod:`attest.tdx.quote` for its bytes), or for Azure TDX VMs the quote with
+the HCL report (:mod:`attest.tdx.evidence`). Checks, each reported as a
 :class:`~attest.interface.Failure` with a stable id, all run even after one fails:
 
 =======================  ====================================================================
@@ -25,8 +26,11 @@ tdx.qe_identity          the QE report matches the QE Identity (MRSIGNER, ISVPRO
 tdx.tcb                  a TCB level matches (PCK SGX components and PCESVN, the TD's
                          TEE_TCB_SVN), the TDX module identity matches; Revoked is an error
 tdx.tcb.status           warning: the matched status is not UpToDate (policies decide)
-tdx.report_data          the session binding: report_data equals the expected 64 bytes, or
-                         the expected 32 followed by zeros
+tdx.hcl.var_data         Azure: SHA-256(HCL variable data) = quote report_data[0:32]
+tdx.hcl.tdreport         Azure: the HCL TDREPORT carries the quote's report data, attributes,
+                         MRTD and RTMRs
+tdx.report_data          the session binding: report_data (Azure: the HCL ``user-data``)
+                         equals the expected 64 bytes, or the expected 32 followed by zeros
 =======================  ====================================================================
 
 TCB level matching follows Intel's QVL: the first level (levels are listed best first) whose
@@ -49,7 +53,8 @@ Claims: ``evidence.kind`` "tdx", ``evidence.verified``, ``tdx.version``, ``tdx.b
 ``tdx.fmspc``, ``tdx.pce_id``, ``tdx.platform_instance_id``, ``tdx.qe.isv_svn``,
 ``tdx.tcb.status`` ("Unknown" without collateral), ``tdx.tcb.platform_status``,
 ``tdx.tcb.module_status``, ``tdx.tcb.qe_status``, ``tdx.tcb.advisory_ids`` (list),
-``tdx.tcb.date``, ``tdx.tcb.evaluation_data_number``.
+``tdx.tcb.date``, ``tdx.tcb.evaluation_data_number``; Azure: ``tdx.hcl.user_data``,
+``tdx.hcl.vm.{secure_boot,tpm_enabled,console_enabled}``, ``tdx.hcl.ak_pub_n``.
 """
 
 from __future__ import annotations
@@ -79,6 +84,7 @@ from attest.interface import (
     VerificationContext,
     VerificationResult,
 )
+from attest.snp.hcl import HclReport, parse_hcl_report
 from attest.tee_reference import tdx_trust
 
 from .collateral import (
@@ -88,12 +94,14 @@ from .collateral import (
     TcbLevel,
     TdxCollateral,
 )
+from .evidence import decode_evidence
 from .pck import PckExtensions, pck_extensions
 from .quote import INTEL_QE_VENDOR_ID, TdxQuote, parse_quote
 
 __all__ = ["IntelTrustStore", "TdxVerifier", "verify_p256", "verify_x509_chain"]
 
 MAX_CHAIN_CERTS = 4
+HCL_REPORT_TYPE_TDX = 4
 
 
 @dataclass(frozen=True)
@@ -192,7 +200,10 @@ class TdxVerifier:
         self._collateral = collateral
 
     def verify(self, evidence: bytes, context: VerificationContext) -> VerificationResult:
-        quote = parse_quote(evidence)
+        container = decode_evidence(evidence)
+        quote = parse_quote(container.quote)
+        hcl = (parse_hcl_report(container.hcl_report, report_type=HCL_REPORT_TYPE_TDX)
+               if container.hcl_report is not None else None)
         chain = self._load_chain(quote.pck_chain_pem)
         pck = pck_extensions(chain[0])
         configured_store, configured_collateral = tdx_trust(context.reference)
@@ -239,8 +250,22 @@ class TdxVerifier:
             qe_failures, qe_status = self._check_qe_identity(quote, collateral.qe_identity)
             failures += qe_failures
             failures += self._match_tcb(quote, pck, collateral.tcb_info, qe_status, tcb)
-        failures += self._check_binding(quote.body.report_data, context.expected_report_data)
+        if hcl is None:
+            failures += self._check_binding(quote.body.report_data,
+                                            context.expected_report_data, "report_data")
+        else:
+            failures += self._check_hcl(quote, hcl)
+            failures += self._check_binding(hcl.user_data, context.expected_report_data,
+                                            "HCL user-data")
         claims = self._claims(quote, pck, tcb)
+        if hcl is not None:
+            user_data = hcl.user_data
+            claims["tdx.hcl.user_data"] = user_data.hex() if user_data is not None else ""
+            vm = hcl.vm_configuration
+            for key in ("secure-boot", "tpm-enabled", "console-enabled"):
+                claims[f"tdx.hcl.vm.{key.replace('-', '_')}"] = bool(vm.get(key, False))
+            ak = hcl.jwk("HCLAkPub")
+            claims["tdx.hcl.ak_pub_n"] = str(ak.get("n", "")) if ak else ""
         claims["evidence.verified"] = not any(f.severity == "error" for f in failures)
         return VerificationResult(kind=self.kind, claims=claims, failures=tuple(failures))
 
@@ -407,11 +432,28 @@ class TdxVerifier:
         return out
 
     @staticmethod
-    def _check_binding(report_data: bytes, expected: bytes) -> list[Failure]:
+    def _check_hcl(quote: TdxQuote, hcl: HclReport) -> list[Failure]:
+        out = []
+        if hcl.var_data_digest()[:32] != quote.body.report_data[:32]:
+            out.append(Failure("tdx.hcl.var_data", "HCL variable data digest does not match "
+                                                   "the TDX quote report data"))
+        td = hcl.snp_report  # the report region: here a TDREPORT
+        body = quote.body
+        if (td[128:192] != body.report_data or td[528:576] != body.mr_td
+                or td[512:520] != body.td_attributes
+                or any(td[720 + 48 * i:768 + 48 * i] != rtmr
+                       for i, rtmr in enumerate(body.rtmrs))):
+            out.append(Failure("tdx.hcl.tdreport", "the HCL TDREPORT does not carry the "
+                                                   "quote's report data, attributes, MRTD and "
+                                                   "RTMRs"))
+        return out
+
+    @staticmethod
+    def _check_binding(report_data: bytes | None, expected: bytes, what: str) -> list[Failure]:
         if len(expected) not in (32, 64):
             raise ValueError("expected_report_data must be 32 or 64 bytes")
         if report_data != expected.ljust(64, b"\x00"):
-            return [Failure("tdx.report_data", "report_data is not bound to this session "
+            return [Failure("tdx.report_data", f"{what} is not bound to this session "
                                                "(nonce, session id, node key)")]
         return []
 

@@ -404,3 +404,69 @@ def test_collateral_that_is_not_pcs_json_is_refused_at_load() -> None:
                 b"{" * 10):
         with pytest.raises(CollateralError):
             TcbInfo.parse(bad)
+
+
+# --- Azure TDX (HCL report + vTPM), PROVENANCE.md 2c ------------------------------------------
+
+AZURE = VECTORS / "azure-tdx-vtpm"
+
+
+def _azure(hcl: bytes | None = None, expected: bytes = bytes(32)) -> VerificationResult:
+    from attest.tdx import encode_azure_evidence
+
+    evidence = encode_azure_evidence((AZURE / "td-quote.bin").read_bytes(),
+                                     hcl or (AZURE / "hcl-report.bin").read_bytes())
+    return TdxVerifier().verify(evidence, VerificationContext(
+        expected_report_data=expected, reference={"now": FEB_2026}))
+
+
+def test_azure_tdx_hcl_report_binds_to_the_quote() -> None:
+    result = _azure()
+    assert _ids(result) == {"tdx.collateral.missing"}
+    c = result.claims
+    assert c["tdx.hcl.user_data"] == "00" * 64  # the recorded VM's user-data
+    assert c["tdx.hcl.vm.secure_boot"] is True and c["tdx.hcl.vm.tpm_enabled"] is True
+    assert c["tdx.fmspc"] == "00806f050000"
+
+
+def test_azure_published_negative_byte_0x880_breaks_the_var_data_binding() -> None:
+    hcl = bytearray((AZURE / "hcl-report.bin").read_bytes())
+    hcl[0x880] = (hcl[0x880] + 1) & 0xFF
+    result = _azure(bytes(hcl))
+    assert _ids(result) == {"tdx.collateral.missing", "tdx.hcl.var_data"}
+
+
+def test_azure_tdreport_must_match_the_quote() -> None:
+    hcl = bytearray((AZURE / "hcl-report.bin").read_bytes())
+    hcl[0x20 + 528] ^= 1  # TDREPORT MRTD
+    assert _ids(_azure(bytes(hcl))) == {"tdx.collateral.missing", "tdx.hcl.tdreport"}
+    assert "tdx.report_data" in _ids(_azure(expected=hashlib.sha256(b"session").digest()))
+
+
+def test_azure_vtpm_quote_verifies_under_the_hcl_ak() -> None:
+    import base64
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    from attest.snp.hcl import parse_hcl_report
+
+    hcl = parse_hcl_report((AZURE / "hcl-report.bin").read_bytes(), report_type=4)
+    jwk = hcl.jwk("HCLAkPub")
+    assert jwk is not None
+
+    def b64(value: str) -> int:
+        return int.from_bytes(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)), "big")
+
+    key = rsa.RSAPublicNumbers(b64(jwk["e"]), b64(jwk["n"])).public_key()
+    doc = json.loads((AZURE / "tpm-quote-v1.json").read_text())
+    message = bytes.fromhex(doc["message"])
+    key.verify(bytes.fromhex(doc["signature"]), message, padding.PKCS1v15(), hashes.SHA256())
+    pcrs = [bytes.fromhex(p) for p in doc["pcrs"]]
+    assert pcrs[0].hex() == "782b20b10f55cc46e2142cc2145d548698073e5beb82752c8d7f9279f0d8a273"
+    # TPMS_ATTEST: magic, type, qualifiedSigner (TPM2B), extraData (TPM2B) = the nonce
+    signer_len = struct.unpack_from(">H", message, 6)[0]
+    pos = 8 + signer_len
+    nonce_len = struct.unpack_from(">H", message, pos)[0]
+    assert message[pos + 2:pos + 2 + nonce_len] == b"challenge"
+    assert hashlib.sha256(b"".join(pcrs)).digest() in message
