@@ -36,7 +36,7 @@ from cryptography.x509.oid import NameOID
 from attest.composite import CompositeEvidence, cpu_report_data, encode_composite
 from attest.nvidia import encode_evidence as encode_gpu_evidence
 
-__all__ = ["SoftGpu", "SoftTdx", "composite_evidence"]
+__all__ = ["SoftGpu", "SoftSnp", "SoftTdx", "composite_evidence", "snp_composite_evidence"]
 
 _NOT_BEFORE = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
 _NOT_AFTER = dt.datetime(2045, 1, 1, tzinfo=dt.UTC)
@@ -402,3 +402,93 @@ def composite_evidence(tdx: SoftTdx, gpus: list[SoftGpu], binding: bytes, *,
     quote = tdx.quote(cpu_report_data(binding, gpu_evidence), debug=debug,
                       tee_tcb_svn=tee_tcb_svn, rtmr3=rtmr3)
     return encode_composite(CompositeEvidence("tdx", quote, tuple(gpu_evidence)))
+
+
+# --- AMD SEV-SNP ----------------------------------------------------------------------------------
+
+SNP_TCB = bytes([3, 0, 0, 0, 0, 0, 8, 115])  # bl 3, tee 0, snp 8, ucode 115 (Milan layout)
+
+
+@dataclass
+class SoftSnp:
+    """A test Milan-shaped SEV-SNP platform: ARK -> ASK -> VCEK (RSA-PSS links, a P-384
+    VCEK with the SPL, hwID and productName extensions) and v3 reports on demand. Its
+    ``trust_store()`` is an AmdTrustStore pinning only the test ARK."""
+
+    vcek: x509.Certificate
+    vcek_key: ec.EllipticCurvePrivateKey
+    ask: x509.Certificate
+    ark: x509.Certificate
+    chip_id: bytes
+
+    @classmethod
+    def create(cls) -> SoftSnp:
+        from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+        pss = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
+        ark_key, ask_key = (rsa.generate_private_key(65537, 2048) for _ in range(2))
+        vcek_key = ec.generate_private_key(ec.SECP384R1())
+
+        def name(cn: str) -> x509.Name:
+            return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Soft TEE"),
+                              x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+        def build(subject: str, issuer: str, key: Any, signer: Any, ca: bool,
+                  exts: list[tuple[str, bytes]] = ()) -> x509.Certificate:
+            b = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
+                 .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                 .not_valid_before(_NOT_BEFORE).not_valid_after(_NOT_AFTER)
+                 .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+            for oid, value in exts:
+                b = b.add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier(oid),
+                                                               value), critical=False)
+            return b.sign(signer, hashes.SHA384(), rsa_padding=pss)
+
+        chip_id = os.urandom(64)
+        spl = {"1": SNP_TCB[0], "2": SNP_TCB[1], "3": SNP_TCB[6], "8": SNP_TCB[7]}
+        exts = [(f"1.3.6.1.4.1.3704.1.3.{k}", _int(v)) for k, v in spl.items()]
+        exts += [("1.3.6.1.4.1.3704.1.4", chip_id),
+                 ("1.3.6.1.4.1.3704.1.2", _tlv(0x16, b"Milan-B0"))]
+        ark = build("ARK-Milan", "ARK-Milan", ark_key, ark_key, True)
+        ask = build("SEV-Milan", "ARK-Milan", ask_key, ark_key, True)
+        vcek = build("SEV-VCEK", "SEV-Milan", vcek_key, ask_key, False, exts)
+        return cls(vcek, vcek_key, ask, ark, chip_id)
+
+    def trust_store(self) -> Any:
+        from attest.snp import AmdTrustStore
+
+        return AmdTrustStore.from_certificates([self.ark], [self.ask])
+
+    def evidence(self, report_data: bytes, *, debug: bool = False,
+                 measurement: bytes | None = None) -> bytes:
+        """``sev-snp`` evidence: a v3 report over ``report_data`` (64 bytes) + the VCEK."""
+        from attest.snp import encode_evidence
+
+        if len(report_data) != 64:
+            raise ValueError("report_data must be 64 bytes")
+        r = bytearray(0x4A0)
+        policy = (1 << 17) | (1 << 16) | ((1 << 19) if debug else 0)
+        struct.pack_into("<IIQ", r, 0, 3, 1, policy)
+        struct.pack_into("<II", r, 0x30, 0, 1)  # vmpl 0, signature algo ECDSA P-384
+        for offset in (0x38, 0x180, 0x1E0, 0x1F0):
+            r[offset:offset + 8] = SNP_TCB
+        struct.pack_into("<QI", r, 0x40, 1, 0)  # platform info: SMT; key info: VCEK
+        r[0x50:0x90] = report_data
+        r[0x90:0xC0] = measurement or hashlib.sha384(b"soft snp guest").digest()
+        r[0x160:0x180] = b"\xff" * 32  # no migration agent
+        r[0x188:0x18B] = bytes([0x19, 0x01, 0x01])  # CPUID family/model/stepping (Milan)
+        r[0x1A0:0x1E0] = self.chip_id
+        r[0x1E8:0x1EB] = r[0x1EC:0x1EF] = bytes([4, 52, 1])
+        der = self.vcek_key.sign(bytes(r[:0x2A0]), ec.ECDSA(hashes.SHA384()))
+        sig_r, sig_s = decode_dss_signature(der)
+        r[0x2A0:0x2E8] = sig_r.to_bytes(72, "little")
+        r[0x2E8:0x330] = sig_s.to_bytes(72, "little")
+        return encode_evidence(bytes(r), [self.vcek.public_bytes(serialization.Encoding.DER)])
+
+
+def snp_composite_evidence(snp: SoftSnp, gpus: list[SoftGpu], binding: bytes, *,
+                           debug: bool = False) -> bytes:
+    """A confidential GPU node's ``composite`` evidence with an SEV-SNP CPU report."""
+    gpu_evidence = [gpu.evidence(binding, index=i) for i, gpu in enumerate(gpus)]
+    cpu = snp.evidence(cpu_report_data(binding, gpu_evidence), debug=debug)
+    return encode_composite(CompositeEvidence("sev-snp", cpu, tuple(gpu_evidence)))

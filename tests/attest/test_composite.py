@@ -193,3 +193,41 @@ def test_malformed_composites(tee, binding) -> None:
         decode_composite(unknown)
     with pytest.raises(MalformedEvidence):
         _verify(tee, good[:-1], binding)
+
+
+# --- SEV-SNP as the CPU TEE -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def snp():
+    from tests.attest.softtee import SoftSnp
+
+    return SoftSnp.create()
+
+
+def _snp_decide(result: VerificationResult, measurement: str) -> Decision:
+    policy = Policy.from_yaml(POLICY.read_text()).with_params(
+        {"gpus_per_node": 2, "allowed_snp_measurements": [measurement],
+         "min_snp_tcb": {"bl": 3, "tee": 0, "snp": 8, "ucode": 115}})
+    return policy.evaluate(evidence_claims(result))
+
+
+def test_an_snp_composite_node_is_allowed_and_a_debug_guest_denied(tee, snp, binding) -> None:
+    from tests.attest.softtee import snp_composite_evidence
+
+    _, gpus = tee
+    reference = {**_reference(tee), "sev-snp": {"snp_trust_store": snp.trust_store()}}
+    result = _verify(tee, snp_composite_evidence(snp, gpus, binding), binding, reference)
+    assert result.ok, result.failures
+    c = result.claims
+    assert (c["cpu.kind"], c["cpu.debug"], c["snp.product"], c["gpu.count"]) == (
+        "sev-snp", False, "Milan", 2)
+    decision = _snp_decide(result, c["snp.measurement"])
+    assert decision.allowed, [(r.name, r.reason) for r in decision.rules if not r.passed]
+    debug = _verify(tee, snp_composite_evidence(snp, gpus, binding, debug=True), binding,
+                    reference)
+    assert debug.ok and debug.claims["snp.debug"] is True
+    assert _failed_rules(_snp_decide(debug, c["snp.measurement"])) == {"cpu-not-debuggable"}
+    # without the test ARK pinned, the bundled AMD roots refuse the software TEE's chain
+    refused = _verify(tee, snp_composite_evidence(snp, gpus, binding), binding,
+                      _reference(tee))
+    assert "cpu.snp.chain" in _ids(refused)
