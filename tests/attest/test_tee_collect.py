@@ -60,3 +60,20 @@ def test_no_configfs_tsm_is_a_clear_refusal(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         configfs_tsm_report(bytes(32), root=tmp_path)
     assert set(tee_interfaces()) == {"configfs_tsm", "tdx_guest", "sev_guest"}
+
+
+def test_a_trainer_asking_for_composite_evidence_without_a_tee_says_why() -> None:
+    from trainer.attested import AttestedKeySource
+    from trainer.config import JobConfig
+    from trainer.keysource import KeySourceUnavailable
+
+    config = JobConfig.from_mapping({
+        "job_id": "j", "tenant_id": "acme",
+        "dataset": {"id": "d", "key_version": 1, "manifest": "m", "store": "/nonexistent"},
+        "checkpoint": {"dir": "/nonexistent/ckpt"},
+        "brokers": [{"address": "127.0.0.1:1", "ca": "/x", "cert": "/x", "key": "/x"}],
+        "attestation": {"node_id": "n1", "evidence": "composite"},
+    })
+    assert config.attestation is not None and config.attestation.evidence == "composite"
+    with pytest.raises(KeySourceUnavailable, match="no composite evidence on this node"):
+        AttestedKeySource(config).evidence_for(bytes(32))
