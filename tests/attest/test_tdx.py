@@ -470,3 +470,31 @@ def test_azure_vtpm_quote_verifies_under_the_hcl_ak() -> None:
     nonce_len = struct.unpack_from(">H", message, pos)[0]
     assert message[pos + 2:pos + 2 + nonce_len] == b"challenge"
     assert hashlib.sha256(b"".join(pcrs)).digest() in message
+
+
+def test_collateral_parses_to_the_published_values() -> None:
+    from attest.tdx.collateral import EnclaveIdentity
+
+    info = TcbInfo.parse((TRUSTEE / "tcbInfo.json").read_bytes())
+    assert (info.id, info.version, info.fmspc.hex(), info.pce_id.hex()) == (
+        "TDX", 3, "00a06d080000", "0000")
+    assert info.evaluation_data_number == 17
+    assert info.issue_date == dt.datetime(2025, 10, 27, 13, 7, 17, tzinfo=dt.UTC)
+    ident = EnclaveIdentity.parse((TRUSTEE / "enclaveIdentity.json").read_bytes())
+    assert (ident.id, ident.version, ident.isv_prod_id) == ("TD_QE", 2, 2)
+    go = TcbInfo.parse((GOTDX / "sample_tcbInfo_response").read_bytes())
+    assert (go.fmspc.hex(), go.issue_date.date()) == ("50806f000000", dt.date(2023, 6, 18))
+    v5 = TcbInfo.parse((GOTDX / "sample_tcbinfo_response_v5").read_bytes())
+    assert (v5.fmspc.hex(), v5.issue_date.date()) == ("90c06f000000", dt.date(2026, 2, 1))
+    collateral = _collateral_2023()
+    assert collateral.pck_crl is not None and len(collateral.pck_crl) == 44
+    assert collateral.root_crl is not None and len(collateral.root_crl) == 0
+    # the signed bytes are the exact served bytes of the tcbInfo value
+    raw = (GOTDX / "sample_tcbInfo_response").read_bytes()
+    assert raw.startswith(b'{"tcbInfo":' + go.signed_bytes + b',"signature":"')
+
+
+def test_spr_e4_verifies_without_collateral_at_2023_07_01() -> None:
+    result = _verify(_quote("gotdx-spr-e4"), now=JULY_2023)
+    assert _ids(result) == {"tdx.collateral.missing"}
+    assert result.claims["tdx.fmspc"] == "50806f000000"
