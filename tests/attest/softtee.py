@@ -159,6 +159,14 @@ def _signed_json(member: str, value: dict[str, Any], key: ec.EllipticCurvePrivat
     return b'{"' + member.encode() + b'":' + body + b',"signature":"' + signature.encode() + b'"}'
 
 
+class TcbInfoDoc:
+    @staticmethod
+    def member(path: Path, name: str) -> bytes:
+        from attest.tdx.collateral import signed_members
+
+        return signed_members(path.read_bytes(), name)[name][1]
+
+
 @dataclass
 class SoftTdx:
     """A test TDX platform: PCK certificate, quoting enclave, collateral; see the module doc."""
@@ -230,6 +238,40 @@ class SoftTdx:
         pck, ca, root = x509.load_pem_x509_certificates((directory / "chain.pem").read_bytes())
         return cls(directory, root, ca, pck, _load_key(directory / "pck.key"),
                    _load_key(directory / "attestation.key"))
+
+    def collateral(self, *, tcb_levels: list[tuple[bytes, str]] | None = None,
+                   qe_levels: list[tuple[int, str]] | None = None,
+                   module_identities: list[dict[str, Any]] | None = None) -> Any:
+        """A TdxCollateral signed by this TEE's TCB Signing key with the given TCB levels
+        (TEE_TCB_SVN, status), QE levels (ISVSVN, status) and TDX module identities."""
+        from attest.tdx import TdxCollateral
+
+        d = self.directory
+        key = _load_key(d / "signing.key")
+        tcb_info = json.loads(TcbInfoDoc.member(d / "tcb_info.json", "tcbInfo"))
+        qe = json.loads(TcbInfoDoc.member(d / "qe_identity.json", "enclaveIdentity"))
+        level = {"sgxtcbcomponents": _svn_list(SGX_SVNS), "pcesvn": 11}
+        if tcb_levels is not None:
+            tcb_info["tcbLevels"] = [
+                {"tcb": {**level, "tdxtcbcomponents": _svn_list(svn)},
+                 "tcbDate": "2024-03-13T00:00:00Z", "tcbStatus": status,
+                 "advisoryIDs": [f"INTEL-SA-{i:05d}"]}
+                for i, (svn, status) in enumerate(tcb_levels)]
+        if module_identities is not None:
+            tcb_info["tdxModuleIdentities"] = module_identities
+        if qe_levels is not None:
+            qe["tcbLevels"] = [{"tcb": {"isvsvn": svn}, "tcbDate": "2024-03-13T00:00:00Z",
+                                "tcbStatus": status} for svn, status in qe_levels]
+        return TdxCollateral.load(
+            tcb_info=_signed_json("tcbInfo", tcb_info, key),
+            qe_identity=_signed_json("enclaveIdentity", qe, key),
+            signing_chain_pem=(d / "signing_chain.pem").read_bytes(),
+            pck_crl_der=(d / "pck.crl").read_bytes(), root_crl_der=(d / "root.crl").read_bytes())
+
+    def trust_store(self) -> Any:
+        from attest.tdx import IntelTrustStore
+
+        return IntelTrustStore(roots=(self.root,))
 
     def reference(self) -> dict[str, Any]:
         """The broker's ``reference_values`` entry for ``tdx`` that trusts this test TEE."""

@@ -498,3 +498,72 @@ def test_spr_e4_verifies_without_collateral_at_2023_07_01() -> None:
     result = _verify(_quote("gotdx-spr-e4"), now=JULY_2023)
     assert _ids(result) == {"tdx.collateral.missing"}
     assert result.claims["tdx.fmspc"] == "50806f000000"
+
+
+# --- TCB level matching over every status (software TEE collateral) -----------------------------
+
+@pytest.fixture(scope="module")
+def soft(tmp_path_factory: pytest.TempPathFactory):
+    from tests.attest.softtee import SoftTdx
+
+    return SoftTdx.create(tmp_path_factory.mktemp("soft-tdx"))
+
+
+def _soft_verify(soft, collateral, tee_tcb_svn: bytes) -> VerificationResult:
+    binding = hashlib.sha256(b"s").digest()
+    quote = soft.quote(binding + bytes(32), tee_tcb_svn=tee_tcb_svn)
+    return TdxVerifier(trust_store=soft.trust_store(), collateral=collateral).verify(
+        quote, VerificationContext(expected_report_data=binding))
+
+
+def _svn(*head: int) -> bytes:
+    return bytes(head) + bytes(16 - len(head))
+
+
+@pytest.mark.parametrize(("svn", "status", "ids"), [
+    (_svn(3, 0, 9), "UpToDate", set()),
+    (_svn(3, 0, 7), "SWHardeningNeeded", set()),
+    (_svn(3, 0, 6), "ConfigurationNeeded", set()),
+    (_svn(3, 0, 5), "OutOfDate", set()),
+    (_svn(3, 0, 4), "OutOfDateConfigurationNeeded", set()),
+    (_svn(3, 0, 2), "Revoked", {"tdx.tcb"}),
+    (_svn(3, 0, 1), "Unknown", {"tdx.tcb"}),  # below every level: TCB not supported
+])
+def test_tcb_levels_match_to_each_status(soft, svn: bytes, status: str, ids: set[str]) -> None:
+    collateral = soft.collateral(tcb_levels=[
+        (_svn(3, 0, 9), "UpToDate"), (_svn(3, 0, 7), "SWHardeningNeeded"),
+        (_svn(3, 0, 6), "ConfigurationNeeded"), (_svn(3, 0, 5), "OutOfDate"),
+        (_svn(3, 0, 4), "OutOfDateConfigurationNeeded"), (_svn(3, 0, 2), "Revoked")])
+    result = _soft_verify(soft, collateral, svn)
+    assert result.claims["tdx.tcb.status"] == status
+    assert _ids(result) == ids
+    warned = {f.id for f in result.failures if f.severity == "warning"}
+    assert warned == ({"tdx.tcb.status"} if status not in ("UpToDate", "Revoked", "Unknown")
+                      else set())
+    if status not in ("UpToDate", "Unknown"):
+        assert result.claims["tdx.tcb.advisory_ids"]
+
+
+def test_an_out_of_date_qe_lowers_the_status(soft) -> None:
+    collateral = soft.collateral(qe_levels=[(5, "UpToDate"), (4, "OutOfDate")])
+    result = _soft_verify(soft, collateral, _svn(3, 0, 5))  # the soft QE has ISVSVN 4
+    assert (result.claims["tdx.tcb.platform_status"], result.claims["tdx.tcb.qe_status"],
+            result.claims["tdx.tcb.status"]) == ("UpToDate", "OutOfDate", "OutOfDate")
+
+
+def test_tdx_module_identity_gives_the_module_status(soft) -> None:
+    zero = {"mrsigner": "00" * 48, "attributes": "00" * 8, "attributesMask": "ff" * 8}
+    collateral = soft.collateral(
+        tcb_levels=[(_svn(0, 0, 5), "UpToDate")],
+        module_identities=[{"id": "TDX_01", **zero, "tcbLevels": [
+            {"tcb": {"isvsvn": 6}, "tcbDate": "2024-03-13T00:00:00Z", "tcbStatus": "UpToDate"},
+            {"tcb": {"isvsvn": 2}, "tcbDate": "2023-03-13T00:00:00Z",
+             "tcbStatus": "OutOfDate"}]}])
+    current = _soft_verify(soft, collateral, _svn(7, 1, 5))  # module 1.7: bytes 0-1 skipped
+    assert (current.claims["tdx.tcb.module_status"], current.claims["tdx.tcb.status"]) == (
+        "UpToDate", "UpToDate")
+    old = _soft_verify(soft, collateral, _svn(3, 1, 5))
+    assert (old.claims["tdx.tcb.module_status"], old.claims["tdx.tcb.status"]) == (
+        "OutOfDate", "OutOfDate")
+    unknown = _soft_verify(soft, collateral, _svn(3, 2, 5))
+    assert "tdx.tcb" in _ids(unknown)  # no TDX_02 identity
