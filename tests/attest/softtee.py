@@ -241,7 +241,8 @@ class SoftTdx:
 
     def collateral(self, *, tcb_levels: list[tuple[bytes, str]] | None = None,
                    qe_levels: list[tuple[int, str]] | None = None,
-                   module_identities: list[dict[str, Any]] | None = None) -> Any:
+                   module_identities: list[dict[str, Any]] | None = None,
+                   revoke_pck: bool = False) -> Any:
         """A TdxCollateral signed by this TEE's TCB Signing key with the given TCB levels
         (TEE_TCB_SVN, status), QE levels (ISVSVN, status) and TDX module identities."""
         from attest.tdx import TdxCollateral
@@ -262,11 +263,22 @@ class SoftTdx:
         if qe_levels is not None:
             qe["tcbLevels"] = [{"tcb": {"isvsvn": svn}, "tcbDate": "2024-03-13T00:00:00Z",
                                 "tcbStatus": status} for svn, status in qe_levels]
+        pck_crl = (d / "pck.crl").read_bytes()
+        if revoke_pck:
+            now = dt.datetime.now(dt.UTC)
+            entry = (x509.RevokedCertificateBuilder().serial_number(self.pck.serial_number)
+                     .revocation_date(now - dt.timedelta(hours=1)).build())
+            pck_crl = (x509.CertificateRevocationListBuilder()
+                       .issuer_name(self.platform_ca.subject)
+                       .last_update(now - dt.timedelta(hours=1))
+                       .next_update(now + dt.timedelta(days=30)).add_revoked_certificate(entry)
+                       .sign(_load_key(d / "ca.key"), hashes.SHA256())
+                       .public_bytes(serialization.Encoding.DER))
         return TdxCollateral.load(
             tcb_info=_signed_json("tcbInfo", tcb_info, key),
             qe_identity=_signed_json("enclaveIdentity", qe, key),
             signing_chain_pem=(d / "signing_chain.pem").read_bytes(),
-            pck_crl_der=(d / "pck.crl").read_bytes(), root_crl_der=(d / "root.crl").read_bytes())
+            pck_crl_der=pck_crl, root_crl_der=(d / "root.crl").read_bytes())
 
     def trust_store(self) -> Any:
         from attest.tdx import IntelTrustStore

@@ -567,3 +567,10 @@ def test_tdx_module_identity_gives_the_module_status(soft) -> None:
         "OutOfDate", "OutOfDate")
     unknown = _soft_verify(soft, collateral, _svn(3, 2, 5))
     assert "tdx.tcb" in _ids(unknown)  # no TDX_02 identity
+
+
+def test_a_revoked_pck_is_refused(soft) -> None:
+    result = _soft_verify(soft, soft.collateral(revoke_pck=True), _svn(3, 0, 5))
+    assert _ids(result) == {"tdx.pck.revoked"}
+    assert "Soft TEE SGX PCK Certificate" in result.failures[0].message
+    assert _ids(_soft_verify(soft, soft.collateral(), _svn(3, 0, 5))) == set()
