@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -33,11 +31,13 @@ from cryptography import x509
 __all__ = [
     "MAX_COLLATERAL_SIZE",
     "STATUS_ORDER",
+    "CollateralError",
     "EnclaveIdentity",
     "TcbInfo",
     "TcbLevel",
     "TdxCollateral",
     "TdxModuleIdentity",
+    "signed_members",
 ]
 
 MAX_COLLATERAL_SIZE = 256 * 1024
@@ -311,19 +311,3 @@ class TdxCollateral:
         return cls(tcb_info=TcbInfo.parse(tcb_info),
                    qe_identity=EnclaveIdentity.parse(qe_identity) if qe_identity else None,
                    signing_chain=chain, pck_crl=pck_crl, root_crl=root_crl)
-
-    @classmethod
-    def from_directory(cls, directory: Path, *, tcb_info: str, qe_identity: str | None,
-                       signing_chain: str, pck_crl: str | None = None,
-                       root_crl: str | None = None) -> TdxCollateral:
-        def read(name: str | None) -> bytes | None:
-            return (directory / name).read_bytes() if name else None
-
-        return cls.load(tcb_info=(directory / tcb_info).read_bytes(),
-                        qe_identity=read(qe_identity),
-                        signing_chain_pem=(directory / signing_chain).read_bytes(),
-                        pck_crl_der=read(pck_crl), root_crl_der=read(root_crl))
-
-
-def worst_status(statuses: Sequence[str]) -> str:
-    return max(statuses, key=STATUS_ORDER.index)
