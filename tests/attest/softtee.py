@@ -130,6 +130,12 @@ def _pem(cert: x509.Certificate) -> bytes:
 # --- TDX ----------------------------------------------------------------------------------------
 
 SGX_SVNS = (5, 5, 2, 2, 3, 1, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0)
+# the software TD's "image": MRTD (firmware), RTMR1 (kernel), RTMR2 (command line, initrd)
+SOFT_TD_MEASUREMENTS = {
+    "mr_td": hashlib.sha384(b"soft td firmware").hexdigest(),
+    "rtmr1": hashlib.sha384(b"soft td kernel").hexdigest(),
+    "rtmr2": hashlib.sha384(b"soft td cmdline and initrd with the trainer").hexdigest(),
+}
 UP_TO_DATE_TEE_TCB_SVN = bytes([3, 0, 5]) + bytes(13)
 OUT_OF_DATE_TEE_TCB_SVN = bytes([3, 0, 2]) + bytes(13)
 
@@ -303,11 +309,12 @@ class SoftTdx:
         header = struct.pack("<HHI", 4, 2, 0x81) + bytes(4) + QE_VENDOR + os.urandom(16) + \
             bytes(4)
         td_attributes = (1 << 28) | (1 if debug else 0)
+        m = {k: bytes.fromhex(v) for k, v in SOFT_TD_MEASUREMENTS.items()}
         body = (tee_tcb_svn + hashlib.sha384(b"soft seam").digest() + bytes(48) + bytes(8)
                 + struct.pack("<Q", td_attributes) + struct.pack("<Q", 0x0006_1ae7)
-                + (mr_td or hashlib.sha384(b"soft td image").digest()) + bytes(48 * 3)
-                + hashlib.sha384(b"rtmr0").digest() + hashlib.sha384(b"rtmr1").digest()
-                + bytes(48) + rtmr3 + report_data)
+                + (mr_td or m["mr_td"]) + bytes(48 * 3)
+                + hashlib.sha384(b"soft rtmr0").digest() + m["rtmr1"] + m["rtmr2"] + rtmr3
+                + report_data)
         signed = header + body
         att_pub = self.attestation_key.public_key().public_bytes(
             serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)[1:]

@@ -28,6 +28,13 @@ POLICY = (Path(__file__).resolve().parents[2] / "policies" / "production-gpu-cc.
 RTMR3 = hashlib.sha384(b"approved trainer code").digest()
 
 
+def approved_image() -> dict[str, str]:
+    """The software TD's image measurements, as a tenant would pin them (see softtee)."""
+    from tests.attest.softtee import SOFT_TD_MEASUREMENTS
+
+    return {**SOFT_TD_MEASUREMENTS, "rtmr3": RTMR3.hex()}
+
+
 @pytest.fixture(scope="module")
 def tee(tmp_path_factory: pytest.TempPathFactory) -> tuple[SoftTdx, list[SoftGpu]]:
     root = tmp_path_factory.mktemp("softtee")
@@ -51,7 +58,7 @@ def _verify(tee: tuple[SoftTdx, list[SoftGpu]], evidence: bytes, binding: bytes,
 
 def _decide(result: VerificationResult, gpus: int = 2) -> Decision:
     policy = Policy.from_yaml(POLICY.read_text()).with_params(
-        {"gpus_per_node": gpus, "allowed_tdx_rtmr3": [RTMR3.hex()]})
+        {"gpus_per_node": gpus, "allowed_tdx_images": [approved_image()]})
     return policy.evaluate(evidence_claims(result))
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.attest.softtee import SoftGpu, SoftTdx
+from tests.attest.softtee import SOFT_TD_MEASUREMENTS, SoftGpu, SoftTdx
 from tests.kms_broker.conftest import enrol, pki, start_broker  # noqa: F401 - fixture
 from tests.kms_broker.hsm_fixtures import softhsm_config  # noqa: F401 - fixture
 from tests.trainer.conftest import (  # noqa: F401 - procs is a fixture
@@ -58,7 +58,8 @@ class GpuNodeWorld:
         self.brokers = [start_broker(root, pki, softhsm_config, name=name, extra_config=extra)
                         for name in ("provider", "tenant")]
         policy = yaml.safe_load(POLICY.read_text())
-        policy["params"].update({"gpus_per_node": 2, "allowed_tdx_rtmr3": [RTMR3]})
+        policy["params"].update({"gpus_per_node": 2, "allowed_tdx_images": [
+            {**SOFT_TD_MEASUREMENTS, "rtmr3": RTMR3}]})
         self.store = root / "store"
         clients = [b.tenant("acme") for b in self.brokers]
         try:
