@@ -113,7 +113,7 @@ def train() -> int:
         root = Path(tmp)
         shares = [SecretBuffer.random(32) for _ in range(2)]
         dek = derive_dek(shares, tenant_id="acme", dataset_id="corpus", key_version=1)
-        records = _records(64 << 20)
+        records = _records(32 << 20)
         ref = write_dataset(LocalDirStore(root / "store"), records, dek=dek, tenant_id="acme",
                             dataset_id="corpus", key_version=1, share_holders=["a", "b"],
                             target_shard_size=4 << 20)
@@ -127,7 +127,7 @@ def train() -> int:
                 "model": {"name": "tiny-gpt", "params": {"layers": 6, "d_model": 512,
                                                          "heads": 8}},
                 "optimizer": {"lr": 3e-4}, "schedule": {"warmup_steps": 5},
-                "steps": 150, "batch_size": 32, "seq_len": 256, "precision": "bf16",
+                "steps": 100, "batch_size": 32, "seq_len": 256, "precision": "bf16",
                 "log_interval": 10**6, "prefetch_depth": 2,
             })
 
@@ -139,7 +139,7 @@ def train() -> int:
         reader.close()
         plain = PlaintextShards(grouped)
         ratios, enc_sps, plain_sps = [], [], []
-        for i in range(5):
+        for i in range(3):
             sps = {}
             for mode in (("enc", "plain") if i % 2 == 0 else ("plain", "enc")):
                 result = run_job(config(f"ck-{mode}{i}"), StaticKeySource(dek), harden=False,
@@ -154,7 +154,7 @@ def train() -> int:
         for share in shares:
             share.zeroize()
     ratio = statistics.median(ratios)
-    print(f"CUDA training (tiny-gpt 6x512, bf16, batch 32 x 256, 150 steps, median of 5 "
+    print(f"CUDA training (tiny-gpt 6x512, bf16, batch 32 x 256, 100 steps, median of 3 "
           f"pairs): confidential {statistics.median(enc_sps):.1f} samples/s | plaintext "
           f"{statistics.median(plain_sps):.1f} samples/s | paired ratio {ratio:.3f} "
           f"(range {min(ratios):.2f}-{max(ratios):.2f})")
