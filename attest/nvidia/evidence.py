@@ -116,6 +116,8 @@ def decode_evidence(data: bytes) -> GpuEvidence:
             facts = json.loads(bytes(data[pos:]).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise MalformedEvidence("NVML facts are not UTF-8 JSON") from exc
+        except RecursionError:
+            raise MalformedEvidence("NVML facts are nested too deeply") from None
         if not isinstance(facts, dict):
             raise MalformedEvidence("NVML facts are not a JSON object")
     return GpuEvidence(report=report, certificates=tuple(certs), facts=facts)

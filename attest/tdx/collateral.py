@@ -91,7 +91,7 @@ def signed_members(data: bytes, what: str) -> dict[str, tuple[Any, bytes]]:
                 i = skip(i + 1)
         if skip(i + 1) != len(text):
             raise CollateralError(f"{what} has trailing data")
-    except (IndexError, json.JSONDecodeError) as exc:
+    except (IndexError, json.JSONDecodeError, RecursionError) as exc:
         raise CollateralError(f"{what} is not valid JSON") from exc
     return out
 

@@ -397,3 +397,11 @@ def test_random_damage_is_malformed_or_a_failure_never_a_crash(data: st.DataObje
         return
     # the report has no byte outside the signed request/response and the signature
     assert bytes(report) == original or "nvidia.spdm.signature" in _ids(result)
+
+
+def test_deeply_nested_facts_are_malformed_not_a_crash() -> None:
+    good = encode_evidence(_report("nvtrust"), _certs("nvtrust"))
+    facts = b"[" * 4000 + b"]" * 4
+    bad = good[:-4] + struct.pack(">I", len(facts)) + facts
+    with pytest.raises(MalformedEvidence):
+        decode_evidence(bad)
