@@ -238,3 +238,30 @@ def test_an_snp_composite_node_is_allowed_and_a_debug_guest_denied(tee, snp, bin
     refused = _verify(tee, snp_composite_evidence(snp, gpus, binding), binding,
                       _reference(tee))
     assert "cpu.snp.chain" in _ids(refused)
+
+
+def test_random_damage_to_a_composite_is_malformed_or_refused(tee) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    tdx, gpus = tee
+    binding = bytes(range(32))
+    good = composite_evidence(tdx, gpus, binding, rtmr3=RTMR3)
+    reference = _reference(tee)
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.tuples(st.integers(0, len(good) - 1), st.integers(0, 255)),
+                    min_size=1, max_size=4))
+    def damaged(changes: list[tuple[int, int]]) -> None:
+        data = bytearray(good)
+        for index, value in changes:
+            data[index] = value
+        try:
+            result = _verify(tee, bytes(data), binding, reference)
+        except MalformedEvidence:
+            return
+        # every byte is covered by a signature, a length, or (NVML facts) the GPU digest in
+        # the CPU report, so any change that still parses must fail verification
+        assert bytes(data) == good or not result.ok
+
+    damaged()
