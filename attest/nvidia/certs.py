@@ -77,9 +77,12 @@ def verify_device_chain(chain: Sequence[x509.Certificate], roots: Sequence[x509.
                                     ee_policy=ExtensionPolicy.permit_all())
                 .build_client_verifier())
     try:
-        verifier.verify(chain[0], list(chain[1:]))
+        verified = verifier.verify(chain[0], list(chain[1:]))
     except VerificationError as exc:
         return f"the report certificate chain failed to verify: {exc}"
+    if list(chain) != list(verified.chain)[:len(chain)]:
+        return ("the certificates sent are not exactly the path from the signing "
+                "certificate to the pinned root")
     return None
 
 

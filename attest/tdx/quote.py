@@ -53,7 +53,8 @@ After the body: u32 ``sig_data_len`` (at most :data:`MAX_SIG_DATA`), then the si
 584     A     QE auth data
 584+A   2     inner certification data type: must be 5 (PCK chain, PEM)
 586+A   4     inner size C (at most :data:`MAX_CERT_DATA`)
-590+A   C     PEM certificates: PCK leaf, Platform/Processor CA, Intel SGX Root CA
+590+A   C     PEM certificates: PCK leaf, Platform/Processor CA, Intel SGX Root CA, in
+              canonical PEM (64-column base64, LF line ends), optionally one NUL after
 ======  ====  ======================================================================
 
 SGX REPORT body (384 bytes): cpu_svn 16 @0, misc_select u32 @16, attributes 16 @48,
@@ -261,7 +262,7 @@ def parse_quote(data: bytes) -> TdxQuote:
     if inner_size != r.end - r.pos:
         raise MalformedEvidence(f"PCK chain size {inner_size} does not match the "
                                 f"{r.end - r.pos} bytes left in the certification data")
-    chain = r.take(inner_size, "the PCK chain").rstrip(b"\x00")
+    chain = r.take(inner_size, "the PCK chain")
     return TdxQuote(
         version=version, att_key_type=att_key_type, tee_type=tee_type,
         qe_vendor_id=header[12:28], user_data=header[28:48], body_type=body_type,

@@ -71,6 +71,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.verification import (
     ExtensionPolicy,
     PolicyBuilder,
@@ -226,6 +227,10 @@ class TdxVerifier:
             failures.append(Failure("tdx.pck.chain",
                                     f"PCK certificate does not chain to a pinned Intel SGX "
                                     f"Root CA at {now:%Y-%m-%d}: {problem}"))
+        elif chain != verified[:len(chain)]:
+            failures.append(Failure("tdx.pck.chain",
+                                    "the quote's certificates are not exactly the path from "
+                                    "the PCK certificate to the pinned Intel SGX Root CA"))
         if not verify_p256(quote.attestation_key, quote.signature, quote.signed_bytes):
             failures.append(Failure("tdx.quote.signature",
                                     "quote signature does not verify under the attestation key"))
@@ -271,14 +276,20 @@ class TdxVerifier:
 
     @staticmethod
     def _load_chain(pem: bytes) -> list[x509.Certificate]:
-        if pem.count(b"-----BEGIN CERTIFICATE-----") > MAX_CHAIN_CERTS:
+        body = pem[:-1] if pem.endswith(b"\x00") else pem  # the QE adds one NUL
+        if body.count(b"-----BEGIN CERTIFICATE-----") > MAX_CHAIN_CERTS:
             raise MalformedEvidence(f"PCK chain has more than {MAX_CHAIN_CERTS} certificates")
         try:
-            chain = x509.load_pem_x509_certificates(pem)
+            chain = x509.load_pem_x509_certificates(body)
             for cert in chain:  # decode lazily parsed parts now, as malformed evidence
                 _ = (cert.subject, cert.issuer, cert.extensions, cert.public_key())
         except Exception as exc:  # cryptography raises many types for bad DER
             raise MalformedEvidence("PCK chain is not a valid PEM certificate list") from exc
+        # every byte of the quote is meaningful: the chain must be exactly the canonical PEM
+        # of its certificates, so whitespace or text around them cannot vary unnoticed
+        if body != b"".join(c.public_bytes(Encoding.PEM) for c in chain):
+            raise MalformedEvidence("PCK chain is not canonical PEM (certificates only, "
+                                    "64-column base64, LF line ends)")
         return chain
 
     @staticmethod

@@ -574,3 +574,23 @@ def test_a_revoked_pck_is_refused(soft) -> None:
     assert _ids(result) == {"tdx.pck.revoked"}
     assert "Soft TEE SGX PCK Certificate" in result.failures[0].message
     assert _ids(_soft_verify(soft, soft.collateral(), _svn(3, 0, 5))) == set()
+
+
+def test_the_pck_chain_must_be_canonical_and_exactly_the_path() -> None:
+    data = _quote("trustee-v4")
+    start = data.index(b"-----BEGIN CERTIFICATE-----")
+    crlf = bytearray(data)
+    crlf[start + 27] = 0x0D  # the first PEM line end, LF -> CR
+    expected = parse_quote(data).body.report_data
+    with pytest.raises(MalformedEvidence, match="canonical PEM"):
+        _verify(bytes(crlf), now=FEB_2026, expected=expected)
+    # the root copy in the quote is not on the validated path (the pinned root is); a damaged
+    # copy that still parses is refused rather than ignored
+    root_at = data.index(b"-----BEGIN CERTIFICATE-----", data.index(
+        b"-----BEGIN CERTIFICATE-----", start + 1) + 1)
+    damaged = bytearray(data)
+    damaged[4090] = ord("A")  # in the root copy's issuer name (base64), still valid DER
+    assert root_at < 4090
+    result = _verify(bytes(damaged), now=FEB_2026, expected=expected)
+    assert _ids(result) == {"tdx.collateral.missing", "tdx.pck.chain"}
+    assert "not exactly the path" in _messages(result)
