@@ -22,6 +22,7 @@ Each JSON document is capped at :data:`MAX_COLLATERAL_SIZE` bytes before it is p
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -297,6 +298,22 @@ class TdxCollateral:
     signing_chain: tuple[x509.Certificate, ...]  # TCB Signing first; the root is pinned
     pck_crl: x509.CertificateRevocationList | None = None
     root_crl: x509.CertificateRevocationList | None = None
+
+    def crl_issuer(self, crl: x509.CertificateRevocationList) -> x509.Name:
+        """The issuer name of one of this collateral's CRLs, decoded once."""
+        if crl is self.pck_crl:
+            return self._pck_crl_issuer
+        if crl is self.root_crl:
+            return self._root_crl_issuer
+        return crl.issuer
+
+    @functools.cached_property
+    def _pck_crl_issuer(self) -> x509.Name:
+        return self.pck_crl.issuer if self.pck_crl is not None else x509.Name([])
+
+    @functools.cached_property
+    def _root_crl_issuer(self) -> x509.Name:
+        return self.root_crl.issuer if self.root_crl is not None else x509.Name([])
 
     @classmethod
     def load(cls, *, tcb_info: bytes, qe_identity: bytes | None, signing_chain_pem: bytes,

@@ -281,8 +281,9 @@ class TdxVerifier:
             raise MalformedEvidence(f"PCK chain has more than {MAX_CHAIN_CERTS} certificates")
         try:
             chain = x509.load_pem_x509_certificates(body)
-            for cert in chain:  # decode lazily parsed parts now, as malformed evidence
-                _ = (cert.subject, cert.issuer, cert.extensions, cert.public_key())
+            # the leaf's lazily decoded parts are read below: decode them now, so a broken
+            # one is malformed evidence (the CAs are only used inside path validation)
+            _ = (chain[0].extensions, chain[0].public_key())
         except Exception as exc:  # cryptography raises many types for bad DER
             raise MalformedEvidence("PCK chain is not a valid PEM certificate list") from exc
         # every byte of the quote is meaningful: the chain must be exactly the canonical PEM
@@ -304,7 +305,8 @@ class TdxVerifier:
             if crl is None:
                 out.append(Failure("tdx.crl", f"no {name} was supplied"))
                 continue
-            if crl.issuer != issuer.subject or not crl.is_signature_valid(issuer.public_key()):
+            if (collateral.crl_issuer(crl) != issuer.subject
+                    or not crl.is_signature_valid(issuer.public_key())):
                 out.append(Failure("tdx.crl", f"{name} is not signed by {_cn(issuer)!r}"))
                 continue
             if not _current(now, crl.last_update_utc, crl.next_update_utc):
