@@ -173,7 +173,7 @@ def _run(what: str, world: int, *args: str) -> dict:
 
 
 def main(quick: bool) -> None:
-    mib, pairs, reps, steps = (8, 3, 2, 4) if quick else (25, 7, 3, 10)
+    mib, pairs, reps, steps = (8, 3, 1, 3) if quick else (25, 7, 3, 10)
     print(f"cores: {os.cpu_count()} (shared with whatever else runs here); one process per "
           f"rank, OMP_NUM_THREADS=1; bucket {mib} MiB; {pairs} alternating pairs")
     ar, tr = {}, {}

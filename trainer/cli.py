@@ -6,7 +6,9 @@
     trainer validate --job JOB.yaml          check a job file and print what it would run
 
 Exit codes: 0 ok, 1 failure, 2 usage or invalid job file, 3 key revoked (or lease expired),
-4 attestation denied, 128 + N when stopped by signal N (130 SIGINT, 143 SIGTERM, 129 SIGHUP).
+4 attestation denied, 5 a sealed message between ranks failed authentication (forged,
+replayed, reordered, or a peer without the job key; trainer/sealed_comm.py), 128 + N when
+stopped by signal N (130 SIGINT, 143 SIGTERM, 129 SIGHUP).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ commands:
   validate    load and validate --job, print a summary, get no keys
 
 exit codes: 0 ok, 1 failure, 2 usage / invalid job, 3 key revoked, 4 attestation denied,
+            5 sealed channel between ranks failed authentication,
             130 SIGINT, 143 SIGTERM, 129 SIGHUP
 """
 
