@@ -100,6 +100,19 @@ def count_hits(capture: bytes, windows: set[bytes]) -> int:
     return len(found)
 
 
+def initial_parameters(model: str, params: dict, seq_len: int, seed: int = 0) -> bytes:
+    """The trainer's initial model state (``_train``: ``torch.manual_seed(seed)``, then
+    ``build_model``), rebuilt here; test_wire checks it equals what rank 0 recorded."""
+    import torch
+
+    from trainer.models import build_model
+
+    torch.manual_seed(seed)
+    net = build_model(model, params, seq_len=seq_len)
+    return b"".join(t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
+                    for t in [*net.parameters(), *net.buffers()])
+
+
 def _two_nodes(tmp_path: Path, name: str, job: Path, sockets: tuple[Path, Path],
                record: Path, *extra: str) -> list[Proc]:
     with socket.socket() as s:  # torchrun's static rendezvous needs a port number
@@ -151,6 +164,9 @@ def test_no_parameter_gradient_or_sample_crosses_loopback_in_the_clear(
     err0 = sealed_procs[0].err()
     assert "collectives sealed" in err0 and "step 6/6" in err0, err0[-3000:]
     secrets = _secrets(sealed_rec)
+    job = job_dict(dataset, tmp_path)
+    assert (sealed_rec / "params-rank0.bin").read_bytes() == initial_parameters(
+        job["model"]["name"], job["model"]["params"], job["seq_len"])
     assert len(secrets["initial parameters"]) > 1000 and len(secrets["gradient buckets"]) > 1000
     capture = sealed_cap.data
     assert sealed_cap.drops == 0
