@@ -4,8 +4,11 @@
 
 * :meth:`~DatasetReader.decrypt_shard_into` checks the shard object's size and stream header
   against the manifest, reads the ciphertext with ``readinto`` into one reused buffer (8 MiB
-  per ranged read) or, from a store that offers ``view_range``, takes a zero-copy view, and
-  decrypts every segment straight into the caller's buffer (no intermediate plaintext copy).
+  per ranged read) or, from a store that offers ``view_range`` (``MappedDirStore``, the
+  trainer's), takes a zero-copy view, and decrypts every segment straight into the caller's
+  buffer (no intermediate plaintext copy). From a store that takes ``will_need`` hints, it
+  asks for the next 16 MiB before decrypting each 8 MiB, so cold data is read from disk while
+  the CPU decrypts what has arrived.
   If any segment fails, everything already written to the caller's buffer is zeroed and
   :class:`DecryptionError` names the shard and segment: no plaintext of a tampered shard is
   returned. ``verify_digest=True`` also checks the plaintext SHA-256 from the manifest; it is
@@ -33,11 +36,12 @@ from sealed.errors import DecryptionError
 from sealed.manifest import Manifest, ShardEntry, open_manifest
 from sealed.secrets import SecretBuffer, zeroize
 from sealed.shard import ShardView, shard_aad
-from sealed.store import ObjectStore, RangeViewStore
+from sealed.store import ObjectStore, RangeViewStore, ReadAheadStore
 
 __all__ = ["READ_SEGMENTS", "DatasetReader"]
 
 READ_SEGMENTS = 8  # ciphertext is fetched up to 8 segments (8 MiB) per ranged read
+READ_AHEAD_BYTES = 2 * READ_SEGMENTS * streaming.SEGMENT_SIZE  # hinted ahead of decryption
 
 
 class DatasetReader:
@@ -154,11 +158,28 @@ class DatasetReader:
         cipher = self._cipher(j)
         ct_size = entry.ciphertext_size
         written = 0
-        if isinstance(self._store, RangeViewStore):  # ciphertext already in memory: no copy
-            start = streaming.ciphertext_start(first)
+        if isinstance(self._store, RangeViewStore):  # ciphertext in memory or mapped: no copy
+            base = streaming.ciphertext_start(first)
             end = min(ct_size, (last + 1) * streaming.SEGMENT_SIZE)
-            chunk = self._store.view_range(entry.object_name, start, end - start)
-            return cipher.decrypt_segments_into(ct_size, first, last, chunk, out)
+            ahead = self._store.will_need if isinstance(self._store, ReadAheadStore) else None
+            name = entry.object_name
+            view = self._store.view_range(name, base, end - base)
+            try:
+                for a in range(first, last + 1, READ_SEGMENTS):
+                    b = min(last, a + READ_SEGMENTS - 1)
+                    start = streaming.ciphertext_start(a)
+                    stop = min(ct_size, (b + 1) * streaming.SEGMENT_SIZE)
+                    if ahead is not None and stop < end:  # the disk reads while we decrypt
+                        ahead(name, stop, min(end, stop + READ_AHEAD_BYTES) - stop)
+                    written += cipher.decrypt_segments_into(
+                        ct_size, a, b, view[start - base : stop - base], out[written:]
+                    )
+            except BaseException:
+                zeroize(out[:written])
+                raise
+            finally:
+                view.release()
+            return written
         ctview = memoryview(self._ctbuf)
         try:
             for a in range(first, last + 1, READ_SEGMENTS):
