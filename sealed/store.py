@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import queue
 import re
 import threading
 from collections.abc import Iterable, Iterator
@@ -54,6 +55,8 @@ MAX_RANGE = 1 << 31  # one ranged read returns at most 2 GiB
 _COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _TMP_PREFIX = ".tmp-"
 _WRITEBACK_BYTES = 8 << 20  # a put starts writeback after every 8 MiB it has written
+_MAX_MAPPINGS = 4096  # objects a MappedDirStore keeps mapped between reads
+_READ_AHEAD_PIECE = 8 << 20  # the read-ahead thread reads (and probes) 8 MiB at a time
 
 Chunks = bytes | bytearray | memoryview | Iterable[bytes | bytearray | memoryview]
 
@@ -122,7 +125,9 @@ class ObjectStore(Protocol):
 class ReadAheadStore(Protocol):
     """Optional capability: a hint to start fetching a range that will be read soon."""
 
-    def will_need(self, name: str, offset: int, length: int) -> None: ...
+    def will_need(self, name: str, offset: int, length: int) -> threading.Event | None:
+        """Start fetching; an event set once the range is fetched, or None if it is ready."""
+        ...
 
 
 @runtime_checkable
@@ -283,15 +288,32 @@ class LocalDirStore:
         return sorted(names)
 
 
+def _cached(path: Path, offset: int) -> bool:
+    """Whether the byte at ``offset`` of the file is in the page cache (False if unsure)."""
+    nowait = getattr(os, "RWF_NOWAIT", 0)
+    if not nowait:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return True  # nothing to read ahead; the read that follows reports the error
+    try:
+        return os.preadv(fd, [bytearray(1)], offset, nowait) == 1
+    except OSError:  # BlockingIOError: not cached
+        return False
+    finally:
+        os.close(fd)
+
+
 class MappedDirStore(LocalDirStore):
     """A :class:`LocalDirStore` whose ranged reads are zero-copy memory maps: the trainer's store.
 
-    ``view_range`` maps the object read-only with ``MADV_SEQUENTIAL`` advice, so the reader
-    decrypts straight from the page cache (no copy into a read buffer: with the data cached
-    this runs at the speed of AES-GCM on memory). ``will_need`` starts the kernel reading a
-    range ahead (``POSIX_FADV_WILLNEED``, asynchronous): the reader asks for the next chunks
-    before it decrypts the current one, so on a cold cache the disk reads while the CPU
-    decrypts, and a shard decrypts at the rate the disk delivers.
+    ``view_range`` maps the object read-only with ``MADV_SEQUENTIAL`` advice and keeps the
+    mapping for the next read, so the reader decrypts straight from the page cache (no copy
+    into a read buffer, no page faults on a re-read: with the data cached this runs at the
+    speed of AES-GCM on memory). ``will_need`` hands a range to a read-ahead thread that reads
+    what is not cached yet through the kernel's read path: the reader hints the chunks ahead
+    of the one it decrypts, so on a cold cache the disk reads while the CPU decrypts.
 
     Objects written through a store are never modified in place (a replacement is a new
     file), and the size is checked when the object is mapped, so a mapping stays valid; but
@@ -304,22 +326,61 @@ class MappedDirStore(LocalDirStore):
     def __repr__(self) -> str:
         return "MappedDirStore(...)"
 
-    def will_need(self, name: str, offset: int, length: int) -> None:
-        """A hint: start reading ``[offset, offset + length)`` into the page cache now."""
-        _check_range(offset, length)
-        try:
-            fd = os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return  # a hint only: the read that follows reports the error
-        try:
-            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+    def will_need(self, name: str, offset: int, length: int) -> threading.Event | None:
+        """Bring ``[offset, offset + length)`` into the page cache in the background.
 
-    def view_range(self, name: str, offset: int, length: int) -> memoryview:
+        Returns None if the range's last byte is cached already (probed here with a
+        non-blocking ``preadv(RWF_NOWAIT)``: the warm case costs one system call); otherwise
+        a read-ahead thread reads the range through the kernel's read path (large readahead,
+        unlike page faults) into a scratch buffer of ciphertext, and the returned event is set
+        once it has. The caller decrypts what is cached meanwhile and waits for the event
+        before it touches the range.
+        """
         _check_range(offset, length)
+        path = self._path(name)
+        if length == 0 or _cached(path, offset + length - 1):
+            return None
+        done = threading.Event()
+        with self._maps_lock:
+            if self._ahead is None:
+                self._ahead = queue.SimpleQueue()
+                threading.Thread(target=self._read_ahead, args=(self._ahead,),
+                                 name="store-read-ahead", daemon=True).start()
+            self._ahead.put((path, offset, length, done))
+        return done
+
+    @staticmethod
+    def _read_ahead(hints: queue.SimpleQueue[tuple[Path, int, int, threading.Event] | None],
+                    ) -> None:
+        scratch = bytearray(_READ_AHEAD_PIECE)
+        while (hint := hints.get()) is not None:
+            path, offset, length, done = hint
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    end = offset + length
+                    for piece in range(offset, end, _READ_AHEAD_PIECE):
+                        n = min(_READ_AHEAD_PIECE, end - piece)
+                        if not os.preadv(fd, [memoryview(scratch)[:n]], piece):
+                            break  # short file: the read that follows reports it
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass  # a hint only: the read that follows reports the error
+            finally:
+                done.set()
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        super().__init__(root)
+        # mappings kept between reads (the trainer reads every shard once per epoch): their
+        # page tables stay filled, so a warm re-read costs no page faults. Keyed by the
+        # file's identity, so a replaced object is mapped afresh.
+        self._maps: dict[str, tuple[tuple[int, int, int], mmap.mmap]] = {}
+        self._maps_lock = threading.Lock()
+        self._ahead: queue.SimpleQueue[tuple[Path, int, int, threading.Event] | None] | None
+        self._ahead = None
+
+    def _mapping(self, name: str, need: int) -> mmap.mmap | None:
         try:
             fd = os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -327,21 +388,51 @@ class MappedDirStore(LocalDirStore):
         except OSError as exc:
             raise StoreError(f"cannot read object {name}: {exc.strerror}") from None
         try:
-            size = os.fstat(fd).st_size
-            if offset + length > size:
-                raise StoreError(f"object {name} is shorter than {offset + length} bytes")
-            if length == 0:
-                return memoryview(b"")
+            st = os.fstat(fd)
+            if need > st.st_size:
+                raise StoreError(f"object {name} is shorter than {need} bytes")
+            if st.st_size == 0:
+                return None
+            ident = (st.st_dev, st.st_ino, st.st_size)
+            with self._maps_lock:
+                cached = self._maps.get(name)
+                if cached is not None and cached[0] == ident:
+                    return cached[1]
             mapping = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
         except OSError as exc:
             raise StoreError(f"cannot map object {name}: {exc.strerror}") from None
         finally:
             os.close(fd)
         with contextlib.suppress(OSError):  # advice only
-            page = offset - offset % mmap.PAGESIZE
-            mapping.madvise(mmap.MADV_SEQUENTIAL, page, offset + length - page)
-        # the view keeps the mapping alive; it is unmapped when the last view is released
+            mapping.madvise(mmap.MADV_SEQUENTIAL)
+        with self._maps_lock:
+            if len(self._maps) >= _MAX_MAPPINGS:
+                # dropped, not closed: views still in use keep their mapping alive
+                self._maps.pop(next(iter(self._maps)))
+            self._maps[name] = (ident, mapping)
+        return mapping
+
+    def view_range(self, name: str, offset: int, length: int) -> memoryview:
+        _check_range(offset, length)
+        mapping = self._mapping(name, offset + length)
+        if mapping is None or length == 0:
+            return memoryview(b"")
+        # the view keeps the mapping alive; it is unmapped when no view and no cache holds it
         return memoryview(mapping)[offset : offset + length]
+
+    def delete(self, name: str) -> None:
+        with self._maps_lock:
+            self._maps.pop(name, None)
+        super().delete(name)
+
+    def close(self) -> None:
+        """Drop the kept mappings (views still in use keep theirs until released) and stop
+        the read-ahead thread."""
+        with self._maps_lock:
+            self._maps.clear()
+            if self._ahead is not None:
+                self._ahead.put(None)
+                self._ahead = None
 
 
 class MemoryStore:
@@ -448,10 +539,12 @@ class CountingStore:
         self._count(name, offset, len(view))
         return view
 
-    def will_need(self, name: str, offset: int, length: int) -> None:
-        """Forwarded to the inner store where it takes the hint (a hint reads nothing here)."""
+    def will_need(self, name: str, offset: int, length: int) -> threading.Event | None:
+        """Forwarded to the inner store where it takes the hint (not counted: it is not a
+        read of the caller's)."""
         if isinstance(self.inner, ReadAheadStore):
-            self.inner.will_need(name, offset, length)
+            return self.inner.will_need(name, offset, length)
+        return None
 
     def size(self, name: str) -> int:
         return self.inner.size(name)

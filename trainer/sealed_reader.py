@@ -29,8 +29,9 @@ __all__ = ["SealedShards", "open_sealed_reader"]
 class SealedShards:
     """Adapter over :class:`sealed.reader.DatasetReader` (used by one thread at a time)."""
 
-    def __init__(self, reader: DatasetReader) -> None:
+    def __init__(self, reader: DatasetReader, store: MappedDirStore | None = None) -> None:
         self.reader = reader
+        self._store = store
         self._offsets = [list(s.offsets) for s in reader.manifest.shards]
 
     @property
@@ -54,6 +55,8 @@ class SealedShards:
 
     def close(self) -> None:
         self.reader.close()
+        if self._store is not None:
+            self._store.close()  # unmap the shards
 
 
 def open_sealed_reader(config: JobConfig, dek: SecretBuffer) -> SealedShards:
@@ -67,4 +70,4 @@ def open_sealed_reader(config: JobConfig, dek: SecretBuffer) -> SealedShards:
         dataset_id=config.dataset.id,
         key_version=config.dataset.key_version,
     )
-    return SealedShards(reader)
+    return SealedShards(reader, store)
