@@ -17,7 +17,7 @@ elsewhere on a shared machine hits both sides of a pair alike.
      (>= 0.90).
 2. **Upload end to end.** ``kms-broker dataset upload`` (a subprocess: the CLI, one real broker
    with SoftHSM over mTLS, shares, encryption, fsync of every object) of a folder of 8 MiB
-   files (512 MiB in quick mode, 2 GiB otherwise) against ``cp -r`` + ``sync`` of the same
+   files (1 GiB in quick mode, 4 GiB otherwise) against ``cp -r`` + ``sync`` of the same
    folder on the same disk: ``goal upload_vs_plain_copy`` (>= 0.80). Beside them, in-process:
    tink-py streaming AEAD and pyrage (age, x25519) encrypting every file of the folder to the
    same disk, then ``sync``. The upload's peak RSS (VmHWM of the CLI process) at two dataset
@@ -256,7 +256,7 @@ def _folder(path: Path, total: int) -> Path:
 
 
 def _upload(quick: bool) -> tuple[float, float]:
-    total = (512 << 20) if quick else (2 << 30)
+    total = (1 << 30) if quick else (4 << 30)
     small = total // 4
     reps = 3 if quick else 5
     with tempfile.TemporaryDirectory(prefix="bench-upload-") as tmp:
@@ -265,8 +265,7 @@ def _upload(quick: bool) -> tuple[float, float]:
         try:
             src = _folder(root / "src", total)
             print(f"upload a folder of {total >> 20} MiB ({total // FILE} files of "
-                  f"{FILE >> 20} MiB){' (quick mode: less than 1 GiB)' if quick else ''}, "
-                  f"same disk, {reps} pairs:", flush=True)
+                  f"{FILE >> 20} MiB), same disk, {reps} pairs:", flush=True)
             count = iter(range(10**6))
             rss: list[int] = []
 
