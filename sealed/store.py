@@ -308,12 +308,14 @@ def _cached(path: Path, offset: int) -> bool:
 class MappedDirStore(LocalDirStore):
     """A :class:`LocalDirStore` whose ranged reads are zero-copy memory maps: the trainer's store.
 
-    ``view_range`` maps the object read-only with ``MADV_SEQUENTIAL`` advice and keeps the
-    mapping for the next read, so the reader decrypts straight from the page cache (no copy
-    into a read buffer, no page faults on a re-read: with the data cached this runs at the
-    speed of AES-GCM on memory). ``will_need`` hands a range to a read-ahead thread that reads
-    what is not cached yet through the kernel's read path: the reader hints the chunks ahead
-    of the one it decrypts, so on a cold cache the disk reads while the CPU decrypts.
+    ``view_range`` maps the object read-only and keeps the mapping for the next read, so the
+    reader decrypts straight from the page cache (no copy into a read buffer, no page faults
+    on a re-read: with the data cached this runs at the speed of AES-GCM on memory). No
+    ``MADV_SEQUENTIAL``: its drop-behind would evict pages the next epoch re-reads, and the
+    read-ahead below does the sequential part. ``will_need`` hands a range to a read-ahead
+    thread that reads what is not cached yet through the kernel's read path: the reader hints
+    the chunks ahead of the one it decrypts, so on a cold cache the disk reads while the CPU
+    decrypts.
 
     Objects written through a store are never modified in place (a replacement is a new
     file), and the size is checked when the object is mapped, so a mapping stays valid; but
@@ -403,8 +405,6 @@ class MappedDirStore(LocalDirStore):
             raise StoreError(f"cannot map object {name}: {exc.strerror}") from None
         finally:
             os.close(fd)
-        with contextlib.suppress(OSError):  # advice only
-            mapping.madvise(mmap.MADV_SEQUENTIAL)
         with self._maps_lock:
             if len(self._maps) >= _MAX_MAPPINGS:
                 # dropped, not closed: views still in use keep their mapping alive
