@@ -23,6 +23,7 @@ Example::
     limits:                             # per identity (kms_broker.limits); these are defaults
       rate_per_s: 100                   # requests per second per certificate identity
       burst: 500                        # token bucket size (a node's release is 3 calls)
+      inflight_per_identity: 16         # unary calls of one identity handled at once
       streams_per_node: 8               # open WatchRevocations streams per node
       max_streams: 32                   # all streams of one process (at most 32)
       pending_sessions_per_node: 64     # unused challenges per node

@@ -11,7 +11,8 @@ For every RPC, before any servicer or domain code runs:
    OperatorService: operator, health: any); and the request's ``node_id`` / ``tenant_id``
    field must equal the certificate's id. Otherwise the call ends UNAUTHENTICATED.
 3. Rate-limit. One token from the identity's bucket (:class:`kms_broker.limits.RateLimiter`),
-   or RESOURCE_EXHAUSTED. Health checks are not limited.
+   and for a unary call one of the identity's in-flight slots, or RESOURCE_EXHAUSTED. Health
+   checks are not limited.
 
 Refusals here are domain errors mapped by the one table (``kms_broker.errors``). The bound
 identity is available to servicers through :data:`CURRENT_IDENTITY`.
@@ -34,7 +35,7 @@ from kms_broker.domain.errors import (
 from kms_broker.domain.memo import BoundedCache
 from kms_broker.errors import status_for
 from kms_broker.identity import Identity, identity_from_certificate
-from kms_broker.limits import RateLimiter
+from kms_broker.limits import RateLimiter, StreamSlots
 
 __all__ = ["CURRENT_IDENTITY", "AuthInterceptor"]
 
@@ -97,8 +98,10 @@ def _abort(context: grpc.ServicerContext, error: BrokerError) -> None:
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
-    def __init__(self, limiter: RateLimiter | None = None) -> None:
+    def __init__(self, limiter: RateLimiter | None = None,
+                 inflight: StreamSlots | None = None) -> None:
         self._limiter = limiter
+        self._inflight = inflight
 
     def intercept_service(
         self,
@@ -136,12 +139,21 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary
 
+            inflight = self._inflight if limiter is not None else None
+
             def unary(request: Any, context: grpc.ServicerContext) -> Any:
-                token = CURRENT_IDENTITY.set(check(request, context))
+                ident = check(request, context)
+                key = str(ident)
+                if inflight is not None and not inflight.acquire(key):
+                    _abort(context, ResourceExhausted(
+                        f"{ident} has too many calls in flight; wait for one to finish"))
+                token = CURRENT_IDENTITY.set(ident)
                 try:
                     return inner_uu(request, context)
                 finally:
                     CURRENT_IDENTITY.reset(token)
+                    if inflight is not None:
+                        inflight.release(key)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary, _lenient(handler.request_deserializer), handler.response_serializer

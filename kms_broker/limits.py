@@ -5,6 +5,9 @@
   ``burst`` and refills at ``rate_per_s``. A call over the limit ends RESOURCE_EXHAUSTED
   before any handler runs. Buckets live per broker process, so with ``--workers N`` an
   identity may reach up to N times the rate.
+- ``inflight_per_identity``: unary calls of one identity being handled at once (each holds a
+  handler thread); more end RESOURCE_EXHAUSTED, so one identity takes at most this share of
+  the pool however fast it sends.
 - ``streams_per_node``: open ``WatchRevocations`` streams per node; ``max_streams``: all
   streams of one process. Each stream holds one handler thread while it is open, so
   ``max_streams`` must stay below the handler pool (:data:`HANDLER_THREADS`): the rest of the
@@ -33,6 +36,7 @@ MAX_TRACKED_IDENTITIES = 65_536
 class Limits:
     rate_per_s: float = 100.0
     burst: int = 500
+    inflight_per_identity: int = 16
     streams_per_node: int = 8
     max_streams: int = 32
     pending_sessions_per_node: int = 64
@@ -41,8 +45,8 @@ class Limits:
     def __post_init__(self) -> None:
         if isinstance(self.rate_per_s, bool) or not 0 < self.rate_per_s <= 1e6:
             raise ValueError("limits.rate_per_s must be a number above 0 (per second)")
-        for name in ("burst", "streams_per_node", "max_streams", "pending_sessions_per_node",
-                     "pending_uploads_per_tenant"):
+        for name in ("burst", "inflight_per_identity", "streams_per_node", "max_streams",
+                     "pending_sessions_per_node", "pending_uploads_per_tenant"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 20:
                 raise ValueError(f"limits.{name} must be a whole number from 1 to 2**20")
@@ -52,10 +56,14 @@ class Limits:
 
 
 def check_pool(limits: Limits, handler_threads: int) -> None:
-    """Streams may take at most half the handler pool, so unary calls always have threads."""
+    """Streams may take at most half the handler pool, so unary calls always have threads,
+    and one identity's unary calls at most a quarter."""
     if limits.max_streams > handler_threads // 2:
         raise ValueError(f"limits.max_streams must be at most {handler_threads // 2} (half "
                          f"of the {handler_threads} handler threads)")
+    if limits.inflight_per_identity > handler_threads // 4:
+        raise ValueError(f"limits.inflight_per_identity must be at most {handler_threads // 4}"
+                         f" (a quarter of the {handler_threads} handler threads)")
 
 
 class RateLimiter:
@@ -83,7 +91,8 @@ class RateLimiter:
 
 
 class StreamSlots:
-    """Counts open streams per key and in all; :meth:`acquire` fails past either cap."""
+    """Counts what is open per key and in all (streams, calls in flight); :meth:`acquire`
+    fails past either cap."""
 
     def __init__(self, per_key: int, total: int) -> None:
         self._per_key = per_key

@@ -65,7 +65,9 @@ class BrokerServer:
         flow.d.on_denial = lambda reason: self.metrics.denials.labels(reason=reason).inc()
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="broker"),
-            interceptors=[AuthInterceptor(RateLimiter(limits.rate_per_s, limits.burst))],
+            interceptors=[AuthInterceptor(
+                RateLimiter(limits.rate_per_s, limits.burst),
+                StreamSlots(per_key=limits.inflight_per_identity, total=max_workers * 4))],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
