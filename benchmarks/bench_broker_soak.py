@@ -244,7 +244,10 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def main(quick: bool = False) -> None:
-    clients, seconds = (16, 10.0) if quick else (64, 60.0)
+    soak(*((16, 10.0) if quick else (64, 60.0)))
+
+
+def soak(clients: int, seconds: float) -> None:
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         root = Path(tmp)
         proc, pki, address = _start_broker(root, clients)
@@ -263,9 +266,11 @@ def main(quick: bool = False) -> None:
             began = time.monotonic()
             time.sleep(seconds / 4)  # warm-up
             pids = _broker_pids(proc.pid)
-            rss_warm = _rss_bytes(pids)
-            time.sleep(max(0.0, began + seconds - 0.5 - time.monotonic()))
-            rss_end = _rss_bytes(_broker_pids(proc.pid))
+            samples = [_rss_bytes(pids)]  # after the warm-up, then every eighth of the run
+            while (left := began + seconds - 0.5 - time.monotonic()) > 0:
+                time.sleep(min(left, seconds / 8))
+                samples.append(_rss_bytes(_broker_pids(proc.pid)))
+            rss_warm, rss_end = samples[0], samples[-1]
             results = [out.get(timeout=600) for _ in procs]
             for p in procs:
                 p.join(timeout=60)
@@ -292,7 +297,8 @@ def main(quick: bool = False) -> None:
         print(f"  unexpected x{v}: {k}")
     growth = rss_end / rss_warm if rss_warm else float("inf")
     print(f"broker RSS (all processes): {rss_warm / 2**20:.1f} MiB after warm-up, "
-          f"{rss_end / 2**20:.1f} MiB at the end")
+          f"{rss_end / 2**20:.1f} MiB at the end; MiB over the run: "
+          f"{' '.join(f'{x / 2**20:.0f}' for x in samples)}")
     print(f"goal broker_soak_unexpected_errors: {errors} (target 0) "
           f"{'met' if errors == 0 else 'missed'}")
     print(f"goal broker_soak_rss_growth: {growth:.3f}x (target <= 1.05x) "

@@ -1,11 +1,13 @@
 """Tenant- and operator-facing actions: tenants, uploads, datasets, policies, grants, keys,
 node revocation and reinstatement (enrolment is :mod:`kms_broker.domain.enrolment`).
 
-Each action validates everything first, so bad input changes nothing and leaves no "ok"
-record; then it is audited before it acts (fail closed: no record, no action). An action that
-fails after its record (the HSM refuses, the store is down) gets a second record with outcome
-"error" naming the failure (:meth:`Admin._acting`), so the log never leaves a failed action
-reading as ok. Every refusal (policy, a shredded tenant, an expired upload) is audited.
+Each action validates everything first, so bad input changes nothing; then it is audited
+before it acts with outcome "allowed" (fail closed: no record, no action), as a release is.
+An action that fails after its record (the HSM refuses, the store is down) gets a second
+record with outcome "error" naming the failure (:meth:`Admin._acting`); input found bad
+after the action was identified (a sealed share of the wrong length) gets an "error" record
+only. No record ever says "ok" for an action that failed. Every refusal (policy, a shredded
+tenant, an expired upload) is audited as "denied".
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class Admin:
         return tenant
 
     def _audit(self, event: str, actor: str, subject: str, reason: str = "") -> None:
-        self.d.audit.append(event, actor=actor, subject=subject, outcome="ok", reason=reason)
+        self.d.audit.append(event, actor=actor, subject=subject, outcome="allowed", reason=reason)
 
     @contextlib.contextmanager
     def _acting(self, event: str, actor: str, subject: str, reason: str = "") -> Iterator[None]:

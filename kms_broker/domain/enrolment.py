@@ -149,7 +149,7 @@ class NodeEnrolment:
             self._purge_expired(now)
             if len(self._pending) >= MAX_PENDING:
                 raise ResourceExhausted(f"{MAX_PENDING} enrolments are pending; retry later")
-            self.d.audit.append("enrol_node_begin", actor=actor, subject=subject, outcome="ok",
+            self.d.audit.append("enrol_node_begin", actor=actor, subject=subject, outcome="allowed",
                                 reason=f"enrolment {enrolment_id}, scope {tenant_scope or 'any'}")
             self._pending[enrolment_id] = _Pending(node_id, tenant_scope, actor, expires, state)
         return BegunEnrolment(enrolment_id, challenge.credential_blob, challenge.encrypted_secret,
@@ -176,7 +176,7 @@ class NodeEnrolment:
             raise self._refuse("enrol_node", actor, subject, exc.failures) from None
         self._not_revoked("enrol_node", actor, pending.node_id)
         self.d.audit.append(
-            "enrol_node", actor=actor, subject=subject, outcome="ok",
+            "enrol_node", actor=actor, subject=subject, outcome="allowed",
             reason=f"AK {enrolled.ak_name.hex()} bound to EK certificate sha256 "
                    f"{enrolled.ek_certificate_sha256}, scope {pending.tenant_scope or 'any'}")
         self._store("enrol_node", actor, Node(
@@ -201,7 +201,7 @@ class NodeEnrolment:
                                      "use BeginEnrolNode/CompleteEnrolNode")
         self._not_revoked("enrol_test_node", actor, node_id)
         self.d.audit.append("enrol_test_node", actor=actor, subject=f"node:{node_id}",
-                            outcome="ok", reason=f"test node, scope {tenant_scope or 'any'}")
+                            outcome="allowed", reason=f"test node, scope {tenant_scope or 'any'}")
         self._store("enrol_test_node", actor, Node(
             node_id=node_id, tenant_scope=tenant_scope, ak_public=b"", ek_certificate=b"",
             enrolled_ms=self.d.clock.now_ms(),
