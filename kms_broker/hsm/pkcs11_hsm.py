@@ -400,8 +400,9 @@ class Pkcs11Hsm:
                         self._give_back(pooled)
                     else:
                         self._discard(pooled)
-                self._count_session_objects(name)
-                return result
+                if healthy:  # else a stale session: the loop tries once more
+                    self._count_session_objects(name)
+                    return result
         raise AssertionError("unreachable")
 
     def _count_session_objects(self, name: str) -> None:
