@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from compose.ports import free_port
 from sealed.secrets import SecretBuffer
 from tests.trainer.conftest import PY, REPO, Proc, SealedDataset, corpus, job_dict, write_job
 from tests.trainer.keyserver import KeyServer
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.integration
 ENTRY = REPO / "tests" / "trainer" / "wire_entry.py"
 WINDOW = 32
 EXIT_CHANNEL_AUTH = 5
+SEED = 1414
 SOL_PACKET, PACKET_STATISTICS, ETH_P_ALL = 263, 6, 0x0003
 
 
@@ -115,9 +117,7 @@ def initial_parameters(model: str, params: dict, seq_len: int, seed: int = 0) ->
 
 def _two_nodes(tmp_path: Path, name: str, job: Path, sockets: tuple[Path, Path],
                record: Path, *extra: str) -> list[Proc]:
-    with socket.socket() as s:  # torchrun's static rendezvous needs a port number
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # torchrun's static rendezvous needs a number (reserved, not raced)
     record.mkdir(parents=True, exist_ok=True)
     procs = []
     for node in (0, 1):
@@ -132,8 +132,9 @@ def _two_nodes(tmp_path: Path, name: str, job: Path, sockets: tuple[Path, Path],
 def _run_and_capture(tmp_path: Path, dataset: SealedDataset, key: Path, name: str,
                      *extra: str) -> tuple[LoopbackCapture, Path, list[Proc]]:
     run = tmp_path / name
+    # a seed of its own: other work on the machine may train this model on loopback too
     job = write_job(run / "job.yaml", job_dict(dataset, run, steps=6, log_interval=1,
-                                               precision="fp32"))
+                                               precision="fp32", seed=SEED))
     record = run / "record"
     with LoopbackCapture() as cap:
         procs = _two_nodes(tmp_path, name, job, (key, key), record, *extra)
@@ -166,7 +167,7 @@ def test_no_parameter_gradient_or_sample_crosses_loopback_in_the_clear(
     secrets = _secrets(sealed_rec)
     job = job_dict(dataset, tmp_path)
     assert (sealed_rec / "params-rank0.bin").read_bytes() == initial_parameters(
-        job["model"]["name"], job["model"]["params"], job["seq_len"])
+        job["model"]["name"], job["model"]["params"], job["seq_len"], SEED)
     assert len(secrets["initial parameters"]) > 1000 and len(secrets["gradient buckets"]) > 1000
     capture = sealed_cap.data
     assert sealed_cap.drops == 0
