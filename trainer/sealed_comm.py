@@ -1,10 +1,9 @@
-"""The sealed transport: authenticated rendezvous and AES-GCM collectives over point-to-point.
+"""The sealed transport: authenticated rendezvous and AES-GCM collectives of per-link frames.
 
 Every byte of model state that moves between ranks (the parameter and buffer broadcast at
-start, every gradient bucket, barriers) travels as sealed frames moved by
-``dist.all_to_all_single`` (``dist.send``/``dist.recv`` for single messages) over the job's
-process group (gloo; a gloo side group when the job runs on
-NCCL). The keys come from :mod:`trainer.sealed_comm_keys`.
+start, every gradient bucket, barriers) travels as sealed frames, each for one link (sender,
+receiver), moved by ``dist.all_to_all_single`` over the job's process group (gloo; a gloo
+side group when the job runs on NCCL). The keys come from :mod:`trainer.sealed_comm_keys`.
 
 Rendezvous (:func:`open_channel`), on every rank, after the DEK is released and before any
 model state moves:
@@ -287,27 +286,6 @@ class SealedChannel:
             raise self._failed
         if self._closed:
             raise RuntimeError("the sealed channel is closed")
-
-    # point to point ------------------------------------------------------------------------
-    def send_bytes(self, dst: int, purpose: int, payload: bytes | memoryview) -> None:
-        """One sealed message (no collective numbering); the peer calls :meth:`recv_bytes`."""
-        data = memoryview(payload).cast("B")
-        with self._lock:
-            self._check_usable()
-            frame = self._frames.take(HEADER_SIZE + len(data) + TAG_SIZE)
-            self._seal_into(dst, purpose, 0, 0, data, _bytes_of(frame))
-            dist.send(frame, dst, group=self._group)
-            self._frames.give(frame)
-
-    def recv_bytes(self, src: int, purpose: int, n: int) -> bytearray:
-        with self._lock:
-            self._check_usable()
-            frame = self._frames.take(HEADER_SIZE + n + TAG_SIZE)
-            dist.recv(frame, src, group=self._group)
-            out = bytearray(n)
-            self._open_into(src, purpose, 0, 0, _bytes_of(frame), memoryview(out))
-            self._frames.give(frame)
-            return out
 
     # collectives ---------------------------------------------------------------------------
     def _next_op(self) -> int:
