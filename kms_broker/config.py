@@ -20,6 +20,7 @@ Example::
     metrics_port: 9464                  # optional Prometheus endpoint on 127.0.0.1
     workers: 1                          # broker processes on one port (see kms_broker.workers)
     ttl_ms: {session: 30000, token: 60000, lease: 300000, upload: 600000, enrolment: 120000}
+    audit_checkpoint_s: 2.0             # signed checkpoint + anchor at least this often
 
 Without ``ek_roots`` the broker refuses every TPM enrolment (``tpm2.ek_cert_untrusted``).
 
@@ -72,6 +73,7 @@ class BrokerConfig:
     metrics_port: int | None = None
     ttl_ms: dict[str, int] = field(default_factory=dict)
     workers: int = 1
+    audit_checkpoint_s: float = 2.0
 
 
 def read_secret_file(path: Path) -> bytearray:
@@ -116,7 +118,7 @@ def load_config(path: Path) -> BrokerConfig:
         raise ConfigError("config must be a mapping")
     known = {"broker_id", "listen", "state_dir", "tls", "hsm", "verifiers", "reference_values",
              "trusted_tenant_keys", "metrics_port", "ttl_ms", "ek_roots", "ek_intermediates",
-             "workers"}
+             "workers", "audit_checkpoint_s"}
     if unknown := set(doc) - known:
         raise ConfigError(f"unknown config keys: {sorted(unknown)}")
     base = path.resolve().parent
@@ -152,6 +154,9 @@ def load_config(path: Path) -> BrokerConfig:
     workers = doc.get("workers", 1)
     if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 64:
         raise ConfigError("workers must be a whole number from 1 to 64")
+    every = doc.get("audit_checkpoint_s", 2.0)
+    if isinstance(every, bool) or not isinstance(every, int | float) or not 0.05 <= every <= 3600:
+        raise ConfigError("audit_checkpoint_s must be a number of seconds from 0.05 to 3600")
     ttl = doc.get("ttl_ms") or {}
     if not isinstance(ttl, dict) or set(ttl) - {"session", "token", "lease", "upload",
                                                 "enrolment"}:
@@ -181,6 +186,7 @@ def load_config(path: Path) -> BrokerConfig:
             metrics_port=port,
             ttl_ms={k: int(v) for k, v in ttl.items()},
             workers=workers,
+            audit_checkpoint_s=float(every),
         )
     except KeyError as exc:
         raise ConfigError(f"missing config key {exc}") from None
