@@ -4,7 +4,7 @@ Example::
 
     broker_id: provider                 # bound into sealing transcripts
     listen: 127.0.0.1:7443              # port 0: pick one, written to STATE/broker.port
-    state_dir: /var/lib/kms-broker      # broker.db (SQLite), audit.log
+    state_dir: /var/lib/kms-broker      # broker.db (SQLite), audit.log, audit.anchor
     tls: {ca: ca.pem, cert: broker.pem, key: broker.key}
     hsm:
       backend: pkcs11                   # pkcs11 | fake (tests only: not a custody boundary)
