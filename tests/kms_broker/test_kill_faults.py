@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kms_broker.rpc import BrokerRpcError
+from kms_broker.rpc import BrokerRpcError, UnavailableError
 from kms_broker.tenant import upload_dataset
 from sealed import DatasetReader, derive_dek
 from sealed.secrets import SecretBuffer
@@ -164,7 +164,22 @@ class Scene:
             # machine; it still describes the whole commit, so it goes as a power loss takes it
             Path(f"{self.broker.state_dir / 'broker.db'}-shm").unlink(missing_ok=True)
         self.broker.restart()
+        self.wait_answering()
         return note
+
+    def wait_answering(self) -> None:
+        """Wait (with a deadline) until the restarted broker answers a first call: its port
+        file exists once it listens, but the first TLS handshakes on a busy machine can
+        outlast the client's 100 ms connect timeout (issue 11 item 6)."""
+        deadline = time.monotonic() + DEADLINE_S
+        while True:
+            try:
+                with self.broker.tenant("acme") as acme:
+                    acme.list_datasets()
+                return
+            except UnavailableError:
+                assert time.monotonic() < deadline, "the restarted broker never answered"
+                time.sleep(0.1)
 
     def audit_verifies(self) -> None:
         pem = self.root / "audit-key.pem"
