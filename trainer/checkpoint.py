@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import re
 import struct
@@ -64,6 +65,8 @@ MAX_PLAINTEXT = 64 << 30
 MAX_JOB_ID = 128
 TAG = 16
 _NAME = re.compile(r"^ckpt-(\d{10})\.ctck$")
+
+log = logging.getLogger("trainer.checkpoint")
 
 
 class CheckpointError(Exception):
@@ -227,6 +230,7 @@ class CheckpointStore:
         self.on_temp_file(tmp, True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
+            log.info("checkpoint writing %s (%d segments)", final.name, n)
             with self._key.view() as kv:
                 aead = AESGCM(kv)
                 _write_all(fd, header)
