@@ -11,10 +11,11 @@ without shredding: the ``-15`` of issue 10) or to Python's SIGINT handler (a
 
 One daemon thread, started by the same call, receives them with ``sigwait``. What it does
 with a signal is set later by :func:`on_signal` (``trainer.shred.install_signal_handlers``
-points it at the job's shredder once one exists); until then a signal shreds an empty
-shredder, so a job stopped before it holds anything still logs a shred report naming the
-signal and exits with the documented status ``128 + N``: 143 SIGTERM, 130 SIGINT,
-129 SIGHUP, 131 SIGQUIT.
+points it at the job's shredder once one exists); until then nothing is registered to shred,
+and a signal writes a shred report saying so (naming the signal) and exits with the
+documented status ``128 + N``: 143 SIGTERM, 130 SIGINT, 129 SIGHUP, 131 SIGQUIT. That path
+imports nothing and takes no lock: the main thread may hold the import lock or a logging
+lock at that moment.
 
 Child processes inherit a blocked mask across ``fork`` and ``exec``; the trainer starts
 none that must react to these signals (data loading runs in-process, ``num_workers=0``).
@@ -68,12 +69,18 @@ def _run() -> None:
         handler = _handler
     try:
         if handler is None:
-            from trainer.shred import Shredder, log
-
-            log.warning("received %s before the job held anything: shredding and exiting",
-                        signal.Signals(signum).name)
-            Shredder().shred_and_exit(f"signal {signal.Signals(signum).name}", exit_code(signum))
+            _nothing_held(signum)
         else:
             handler(signum)
     finally:
         os._exit(exit_code(signum))  # a handler that returned or failed still stops the job
+
+
+def _nothing_held(signum: int) -> None:
+    """The report of a job stopped before it registered anything with a shredder. Written
+    with ``os.write`` and nothing imported: the main thread may be in the middle of an import
+    (the import lock) or of a log line (the handler lock)."""
+    name = signal.Signals(signum).name
+    os.write(2, f"trainer: received {name} before the job held anything; shred report "
+                f"(signal {name}): nothing registered yet (no key, plaintext buffer, tensor or "
+                f"work file), exiting {exit_code(signum)}\n".encode())
