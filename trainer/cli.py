@@ -8,7 +8,8 @@
 Exit codes: 0 ok, 1 failure, 2 usage or invalid job file, 3 key revoked (or lease expired),
 4 attestation denied, 128 + N when stopped by signal N (143 SIGTERM, 130 SIGINT, 129 SIGHUP,
 131 SIGQUIT), after shredding. Under torchrun each worker exits that way; torchrun itself
-forwards the signal to its workers, waits for them and exits 1 (torch elastic's own status).
+forwards the signal to its workers, waits for them and exits 1 (torch elastic's own status);
+``python -m trainer.launch`` (the same agent, used by deploy/bin/node.py) exits 128 + N.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ commands:
   validate    load and validate --job, print a summary, get no keys
 
 exit codes: 0 ok, 1 failure, 2 usage / invalid job, 3 key revoked, 4 attestation denied,
-            143 SIGTERM, 130 SIGINT, 129 SIGHUP, 131 SIGQUIT (128 + N, after shredding)
+            143 SIGTERM, 130 SIGINT, 129 SIGHUP, 131 SIGQUIT (128 + N, after shredding;
+            under torchrun for each worker, and for `python -m trainer.launch` itself)
 """
 
 

@@ -40,7 +40,7 @@ How each phase is reached, without timing assumptions and without anything in th
   line is the one that was held.
 * mid-training: the signal is sent after the trainer logged ``step 1/``.
 * checkpoint write: the trainer's stderr is a pipe the test holds. The job logs every 1000
-  steps and checkpoints at step 50, so after ``step 1/`` its next line is ``checkpoint
+  steps and checkpoints at step 10, so after ``step 1/`` its next line is ``checkpoint
   writing``, which the trainer logs after creating the checkpoint's temp file. The test
   fills the pipe when it reads ``step 1/``: the trainer blocks on that line, inside the
   write, with the temp file present (checked); then the signal, then the pipe is drained.
@@ -256,7 +256,7 @@ def _write_signal_job(rendered: Path, target: Path) -> None:
     text = rendered.read_text()
     text = re.sub(r"^steps: .*$", "steps: 100000", text, flags=re.M)
     text = re.sub(r"^log_interval: .*$", "log_interval: 1000", text, flags=re.M)
-    text, n = re.subn(r"interval: 20,", "interval: 50,", text)
+    text, n = re.subn(r"interval: 20,", "interval: 10,", text)
     assert n == 1 and "steps: 100000" in text, text
     target.write_text(text)
 
@@ -368,7 +368,7 @@ def test_stop_signal_shreds_and_exits_documented_status(
     if phase in ("first-shard", "mid-training", "checkpoint"):
         assert re.search(r"shred report \(signal \w+\): secrets [1-9]", output), output[-4000:]
     if phase == "checkpoint":
-        assert "checkpoint writing ckpt-0000000050" in output
+        assert "checkpoint writing ckpt-0000000010" in output
         assert not any(checkpoints.rglob(".tmp-ckpt-*")), "temp file left"
     marker = f"CT_COMPOSE_ID={harness.run_id}:{SERVICE}\0"
     deadline = time.monotonic() + WAIT_S
