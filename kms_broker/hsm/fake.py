@@ -16,11 +16,6 @@ import threading
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.keywrap import (
-    InvalidUnwrap,
-    aes_key_unwrap_with_padding,
-    aes_key_wrap_with_padding,
-)
 
 from kms_broker import sealing
 from kms_broker.hsm import labels
@@ -30,6 +25,11 @@ from kms_broker.hsm.interface import (
     KeyNotFound,
     ShareBinding,
     UnwrapFailed,
+)
+from sealed._primitives import (
+    InvalidUnwrap,
+    aes_key_unwrap_with_padding,
+    aes_key_wrap_with_padding,
 )
 from sealed.keys import SHARE_SIZE
 from sealed.secrets import SecretBuffer
