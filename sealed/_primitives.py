@@ -2,7 +2,8 @@
 
 Only the recipes import it (``tests/test_crypto_tier.py`` enforces the rule by scanning the
 imports of every module): :mod:`sealed.streaming` (shards, manifests and checkpoints: one
-AEAD format), :mod:`sealed.keys` (the DEK and the keys derived from it),
+AEAD format), :mod:`sealed.keys` (the DEK and the keys derived from it), :mod:`sealed.link`
+(the frames between training ranks: AES-GCM with the caller's header as associated data),
 :mod:`kms_broker.sealing` (a share sealed to a node key), :mod:`kms_broker.hsm.fake` (the
 test HSM's wrapping). Everything else uses a recipe, never a primitive. (The one other module
 that holds a cipher is :mod:`attest.tpm2.credential`: AES-CFB and KDFa there are the TPM 2.0

@@ -30,6 +30,7 @@ __all__ = [
     "SHARE_SIZE",
     "derive_checkpoint_key",
     "derive_dek",
+    "derive_subkey",
     "validate_identifier",
 ]
 
@@ -96,3 +97,16 @@ def derive_checkpoint_key(dek: SecretBuffer, job_id: str) -> SecretBuffer:
     with dek.view() as ikm, key.view() as out:
         hkdf_sha256_into(out, ikm, salt=b"", info=CHECKPOINT_INFO_PREFIX + job_id.encode("ascii"))
     return key
+
+
+def derive_subkey(key: SecretBuffer, *, salt: bytes, info: bytes, size: int = 32) -> SecretBuffer:
+    """HKDF-SHA256(ikm = key, salt, info) into a new ``size``-byte :class:`SecretBuffer`.
+
+    For keys derived from keys under a label of the caller's own (the job channel and link
+    keys of :mod:`trainer.sealed_comm_keys`); the input key is untouched."""
+    if not isinstance(key, SecretBuffer):
+        raise TypeError("derive_subkey needs a SecretBuffer")
+    out = SecretBuffer(size)
+    with key.view() as ikm, out.view() as view:
+        hkdf_sha256_into(view, ikm, salt=salt, info=info)
+    return out

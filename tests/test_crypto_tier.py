@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("sealed", "kms_broker", "attest", "trainer", "compose", "deploy")
 
 PRIMITIVES = "sealed._primitives"
-RECIPES = {"sealed.streaming", "sealed.keys", "kms_broker.sealing", "kms_broker.hsm.fake"}
+RECIPES = {"sealed.streaming", "sealed.keys", "sealed.link", "kms_broker.sealing",
+           "kms_broker.hsm.fake"}
 RAW = (
     "cryptography.hazmat.primitives.ciphers",
     "cryptography.hazmat.primitives.keywrap",

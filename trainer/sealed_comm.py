@@ -64,9 +64,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from sealed.errors import DecryptionError
+from sealed.link import LinkAead
 from sealed.secrets import SecretBuffer
 from trainer.sealed_comm_keys import (
     HELLO_SIZE,
@@ -192,13 +192,8 @@ class SealedChannel:
         self._on_failure = on_auth_failure
         self._chunk = chunk_bytes
         self._keys = [*send_keys.values(), *recv_keys.values()]
-        self._send_aead: dict[int, AESGCM] = {}
-        self._recv_aead: dict[int, AESGCM] = {}
-        for p in peers:
-            with send_keys[p].view() as k:
-                self._send_aead[p] = AESGCM(k)
-            with recv_keys[p].view() as k:
-                self._recv_aead[p] = AESGCM(k)
+        self._send_aead = {p: LinkAead(send_keys[p]) for p in peers}
+        self._recv_aead = {p: LinkAead(recv_keys[p]) for p in peers}
         self._send_seq = dict.fromkeys(peers, 0)
         self._recv_seq = dict.fromkeys(peers, 0)
         self._op = 0
@@ -236,7 +231,7 @@ class SealedChannel:
         self._send_seq[dst] = seq + 1
         header = self._header(purpose, self.rank, dst, seq, op, chunk, n)
         frame[:HEADER_SIZE] = header
-        self._send_aead[dst].encrypt_into(_nonce(seq), payload, header, frame[HEADER_SIZE:])
+        self._send_aead[dst].seal_into(_nonce(seq), payload, header, frame[HEADER_SIZE:])
 
     def _alltoall(self, out: torch.Tensor, out_splits: list[int], inp: torch.Tensor,
                   in_splits: list[int]) -> None:
@@ -252,10 +247,9 @@ class SealedChannel:
         got = bytes(view[:HEADER_SIZE])
         if got != expected:
             self._fail(ChannelAuthError(src, self._header_mismatch(got, seq)))
-        try:
-            self._recv_aead[src].decrypt_into(_nonce(seq), view[HEADER_SIZE:], expected, out)
-        except InvalidTag:
-            out[:] = bytes(n)  # decrypt_into may have written unauthenticated bytes
+        try:  # the output is zeroed on failure (unauthenticated bytes never stay)
+            self._recv_aead[src].open_into(_nonce(seq), view[HEADER_SIZE:], expected, out)
+        except DecryptionError:
             self._fail(ChannelAuthError(src, f"authentication tag invalid ({_PURPOSES[purpose]}"
                                              f" #{op}, sequence {seq})"))
         self._recv_seq[src] = seq + 1

@@ -30,9 +30,8 @@ Transcript and keys (``T`` is public; the keys need ``K_job``)::
                        || BE32 world || hello_0 || ... || hello_{world-1})
     K_i->j   = HKDF-SHA256(ikm = K_job, salt = T,
                            info = b"sealed-comm/v1/link\\0" || BE32 i || BE32 j)   (32 bytes)
-    K_confirm = HKDF-SHA256(ikm = K_job, salt = T, info = b"sealed-comm/v1/confirm")
-    confirm_i = HMAC-SHA256(K_confirm, b"sealed-comm/v1/confirm\\0" || BE16 len(job_id)
-                            || job_id || BE32 i || BE32 world || T)
+    confirm_i = HKDF-SHA256(ikm = K_job, salt = T, info = b"sealed-comm/v1/confirm\\0"
+                            || BE16 len(job_id) || job_id || BE32 i || BE32 world)  (32 bytes)
 
 One key per ordered rank pair (per link, per direction), fresh for every run because every
 rank's nonce is in ``T``: a restarted job (same job id, same DEK) never reuses a key, so the
@@ -48,8 +47,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from sealed._primitives import hkdf_sha256_into, hmac_sha256_into
-from sealed.keys import validate_identifier
+from sealed.keys import derive_subkey, validate_identifier
 from sealed.secrets import SecretBuffer
 
 __all__ = [
@@ -70,7 +68,6 @@ MAX_WORLD = 1 << 16
 _HELLO_MAGIC = b"SCH1"
 _JOB_INFO = b"sealed-comm/v1/job-key\x00"
 _LINK_INFO = b"sealed-comm/v1/link\x00"
-_CONFIRM_INFO = b"sealed-comm/v1/confirm"
 _CONFIRM_MSG = b"sealed-comm/v1/confirm\x00"
 _TRANSCRIPT = b"sealed-comm/v1/transcript\x00"
 _NODE = b"sealed-comm/v1/node\x00"
@@ -79,10 +76,7 @@ _NODE = b"sealed-comm/v1/node\x00"
 def derive_job_channel_key(dek: SecretBuffer, job_id: str) -> SecretBuffer:
     """``K_job`` (see the module docstring) in a new locked buffer; the DEK is untouched."""
     validate_identifier("job", job_id)
-    key = SecretBuffer(KEY_SIZE)
-    with dek.view() as ikm, key.view() as out:
-        hkdf_sha256_into(out, ikm, salt=b"", info=_JOB_INFO + job_id.encode("ascii"))
-    return key
+    return derive_subkey(dek, salt=b"", info=_JOB_INFO + job_id.encode("ascii"), size=KEY_SIZE)
 
 
 def local_node_digest() -> bytes:
@@ -135,25 +129,18 @@ def derive_link_key(job_key: SecretBuffer, transcript: bytes, src: int, dst: int
     """``K_src->dst``: the key of one link in one direction for this run."""
     if src == dst or min(src, dst) < 0:
         raise ValueError("a link joins two different ranks")
-    key = SecretBuffer(KEY_SIZE)
-    with job_key.view() as ikm, key.view() as out:
-        hkdf_sha256_into(out, ikm, salt=transcript, info=_LINK_INFO + struct.pack(">II", src, dst))
-    return key
+    return derive_subkey(job_key, salt=transcript,
+                         info=_LINK_INFO + struct.pack(">II", src, dst), size=KEY_SIZE)
 
 
 def confirm_tag(job_key: SecretBuffer, transcript: bytes, job_id: str, rank: int,
                 world_size: int) -> bytes:
     """``confirm_rank``: proves the sender holds ``K_job`` and saw the same transcript."""
     job = job_id.encode("ascii")
-    msg = (_CONFIRM_MSG + struct.pack(">H", len(job)) + job
-           + struct.pack(">II", rank, world_size) + transcript)
-    with SecretBuffer(KEY_SIZE) as confirm_key:
-        with job_key.view() as ikm, confirm_key.view() as out:
-            hkdf_sha256_into(out, ikm, salt=transcript, info=_CONFIRM_INFO)
-        tag = bytearray(32)
-        with confirm_key.view() as k:
-            hmac_sha256_into(tag, k, msg)
-    return bytes(tag)
+    info = (_CONFIRM_MSG + struct.pack(">H", len(job)) + job
+            + struct.pack(">II", rank, world_size))
+    with derive_subkey(job_key, salt=transcript, info=info, size=32) as tag, tag.view() as v:
+        return bytes(v)  # public once sent: it proves the key, it is not one
 
 
 def tags_equal(a: bytes, b: bytes) -> bool:
