@@ -6,7 +6,8 @@
     trainer validate --job JOB.yaml          check a job file and print what it would run
 
 Exit codes: 0 ok, 1 failure, 2 usage or invalid job file, 3 key revoked (or lease expired),
-4 attestation denied, 128 + N when stopped by signal N (130 SIGINT, 143 SIGTERM, 129 SIGHUP).
+4 attestation denied, 5 code identity refused (trainer/guard.py), 128 + N when stopped by
+signal N (130 SIGINT, 143 SIGTERM, 129 SIGHUP).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ commands:
   validate    load and validate --job, print a summary, get no keys
 
 exit codes: 0 ok, 1 failure, 2 usage / invalid job, 3 key revoked, 4 attestation denied,
+            5 code identity refused (something outside the measured code set would run),
             130 SIGINT, 143 SIGTERM, 129 SIGHUP
 """
 
@@ -101,6 +103,10 @@ def _load(parser: argparse.ArgumentParser, job: str | None) -> JobConfig:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.attest and args.command == "train":
+        refused = _enter_code_guard()
+        if refused is not None:
+            return refused
     setup_logging(args.log_level)
     if args.command == "check":
         return _check()
@@ -123,7 +129,32 @@ def main(argv: list[str] | None = None) -> int:
     if unmeasured:
         print(f"trainer: refusing to train: {unmeasured}", file=sys.stderr)
         return EXIT_USAGE
+    refused = _enter_code_guard(config.model.name.partition(":")[0]
+                                if ":" in config.model.name else None)
+    if refused is not None:
+        return refused
     return _train(config, args.node_id)
+
+
+def _enter_code_guard(model_module: str | None = None) -> int | None:
+    """Under --attest only measured code runs (trainer/guard.py); a refusal exits 5 before
+    any broker is asked for anything. ``model_module``: the job's model factory, checked
+    against the measured set before any key is requested."""
+    from trainer.guard import (
+        EXIT_CODE_IDENTITY,
+        CodeIdentityRefused,
+        enter,
+        require_measured_module,
+    )
+
+    try:
+        enter()
+        if model_module:
+            require_measured_module(model_module)
+    except CodeIdentityRefused as exc:
+        print(f"trainer: code identity refused: {exc}", file=sys.stderr)
+        return EXIT_CODE_IDENTITY
+    return None
 
 
 def _unmeasured_model_code(name: str) -> str | None:
@@ -145,6 +176,7 @@ def _unmeasured_model_code(name: str) -> str | None:
 
 def _train(config: JobConfig, node_id: str | None) -> int:
     from trainer.attested import AttestedKeySource
+    from trainer.guard import EXIT_CODE_IDENTITY, CodeIdentityRefused
     from trainer.keysource import AttestationDenied, KeySourceUnavailable
     from trainer.train import HardeningFailed, run_job
 
@@ -155,6 +187,9 @@ def _train(config: JobConfig, node_id: str | None) -> int:
     except HardeningFailed as exc:
         print(f"trainer: refusing to start: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except CodeIdentityRefused as exc:
+        print(f"trainer: code identity refused: {exc}", file=sys.stderr)
+        return EXIT_CODE_IDENTITY
     except AttestationDenied as exc:
         reasons = "".join(f"\n  - {r}" for r in exc.reasons)
         print(f"trainer: attestation denied: {exc}{reasons}", file=sys.stderr)
