@@ -1,20 +1,25 @@
 """``python -m trainer`` (and ``torchrun -m trainer``) is the ``trainer`` command.
 
 Under ``--attest`` the code identity guard comes first, before the CLI is imported: it
-re-executes the interpreter isolated and checks every later import (trainer/guard.py).
+re-executes the interpreter isolated and checks every later import (trainer/guard.py); an
+import it refuses ends the process with exit status 5.
 """
 
 import sys
 
-if "--attest" in sys.argv[1:]:
-    from trainer.guard import EXIT_CODE_IDENTITY, CodeIdentityRefused, enter
+if "--attest" not in sys.argv[1:]:
+    from trainer.cli import main
 
-    try:
-        enter()
-    except CodeIdentityRefused as exc:
-        print(f"trainer: code identity refused: {exc}", file=sys.stderr)
-        sys.exit(EXIT_CODE_IDENTITY)
+    sys.exit(main())
 
-from trainer.cli import main
+from trainer.guard import EXIT_CODE_IDENTITY, CodeIdentityRefused, enter
 
-sys.exit(main())
+try:
+    enter()
+    from trainer.cli import main
+
+    code = main()
+except CodeIdentityRefused as exc:
+    print(f"trainer: code identity refused: {exc}", file=sys.stderr)
+    code = EXIT_CODE_IDENTITY
+sys.exit(code)

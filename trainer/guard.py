@@ -119,6 +119,9 @@ class _Guard:
             raise CodeIdentityRefused([f"{manifest_path}: {exc}"]) from None
         self.digest = hashlib.sha256(data).hexdigest()
         self.manifest_path = manifest_path
+        # sticky: a refusal that some library swallows (``except Exception`` around an
+        # optional import) still stops the process before any key is requested
+        self.refusals: list[str] = []
 
     def _entry(self, path: str, what: str) -> Entry:
         real = os.path.realpath(path)
@@ -197,6 +200,13 @@ class _Guard:
 
     # imports --------------------------------------------------------------------------------
     def checked(self, spec: machinery.ModuleSpec) -> machinery.ModuleSpec:
+        try:
+            return self._checked(spec)
+        except CodeIdentityRefused as exc:
+            self.refusals.extend(exc.problems)
+            raise
+
+    def _checked(self, spec: machinery.ModuleSpec) -> machinery.ModuleSpec:
         origin = spec.origin
         if not spec.has_location or not origin or not os.path.isabs(origin):
             return spec  # built-in, frozen, namespace package: no file of its own
@@ -325,6 +335,8 @@ def code_claims() -> dict[str, str]:
 
     if _active is None:
         return code_digest().claims()
+    if _active.refusals:
+        raise CodeIdentityRefused(_active.refusals)
     _active.check_mapped()
     torch = sys.modules.get("torch")
     return {

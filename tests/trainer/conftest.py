@@ -128,9 +128,10 @@ def attest_env(**extra: str) -> dict[str, str]:
     code identity guard refuses."""
     from trainer.guard import refused_variables
 
-    env = child_env(**extra)
+    env = child_env()
     for name in refused_variables(env):
         del env[name]
+    env.update(extra)
     return env
 
 
