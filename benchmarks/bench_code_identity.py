@@ -104,8 +104,8 @@ def main(quick: bool = False) -> None:
             args = ["--attest", "--job", str(home / "bench.yaml"), "--node-id", "node-a"]
             python = str(base / "image" / "bin" / "python")
             commands = {
-                "checked": [python, "-I", "-m", "trainer", *args],
-                "unchecked": [python, "-I", "-c", _UNCHECKED, *args],
+                "checked": [python, "-I", "-B", "-m", "trainer", *args],
+                "unchecked": [python, "-I", "-B", "-c", _UNCHECKED, *args],
             }
             times: dict[str, list[float]] = {"checked": [], "unchecked": []}
             ratios = []

@@ -11,8 +11,10 @@ byte the manifest lists. This module makes the process keep to the manifest:
    runs is set (every ``LD_*``, ``GCONV_PATH``, ``PYTHONPATH``, ``PYTHONHOME``,
    ``PYTHONSTARTUP``, ``PYTHONUSERBASE``, ... see :data:`REFUSED_VARIABLES`), naming it.
 2. **Isolated interpreter**: unless ``sys.flags`` says isolated (``-I``: no ``PYTHON*``
-   variables, no user site, no script or current directory on ``sys.path``), re-execute
-   ``sys.executable -I -m trainer ARGS`` (same pid, so torchrun and schedulers keep their
+   variables, no user site, no script or current directory on ``sys.path``) and writing no
+   bytecode (``-B``: under ``-I`` PYTHONDONTWRITEBYTECODE is ignored, and a ``.pyc`` written
+   before the guard would change the measured image), re-execute
+   ``sys.executable -I -B -m trainer ARGS`` (same pid, so torchrun and schedulers keep their
    handle). No marker decides this: the new process reads its own ``sys.flags``. torchrun's
    workers (``python -u -m trainer ...``) take the same path, so every process that receives
    a key is guarded; the torchrun agent holds no key.
@@ -100,7 +102,8 @@ def refused_variables(environ: Any = None) -> list[str]:
 
 def _isolated() -> bool:
     f = sys.flags
-    return bool(f.isolated and f.ignore_environment and f.no_user_site and not f.inspect)
+    return bool(f.isolated and f.ignore_environment and f.no_user_site and not f.inspect
+                and f.dont_write_bytecode)
 
 
 class _Guard:
@@ -294,7 +297,7 @@ def enter() -> None:
     if not _isolated():
         sys.stdout.flush()
         sys.stderr.flush()
-        argv = [sys.executable, "-I", "-m", "trainer", *sys.argv[1:]]
+        argv = [sys.executable, "-I", "-B", "-m", "trainer", *sys.argv[1:]]
         os.execv(sys.executable, argv)  # noqa: S606 - our own interpreter, same arguments
     install()
 
@@ -305,7 +308,7 @@ def install() -> None:
     if _active is not None:
         return
     if not _isolated():
-        raise CodeIdentityRefused(["the interpreter is not isolated (run it with -I)"])
+        raise CodeIdentityRefused(["the interpreter is not isolated (run it with -I -B)"])
     guard = _Guard(os.path.join(os.path.realpath(sys.prefix), MANIFEST_NAME))
     guard.check_started()
     sys.dont_write_bytecode = True

@@ -63,14 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     job_file.write_text(job)
     (home / "trainer.pid").write_text(f"{os.getpid()}\n")
     # -I (isolated): no PYTHON* variable, user site or current directory reaches the trainer
-    # from its first instruction; torchrun starts each worker the same way (--no-python), so
-    # every process that receives a key runs only measured code (trainer/guard.py).
-    trainer = [sys.executable, "-I", "-m", "trainer", "--attest", "--job", str(job_file),
+    # from its first instruction, and -B: it writes no bytecode into the measured image;
+    # torchrun starts each worker the same way (--no-python), so every process that receives
+    # a key runs only measured code (trainer/guard.py).
+    trainer = [sys.executable, "-I", "-B", "-m", "trainer", "--attest", "--job", str(job_file),
                "--node-id", args.node]
     if args.nnodes > 1:
         host, _, port = args.master.rpartition(":")
         argv_exec = [
-            sys.executable, "-I", "-m", "torch.distributed.run", "--nnodes", str(args.nnodes),
+            sys.executable, "-I", "-B", "-m", "torch.distributed.run", "--nnodes", str(args.nnodes),
             "--node-rank", str(args.rank), "--nproc-per-node", "1", "--master-addr", host,
             "--master-port", port, "--no-python", *trainer,
         ]

@@ -122,7 +122,8 @@ def _job(deployment: Deployment, name: str, **changes: object) -> Path:
 
 
 def _trainer_argv(job: Path) -> list[str]:
-    return ["python", "-I", "-m", "trainer", "--attest", "--job", str(job), "--node-id", "node-a"]
+    return ["python", "-I", "-B", "-m", "trainer", "--attest", "--job", str(job),
+            "--node-id", "node-a"]
 
 
 def test_the_approved_environment_attests_and_trains(deployment: Deployment):
@@ -223,3 +224,9 @@ def test_a_job_the_policy_does_not_allow_is_denied_naming_the_rule(deployment: D
                for r in records), records
     assert not any(r["event"] == "release" and r["outcome"] == "allowed" for r in records)
     deployment.assert_clean("node-a")
+
+
+def test_no_run_wrote_into_the_measured_image(deployment: Deployment, image: Path):
+    """Every run above (refused or not) left the image as the tenant measured it: the
+    trainer writes no bytecode (-B) and every tampering was undone."""
+    assert environment_manifest(str(image)) == (image / MANIFEST_NAME).read_bytes()

@@ -25,7 +25,7 @@ guard.install()
 
 
 def python(env: Path, code: str, **extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(env / "bin" / "python"), "-I", "-c", code], cwd="/",
+    return subprocess.run([str(env / "bin" / "python"), "-I", "-B", "-c", code], cwd="/",
                           env=attest_env(**extra), capture_output=True, text=True)
 
 
