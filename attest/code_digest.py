@@ -62,8 +62,10 @@ __all__ = [
     "Entry",
     "code_digest",
     "encode_manifest",
+    "entry_of",
     "environment_manifest",
     "hash_file",
+    "index_manifest",
     "parse_manifest",
 ]
 
@@ -377,6 +379,26 @@ def parse_manifest(data: bytes) -> dict[str, Entry]:
         last = key
         entries[entry.path] = entry
     return entries
+
+
+def index_manifest(data: bytes) -> dict[str, bytes]:
+    """Each path's line, for looking entries up at run time without the cost of
+    :func:`parse_manifest`'s checks: the digest covers the bytes, so a manifest that is not
+    canonical only gives a digest that no tenant computed. :func:`entry_of` reads a line."""
+    if len(data) > MAX_MANIFEST_BYTES or not data.startswith(MANIFEST_HEADER):
+        raise CodeSetError("code manifest: bad header or too large")
+    lines = data[len(MANIFEST_HEADER):].split(b"\n")
+    return {line.rpartition(b"\t")[2].decode(errors="surrogateescape"): line
+            for line in lines if line}
+
+
+def entry_of(line: bytes) -> Entry | None:
+    """The file entry of one manifest line (None for a link or a malformed line)."""
+    fields = line.split(b"\t")
+    if len(fields) != 4 or fields[0] != b"F" or not fields[2].isdigit():
+        return None
+    return Entry("F", fields[3].decode(errors="surrogateescape"), sha256=fields[1].decode(),
+                 size=int(fields[2]))
 
 
 def _torch_version(manifest: Mapping[str, Entry]) -> str:

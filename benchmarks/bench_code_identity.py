@@ -22,6 +22,7 @@ Goal: checked / unchecked <= 1.10 (median of the per-pair ratios).
 from __future__ import annotations
 
 import re
+import shutil
 import statistics
 import tempfile
 import time
@@ -99,7 +100,9 @@ def main(quick: bool = False) -> None:
                 raise RuntimeError(f"warm-up run failed: {render.stderr.decode()[-2000:]}")
             home = harness.host_path("node-a", "/var/lib/node-a")
             job = yaml.safe_load((home / "job.yaml").read_text())
-            job.update(steps=2, log_interval=1)
+            ckpt = home / "bench-checkpoints"
+            job.update(steps=2, log_interval=1,
+                       checkpoint={**job["checkpoint"], "dir": str(ckpt)})
             (home / "bench.yaml").write_text(yaml.safe_dump(job))
             args = ["--attest", "--job", str(home / "bench.yaml"), "--node-id", "node-a"]
             python = str(base / "image" / "bin" / "python")
@@ -111,7 +114,10 @@ def main(quick: bool = False) -> None:
             ratios = []
             for i in range(pairs):
                 order = ("checked", "unchecked") if i % 2 == 0 else ("unchecked", "checked")
-                pair = {name: _first_step(harness, commands[name]) for name in order}
+                pair = {}
+                for name in order:
+                    shutil.rmtree(ckpt, ignore_errors=True)  # each run starts at step 0
+                    pair[name] = _first_step(harness, commands[name])
                 for name, seconds in pair.items():
                     times[name].append(seconds)
                 ratios.append(pair["checked"] / pair["unchecked"])

@@ -24,17 +24,24 @@ byte the manifest lists. This module makes the process keep to the manifest:
    refused by name; its ``import`` line has already run by then, but the process stops before
    any key is requested), then put a finder first on ``sys.meta_path`` and set
    ``sys.dont_write_bytecode``.
-4. **Each import**: the finder asks the other finders for the spec and checks the module's
-   file against the manifest before anything of it executes. Python source and bytecode are
-   read once, hashed, and the loader executes exactly those bytes (no second read an
-   attacker could race). Bytecode is used only when the ``.pyc`` file itself is in the set
-   (the image is compiled when it is built), so a planted or replaced ``.pyc`` is refused;
-   a missing one means compiling from the verified source, and nothing is written. Extension
-   modules are hashed right before they are loaded.
+4. **Each import**: the finder asks the other finders for the spec and gives it a loader
+   that checks the module's files against the manifest before anything of them executes.
+   Python source and bytecode are read only through the guard, which hashes the bytes and
+   hands the loader exactly those (no second read an attacker could race); only the file
+   the loader needs is read (the ``.pyc`` when it is current, else the source). Bytecode is
+   used only when the ``.pyc`` file itself is in the set (the image is compiled when it is
+   built), so a planted or replaced ``.pyc`` is refused; a missing one means compiling from
+   the verified source, and nothing is written. Extension modules are hashed right before
+   they are loaded; the libraries they map are then queued for hashing on a background
+   thread (started with every signal blocked), so step 5 mostly finds them hashed.
 5. **Before keys** (:func:`code_claims`, called by the attested key source before it contacts
    a broker, and again before every renewal): every executable mapping in
    ``/proc/self/maps`` (the shared libraries extension modules pulled in) must be a file of
    the set, except the system library directories :data:`SYSTEM_LIBRARY_DIRS`.
+
+A manifest line is looked up by the path as given, then by its resolved path; the bytes are
+compared either way. Hashes are remembered in the process only (``attest.code_digest.
+hash_file``), keyed by inode, size, mtime and ctime, so an edited file is always hashed again.
 
 Any refusal raises :class:`CodeIdentityRefused` naming the file or variable; the trainer
 exits with :data:`EXIT_CODE_IDENTITY` (5) before it asks any broker for anything.
@@ -51,8 +58,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.machinery as machinery
+import importlib.util
 import os
+import queue
+import signal
 import sys
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -60,9 +71,10 @@ from attest.code_digest import (
     MANIFEST_NAME,
     CodeSetError,
     Entry,
+    entry_of,
     hash_bytes_of,
     hash_file,
-    parse_manifest,
+    index_manifest,
 )
 
 __all__ = [
@@ -106,6 +118,46 @@ def _isolated() -> bool:
                 and f.dont_write_bytecode)
 
 
+class _Prefetcher:
+    """Hashes newly mapped libraries on one background thread while the main thread goes on
+    importing, so the check before keys mostly finds them hashed (``hash_file``'s in-process
+    memo). The thread starts with every signal blocked: signals stay with the main thread."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._done: dict[str, threading.Event] = {}
+        self._thread: threading.Thread | None = None
+
+    def submit(self, path: str) -> None:
+        if path in self._done:
+            return
+        self._done[path] = threading.Event()
+        self._queue.put(path)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="trainer-code-hash",
+                                            daemon=True)
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+            try:
+                self._thread.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def wait(self, path: str) -> None:
+        done = self._done.get(path)
+        if done is not None:
+            done.wait()
+
+    def _run(self) -> None:
+        while True:
+            path = self._queue.get()
+            try:
+                hash_file(path)
+            except (OSError, CodeSetError):
+                pass  # the check before keys hashes it again and reports
+            finally:
+                self._done[path].set()
+
+
 class _Guard:
     def __init__(self, manifest_path: str) -> None:
         try:
@@ -117,7 +169,7 @@ class _Guard:
                 f"(build it with `attest code-digest --write {os.path.dirname(manifest_path)}`)"
             ]) from None
         try:
-            self.entries = parse_manifest(data)
+            self.lines = index_manifest(data)
         except CodeSetError as exc:
             raise CodeIdentityRefused([f"{manifest_path}: {exc}"]) from None
         self.digest = hashlib.sha256(data).hexdigest()
@@ -125,25 +177,33 @@ class _Guard:
         # sticky: a refusal that some library swallows (``except Exception`` around an
         # optional import) still stops the process before any key is requested
         self.refusals: list[str] = []
+        self.prefetch = _Prefetcher()
+        self._mapped_seen: set[str] = set()
+
+    def refuse(self, problems: list[str]) -> CodeIdentityRefused:
+        self.refusals.extend(problems)
+        return CodeIdentityRefused(problems)
 
     def _entry(self, path: str, what: str) -> Entry:
-        real = os.path.realpath(path)
-        entry = self.entries.get(real)
-        if entry is None or entry.kind != "F":
-            raise CodeIdentityRefused([f"{what} {path} is not in the measured code set"])
+        # The path as given first: the bytes are what is compared, so a link on the way
+        # cannot make other content pass; the resolved path where links make the difference.
+        line = self.lines.get(path) or self.lines.get(os.path.realpath(path))
+        entry = entry_of(line) if line is not None else None
+        if entry is None:
+            raise self.refuse([f"{what} {path} is not in the measured code set"])
         return entry
 
     def check_file(self, path: str, what: str) -> None:
         entry = self._entry(path, what)
-        digest, size = hash_file(os.path.realpath(path))
+        digest, size = hash_file(path)
         if (digest, size) != (entry.sha256, entry.size):
-            raise CodeIdentityRefused([f"{what} {path} differs from the measured code set"])
+            raise self.refuse([f"{what} {path} differs from the measured code set"])
 
     def verified_bytes(self, path: str, what: str) -> bytes:
         entry = self._entry(path, what)
-        data, digest = hash_bytes_of(os.path.realpath(path))
+        data, digest = hash_bytes_of(path)
         if (digest, len(data)) != (entry.sha256, entry.size):
-            raise CodeIdentityRefused([f"{what} {path} differs from the measured code set"])
+            raise self.refuse([f"{what} {path} differs from the measured code set"])
         return data
 
     # start-up checks ------------------------------------------------------------------------
@@ -175,87 +235,113 @@ class _Guard:
         if problems:
             raise CodeIdentityRefused(problems)
 
-    def check_mapped(self) -> None:
-        problems = []
+    def _mapped_code(self) -> list[str]:
         with open("/proc/self/maps") as maps:
             lines = maps.read().splitlines()
-        seen = set()
+        paths: dict[str, None] = {}
         for line in lines:
             fields = line.split(None, 5)
-            if len(fields) < 6 or "x" not in fields[1] or not fields[5].startswith("/"):
-                continue
-            path = fields[5]
-            if path in seen:
-                continue
-            seen.add(path)
+            if len(fields) == 6 and "x" in fields[1] and fields[5].startswith("/"):
+                paths[fields[5]] = None
+        return list(paths)
+
+    def _system(self, path: str) -> bool:
+        real = os.path.realpath(path)
+        return real.startswith(SYSTEM_LIBRARY_DIRS) and real not in self.lines
+
+    def prefetch_mapped(self) -> None:
+        """Queue the libraries mapped since the last call for background hashing."""
+        for path in self._mapped_code():
+            if path not in self._mapped_seen:
+                self._mapped_seen.add(path)
+                if not path.endswith(" (deleted)") and not self._system(path):
+                    self.prefetch.submit(path)
+
+    def check_mapped(self) -> None:
+        problems = []
+        for path in self._mapped_code():
             if path.endswith(" (deleted)"):
                 problems.append(f"mapped code {path} (a file replaced after it was loaded)")
                 continue
-            real = os.path.realpath(path)
-            if real.startswith(SYSTEM_LIBRARY_DIRS) and real not in self.entries:
+            if self._system(path):
                 continue
+            self.prefetch.wait(path)
             try:
                 self.check_file(path, "shared library")
             except CodeIdentityRefused as exc:
                 problems.extend(exc.problems)
         if problems:
-            raise CodeIdentityRefused(problems)
+            raise self.refuse(problems)
 
     # imports --------------------------------------------------------------------------------
     def checked(self, spec: machinery.ModuleSpec) -> machinery.ModuleSpec:
-        try:
-            return self._checked(spec)
-        except CodeIdentityRefused as exc:
-            self.refusals.extend(exc.problems)
-            raise
-
-    def _checked(self, spec: machinery.ModuleSpec) -> machinery.ModuleSpec:
+        """Give the spec a loader that checks (see module doc, step 4)."""
         origin = spec.origin
         if not spec.has_location or not origin or not os.path.isabs(origin):
             return spec  # built-in, frozen, namespace package: no file of its own
         loader = spec.loader
-        what = f"module {spec.name}:"
         if type(loader) is machinery.SourceFileLoader:
-            verified = {origin: self.verified_bytes(origin, what)}
-            cached = spec.cached
-            if cached and os.path.exists(cached):
-                verified[cached] = self.verified_bytes(cached, f"bytecode of {spec.name}:")
-            spec.loader = _VerifiedSourceLoader(spec.name, origin, verified)
+            spec.loader = _VerifiedSourceLoader(spec.name, origin, self)
         elif type(loader) is machinery.SourcelessFileLoader:
-            verified = {origin: self.verified_bytes(origin, f"bytecode of {spec.name}:")}
-            spec.loader = _VerifiedSourcelessLoader(spec.name, origin, verified)
-        else:  # extension modules and any other file loader: checked by path before loading
-            self.check_file(origin, what)
+            spec.loader = _VerifiedSourcelessLoader(spec.name, origin, self)
+        elif type(loader) is machinery.ExtensionFileLoader:
+            self.check_file(origin, f"module {spec.name}:")
+            spec.loader = _CheckedExtensionLoader(spec.name, origin, self)
+        else:  # any other file loader: checked by path before it loads
+            self.check_file(origin, f"module {spec.name}:")
         return spec
+
+    def check_module(self, spec: machinery.ModuleSpec) -> None:
+        """Check a module's file (and its bytecode) without loading it."""
+        origin = spec.origin
+        if spec.has_location and origin and os.path.isabs(origin):
+            self.check_file(origin, f"module {spec.name}:")
+            if spec.cached and os.path.exists(spec.cached):
+                self.check_file(spec.cached, f"bytecode of {spec.name}:")
 
 
 class _VerifiedSourceLoader(machinery.SourceFileLoader):
-    """Executes the bytes that were checked; never writes bytecode."""
+    """Reads source and bytecode only through the guard, which hashes the bytes it returns:
+    what was checked is what runs. Never writes bytecode."""
 
-    def __init__(self, fullname: str, path: str, verified: dict[str, bytes]) -> None:
+    def __init__(self, fullname: str, path: str, guard: _Guard) -> None:
         super().__init__(fullname, path)
-        self._verified = verified
+        self._guard = guard
 
     def get_data(self, path: str) -> bytes:
-        try:
-            return self._verified[path]
-        except KeyError:
-            raise OSError(f"{path}: not a verified file of {self.name}") from None
+        if path == self.path:
+            return self._guard.verified_bytes(path, f"module {self.name}:")
+        if path == importlib.util.cache_from_source(self.path):
+            return self._guard.verified_bytes(path, f"bytecode of {self.name}:")
+        raise OSError(f"{path}: not a file of module {self.name}")
 
     def set_data(self, path: str, data: bytes, *, _mode: int = 0o666) -> None:
         return None
 
 
 class _VerifiedSourcelessLoader(machinery.SourcelessFileLoader):
-    def __init__(self, fullname: str, path: str, verified: dict[str, bytes]) -> None:
+    def __init__(self, fullname: str, path: str, guard: _Guard) -> None:
         super().__init__(fullname, path)
-        self._verified = verified
+        self._guard = guard
 
     def get_data(self, path: str) -> bytes:
-        try:
-            return self._verified[path]
-        except KeyError:
-            raise OSError(f"{path}: not a verified file of {self.name}") from None
+        if path != self.path:
+            raise OSError(f"{path}: not a file of module {self.name}")
+        return self._guard.verified_bytes(path, f"bytecode of {self.name}:")
+
+
+class _CheckedExtensionLoader(machinery.ExtensionFileLoader):
+    """Checked before ``dlopen`` (by :meth:`_Guard.checked`); the libraries it maps are
+    queued for hashing straight after."""
+
+    def __init__(self, fullname: str, path: str, guard: _Guard) -> None:
+        super().__init__(fullname, path)
+        self._guard = guard
+
+    def create_module(self, spec: machinery.ModuleSpec) -> Any:
+        module = super().create_module(spec)
+        self._guard.prefetch_mapped()
+        return module
 
 
 class _MeasuredFinder:
@@ -318,9 +404,8 @@ def install() -> None:
 
 
 def require_measured_module(name: str) -> None:
-    """Find (and so check) module ``name`` through the guard without executing it."""
-    import importlib.util
-
+    """Check module ``name`` (source and bytecode) against the manifest without executing
+    it (its parent packages are imported, through the guard)."""
     if _active is None:
         raise CodeIdentityRefused(["the code identity guard is not installed"])
     try:
@@ -329,6 +414,7 @@ def require_measured_module(name: str) -> None:
         raise CodeIdentityRefused([f"module {name} cannot be found ({exc})"]) from None
     if spec is None:
         raise CodeIdentityRefused([f"module {name} is not installed"])
+    _active.check_module(spec)
 
 
 def code_claims() -> dict[str, str]:
