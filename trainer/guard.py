@@ -200,8 +200,10 @@ class _Guard:
             raise self.refuse([f"{what} {path} differs from the measured code set"])
 
     def verified_bytes(self, path: str, what: str) -> bytes:
-        entry = self._entry(path, what)
+        """The bytes of ``path`` if they are the measured ones; OSError when it does not
+        exist (a module without bytecode is compiled from its checked source)."""
         data, digest = hash_bytes_of(path)
+        entry = self._entry(path, what)
         if (digest, len(data)) != (entry.sha256, entry.size):
             raise self.refuse([f"{what} {path} differs from the measured code set"])
         return data

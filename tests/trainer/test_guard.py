@@ -123,3 +123,19 @@ def test_without_isolation_install_refuses(measured_env: Path):
                          env=attest_env(), capture_output=True, text=True, cwd="/")
     assert out.returncode != 0
     assert "the interpreter is not isolated" in out.stderr
+
+
+def test_a_measured_module_without_bytecode_is_compiled_from_its_checked_source(
+    fresh_env: Path
+):
+    from attest.code_digest import MANIFEST_NAME, environment_manifest
+
+    source = _site(fresh_env) / "trainer" / "job_identity.py"
+    pyc = Path(importlib.util.cache_from_source(str(source)))
+    pyc.unlink()
+    (fresh_env / MANIFEST_NAME).write_bytes(environment_manifest(str(fresh_env)))
+    out = python(fresh_env, GUARDED.format(
+        body="import trainer.job_identity as j; print(j.DOMAIN); guard.code_claims()"))
+    assert out.returncode == 0, out.stderr
+    assert "ct-job-identity/v1" in out.stdout
+    assert not pyc.exists()  # nothing written
