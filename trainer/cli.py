@@ -158,9 +158,10 @@ def _enter_code_guard(model_module: str | None = None) -> int | None:
 
 
 def _unmeasured_model_code(name: str) -> str | None:
-    """A model factory runs inside the process that holds the dataset key, so with --attest
-    it must come from code the attestation measured (the code digest covers the project's
-    packages, not the job file or other installed modules)."""
+    """A model factory runs inside the process that holds the dataset key and is named by the
+    job file, so with --attest it must be a module of a project package: any measured
+    callable (``subprocess:run``) would otherwise be one job file away. The guard then checks
+    the module itself against the measured code set (``_enter_code_guard``)."""
     from attest.code_digest import PROJECT_PACKAGES
 
     module, sep, _ = name.partition(":")

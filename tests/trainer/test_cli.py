@@ -69,7 +69,7 @@ def test_help_explains_commands_and_exit_codes():
     out = trainer("--help")
     assert out.returncode == 0
     for text in ("--attest", "--job", "check", "validate", "exit codes", "143 SIGTERM",
-                 "4 attestation denied"):
+                 "4 attestation denied", "5 code identity refused"):
         assert text in out.stdout
 
 
