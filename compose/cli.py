@@ -1,13 +1,15 @@
 """``python -m compose up|down|ps|logs``: run docker-compose.yml for people.
 
-Without a Docker engine, ``up`` runs the services as local processes in the foreground:
-it starts them in dependency order, prints their health, follows their logs (each line
-prefixed with the service name) and, on Ctrl-C, once every service has exited, or when the
-``--exit-code-from`` service exits (its status becomes ours), stops everything and wipes the
-run directory. Run from a source checkout, the services get it on PYTHONPATH, as the image
-would have the project installed. While it runs, ``ps``, ``logs`` and ``down`` work
-from another terminal through ``RUN_DIR/state.json`` (run id, service states, pids; no
-secrets). With an engine, each command is handed to ``docker compose``.
+Without a Docker engine, ``up`` runs the services as local processes in the foreground: it
+starts them in dependency order, prints their health, follows their logs (each line prefixed
+with the service name) and, on Ctrl-C, once every service has exited, or when the
+``--exit-code-from`` service exits (its status becomes ours), stops everything and wipes the run
+directory. The services run from a measured environment built in the run directory
+(compose/image.py: the project installed as the image holds it, with its code manifest, its
+``bin`` first on PATH), so ``trainer --attest`` runs as it would in the image. While it
+runs, ``ps``, ``logs`` and ``down`` work from another terminal through
+``RUN_DIR/state.json`` (run id, service states, pids; no secrets). With an engine, each
+command is handed to ``docker compose``.
 """
 
 from __future__ import annotations
