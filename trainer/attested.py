@@ -78,12 +78,24 @@ class AttestedKeySource:
 
     # evidence -------------------------------------------------------------------------------
     def evidence_for(self, report_data: bytes) -> tuple[str, bytes]:
-        """TPM 2.0 evidence over ``report_data`` (facts + code digest measured and quoted)."""
+        """Evidence over ``report_data``: a TPM 2.0 quote (facts + code digest measured and
+        quoted), or with ``attestation.evidence: composite`` the CPU TEE report and one
+        report per GPU (``attest.tee_collect.collect_composite``)."""
         if self._evidence_for is not None:
             return self._evidence_for(report_data)
+        assert self._config.attestation is not None
+        if self._config.attestation.evidence == "composite":
+            self._code_claims()  # the guard's checks again, though TEE reports carry no claims
+            from attest.nvidia.nvml import NvmlUnavailable
+            from attest.tee_collect import TeeUnavailable, collect_composite
+
+            try:
+                return "composite", collect_composite(report_data)
+            except (NvmlUnavailable, TeeUnavailable) as exc:
+                raise KeySourceUnavailable(f"no composite evidence on this node: {exc}") \
+                    from None
         from attest.tpm2.agent import collect_evidence, node_claims
 
-        assert self._config.attestation is not None
         tcti = self._config.attestation.tcti
         claims = node_claims(code=self._code_claims(), extra=job_claims(self._config))
         with open(_tpm_lock_path(tcti), "a+b") as lock:
