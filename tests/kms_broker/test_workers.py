@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from attest.interface import expected_report_data
+from compose.ports import free_port
 from kms_broker import sealing
 from kms_broker._proto.kmsbroker.v1 import broker_pb2 as pb
 from kms_broker._proto.kmsbroker.v1 import broker_pb2_grpc as pb_grpc
@@ -41,9 +41,7 @@ WAIT_S = 60  # how long a helper polls before it gives up (a hang guard, not a t
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()  # reserved for this process, outside the ephemeral range
 
 
 @pytest.fixture(scope="module")
