@@ -87,8 +87,9 @@ class LocalEkCa:
         return (self.directory / "issuercert.pem").read_bytes()
 
 
-def manufacture(state_dir: Path, ca: LocalEkCa) -> Path:
-    """Create a fresh TPM state in ``state_dir`` with an RSA-2048 EK certified by ``ca``."""
+def manufacture(state_dir: Path, ca: LocalEkCa, *, pcr_banks: str = "sha256") -> Path:
+    """Create a fresh TPM state in ``state_dir`` with an RSA-2048 EK certified by ``ca`` and
+    the PCR banks ``pcr_banks`` active (comma-separated, e.g. "sha256,sha384")."""
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     proc = subprocess.run(
@@ -102,7 +103,7 @@ def manufacture(state_dir: Path, ca: LocalEkCa) -> Path:
             str(ca.setup_config),
             "--overwrite",
             "--pcr-banks",
-            "sha256",
+            pcr_banks,
         ],
         capture_output=True,
         text=True,

@@ -5,14 +5,18 @@ re-executes the interpreter isolated and checks every later import (trainer/guar
 import it refuses ends the process with exit status 5.
 """
 
-import sys
+from trainer import signals
+
+signals.start()  # first: torch, OpenMP and gRPC start threads at import (trainer/signals.py)
+
+import sys  # noqa: E402
 
 if "--attest" not in sys.argv[1:]:
     from trainer.cli import main
 
     sys.exit(main())
 
-from trainer.guard import EXIT_CODE_IDENTITY, CodeIdentityRefused, enter
+from trainer.guard import EXIT_CODE_IDENTITY, CodeIdentityRefused, enter  # noqa: E402
 
 try:
     enter()

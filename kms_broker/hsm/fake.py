@@ -16,15 +16,15 @@ import threading
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.keywrap import (
-    InvalidUnwrap,
-    aes_key_unwrap_with_padding,
-    aes_key_wrap_with_padding,
-)
 
 from kms_broker import sealing
 from kms_broker.hsm import labels
 from kms_broker.hsm.interface import HsmError, HsmUnavailable, KeyNotFound, UnwrapFailed
+from sealed._primitives import (
+    InvalidUnwrap,
+    aes_key_unwrap_with_padding,
+    aes_key_wrap_with_padding,
+)
 from sealed.keys import SHARE_SIZE
 from sealed.secrets import SecretBuffer
 
