@@ -202,9 +202,11 @@ def _client_main(address: str, pki: str, node_id: str, tcti: str, cycles: int,
 def _raw_seal_cpu(softhsm, pin: str, n: int) -> float:  # type: ignore[no-untyped-def]
     """CPU seconds of one raw in-process ``seal_share`` (the median of three bursts)."""
     from kms_broker import sealing
+    from kms_broker.hsm.interface import ShareBinding
     from kms_broker.hsm.pkcs11_hsm import Pkcs11Hsm
     from sealed.secrets import SecretBuffer
 
+    b = ShareBinding(tenant_id="acme", dataset_id="ds", key_version=1, share_index=0)
     hsm = Pkcs11Hsm(softhsm.find_module(), "raw", pin)
     hsm.create_tenant_kek(TENANT, 1)
     pub = hsm.create_import_key("imp")
@@ -212,18 +214,18 @@ def _raw_seal_cpu(softhsm, pin: str, n: int) -> float:  # type: ignore[no-untype
                                   key_version=1, share_index=0, broker_id="raw",
                                   import_public_key=pub)
     with SecretBuffer.random(32) as share:
-        wrapped = hsm.import_share("imp", sealing.seal_share_to(pub, share, t), t, TENANT, 1)
+        wrapped = hsm.import_share("imp", sealing.seal_share_to(pub, share, t), t, b, 1)
     _, node_pub = sealing.generate_node_key()
     transcript = sealing.release_transcript(session_id="s", nonce=b"n" * 32, tenant_id=TENANT,
                                             dataset_id=DATASET, key_version=1, broker_id="raw",
                                             node_public_key=node_pub)
     for _ in range(10):
-        hsm.seal_share(wrapped, TENANT, 1, node_pub, transcript)
+        hsm.seal_share(wrapped, b, 1, node_pub, transcript)
     bursts = []
     for _ in range(3):
         c = time.process_time()
         for _ in range(n):
-            hsm.seal_share(wrapped, TENANT, 1, node_pub, transcript)
+            hsm.seal_share(wrapped, b, 1, node_pub, transcript)
         bursts.append((time.process_time() - c) / n)
     hsm.close()
     return statistics.median(bursts)

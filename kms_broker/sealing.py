@@ -63,6 +63,7 @@ __all__ = [
     "SEALED_BLOB_SIZE",
     "WRAPPED_SHARE_SIZE",
     "SealingError",
+    "aes_ecb_derive",
     "decode_public_key",
     "encode_sealed_blob",
     "generate_node_key",
@@ -256,7 +257,8 @@ def transcript_digest(transcript: bytes) -> bytes:
 # --- sealing -----------------------------------------------------------------------------------
 
 
-def _kdf(z: bytes, digest: bytes) -> SecretBuffer:
+def aes_ecb_derive(z: bytes | bytearray | memoryview, digest: bytes) -> SecretBuffer:
+    """AES-256-ECB(key = z, data = digest): the 32-byte KDF step (CKM_AES_ECB_ENCRYPT_DATA)."""
     scratch = bytearray(48)  # update_into wants room for one extra block
     try:
         n = aes_ecb_encrypt_into(z, digest, scratch)  # one KDF block pair
@@ -275,7 +277,7 @@ def _agree(
 ) -> SecretBuffer:
     shared = private.exchange(ec.ECDH(), peer)
     try:
-        return _kdf(shared, digest)
+        return aes_ecb_derive(shared, digest)
     finally:
         del shared
 

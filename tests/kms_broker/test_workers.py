@@ -200,9 +200,15 @@ def test_one_audit_chain_from_both_workers(world: World) -> None:
     releases = [r for r in records[before:] if r["event"] == "release"]
     assert len(releases) == 2 * 40
     assert verify_log(world.broker.state_dir / "audit.log").ok
+    root = world.broker.state_dir.parent
+    pem = subprocess.run(
+        [sys.executable, "-m", "kms_broker.cli", "audit", "public-key", "--config",
+         str(root / f"{world.broker.name}.yaml")], cwd=REPO, capture_output=True, text=True)
+    assert pem.returncode == 0, pem.stderr
+    (root / "audit-key.pem").write_text(pem.stdout)
     out = subprocess.run(
         [sys.executable, "-m", "kms_broker.cli", "audit", "verify", "--state-dir",
-         str(world.broker.state_dir)],
+         str(world.broker.state_dir), "--public-key", str(root / "audit-key.pem")],
         cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.startswith("OK") and "chain intact" in out.stdout
