@@ -5,9 +5,12 @@ boundary): ``kms_broker.client.KeyClient`` makes a one-time P-256 key per broker
 challenge, asks :meth:`AttestedKeySource.evidence_for` for evidence over
 ``expected_report_data(nonce, session_id, node_public_key)``, attests, releases, opens the
 sealed shares and derives the DEK (shares zeroed). Evidence is a TPM 2.0 quote: the node's
-hardening facts and the digest of the trainer code (``attest.tpm2.agent``) are measured into
-the application PCR and quoted with the enrolled AK. Local ranks take turns at the TPM (an
-``flock`` on a lock file named after the TCTI) because measuring resets and extends one PCR.
+hardening facts, the code identity (``trainer.guard``: the digest of the measured code set,
+checked against every mapped library before the first broker is contacted and before every
+renewal) and the job identity (``trainer.job_identity``: ``job.digest``, ``job.model``, ...)
+are measured into the application PCR (``attest.tpm2.agent``) and quoted with the enrolled
+AK. Local ranks take turns at the TPM (an ``flock`` on a lock file named after the TCTI)
+because measuring resets and extends one PCR.
 
 Lease: a background thread renews every lease (re-attesting) once half of it has run out; a
 refusal (permission denied, lease or grant gone) revokes the handle, so the trainer shreds
@@ -27,6 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from trainer.guard import CodeIdentityRefused
+from trainer.job_identity import job_claims
 from trainer.keysource import AttestationDenied, KeyHandle, KeySourceUnavailable
 
 if TYPE_CHECKING:
@@ -71,6 +76,7 @@ class AttestedKeySource:
         self._client: Any = None
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
+        self._code: dict[str, str] | None = None
 
     # evidence -------------------------------------------------------------------------------
     def evidence_for(self, report_data: bytes) -> tuple[str, bytes]:
@@ -81,6 +87,7 @@ class AttestedKeySource:
             return self._evidence_for(report_data)
         assert self._config.attestation is not None
         if self._config.attestation.evidence == "composite":
+            self._code_claims()  # the guard's checks again, though TEE reports carry no claims
             from attest.nvidia.nvml import NvmlUnavailable
             from attest.tee_collect import TeeUnavailable, collect_composite
 
@@ -89,15 +96,25 @@ class AttestedKeySource:
             except (NvmlUnavailable, TeeUnavailable) as exc:
                 raise KeySourceUnavailable(f"no composite evidence on this node: {exc}") \
                     from None
-        from attest.tpm2.agent import collect_evidence
+        from attest.tpm2.agent import collect_evidence, node_claims
 
         tcti = self._config.attestation.tcti
+        claims = node_claims(code=self._code_claims(), extra=job_claims(self._config))
         with open(_tpm_lock_path(tcti), "a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                return "tpm2", collect_evidence(tcti, report_data)
+                return "tpm2", collect_evidence(tcti, report_data, claims)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _code_claims(self) -> dict[str, str]:
+        """Code identity (trainer/guard.py): under the guard, every mapped library is
+        checked again on each call (renewals too); without it, measured once in full."""
+        from trainer import guard
+
+        if guard.active() or self._code is None:
+            self._code = guard.code_claims()
+        return self._code
 
     # key -----------------------------------------------------------------------------------
     def acquire(self) -> KeyHandle:
@@ -105,6 +122,8 @@ class AttestedKeySource:
         from kms_broker.rpc import BrokerEndpoint, BrokerRpcError, PermissionDeniedError
 
         config = self._config
+        if self._evidence_for is None:
+            self._code_claims()  # refuses (CodeIdentityRefused) before any broker is asked
         try:
             endpoints = [
                 BrokerEndpoint.from_files(b.address, ca=Path(b.ca), cert=Path(b.cert),
@@ -157,6 +176,9 @@ class AttestedKeySource:
                 new_expiry = self._client.renew() / 1000.0
             except (PermissionDeniedError, NotFoundError) as exc:
                 handle.revoke(f"lease renewal refused: {exc}")
+                return
+            except CodeIdentityRefused as exc:  # unmeasured code mapped since the last check
+                handle.revoke(f"code identity refused: {exc}")
                 return
             except UnavailableError as exc:
                 log.warning("lease renewal failed (%s); retrying until the lease expires", exc)

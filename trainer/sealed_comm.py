@@ -90,7 +90,7 @@ __all__ = [
 
 log = logging.getLogger("trainer.sealed_comm")
 
-EXIT_CHANNEL_AUTH = 5
+EXIT_CHANNEL_AUTH = 6
 HEADER_SIZE = 32
 TAG_SIZE = 16
 CHUNK_BYTES = 4 << 20

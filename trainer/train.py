@@ -8,7 +8,7 @@
    exits with code 3 on revocation or lease expiry; with several ranks, the authenticated
    rendezvous and the sealed channel (:mod:`trainer.sealed_comm_ddp`): every parameter
    broadcast, gradient bucket and barrier between ranks travels sealed under link keys
-   derived from the DEK; a forged, replayed or reordered message shreds and exits with 5;
+   derived from the DEK; a forged, replayed or reordered message shreds and exits with 6;
 4. the dataset reader (decrypting in memory), the model, AdamW, warmup + cosine LR, and a
    ``GradScaler`` enabled only for fp16; resume from the newest encrypted checkpoint;
 5. the loop: ``autocast`` (bf16/fp16) forward, gradient accumulation with ``no_sync`` on all

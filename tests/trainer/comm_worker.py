@@ -4,7 +4,7 @@
 
 The test process hosts the TCPStore (port 0, so no race for a port) and starts one of these
 per rank. Scenarios print one ``RESULT {json}`` line on success; the tampering scenarios
-end through the production failure path instead (shred report, exit code 5).
+end through the production failure path instead (shred report, exit code 6).
 
 Scenarios: ``collectives`` (all-reduce, broadcast, barrier against gloo's own),
 ``forge`` / ``replay`` / ``reorder`` / ``drop`` (rank 0 tampers with one of its frames),
@@ -126,7 +126,7 @@ def tamper(args: argparse.Namespace) -> dict:
 
 
 def rendezvous(args: argparse.Namespace) -> dict:
-    """The authenticated rendezvous alone, with the trainer's failure path (shred, exit 5)."""
+    """The authenticated rendezvous alone, with the trainer's failure path (shred, exit 6)."""
     comm = _comm(args, Shredder())
     comm.barrier()
     return {"nodes": comm.nodes, "mode": comm.mode}

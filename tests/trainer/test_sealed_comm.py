@@ -30,7 +30,7 @@ from trainer.sealed_comm_keys import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-EXIT_CHANNEL_AUTH = 5
+EXIT_CHANNEL_AUTH = 6
 DEK_HEX = "11" * 32
 
 
@@ -169,7 +169,7 @@ def test_sealed_collectives_match_gloo(world: int):
 ])
 def test_tampered_message_stops_the_job_with_the_named_error_and_shreds(scenario, why):
     """Rank 0 forges, replays, reorders or drops one of its frames to rank 1; rank 1 stops
-    with ChannelAuthError, shreds (its report in the log) and exits 5; rank 0 does not go
+    with ChannelAuthError, shreds (its report in the log) and exits 6; rank 0 does not go
     on training (its peer is gone)."""
     tamperer, victim = run_ranks(scenario, 2)
     assert victim.code == EXIT_CHANNEL_AUTH, victim.err[-3000:]
@@ -182,7 +182,7 @@ def test_tampered_message_stops_the_job_with_the_named_error_and_shreds(scenario
 @pytest.mark.integration
 def test_rank_without_the_job_key_cannot_join():
     """Rank 1 holds another DEK (it was not released the dataset key): the key confirmation
-    fails both ways, both ranks shred and exit 5 before any model state moves."""
+    fails both ways, both ranks shred and exit 6 before any model state moves."""
     runs = run_ranks("rendezvous", 2, deks={1: "22" * 32})
     for run in runs:
         assert run.code == EXIT_CHANNEL_AUTH, run.err[-3000:]

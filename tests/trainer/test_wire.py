@@ -32,7 +32,7 @@ pytestmark = pytest.mark.integration
 
 ENTRY = REPO / "tests" / "trainer" / "wire_entry.py"
 WINDOW = 32
-EXIT_CHANNEL_AUTH = 5
+EXIT_CHANNEL_AUTH = 6
 SEED = 1414
 SOL_PACKET, PACKET_STATISTICS, ETH_P_ALL = 263, 6, 0x0003
 
@@ -193,7 +193,7 @@ def test_node_without_the_job_key_stops_both_nodes_at_rendezvous(
     tmp_path: Path, dataset: SealedDataset, key_server: KeyServer
 ):
     """Node 1 gets another DEK (it was never released the dataset key): neither node trains;
-    each logs ChannelAuthError naming the other and its shred report, and exits 5."""
+    each logs ChannelAuthError naming the other and its shred report, and exits 6."""
     run = tmp_path / "rogue"
     job = write_job(run / "job.yaml", job_dict(dataset, run, steps=6))
     other = KeyServer(tmp_path / "other.sock", SecretBuffer.random(32))
