@@ -96,7 +96,9 @@ def _setup(root: Path, workers: int = 1):  # type: ignore[no-untyped-def]
     }
     (root / "broker.yaml").write_text(yaml.safe_dump(cfg))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kms_broker.cli", "serve", "--config", str(root / "broker.yaml")],
+        # the test composition of the server: it adds the test-only EnrolTestNode
+        [sys.executable, "-m", "tests.kms_broker.testing_server", "serve", "--config",
+         str(root / "broker.yaml")],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=(root / "broker.log").open("wb"),
     )
     port_file = root / "state" / "broker.port"
@@ -117,16 +119,17 @@ def _endpoint(address: str, pki: Path, role: str, ident: str):  # type: ignore[n
 def _tenant_setup(address: str, pki: Path, nodes: int) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from kms_broker._proto.kmsbroker.v1 import broker_pb2 as pb
-    from kms_broker._proto.kmsbroker.v1 import broker_pb2_grpc as pb_grpc
     from kms_broker.grants import GrantDocument
     from kms_broker.rpc import open_channel
     from kms_broker.tenant import TenantClient, upload_dataset
     from sealed import MemoryStore
+    from tests.kms_broker._proto.kmsbroker.testing.v1 import testing_pb2 as tpb
+    from tests.kms_broker._proto.kmsbroker.testing.v1 import testing_pb2_grpc as tpb_grpc
 
-    ops = pb_grpc.OperatorServiceStub(open_channel(_endpoint(address, pki, "operator", "ops")))
+    ops = tpb_grpc.TestEnrolmentServiceStub(
+        open_channel(_endpoint(address, pki, "operator", "ops")))
     for i in range(nodes):
-        ops.EnrolTestNode(pb.EnrolTestNodeRequest(node_id=f"n{i}"), timeout=30)
+        ops.EnrolTestNode(tpb.EnrolTestNodeRequest(node_id=f"n{i}"), timeout=30)
     with TenantClient(_endpoint(address, pki, "tenant", "acme"), tenant_id="acme",
                       signing_key=Ed25519PrivateKey.generate()) as tenant:
         tenant.register()

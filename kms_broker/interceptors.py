@@ -52,6 +52,9 @@ def _peer_identity(context: grpc.ServicerContext) -> Identity | None:
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
+    def __init__(self) -> None:
+        self.roles = dict(SERVICE_ROLES)  # BrokerServer.add_service may add to it
+
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
@@ -61,7 +64,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         service = handler_call_details.method.lstrip("/").split("/")[0]
-        role, field = SERVICE_ROLES.get(service, ("__none__", None))
+        role, field = self.roles.get(service, ("__none__", None))
 
         def check(request: Any, context: grpc.ServicerContext) -> Identity:
             ident = _peer_identity(context)
