@@ -1,13 +1,15 @@
 """The production key source: attested release from every broker holding a share.
 
 For each process (every torchrun rank attests for itself, so no key crosses a process
-boundary): ``kms_broker.client.KeyClient`` makes a one-time P-256 key per broker, gets a
-challenge, asks :meth:`AttestedKeySource.evidence_for` for evidence over
-``expected_report_data(nonce, session_id, node_public_key)``, attests, releases, opens the
+boundary): ``kms_broker.client.KeyClient`` makes a one-time P-256 key per broker and gets a
+challenge from every broker at once; one piece of evidence covers every broker's
+``expected_report_data(nonce, session_id, node_public_key)``; it attests, releases, opens the
 sealed shares and derives the DEK (shares zeroed). Evidence is a TPM 2.0 quote: the node's
 hardening facts and the digest of the trainer code (``attest.tpm2.agent``) are measured into
-the application PCR and quoted with the enrolled AK. Local ranks take turns at the TPM (an
-``flock`` on a lock file named after the TCTI) because measuring resets and extends one PCR.
+the application PCR and quoted with the enrolled AK. The local ranks of a job share one quote
+(:mod:`trainer.quote_batch`: whichever rank holds the TPM lock quotes once over every waiting
+rank's sessions), because the TPM runs one command at a time and measuring resets and extends
+one PCR.
 
 Lease: a background thread renews every lease (re-attesting) once half of it has run out; a
 refusal (permission denied, lease or grant gone) revokes the handle, so the trainer shreds
@@ -17,10 +19,8 @@ and exits with code 3. Revocations pushed by the brokers (``WatchRevocations``) 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import logging
-import tempfile
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -37,11 +37,6 @@ __all__ = ["AttestedKeySource"]
 log = logging.getLogger("trainer.attest")
 
 EvidenceFor = Callable[[bytes], tuple[str, bytes]]
-
-
-def _tpm_lock_path(tcti: str) -> Path:
-    tag = hashlib.sha256(tcti.encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"trainer-tpm-{tag}.lock"
 
 
 class AttestedKeySource:
@@ -78,13 +73,16 @@ class AttestedKeySource:
         from attest.tpm2.agent import collect_evidence
 
         assert self._config.attestation is not None
-        tcti = self._config.attestation.tcti
-        with open(_tpm_lock_path(tcti), "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                return "tpm2", collect_evidence(tcti, report_data)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        return "tpm2", collect_evidence(self._config.attestation.tcti, report_data)
+
+    def _shared_quotes(self) -> Any:
+        """One quote for every local rank of this job waiting at this TPM."""
+        from trainer.quote_batch import QuoteBatcher, batch_directory
+
+        assert self._config.attestation is not None
+        expected = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        return QuoteBatcher(batch_directory(self._config.attestation.tcti, self._config.job_id),
+                            self.evidence_for, expected=expected)
 
     # key -----------------------------------------------------------------------------------
     def acquire(self) -> KeyHandle:
@@ -102,8 +100,12 @@ class AttestedKeySource:
             raise KeySourceUnavailable(
                 f"cannot read broker TLS material {exc.filename}: {exc.strerror}"
             ) from None
-        client = KeyClient(endpoints, node_id=self._node_id, job_id=config.job_id,
-                           evidence_for=self.evidence_for)
+        if self._evidence_for is not None:  # injected evidence (tests): one call per fetch
+            client = KeyClient(endpoints, node_id=self._node_id, job_id=config.job_id,
+                               evidence_for=self._evidence_for)
+        else:
+            client = KeyClient(endpoints, node_id=self._node_id, job_id=config.job_id,
+                               evidence_for_set=self._shared_quotes())
         self._client = client
         try:
             released = client.fetch_dek(tenant_id=config.tenant_id,
