@@ -305,6 +305,9 @@ def broker_factory(
         return b
 
     yield factory
+    for b in started:  # all at once: each drains for its grace period
+        if b.proc.poll() is None:
+            b.proc.terminate()
     for b in started:
         b.stop()
 
