@@ -53,6 +53,30 @@ KeyClient([endpoint], node_id="n1", job_id="j", evidence_for=lambda rd: ("x", b"
 
 def test_trainer_attest_key_path_imports_only_the_client() -> None:
     """``trainer --attest``'s key path: the attested key source and what acquire() imports."""
-    code = ("import trainer.attested, trainer.keysource\n"
+    code = ("import trainer.cli, trainer.attested, trainer.keysource, trainer.quote_batch\n"
             "import kms_broker.client, kms_broker.rpc")
+    assert _loaded_server_modules(code) == []
+
+
+@pytest.mark.integration
+def test_a_process_that_fetched_a_key_holds_no_server_code(broker_factory, tmp_path) -> None:
+    """A real fetch_dek against a broker (so every lazy import on the path has run), then the
+    process's modules are checked."""
+    from tests.kms_broker.conftest import make_world
+
+    world = make_world(broker_factory("split"), tmp_path)
+    pki = world.broker.pki
+    code = f"""
+from kms_broker.client import KeyClient
+from kms_broker.rpc import BrokerEndpoint
+from tests.kms_broker.verifiers import make_evidence
+endpoint = BrokerEndpoint.from_files({world.broker.address!r}, ca={str(pki.ca_path)!r},
+                                     cert={str(pki.root / "node-n1.pem")!r},
+                                     key={str(pki.root / "node-n1.key")!r},
+                                     server_name="localhost")
+with KeyClient([endpoint], node_id="n1", job_id={world.job_id!r},
+               evidence_for=make_evidence) as client:
+    client.fetch_dek(tenant_id="acme", dataset_id={world.dataset_id!r},
+                     key_version=1).dek.zeroize()
+"""
     assert _loaded_server_modules(code) == []
