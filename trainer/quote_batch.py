@@ -26,6 +26,12 @@ its own items (it keeps them in memory). The wait in 2b only decides how many ra
 quote, never whether a rank gets one. Ranks of another job or interpreter use another
 directory, so a quote never carries another job's measured claims.
 
+What sharing does not change: each broker still sees evidence over its own fresh nonce and the
+rank's own one-time key (inside the combined value), and still verifies and audits every rank
+on its own. A process of the same user could add items to a batch, but that process can open
+the TPM and quote whatever it measures into PCR 23 anyway (DESIGN.md section 6: on a TPM-only
+node, trust reaches as far as the boot PCRs), so the batch directory adds no power.
+
 Response file, byte by byte: ``b"KBQ1"`` || BE16 len(kind) || kind (UTF-8) || BE16 n ||
 n x 32-byte items || BE32 len(payload) || payload; every length checked against its maximum.
 """
