@@ -17,6 +17,9 @@ Sides, alternated round by round, each timed from the parent's "go" to the last 
   ranks share one quote covering all four sessions (the shipped behaviour).
 - ``2x2 one quote per rank``: the same, but each rank quotes for itself (batching off), to
   show what sharing the quote buys.
+- ``2x2 before (serial)``: the key path as it was before parallel attestation (brokers one
+  after another, one quote per broker, ranks taking turns at the TPM under a file lock),
+  rebuilt from the same RPCs, for the before/after comparison in one run.
 
 Run: ``.venv/bin/python -m benchmarks key_acquisition`` (``--quick``: fewer rounds).
 """
@@ -39,12 +42,51 @@ ZERO_BOOT = {i: "00" * 32 for i in range(8)}
 JOB = "job-ka"
 
 RANK = r"""
-import json, sys, time
+import fcntl, json, sys, time
 from pathlib import Path
+from attest.interface import expected_report_data
 from attest.tpm2.agent import collect_evidence
+from kms_broker import sealing
+from kms_broker._proto.kmsbroker.v1 import broker_pb2 as pb
+from kms_broker._proto.kmsbroker.v1 import broker_pb2_grpc as pb_grpc
 from kms_broker.client import KeyClient
-from kms_broker.rpc import BrokerEndpoint
+from kms_broker.rpc import BrokerEndpoint, open_channel
+from sealed.keys import derive_dek
 from trainer.quote_batch import QuoteBatcher
+
+
+def serial_fetch(brokers, dataset):
+    # the key path before this change: brokers one after another, one quote per broker,
+    # local ranks taking turns at the TPM under a file lock
+    channels = [open_channel(e) for e in brokers]
+    attested = []
+    for channel in channels:
+        stub = pb_grpc.NodeServiceStub(channel)
+        ch = stub.Challenge(pb.ChallengeRequest(node_id="n1", job_id=cfg["job"]),
+                            timeout=60, wait_for_ready=True)
+        private, public = sealing.generate_node_key()
+        with open(Path(cfg["batch_dir"] + ".lock"), "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            kind, payload = quote(expected_report_data(ch.nonce, ch.session_id, public))
+        token = stub.Attest(pb.AttestRequest(node_id="n1", session_id=ch.session_id,
+                                             evidence=pb.Evidence(kind=kind, payload=payload),
+                                             node_public_key=public), timeout=60).token
+        attested.append((stub, ch, private, public, token))
+    shares = []
+    for stub, ch, private, public, token in attested:
+        reply = stub.Release(pb.ReleaseRequest(node_id="n1", token=token, tenant_id="acme",
+                                               dataset_id=dataset, key_version=1), timeout=60)
+        transcript = sealing.release_transcript(
+            session_id=ch.session_id, nonce=ch.nonce, tenant_id="acme", dataset_id=dataset,
+            key_version=1, broker_id=ch.broker_id, node_public_key=public)
+        shares.append((reply.share_index,
+                       sealing.open_sealed_share(private, reply.sealed_share, transcript)))
+    dek = derive_dek([s for _, s in sorted(shares, key=lambda x: x[0])], tenant_id="acme",
+                     dataset_id=dataset, key_version=1)
+    for _, s in shares:
+        s.zeroize()
+    return dek, channels, len(brokers)
+
 
 cfg = json.loads(sys.argv[1])
 pki = Path(cfg["pki"])
@@ -59,13 +101,18 @@ for line in sys.stdin:
     expected = int(ranks) if side == "2x2" else 1
     batcher = QuoteBatcher(Path(cfg["batch_dir"]), quote, expected=expected)
     start = time.perf_counter()
-    client = KeyClient(brokers, node_id="n1", job_id=cfg["job"], evidence_for_set=batcher,
-                       timeout_s=60)
-    released = client.fetch_dek(tenant_id="acme", dataset_id=dataset, key_version=1)
-    print(json.dumps({"s": time.perf_counter() - start, "quotes": batcher.quotes_made}),
+    if side == "2x2serial":
+        dek, channels, made = serial_fetch(brokers, dataset)
+    else:
+        client = KeyClient(brokers, node_id="n1", job_id=cfg["job"], evidence_for_set=batcher,
+                           timeout_s=60)
+        dek = client.fetch_dek(tenant_id="acme", dataset_id=dataset, key_version=1).dek
+        channels, made = [client], batcher.quotes_made
+    print(json.dumps({"s": time.perf_counter() - start, "quotes": made}),
           flush=True)  # the DEK is in hand: that is the time measured
-    released.dek.zeroize()
-    client.close()  # closing a gRPC channel takes 100-200 ms; not part of acquisition
+    dek.zeroize()
+    for c in channels:
+        c.close()  # closing a gRPC channel takes 100-200 ms; not part of acquisition
     print("idle", flush=True)
 """
 
@@ -252,8 +299,10 @@ def main(quick: bool) -> None:
             cfg = {"pki": str(pki), "brokers": addresses, "tcti": tpm.tcti, "job": JOB,
                    "batch_dir": str(root / "batch")}
             ranks = [_Rank(cfg), _Rank(cfg)]
-            sides = {"1x1": ranks[:1], "2x2": ranks, "2x2 one quote per rank": ranks}
-            wire = {"1x1": "1x1", "2x2": "2x2", "2x2 one quote per rank": "2x2solo"}
+            sides = {"1x1": ranks[:1], "2x2": ranks, "2x2 one quote per rank": ranks,
+                     "2x2 before (serial)": ranks}
+            wire = {"1x1": "1x1", "2x2": "2x2", "2x2 one quote per rank": "2x2solo",
+                    "2x2 before (serial)": "2x2serial"}
             times: dict[str, list[float]] = {s: [] for s in sides}
             quotes: dict[str, list[int]] = {s: [] for s in sides}
             cpu: dict[str, float] = dict.fromkeys(sides, 0.0)
@@ -283,7 +332,7 @@ def main(quick: bool) -> None:
               f"includes closing the clients): {cpu[side] / rounds * 1e3:.0f} ms")
     print(f"  machine: {os.cpu_count()} cores, shared by the brokers, the ranks and the swtpm")
     base = statistics.median(times["1x1"])
-    for side in ("2x2", "2x2 one quote per rank"):
+    for side in ("2x2", "2x2 one quote per rank", "2x2 before (serial)"):
         print(f"  {side} / 1x1: {statistics.median(times[side]) / base:.2f}x")
     ratio = statistics.median(times["2x2"]) / base
     print(f"goal key_acquisition_2x2_vs_1x1: {ratio:.2f}x (target <= 1.5x) "
