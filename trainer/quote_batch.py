@@ -15,10 +15,15 @@ anything else is refused)::
     1. write req-<id> (the rank's items, n x 32 bytes) atomically (write, then rename)
     2. take flock(lock); holding it:
        a. resp-<id> exists: another rank quoted for us; read it, remove it, done
-       b. else lead: wait until ``expected`` requests are pending (at most ``gather_s``),
+       b. else lead: wait until ``expected`` requests are pending, but no longer than one
+          quote takes (the last quote's duration, in quote-seconds; at most ``gather_s``),
           take the pending requests (own items first, at most MAX_REPORT_DATA_SET items),
           quote once over the combined report data, write resp-<id> for every other rank
     3. release the lock
+
+Why wait at most one quote: a rank arriving ``d`` seconds after the leader gets its evidence at
+``d + Q`` if the leader waits for it, and at ``2Q`` if the leader quotes at once and the rank
+quotes next; waiting wins only while ``d < Q``.
 
 A leader that fails puts the requests it took back, so their ranks lead the next round; a
 leader killed mid-quote leaves its followers without a response, so each leads in turn with
@@ -56,7 +61,8 @@ from kms_broker.client import SharedEvidence
 
 __all__ = ["GATHER_S", "QuoteBatcher", "batch_directory"]
 
-GATHER_S = 0.25  # how long a leader waits for the other local ranks before it quotes
+GATHER_S = 0.25  # the longest a leader waits for the other local ranks before it quotes
+FIRST_QUOTE_S = 0.05  # what a quote is taken to cost before one has been timed here
 MAX_PAYLOAD = 1 << 20
 MAX_KIND = 64
 ITEM = 32
@@ -129,11 +135,14 @@ class QuoteBatcher:
     (``evidence_for_set``); ``quote(report_data) -> (kind, payload)`` makes the evidence."""
 
     def __init__(self, directory: Path, quote: Quote, *, expected: int = 1,
-                 gather_s: float = GATHER_S) -> None:
+                 gather_s: float = GATHER_S, wait_at_most_one_quote: bool = True) -> None:
+        """``wait_at_most_one_quote=False``: a leader waits for ``expected`` ranks up to
+        ``gather_s`` whatever a quote costs (tests use it to make sharing certain)."""
         self._dir = Path(directory)
         self._quote = quote
         self._expected = max(1, expected)
         self._gather_s = gather_s
+        self._cap = wait_at_most_one_quote
         self.quotes_made = 0  # by this process, as leader
         self.quotes_shared = 0  # received from another rank
 
@@ -171,7 +180,7 @@ class QuoteBatcher:
             self.quotes_shared += 1
             return evidence
         (directory / f"req-{me}").unlink(missing_ok=True)
-        deadline = time.monotonic() + self._gather_s
+        deadline = time.monotonic() + self.wait_s(directory)
         while (self._expected > 1 and len(self._pending(directory, me)) < self._expected - 1
                and time.monotonic() < deadline):
             time.sleep(0.002)
@@ -187,6 +196,7 @@ class QuoteBatcher:
         every = list(items)
         for data in taken.values():
             every += [data[i:i + ITEM] for i in range(0, len(data), ITEM)]
+        started = time.monotonic()
         try:
             if len(every) == 1:
                 kind, payload = self._quote(every[0])
@@ -199,11 +209,26 @@ class QuoteBatcher:
                 _write_atomic(directory / f"req-{other}", data)
             raise
         self.quotes_made += 1
+        _write_atomic(directory / "quote-seconds", f"{time.monotonic() - started:.6f}".encode())
         shared = _encode(SharedEvidence(kind, payload, tuple(every)))
         for other in taken:
             _write_atomic(directory / f"resp-{other}", shared)
         self._sweep(directory)
         return evidence
+
+    def wait_s(self, directory: Path) -> float:
+        """How long a leader waits for the other ranks' requests."""
+        if not self._cap:
+            return self._gather_s
+        return min(self._gather_s, self._quote_seconds(directory))
+
+    @staticmethod
+    def _quote_seconds(directory: Path) -> float:
+        try:
+            value = float((directory / "quote-seconds").read_text())
+        except (OSError, ValueError):
+            return FIRST_QUOTE_S
+        return value if 0 <= value < 60 else FIRST_QUOTE_S
 
     @staticmethod
     def _sweep(directory: Path) -> None:

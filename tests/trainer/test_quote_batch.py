@@ -33,7 +33,7 @@ directory, tcti, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
 items = [bytes([seed, k]) * 16 for k in range(2)]  # this rank's two brokers' sessions
 claims = {"node.ksm.enabled": False, "node.swap.enabled": False}
 batcher = QuoteBatcher(Path(directory), lambda rd: ("tpm2", collect_evidence(tcti, rd, claims)),
-                       expected=2, gather_s=float(sys.argv[4]))
+                       expected=2, gather_s=float(sys.argv[4]), wait_at_most_one_quote=False)
 ev = batcher(items)
 print(json.dumps({"made": batcher.quotes_made, "shared": batcher.quotes_shared,
                   "kind": ev.kind, "payload": ev.payload.hex(),
@@ -92,7 +92,8 @@ def test_a_failed_leader_hands_the_requests_back(tmp_path) -> None:
 
     def rank_a() -> None:
         try:
-            QuoteBatcher(directory, failing, expected=2, gather_s=HANG_GUARD_S)(a_items)
+            QuoteBatcher(directory, failing, expected=2, gather_s=HANG_GUARD_S,
+                         wait_at_most_one_quote=False)(a_items)
         except RuntimeError as exc:
             outcome["a"] = exc
 
@@ -124,3 +125,20 @@ def test_response_encoding_round_trips_and_rejects_damage() -> None:
     for bad in (data[:-1], data + b"!", b"KBQ0" + data[4:]):
         with pytest.raises(ValueError):
             _decode(bad)
+
+
+def test_a_leader_waits_no_longer_than_a_quote_takes(tmp_path) -> None:
+    from trainer.quote_batch import FIRST_QUOTE_S, GATHER_S
+
+    batcher = QuoteBatcher(tmp_path, lambda rd: ("k", rd), expected=2)
+    assert batcher.wait_s(tmp_path) == FIRST_QUOTE_S  # nothing timed yet
+    batcher([b"a" * 32])  # leads alone (no other rank) and records its quote's duration
+    recorded = float((tmp_path / "quote-seconds").read_text())
+    assert batcher.wait_s(tmp_path) == min(GATHER_S, recorded)
+    (tmp_path / "quote-seconds").write_text("10")
+    assert batcher.wait_s(tmp_path) == GATHER_S
+    (tmp_path / "quote-seconds").write_text("junk")
+    assert batcher.wait_s(tmp_path) == FIRST_QUOTE_S
+    uncapped = QuoteBatcher(tmp_path, lambda rd: ("k", rd), expected=2, gather_s=7.0,
+                            wait_at_most_one_quote=False)
+    assert uncapped.wait_s(tmp_path) == 7.0
