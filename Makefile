@@ -9,7 +9,7 @@ SYSTEM_PACKAGES := softhsm2 swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config
 TORCH_CPU := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-packages demo test lint protos check-protos bench clean
+.PHONY: setup system-packages demo test lint protos check-protos bench gpu-check clean
 
 setup: system-packages $(STAMP)
 
@@ -47,6 +47,13 @@ test: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks --quick
+
+# On an NVIDIA GPU machine (with a CUDA build of torch in the venv): CUDA tests, NCCL DDP,
+# the trainer on CUDA, a GPU memory scan after shredding, NVML facts; prints goal lines.
+# Without a GPU it stops at once with exit status 2.
+gpu-check: setup
+	$(BIN)/pip install -q -e ".[gpu]"
+	PY=$(BIN)/python bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) run .pytest_cache .ruff_cache .hypothesis

@@ -454,15 +454,21 @@ def evidence_claims(result: VerificationResult) -> dict[str, Any]:
 
 def default_verifiers() -> dict[str, EvidenceVerifier]:
     """Every verifier the broker offers, by kind."""
+    from attest.nvidia import NvidiaGpuVerifier
     from attest.snp import SnpVerifier
+    from attest.tdx import TdxVerifier
 
-    verifiers: dict[str, EvidenceVerifier] = {"sev-snp": SnpVerifier()}
+    verifiers: dict[str, EvidenceVerifier] = {
+        "sev-snp": SnpVerifier(), "tdx": TdxVerifier(), "nvidia-gpu": NvidiaGpuVerifier()}
     try:
         from attest.tpm2.verifier import Tpm2Verifier
     except ImportError:  # pragma: no cover - the tpm2 package is part of this project
         pass
     else:
         verifiers["tpm2"] = Tpm2Verifier()
+    from attest.composite import CompositeVerifier
+
+    verifiers["composite"] = CompositeVerifier(dict(verifiers))
     return verifiers
 
 

@@ -6,7 +6,8 @@ challenge from every broker at once; one piece of evidence covers every broker's
 ``expected_report_data(nonce, session_id, node_public_key)``; it attests, releases, opens the
 sealed shares and derives the DEK (shares zeroed). Evidence is a TPM 2.0 quote: the node's
 hardening facts and the digest of the trainer code (``attest.tpm2.agent``) are measured into
-the application PCR and quoted with the enrolled AK. The local ranks of a job share one quote
+the application PCR and quoted with the enrolled AK (or, with ``attestation.evidence:
+composite``, a CPU TEE report and one report per GPU). The local ranks of a job share one quote
 (:mod:`trainer.quote_batch`: whichever rank holds the TPM lock quotes once over every waiting
 rank's sessions), because the TPM runs one command at a time and measuring resets and extends
 one PCR.
@@ -67,12 +68,23 @@ class AttestedKeySource:
 
     # evidence -------------------------------------------------------------------------------
     def evidence_for(self, report_data: bytes) -> tuple[str, bytes]:
-        """TPM 2.0 evidence over ``report_data`` (facts + code digest measured and quoted)."""
+        """Evidence over ``report_data``: a TPM 2.0 quote (facts + code digest measured and
+        quoted), or with ``attestation.evidence: composite`` the CPU TEE report and one
+        report per GPU (``attest.tee_collect.collect_composite``)."""
         if self._evidence_for is not None:
             return self._evidence_for(report_data)
+        assert self._config.attestation is not None
+        if self._config.attestation.evidence == "composite":
+            from attest.nvidia.nvml import NvmlUnavailable
+            from attest.tee_collect import TeeUnavailable, collect_composite
+
+            try:
+                return "composite", collect_composite(report_data)
+            except (NvmlUnavailable, TeeUnavailable) as exc:
+                raise KeySourceUnavailable(f"no composite evidence on this node: {exc}") \
+                    from None
         from attest.tpm2.agent import collect_evidence
 
-        assert self._config.attestation is not None
         return "tpm2", collect_evidence(self._config.attestation.tcti, report_data)
 
     def _shared_quotes(self) -> Any:

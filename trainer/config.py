@@ -144,7 +144,9 @@ class AttestationConfig:
 
     node_id: str
     tcti: str = "device:/dev/tpmrm0"  # tpm2-tss TCTI: device:PATH, swtpm:host=..,port=..
-    evidence: Literal["tpm2"] = "tpm2"
+    # tpm2: a TPM quote; composite: a confidential GPU node's CPU TEE report (configfs-tsm)
+    # plus one NVIDIA GPU report per GPU (NVML), see attest/tee_collect.py
+    evidence: Literal["tpm2", "composite"] = "tpm2"
 
     def __post_init__(self) -> None:
         try:
@@ -157,8 +159,8 @@ class AttestationConfig:
             f"attestation.tcti must be device:PATH, swtpm:..., mssim:... or tabrmd:..., "
             f"got {self.tcti!r:.60}",
         )
-        _require(self.evidence == "tpm2", f"attestation.evidence must be tpm2, got "
-                 f"{self.evidence!r:.60}")
+        _require(self.evidence in ("tpm2", "composite"), f"attestation.evidence must be tpm2 "
+                 f"or composite, got {self.evidence!r:.60}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -85,7 +85,9 @@ class HclReport:
         return None
 
 
-def parse_hcl_report(data: bytes) -> HclReport:
+def parse_hcl_report(data: bytes, *, report_type: int = _REPORT_TYPE_SNP) -> HclReport:
+    """Parse an HCL report whose runtime data names ``report_type`` (2 SEV-SNP, 4 TDX: the
+    0x20..0x4C0 region then holds a 1024-byte TDREPORT and zero padding)."""
     if len(data) > MAX_HCL_SIZE:
         raise MalformedEvidence(f"HCL report is {len(data)} bytes, more than {MAX_HCL_SIZE}")
     if len(data) < _VAR_OFFSET:
@@ -99,12 +101,13 @@ def parse_hcl_report(data: bytes) -> HclReport:
         raise MalformedEvidence(
             f"HCL header is not a successful attestation report (version {version}, "
             f"request type {request_type}, status {status})")
-    data_size, runtime_version, report_type, hash_type, var_size = struct.unpack_from(
+    data_size, runtime_version, found_type, hash_type, var_size = struct.unpack_from(
         "<5I", data, _RUNTIME_OFFSET)
     if runtime_version != 1:
         raise MalformedEvidence(f"HCL runtime data version {runtime_version} is unknown")
-    if report_type != _REPORT_TYPE_SNP:
-        raise MalformedEvidence(f"HCL report type {report_type} is not SEV-SNP (2)")
+    if found_type != report_type:
+        name = {2: "SEV-SNP", 4: "TDX"}.get(report_type, "?")
+        raise MalformedEvidence(f"HCL report type {found_type} is not {name} ({report_type})")
     if hash_type not in _HASHES:
         raise MalformedEvidence(f"HCL report data hash type {hash_type} is unknown")
     if var_size > len(data) - _VAR_OFFSET or data_size != var_size + 20:

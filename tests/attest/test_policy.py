@@ -397,7 +397,9 @@ def test_production_on_snp_evidence_needs_node_facts_and_measurement() -> None:
 
 def test_offline_policy_test_errors() -> None:
     evidence, context = _snp_evidence()
-    with pytest.raises(ValueError, match="unknown evidence kind 'tdx'"):
+    with pytest.raises(ValueError, match="unknown evidence kind 'sgx'"):
+        policy_mod.test_policy_offline(SNP_POLICY, evidence, "sgx", context)
+    with pytest.raises(MalformedEvidence, match="TDX quote version"):  # tdx is known now
         policy_mod.test_policy_offline(SNP_POLICY, evidence, "tdx", context)
     with pytest.raises(MalformedEvidence):
         policy_mod.test_policy_offline(SNP_POLICY, evidence[:100], "sev-snp", context)
