@@ -20,8 +20,11 @@ and exits with code 3. Revocations pushed by the brokers (``WatchRevocations``) 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +41,11 @@ __all__ = ["AttestedKeySource"]
 log = logging.getLogger("trainer.attest")
 
 EvidenceFor = Callable[[bytes], tuple[str, bytes]]
+
+
+def _tpm_lock_path(tcti: str) -> Path:
+    tag = hashlib.sha256(tcti.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"trainer-tpm-{tag}.lock"
 
 
 class AttestedKeySource:
@@ -85,7 +93,14 @@ class AttestedKeySource:
                     from None
         from attest.tpm2.agent import collect_evidence
 
-        return "tpm2", collect_evidence(self._config.attestation.tcti, report_data)
+        tcti = self._config.attestation.tcti
+        # every process using this TPM takes turns: measuring resets and extends one PCR
+        with open(_tpm_lock_path(tcti), "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                return "tpm2", collect_evidence(tcti, report_data)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _shared_quotes(self) -> Any:
         """One quote for every local rank of this job waiting at this TPM."""
