@@ -14,6 +14,7 @@ from kms_broker.domain.admin import Admin
 from kms_broker.domain.clock import SystemClock, SystemRandom
 from kms_broker.domain.deps import BrokerDeps, Settings
 from kms_broker.domain.enrolment import NodeEnrolment
+from kms_broker.domain.janitor import Janitor
 from kms_broker.domain.node_flow import NodeFlow
 from kms_broker.domain.revocations import RevocationRelay
 from kms_broker.metrics import BrokerMetrics, TimedHsm
@@ -129,6 +130,8 @@ def build_server(config: BrokerConfig, *, hsm: Any = None, worker: int | None = 
         lease_ttl_ms=ttl.get("lease", 300_000),
         upload_ttl_ms=ttl.get("upload", 600_000),
         enrolment_ttl_ms=ttl.get("enrolment", 120_000),
+        max_pending_sessions_per_node=config.limits.pending_sessions_per_node,
+        max_pending_uploads_per_tenant=config.limits.pending_uploads_per_tenant,
     )
     deps = BrokerDeps(
         repo=SqliteRepository(state / "broker.db"),
@@ -151,6 +154,7 @@ def build_server(config: BrokerConfig, *, hsm: Any = None, worker: int | None = 
         metrics=metrics,
         enrolment=NodeEnrolment(deps, load_ek_trust(config)),
         worker=worker,
+        limits=config.limits,
     )
     if config.metrics_port is not None and worker is None:
         metrics.serve(config.metrics_port)
@@ -167,4 +171,7 @@ def build_server(config: BrokerConfig, *, hsm: Any = None, worker: int | None = 
                             origin=f"{os.getpid()}/{os.urandom(4).hex()}", now_ms=clock.now_ms)
     relay.start()
     server.on_stop.insert(0, relay.stop)
+    janitor = Janitor(repo=deps.repo, hsm=hsm, clock=clock, settings=settings)
+    janitor.start(config.janitor_interval_ms / 1000)
+    server.on_stop.insert(0, janitor.stop)
     return server

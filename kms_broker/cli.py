@@ -11,7 +11,7 @@
     kms-broker policy test POLICY.yaml EVIDENCE --kind K --report-data HEX   (offline)
     kms-broker grant create|revoke ...
     kms-broker node enrol NODE --tcti TCTI ...     (on the node, operator certificate)
-    kms-broker node revoke ...                     (operator certificate)
+    kms-broker node revoke|reinstate ...           (operator certificate)
     kms-broker audit verify|tail --state-dir DIR   (offline) or --broker ADDR (online)
 
 Client TLS material comes from ``--tls DIR`` (ca.pem, <name>.pem, <name>.key) or from
@@ -354,6 +354,15 @@ def cmd_node_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_node_reinstate(args: argparse.Namespace) -> int:
+    from kms_broker._proto.kmsbroker.v1 import broker_pb2 as pb
+
+    _operator_call(args, "ReinstateNode", pb.ReinstateNodeRequest(node_id=args.node))
+    print(f"node {args.node} reinstated at {len(args.broker)} broker(s): it may be enrolled "
+          f"again (and is refused until it is)")
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from kms_broker.audit import tail_log, verify_log
 
@@ -501,6 +510,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("node")
     _tls_args(p)
     p.set_defaults(func=cmd_node_revoke)
+    p = node.add_parser(
+        "reinstate", help="allow a revoked node to be enrolled again (audited)",
+        description="Revocation is sticky: a revoked node cannot be enrolled again until an "
+                    "operator reinstates it. The node stays refused until it enrols again.")
+    p.add_argument("node")
+    _tls_args(p)
+    p.set_defaults(func=cmd_node_reinstate)
 
     au = sub.add_parser("audit", help="audit log").add_subparsers(dest="action", required=True)
     for name in ("verify", "tail"):

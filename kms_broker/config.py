@@ -20,6 +20,15 @@ Example::
     metrics_port: 9464                  # optional Prometheus endpoint on 127.0.0.1
     workers: 1                          # broker processes on one port (see kms_broker.workers)
     ttl_ms: {session: 30000, token: 60000, lease: 300000, upload: 600000, enrolment: 120000}
+    limits:                             # per identity (kms_broker.limits); these are defaults
+      rate_per_s: 100                   # requests per second per certificate identity
+      burst: 500                        # token bucket size (a node's release is 3 calls)
+      inflight_per_identity: 16         # unary calls of one identity handled at once
+      streams_per_node: 8               # open WatchRevocations streams per node
+      max_streams: 32                   # all streams of one process (at most 32)
+      pending_sessions_per_node: 64     # unused challenges per node
+      pending_uploads_per_tenant: 64    # open uploads per tenant
+    janitor_interval_ms: 10000          # how often expired sessions/uploads/leases are purged
 
 Without ``ek_roots`` the broker refuses every TPM enrolment (``tpm2.ek_cert_untrusted``).
 
@@ -35,6 +44,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from kms_broker.limits import Limits
 
 __all__ = ["BrokerConfig", "ConfigError", "HsmConfig", "load_config", "read_secret_file"]
 
@@ -72,6 +83,8 @@ class BrokerConfig:
     metrics_port: int | None = None
     ttl_ms: dict[str, int] = field(default_factory=dict)
     workers: int = 1
+    limits: Limits = field(default_factory=Limits)
+    janitor_interval_ms: int = 10_000
 
 
 def read_secret_file(path: Path) -> bytearray:
@@ -116,7 +129,7 @@ def load_config(path: Path) -> BrokerConfig:
         raise ConfigError("config must be a mapping")
     known = {"broker_id", "listen", "state_dir", "tls", "hsm", "verifiers", "reference_values",
              "trusted_tenant_keys", "metrics_port", "ttl_ms", "ek_roots", "ek_intermediates",
-             "workers"}
+             "workers", "limits", "janitor_interval_ms"}
     if unknown := set(doc) - known:
         raise ConfigError(f"unknown config keys: {sorted(unknown)}")
     base = path.resolve().parent
@@ -156,6 +169,20 @@ def load_config(path: Path) -> BrokerConfig:
     if not isinstance(ttl, dict) or set(ttl) - {"session", "token", "lease", "upload",
                                                 "enrolment"}:
         raise ConfigError("ttl_ms keys are session, token, lease, upload, enrolment")
+    raw_limits = doc.get("limits") or {}
+    if not isinstance(raw_limits, dict):
+        raise ConfigError("limits must be a mapping")
+    if unknown_limits := set(raw_limits) - set(Limits.__dataclass_fields__):
+        raise ConfigError(f"unknown limits keys: {sorted(unknown_limits)}")
+    try:
+        limits = Limits(**raw_limits)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    janitor = doc.get("janitor_interval_ms", 10_000)
+    if isinstance(janitor, bool) or not isinstance(janitor, int) or not (
+        10 <= janitor <= 86_400_000
+    ):
+        raise ConfigError("janitor_interval_ms must be a whole number from 10 to 86400000")
     ek_files = {}
     for key in ("ek_roots", "ek_intermediates"):
         value = doc.get(key) or []
@@ -181,6 +208,8 @@ def load_config(path: Path) -> BrokerConfig:
             metrics_port=port,
             ttl_ms={k: int(v) for k, v in ttl.items()},
             workers=workers,
+            limits=limits,
+            janitor_interval_ms=janitor,
         )
     except KeyError as exc:
         raise ConfigError(f"missing config key {exc}") from None

@@ -1,10 +1,21 @@
-"""Authentication interceptor: binds the mTLS peer identity to each request.
+"""The request layer in front of every handler: decode, authenticate, rate-limit.
 
-For every RPC: the peer certificate must name an identity (``kms_broker.identity``); the
-service decides the role it needs (NodeService: node, TenantService: tenant, OperatorService:
-operator, health: any); and the request's ``node_id`` / ``tenant_id`` field must equal the
-certificate's id. Otherwise the call ends UNAUTHENTICATED before any domain code runs.
-The bound identity is available to servicers through :data:`CURRENT_IDENTITY`.
+For every RPC, before any servicer or domain code runs:
+
+1. Decode. The request bytes are parsed here, not by gRPC: bytes that are not a valid message
+   of the method's type (truncated or malformed protobuf, invalid UTF-8 in a string field)
+   end INVALID_ARGUMENT, never INTERNAL. A message over ``grpc.max_receive_message_length``
+   never gets this far: gRPC ends it RESOURCE_EXHAUSTED (``kms_broker.server``).
+2. Authenticate. The peer certificate must name an identity (``kms_broker.identity``); the
+   service decides the role it needs (NodeService: node, TenantService: tenant,
+   OperatorService: operator, health: any); and the request's ``node_id`` / ``tenant_id``
+   field must equal the certificate's id. Otherwise the call ends UNAUTHENTICATED.
+3. Rate-limit. One token from the identity's bucket (:class:`kms_broker.limits.RateLimiter`),
+   and for a unary call one of the identity's in-flight slots, or RESOURCE_EXHAUSTED. Health
+   checks are not limited.
+
+Refusals here are domain errors mapped by the one table (``kms_broker.errors``). The bound
+identity is available to servicers through :data:`CURRENT_IDENTITY`.
 """
 
 from __future__ import annotations
@@ -15,8 +26,16 @@ from typing import Any
 
 import grpc
 
+from kms_broker.domain.errors import (
+    BrokerError,
+    InvalidArgument,
+    ResourceExhausted,
+    Unauthenticated,
+)
 from kms_broker.domain.memo import BoundedCache
+from kms_broker.errors import status_for
 from kms_broker.identity import Identity, identity_from_certificate
+from kms_broker.limits import RateLimiter, StreamSlots
 
 __all__ = ["CURRENT_IDENTITY", "AuthInterceptor"]
 
@@ -51,8 +70,38 @@ def _peer_identity(context: grpc.ServicerContext) -> Identity | None:
     return ident
 
 
+class _Undecodable:
+    """What the request deserializer returns for bytes that are not a valid message."""
+
+    __slots__ = ("problem",)
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+
+def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # DecodeError, invalid UTF-8: whatever the bytes were
+            return _Undecodable(type(exc).__name__)
+
+    return parse
+
+
+def _abort(context: grpc.ServicerContext, error: BrokerError) -> None:
+    code, message = status_for(error)
+    context.abort(code, message)
+
+
 class AuthInterceptor(grpc.ServerInterceptor):
-    def __init__(self) -> None:
+    def __init__(self, limiter: RateLimiter | None = None,
+                 inflight: StreamSlots | None = None) -> None:
+        self._limiter = limiter
+        self._inflight = inflight
         self.roles = dict(SERVICE_ROLES)  # BrokerServer.add_service may add to it
 
     def intercept_service(
@@ -66,32 +115,49 @@ class AuthInterceptor(grpc.ServerInterceptor):
         service = handler_call_details.method.lstrip("/").split("/")[0]
         role, field = self.roles.get(service, ("__none__", None))
 
+        limiter = self._limiter if role is not None else None
+
         def check(request: Any, context: grpc.ServicerContext) -> Identity:
             ident = _peer_identity(context)
             if ident is None:
-                context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                              "client certificate names no broker identity")
+                _abort(context, Unauthenticated("client certificate names no broker identity"))
             assert ident is not None
+            if isinstance(request, _Undecodable):
+                _abort(context, InvalidArgument(
+                    f"request is not a valid {handler_call_details.method} message "
+                    f"({request.problem}: malformed protobuf or invalid UTF-8)"))
             if role is not None and ident.role != role:
-                context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                              f"{ident.role} certificates may not call {service}")
+                _abort(context, Unauthenticated(
+                    f"{ident.role} certificates may not call {service}"))
             if field is not None and getattr(request, field) != ident.id:
-                context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                              f"request {field} does not match the client certificate")
+                _abort(context, Unauthenticated(
+                    f"request {field} does not match the client certificate"))
+            if limiter is not None and not limiter.allow(str(ident)):
+                _abort(context, ResourceExhausted(
+                    f"{ident} is over its request rate; slow down and retry"))
             return ident
 
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary
 
+            inflight = self._inflight if limiter is not None else None
+
             def unary(request: Any, context: grpc.ServicerContext) -> Any:
-                token = CURRENT_IDENTITY.set(check(request, context))
+                ident = check(request, context)
+                key = str(ident)
+                if inflight is not None and not inflight.acquire(key):
+                    _abort(context, ResourceExhausted(
+                        f"{ident} has too many calls in flight; wait for one to finish"))
+                token = CURRENT_IDENTITY.set(ident)
                 try:
                     return inner_uu(request, context)
                 finally:
                     CURRENT_IDENTITY.reset(token)
+                    if inflight is not None:
+                        inflight.release(key)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary, handler.request_deserializer, handler.response_serializer
+                unary, _lenient(handler.request_deserializer), handler.response_serializer
             )
         if handler.unary_stream is not None:
             inner_us = handler.unary_stream
@@ -105,6 +171,6 @@ class AuthInterceptor(grpc.ServerInterceptor):
                     CURRENT_IDENTITY.reset(token)
 
             return grpc.unary_stream_rpc_method_handler(
-                stream, handler.request_deserializer, handler.response_serializer
+                stream, _lenient(handler.request_deserializer), handler.response_serializer
             )
         return handler  # stream-request methods: none in this API

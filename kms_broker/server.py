@@ -1,4 +1,9 @@
-"""The gRPC server: mTLS required, authentication interceptor, size limits, health service.
+"""The gRPC server: mTLS required, the request layer (decode, authenticate, rate-limit:
+``kms_broker.interceptors``), size limits, per-node stream caps, health service.
+
+A message over ``MAX_MESSAGE_BYTES`` ends RESOURCE_EXHAUSTED in gRPC itself. The handler pool
+(``kms_broker.limits.HANDLER_THREADS``) is larger than twice the stream cap, so open
+``WatchRevocations`` streams can never take every handler thread.
 
 TLS: ``grpc.ssl_server_credentials`` with ``require_client_auth=True``; gRPC core negotiates
 TLS 1.3 with current peers (Python's grpc exposes no switch to forbid 1.2).
@@ -18,6 +23,7 @@ from kms_broker.domain.admin import Admin
 from kms_broker.domain.enrolment import NodeEnrolment
 from kms_broker.domain.node_flow import NodeFlow
 from kms_broker.interceptors import AuthInterceptor
+from kms_broker.limits import HANDLER_THREADS, Limits, RateLimiter, StreamSlots, check_pool
 from kms_broker.metrics import BrokerMetrics
 from kms_broker.protocol import MAX_MESSAGE_BYTES
 from kms_broker.servicers import NodeServicer, OperatorServicer, TenantServicer
@@ -43,18 +49,23 @@ class BrokerServer:
         tls: TlsMaterial,
         address: str,
         metrics: BrokerMetrics | None = None,
-        max_workers: int = 64,
+        max_workers: int = HANDLER_THREADS,
         enrolment: NodeEnrolment | None = None,
         worker: int | None = None,
+        limits: Limits | None = None,
     ) -> None:
         """``worker``: this process is worker N of several on one port (kms_broker.workers):
         listen with SO_REUSEPORT and answer health checks for ``kmsbroker.worker/N``, which
         tells a client (or a test) which worker its connection reached."""
         self.metrics = metrics or BrokerMetrics()
         self.on_stop: list[Callable[[], None]] = []
+        limits = limits or Limits()
+        check_pool(limits, max_workers)
         flow.d.on_denial = lambda reason: self.metrics.denials.labels(reason=reason).inc()
         self.deps = flow.d
-        self._auth = AuthInterceptor()
+        self._auth = AuthInterceptor(
+            RateLimiter(limits.rate_per_s, limits.burst),
+            StreamSlots(per_key=limits.inflight_per_identity, total=max_workers * 4))
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="broker"),
             interceptors=[self._auth],
@@ -66,7 +77,9 @@ class BrokerServer:
             ],
             maximum_concurrent_rpcs=max_workers * 4,
         )
-        pb_grpc.add_NodeServiceServicer_to_server(NodeServicer(flow, self.metrics), self._server)
+        streams = StreamSlots(per_key=limits.streams_per_node, total=limits.max_streams)
+        pb_grpc.add_NodeServiceServicer_to_server(NodeServicer(flow, self.metrics, streams),
+                                                  self._server)
         pb_grpc.add_TenantServiceServicer_to_server(
             TenantServicer(admin, self.metrics), self._server
         )

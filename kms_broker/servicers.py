@@ -21,10 +21,16 @@ from kms_broker._proto.kmsbroker.v1 import broker_pb2_grpc as pb_grpc
 from kms_broker.audit import tail_log, verify_log
 from kms_broker.domain.admin import Admin
 from kms_broker.domain.enrolment import NodeEnrolment
-from kms_broker.domain.errors import BrokerError, PermissionDenied, Unavailable
+from kms_broker.domain.errors import (
+    BrokerError,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
 from kms_broker.domain.node_flow import NodeFlow
 from kms_broker.errors import status_for
 from kms_broker.interceptors import CURRENT_IDENTITY
+from kms_broker.limits import StreamSlots
 from kms_broker.metrics import BrokerMetrics
 from kms_broker.protocol import RULES_METADATA_KEY
 
@@ -68,9 +74,11 @@ def _rules(rules: Any) -> list[pb.RuleResult]:
 
 
 class NodeServicer(pb_grpc.NodeServiceServicer):
-    def __init__(self, flow: NodeFlow, metrics: BrokerMetrics) -> None:
+    def __init__(self, flow: NodeFlow, metrics: BrokerMetrics,
+                 streams: StreamSlots | None = None) -> None:
         self.flow = flow
         self.metrics = metrics
+        self.streams = streams or StreamSlots(per_key=8, total=32)
 
     def Challenge(self, request: pb.ChallengeRequest, context: grpc.ServicerContext) -> Any:
         c = run(context, lambda: self.flow.challenge(node_id=request.node_id,
@@ -111,8 +119,27 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
     def WatchRevocations(
         self, request: pb.WatchRevocationsRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.RevocationEvent]:
+        node_id = request.node_id
+        run(context, lambda: self.flow.check_watch(node_id=node_id), "WatchRevocations",
+            self.metrics)
+        if not self.streams.acquire(node_id):
+            def refuse() -> None:
+                error = ResourceExhausted(
+                    f"node {node_id} already holds its limit of revocation streams, or this "
+                    f"broker process its total; close one and retry")
+                self.flow.d.refused("watch", actor=f"node:{node_id}",
+                                    subject=f"node:{node_id}", error=error)
+                raise error
+            run(context, refuse, "WatchRevocations", self.metrics)
+        try:
+            yield from self._watch(node_id, context)
+        finally:
+            self.streams.release(node_id)
+
+    def _watch(self, node_id: str, context: grpc.ServicerContext
+               ) -> Iterator[pb.RevocationEvent]:
         hub = self.flow.d.revocations
-        q = hub.subscribe(request.node_id)
+        q = hub.subscribe(node_id)
         try:
             yield pb.RevocationEvent(reason="subscribed")  # tells the node the watch is live
             while context.is_active():
@@ -123,7 +150,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                 yield pb.RevocationEvent(lease_id=event.lease_id, tenant_id=event.tenant_id,
                                          dataset_id=event.dataset_id, reason=event.reason)
         finally:
-            hub.unsubscribe(request.node_id, q)
+            hub.unsubscribe(node_id, q)
 
 
 class TenantServicer(pb_grpc.TenantServiceServicer):
@@ -266,3 +293,9 @@ class OperatorServicer(pb_grpc.OperatorServiceServicer):
         n = run(context, lambda: self.admin.revoke_node(actor=actor, node_id=request.node_id),
                 "RevokeNode", self.metrics)
         return pb.RevokeNodeResponse(leases_revoked=n)
+
+    def ReinstateNode(self, request: Any, context: grpc.ServicerContext) -> Any:
+        actor = str(CURRENT_IDENTITY.get())
+        run(context, lambda: self.admin.reinstate_node(actor=actor, node_id=request.node_id),
+            "ReinstateNode", self.metrics)
+        return pb.ReinstateNodeResponse()

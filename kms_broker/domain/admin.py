@@ -1,12 +1,19 @@
 """Tenant- and operator-facing actions: tenants, uploads, datasets, policies, grants, keys,
-node revocation (enrolment is :mod:`kms_broker.domain.enrolment`). Each is audited before it
-acts (fail closed) and validates everything first, so bad input changes nothing.
+node revocation and reinstatement (enrolment is :mod:`kms_broker.domain.enrolment`).
+
+Each action validates everything first, so bad input changes nothing; then it is audited
+before it acts with outcome "allowed" (fail closed: no record, no action), as a release is.
+An action that fails after its record (the HSM refuses, the store is down) gets a second
+record with outcome "error" naming the failure (:meth:`Admin._acting`); input found bad
+after the action was identified (a sealed share of the wrong length) gets an "error" record
+only. No record ever says "ok" for an action that failed. Every refusal (policy, a shredded
+tenant, an expired upload) is audited as "denied".
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from kms_broker.domain.deps import BrokerDeps, check_id, check_size, hsm_errors
@@ -16,11 +23,11 @@ from kms_broker.domain.errors import (
     IntegrityFailure,
     InvalidArgument,
     NotFound,
-    PermissionDenied,
+    ResourceExhausted,
 )
 from kms_broker.domain.model import Dataset, DatasetShare, Grant, Tenant, Upload
-from kms_broker.grants import InvalidGrantSignature, verify_grant
-from kms_broker.sealing import import_transcript
+from kms_broker.grants import MAX_GRANT_SIZE, SIGNATURE_SIZE, InvalidGrantSignature, verify_grant
+from kms_broker.sealing import import_transcript, parse_sealed_blob
 from sealed.keys import MAX_SHARES
 
 __all__ = ["Admin", "OpenedUpload"]
@@ -43,17 +50,28 @@ class Admin:
         self._trusted = dict(trusted_tenant_keys)
 
     # ------------------------------------------------------------ helpers
-    def _tenant(self, tenant_id: str) -> Tenant:
+    def _tenant(self, tenant_id: str, event: str) -> Tenant:
         check_id("tenant", tenant_id)
         tenant = self.d.repo.get_tenant(tenant_id)
         if tenant is None:
             raise NotFound(f"tenant {tenant_id} is not registered")
         if tenant.status != "active":
-            raise PermissionDenied(f"tenant.shredded: tenant {tenant_id} has been shredded")
+            raise self.d.deny(event, actor=f"tenant:{tenant_id}", subject=f"tenant:{tenant_id}",
+                              reason=f"tenant.shredded: tenant {tenant_id} has been shredded")
         return tenant
 
     def _audit(self, event: str, actor: str, subject: str, reason: str = "") -> None:
-        self.d.audit.append(event, actor=actor, subject=subject, outcome="ok", reason=reason)
+        self.d.audit.append(event, actor=actor, subject=subject, outcome="allowed", reason=reason)
+
+    @contextlib.contextmanager
+    def _acting(self, event: str, actor: str, subject: str, reason: str = "") -> Iterator[None]:
+        """Audit the action (fail closed), run it, and if it fails, audit the failure."""
+        self._audit(event, actor, subject, reason)
+        try:
+            yield
+        except BaseException as exc:
+            self._audit_error(event, actor, subject, f"failed: {type(exc).__name__}: {exc}")
+            raise
 
     def _audit_error(self, event: str, actor: str, subject: str, reason: str) -> None:
         with contextlib.suppress(BrokerError):
@@ -75,14 +93,14 @@ class Admin:
             if existing.signing_public_key == signing_public_key and existing.status == "active":
                 return existing.kek_version  # idempotent re-registration
             raise AlreadyExists(f"tenant {tenant_id} is already registered with another key")
-        self._audit("register_tenant", actor, f"tenant:{tenant_id}")
-        with hsm_errors("creating the tenant KEK"):
-            if not self.d.hsm.has_tenant_kek(tenant_id, 1):
-                self.d.hsm.create_tenant_kek(tenant_id, 1)
-        self.d.repo.add_tenant(Tenant(tenant_id=tenant_id, signing_public_key=signing_public_key,
-                                      kek_version=1, created_ms=self.d.clock.now_ms(),
-                                      binding_sig=self.d.sign_tenant(tenant_id,
-                                                                     signing_public_key)))
+        with self._acting("register_tenant", actor, f"tenant:{tenant_id}"):
+            with hsm_errors("creating the tenant KEK"):
+                if not self.d.hsm.has_tenant_kek(tenant_id, 1):
+                    self.d.hsm.create_tenant_kek(tenant_id, 1)
+            self.d.repo.add_tenant(Tenant(
+                tenant_id=tenant_id, signing_public_key=signing_public_key, kek_version=1,
+                created_ms=self.d.clock.now_ms(),
+                binding_sig=self.d.sign_tenant(tenant_id, signing_public_key)))
         return 1
 
     # ------------------------------------------------------------ uploads
@@ -90,7 +108,7 @@ class Admin:
         self, *, tenant_id: str, dataset_id: str, key_version: int, share_index: int,
         share_count: int,
     ) -> OpenedUpload:
-        self._tenant(tenant_id)
+        self._tenant(tenant_id, "open_upload")
         check_id("dataset", dataset_id)
         if not 1 <= key_version <= MAX_KEY_VERSION:
             raise InvalidArgument("key_version must be from 1 to 2**32-1")
@@ -104,22 +122,34 @@ class Admin:
             raise InvalidArgument("dataset exists with another share index or count")
         if self.d.repo.get_share(tenant_id, dataset_id, key_version) is not None:
             raise AlreadyExists(f"{tenant_id}/{dataset_id} already has key version {key_version}")
+        now = self.d.clock.now_ms()
+        limit = self.d.settings.max_pending_uploads_per_tenant
+        if self.d.repo.pending_uploads(tenant_id, now, limit) >= limit:
+            error = ResourceExhausted(f"tenant {tenant_id} has {limit} uploads open; commit "
+                                      f"them or wait for them to expire")
+            self.d.refused("open_upload", actor=f"tenant:{tenant_id}",
+                           subject=f"dataset:{tenant_id}/{dataset_id}", error=error)
+            raise error
         upload_id = self.d.random.token_id()
-        expires = self.d.clock.now_ms() + self.d.settings.upload_ttl_ms
-        self._audit("open_upload", f"tenant:{tenant_id}", f"dataset:{tenant_id}/{dataset_id}",
-                    f"upload {upload_id}, key version {key_version}")
-        with hsm_errors("creating an import key"):
-            public_key = self.d.hsm.create_import_key(upload_id)
-        if dataset is None:
-            self.d.repo.put_dataset(Dataset(
-                tenant_id=tenant_id, dataset_id=dataset_id, share_index=share_index,
-                share_count=share_count, created_ms=self.d.clock.now_ms(),
+        expires = now + self.d.settings.upload_ttl_ms
+        with self._acting("open_upload", f"tenant:{tenant_id}",
+                          f"dataset:{tenant_id}/{dataset_id}",
+                          f"upload {upload_id}, key version {key_version}"):
+            # the row first: the janitor finds every import key through its upload row, so
+            # a key pair the HSM made is never left on the token with nothing naming it
+            if dataset is None:
+                self.d.repo.put_dataset(Dataset(
+                    tenant_id=tenant_id, dataset_id=dataset_id, share_index=share_index,
+                    share_count=share_count, created_ms=now,
+                ))
+            self.d.repo.add_upload(Upload(
+                upload_id=upload_id, tenant_id=tenant_id, dataset_id=dataset_id,
+                key_version=key_version, share_index=share_index, share_count=share_count,
+                expires_ms=expires, import_public_key=b"",
             ))
-        self.d.repo.add_upload(Upload(
-            upload_id=upload_id, tenant_id=tenant_id, dataset_id=dataset_id,
-            key_version=key_version, share_index=share_index, share_count=share_count,
-            expires_ms=expires, import_public_key=public_key,
-        ))
+            with hsm_errors("creating an import key"):
+                public_key = self.d.hsm.create_import_key(upload_id)
+            self.d.repo.set_upload_public_key(upload_id, public_key)
         transcript = import_transcript(
             import_id=upload_id, tenant_id=tenant_id, dataset_id=dataset_id,
             key_version=key_version, share_index=share_index,
@@ -128,40 +158,48 @@ class Admin:
         return OpenedUpload(upload_id, public_key, transcript, expires)
 
     def commit_share(self, *, tenant_id: str, upload_id: str, sealed_share: bytes) -> None:
-        tenant = self._tenant(tenant_id)
+        tenant = self._tenant(tenant_id, "commit_share")
+        actor = f"tenant:{tenant_id}"
         check_id("upload", upload_id)
         check_size("sealed_share", sealed_share, self.d.settings.max_sealed_share_bytes)
         upload = self.d.repo.get_upload(upload_id)
-        if upload is None or upload.tenant_id != tenant_id:
+        if upload is None or upload.tenant_id != tenant_id or not upload.import_public_key:
             raise NotFound("unknown upload id for this tenant")
+        subject = f"dataset:{tenant_id}/{upload.dataset_id}@v{upload.key_version}"
         if upload.committed:
             raise AlreadyExists("this upload was already committed")
         if self.d.clock.now_ms() >= upload.expires_ms:
-            raise PermissionDenied("upload.expired: the upload session has expired")
-        subject = f"dataset:{tenant_id}/{upload.dataset_id}@v{upload.key_version}"
+            raise self.d.deny("commit_share", actor=actor, subject=subject,
+                              reason="upload.expired: the upload session has expired")
+        try:
+            parse_sealed_blob(sealed_share)  # the wire format, before anything is recorded
+        except ValueError as exc:
+            self._audit_error("commit_share", actor, subject, f"upload {upload_id}: {exc}")
+            raise InvalidArgument(f"sealed_share: {exc}") from None
         transcript = import_transcript(
             import_id=upload_id, tenant_id=tenant_id, dataset_id=upload.dataset_id,
             key_version=upload.key_version, share_index=upload.share_index,
             broker_id=self.d.settings.broker_id, import_public_key=upload.import_public_key,
         )
-        self._audit("commit_share", f"tenant:{tenant_id}", subject, f"upload {upload_id}")
-        try:
-            with hsm_errors("importing the share"):
-                wrapped = self.d.hsm.import_share(
-                    upload_id, sealed_share, transcript, tenant_id, tenant.kek_version
-                )
-        except IntegrityFailure:
-            self._audit_error("commit_share", f"tenant:{tenant_id}", subject,
-                              "sealed share did not open under the import key")
-            raise InvalidArgument(
-                "sealed share did not open under this upload's import key and transcript"
-            ) from None
-        if not self.d.repo.mark_upload_committed(upload_id):
-            raise AlreadyExists("this upload was already committed")
-        self.d.repo.put_share(DatasetShare(
-            tenant_id=tenant_id, dataset_id=upload.dataset_id, key_version=upload.key_version,
-            kek_version=tenant.kek_version, wrapped_share=wrapped,
-        ))
+        with self._acting("commit_share", actor, subject, f"upload {upload_id}"):
+            try:
+                with hsm_errors("importing the share"):
+                    wrapped = self.d.hsm.import_share(
+                        upload_id, sealed_share, transcript, tenant_id, tenant.kek_version
+                    )
+            except IntegrityFailure:
+                raise InvalidArgument(
+                    "sealed share did not open under this upload's import key and transcript"
+                ) from None
+            except (ValueError, TypeError) as exc:  # malformed whatever the key
+                raise InvalidArgument(f"sealed_share: {exc}") from None
+            if not self.d.repo.mark_upload_committed(upload_id):
+                raise AlreadyExists("this upload was already committed")
+            self.d.repo.put_share(DatasetShare(
+                tenant_id=tenant_id, dataset_id=upload.dataset_id,
+                key_version=upload.key_version, kek_version=tenant.kek_version,
+                wrapped_share=wrapped,
+            ))
         with contextlib.suppress(BrokerError), hsm_errors("destroying the import key"):
             self.d.hsm.destroy_import_key(upload_id)
 
@@ -169,7 +207,7 @@ class Admin:
         self, *, tenant_id: str, dataset_id: str, key_version: int, manifest_name: str,
         store_uri: str, holders: tuple[str, ...],
     ) -> None:
-        self._tenant(tenant_id)
+        self._tenant(tenant_id, "register_dataset")
         check_id("dataset", dataset_id)
         for what, text in (("manifest_name", manifest_name), ("store_uri", store_uri),
                            *(("holder", h) for h in holders)):
@@ -181,13 +219,14 @@ class Admin:
         if holders and len(holders) != dataset.share_count:
             raise InvalidArgument(f"holders lists {len(holders)} brokers, the dataset has "
                                   f"{dataset.share_count} shares")
-        self._audit("register_dataset", f"tenant:{tenant_id}", f"dataset:{tenant_id}/{dataset_id}",
-                    f"key version {key_version}")
-        self.d.repo.put_dataset(Dataset(
-            tenant_id=tenant_id, dataset_id=dataset_id, share_index=dataset.share_index,
-            share_count=dataset.share_count, manifest_name=manifest_name, store_uri=store_uri,
-            holders=tuple(holders), status="active", created_ms=dataset.created_ms,
-        ))
+        with self._acting("register_dataset", f"tenant:{tenant_id}",
+                          f"dataset:{tenant_id}/{dataset_id}", f"key version {key_version}"):
+            self.d.repo.put_dataset(Dataset(
+                tenant_id=tenant_id, dataset_id=dataset_id, share_index=dataset.share_index,
+                share_count=dataset.share_count, manifest_name=manifest_name,
+                store_uri=store_uri, holders=tuple(holders), status="active",
+                created_ms=dataset.created_ms,
+            ))
 
     def list_datasets(self, tenant_id: str) -> list[tuple[Dataset, list[DatasetShare]]]:
         check_id("tenant", tenant_id)
@@ -197,32 +236,36 @@ class Admin:
                 for ds in self.d.repo.list_datasets(tenant_id)]
 
     def delete_dataset(self, *, tenant_id: str, dataset_id: str) -> int:
-        self._tenant(tenant_id)
+        self._tenant(tenant_id, "delete_dataset")
         check_id("dataset", dataset_id)
         if self.d.repo.get_dataset(tenant_id, dataset_id) is None:
             raise NotFound(f"dataset {tenant_id}/{dataset_id} does not exist")
-        self._audit("delete_dataset", f"tenant:{tenant_id}", f"dataset:{tenant_id}/{dataset_id}")
-        leases = self.d.repo.revoke_leases(now_ms=self.d.clock.now_ms(), tenant_id=tenant_id,
-                                           dataset_id=dataset_id)
-        self.d.repo.delete_dataset(tenant_id, dataset_id)
+        with self._acting("delete_dataset", f"tenant:{tenant_id}",
+                          f"dataset:{tenant_id}/{dataset_id}"):
+            leases = self.d.repo.revoke_leases(now_ms=self.d.clock.now_ms(),
+                                               tenant_id=tenant_id, dataset_id=dataset_id)
+            self.d.repo.delete_dataset(tenant_id, dataset_id)
         self.d.revocations.publish(leases, "dataset deleted")
         return len(leases)
 
     # ------------------------------------------------------ policies, grants
     def put_policy(self, *, tenant_id: str, text: str) -> str:
-        self._tenant(tenant_id)
+        self._tenant(tenant_id, "put_policy")
         check_size("policy", text.encode(), self.d.settings.max_policy_bytes)
         try:
             policy = self.d.load_policy(text)
         except (ValueError, TypeError) as exc:
             raise InvalidArgument(f"policy rejected: {exc}") from None
-        self._audit("put_policy", f"tenant:{tenant_id}", f"policy:{policy.digest}")
-        self.d.repo.put_policy(tenant_id, policy.digest, text)
+        with self._acting("put_policy", f"tenant:{tenant_id}", f"policy:{policy.digest}"):
+            self.d.repo.put_policy(tenant_id, policy.digest, text)
         return policy.digest
 
     def create_grant(self, *, tenant_id: str, document: bytes, signature: bytes) -> str:
-        tenant = self._tenant(tenant_id)
+        tenant = self._tenant(tenant_id, "create_grant")
         actor = f"tenant:{tenant_id}"
+        check_size("grant", document, MAX_GRANT_SIZE)
+        if len(signature) != SIGNATURE_SIZE:
+            raise InvalidArgument(f"grant signature must be {SIGNATURE_SIZE} bytes")
         self.d.require_bound(tenant, event="create_grant", actor=actor,
                              subject=f"tenant:{tenant_id}")
         try:
@@ -242,34 +285,40 @@ class Admin:
             raise NotFound(f"policy {doc.policy_digest[:12]} is not stored; put it first")
         if doc.expires_unix_ms <= self.d.clock.now_ms():
             raise InvalidArgument("grant has already expired")
-        if self.d.repo.get_grant(doc.grant_id) is not None:
+        if self.d.repo.get_grant(tenant_id, doc.grant_id) is not None:  # ids are per tenant
             raise AlreadyExists(f"grant {doc.grant_id} exists")
-        self._audit("create_grant", actor, f"grant:{doc.grant_id}",
-                    f"dataset {doc.dataset_id}, job {doc.job_id}, max {doc.max_nodes} nodes")
-        self.d.repo.add_grant(Grant(
-            grant_id=doc.grant_id, tenant_id=tenant_id, dataset_id=doc.dataset_id,
-            job_id=doc.job_id, policy_digest=doc.policy_digest, max_nodes=doc.max_nodes,
-            expires_ms=doc.expires_unix_ms,
-        ), document, signature)
+        with self._acting("create_grant", actor, f"grant:{doc.grant_id}",
+                          f"dataset {doc.dataset_id}, job {doc.job_id}, "
+                          f"max {doc.max_nodes} nodes"):
+            self.d.repo.add_grant(Grant(
+                grant_id=doc.grant_id, tenant_id=tenant_id, dataset_id=doc.dataset_id,
+                job_id=doc.job_id, policy_digest=doc.policy_digest, max_nodes=doc.max_nodes,
+                expires_ms=doc.expires_unix_ms,
+            ), document, signature)
         return doc.grant_id
 
     def revoke_grant(self, *, tenant_id: str, grant_id: str) -> int:
         check_id("tenant", tenant_id)
         check_id("grant", grant_id)
-        grant = self.d.repo.get_grant(grant_id)
-        if grant is None or grant.tenant_id != tenant_id:
+        grant = self.d.repo.get_grant(tenant_id, grant_id)
+        if grant is None:
             raise NotFound(f"grant {grant_id} does not exist for tenant {tenant_id}")
-        self._audit("revoke_grant", f"tenant:{tenant_id}", f"grant:{grant_id}")
-        self.d.repo.revoke_grant(grant_id)
-        leases = self.d.repo.revoke_leases(now_ms=self.d.clock.now_ms(), grant_id=grant_id)
+        with self._acting("revoke_grant", f"tenant:{tenant_id}", f"grant:{grant_id}"):
+            self.d.repo.revoke_grant(tenant_id, grant_id)
+            leases = self.d.repo.revoke_leases(now_ms=self.d.clock.now_ms(), grant_id=grant_id,
+                                               tenant_id=tenant_id)
         self.d.revocations.publish(leases, f"grant {grant_id} revoked")
         return len(leases)
 
     # ------------------------------------------------------------ keys
     def rotate_kek(self, tenant_id: str) -> tuple[int, int]:
-        tenant = self._tenant(tenant_id)
+        tenant = self._tenant(tenant_id, "rotate_kek")
         new = tenant.kek_version + 1
-        self._audit("rotate_kek", f"tenant:{tenant_id}", f"tenant:{tenant_id}", f"to v{new}")
+        with self._acting("rotate_kek", f"tenant:{tenant_id}", f"tenant:{tenant_id}",
+                          f"to v{new}"):
+            return self._rotate(tenant_id, new)
+
+    def _rotate(self, tenant_id: str, new: int) -> tuple[int, int]:
         with hsm_errors("KEK rotation"):
             if not self.d.hsm.has_tenant_kek(tenant_id, new):
                 self.d.hsm.create_tenant_kek(tenant_id, new)
@@ -289,12 +338,13 @@ class Admin:
         return new, len(rewrapped)
 
     def shred_tenant(self, tenant_id: str) -> int:
-        self._tenant(tenant_id)
-        self._audit("shred_tenant", f"tenant:{tenant_id}", f"tenant:{tenant_id}")
-        self.d.repo.set_tenant_status(tenant_id, "shredded")
-        with hsm_errors("shredding"):
-            destroyed = self.d.hsm.destroy_tenant_keks(tenant_id)
-        leases = self.d.repo.revoke_leases(now_ms=self.d.clock.now_ms(), tenant_id=tenant_id)
+        self._tenant(tenant_id, "shred_tenant")
+        with self._acting("shred_tenant", f"tenant:{tenant_id}", f"tenant:{tenant_id}"):
+            self.d.repo.set_tenant_status(tenant_id, "shredded")
+            with hsm_errors("shredding"):
+                destroyed = self.d.hsm.destroy_tenant_keks(tenant_id)
+            leases = self.d.repo.revoke_leases(now_ms=self.d.clock.now_ms(),
+                                               tenant_id=tenant_id)
         self.d.revocations.publish(leases, f"tenant {tenant_id} shredded")
         return destroyed
 
@@ -303,8 +353,22 @@ class Admin:
         check_id("node", node_id)
         if self.d.repo.get_node(node_id) is None:
             raise NotFound(f"node {node_id} is not enrolled")
-        self._audit("revoke_node", actor, f"node:{node_id}")
-        self.d.repo.revoke_node(node_id)
-        leases = self.d.repo.revoke_leases(now_ms=self.d.clock.now_ms(), node_id=node_id)
+        with self._acting("revoke_node", actor, f"node:{node_id}"):
+            self.d.repo.revoke_node(node_id)
+            leases = self.d.repo.revoke_leases(now_ms=self.d.clock.now_ms(), node_id=node_id)
         self.d.revocations.publish(leases, f"node {node_id} revoked")
         return len(leases)
+
+    def reinstate_node(self, *, actor: str, node_id: str) -> None:
+        """Allow a revoked node to be enrolled again. Revocation is sticky: without this,
+        audited, step every enrolment of a revoked node id is refused. The node stays
+        refused until it is enrolled again (with fresh TPM evidence)."""
+        check_id("node", node_id)
+        node = self.d.repo.get_node(node_id)
+        if node is None:
+            raise NotFound(f"node {node_id} is not enrolled")
+        if not node.revoked or node.reinstated:
+            raise InvalidArgument(f"node {node_id} is not revoked; nothing to reinstate")
+        with self._acting("reinstate_node", actor, f"node:{node_id}",
+                          "re-enrolment allowed"):
+            self.d.repo.reinstate_node(node_id)

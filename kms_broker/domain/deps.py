@@ -70,12 +70,18 @@ class Settings:
     max_evidence_bytes: int = 1 << 20
     max_policy_bytes: int = 64 << 10
     max_sealed_share_bytes: int = 512
+    # per identity, so one node or tenant cannot grow the state without bound
+    max_pending_sessions_per_node: int = 64
+    max_pending_uploads_per_tenant: int = 64
 
     def __post_init__(self) -> None:
         for name in ("session_ttl_ms", "token_ttl_ms", "lease_ttl_ms", "upload_ttl_ms",
                      "enrolment_ttl_ms"):
             if not 0 < getattr(self, name) <= 7 * 86_400_000:
                 raise ValueError(f"{name} must be between 1 ms and 7 days")
+        for name in ("max_pending_sessions_per_node", "max_pending_uploads_per_tenant"):
+            if not 1 <= getattr(self, name) <= 1 << 20:
+                raise ValueError(f"{name} must be from 1 to 2**20")
 
 
 @dataclass(slots=True, kw_only=True)
@@ -121,6 +127,14 @@ class BrokerDeps:
         raise self.deny(event, actor=actor, subject=subject,
                         reason=f"state.tampered: the stored record of {what} does not carry "
                                f"this broker's signature (edited or copied in the database)")
+
+    def refused(self, event: str, *, actor: str, subject: str, error: BaseException) -> None:
+        """Audit a refusal that is not a policy denial (an unknown id, a bad token, a limit),
+        best effort like :meth:`deny`: the refusal stands even if the log is down."""
+        self.on_denial(type(error).__name__)
+        with contextlib.suppress(Unavailable):
+            self.audit.append(event, actor=actor, subject=subject, outcome="denied",
+                              reason=f"{type(error).__name__}: {error}")
 
     def deny(
         self,

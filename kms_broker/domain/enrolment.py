@@ -10,6 +10,11 @@ the AK lives on that same TPM (DESIGN.md section 6, :mod:`attest.tpm2.enrolment`
    consumes it too, so the secret cannot be guessed by retrying), compares the answer in
    constant time and stores the node with its AK (TPMT_PUBLIC) and EK certificate.
 
+Revocation is sticky: a revoked node id is refused at both steps (``node.revoked``) until an
+operator reinstates it (:meth:`kms_broker.domain.admin.Admin.reinstate_node`, audited); the
+store re-checks this in the same statement that writes the node, so a revocation that lands
+between the steps still wins.
+
 Every enrolment and every refusal is in the audit log; the enrolment itself is audited before
 the node is stored, so an audit failure enrols nothing (fail closed). Refusals are
 ``PermissionDenied`` whose rules are the verifier's failures (ids ``tpm2.*``) or
@@ -93,6 +98,21 @@ class NodeEnrolment:
         return self.d.deny(event, actor=actor, subject=subject,
                            reason=f"enrolment.refused: {ids}", rules=_rules(failures))
 
+    def _not_revoked(self, event: str, actor: str, node_id: str) -> None:
+        node = self.d.repo.get_node(node_id)
+        if node is not None and node.revoked and not node.reinstated:
+            raise self._revoked(event, actor, node_id)
+
+    def _revoked(self, event: str, actor: str, node_id: str) -> PermissionDenied:
+        return self.d.deny(event, actor=actor, subject=f"node:{node_id}",
+                           reason=f"node.revoked: node {node_id} was revoked; an operator must "
+                                  f"reinstate it (kms-broker node reinstate) before it is "
+                                  f"enrolled again")
+
+    def _store(self, event: str, actor: str, node: Node) -> None:
+        if not self.d.repo.put_node(node):
+            raise self._revoked(event, actor, node.node_id)
+
     def _purge_expired(self, now_ms: int) -> None:
         for key in [k for k, p in self._pending.items() if p.expires_ms <= now_ms]:
             del self._pending[key]
@@ -107,6 +127,7 @@ class NodeEnrolment:
         check_size("ek_public", ek_public, MAX_PUBLIC_BYTES)
         check_size("ak_public", ak_public, MAX_PUBLIC_BYTES)
         subject = f"node:{node_id}"
+        self._not_revoked("enrol_node_begin", actor, node_id)
         if self._trust is None:
             raise self._refuse("enrol_node_begin", actor, subject, (Failure(
                 "tpm2.ek_cert_untrusted",
@@ -125,7 +146,7 @@ class NodeEnrolment:
             self._purge_expired(now)
             if len(self._pending) >= MAX_PENDING:
                 raise ResourceExhausted(f"{MAX_PENDING} enrolments are pending; retry later")
-            self.d.audit.append("enrol_node_begin", actor=actor, subject=subject, outcome="ok",
+            self.d.audit.append("enrol_node_begin", actor=actor, subject=subject, outcome="allowed",
                                 reason=f"enrolment {enrolment_id}, scope {tenant_scope or 'any'}")
             self._pending[enrolment_id] = _Pending(node_id, tenant_scope, actor, expires, state)
         return BegunEnrolment(enrolment_id, challenge.credential_blob, challenge.encrypted_secret,
@@ -150,16 +171,16 @@ class NodeEnrolment:
             enrolled = complete_enrolment(pending.state, activated_secret)
         except EnrolmentRefused as exc:
             raise self._refuse("enrol_node", actor, subject, exc.failures) from None
+        self._not_revoked("enrol_node", actor, pending.node_id)
         self.d.audit.append(
-            "enrol_node", actor=actor, subject=subject, outcome="ok",
+            "enrol_node", actor=actor, subject=subject, outcome="allowed",
             reason=f"AK {enrolled.ak_name.hex()} bound to EK certificate sha256 "
                    f"{enrolled.ek_certificate_sha256}, scope {pending.tenant_scope or 'any'}")
-        self.d.repo.put_node(Node(node_id=pending.node_id, tenant_scope=pending.tenant_scope,
-                                  ak_public=enrolled.ak_public,
-                                  ek_certificate=pending.state.ek_certificate,
-                                  enrolled_ms=now,
-                                  binding_sig=self.d.sign_node(
-                                      pending.node_id, pending.tenant_scope, enrolled.ak_public,
-                                      pending.state.ek_certificate)))
+        self._store("enrol_node", actor, Node(
+            node_id=pending.node_id, tenant_scope=pending.tenant_scope,
+            ak_public=enrolled.ak_public, ek_certificate=pending.state.ek_certificate,
+            enrolled_ms=now, binding_sig=self.d.sign_node(
+                pending.node_id, pending.tenant_scope, enrolled.ak_public,
+                pending.state.ek_certificate)))
         return CompletedEnrolment(pending.node_id, enrolled.ak_name,
                                   enrolled.ek_certificate_sha256)

@@ -69,6 +69,7 @@ class Node:
     ak_public: bytes
     ek_certificate: bytes
     revoked: bool = False
+    reinstated: bool = False  # revoked, and an operator allowed its next enrolment
     enrolled_ms: int = 0
     binding_sig: bytes = b""  # broker signature over (node_id, scope, AK, EK cert)
 

@@ -9,11 +9,12 @@ node's one-time key in one call.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -45,6 +46,41 @@ __all__ = ["AttestResult", "Challenge", "NodeFlow", "ReleaseResult"]
 
 NONCE_SIZE = 32
 MAX_KEY_VERSION = 2**32 - 1
+F = TypeVar("F", bound=Callable[..., Any])
+
+# the audit subject of each node-facing step, from its keyword arguments
+_SUBJECTS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "challenge": lambda a: f"job:{a.get('job_id', '')}",
+    "attest": lambda a: f"session:{a.get('session_id', '')}",
+    "release": lambda a: (f"dataset:{a.get('tenant_id', '')}/{a.get('dataset_id', '')}"
+                          f"@v{a.get('key_version', 0)}"),
+    "renew": lambda a: f"lease:{a.get('lease_id', '')}",
+    "watch": lambda a: f"node:{a.get('node_id', '')}",
+}
+
+
+def audited_refusals(event: str) -> Callable[[F], F]:
+    """Every refusal of a step is in the audit log, not only policy denials (which
+    ``deps.deny`` audits): an unknown node, session, dataset or lease (NOT_FOUND) and a bad
+    token (UNAUTHENTICATED) are audited as "denied", and so is a per-identity limit (the
+    step audits that itself). Malformed or oversized input (INVALID_ARGUMENT,
+    RESOURCE_EXHAUSTED from a size check) changes nothing and is not audited."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def step(self: NodeFlow, **kwargs: Any) -> Any:
+            try:
+                return fn(self, **kwargs)
+            except (NotFound, Unauthenticated) as exc:
+                self.d.refused(event, actor=f"node:{kwargs.get('node_id', '')}",
+                               subject=_SUBJECTS[event](kwargs), error=exc)
+                raise
+
+        return step  # type: ignore[return-value]
+
+    return wrap
+
+
 @dataclass(frozen=True, slots=True)
 class Challenge:
     nonce: bytes
@@ -164,12 +200,26 @@ class NodeFlow:
                               reason=f"node.revoked: node {node_id} has been revoked")
         self.d.require_bound(node, event=event, actor=actor, subject=subject)
 
+    # ----------------------------------------------------------- watch
+    @audited_refusals("watch")
+    def check_watch(self, *, node_id: str) -> None:
+        """Only an enrolled, unrevoked node whose record is this broker's may watch."""
+        check_id("node", node_id)
+        self._live_node(node_id, f"node:{node_id}", "watch", f"node:{node_id}")
+
     # ----------------------------------------------------------- challenge
+    @audited_refusals("challenge")
     def challenge(self, *, node_id: str, job_id: str) -> Challenge:
         check_id("node", node_id)
         check_id("job", job_id)
         actor = f"node:{node_id}"
         self._live_node(node_id, actor, "challenge", f"job:{job_id}")
+        limit = self.d.settings.max_pending_sessions_per_node
+        if self.d.repo.pending_sessions(node_id, self.d.clock.now_ms(), limit) >= limit:
+            error = ResourceExhausted(f"node {node_id} has {limit} unused challenges pending; "
+                                      f"attest or wait for them to expire")
+            self.d.refused("challenge", actor=actor, subject=f"job:{job_id}", error=error)
+            raise error
         session = Session(
             session_id=self.d.random.token_id(),
             node_id=node_id,
@@ -181,6 +231,7 @@ class NodeFlow:
         return Challenge(session.nonce, session.session_id, session.expires_ms)
 
     # -------------------------------------------------------------- attest
+    @audited_refusals("attest")
     def attest(
         self, *, node_id: str, session_id: str, kind: str, payload: bytes, node_public_key: bytes,
         report_data_set: Sequence[bytes] = (),
@@ -203,7 +254,8 @@ class NodeFlow:
             raise InvalidArgument(
                 f"evidence kind {kind!r:.40} is not configured; known: {sorted(self.d.verifiers)}"
             )
-        session = self.d.repo.consume_session(session_id)
+        # bound to the node first: another node's session is refused without being consumed
+        session = self.d.repo.consume_session(session_id, node_id)
         if session is None:
             raise NotFound("unknown session id")
         if session.node_id != node_id:
@@ -275,6 +327,7 @@ class NodeFlow:
         return [self._evaluate(t, d, claims) for t, d in digests]
 
     # ------------------------------------------------------------- release
+    @audited_refusals("release")
     def release(
         self, *, node_id: str, token: bytes, tenant_id: str, dataset_id: str, key_version: int
     ) -> ReleaseResult:
@@ -407,8 +460,8 @@ class NodeFlow:
                     rules = self._evaluate(tenant_id, grant.policy_digest, claims_map)
                     self._decisions.put(memo, rules)
                 failed = [r for r in rules if not r.passed]
-            if not failed and not self.d.repo.lease_room(grant.grant_id, node_id, now,
-                                                          grant.max_nodes):
+            if not failed and not self.d.repo.lease_room(tenant_id, grant.grant_id, node_id,
+                                                          now, grant.max_nodes):
                 failed = [RuleOutcome("lease.no_room", False,
                                       f"grant {grant.grant_id} allows {grant.max_nodes} "
                                       f"node(s), all leased")]
@@ -422,8 +475,8 @@ class NodeFlow:
     def _grant_problems(self, grant: Grant, tenant_key: bytes, now: int) -> list[RuleOutcome]:
         if grant.revoked or now >= grant.expires_ms:
             return self._signed_grant_problems(grant, tenant_key, now, None)
-        return self._signed_grant_problems(grant, tenant_key, now,
-                                           self.d.repo.grant_document(grant.grant_id))
+        return self._signed_grant_problems(
+            grant, tenant_key, now, self.d.repo.grant_document(grant.tenant_id, grant.grant_id))
 
     def _signed_grant_problems(
         self, grant: Grant, tenant_key: bytes, now: int, signed: tuple[bytes, bytes] | None
@@ -446,15 +499,18 @@ class NodeFlow:
                 return [RuleOutcome("grant.signature", False,
                                     f"grant {gid} is not signed by the tenant's key")]
             self._verified_grants.put(cache_key, doc)
-        stored = (doc.tenant_id, doc.dataset_id, doc.job_id, doc.policy_digest, doc.max_nodes,
-                  doc.expires_unix_ms)
-        if stored != (grant.tenant_id, grant.dataset_id, grant.job_id, grant.policy_digest,
-                      grant.max_nodes, grant.expires_ms):
+        # every field of the row, the id included: a row copied under another grant_id (which
+        # would get a lease room and a revocation of its own) is not the grant the tenant signed
+        stored = (doc.grant_id, doc.tenant_id, doc.dataset_id, doc.job_id, doc.policy_digest,
+                  doc.max_nodes, doc.expires_unix_ms)
+        if stored != (grant.grant_id, grant.tenant_id, grant.dataset_id, grant.job_id,
+                      grant.policy_digest, grant.max_nodes, grant.expires_ms):
             return [RuleOutcome("grant.signature", False,
                                 f"grant {gid}'s stored fields differ from the signed document")]
         return []
 
     # --------------------------------------------------------------- renew
+    @audited_refusals("renew")
     def renew(self, *, node_id: str, lease_id: str, token: bytes) -> int:
         check_id("node", node_id)
         check_id("lease", lease_id)
@@ -471,7 +527,7 @@ class NodeFlow:
         if now >= lease.expires_ms:
             raise self.d.deny("renew", actor=actor, subject=subject,
                               reason="lease.expired: the lease expired; release again")
-        grant = self.d.repo.get_grant(lease.grant_id)
+        grant = self.d.repo.get_grant(lease.tenant_id, lease.grant_id)
         tenant = self.d.repo.get_tenant(lease.tenant_id)
         if grant is None or tenant is None or tenant.status != "active":
             raise self.d.deny("renew", actor=actor, subject=subject,

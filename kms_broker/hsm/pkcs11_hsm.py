@@ -127,6 +127,12 @@ _PUBLIC_NO_USAGE = {
 _SESSION_SECRET = {Attribute.TOKEN: False, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False}
 
 
+# operations that create (and destroy) session objects, and how many before the library is
+# finalised and initialised again to free them (Pkcs11Hsm._count_session_objects)
+_SESSION_OBJECT_OPS = frozenset({"seal_share", "import_share", "rewrap_share"})
+RECYCLE_AFTER = 2_000
+
+
 class _TokenLost(Exception):
     """The token's objects cannot be read any more (internal; becomes HsmUnavailable)."""
 
@@ -139,6 +145,7 @@ class _Module:
         self.lock = threading.RLock()
         self.epoch = 0  # bumped whenever the library is (re)initialised: old sessions are void
         self.lib: Any = None
+        self.session_object_ops = 0  # since the last (re)initialisation, see RECYCLE_AFTER
 
     def ensure(self) -> Any:
         with self.lock:
@@ -368,7 +375,7 @@ class Pkcs11Hsm:
                 pooled = self._borrow()
                 healthy = True
                 try:
-                    return op(pooled)
+                    result = op(pooled)
                 except _TokenLost:
                     healthy = False
                     raise self._outage(f"{name}: token objects unreadable") from None
@@ -393,7 +400,27 @@ class Pkcs11Hsm:
                         self._give_back(pooled)
                     else:
                         self._discard(pooled)
+                if healthy:  # else a stale session: the loop tries once more
+                    self._count_session_objects(name)
+                    return result
         raise AssertionError("unreachable")
+
+    def _count_session_objects(self, name: str) -> None:
+        """Recycle the library after ``RECYCLE_AFTER`` operations that create session objects.
+
+        SoftHSM 2.6.1 never frees a destroyed session object (SoftHSMv2 issue #562: the
+        attributes go, the object stays in the session object store until C_Finalize), about
+        1 KiB per release; a broker that seals for days would grow without bound. Only when
+        operations are serialised (the default): then no other operation of this process is
+        in flight, and the epoch bump makes every pooled session reopen and log in again."""
+        if not self._serialize or name not in _SESSION_OBJECT_OPS:
+            return
+        module = self._module
+        module.session_object_ops += 1
+        if module.session_object_ops >= RECYCLE_AFTER:
+            module.session_object_ops = 0
+            with contextlib.suppress(p11e.PKCS11Error):
+                module.reinitialize()
 
     # --- object lookup -------------------------------------------------------------------------
 

@@ -87,7 +87,29 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE tenants ADD COLUMN binding_sig BLOB NOT NULL DEFAULT x'';
     ALTER TABLE nodes ADD COLUMN binding_sig BLOB NOT NULL DEFAULT x'';
     """,
+    # grant ids are scoped per tenant: two tenants may each have a grant "g1", and creating
+    # one never tells a tenant that another tenant's id exists
+    """
+    CREATE TABLE grants_by_tenant (
+        grant_id TEXT NOT NULL, tenant_id TEXT NOT NULL REFERENCES tenants(tenant_id),
+        dataset_id TEXT NOT NULL, job_id TEXT NOT NULL, policy_digest TEXT NOT NULL,
+        max_nodes INTEGER NOT NULL, expires_ms INTEGER NOT NULL, revoked INTEGER NOT NULL,
+        document BLOB NOT NULL, signature BLOB NOT NULL, PRIMARY KEY (tenant_id, grant_id));
+    INSERT INTO grants_by_tenant SELECT * FROM grants;
+    DROP TABLE grants;
+    ALTER TABLE grants_by_tenant RENAME TO grants;
+    CREATE INDEX grants_by_job ON grants(job_id, dataset_id);
+    CREATE INDEX sessions_by_expiry ON sessions(expires_ms);
+    CREATE INDEX sessions_by_node ON sessions(node_id, used, expires_ms);
+    CREATE INDEX uploads_by_expiry ON uploads(expires_ms);
+    CREATE INDEX uploads_by_tenant ON uploads(tenant_id, committed, expires_ms);
+    CREATE INDEX leases_by_expiry ON leases(expires_ms);
+    """,
 )
+
+# nodes.revoked: 0 active, 1 revoked (sticky: re-enrolment refused), 2 revoked and reinstated
+# by an operator (still refused every request; the next enrolment replaces the row)
+NODE_ACTIVE, NODE_REVOKED, NODE_REINSTATED = 0, 1, 2
 
 T = TypeVar("T")
 
@@ -192,6 +214,11 @@ class SqliteRepository:
         )
 
     @_guarded
+    def set_upload_public_key(self, upload_id: str, public_key: bytes) -> None:
+        self._db.execute("UPDATE uploads SET import_public_key=? WHERE upload_id=?",
+                         (public_key, upload_id))
+
+    @_guarded
     def mark_upload_committed(self, upload_id: str) -> bool:
         cur = self._db.execute(
             "UPDATE uploads SET committed=1 WHERE upload_id=? AND committed=0", (upload_id,)
@@ -277,28 +304,39 @@ class SqliteRepository:
 
     # ------------------------------------------------------------ nodes, sessions
     @_guarded
-    def put_node(self, n: Node) -> None:
-        self._db.execute(
+    def put_node(self, n: Node) -> bool:
+        """Insert or re-enrol a node; False (nothing written) if the id names a revoked node
+        that no operator has reinstated: revocation is sticky, also across processes."""
+        return self._db.execute(
             "INSERT INTO nodes VALUES (?,?,?,?,?,?,?) ON CONFLICT(node_id) DO UPDATE SET "
             "tenant_scope=excluded.tenant_scope, ak_public=excluded.ak_public, "
             "ek_certificate=excluded.ek_certificate, revoked=0, enrolled_ms=excluded.enrolled_ms, "
-            "binding_sig=excluded.binding_sig",
+            "binding_sig=excluded.binding_sig WHERE nodes.revoked != ?",
             (n.node_id, n.tenant_scope, n.ak_public, n.ek_certificate, int(n.revoked),
-             n.enrolled_ms, n.binding_sig),
-        )
+             n.enrolled_ms, n.binding_sig, NODE_REVOKED),
+        ).rowcount == 1
 
     @_guarded
     def get_node(self, node_id: str) -> Node | None:
         r = self._db.execute("SELECT * FROM nodes WHERE node_id=?", (node_id,)).fetchone()
         return None if r is None else Node(
             node_id=r[0], tenant_scope=r[1], ak_public=bytes(r[2]), ek_certificate=bytes(r[3]),
-            revoked=bool(r[4]), enrolled_ms=r[5], binding_sig=bytes(r[6]),
+            revoked=r[4] != NODE_ACTIVE, reinstated=r[4] == NODE_REINSTATED, enrolled_ms=r[5],
+            binding_sig=bytes(r[6]),
         )
 
     @_guarded
     def revoke_node(self, node_id: str) -> bool:
         return self._db.execute(
-            "UPDATE nodes SET revoked=1 WHERE node_id=?", (node_id,)
+            "UPDATE nodes SET revoked=? WHERE node_id=?", (NODE_REVOKED, node_id)
+        ).rowcount == 1
+
+    @_guarded
+    def reinstate_node(self, node_id: str) -> bool:
+        """Allow the next enrolment of a revoked node (the node itself stays refused)."""
+        return self._db.execute(
+            "UPDATE nodes SET revoked=? WHERE node_id=? AND revoked=?",
+            (NODE_REINSTATED, node_id, NODE_REVOKED)
         ).rowcount == 1
 
     @_guarded
@@ -321,18 +359,39 @@ class SqliteRepository:
         return None if r is None else self._session(r)
 
     @_guarded
-    def consume_session(self, session_id: str) -> Session | None:
-        # the conditional UPDATE is the single-use check, atomic even across processes
+    def consume_session(self, session_id: str, node_id: str) -> Session | None:
+        """Mark the session used if it belongs to ``node_id``; the session as it was before.
+
+        A session of another node is returned unchanged (``used`` as stored), so a node naming
+        another node's session cannot burn its nonce. The conditional UPDATE is the single-use
+        check, atomic even across processes."""
         won = self._db.execute(
-            "UPDATE sessions SET used=1 WHERE session_id=? AND used=0", (session_id,)
+            "UPDATE sessions SET used=1 WHERE session_id=? AND node_id=? AND used=0",
+            (session_id, node_id),
         ).rowcount == 1
         r = self._db.execute("SELECT * FROM sessions WHERE session_id=?", (session_id,)).fetchone()
         if r is None:
             return None
         session = self._session(r)
+        if session.node_id != node_id:
+            return session
         return Session(session_id=session.session_id, node_id=session.node_id,
                        job_id=session.job_id, nonce=session.nonce,
                        expires_ms=session.expires_ms, used=not won)
+
+    @_guarded
+    def pending_sessions(self, node_id: str, now_ms: int, limit: int) -> int:
+        """Unused, unexpired sessions of ``node_id``, counted up to ``limit``."""
+        return self._db.execute(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM sessions WHERE node_id=? AND used=0 "
+            "AND expires_ms>? LIMIT ?)", (node_id, now_ms, limit)).fetchone()[0]
+
+    @_guarded
+    def pending_uploads(self, tenant_id: str, now_ms: int, limit: int) -> int:
+        """Uncommitted, unexpired uploads of ``tenant_id``, counted up to ``limit``."""
+        return self._db.execute(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM uploads WHERE tenant_id=? AND committed=0 "
+            "AND expires_ms>? LIMIT ?)", (tenant_id, now_ms, limit)).fetchone()[0]
 
     @_guarded
     def put_session_claims(self, session_id: str, claims_json: bytes) -> None:
@@ -398,14 +457,16 @@ class SqliteRepository:
         )
 
     @_guarded
-    def get_grant(self, grant_id: str) -> Grant | None:
-        r = self._db.execute("SELECT * FROM grants WHERE grant_id=?", (grant_id,)).fetchone()
+    def get_grant(self, tenant_id: str, grant_id: str) -> Grant | None:
+        r = self._db.execute("SELECT * FROM grants WHERE tenant_id=? AND grant_id=?",
+                             (tenant_id, grant_id)).fetchone()
         return None if r is None else self._grant(r)
 
     @_guarded
-    def grant_document(self, grant_id: str) -> tuple[bytes, bytes] | None:
+    def grant_document(self, tenant_id: str, grant_id: str) -> tuple[bytes, bytes] | None:
         r = self._db.execute(
-            "SELECT document, signature FROM grants WHERE grant_id=?", (grant_id,)
+            "SELECT document, signature FROM grants WHERE tenant_id=? AND grant_id=?",
+            (tenant_id, grant_id),
         ).fetchone()
         return None if r is None else (bytes(r[0]), bytes(r[1]))
 
@@ -427,9 +488,9 @@ class SqliteRepository:
         return [(self._grant(r), (bytes(r[8]), bytes(r[9]))) for r in rows]
 
     @_guarded
-    def revoke_grant(self, grant_id: str) -> bool:
+    def revoke_grant(self, tenant_id: str, grant_id: str) -> bool:
         return self._db.execute(
-            "UPDATE grants SET revoked=1 WHERE grant_id=?", (grant_id,)
+            "UPDATE grants SET revoked=1 WHERE tenant_id=? AND grant_id=?", (tenant_id, grant_id)
         ).rowcount == 1
 
     # ------------------------------------------------------------------ leases
@@ -465,19 +526,20 @@ class SqliteRepository:
         self._db.execute("DELETE FROM leases WHERE lease_id=?", (lease_id,))
 
     @_guarded
-    def active_lease_nodes(self, grant_id: str, now_ms: int) -> set[str]:
+    def active_lease_nodes(self, tenant_id: str, grant_id: str, now_ms: int) -> set[str]:
         rows = self._db.execute(
-            "SELECT DISTINCT node_id FROM leases WHERE grant_id=? AND revoked=0 AND expires_ms>?",
-            (grant_id, now_ms),
+            "SELECT DISTINCT node_id FROM leases WHERE grant_id=? AND tenant_id=? AND revoked=0 "
+            "AND expires_ms>?", (grant_id, tenant_id, now_ms),
         )
         return {r[0] for r in rows}
 
     @_guarded
-    def lease_room(self, grant_id: str, node_id: str, now_ms: int, max_nodes: int) -> bool:
+    def lease_room(self, tenant_id: str, grant_id: str, node_id: str, now_ms: int,
+                   max_nodes: int) -> bool:
         """True if ``node_id`` holds an active lease of the grant or fewer than ``max_nodes``
         nodes do (``node_id in holders or len(holders) < max_nodes`` over
         :meth:`active_lease_nodes`), without reading every lease of the grant."""
-        return self._room(grant_id, node_id, now_ms, max_nodes)
+        return self._room(tenant_id, grant_id, node_id, now_ms, max_nodes)
 
     @_guarded
     def take_lease(self, lease: Lease, *, now_ms: int, max_nodes: int) -> bool:
@@ -485,20 +547,22 @@ class SqliteRepository:
         write transaction: ``BEGIN IMMEDIATE`` takes SQLite's write lock before the check, so
         broker worker processes sharing this file cannot both take the last place."""
         self._db.execute("BEGIN IMMEDIATE")
-        if not self._room(lease.grant_id, lease.node_id, now_ms, max_nodes):
+        if not self._room(lease.tenant_id, lease.grant_id, lease.node_id, now_ms, max_nodes):
             return False
         self._insert_lease(lease)
         return True
 
-    def _room(self, grant_id: str, node_id: str, now_ms: int, max_nodes: int) -> bool:
+    def _room(self, tenant_id: str, grant_id: str, node_id: str, now_ms: int,
+              max_nodes: int) -> bool:
         if self._db.execute(
-            "SELECT 1 FROM leases WHERE grant_id=? AND node_id=? AND revoked=0 AND expires_ms>? "
-            "LIMIT 1", (grant_id, node_id, now_ms),
+            "SELECT 1 FROM leases WHERE grant_id=? AND node_id=? AND tenant_id=? AND revoked=0 "
+            "AND expires_ms>? LIMIT 1", (grant_id, node_id, tenant_id, now_ms),
         ).fetchone() is not None:
             return True
         n = self._db.execute(
             "SELECT COUNT(*) FROM (SELECT DISTINCT node_id FROM leases WHERE grant_id=? "
-            "AND revoked=0 AND expires_ms>? LIMIT ?)", (grant_id, now_ms, max(0, max_nodes)),
+            "AND tenant_id=? AND revoked=0 AND expires_ms>? LIMIT ?)",
+            (grant_id, tenant_id, now_ms, max(0, max_nodes)),
         ).fetchone()[0]
         return n < max_nodes
 
@@ -524,6 +588,37 @@ class SqliteRepository:
         leases = [self._lease(r) for r in rows]
         self._db.execute(f"UPDATE leases SET revoked=1 WHERE {clause}", args)  # noqa: S608
         return leases
+
+    # ------------------------------------------------------------------ janitor
+    @_guarded
+    def expired_uploads(self, before_ms: int, limit: int) -> list[str]:
+        """Ids of uploads (committed or not) that expired before ``before_ms``."""
+        rows = self._db.execute(
+            "SELECT upload_id FROM uploads WHERE expires_ms<? ORDER BY expires_ms LIMIT ?",
+            (before_ms, limit))
+        return [r[0] for r in rows]
+
+    @_guarded
+    def delete_upload(self, upload_id: str) -> None:
+        """Drop an upload row, and its dataset row if that is still pending with no share and
+        no other upload (an upload that was opened and never committed)."""
+        r = self._db.execute("SELECT tenant_id, dataset_id FROM uploads WHERE upload_id=?",
+                             (upload_id,)).fetchone()
+        self._db.execute("DELETE FROM uploads WHERE upload_id=?", (upload_id,))
+        if r is not None:
+            self._db.execute(
+                "DELETE FROM datasets WHERE tenant_id=? AND dataset_id=? AND status='pending' "
+                "AND NOT EXISTS (SELECT 1 FROM dataset_shares s WHERE s.tenant_id=? "
+                "AND s.dataset_id=?) AND NOT EXISTS (SELECT 1 FROM uploads u WHERE "
+                "u.tenant_id=? AND u.dataset_id=?)", (r[0], r[1]) * 3)
+
+    @_guarded
+    def purge_expired(self, before_ms: int) -> tuple[int, int]:
+        """Delete sessions and leases that expired before ``before_ms``: (sessions, leases)."""
+        sessions = self._db.execute("DELETE FROM sessions WHERE expires_ms<?",
+                                    (before_ms,)).rowcount
+        leases = self._db.execute("DELETE FROM leases WHERE expires_ms<?", (before_ms,)).rowcount
+        return sessions, leases
 
     # ------------------------------------------------- revocations between workers
     @_guarded

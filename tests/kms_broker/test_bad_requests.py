@@ -148,9 +148,13 @@ def test_bad_requests_get_the_right_codes_and_change_nothing(world: World) -> No
                                          timeout=10)
     assert info.value.code() == C.UNAVAILABLE  # the TLS handshake refuses the connection
     assert _snapshot(world) == before
-    # only the malformed evidence is audited (as a denial); nothing else was written
+    # audited as denials: the malformed evidence, and the refusals naming an unknown session
+    # and a garbage token (every refusal at attest and release is audited); malformed,
+    # oversized and unauthenticated-peer requests write nothing
     new = world.broker.audit()[audit_before:]
-    assert [(r["event"], r["outcome"]) for r in new] == [("attest", "denied")]
+    assert [(r["event"], r["outcome"]) for r in new] == [
+        ("attest", "denied"), ("attest", "denied"), ("release", "denied")]
+    assert "NotFound" in new[1]["reason"] and "Unauthenticated" in new[2]["reason"]
     # the server keeps serving: health and a full valid release right after
     health = health_pb2_grpc.HealthStub(_health_channel(world))
     assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == \

@@ -142,7 +142,7 @@ def test_enrolled_swtpm_node_attests_and_gets_its_share(tpm_broker, world, tpm_a
         ak_public, ek_cert = tpm.ak_public(), tpm.ek_certificate()
     assert "node n1 enrolled at 1 broker(s)" in result.stdout
     assert _node_row(tpm_broker, "n1") == (ak_public, ek_cert)  # the AK this TPM holds
-    enrolled = _records(tpm_broker, "enrol_node", "ok")
+    enrolled = _records(tpm_broker, "enrol_node", "allowed")
     assert any(r["subject"] == "node:n1" and r["actor"] == "operator:ops" for r in enrolled)
 
     with KeyClient([tpm_broker.endpoint("node", "n1")], node_id="n1", job_id=JOB,

@@ -94,9 +94,11 @@ def test_sqlite_repository(tmp_path: Path) -> None:
     repo.put_node(Node(node_id="n1", tenant_scope="", ak_public=b"", ek_certificate=b""))
     repo.add_session(Session(session_id="s1", node_id="n1", job_id="j", nonce=b"n" * 32,
                              expires_ms=10))
-    assert repo.consume_session("s1").used is False
-    assert repo.consume_session("s1").used is True  # single use
-    assert repo.consume_session("nope") is None
+    repo.put_node(Node(node_id="n2", tenant_scope="", ak_public=b"", ek_certificate=b""))
+    assert repo.consume_session("s1", "n2").used is False  # another node's: not consumed
+    assert repo.consume_session("s1", "n1").used is False
+    assert repo.consume_session("s1", "n1").used is True  # single use
+    assert repo.consume_session("nope", "n1") is None
     with pytest.raises(AlreadyExists):  # foreign key: unknown node
         repo.add_session(Session(session_id="s2", node_id="ghost", job_id="j",
                                  nonce=b"n" * 32, expires_ms=10))
@@ -105,11 +107,11 @@ def test_sqlite_repository(tmp_path: Path) -> None:
     for i, node in enumerate(("n1", "n1", "n2")):
         repo.add_lease(Lease(lease_id=f"l{i}", node_id=node, grant_id="g", tenant_id="acme",
                              dataset_id="d", expires_ms=50))
-    assert repo.active_lease_nodes("g", now_ms=10) == {"n1", "n2"}
-    assert repo.active_lease_nodes("g", now_ms=60) == set()
+    assert repo.active_lease_nodes("acme", "g", now_ms=10) == {"n1", "n2"}
+    assert repo.active_lease_nodes("acme", "g", now_ms=60) == set()
     revoked = repo.revoke_leases(now_ms=10, node_id="n1")
     assert sorted(le.lease_id for le in revoked) == ["l0", "l1"]
-    assert repo.active_lease_nodes("g", now_ms=10) == {"n2"}
+    assert repo.active_lease_nodes("acme", "g", now_ms=10) == {"n2"}
     with repo._db:
         mode = repo._db.execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"

@@ -21,6 +21,7 @@ import grpc
 
 from kms_broker.app import build_server
 from kms_broker.domain.deps import BrokerDeps, check_id
+from kms_broker.domain.enrolment import NodeEnrolment
 from kms_broker.domain.model import Node
 from kms_broker.interceptors import CURRENT_IDENTITY
 from kms_broker.server import BrokerServer
@@ -35,7 +36,8 @@ TEST_SERVICE = "kmsbroker.testing.v1.TestEnrolmentService"
 
 
 def enrol_test_node(deps: BrokerDeps, *, actor: str, node_id: str, tenant_scope: str) -> None:
-    """Store a node with no AK (audited); refused unless the test-json verifier is loaded."""
+    """Store a node with no AK (audited); refused unless the test-json verifier is loaded, and
+    (like real enrolment) for a revoked node until an operator reinstates it."""
     check_id("node", node_id)
     if tenant_scope:
         check_id("tenant", tenant_scope)
@@ -44,11 +46,14 @@ def enrol_test_node(deps: BrokerDeps, *, actor: str, node_id: str, tenant_scope:
                         reason="enrolment.unattested: direct enrolment without a TPM is only "
                                "for test brokers that load the test-json verifier; use "
                                "BeginEnrolNode/CompleteEnrolNode")
+    enrolment = NodeEnrolment(deps, None)  # its revocation checks, shared with real enrolment
+    enrolment._not_revoked("enrol_test_node", actor, node_id)
     deps.audit.append("enrol_test_node", actor=actor, subject=f"node:{node_id}",
-                      outcome="ok", reason=f"test node, scope {tenant_scope or 'any'}")
-    deps.repo.put_node(Node(node_id=node_id, tenant_scope=tenant_scope, ak_public=b"",
-                            ek_certificate=b"", enrolled_ms=deps.clock.now_ms(),
-                            binding_sig=deps.sign_node(node_id, tenant_scope, b"", b"")))
+                      outcome="allowed", reason=f"test node, scope {tenant_scope or 'any'}")
+    enrolment._store("enrol_test_node", actor, Node(
+        node_id=node_id, tenant_scope=tenant_scope, ak_public=b"", ek_certificate=b"",
+        enrolled_ms=deps.clock.now_ms(),
+        binding_sig=deps.sign_node(node_id, tenant_scope, b"", b"")))
 
 
 class TestEnrolmentServicer(tpb_grpc.TestEnrolmentServiceServicer):

@@ -424,3 +424,13 @@ class RevokeNodeResponse(_message.Message):
     LEASES_REVOKED_FIELD_NUMBER: _ClassVar[int]
     leases_revoked: int
     def __init__(self, leases_revoked: _Optional[int] = ...) -> None: ...
+
+class ReinstateNodeRequest(_message.Message):
+    __slots__ = ("node_id",)
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    def __init__(self, node_id: _Optional[str] = ...) -> None: ...
+
+class ReinstateNodeResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -902,6 +902,11 @@ class OperatorServiceStub:
                 request_serializer=kmsbroker_dot_v1_dot_broker__pb2.RevokeNodeRequest.SerializeToString,
                 response_deserializer=kmsbroker_dot_v1_dot_broker__pb2.RevokeNodeResponse.FromString,
                 _registered_method=True)
+        self.ReinstateNode = channel.unary_unary(
+                '/kmsbroker.v1.OperatorService/ReinstateNode',
+                request_serializer=kmsbroker_dot_v1_dot_broker__pb2.ReinstateNodeRequest.SerializeToString,
+                response_deserializer=kmsbroker_dot_v1_dot_broker__pb2.ReinstateNodeResponse.FromString,
+                _registered_method=True)
 
 
 class OperatorServiceServicer:
@@ -936,6 +941,15 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReinstateNode(self, request, context):
+        """Revocation is sticky: enrolling a revoked node id is refused (node.revoked) until an
+        operator reinstates it here (audited). The node stays refused until it enrols again.
+        NOT_FOUND for an unknown node, INVALID_ARGUMENT for a node that is not revoked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -953,6 +967,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.RevokeNode,
                     request_deserializer=kmsbroker_dot_v1_dot_broker__pb2.RevokeNodeRequest.FromString,
                     response_serializer=kmsbroker_dot_v1_dot_broker__pb2.RevokeNodeResponse.SerializeToString,
+            ),
+            'ReinstateNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReinstateNode,
+                    request_deserializer=kmsbroker_dot_v1_dot_broker__pb2.ReinstateNodeRequest.FromString,
+                    response_serializer=kmsbroker_dot_v1_dot_broker__pb2.ReinstateNodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1038,6 +1057,33 @@ class OperatorService:
             '/kmsbroker.v1.OperatorService/RevokeNode',
             kmsbroker_dot_v1_dot_broker__pb2.RevokeNodeRequest.SerializeToString,
             kmsbroker_dot_v1_dot_broker__pb2.RevokeNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReinstateNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kmsbroker.v1.OperatorService/ReinstateNode',
+            kmsbroker_dot_v1_dot_broker__pb2.ReinstateNodeRequest.SerializeToString,
+            kmsbroker_dot_v1_dot_broker__pb2.ReinstateNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
