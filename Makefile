@@ -9,7 +9,7 @@ SYSTEM_PACKAGES := softhsm2 swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config
 TORCH_CPU := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-packages demo test lint protos check-protos bench gpu-check clean
+.PHONY: setup system-packages demo test test-busy lint protos check-protos bench gpu-check clean
 
 setup: system-packages $(STAMP)
 
@@ -44,6 +44,17 @@ test: setup
 	$(BIN)/ruff check .
 	@if [ -f scripts/gen_protos.py ]; then $(BIN)/python scripts/gen_protos.py --check; fi
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The suite beside a CPU hog of twice the core count (busy-loop processes at normal
+# priority): how a shared CI runner feels. The hog is stopped however the suite ends.
+test-busy: setup
+	@hogs=$$(( 2 * $$(nproc) )); echo "==> make test beside $$hogs busy-loop processes"; \
+	pids=""; for i in $$(seq $$hogs); do \
+	  $(BIN)/python -c 'while True: pass' & pids="$$pids $$!"; done; \
+	trap 'kill $$pids 2>/dev/null; wait $$pids 2>/dev/null' EXIT INT TERM; \
+	start=$$(date +%s); status=0; \
+	$(MAKE) --no-print-directory test PYTEST_ARGS="$(PYTEST_ARGS)" || status=$$?; \
+	echo "==> test-busy: status $$status after $$(( $$(date +%s) - start )) s"; exit $$status
 
 bench: setup
 	$(BIN)/python -m benchmarks --quick

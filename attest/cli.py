@@ -3,9 +3,10 @@
     attest collect [--json] [--evidence OUT --tcti TCTI --nonce HEX --session-id S --node-key HEX]
     attest verify EVIDENCE --ak AK.pem (--report-data HEX | --nonce HEX --session-id S
                   --node-key HEX) [--boot-pcrs PCRS.json] [--json]
-    attest doctor [--policy FILE] [--json]
+    attest doctor [--policy FILE] [--expected-code-digest HEX ...] [--expected FILE] [--json]
 
-Exit codes: 0 success (verify: evidence verified; doctor: every rule passes), 1 failure
+Exit codes: 0 success (verify: evidence verified; doctor: no rule it could check fails; rules
+it cannot evaluate here are reported "not checked", never PASS), 1 failure
 (verification failures, failed rules, TPM errors), 2 usage errors.
 This module is the composition root of the node-side pieces; it reads no environment.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -158,42 +160,71 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _expected_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The tenant's reference values for the doctor: ``--expected FILE`` (a JSON or YAML
+    object of policy params) and ``--expected-code-digest`` (allowed_code_digests)."""
+    given: dict[str, Any] = {}
+    if args.expected:
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(args.expected).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise UsageError(f"--expected {args.expected}: {exc}") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"--expected {args.expected}: must be an object of policy params")
+        given.update(data)
+    if args.expected_code_digest:
+        for digest in args.expected_code_digest:
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise UsageError(f"--expected-code-digest {digest!r}: must be 64 hex digits "
+                                 "(as `attest code-digest` or `attest collect` print it)")
+        given["allowed_code_digests"] = list(args.expected_code_digest)
+    return given
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from attest.doctor import check_rules, hardware_sections
+
     claims = _claims(args)
-    report: dict[str, Any] = {"claims": claims}
+    hardware = hardware_sections(Path(args.root))
+    report: dict[str, Any] = {"claims": claims, "hardware": [h.to_dict() for h in hardware]}
     if not args.json:
         print("This node's facts (what its tpm2 evidence would claim):")
         _print_claims(claims)
+        print("\nCPU TEE and GPU (what this machine offers; judged by the broker's verifiers):")
+        for h in hardware:
+            print(f"  {h.section:<8} {h.name:<13} {'present' if h.present else 'not present'}"
+                  f"  ({h.detail})")
     if not args.policy:
         if args.json:
             print(json.dumps(report, sort_keys=True, indent=2))
         return 0
-    from attest.policy import Policy, PolicyError, evidence_claims
+    from attest.policy import Policy, PolicyError
 
     try:
         policy = Policy.from_file(args.policy)
+        rules = check_rules(policy, claims, _expected_params(args))
     except (OSError, PolicyError) as exc:
         raise UsageError(f"--policy {args.policy}: {exc}") from None
-    # Local facts stand in for verified evidence here: the evidence checks themselves
-    # (signature, nonce, PCRs, event log) are what `attest verify` shows.
-    decision = policy.evaluate(evidence_claims(VerificationResult("tpm2", claims)))
-    helps = {r.name: r.help for r in policy.rules}
-    rules = [
-        {"name": r.name, "passed": r.passed, "reason": r.reason, "fix": helps.get(r.name, "")}
-        for r in decision.rules
-    ]
-    report["policy"] = {"name": decision.policy_name, "allowed": decision.allowed, "rules": rules}
+    failed = [r for r in rules if r.status == "fail"]
+    unchecked = [r for r in rules if r.status == "not checked"]
+    report["policy"] = {"name": policy.name, "allowed": None if unchecked else not failed,
+                        "rules": [r.to_dict() for r in rules]}
     if args.json:
         print(json.dumps(report, sort_keys=True, indent=2))
     else:
-        failed = [r for r in rules if not r["passed"]]
-        print(f"\npolicy {decision.policy_name}: "
-              + ("every rule passes" if not failed else f"{len(failed)} rule(s) would fail"))
+        head = (f"{len(failed)} rule(s) would fail" if failed
+                else "every rule passes" if not unchecked else "no checked rule fails")
+        if unchecked:
+            head += f"; {len(unchecked)} not checked here (the broker decides them)"
+        print(f"\npolicy {policy.name}: {head}")
         for r in rules:
-            print(f"  {'PASS' if r['passed'] else 'FAIL'} {r['name']}: {r['reason']}")
-            if not r["passed"] and r["fix"] and r["fix"] not in r["reason"]:
-                print(f"       fix: {r['fix']}")
-    return 0 if decision.allowed else 1
+            print(f"  {r.status.upper() if r.status != 'not checked' else 'NOT CHECKED'} "
+                  f"{r.name}: {r.reason}")
+            if r.status == "fail" and r.fix and r.fix not in r.reason:
+                print(f"       fix: {r.fix}")
+    return 1 if failed else 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -236,10 +267,18 @@ def _parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_verify)
 
     d = sub.add_parser("doctor", help="which policy rules this node would fail, and fixes",
-                       description="Show this node's facts and, with --policy, every rule "
-                       "of that policy with pass/fail, the reason and how to fix it.")
+                       description="Show this node's facts, its CPU TEE and GPU (present "
+                       "or not present), and, with --policy, every rule of that policy: PASS, "
+                       "FAIL with the fix, or NOT CHECKED when it needs verified evidence or a "
+                       "reference value the node does not have.")
     facts_options(d)
     d.add_argument("--policy", help="policy YAML file (e.g. policies/production.yaml)")
+    d.add_argument("--expected-code-digest", action="append", metavar="HEX",
+                   help="a trainer code digest the tenant approved (repeatable); without it "
+                   "the code rule is not checked")
+    d.add_argument("--expected", metavar="FILE",
+                   help="JSON/YAML object of the tenant's reference values (policy params, "
+                   'e.g. {"allowed_code_digests": [...], "allowed_image_digests": [...]})')
     d.set_defaults(func=cmd_doctor)
     return p
 

@@ -428,6 +428,20 @@ TPM2_FACT_NAMES: dict[str, str] = {
 }
 
 
+def local_fact_claims(facts: Mapping[str, Any]) -> dict[str, Any]:
+    """``facts`` (the node agent's names) plus the agreed name of each
+    (:data:`TPM2_FACT_NAMES`; ``container_image_digest`` "none" becomes ""). An agreed name
+    already present is never overwritten. Adds nothing that verification establishes."""
+    claims = dict(facts)
+    for raw, agreed in TPM2_FACT_NAMES.items():
+        if raw in claims and agreed not in claims:
+            value = claims[raw]
+            if raw == "container_image_digest" and value == "none":
+                value = ""
+            claims[agreed] = value
+    return claims
+
+
 def evidence_claims(result: VerificationResult) -> dict[str, Any]:
     """The claims a policy sees for one verification result.
 
@@ -440,12 +454,7 @@ def evidence_claims(result: VerificationResult) -> dict[str, Any]:
     claims["evidence.kind"] = result.kind
     claims["evidence.verified"] = result.ok
     if result.kind == "tpm2":
-        for raw, agreed in TPM2_FACT_NAMES.items():
-            if raw in claims and agreed not in claims:
-                value = claims[raw]
-                if raw == "container_image_digest" and value == "none":
-                    value = ""
-                claims[agreed] = value
+        claims = local_fact_claims(claims)
         if "tpm.boot_pcrs_match" not in claims:
             claims["tpm.boot_pcrs_match"] = result.ok and not any(
                 f.id.startswith("tpm2.boot_pcr") for f in result.failures)

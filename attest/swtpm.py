@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from compose.ports import free_port_pairs, release
+
 __all__ = ["LocalEkCa", "Swtpm", "SwtpmError", "manufacture"]
 
 _START_DEADLINE_S = 10.0
@@ -85,8 +87,9 @@ class LocalEkCa:
         return (self.directory / "issuercert.pem").read_bytes()
 
 
-def manufacture(state_dir: Path, ca: LocalEkCa) -> Path:
-    """Create a fresh TPM state in ``state_dir`` with an RSA-2048 EK certified by ``ca``."""
+def manufacture(state_dir: Path, ca: LocalEkCa, *, pcr_banks: str = "sha256") -> Path:
+    """Create a fresh TPM state in ``state_dir`` with an RSA-2048 EK certified by ``ca`` and
+    the PCR banks ``pcr_banks`` active (comma-separated, e.g. "sha256,sha384")."""
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     proc = subprocess.run(
@@ -100,7 +103,7 @@ def manufacture(state_dir: Path, ca: LocalEkCa) -> Path:
             str(ca.setup_config),
             "--overwrite",
             "--pcr-banks",
-            "sha256",
+            pcr_banks,
         ],
         capture_output=True,
         text=True,
@@ -109,23 +112,6 @@ def manufacture(state_dir: Path, ca: LocalEkCa) -> Path:
     if proc.returncode != 0:
         raise SwtpmError(f"swtpm_setup failed ({proc.returncode}): {proc.stderr[-2000:]}")
     return state_dir
-
-
-def _free_port_pair() -> int:
-    """A port P such that P and P+1 were both free a moment ago."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port >= 65535:
-            continue
-        with socket.socket() as s2:
-            try:
-                s2.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return int(port)
-    raise SwtpmError("no free pair of TCP ports on 127.0.0.1")
 
 
 def _accepts(port: int) -> bool:
@@ -156,7 +142,9 @@ class Swtpm:
         binary = _require("swtpm")
         last_error = ""
         for _ in range(5):
-            port = _free_port_pair()
+            # a reserved pair outside the kernel's ephemeral range (compose/ports.py): no
+            # other process on the machine is handed it while this one holds it
+            port = free_port_pairs(1)[0]
             log = self.state_dir / "swtpm.log"
             proc = subprocess.Popen(
                 [
@@ -183,6 +171,8 @@ class Swtpm:
                 self.port = port
                 return self
             last_error = self._reap(proc)
+            release(port)
+            release(port + 1)
         raise SwtpmError(f"swtpm did not start: {last_error[-2000:]}")
 
     @staticmethod
@@ -215,6 +205,8 @@ class Swtpm:
         proc, self._proc = self._proc, None
         if proc is not None:
             self._reap(proc)
+            release(self.port)
+            release(self.port + 1)
 
     def __enter__(self) -> Swtpm:
         return self.start() if self._proc is None else self

@@ -23,12 +23,13 @@ from typing import Any
 
 from kms_broker import sealing
 from kms_broker.hsm import softhsm
-from kms_broker.hsm.interface import Hsm
+from kms_broker.hsm.interface import Hsm, ShareBinding
 from sealed.secrets import SecretBuffer
 
 __all__ = ["main", "raw_seal_rate"]
 
 BENCH_TENANT = "bench-raw-seal"
+BENCH_BINDING = ShareBinding(tenant_id=BENCH_TENANT, dataset_id="ds", key_version=1, share_index=0)
 
 
 def _prepare(hsm: Hsm) -> tuple[bytes, bytes, bytes]:
@@ -47,7 +48,7 @@ def _prepare(hsm: Hsm) -> tuple[bytes, bytes, bytes]:
     )
     with SecretBuffer.random(32) as share:
         sealed = sealing.seal_share_to(pub, share, transcript)
-    wrapped = hsm.import_share(import_id, sealed, transcript, BENCH_TENANT, 1)
+    wrapped = hsm.import_share(import_id, sealed, transcript, BENCH_BINDING, 1)
     hsm.destroy_import_key(import_id)
     _, node_pub = sealing.generate_node_key()
     release = sealing.release_transcript(
@@ -65,11 +66,11 @@ def _prepare(hsm: Hsm) -> tuple[bytes, bytes, bytes]:
 def raw_seal_rate(hsm: Hsm, seconds: float) -> float:
     """Sealing operations per second of ``hsm.seal_share`` on one thread for ``seconds``."""
     wrapped, node_pub, transcript = _prepare(hsm)
-    hsm.seal_share(wrapped, BENCH_TENANT, 1, node_pub, transcript)  # warm the caches
+    hsm.seal_share(wrapped, BENCH_BINDING, 1, node_pub, transcript)  # warm the caches
     count, start = 0, time.perf_counter()
     deadline = start + seconds
     while True:
-        hsm.seal_share(wrapped, BENCH_TENANT, 1, node_pub, transcript)
+        hsm.seal_share(wrapped, BENCH_BINDING, 1, node_pub, transcript)
         count += 1
         now = time.perf_counter()
         if now >= deadline:
@@ -150,12 +151,12 @@ def main(quick: bool) -> None:
             wrapped, node_pub, transcript = _prepare(hsm)
             node_key, _ = sealing.generate_node_key()
             node_pub = sealing.public_key_bytes(node_key)
-            ours = _time(lambda: hsm.seal_share(wrapped, BENCH_TENANT, 1, node_pub, transcript), n)
+            ours = _time(lambda: hsm.seal_share(wrapped, BENCH_BINDING, 1, node_pub, transcript), n)
             raw_seal = _raw_pkcs11_sealer(label, wrapped, node_pub, transcript)
             raw = _time(raw_seal, n)
             share = SecretBuffer.random(32)
             software = _time(lambda: sealing.seal_share_to(node_pub, share, transcript), n)
-            blob = hsm.seal_share(wrapped, BENCH_TENANT, 1, node_pub, transcript)
+            blob = hsm.seal_share(wrapped, BENCH_BINDING, 1, node_pub, transcript)
             opened = _time(lambda: sealing.open_sealed_share(node_key, blob, transcript), n)
             rate = raw_seal_rate(hsm, seconds)
         finally:

@@ -1,379 +1,355 @@
-"""Sealed format throughput and writer memory, side by side in one run.
+"""Sealed data on the paths users run: the trainer's store path and ``kms-broker dataset upload``.
 
-Decryption of one shard (the same segments, the same key) by:
-  ours (memory)  DatasetReader.decrypt_shard_into, ciphertext held by an in-memory store
-                 (zero-copy view): our whole decrypt path minus storage I/O
-  ours (local)   the same from a LocalDirStore whose file is in the page cache (one readinto
-                 copy per 8 MiB: the storage read is included)
-  ours (mapped)  the same from a MappedDirStore (zero-copy mmap of the page cache)
-  ours (+sha256) memory path with verify_digest=True
-  raw AES-GCM    AESGCM.decrypt_into over the same segments with precomputed nonces
-  memcpy         copying the ciphertext bytes once
-  tink-py        tink.streaming_aead decrypting the same ciphertext (same key, same AAD),
-                 both with read() and with readinto() into a preallocated buffer; the goal
-                 compares against the faster of the two
-  pyrage (age)   decrypting the same plaintext encrypted to an x25519 identity
+Every comparison is a series of *pairs* of adjacent runs (the order alternates inside each
+pair); the result is the median of the per-pair ratios with their range, so load from
+elsewhere on a shared machine hits both sides of a pair alike.
 
-Encryption: our StreamEncryptor (segments discarded after each is produced) vs raw
-encrypt_into vs memcpy vs tink-py vs pyrage, and the writer end to end (shard packing,
-SHA-256 of the plaintext, store put into memory).
-
-Writer memory: the writer runs in a subprocess over a generated dataset at a small and a
-large size (128 MiB and 512 MiB in quick mode, 512 MiB and 2 GiB otherwise) into a
-LocalDirStore; peak RSS (ru_maxrss) is compared.
+1. **Decrypt through the trainer's store path.** A multi-shard dataset (512 MiB in quick mode,
+   2 GiB otherwise; 64 MiB shards, far beyond the 32 MiB L3) written to disk, opened with
+   ``trainer.sealed_reader.open_sealed_reader`` (the function ``trainer --attest`` calls:
+   ``MappedDirStore``, manifest authenticated) and decrypted shard by shard into one buffer by
+   ``decrypt_shard_into``, one thread.
+   - warm (files in the page cache) against raw ``AESGCM.decrypt_into`` over the same
+     ciphertext bytes held in memory: same segments (1 MiB), same keys and nonces, same output
+     buffer, one thread: ``goal store_decrypt_warm_vs_raw`` (>= 0.90);
+   - cold (``posix_fadvise(DONTNEED)`` on every file before each run) against a plain
+     sequential ``readinto`` of the same files: ``goal store_decrypt_cold_vs_plain_read``
+     (>= 0.90).
+2. **Upload end to end.** ``kms-broker dataset upload`` (a subprocess: the CLI, one real broker
+   with SoftHSM over mTLS, shares, encryption, fsync of every object) of a folder of 8 MiB
+   files (1 GiB in quick mode, 4 GiB otherwise) against ``cp -r`` + ``sync`` of the same
+   folder on the same disk: ``goal upload_vs_plain_copy`` (>= 0.80). Beside them, in-process:
+   tink-py streaming AEAD and pyrage (age, x25519) encrypting every file of a quarter of the
+   folder to the same disk, then ``sync`` (their rates; age is slow enough that the whole
+   folder would dominate the run). The upload's peak RSS (VmHWM of the CLI process) at two dataset
+   sizes: ``goal upload_peak_rss_growth`` (<= 1.2, flat in dataset size).
 
 Run: ``.venv/bin/python -m benchmarks sealed`` (``--quick`` for the short version).
 """
 
 from __future__ import annotations
 
-import io
 import os
-import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyrage
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from sealed import (
-    DatasetReader,
-    LocalDirStore,
-    MappedDirStore,
-    MemoryStore,
-    SecretBuffer,
-    streaming,
-)
-from sealed.shard import shard_aad
+from sealed import LocalDirStore, SecretBuffer, streaming
 from sealed.writer import write_dataset
+from trainer.sealed_reader import open_sealed_reader
 
-TENANT, DATASET = "bench-tenant", "bench-dataset"
+TENANT, DATASET = "acme", "bench-dataset"
 REPO = Path(__file__).resolve().parents[1]
+SHARD = 64 << 20
+FILE = 8 << 20
 
 
-def _best(fn: Callable[[], object], reps: int) -> float:
-    fn()  # warm up
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+def _generated(total: int, record: int = 1 << 20) -> list[bytearray]:
+    block = os.urandom(record)
+    out = []
+    for k in range(total // record):
+        rec = bytearray(block)
+        rec[:8] = k.to_bytes(8, "big")
+        out.append(rec)
+    return out
 
 
-def _tink(raw_key: bytes):
-    from tests.sealed.tink_oracle import tink_streaming_aead  # the oracle the tests use
-
-    return tink_streaming_aead(raw_key)
-
-
-class _Sink(io.BytesIO):
-    def close(self) -> None:  # tink closes its destination
-        pass
-
-
-class _Generated:
-    """A re-iterable source of ``total`` bytes in 1 MiB records, generated on the fly."""
-
-    def __init__(self, total: int, record: int = 1 << 20) -> None:
-        self.count = total // record
-        self.block = bytearray(os.urandom(record))
-
-    def __iter__(self):
-        for k in range(self.count):
-            self.block[:8] = k.to_bytes(8, "big")
-            yield self.block
+def _pairs(a: Callable[[], float], b: Callable[[], float], reps: int) -> list[tuple[float, float]]:
+    """``reps`` pairs of (a's seconds, b's seconds), alternating which runs first."""
+    out = []
+    for i in range(reps):
+        if i % 2 == 0:
+            ta = a()
+            tb = b()
+        else:
+            tb = b()
+            ta = a()
+        out.append((ta, tb))
+    return out
 
 
-def _peak_rss_kib() -> int:
-    """This process's own peak RSS. (ru_maxrss would include the forking parent's RSS: Linux
-    keeps it across execve; VmHWM belongs to the new address space.)"""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def _summary(label: str, ratios: list[float]) -> float:
+    med = statistics.median(ratios)
+    print(f"  {label}: median {med:.2f} (range {min(ratios):.2f}-{max(ratios):.2f}, "
+          f"{len(ratios)} pairs)", flush=True)
+    return med
 
 
-def _rss_child(total: int) -> None:
-    with tempfile.TemporaryDirectory(prefix="bench-sealed-") as tmp, SecretBuffer.random(32) as dek:
-        ref = write_dataset(
-            LocalDirStore(tmp),
-            _Generated(total),
-            dek=dek,
+def _timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _drop_cache(paths: list[Path]) -> None:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def goal(name: str, value: float, target: str, met: bool) -> None:
+    print(f"goal {name}: {value:.2f} (target {target}) {'met' if met else 'missed'}", flush=True)
+
+
+# --------------------------------------------------------------------------- 1. decrypt
+
+
+def _decrypt(quick: bool) -> tuple[float, float]:
+    total = (512 << 20) if quick else (2 << 30)
+    warm_reps, cold_reps = (5, 3) if quick else (9, 5)
+    with tempfile.TemporaryDirectory(prefix="bench-sealed-") as tmp, \
+            SecretBuffer.random(32) as dek:
+        root = Path(tmp)
+        ref = write_dataset(LocalDirStore(root / "store"), _generated(total), dek=dek,
+                            tenant_id=TENANT, dataset_id=DATASET, key_version=1,
+                            share_holders=["broker"], target_shard_size=SHARD)
+        config = SimpleNamespace(  # what open_sealed_reader reads from a JobConfig
             tenant_id=TENANT,
-            dataset_id=DATASET,
-            key_version=1,
-            share_holders=["broker"],
-        )
-        peak_kib = _peak_rss_kib()
-        print(f"{ref.plaintext_bytes} {ref.num_shards} {peak_kib}")
+            dataset=SimpleNamespace(id=DATASET, key_version=1, manifest=ref.manifest_name,
+                                    store_path=root / "store"))
+        shards = open_sealed_reader(config, dek)  # type: ignore[arg-type]
+        reader = shards.reader
+        entries = reader.manifest.shards
+        files = [root / "store" / e.object_name for e in entries]
+        buf = bytearray(max(e.plaintext_size for e in entries))
+        out = memoryview(buf)
+        plain_bytes = sum(e.plaintext_size for e in entries)
+        ct_bytes = sum(e.ciphertext_size for e in entries)
+        print(f"decrypt {plain_bytes / 2**20:.0f} MiB in {len(entries)} shards of "
+              f"{SHARD >> 20} MiB through the trainer's store path (open_sealed_reader: "
+              f"MappedDirStore), one thread, 1 MiB segments", flush=True)
+
+        # raw: the same ciphertext bytes in memory, the same keys, nonces and output buffer
+        ciphertexts = [f.read_bytes() for f in files]
+        plans = []
+        for j, (e, ct) in enumerate(zip(entries, ciphertexts, strict=True)):
+            cipher = reader._cipher(j)  # the derived key and nonces the reader uses
+            ctv = memoryview(ct)
+            n = streaming.segment_count(e.ciphertext_size)
+            for i in range(n):
+                start = streaming.ciphertext_start(i)
+                end = min(e.ciphertext_size, (i + 1) * streaming.SEGMENT_SIZE)
+                pt0 = streaming.plaintext_start(i)
+                plans.append((cipher._aead, cipher._nonce(i, i == n - 1), ctv[start:end],
+                              out[pt0 : pt0 + end - start - streaming.TAG_SIZE]))
+
+        def raw() -> float:
+            def run() -> None:
+                for aead, nonce, c, o in plans:
+                    aead.decrypt_into(nonce, c, None, o)
+            return _timed(run)
+
+        def ours() -> float:
+            def run() -> None:
+                for j in range(len(entries)):
+                    shards.decrypt_shard_into(j, buf)
+            return _timed(run)
+
+        ours()  # warm the page cache and the mappings' first touch
+        raw()
+        warm = _pairs(ours, raw, warm_reps)
+        print(f"  warm: ours {plain_bytes / statistics.median(t for t, _ in warm) / 1e9:.2f} "
+              f"GB/s, raw AESGCM.decrypt_into "
+              f"{plain_bytes / statistics.median(t for _, t in warm) / 1e9:.2f} GB/s")
+        warm_ratio = _summary("warm ours/raw", [r / o for o, r in warm])
+        plans.clear()
+        ciphertexts.clear()
+
+        rbuf = bytearray(8 << 20)
+        rview = memoryview(rbuf)
+
+        def plain_read() -> float:
+            _drop_cache(files)
+
+            def run() -> None:
+                for f in files:
+                    with open(f, "rb", buffering=0) as fh:
+                        while fh.readinto(rview):
+                            pass
+            return _timed(run)
+
+        def ours_cold() -> float:
+            # a fresh reader as at a job's start: mapped pages cannot be dropped from the
+            # cache, so the warm reader's mappings are closed first
+            nonlocal shards
+            shards.close()
+            _drop_cache(files)
+            t = time.perf_counter()
+            shards = open_sealed_reader(config, dek)  # type: ignore[arg-type]
+            for j in range(len(entries)):
+                shards.decrypt_shard_into(j, buf)
+            return time.perf_counter() - t
+
+        cold = _pairs(ours_cold, plain_read, cold_reps)
+        print(f"  cold: ours {plain_bytes / statistics.median(t for t, _ in cold) / 1e9:.2f} "
+              f"GB/s of plaintext, plain read "
+              f"{ct_bytes / statistics.median(t for _, t in cold) / 1e9:.2f} GB/s of the same "
+              f"files")
+        cold_ratio = _summary("cold ours/plain read (time for the same files)",
+                              [p / o for o, p in cold])
+        shards.close()
+    return warm_ratio, cold_ratio
 
 
-def _run_rss(total: int) -> tuple[int, int, float, float]:
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_sealed", "--rss-child", str(total)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    elapsed = time.perf_counter() - start
-    plain, shards, peak_kib = (int(x) for x in proc.stdout.split())
-    return plain, shards, peak_kib / 1024, elapsed
+# --------------------------------------------------------------------------- 2. upload
 
 
-def _row(name: str, nbytes: int, seconds: float, ref: float | None = None) -> float:
-    rate = nbytes / seconds / 1e9
-    extra = f"  {rate / ref:6.2f}x raw" if ref else ""
-    print(f"  {name:<34} {rate:8.2f} GB/s{extra}", flush=True)
-    return rate
+class _Broker:
+    """One real broker (SoftHSM, mTLS) and a registered tenant with its key file."""
+
+    def __init__(self, root: Path) -> None:
+        from benchmarks.bench_broker import _setup
+
+        self.root = root
+        self.proc, self.pki, self.address, _softhsm, _pin = _setup(root / "broker")
+        self.key = root / "tenant.key"
+        self.cli("tenant", "init", "--key", str(self.key))
+        self.cli("tenant", "register", *self.tenant_args())
+
+    def tenant_args(self) -> list[str]:
+        return ["--tenant", TENANT, "--tenant-key", str(self.key), "--broker", self.address,
+                "--ca", str(self.pki / "ca.pem"), "--cert", str(self.pki / "tenant-acme.pem"),
+                "--key", str(self.pki / "tenant-acme.key")]
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "kms_broker.cli", *args], cwd=REPO,
+                              capture_output=True, text=True, check=True, timeout=600)
+
+    def upload(self, folder: Path, store: Path, dataset: str) -> tuple[float, int]:
+        """Seconds for ``kms-broker dataset upload`` end to end, and its peak RSS (KiB)."""
+        code = ("import sys; from kms_broker.cli import main; rc = main(sys.argv[1:]); "
+                "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')]; "
+                "print(hwm[0].split()[1], file=sys.stderr); sys.exit(rc)")
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-c", code, "dataset", "upload", str(folder), "--store", str(store),
+             "--dataset", dataset, *self.tenant_args()],
+            cwd=REPO, capture_output=True, text=True, check=False, timeout=1800)
+        took = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-2000:])
+        return took, int(proc.stderr.strip().splitlines()[-1])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def _folder(path: Path, total: int) -> Path:
+    path.mkdir(parents=True)
+    block = os.urandom(FILE)
+    for k in range(total // FILE):
+        (path / f"part-{k:05d}.bin").write_bytes(k.to_bytes(8, "big") + block[8:])
+    os.sync()
+    return path
+
+
+def _upload(quick: bool) -> tuple[float, float]:
+    total = (1 << 30) if quick else (4 << 30)
+    small = total // 4
+    reps = 2 if quick else 5
+    with tempfile.TemporaryDirectory(prefix="bench-upload-") as tmp:
+        root = Path(tmp)
+        broker = _Broker(root)
+        try:
+            src = _folder(root / "src", total)
+            print(f"upload a folder of {total >> 20} MiB ({total // FILE} files of "
+                  f"{FILE >> 20} MiB), same disk, {reps} pairs:", flush=True)
+            count = iter(range(10**6))
+            rss: list[int] = []
+
+            def ours() -> float:
+                out = root / "out"
+                os.sync()
+                took, peak = broker.upload(src, out, f"ds{next(count)}")
+                rss.append(peak)
+                shutil.rmtree(out)
+                return took
+
+            def copy() -> float:
+                out = root / "copy"
+                os.sync()
+                took = _timed(lambda: subprocess.run(
+                    f"cp -r '{src}' '{out}' && sync", shell=True, check=True, timeout=1800))
+                shutil.rmtree(out)
+                return took
+
+            pairs = _pairs(ours, copy, reps)
+            ours_t = statistics.median(t for t, _ in pairs)
+            copy_t = statistics.median(t for _, t in pairs)
+            label = "kms-broker dataset upload (end to end)"
+            print(f"  {label:<42}{total / ours_t / 1e9:7.2f} GB/s")
+            print(f"  {'cp -r + sync':<42}{total / copy_t / 1e9:7.2f} GB/s")
+            ratio = _summary("upload/plain copy (time of cp -r + sync / time of upload)",
+                             [c / o for o, c in pairs])
+            big_peak = statistics.median(rss)
+            small_src = root / "small"
+            small_src.mkdir()
+            for f in sorted(src.iterdir())[: small // FILE]:
+                os.link(f, small_src / f.name)
+            _, small_peak = broker.upload(small_src, root / "out-small", "ds-small")
+            for name, secs in _peers(small_src, root / "peer"):
+                print(f"  {name:<42}{small / secs / 1e9:7.2f} GB/s ({small >> 20} MiB)")
+            growth = big_peak / small_peak
+            print(f"  peak RSS of the upload: {small_peak / 1024:.0f} MiB for {small >> 20} MiB, "
+                  f"{big_peak / 1024:.0f} MiB for {total >> 20} MiB (x{growth:.2f} for "
+                  f"x{total // small} data)", flush=True)
+        finally:
+            broker.stop()
+    return ratio, growth
+
+
+def _peers(src: Path, out: Path) -> list[tuple[str, float]]:
+    from tests.sealed.tink_oracle import tink_streaming_aead
+
+    tink = tink_streaming_aead(os.urandom(32))
+    ident = pyrage.x25519.Identity.generate()
+    files = sorted(src.iterdir())
+
+    def run_tink() -> None:
+        for f in files:
+            with open(out / f.name, "wb") as sink, \
+                    tink.new_encrypting_stream(sink, f.name.encode()) as enc, \
+                    open(f, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    enc.write(chunk)
+        os.sync()
+
+    def run_age() -> None:
+        for f in files:
+            (out / f.name).write_bytes(pyrage.encrypt(f.read_bytes(), [ident.to_public()]))
+        os.sync()
+
+    results = []
+    for name, fn in (("tink-py streaming AEAD per file + sync", run_tink),
+                     ("pyrage (age x25519) per file + sync", run_age)):
+        out.mkdir()
+        os.sync()
+        results.append((name, _timed(fn)))
+        shutil.rmtree(out)
+    return results
 
 
 def main(quick: bool) -> None:
-    shard_mib = 16 if quick else 64
-    reps = 5 if quick else 9
-    peer_reps = 3 if quick else 5
-    raw_key = os.urandom(32)
-    dek = SecretBuffer.from_bytes(raw_key)
-    records = [os.urandom(1 << 20) for _ in range(shard_mib - 1)]
-    mem = MemoryStore()
-    ref = write_dataset(
-        mem,
-        records,
-        dek=dek,
-        tenant_id=TENANT,
-        dataset_id=DATASET,
-        key_version=1,
-        share_holders=["broker"],
-        target_shard_size=shard_mib << 20,
-    )
-    assert ref.num_shards == 1
-    reader = DatasetReader.open(
-        mem, ref.manifest_name, dek=dek, tenant_id=TENANT, dataset_id=DATASET, key_version=1
-    )
-    entry = reader.manifest.shards[0]
-    size = entry.plaintext_size
-    ct = mem.get_range(entry.object_name, 0, entry.ciphertext_size)
-    ctv = memoryview(ct)
-    out = bytearray(size)
-    outv = memoryview(out)
-    plaintext = bytes(reader.decrypt_shard_into(0, out))
-
-    with tempfile.TemporaryDirectory(prefix="bench-sealed-") as tmp:
-        local = LocalDirStore(tmp)
-        local.put(entry.object_name, ct)
-        local.put(
-            ref.manifest_name, mem.get_range(ref.manifest_name, 0, mem.size(ref.manifest_name))
-        )
-        local_reader = DatasetReader.open(
-            local, ref.manifest_name, dek=dek, tenant_id=TENANT, dataset_id=DATASET, key_version=1
-        )
-        mapped_reader = DatasetReader.open(
-            MappedDirStore(tmp),
-            ref.manifest_name,
-            dek=dek,
-            tenant_id=TENANT,
-            dataset_id=DATASET,
-            key_version=1,
-        )
-
-        cipher = reader._cipher(0)  # the same derived key and nonces the reader uses
-        aead: AESGCM = cipher._aead
-        n = streaming.segment_count(len(ct))
-        plan = []
-        for i in range(n):
-            start, end = (
-                streaming.ciphertext_start(i),
-                min(len(ct), (i + 1) * streaming.SEGMENT_SIZE),
-            )
-            pt0 = streaming.plaintext_start(i)
-            plan.append(
-                (cipher._nonce(i, i == n - 1), ctv[start:end], outv[pt0 : pt0 + end - start - 16])
-            )
-
-        def raw_decrypt() -> None:
-            for nonce, c, o in plan:
-                aead.decrypt_into(nonce, c, None, o)
-
-        def memcpy() -> None:
-            outv[:] = ctv[streaming.HEADER_SIZE : streaming.HEADER_SIZE + size]
-
-        aad = shard_aad(
-            tenant_id=TENANT,
-            dataset_id=DATASET,
-            key_version=1,
-            upload_id=reader.manifest.upload_id,
-            shard_index=0,
-            shard_count=1,
-        )
-        tink = _tink(raw_key)
-
-        def tink_decrypt() -> None:
-            with tink.new_decrypting_stream(io.BytesIO(ct), aad) as d:
-                assert len(d.read()) == size
-
-        def tink_decrypt_into() -> None:  # tink's best case: a preallocated buffer, like ours
-            with tink.new_decrypting_stream(io.BytesIO(ct), aad) as d:
-                pos = 0
-                while pos < size:
-                    got = d.readinto(outv[pos:])
-                    if not got:
-                        break
-                    pos += got
-                assert pos == size
-
-        ident = pyrage.x25519.Identity.generate()
-        age_ct = pyrage.encrypt(plaintext, [ident.to_public()])
-
-        print(f"decrypt one {size / 2**20:.0f} MiB shard ({n} segments), best of {reps}:")
-        t_raw = _best(raw_decrypt, reps)
-        raw = _row("raw AESGCM.decrypt_into", size, t_raw)
-        ours = _row(
-            "ours (memory, zero-copy)",
-            size,
-            _best(lambda: reader.decrypt_shard_into(0, out), reps),
-            raw,
-        )
-        ours_local = _row(
-            "ours (LocalDirStore, page cache)",
-            size,
-            _best(lambda: local_reader.decrypt_shard_into(0, out), reps),
-            raw,
-        )
-        ours_mapped = _row(
-            "ours (MappedDirStore, page cache)",
-            size,
-            _best(lambda: mapped_reader.decrypt_shard_into(0, out), reps),
-            raw,
-        )
-        _row(
-            "ours (memory) + verify_digest",
-            size,
-            _best(lambda: reader.decrypt_shard_into(0, out, verify_digest=True), reps),
-            raw,
-        )
-        _row("memcpy", size, _best(memcpy, reps), raw)
-        tink_read = _row("tink-py read()", size, _best(tink_decrypt, peer_reps), raw)
-        tink_into = _row(
-            "tink-py readinto(preallocated)", size, _best(tink_decrypt_into, reps), raw
-        )
-        tink_rate = max(tink_read, tink_into)  # the goal is against tink's faster path
-        age_rate = _row(
-            "pyrage (age, x25519)",
-            size,
-            _best(lambda: pyrage.decrypt(age_ct, [ident]), peer_reps),
-            raw,
-        )
-        assert bytes(reader.decrypt_shard_into(0, out)) == plaintext
-        print(
-            f"  ratios: ours/raw {ours / raw:.2f}, ours(local)/raw {ours_local / raw:.2f}, "
-            f"ours(mapped)/raw {ours_mapped / raw:.2f}, ours/tink {ours / tink_rate:.1f}, "
-            f"ours/age {ours / age_rate:.1f}"
-        )
-        local_reader.close()
-        mapped_reader.close()
-
-    # ------------------------------------------------------------------ encryption
-    chunks = [plaintext[i : i + (1 << 20)] for i in range(0, size, 1 << 20)]
-
-    def ours_encrypt() -> None:
-        enc = streaming.StreamEncryptor(dek, aad)
-        for _ in enc.encrypt(chunks):
-            pass
-
-    enc_out = bytearray(len(ct))
-    enc_view = memoryview(enc_out)
-    enc_plan = []
-    for i in range(n):
-        start, end = streaming.ciphertext_start(i), min(len(ct), (i + 1) * streaming.SEGMENT_SIZE)
-        pt0 = streaming.plaintext_start(i)
-        enc_plan.append(
-            (
-                cipher._nonce(i, i == n - 1),
-                memoryview(plaintext)[pt0 : pt0 + end - start - 16],
-                enc_view[start:end],
-            )
-        )
-
-    def raw_encrypt() -> None:
-        for nonce, p, o in enc_plan:
-            aead.encrypt_into(nonce, p, None, o)
-
-    def tink_encrypt() -> None:
-        sink = _Sink()
-        with tink.new_encrypting_stream(sink, aad) as e:
-            e.write(plaintext)
-
-    def tink_encrypt_chunked() -> None:  # faster for tink: 1 MiB writes
-        sink = _Sink()
-        with tink.new_encrypting_stream(sink, aad) as e:
-            for c in chunks:
-                e.write(c)
-
-    def writer() -> None:
-        write_dataset(
-            MemoryStore(),
-            records,
-            dek=dek,
-            tenant_id=TENANT,
-            dataset_id=DATASET,
-            key_version=1,
-            share_holders=["broker"],
-            target_shard_size=shard_mib << 20,
-        )
-
-    print(f"encrypt the same {size / 2**20:.0f} MiB:")
-    raw_e = _row("raw AESGCM.encrypt_into", size, _best(raw_encrypt, reps))
-    ours_e = _row("ours StreamEncryptor", size, _best(ours_encrypt, reps), raw_e)
-    _row("ours write_dataset (+sha256, store)", size, _best(writer, peer_reps), raw_e)
-    _row("memcpy", size, _best(memcpy, reps), raw_e)
-    tink_e = max(
-        _row("tink-py write(all)", size, _best(tink_encrypt, peer_reps), raw_e),
-        _row("tink-py write(1 MiB chunks)", size, _best(tink_encrypt_chunked, peer_reps), raw_e),
-    )
-    age_e = _row(
-        "pyrage (age, x25519)",
-        size,
-        _best(lambda: pyrage.encrypt(plaintext, [ident.to_public()]), peer_reps),
-        raw_e,
-    )
-    print(
-        f"  ratios: ours/raw {ours_e / raw_e:.2f}, ours/tink {ours_e / tink_e:.1f}, "
-        f"ours/age {ours_e / age_e:.1f}"
-    )
-    reader.close()
-    dek.zeroize()
-
-    # ------------------------------------------------------------------ writer memory
-    small, large = (128 << 20, 512 << 20) if quick else (512 << 20, 2 << 30)
-    print("writer peak RSS (subprocess, LocalDirStore, 1 MiB records, 64 MiB shards):")
-    peaks = []
-    for total in (small, large):
-        plain, shards, peak, secs = _run_rss(total)
-        peaks.append(peak)
-        print(
-            f"  {plain / 2**20:6.0f} MiB dataset, {shards:3d} shards: peak RSS {peak:7.1f} MiB "
-            f"({plain / secs / 1e9:.2f} GB/s end to end)",
-            flush=True,
-        )
-    growth = peaks[1] / peaks[0]
-    print(f"  dataset x{large / small:.0f} -> peak RSS x{growth:.2f}")
-
-    def goal(name: str, value: float, target: str, met: bool, fmt: str = ".2f") -> None:
-        print(f"goal {name}: {value:{fmt}} (target {target}) {'met' if met else 'missed'}")
-
-    goal("sealed_decrypt_vs_raw_aesgcm", ours / raw, ">= 0.90", ours / raw >= 0.90)
-    goal("sealed_decrypt_vs_tink", ours / tink_rate, ">= 10", ours / tink_rate >= 10, ".1f")
-    goal("sealed_writer_peak_rss_growth", growth, "<= 1.2", growth <= 1.2)
+    warm, cold = _decrypt(quick)
+    upload, growth = _upload(quick)
+    goal("store_decrypt_warm_vs_raw", warm, ">= 0.90", warm >= 0.90)
+    goal("store_decrypt_cold_vs_plain_read", cold, ">= 0.90", cold >= 0.90)
+    goal("upload_vs_plain_copy", upload, ">= 0.80", upload >= 0.80)
+    goal("upload_peak_rss_growth", growth, "<= 1.2", growth <= 1.2)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--rss-child":
-        _rss_child(int(sys.argv[2]))
-    else:
-        main(quick="--quick" in sys.argv)
+    main(quick="--quick" in sys.argv)

@@ -8,7 +8,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kms_broker.audit import AuditLog
+from kms_broker.audit import (
+    Anchor,
+    AuditLog,
+    AuditTruncated,
+    Checkpointer,
+    anchor_message,
+    check_anchor,
+    read_anchor_file,
+    verify_log,
+    write_anchor_file,
+)
 from kms_broker.config import BrokerConfig, ConfigError, read_secret_file
 from kms_broker.domain.admin import Admin
 from kms_broker.domain.clock import SystemClock, SystemRandom
@@ -109,6 +119,56 @@ def load_ek_trust(config: BrokerConfig) -> Any:
         raise ConfigError(f"ek_roots/ek_intermediates: not PEM certificates: {exc}") from None
 
 
+ANCHOR_FILE = "audit.anchor"
+
+
+def audit_anchor_writer(hsm: Any, path: Path) -> Any:
+    """Store an audit anchor: on the HSM token first (authoritative), then signed beside the
+    log for offline verification (see :mod:`kms_broker.audit`)."""
+
+    def store(seq: int, head: str) -> None:
+        hsm.set_audit_anchor(seq, bytes.fromhex(head))
+        write_anchor_file(path, Anchor(seq, head, hsm.sign(anchor_message(seq, head))))
+
+    return store
+
+
+def check_audit_anchor(log_path: Path, hsm: Any, anchor_path: Path) -> None:
+    """Refuse to start (``AuditTruncated``) on a log that lost anchored records.
+
+    The HSM's anchor is checked, and the signed file's too when it verifies under the broker's
+    key (an anchor file that does not is refused as well). A token without an anchor (first
+    start, or a log from before anchoring) adopts the log's current head after checking the
+    chain."""
+    if not log_path.exists():
+        return
+    held = hsm.audit_anchor()
+    anchors = [] if held is None else [("the HSM anchor", Anchor(held[0], held[1].hex()))]
+    try:
+        in_file = read_anchor_file(anchor_path)
+    except ValueError as exc:
+        raise AuditTruncated(f"refusing to start: {exc}") from None
+    if in_file is not None:
+        result = verify_log(log_path, hsm.signing_public_key(), in_file)
+        if not result.ok and result.problem.startswith("the anchor"):
+            raise AuditTruncated(f"refusing to start: {anchor_path}: {result.problem}")
+        anchors.append((f"the anchor file {anchor_path}", in_file))
+    for where, anchor in anchors:
+        problem = check_anchor(log_path, anchor)
+        if problem is not None:
+            raise AuditTruncated(
+                f"refusing to start: audit log {log_path} does not match {where} "
+                f"(record {anchor.seq}): {problem}"
+            )
+    if held is None:
+        result = verify_log(log_path)
+        if not result.ok:
+            raise AuditTruncated(f"refusing to start: audit log {log_path}: {result.problem}")
+        if result.records:
+            log.warning("audit log has no anchor on the HSM yet: anchoring its %d records",
+                        result.records)
+
+
 def build_server(config: BrokerConfig, *, hsm: Any = None, worker: int | None = None,
                  allow_fake_hsm: bool = False) -> BrokerServer:
     """Everything ``serve`` runs. ``worker``: this process is worker N of several sharing the
@@ -133,10 +193,14 @@ def build_server(config: BrokerConfig, *, hsm: Any = None, worker: int | None = 
         max_pending_sessions_per_node=config.limits.pending_sessions_per_node,
         max_pending_uploads_per_tenant=config.limits.pending_uploads_per_tenant,
     )
+    anchor_path = state / ANCHOR_FILE
+    check_audit_anchor(state / "audit.log", hsm, anchor_path)
+    audit = AuditLog(state / "audit.log", now_ms=clock.now_ms, sign=hsm.sign,
+                     anchor=audit_anchor_writer(hsm, anchor_path))
     deps = BrokerDeps(
         repo=SqliteRepository(state / "broker.db"),
         hsm=hsm,
-        audit=AuditLog(state / "audit.log", now_ms=clock.now_ms, sign=hsm.sign),
+        audit=audit,
         clock=clock,
         random=SystemRandom(),
         verifiers=_verifiers(config),
@@ -159,13 +223,24 @@ def build_server(config: BrokerConfig, *, hsm: Any = None, worker: int | None = 
     if config.metrics_port is not None and worker is None:
         metrics.serve(config.metrics_port)
 
-    def seal_the_log() -> None:  # a signed checkpoint over the last record at shutdown
+    checkpoints = Checkpointer(
+        audit, config.audit_checkpoint_s,
+        on_error=lambda exc: log.error("audit checkpoint/anchor failed: %s", exc),
+    )
+
+    def seal_the_log() -> None:  # a signed checkpoint over the last record, anchored
+        checkpoints.stop()
         try:
-            deps.audit.checkpoint()
+            deps.audit.checkpoint()  # then anchored (AuditLog.seal)
         except Exception as exc:  # the HSM or disk may be what is failing
             log.warning("no shutdown checkpoint: %s", exc)
 
     server.on_stop.append(seal_the_log)
+    try:
+        audit.seal()  # anchors an existing log at once (first start after an upgrade)
+    except Exception as exc:  # the HSM or disk may be down: the ticker tries again
+        log.warning("audit checkpoint/anchor at start failed: %s", exc)
+    checkpoints.start()
     # revocations reach WatchRevocations streams held by other worker processes
     relay = RevocationRelay(deps.revocations, deps.repo,
                             origin=f"{os.getpid()}/{os.urandom(4).hex()}", now_ms=clock.now_ms)

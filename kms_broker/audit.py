@@ -39,8 +39,42 @@ checkpoint and group-commits its own writes (an fdatasync covers the whole file,
 this instance's earlier writes too).
 
 :func:`verify_log` recomputes the chain and names the first bad record: edited (hash
-mismatch), deleted or reordered (sequence gap or wrong ``prev``), or a bad checkpoint
-signature.
+mismatch), deleted or reordered (sequence gap or wrong ``prev``), a bad checkpoint
+signature, or (given an anchor) records deleted from the end. Without the broker's public
+key it checks only that the chain is intact, and says so (:attr:`AuditVerification.
+authenticated` is false): anyone can write a fresh, fully re-chained log.
+
+Anchoring the head (truncation). A hash chain cannot show that records were cut from its
+end. So the head is anchored outside the log: :meth:`AuditLog.seal` writes a signed
+checkpoint (when anything was written since the last one), fdatasyncs the log and then
+stores the head (seq, record hash) as the anchor, under the log's exclusive ``flock`` so
+workers take turns and the anchor never moves back. The broker calls it every
+``audit_checkpoint_s`` seconds (default 2, :class:`Checkpointer`) and at clean shutdown. The
+anchor is kept in two places (``kms_broker.app`` wires them):
+
+- the HSM token (data object ``ctrain/audit-anchor``, ``Hsm.set_audit_anchor``): the
+  authoritative copy. Writing it needs the token PIN, which the log's attacker (who can edit
+  files) does not have; at start the broker refuses a log that ends before the anchored
+  record or whose anchored record differs (:func:`check_anchor`, ``AuditTruncated`` naming
+  both), and ``VerifyAudit`` checks against it;
+- ``audit.anchor`` beside the log, signed by the broker's HSM key, for offline
+  ``kms-broker audit verify --state-dir``. It can be deleted or replaced by an older signed
+  copy with the log; offline verification with ``--public-key`` then reports the anchor
+  missing, or detects only what the older anchor covers.
+
+What remains undetected: records written after the last anchor, that is within the last
+``audit_checkpoint_s`` before a crash (kill -9, power loss), can be deleted from the end of
+the log while the broker is down. A clean shutdown anchors the final record, so nothing is
+left open then. While the broker runs, a log that goes backwards is noticed at the next
+write or seal (fail closed, ``Unavailable``), and the highest head this broker saw is
+anchored even then, so a restart refuses the shortened log too. A SoftHSM token is files on
+the same host: an attacker with root can roll the token back as well (a hardware HSM
+cannot be).
+
+Anchor file ``audit.anchor`` (canonical JSON)::
+
+    {"hash": hex SHA-256 of record seq, "seq": int,
+     "sig": hex DER ECDSA P-256 over b"kmsbroker/v1/audit-anchor\x00" || BE64 seq || hash}
 """
 
 from __future__ import annotations
@@ -65,7 +99,20 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from kms_broker.domain.errors import Unavailable
 from kms_broker.encoding import canonical_json
 
-__all__ = ["AuditLog", "AuditVerification", "checkpoint_message", "tail_log", "verify_log"]
+__all__ = [
+    "Anchor",
+    "AuditLog",
+    "AuditTruncated",
+    "AuditVerification",
+    "Checkpointer",
+    "anchor_message",
+    "check_anchor",
+    "checkpoint_message",
+    "read_anchor_file",
+    "tail_log",
+    "verify_log",
+    "write_anchor_file",
+]
 
 GENESIS = "0" * 64
 MAX_LINE = 16384
@@ -76,18 +123,89 @@ def checkpoint_message(prev_hex: str, seq: int) -> bytes:
     return b"kmsbroker/v1/audit-checkpoint\x00" + bytes.fromhex(prev_hex) + struct.pack(">Q", seq)
 
 
+def anchor_message(seq: int, hash_hex: str) -> bytes:
+    return b"kmsbroker/v1/audit-anchor\x00" + struct.pack(">Q", seq) + bytes.fromhex(hash_hex)
+
+
+class AuditTruncated(ValueError):
+    """The log ends before its anchored record, or that record differs: records were cut."""
+
+
+@dataclass(frozen=True, slots=True)
+class Anchor:
+    seq: int
+    hash: str  # hex SHA-256 of record ``seq``
+    sig: bytes = b""  # by the broker's key over anchor_message (files only)
+
+
+def write_anchor_file(path: Path, anchor: Anchor) -> None:
+    """Replace ``path`` atomically and durably (temp file, fsync, rename, fsync dir)."""
+    path = Path(path)
+    data = canonical_json({"seq": anchor.seq, "hash": anchor.hash, "sig": anchor.sig.hex()})
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def read_anchor_file(path: Path) -> Anchor | None:
+    """The anchor in ``path``; None when there is none; ``ValueError`` when malformed."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        doc = json.loads(raw)
+        seq, digest, sig = doc["seq"], doc["hash"], bytes.fromhex(doc["sig"])
+        if type(seq) is not int or seq < 0 or len(bytes.fromhex(digest)) != 32:
+            raise ValueError("bad field")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ValueError(f"audit anchor file {path} is malformed") from None
+    return Anchor(seq, digest, sig)
+
+
+def check_anchor(path: Path, anchor: Anchor) -> str | None:
+    """What is wrong with the log at ``path`` given its anchor, or None if it holds the
+    anchored record unchanged (only the anchored record is looked at; :func:`verify_log`
+    checks the chain)."""
+    if anchor.seq == 0:
+        return None
+    count = 0
+    for count, raw in enumerate(_lines(path), start=1):
+        if count == anchor.seq:
+            try:
+                stored = json.loads(raw).get("hash")
+            except (ValueError, AttributeError):
+                stored = None
+            if stored != anchor.hash:
+                return (f"record {anchor.seq} is not the record anchored there (hash "
+                        f"{anchor.hash[:16]}...): the log was rewritten from there")
+            return None
+    return (f"the log ends at record {count} but record {anchor.seq} was anchored: "
+            f"records {count + 1}..{anchor.seq} (at least) were deleted from its end")
+
+
 def _record_hash(prev_hex: str, body: dict) -> str:
     return hashlib.sha256(bytes.fromhex(prev_hex) + canonical_json(body)).hexdigest()
 
 
-def _read_head(fd: int, size: int) -> tuple[int, str]:
-    """(seq, hash) of the last record of the open log ``fd`` whose size is ``size``.
+def _read_head(fd: int, size: int) -> tuple[int, str, bool]:
+    """(seq, hash, is it a checkpoint) of the last record of the open log ``fd`` of ``size``.
 
     ``Unavailable`` unless the file ends with one whole, self-consistent record: a partial
     line (a writer died mid-write), garbage or an edited last record is never chained onto.
     """
     if size == 0:
-        return 0, GENESIS
+        return 0, GENESIS, False
     start = max(0, size - 2 * MAX_LINE)
     data = os.pread(fd, size - start, start)
     if len(data) != size - start or not data.endswith(b"\n"):
@@ -103,7 +221,7 @@ def _read_head(fd: int, size: int) -> tuple[int, str]:
         raise Unavailable(
             "audit log unavailable: its last line is not a valid audit record"
         ) from None
-    return seq, stored
+    return seq, stored, rec.get("event") == "checkpoint"
 
 
 class AuditLog:
@@ -118,10 +236,14 @@ class AuditLog:
         now_ms: Callable[[], int],
         sign: Callable[[bytes], bytes] | None = None,
         checkpoint_every: int = 64,
+        anchor: Callable[[int, str], None] | None = None,
     ) -> None:
         self.path = Path(path)
         self._now_ms = now_ms
         self._sign = sign
+        self._anchor = anchor
+        self._anchored = -1  # last seq this instance anchored
+        self._at_checkpoint = False  # the last record in the file is a checkpoint
         self._every = checkpoint_every
         self._lock = threading.Lock()
         self._cond = threading.Condition()
@@ -189,12 +311,38 @@ class AuditLog:
         return seq
 
     def checkpoint(self) -> None:
-        """Append a signed checkpoint now (for example at shutdown) and wait for the disk."""
+        """Append a signed checkpoint now (for example at shutdown) and wait for the disk;
+        then anchor the head (:meth:`seal`)."""
         if self._sign is None:
             return
         with self._lock, self._appending() as fd:
             seq = self._emit_checkpoint(fd)
         self.wait_durable(seq)
+        self.seal()
+
+    def seal(self) -> int:
+        """Checkpoint the head if anything was written since the last checkpoint, make the log
+        durable and anchor the head (all under the exclusive lock, so workers take turns and
+        anchors only move forward). Returns the anchored seq. ``Unavailable`` on failure; if
+        the log went backwards, the highest head this instance saw is anchored first, so a
+        restart refuses the shortened log."""
+        try:
+            with self._lock, self._appending() as fd:
+                if self._sign is not None and self._seq > 0 and not self._at_checkpoint:
+                    self._emit_checkpoint(fd)
+                seq, head = self._seq, self._head
+                if self._anchor is not None and seq > self._anchored:
+                    os.fdatasync(fd)
+                    self._anchor(seq, head)
+                    self._anchored = seq
+                return seq
+        except Unavailable:
+            with self._lock:
+                seq, head = self._seq, self._head
+            if self._anchor is not None and seq > self._anchored:
+                with contextlib.suppress(Exception):  # the HSM may be what is failing
+                    self._anchor(seq, head)
+            raise
 
     def wait_durable(self, seq: int) -> None:
         """Return once record ``seq`` is on disk; ``Unavailable`` if its sync failed.
@@ -263,12 +411,13 @@ class AuditLog:
             return
         if not stat.S_ISREG(st.st_mode):
             raise Unavailable("audit log unavailable: not a regular file")
-        seq, head = _read_head(fd, st.st_size)
+        seq, head, at_checkpoint = _read_head(fd, st.st_size)
         if seq < self._seq:
             raise Unavailable(
                 f"audit log unavailable: it went back to record {seq} after record {self._seq}"
             )
         self._seq, self._head, self._end = seq, head, end
+        self._at_checkpoint = at_checkpoint
 
     def _open_locked(self) -> int:
         """Open the log for appending, lock it exclusively and catch up with other writers.
@@ -335,16 +484,47 @@ class AuditLog:
                 pass
             raise OSError(errno.EIO, "short write")
         self._seq, self._head, self._end = seq, digest, (size + len(line), ino, dev)
+        self._at_checkpoint = event == "checkpoint"
         self._written = seq
         return seq
 
 
+class Checkpointer:
+    """Calls :meth:`AuditLog.seal` every ``interval_s`` seconds on a daemon thread (a failed
+    seal is reported to ``on_error`` and tried again at the next tick)."""
+
+    def __init__(self, log: AuditLog, interval_s: float,
+                 on_error: Callable[[Exception], None] | None = None) -> None:
+        if not 0 < interval_s <= 3600:
+            raise ValueError("checkpoint interval must be 0-3600 seconds")
+        self._log, self._interval, self._on_error = log, interval_s, on_error
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="audit-checkpoints", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._log.seal()
+            except Exception as exc:  # reported, retried at the next tick
+                if self._on_error is not None:
+                    self._on_error(exc)
+
+
 @dataclass(frozen=True, slots=True)
 class AuditVerification:
-    ok: bool
+    ok: bool  # no tampering found (chain, signatures given a key, anchor given one)
     records: int
     first_bad_seq: int  # 0 when ok
     problem: str
+    authenticated: bool = False  # checkpoints (and the anchor, if any) checked against a key
 
 
 def _lines(path: Path) -> Iterator[bytes]:
@@ -352,13 +532,27 @@ def _lines(path: Path) -> Iterator[bytes]:
         yield from f
 
 
-def verify_log(path: Path, public_key_sec1: bytes | None = None) -> AuditVerification:
-    """Recompute the whole chain; name the first bad record (its expected position)."""
+def verify_log(
+    path: Path, public_key_sec1: bytes | None = None, anchor: Anchor | None = None
+) -> AuditVerification:
+    """Recompute the whole chain; name the first bad record (its expected position).
+
+    With ``public_key_sec1`` every checkpoint signature is checked (and the anchor's, when
+    it carries one); with ``anchor`` the log must still hold the anchored record unchanged
+    (no records cut from its end up to the anchor). Without a key the answer says that
+    authenticity was not checked."""
     key = (
         ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), public_key_sec1)
         if public_key_sec1
         else None
     )
+    if anchor is not None and key is not None and anchor.sig:
+        try:
+            key.verify(anchor.sig, anchor_message(anchor.seq, anchor.hash),
+                       ec.ECDSA(hashes.SHA256()))
+        except (InvalidSignature, ValueError):
+            return AuditVerification(False, 0, anchor.seq,
+                                     "the anchor is not signed by the broker's key")
     prev, count, sealed_at = GENESIS, 0, 0
     for expected, raw in enumerate(_lines(path), start=1):
 
@@ -394,10 +588,21 @@ def verify_log(path: Path, public_key_sec1: bytes | None = None) -> AuditVerific
                 return bad("checkpoint signature is not the broker's")
             sealed_at = seq
         prev, count = stored_hash, count + 1
-    tail = (f"; last signed checkpoint at record {sealed_at}, {count - sealed_at} record(s) "
-            f"after it (deleting records from the end is only evident up to it)"
-            if key is not None else "")
-    return AuditVerification(True, count, 0, f"{count} records, chain intact{tail}")
+    if anchor is not None and (problem := check_anchor(path, anchor)) is not None:
+        return AuditVerification(False, count, min(count + 1, anchor.seq), problem)
+    text = f"{count} records, chain intact"
+    if key is not None:
+        text += (f"; last signed checkpoint at record {sealed_at}, {count - sealed_at} "
+                 f"record(s) after it")
+    if anchor is not None:
+        text += (f"; anchored up to record {anchor.seq} (records after it could be cut "
+                 f"unnoticed)")
+    else:
+        text += "; no anchor given: records cut from the end would not be noticed"
+    if key is None:
+        text += ("; AUTHENTICITY NOT CHECKED (no broker public key): a log rewritten and "
+                 "re-chained from its first record would pass this check too")
+    return AuditVerification(True, count, 0, text, authenticated=key is not None)
 
 
 def tail_log(

@@ -13,6 +13,7 @@
     kms-broker node enrol NODE --tcti TCTI ...     (on the node, operator certificate)
     kms-broker node revoke|reinstate ...           (operator certificate)
     kms-broker audit verify|tail --state-dir DIR   (offline) or --broker ADDR (online)
+    kms-broker audit public-key --config broker.yaml   (PEM, for verify --public-key)
 
 Client TLS material comes from ``--tls DIR`` (ca.pem, <name>.pem, <name>.key) or from
 ``--ca/--cert/--key``. Exit codes: 0 ok, 1 failure, 2 usage error.
@@ -364,17 +365,14 @@ def cmd_node_reinstate(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from kms_broker.audit import tail_log, verify_log
+    from kms_broker.audit import read_anchor_file, tail_log, verify_log
 
     if args.state_dir is not None:
         log_path = args.state_dir / "audit.log"
         if not log_path.exists():
             raise CliError(f"no audit log at {log_path}")
         if args.action == "verify":
-            key = bytes.fromhex(args.public_key) if args.public_key else None
-            result = verify_log(log_path, key)
-            print(("OK: " if result.ok else "TAMPERED: ") + result.problem)
-            return 0 if result.ok else 1
+            return _verify_offline(args, log_path, read_anchor_file, verify_log)
         for rec in tail_log(log_path, args.limit):
             print(json.dumps(rec, sort_keys=True))
         return 0
@@ -391,6 +389,74 @@ def cmd_audit(args: argparse.Namespace) -> int:
                 for rec in client.tail_audit(args.limit):
                     print(rec.canonical_json)
     return 1 if bad else 0
+
+
+def _public_key_arg(text: str) -> bytes:
+    """``--public-key``: a PEM file (as ``audit public-key`` writes) or hex SEC1 bytes."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    path = Path(text)
+    if path.is_file():
+        try:
+            key = serialization.load_pem_public_key(path.read_bytes())
+        except ValueError:
+            raise CliError(f"{path} is not a PEM public key") from None
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise CliError(f"{path} is not an EC public key")
+        return key.public_bytes(serialization.Encoding.X962,
+                                serialization.PublicFormat.UncompressedPoint)
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise CliError("--public-key must be a PEM file or hex SEC1 bytes") from None
+
+
+def _verify_offline(args: argparse.Namespace, log_path: Path, read_anchor: Any,
+                    verify: Any) -> int:
+    """Exit 0: intact and authentic; 1: tampering found (or, with a key, no signed anchor);
+    2: chain intact but authenticity not checked (no key)."""
+    key = _public_key_arg(args.public_key) if args.public_key else None
+    anchor_path = log_path.with_name("audit.anchor")
+    try:
+        anchor = read_anchor(anchor_path)
+    except ValueError as exc:
+        print(f"TAMPERED: {exc}")
+        return 1
+    result = verify(log_path, key, anchor)
+    if not result.ok:
+        print("TAMPERED: " + result.problem)
+        return 1
+    if key is None:
+        print("CHAIN INTACT, AUTHENTICITY NOT CHECKED: " + result.problem)
+        print("warning: give --public-key (from `kms-broker audit public-key`) to check that "
+              "the broker wrote this log", file=sys.stderr)
+        return 2
+    if anchor is None:
+        print(f"TAMPERED: no anchor file at {anchor_path}: records cut from the end of the "
+              f"log cannot be ruled out ({result.problem})")
+        return 1
+    print("OK: " + result.problem)
+    return 0
+
+
+def cmd_audit_public_key(args: argparse.Namespace) -> int:
+    """Print the broker's audit (HSM signing) public key as PEM."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from kms_broker.app import open_hsm
+    from kms_broker.config import load_config
+
+    hsm = open_hsm(load_config(args.config))
+    try:
+        sec1 = hsm.signing_public_key()
+    finally:
+        hsm.close()
+    key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), sec1)
+    print(key.public_bytes(serialization.Encoding.PEM,
+                           serialization.PublicFormat.SubjectPublicKeyInfo).decode(), end="")
+    return 0
 
 
 # ------------------------------------------------------------------ parser
@@ -522,7 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("verify", "tail"):
         p = au.add_parser(name, help=f"{name} the hash-chained audit log")
         p.add_argument("--state-dir", type=Path, help="read the log offline from here")
-        p.add_argument("--public-key", help="hex broker signing key to check checkpoints")
+        p.add_argument("--public-key", help="broker audit key: PEM file from `audit "
+                       "public-key`, or hex SEC1; checks checkpoints and the anchor")
         p.add_argument("--limit", type=int, default=20)
         p.add_argument("--broker", action="append")
         p.add_argument("--tenant")
@@ -531,6 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--key", type=Path)
         p.add_argument("--server-name")
         p.set_defaults(func=cmd_audit)
+    p = au.add_parser("public-key", help="print the broker's audit public key (PEM)")
+    p.add_argument("--config", type=Path, required=True, help="broker.yaml (reaches the HSM)")
+    p.set_defaults(func=cmd_audit_public_key)
     return parser
 
 

@@ -4,7 +4,7 @@ Example::
 
     broker_id: provider                 # bound into sealing transcripts
     listen: 127.0.0.1:7443              # port 0: pick one, written to STATE/broker.port
-    state_dir: /var/lib/kms-broker      # broker.db (SQLite), audit.log
+    state_dir: /var/lib/kms-broker      # broker.db (SQLite), audit.log, audit.anchor
     tls: {ca: ca.pem, cert: broker.pem, key: broker.key}
     hsm:
       backend: pkcs11                   # pkcs11 | fake (tests only: not a custody boundary)
@@ -29,6 +29,7 @@ Example::
       pending_sessions_per_node: 64     # unused challenges per node
       pending_uploads_per_tenant: 64    # open uploads per tenant
     janitor_interval_ms: 10000          # how often expired sessions/uploads/leases are purged
+    audit_checkpoint_s: 2.0             # signed checkpoint + anchor at least this often
 
 Without ``ek_roots`` the broker refuses every TPM enrolment (``tpm2.ek_cert_untrusted``).
 
@@ -85,6 +86,7 @@ class BrokerConfig:
     workers: int = 1
     limits: Limits = field(default_factory=Limits)
     janitor_interval_ms: int = 10_000
+    audit_checkpoint_s: float = 2.0
 
 
 def read_secret_file(path: Path) -> bytearray:
@@ -129,7 +131,7 @@ def load_config(path: Path) -> BrokerConfig:
         raise ConfigError("config must be a mapping")
     known = {"broker_id", "listen", "state_dir", "tls", "hsm", "verifiers", "reference_values",
              "trusted_tenant_keys", "metrics_port", "ttl_ms", "ek_roots", "ek_intermediates",
-             "workers", "limits", "janitor_interval_ms"}
+             "workers", "limits", "janitor_interval_ms", "audit_checkpoint_s"}
     if unknown := set(doc) - known:
         raise ConfigError(f"unknown config keys: {sorted(unknown)}")
     base = path.resolve().parent
@@ -165,6 +167,9 @@ def load_config(path: Path) -> BrokerConfig:
     workers = doc.get("workers", 1)
     if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 64:
         raise ConfigError("workers must be a whole number from 1 to 64")
+    every = doc.get("audit_checkpoint_s", 2.0)
+    if isinstance(every, bool) or not isinstance(every, int | float) or not 0.05 <= every <= 3600:
+        raise ConfigError("audit_checkpoint_s must be a number of seconds from 0.05 to 3600")
     ttl = doc.get("ttl_ms") or {}
     if not isinstance(ttl, dict) or set(ttl) - {"session", "token", "lease", "upload",
                                                 "enrolment"}:
@@ -210,6 +215,7 @@ def load_config(path: Path) -> BrokerConfig:
             workers=workers,
             limits=limits,
             janitor_interval_ms=janitor,
+            audit_checkpoint_s=float(every),
         )
     except KeyError as exc:
         raise ConfigError(f"missing config key {exc}") from None

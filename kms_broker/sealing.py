@@ -47,13 +47,13 @@ import struct
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.keywrap import (
+
+from sealed._primitives import (
     InvalidUnwrap,
+    aes_ecb_encrypt_into,
     aes_key_unwrap_with_padding,
     aes_key_wrap_with_padding,
 )
-
 from sealed.keys import SHARE_SIZE, validate_identifier
 from sealed.secrets import SecretBuffer, zeroize
 
@@ -63,6 +63,7 @@ __all__ = [
     "SEALED_BLOB_SIZE",
     "WRAPPED_SHARE_SIZE",
     "SealingError",
+    "aes_ecb_derive",
     "decode_public_key",
     "encode_sealed_blob",
     "generate_node_key",
@@ -256,12 +257,11 @@ def transcript_digest(transcript: bytes) -> bytes:
 # --- sealing -----------------------------------------------------------------------------------
 
 
-def _kdf(z: bytes, digest: bytes) -> SecretBuffer:
-    encryptor = Cipher(algorithms.AES(z), modes.ECB()).encryptor()  # noqa: S305 - one KDF block pair
+def aes_ecb_derive(z: bytes | bytearray | memoryview, digest: bytes) -> SecretBuffer:
+    """AES-256-ECB(key = z, data = digest): the 32-byte KDF step (CKM_AES_ECB_ENCRYPT_DATA)."""
     scratch = bytearray(48)  # update_into wants room for one extra block
     try:
-        n = encryptor.update_into(digest, scratch)
-        encryptor.finalize()
+        n = aes_ecb_encrypt_into(z, digest, scratch)  # one KDF block pair
         if n != 32:
             raise RuntimeError("AES-ECB KDF produced an unexpected length")
         key = SecretBuffer(32)
@@ -277,7 +277,7 @@ def _agree(
 ) -> SecretBuffer:
     shared = private.exchange(ec.ECDH(), peer)
     try:
-        return _kdf(shared, digest)
+        return aes_ecb_derive(shared, digest)
     finally:
         del shared
 

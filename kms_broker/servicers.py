@@ -18,7 +18,7 @@ import grpc
 
 from kms_broker._proto.kmsbroker.v1 import broker_pb2 as pb
 from kms_broker._proto.kmsbroker.v1 import broker_pb2_grpc as pb_grpc
-from kms_broker.audit import tail_log, verify_log
+from kms_broker.audit import Anchor, tail_log, verify_log
 from kms_broker.domain.admin import Admin
 from kms_broker.domain.enrolment import NodeEnrolment
 from kms_broker.domain.errors import (
@@ -251,8 +251,9 @@ class TenantServicer(pb_grpc.TenantServiceServicer):
 
     def VerifyAudit(self, request: Any, context: grpc.ServicerContext) -> Any:
         key = self._run(context, self._signing_key, "VerifyAudit")
+        anchor = self._run(context, self._audit_anchor, "VerifyAudit")
         result = self._run(context, lambda: _read_log(
-            verify_log, self.admin.d.audit.path, key), "VerifyAudit")
+            verify_log, self.admin.d.audit.path, key, anchor), "VerifyAudit")
         return pb.VerifyAuditResponse(ok=result.ok, records=result.records,
                                       first_bad_seq=result.first_bad_seq, problem=result.problem)
 
@@ -261,6 +262,14 @@ class TenantServicer(pb_grpc.TenantServiceServicer):
 
         with hsm_errors("reading the signing key"):
             return self.admin.d.hsm.signing_public_key()
+
+    def _audit_anchor(self) -> Anchor | None:
+        """The head anchored on the HSM token: cut records are found online too."""
+        from kms_broker.domain.deps import hsm_errors
+
+        with hsm_errors("reading the audit anchor"):
+            held = self.admin.d.hsm.audit_anchor()
+        return None if held is None else Anchor(held[0], held[1].hex())
 
 
 class OperatorServicer(pb_grpc.OperatorServiceServicer):

@@ -4,6 +4,12 @@
                       salt = dataset_id (UTF-8),
                       info = b"dataset-key/v1" || 0x00 || tenant_id || 0x00 || BE32(key_version))
 
+    K_ckpt = HKDF-SHA256(ikm = DEK, salt = empty (32 zero bytes),
+                         info = b"checkpoint/v1" || 0x00 || job_id (ASCII))
+
+(the key of a job's checkpoints, :func:`derive_checkpoint_key`: resuming needs the DEK, i.e.
+a fresh attested release, and one job cannot read another's checkpoints).
+
 Shares are ordered by their index (the position of the broker in the manifest's holder list),
 each exactly :data:`SHARE_SIZE` bytes. The result is a 32-byte :class:`SecretBuffer`; the
 concatenated input lives only in a locked scratch buffer that is zeroed before returning.
@@ -18,12 +24,20 @@ from collections.abc import Sequence
 from sealed._primitives import hkdf_sha256_into
 from sealed.secrets import SecretBuffer
 
-__all__ = ["DEK_SIZE", "MAX_SHARES", "SHARE_SIZE", "derive_dek", "validate_identifier"]
+__all__ = [
+    "DEK_SIZE",
+    "MAX_SHARES",
+    "SHARE_SIZE",
+    "derive_checkpoint_key",
+    "derive_dek",
+    "validate_identifier",
+]
 
 SHARE_SIZE = 32
 DEK_SIZE = 32
 MAX_SHARES = 16
 DEK_INFO_PREFIX = b"dataset-key/v1"
+CHECKPOINT_INFO_PREFIX = b"checkpoint/v1\x00"
 _IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -71,3 +85,14 @@ def derive_dek(
                 dek_view, ikm_view, salt=dataset_id.encode(), info=_info(tenant_id, key_version)
             )
         return dek
+
+
+def derive_checkpoint_key(dek: SecretBuffer, job_id: str) -> SecretBuffer:
+    """The 32-byte key of ``job_id``'s checkpoints (see the module docstring)."""
+    validate_identifier("job", job_id)
+    if not isinstance(dek, SecretBuffer) or len(dek) != DEK_SIZE:
+        raise ValueError(f"the dataset key must be a {DEK_SIZE}-byte SecretBuffer")
+    key = SecretBuffer(DEK_SIZE)
+    with dek.view() as ikm, key.view() as out:
+        hkdf_sha256_into(out, ikm, salt=b"", info=CHECKPOINT_INFO_PREFIX + job_id.encode("ascii"))
+    return key

@@ -4,8 +4,12 @@
 
 * :meth:`~DatasetReader.decrypt_shard_into` checks the shard object's size and stream header
   against the manifest, reads the ciphertext with ``readinto`` into one reused buffer (8 MiB
-  per ranged read) or, from a store that offers ``view_range``, takes a zero-copy view, and
-  decrypts every segment straight into the caller's buffer (no intermediate plaintext copy).
+  per ranged read) or, from a store that offers ``view_range`` (``MappedDirStore``, the
+  trainer's), takes a zero-copy view, and decrypts every segment straight into the caller's
+  buffer (no intermediate plaintext copy). From a store that takes ``will_need`` hints, it
+  keeps the three chunks (8 MiB each) after the one it decrypts requested from the disk and
+  waits for a chunk's read before decrypting it, so cold data is read while the CPU decrypts
+  what has arrived (data already cached costs one probe per chunk).
   If any segment fails, everything already written to the caller's buffer is zeroed and
   :class:`DecryptionError` names the shard and segment: no plaintext of a tampered shard is
   returned. ``verify_digest=True`` also checks the plaintext SHA-256 from the manifest; it is
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import threading
 from collections.abc import Iterator
 
 from sealed import streaming
@@ -33,11 +38,13 @@ from sealed.errors import DecryptionError
 from sealed.manifest import Manifest, ShardEntry, open_manifest
 from sealed.secrets import SecretBuffer, zeroize
 from sealed.shard import ShardView, shard_aad
-from sealed.store import ObjectStore, RangeViewStore
+from sealed.store import ObjectStore, RangeViewStore, ReadAheadStore
 
 __all__ = ["READ_SEGMENTS", "DatasetReader"]
 
 READ_SEGMENTS = 8  # ciphertext is fetched up to 8 segments (8 MiB) per ranged read
+READ_AHEAD_CHUNKS = 3  # chunks (8 MiB each) requested ahead of the one being decrypted
+READ_AHEAD_WAIT_S = 60.0  # a read-ahead that takes longer is left to page faults
 
 
 class DatasetReader:
@@ -154,11 +161,37 @@ class DatasetReader:
         cipher = self._cipher(j)
         ct_size = entry.ciphertext_size
         written = 0
-        if isinstance(self._store, RangeViewStore):  # ciphertext already in memory: no copy
-            start = streaming.ciphertext_start(first)
+        if isinstance(self._store, RangeViewStore):  # ciphertext in memory or mapped: no copy
+            base = streaming.ciphertext_start(first)
             end = min(ct_size, (last + 1) * streaming.SEGMENT_SIZE)
-            chunk = self._store.view_range(entry.object_name, start, end - start)
-            return cipher.decrypt_segments_into(ct_size, first, last, chunk, out)
+            ahead = self._store.will_need if isinstance(self._store, ReadAheadStore) else None
+            name = entry.object_name
+            view = self._store.view_range(name, base, end - base)
+            chunks = [(a, min(last, a + READ_SEGMENTS - 1))
+                      for a in range(first, last + 1, READ_SEGMENTS)]
+            tickets: dict[int, threading.Event | None] = {}
+            try:
+                for k, (a, b) in enumerate(chunks):
+                    start = streaming.ciphertext_start(a)
+                    stop = min(ct_size, (b + 1) * streaming.SEGMENT_SIZE)
+                    if ahead is not None:  # keep the next chunks coming while we decrypt
+                        for m in range(k, min(len(chunks), k + 1 + READ_AHEAD_CHUNKS)):
+                            if m not in tickets:
+                                s0 = streaming.ciphertext_start(chunks[m][0])
+                                s1 = min(ct_size, (chunks[m][1] + 1) * streaming.SEGMENT_SIZE)
+                                tickets[m] = ahead(name, s0, s1 - s0)
+                        ticket = tickets.pop(k)
+                        if ticket is not None:
+                            ticket.wait(READ_AHEAD_WAIT_S)  # else page faults read it
+                    written += cipher.decrypt_segments_into(
+                        ct_size, a, b, view[start - base : stop - base], out[written:]
+                    )
+            except BaseException:
+                zeroize(out[:written])
+                raise
+            finally:
+                view.release()
+            return written
         ctview = memoryview(self._ctbuf)
         try:
             for a in range(first, last + 1, READ_SEGMENTS):

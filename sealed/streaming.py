@@ -45,9 +45,8 @@ import struct
 from collections.abc import Callable, Iterable, Iterator
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from sealed._primitives import hkdf_sha256_into
+from sealed._primitives import AESGCM, hkdf_sha256_into
 from sealed.errors import DecryptionError
 from sealed.secrets import SecretBuffer, zeroize
 

@@ -3,8 +3,24 @@
 :func:`write_dataset` makes two passes over the source. The first learns every record's size
 (and name) and plans the shards; the second streams the bytes through the encrypter. Two
 passes are what lets every shard's associated data bind the shard *count* while memory stays
-constant: no shard is ever held in memory, only one 1 MiB segment buffer, one 1 MiB read
-buffer and 8 bytes of index per record (plus its name, which the manifest keeps).
+constant: no shard is ever held in memory, only a fixed pool of segment buffers (see below)
+and 8 bytes of index per record (plus its name, which the manifest keeps).
+
+The second pass is a pipeline of three threads over :data:`PIPELINE_DEPTH` plaintext and as
+many ciphertext segment buffers (about 8 MiB in all, whatever the dataset's size):
+
+* the calling thread fills each plaintext buffer with exactly one segment's payload
+  (1,048,520 bytes for segment 0, 1,048,560 after it: reads from files go straight into the
+  buffer, segment-aligned, whatever the record boundaries) and encrypts it into a
+  ciphertext buffer (the sizes, hence the last segment, are known from the first pass);
+* a digest thread computes each shard's plaintext SHA-256 (the manifest's ``sha256``) from
+  the same plaintext buffers, beside encryption rather than in its way;
+* two store threads write the ciphertext (``store.put``: write, fsync, link), one shard
+  each, while the next segments are read and encrypted: one shard is flushed to disk while
+  the next is written.
+
+``hashlib``, AES-GCM and file I/O release the GIL, so the three run on separate cores where
+there are any. A failure in any of them stops all three; the error is raised in the caller.
 
 Sources:
 
@@ -32,10 +48,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import queue
 import stat
+import threading
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sealed import streaming
@@ -69,7 +87,9 @@ from sealed.store import ObjectStore
 __all__ = ["DEFAULT_MAX_RECORD_SIZE", "DatasetRef", "validate_record_name", "write_dataset"]
 
 DEFAULT_MAX_RECORD_SIZE = 256 << 20
-_READ_CHUNK = 1 << 20
+PIPELINE_DEPTH = 4  # segment buffers per stage (plaintext, ciphertext): memory stays flat
+STORE_THREADS = 2  # shards written at once: one is flushed (fsync) while the next is written
+_POLL_S = 0.1  # how often a blocked stage checks whether another one failed
 
 Progress = Callable[[int, int], None]
 Buffer = bytes | bytearray | memoryview
@@ -175,32 +195,78 @@ class _FolderSource:
             self._files.append((rel, path))
             yield _Planned(rel, size)
 
-    def records(self, sizes: Sequence[int]) -> Iterator[tuple[str, int, Iterator[memoryview]]]:
-        buf = bytearray(_READ_CHUNK)
-        try:
-            for (rel, path), size in zip(self._files, sizes, strict=True):
-                yield rel, size, self._read(rel, path, size, buf)
-        finally:
-            zeroize(buf)
+    def records(self, sizes: Sequence[int]) -> Iterator[_Record]:
+        for (rel, path), size in zip(self._files, sizes, strict=True):
+            yield _FileRecord(rel, path, size)
 
-    @staticmethod
-    def _read(rel: str, path: Path, size: int, buf: bytearray) -> Iterator[memoryview]:
-        view = memoryview(buf)
+
+class _Record:
+    """One record's bytes, read into caller buffers (``readinto`` returns 0 at its end)."""
+
+    size: int
+
+    def readinto(self, dest: memoryview) -> int:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Called once every byte was read: checks the source did not change; releases it."""
+
+
+class _MemoryRecord(_Record):
+    __slots__ = ("_pos", "_view", "size")
+
+    def __init__(self, view: memoryview) -> None:
+        self._view, self._pos, self.size = view, 0, len(view)
+
+    def readinto(self, dest: memoryview) -> int:
+        n = min(len(dest), self.size - self._pos)
+        dest[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+
+class _FileRecord(_Record):
+    __slots__ = ("_done", "_file", "_path", "_rel", "size")
+
+    def __init__(self, rel: str, path: Path, size: int) -> None:
+        self._rel, self._path, self.size, self._done = rel, path, size, 0
+        self._file = None
+
+    def _changed(self) -> InputError:
+        return InputError(f"{self._rel}: file changed size while it was being encrypted")
+
+    def readinto(self, dest: memoryview) -> int:
+        want = min(len(dest), self.size - self._done)
+        if want == 0:
+            return 0
         try:
-            with open(path, "rb", buffering=0) as f:
-                done = 0
-                while True:
-                    n = f.readinto(view)
-                    if not n:
-                        break
-                    done += n
-                    if done > size:
-                        break
-                    yield view[:n]
+            if self._file is None:
+                self._file = open(self._path, "rb", buffering=0)  # noqa: SIM115 - in finish()
+            n = self._file.readinto(dest[:want])
         except OSError as exc:
-            raise InputError(f"{rel}: cannot read: {exc.strerror or exc}") from None
-        if done != size:
-            raise InputError(f"{rel}: file changed size while it was being encrypted")
+            self.finish_quietly()
+            raise InputError(f"{self._rel}: cannot read: {exc.strerror or exc}") from None
+        if not n:
+            self.finish_quietly()
+            raise self._changed()
+        self._done += n
+        return n
+
+    def finish(self) -> None:
+        try:
+            if self._file is None and self.size == 0:
+                self._file = open(self._path, "rb", buffering=0)  # noqa: SIM115
+            if self._file is not None and self._file.read(1):
+                raise self._changed()
+        except OSError as exc:
+            raise InputError(f"{self._rel}: cannot read: {exc.strerror or exc}") from None
+        finally:
+            self.finish_quietly()
+
+    def finish_quietly(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class _IterableSource:
@@ -240,16 +306,226 @@ class _IterableSource:
                 )
             yield _Planned(name, len(view))
 
-    def records(self, sizes: Sequence[int]) -> Iterator[tuple[str, int, Iterator[memoryview]]]:
+    def records(self, sizes: Sequence[int]) -> Iterator[_Record]:
         count = 0
         for k, item in enumerate(self._source):
-            name, view = self._split(k, item)
+            _name, view = self._split(k, item)
             if k >= len(sizes) or len(view) != sizes[k]:
                 raise InputError(f"record {k}: the source changed between the two passes")
             count += 1
-            yield name, len(view), iter((view,))
+            yield _MemoryRecord(view)
         if count != len(sizes):
             raise InputError("the source yielded fewer records on the second pass")
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+class _Stop(Exception):
+    """Raised inside a stage when another stage failed (the first error is the one raised)."""
+
+
+_END = object()
+
+
+class _Pipeline:
+    """The digest and store threads beside the caller's read-and-encrypt loop."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self._store = store
+        self._pt_free: queue.Queue[bytearray] = queue.Queue()
+        self._ct_free: queue.Queue[bytearray] = queue.Queue()
+        self._pt_all = [bytearray(streaming.SEGMENT_CAPACITY) for _ in range(PIPELINE_DEPTH)]
+        for buf in self._pt_all:
+            self._pt_free.put(buf)
+        for _ in range(PIPELINE_DEPTH):
+            self._ct_free.put(bytearray(streaming.SEGMENT_SIZE))
+        self._digests: queue.Queue[object] = queue.Queue()
+        # shards to write, each with its own queue of ciphertext chunks; two store threads
+        # take them in turn, so one shard's fsync overlaps the next shard's writes
+        self._shards: queue.Queue[object] = queue.Queue()
+        self._writes: queue.Queue[object] | None = None
+        self.published: list[str] = []
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._failed = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._guard, args=(self._digest_loop,),
+                             name="sealed-digest", daemon=True),
+            *(threading.Thread(target=self._guard, args=(self._store_loop,),
+                               name=f"sealed-store-{i}", daemon=True)
+              for i in range(STORE_THREADS)),
+        ]
+        for t in self._threads:
+            t.start()
+
+    # the caller's side
+    def _take(self, pool: queue.Queue[bytearray]) -> bytearray:
+        while True:
+            self.check()
+            try:
+                return pool.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+
+    def plaintext_buffer(self) -> bytearray:
+        return self._take(self._pt_free)
+
+    def ciphertext_buffer(self) -> bytearray:
+        return self._take(self._ct_free)
+
+    def check(self) -> None:
+        if self._failed.is_set():
+            raise _Stop
+
+    def begin_shard(self, name: str, header: bytes) -> None:
+        self._writes = queue.Queue()
+        self._shards.put((name, header, self._writes))
+
+    def segment(self, digest: hashlib._Hash, pt: bytearray, pt_len: int, ct: bytearray,
+                ct_len: int) -> None:
+        assert self._writes is not None
+        self._digests.put((digest, pt, pt_len))
+        self._writes.put((ct, ct_len))
+
+    def end_shard(self) -> None:
+        assert self._writes is not None
+        self._writes.put(_END)
+        self._writes = None
+
+    def _stop_threads(self) -> None:
+        self._digests.put(None)
+        for _ in range(STORE_THREADS):
+            self._shards.put(None)
+        for t in self._threads:
+            t.join()
+
+    def finish(self) -> None:
+        """Wait until every shard is written and every digest computed; raise any failure."""
+        self._stop_threads()
+        if self._error is not None:
+            raise self._error
+
+    def abort(self) -> None:
+        """Stop every thread (a shard being written is not published) and wait for them."""
+        self._failed.set()
+        self._stop_threads()
+
+    def wipe(self) -> None:
+        for buf in self._pt_all:
+            zeroize(buf)
+
+    # the threads' side
+    def _guard(self, loop: Callable[[], None]) -> None:
+        try:
+            loop()
+        except _Stop:
+            pass
+        except BaseException as exc:
+            if self._error is None:
+                self._error = exc
+            self._failed.set()
+
+    def _next(self, q: queue.Queue[object]) -> object:
+        while True:
+            if self._failed.is_set():
+                raise _Stop
+            try:
+                return q.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+
+    def _digest_loop(self) -> None:
+        while (item := self._next(self._digests)) is not None:
+            digest, pt, n = item  # type: ignore[misc]
+            digest.update(memoryview(pt)[:n])
+            self._pt_free.put(pt)
+
+    def _store_loop(self) -> None:
+        while (item := self._next(self._shards)) is not None:
+            name, header, writes = item  # type: ignore[misc]
+            self._store.put(name, self._shard_chunks(header, writes))
+            with self._lock:
+                self.published.append(name)
+
+    def _shard_chunks(self, header: bytes, writes: queue.Queue[object]) -> Iterator[memoryview]:
+        yield memoryview(header)
+        while (item := self._next(writes)) is not _END:
+            ct, n = item  # type: ignore[misc]
+            yield memoryview(ct)[:n]  # the store has consumed it when asking for the next
+            self._ct_free.put(ct)
+
+
+class _Filler:
+    """Fills segment buffers with one shard's plaintext: its offset table, then its records."""
+
+    def __init__(self, prefix: bytes, records: Iterator[_Record], count: int,
+                 on_record: Callable[[int], None]) -> None:
+        self._pending: list[_Record] = [_MemoryRecord(memoryview(prefix))]
+        self._records = records
+        self._left = count  # records of this shard not yet started
+        self._on_record = on_record
+        self._current: _Record | None = None
+        self._is_prefix = True
+
+    def _advance(self) -> bool:
+        if self._current is not None:
+            self._current.finish()
+            if not self._is_prefix:
+                self._on_record(self._current.size)
+            self._is_prefix = False
+            self._current = None
+        if self._pending:
+            self._current = self._pending.pop()
+            return True
+        if self._left == 0:
+            return False
+        self._left -= 1
+        self._current = next(self._records)
+        return True
+
+    def fill(self, dest: memoryview) -> None:
+        pos = 0
+        while pos < len(dest):
+            if self._current is None and not self._advance():
+                raise AssertionError("shard plaintext shorter than planned")
+            assert self._current is not None
+            n = self._current.readinto(dest[pos:])
+            if n == 0:
+                if not self._advance():
+                    raise AssertionError("shard plaintext shorter than planned")
+                continue
+            pos += n
+
+    def close(self) -> None:
+        """After the last segment: finish the record in progress and any empty ones left."""
+        while self._advance():
+            if self._current is not None and self._current.size:
+                raise AssertionError("shard plaintext longer than planned")
+
+
+def _encrypt_shard(pipe: _Pipeline, cipher: streaming.SegmentCipher, pt_size: int,
+                   filler: _Filler, digest: hashlib._Hash) -> int:
+    """Read, encrypt and hand over every segment of one shard; returns its ciphertext size."""
+    ct_size = streaming.ciphertext_size(pt_size)
+    n = streaming.segment_count(ct_size)
+    left = pt_size
+    for i in range(n):
+        cap = streaming.FIRST_SEGMENT_CAPACITY if i == 0 else streaming.SEGMENT_CAPACITY
+        size = min(cap, left)
+        pt = pipe.plaintext_buffer()
+        view = memoryview(pt)[:size]
+        try:
+            filler.fill(view)
+            ct = pipe.ciphertext_buffer()
+        except BaseException:
+            zeroize(pt)
+            raise
+        written = cipher.encrypt_segment_into(i, i == n - 1, view, memoryview(ct))
+        pipe.segment(digest, pt, size, ct, written)
+        left -= size
+    filler.close()
+    return ct_size
 
 
 # --------------------------------------------------------------------------- writer
@@ -327,57 +603,66 @@ def write_dataset(
 
     upload_id = random(UPLOAD_ID_SIZE)
     total = sum(sizes)
-    published: list[str] = []
     entries: list[ShardEntry] = []
+    digests: list[hashlib._Hash] = []
     done = 0
+
+    def on_record(size: int) -> None:
+        nonlocal done
+        done += size
+        if progress is not None:
+            progress(done, total)
+
+    pipe = _Pipeline(store)
     try:
-        records = src.records(sizes)
-        first = 0
-        for j, count in enumerate(counts):
-            shard_sizes = sizes[first : first + count]
-            name = f"{SHARD_PREFIX}{random(16).hex()}"
-            aad = shard_aad(
-                tenant_id=tenant_id,
-                dataset_id=dataset_id,
-                key_version=key_version,
-                upload_id=upload_id,
-                shard_index=j,
-                shard_count=len(counts),
-            )
-            enc = streaming.StreamEncryptor(dek, aad, label=f"shard {j}", random=random)
-            digest = hashlib.sha256()
-
-            def plaintext(
-                shard_sizes: list[int] = shard_sizes, digest: hashlib._Hash = digest
-            ) -> Iterator[Buffer]:
-                nonlocal done
-                prefix = shard_prefix(shard_sizes)
-                digest.update(prefix)
-                yield prefix
-                for _ in shard_sizes:
-                    _name, _size, chunks = next(records)
-                    for chunk in chunks:
-                        digest.update(chunk)
-                        yield chunk
-                    done += _size
-                    if progress is not None:
-                        progress(done, total)
-
-            store.put(name, enc.encrypt(plaintext()))  # atomic: on failure nothing appears
-            published.append(name)
-            assert enc.plaintext_size is not None and enc.ciphertext_size is not None
-            entries.append(
-                ShardEntry(
-                    object_name=name,
-                    header=enc.header,
-                    ciphertext_size=enc.ciphertext_size,
-                    plaintext_size=enc.plaintext_size,
-                    sha256=digest.digest(),
-                    offsets=array("Q", shard_offsets(shard_sizes)),
-                    names=tuple(names[first : first + count]),
+        try:
+            records = src.records(sizes)
+            first = 0
+            for j, count in enumerate(counts):
+                shard_sizes = sizes[first : first + count]
+                name = f"{SHARD_PREFIX}{random(16).hex()}"
+                aad = shard_aad(
+                    tenant_id=tenant_id,
+                    dataset_id=dataset_id,
+                    key_version=key_version,
+                    upload_id=upload_id,
+                    shard_index=j,
+                    shard_count=len(counts),
                 )
-            )
-            first += count
+                cipher = streaming.SegmentCipher.new_stream(
+                    dek, aad, label=f"shard {j}", random=random
+                )
+                prefix = shard_prefix(shard_sizes)
+                pt_size = len(prefix) + sum(shard_sizes)
+                digest = hashlib.sha256()
+                pipe.begin_shard(name, cipher.header)
+                filler = _Filler(prefix, records, count, on_record)
+                ct_size = _encrypt_shard(pipe, cipher, pt_size, filler, digest)
+                pipe.end_shard()
+                digests.append(digest)
+                entries.append(
+                    ShardEntry(
+                        object_name=name,
+                        header=cipher.header,
+                        ciphertext_size=ct_size,
+                        plaintext_size=pt_size,
+                        sha256=b"",  # set below, once the digest thread is done
+                        offsets=array("Q", shard_offsets(shard_sizes)),
+                        names=tuple(names[first : first + count]),
+                    )
+                )
+                first += count
+            pipe.finish()  # every shard published, every digest computed (or the error)
+        except _Stop:
+            pipe.abort()
+            pipe.finish()  # raises the stage's error
+            raise AssertionError("a pipeline stage stopped without an error") from None
+        except BaseException:
+            pipe.abort()
+            raise
+        finally:
+            pipe.wipe()
+        entries = [replace(e, sha256=d.digest()) for e, d in zip(entries, digests, strict=True)]
         manifest = Manifest(
             tenant_id=tenant_id,
             dataset_id=dataset_id,
@@ -390,10 +675,10 @@ def write_dataset(
         sealed = seal_manifest(dek, manifest, manifest_name)
         store.put(manifest_name, sealed)
     except BaseException:
-        for name in published:
+        for published in pipe.published:
             # keep the original error; an orphan left behind is unreadable ciphertext
             with contextlib.suppress(StoreError):
-                store.delete(name)
+                store.delete(published)
         raise
     return DatasetRef(
         manifest_name=manifest_name,

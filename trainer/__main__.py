@@ -1,7 +1,11 @@
 """``python -m trainer`` (and ``torchrun -m trainer``) is the ``trainer`` command."""
 
-import sys
+from trainer import signals
 
-from trainer.cli import main
+signals.start()  # first: torch, OpenMP and gRPC start threads at import (trainer/signals.py)
+
+import sys  # noqa: E402
+
+from trainer.cli import main  # noqa: E402
 
 sys.exit(main())

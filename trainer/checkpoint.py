@@ -1,39 +1,36 @@
-"""Encrypted, atomic, resumable-only-with-the-key checkpoints.
+"""Encrypted, atomic, resumable-only-with-the-key checkpoints, in the shards' AEAD format.
 
 Key. ``K_ckpt = HKDF-SHA256(ikm = DEK, salt = "", info = b"checkpoint/v1" || 0x00 || job_id)``,
-32 bytes, derived into a :class:`~sealed.secrets.SecretBuffer` (registered with the shredder).
-Resuming therefore needs the DEK again, i.e. a fresh attestation and release.
+32 bytes (:func:`sealed.keys.derive_checkpoint_key`), in a :class:`~sealed.secrets.SecretBuffer`
+registered with the shredder. Resuming therefore needs the DEK again, i.e. a fresh attestation
+and release.
 
-File ``ckpt-<step, 10 digits>.ctck``, byte by byte::
+File ``ckpt-<step, 10 digits>.ctck``: one stream of the Tink AES-GCM-HKDF streaming AEAD that
+shards and manifests use (:mod:`sealed.streaming` documents it byte by byte: a 40-byte header
+of length byte, 32-byte salt and 7-byte nonce prefix, then 1 MiB ciphertext segments, each
+AES-256-GCM with its 16-byte tag and the last-segment flag in its nonce), keyed by ``K_ckpt``,
+with the associated data (the HKDF ``info`` of the stream key)::
 
-    offset  size  field
-    0       8     magic b"CTCKPT\\x00\\x01" (format version 1)
-    8       8     step, big-endian uint64
-    16      2     job id length L, big-endian uint16, 1..128
-    18      L     job id, ASCII
-    18+L    7     nonce prefix, random per file
-    25+L    4     plaintext segment size S, big-endian uint32, 4 KiB..16 MiB
-    29+L    8     plaintext length P, big-endian uint64, <= 64 GiB
-    37+L    ...   ceil(P / S) segments (one empty segment when P = 0), each the AES-256-GCM
-                  ciphertext of up to S plaintext bytes followed by its 16-byte tag
+    b"checkpoint/v2" || 0x00 || BE16 len(job_id) || job_id (ASCII) || BE64 step
 
-Segment ``i`` uses nonce ``prefix || BE32(i) || last`` (last = 1 for the final segment, else
-0) and associated data = the whole header (bytes 0 .. 37+L), so the job id, step, sizes and
-the segment's position are all authenticated: a checkpoint of another job or step, a
-reordered, truncated or extended file fails with :class:`CheckpointDecryptionError`.
+The file is nothing but that stream: the job and step come from the store and the file name,
+and are authenticated through the associated data, so a checkpoint of another job or step
+(a renamed file), a reordered, truncated or extended file fails with
+:class:`CheckpointDecryptionError`. There is one AEAD format in the codebase.
 
 Plaintext. ``torch.save`` writes into :class:`_SecureSink`, a growable buffer that zeroes each
-old allocation when it grows and is zeroed after encryption; loading decrypts into one
-preallocated buffer that is zeroed after ``torch.load`` (``weights_only=True``), and the
-loaded tensors are zeroed after they are copied into the live objects. No plaintext file ever
-exists. Only rank 0 writes: temp file (O_EXCL, 0600), fsync, rename, fsync of the directory;
-then all but the newest ``keep_last`` checkpoints are removed.
+old allocation when it grows and is zeroed after encryption; loading decrypts segment by
+segment into one preallocated buffer that is zeroed after ``torch.load``
+(``weights_only=True``), and the loaded tensors are zeroed after they are copied into the live
+objects. No plaintext file ever exists. Only rank 0 writes: temp file (O_EXCL, 0600), fsync,
+rename, fsync of the directory; then all but the newest ``keep_last`` checkpoints are removed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import re
 import struct
@@ -42,10 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from sealed._primitives import hkdf_sha256_into
+from sealed import streaming
+from sealed.errors import DecryptionError
+from sealed.keys import derive_checkpoint_key
 from sealed.secrets import SecretBuffer, zeroize
 
 __all__ = [
@@ -55,15 +52,12 @@ __all__ = [
     "derive_checkpoint_key",
 ]
 
-MAGIC = b"CTCKPT\x00\x01"
-INFO_PREFIX = b"checkpoint/v1\x00"
-SEGMENT = 1 << 20
-MIN_SEGMENT = 4096
-MAX_SEGMENT = 16 << 20
-MAX_PLAINTEXT = 64 << 30
+AAD_PREFIX = b"checkpoint/v2\x00"
+MAX_CIPHERTEXT = 64 << 30
 MAX_JOB_ID = 128
-TAG = 16
 _NAME = re.compile(r"^ckpt-(\d{10})\.ctck$")
+
+log = logging.getLogger("trainer.checkpoint")
 
 
 class CheckpointError(Exception):
@@ -77,22 +71,9 @@ class CheckpointDecryptionError(CheckpointError):
         super().__init__(f"checkpoint {name}: decryption failed")
 
 
-def derive_checkpoint_key(dek: SecretBuffer, job_id: str) -> SecretBuffer:
-    key = SecretBuffer(32)
-    with dek.view() as ikm, key.view() as out:
-        hkdf_sha256_into(out, ikm, salt=b"", info=INFO_PREFIX + job_id.encode("ascii"))
-    return key
-
-
-def _header(step: int, job_id: bytes, prefix: bytes, seg: int, length: int) -> bytes:
-    return (
-        MAGIC + struct.pack(">QH", step, len(job_id)) + job_id + prefix
-        + struct.pack(">IQ", seg, length)
-    )
-
-
-def _nonce(prefix: bytes, i: int, last: bool) -> bytes:
-    return prefix + struct.pack(">IB", i, 1 if last else 0)
+def checkpoint_aad(job_id: bytes, step: int) -> bytes:
+    """The associated data of one checkpoint stream (see the module docstring)."""
+    return AAD_PREFIX + struct.pack(">H", len(job_id)) + job_id + struct.pack(">Q", step)
 
 
 class _SecureSink(io.RawIOBase):
@@ -188,10 +169,7 @@ class CheckpointStore:
         job_id: str,
         key: SecretBuffer,
         keep_last: int = 2,
-        segment_size: int = SEGMENT,
     ) -> None:
-        if not MIN_SEGMENT <= segment_size <= MAX_SEGMENT:
-            raise ValueError("checkpoint segment size must be 4 KiB..16 MiB")
         if keep_last < 1:
             raise ValueError("keep_last must be at least 1")
         job = job_id.encode("ascii")
@@ -201,7 +179,6 @@ class CheckpointStore:
         self._job = job
         self._key = key
         self._keep = keep_last
-        self._seg = segment_size
         self.on_temp_file = lambda path, created: None  # the trainer registers work files
 
     # writing --------------------------------------------------------------------------------
@@ -220,22 +197,15 @@ class CheckpointStore:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         final = self.directory / f"ckpt-{step:010d}.ctck"
         tmp = self.directory / f".tmp-ckpt-{step:010d}-{os.getpid()}"
-        prefix = os.urandom(7)
-        header = _header(step, self._job, prefix, self._seg, len(plain))
-        n = max(1, -(-len(plain) // self._seg))
-        out = bytearray(self._seg + TAG)
+        encryptor = streaming.StreamEncryptor(self._key, checkpoint_aad(self._job, step),
+                                              label=f"checkpoint {final.name}")
         self.on_temp_file(tmp, True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            with self._key.view() as kv:
-                aead = AESGCM(kv)
-                _write_all(fd, header)
-                for i in range(n):
-                    chunk = plain[i * self._seg : (i + 1) * self._seg]
-                    target = memoryview(out)[: len(chunk) + TAG]
-                    aead.encrypt_into(_nonce(prefix, i, i == n - 1), chunk, header, target)
-                    _write_all(fd, target)
-                del aead
+            log.info("checkpoint writing %s (%d segments)", final.name,
+                     streaming.segment_count(streaming.ciphertext_size(len(plain))))
+            for chunk in encryptor.encrypt([plain]):
+                _write_all(fd, chunk)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -277,41 +247,21 @@ class CheckpointStore:
         m = _NAME.match(name)
         if not m:
             raise CheckpointError(f"{name} is not a checkpoint file name")
+        step = int(m.group(1))
         with open(path, "rb") as fh:
-            fixed = fh.read(18)
-            if len(fixed) != 18 or fixed[:8] != MAGIC:
-                raise CheckpointError(f"checkpoint {name}: not a version-1 checkpoint")
-            step, jlen = struct.unpack(">QH", fixed[8:18])
-            if not 0 < jlen <= MAX_JOB_ID:
-                raise CheckpointError(f"checkpoint {name}: job id length {jlen} out of range")
-            rest = fh.read(jlen + 19)
-            if len(rest) != jlen + 19:
-                raise CheckpointError(f"checkpoint {name}: truncated header")
-            job, prefix = rest[:jlen], rest[jlen : jlen + 7]
-            seg, length = struct.unpack(">IQ", rest[jlen + 7 :])
-            if job != self._job or step != int(m.group(1)):
-                raise CheckpointDecryptionError(name)
-            if not MIN_SEGMENT <= seg <= MAX_SEGMENT or length > MAX_PLAINTEXT:
-                raise CheckpointError(f"checkpoint {name}: segment or plaintext size too large")
-            header = fixed + rest
-            n = max(1, -(-length // seg))
-            expected = len(header) + length + n * TAG
-            if os.fstat(fh.fileno()).st_size != expected:
-                raise CheckpointDecryptionError(name)
+            size = os.fstat(fh.fileno()).st_size
+            if size > MAX_CIPHERTEXT:
+                raise CheckpointError(f"checkpoint {name}: larger than {MAX_CIPHERTEXT} bytes")
+            try:
+                length = streaming.plaintext_size(size, label=f"checkpoint {name}")
+                cipher = streaming.SegmentCipher(
+                    self._key, _read_exact(fh, streaming.HEADER_SIZE),
+                    checkpoint_aad(self._job, step), label=f"checkpoint {name}")
+            except (DecryptionError, EOFError):
+                raise CheckpointDecryptionError(name) from None
             plain = bytearray(length)
             try:
-                with self._key.view() as kv:
-                    aead = AESGCM(kv)
-                    pv = memoryview(plain)
-                    for i in range(n):
-                        a, b = i * seg, min((i + 1) * seg, length)
-                        ct = fh.read(b - a + TAG)
-                        try:
-                            aead.decrypt_into(_nonce(prefix, i, i == n - 1), ct, header, pv[a:b])
-                        except InvalidTag:
-                            raise CheckpointDecryptionError(name) from None
-                    pv.release()
-                    del aead
+                _decrypt_segments(fh, size, cipher, memoryview(plain), name)
                 source = _SecureSource(plain, length)
                 try:
                     state = torch.load(source, map_location="cpu", weights_only=True)
@@ -320,6 +270,36 @@ class CheckpointStore:
             finally:
                 zeroize(plain)
         return step, state
+
+
+def _read_exact(fh: Any, n: int) -> bytes:
+    data = fh.read(n)
+    if len(data) != n:
+        raise EOFError
+    return data
+
+
+def _decrypt_segments(fh: Any, size: int, cipher: streaming.SegmentCipher, out: memoryview,
+                      name: str) -> None:
+    """Decrypt every segment of the stream in ``fh`` (positioned after the header)."""
+    n = streaming.segment_count(size)
+    buf = bytearray(streaming.SEGMENT_SIZE)
+    view = memoryview(buf)
+    written = 0
+    try:
+        for i in range(n):
+            begin = streaming.ciphertext_start(i)
+            end = min(size, (i + 1) * streaming.SEGMENT_SIZE)
+            got = fh.readinto(view[: end - begin])
+            if got != end - begin:
+                raise CheckpointDecryptionError(name)
+            written += cipher.decrypt_segment_into(i, i == n - 1, view[: end - begin],
+                                                   out[written:])
+    except DecryptionError:
+        zeroize(out[:written])
+        raise CheckpointDecryptionError(name) from None
+    finally:
+        view.release()
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:

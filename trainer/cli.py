@@ -6,7 +6,10 @@
     trainer validate --job JOB.yaml          check a job file and print what it would run
 
 Exit codes: 0 ok, 1 failure, 2 usage or invalid job file, 3 key revoked (or lease expired),
-4 attestation denied, 128 + N when stopped by signal N (130 SIGINT, 143 SIGTERM, 129 SIGHUP).
+4 attestation denied, 128 + N when stopped by signal N (143 SIGTERM, 130 SIGINT, 129 SIGHUP,
+131 SIGQUIT), after shredding. Under torchrun each worker exits that way; torchrun itself
+forwards the signal to its workers, waits for them and exits 1 (torch elastic's own status);
+``python -m trainer.launch`` (the same agent, used by deploy/bin/node.py) exits 128 + N.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 import os
 import sys
 
+from trainer import signals
 from trainer.config import ConfigError, JobConfig
 from trainer.shred import EXIT_ATTESTATION_DENIED, EXIT_FAILURE, EXIT_OK
 
@@ -29,7 +33,7 @@ dumps, umask 077, memory locked), proves the node to every key broker in the job
 over its measured state and the digest of this trainer's code), receives the key shares
 sealed to a one-time key, derives the dataset key in memory, and trains on shards that are
 decrypted only in memory. It writes only encrypted checkpoints and shreds every key and
-plaintext buffer on exit, on SIGTERM/SIGINT/SIGHUP and on revocation.
+plaintext buffer on exit, on SIGTERM/SIGINT/SIGHUP/SIGQUIT and on revocation.
 """
 
 _EPILOG = """\
@@ -39,7 +43,8 @@ commands:
   validate    load and validate --job, print a summary, get no keys
 
 exit codes: 0 ok, 1 failure, 2 usage / invalid job, 3 key revoked, 4 attestation denied,
-            130 SIGINT, 143 SIGTERM, 129 SIGHUP
+            143 SIGTERM, 130 SIGINT, 129 SIGHUP, 131 SIGQUIT (128 + N, after shredding;
+            under torchrun for each worker, and for `python -m trainer.launch` itself)
 """
 
 
@@ -99,6 +104,7 @@ def _load(parser: argparse.ArgumentParser, job: str | None) -> JobConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    signals.start()  # the console script's first act: mask before any thread (trainer/signals.py)
     parser = _parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level)

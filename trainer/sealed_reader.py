@@ -4,6 +4,11 @@ A sealed shard's plaintext is an offset table followed by its records back to ba
 (sealed/shard.py), so a shard's payload is the single range ``[o_0, o_n)`` of the decrypted
 buffer; records are views into it. The manifest's copy of the offset table (authenticated
 with the manifest) is what this adapter uses.
+
+The store is :class:`sealed.store.MappedDirStore`: shards are decrypted straight from the
+page cache (no copy into a read buffer), with the next chunks hinted to the kernel while the
+current one decrypts, so a cold shard decrypts at the rate the disk reads it. (An object
+truncated in place while it is read ends the process with SIGBUS; see the store's docstring.)
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from sealed.reader import DatasetReader
 from sealed.secrets import SecretBuffer
-from sealed.store import LocalDirStore
+from sealed.store import MappedDirStore
 
 if TYPE_CHECKING:
     from trainer.config import JobConfig
@@ -24,8 +29,9 @@ __all__ = ["SealedShards", "open_sealed_reader"]
 class SealedShards:
     """Adapter over :class:`sealed.reader.DatasetReader` (used by one thread at a time)."""
 
-    def __init__(self, reader: DatasetReader) -> None:
+    def __init__(self, reader: DatasetReader, store: MappedDirStore | None = None) -> None:
         self.reader = reader
+        self._store = store
         self._offsets = [list(s.offsets) for s in reader.manifest.shards]
 
     @property
@@ -49,11 +55,13 @@ class SealedShards:
 
     def close(self) -> None:
         self.reader.close()
+        if self._store is not None:
+            self._store.close()  # unmap the shards
 
 
 def open_sealed_reader(config: JobConfig, dek: SecretBuffer) -> SealedShards:
     """Open the job's dataset (authenticating its manifest) from its local store."""
-    store = LocalDirStore(config.dataset.store_path)
+    store = MappedDirStore(config.dataset.store_path)
     reader = DatasetReader.open(
         store,
         config.dataset.manifest,
@@ -62,4 +70,4 @@ def open_sealed_reader(config: JobConfig, dek: SecretBuffer) -> SealedShards:
         dataset_id=config.dataset.id,
         key_version=config.dataset.key_version,
     )
-    return SealedShards(reader)
+    return SealedShards(reader, store)

@@ -14,10 +14,12 @@ Registered items and how they are destroyed:
 :meth:`Shredder.shred` is idempotent and thread-safe, and returns a :class:`ShredReport` of
 counts and byte totals (never contents) that is written to the log.
 
-Signals. :func:`install_signal_handlers` blocks SIGTERM, SIGINT and SIGHUP in every thread and
-receives them in a dedicated thread with ``sigwait``. That thread shreds at once, even while
-the main thread sits in a collective or a long kernel, then leaves with ``os._exit`` and the
-conventional code (128 + signal: 143, 130, 129). Revocation takes the same path with code 3.
+Signals. The entry point blocks SIGTERM, SIGINT, SIGHUP and SIGQUIT before any thread exists
+and receives them in one thread with ``sigwait`` (:mod:`trainer.signals`);
+:func:`install_signal_handlers` points that thread at the job's shredder. It shreds at once,
+even while the main thread sits in a collective or a long kernel, then leaves with
+``os._exit`` and the conventional code (128 + signal: 143, 130, 129, 131). Revocation takes
+the same path with code 3.
 
 Test hook. When ``TRAINER_TEST_SHRED_HOOK=pause`` is set, after shredding the process prints
 ``SHRED-DONE <pid>`` on stdout and waits to be killed, so a test can scan ``/proc/<pid>/mem``
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from sealed.secrets import SecretBuffer, zeroize
+from trainer import signals
 
 __all__ = [
     "EXIT_ATTESTATION_DENIED",
@@ -57,12 +60,12 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_REVOKED = 3
 EXIT_ATTESTATION_DENIED = 4
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+HANDLED_SIGNALS = signals.SHRED_SIGNALS
 TEST_HOOK_ENV = "TRAINER_TEST_SHRED_HOOK"
 
 
 def signal_exit_code(signum: int) -> int:
-    return 128 + int(signum)
+    return signals.exit_code(signum)
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,29 +256,18 @@ def maybe_pause_for_test() -> None:
         signal.pause()
 
 
-class SignalWatcher:
-    """Receives SIGTERM/SIGINT/SIGHUP in its own thread and shreds (see module docstring)."""
+def install_signal_handlers(shredder: Shredder) -> None:
+    """Shred ``shredder`` and exit ``128 + N`` on the first stop signal N.
 
-    def __init__(self, shredder: Shredder) -> None:
-        self._shredder = shredder
-        self._thread = threading.Thread(target=self._run, name="trainer-signals", daemon=True)
+    Starts the signal thread if the entry point has not (a library caller); then only the
+    threads created after this call are sure to have the signals blocked, which is why the
+    entry points call :func:`trainer.signals.start` first thing.
+    """
 
-    def start(self) -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-        self._thread.start()
-
-    def _run(self) -> None:
-        signum = signal.sigwait(HANDLED_SIGNALS)
+    def stop(signum: int) -> None:
         name = signal.Signals(signum).name
         log.warning("received %s: shredding and exiting", name)
-        self._shredder.shred_and_exit(f"signal {name}", signal_exit_code(signum))
+        shredder.shred_and_exit(f"signal {name}", signal_exit_code(signum))
 
-
-def install_signal_handlers(shredder: Shredder) -> SignalWatcher:
-    """Block the handled signals process-wide and shred on the first one.
-
-    Call from the main thread before other threads start, so every thread inherits the mask.
-    """
-    watcher = SignalWatcher(shredder)
-    watcher.start()
-    return watcher
+    signals.start()
+    signals.on_signal(stop)

@@ -264,9 +264,6 @@ def _train(
         if close is not None:
             shredder.add_stop_hook(close)  # after the prefetcher stops (it registers first)
 
-    if env.is_main:
-        log.info("world %d on %s, backend %s, precision %s", env.world_size, env.device,
-                 env.backend or "none", config.precision)
     model = build_model(config.model.name, config.model.params, seq_len=config.seq_len)
     model.to(env.device)
     raw_model = model
@@ -317,6 +314,9 @@ def _train(
         world_size=env.world_size, seed=config.seed, prefetch_depth=config.prefetch_depth,
         shredder=shredder, start_epoch=start_epoch,
     )
+    if env.is_main:
+        log.info("world %d on %s, backend %s, precision %s; reading the first shard",
+                 env.world_size, env.device, env.backend or "none", config.precision)
     it = iter(make_loader(batches))
     device_batch: list[torch.Tensor] = []  # reused device copies of the batch (CUDA only)
     metrics = _Metrics(config.metrics_port if env.is_main else None)

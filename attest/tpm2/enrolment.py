@@ -2,10 +2,13 @@
 
 1. The node sends its EK certificate (DER), EK public (TPMT_PUBLIC) and AK public (TPMT_PUBLIC).
 2. :func:`begin_enrolment` checks the EK certificate chains to a manufacturer CA configured for
-   the broker (``tpm2.ek_cert_untrusted``), that the certified key is the EK the TPM presented
-   (``tpm2.ek_mismatch``) and that the AK is a restricted, fixed-TPM signing key created inside
-   the TPM (``tpm2.ak_attributes``). It then makes a credential for the AK's Name, encrypted to
-   the certified EK (:func:`attest.tpm2.credential.make_credential`).
+   the broker (``tpm2.ek_cert_untrusted``; ``cryptography``'s X.509 path validation with
+   the TCG EK profile as its leaf policy: signatures, issuer names, validity, basic
+   constraints and path lengths, key usages, no unknown critical extension), that the
+   certified key is the EK the TPM presented (``tpm2.ek_mismatch``) and that the AK is a
+   restricted, fixed-TPM signing key created inside the TPM (``tpm2.ak_attributes``). It
+   then makes a credential for the AK's Name, encrypted to the certified EK
+   (:func:`attest.tpm2.credential.make_credential`).
 3. The node answers with ActivateCredential; :func:`complete_enrolment` compares the answer in
    constant time (``tpm2.credential_activation``). Only a TPM that holds that EK and has that
    AK loaded can answer, so the AK is bound to the EK.
@@ -25,6 +28,7 @@ from datetime import UTC, datetime
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509 import verification
 
 from attest.interface import Failure, MalformedEvidence
 from attest.tpm2.credential import make_credential
@@ -78,51 +82,104 @@ class EkTrustStore:
         return cls(r, i)
 
 
-def _is_ca(cert: x509.Certificate) -> bool:
+# TCG EK Credential Profile: the EK certificate's EKU, when present, names tcg-kp-EKCertificate
+TCG_KP_EK_CERTIFICATE = x509.ObjectIdentifier("2.23.133.8.1")
+
+
+class _Refused(Exception):
+    """A hand check inside the verifier's extension policy failed (message is specific)."""
+
+
+def _ek_key_usage(_policy: object, _cert: x509.Certificate, ku: x509.KeyUsage) -> None:
+    # an EK decrypts credentials (RSA: keyEncipherment) or agrees keys (ECC: keyAgreement);
+    # it never signs certificates
+    if not (ku.key_encipherment or ku.key_agreement):
+        raise _Refused("EK certificate key usage allows neither keyEncipherment nor "
+                       "keyAgreement")
+    if ku.key_cert_sign or ku.crl_sign:
+        raise _Refused("EK certificate key usage allows signing certificates")
+
+
+def _ek_not_a_ca(_policy: object, _cert: x509.Certificate,
+                 bc: x509.BasicConstraints | None) -> None:
+    if bc is not None and bc.ca:
+        raise _Refused("EK certificate is a CA certificate (basicConstraints cA=true)")
+
+
+def _ek_usage(_policy: object, _cert: x509.Certificate,
+              eku: x509.ExtendedKeyUsage | None) -> None:
+    if eku is not None and TCG_KP_EK_CERTIFICATE not in eku:
+        raise _Refused("EK certificate extended key usage does not name tcg-kp-EKCertificate")
+
+
+def _policies() -> tuple[verification.ExtensionPolicy, verification.ExtensionPolicy]:
+    """(CA policy, EK policy) for ``cryptography``'s path validation.
+
+    CAs: the Web PKI CA profile (basicConstraints cA with path length enforced, keyUsage
+    keyCertSign when present, ...) that also accepts certificatePolicies, which TPM vendors
+    mark critical. EK (leaf): the TCG EK profile, which the Web PKI leaf profile does not fit
+    (empty subject, a critical subjectAltName with the TPM's manufacturer, model and version as
+    a directoryName, no serverAuth/clientAuth EKU): keyUsage required as above, not a CA,
+    EKU (if any) tcg-kp-EKCertificate, subjectAltName and certificatePolicies accepted. Every
+    other critical extension, on any certificate, fails the path ("unaccounted-for critical
+    extensions"); validity, signatures, issuer names and path lengths are the verifier's.
+    """
+    agnostic = verification.Criticality.AGNOSTIC
+    ca = verification.ExtensionPolicy.webpki_defaults_ca().may_be_present(
+        x509.CertificatePolicies, agnostic, None)
+    ek = (
+        verification.ExtensionPolicy.permit_all()
+        .require_present(x509.KeyUsage, agnostic, _ek_key_usage)
+        .may_be_present(x509.BasicConstraints, agnostic, _ek_not_a_ca)
+        .may_be_present(x509.ExtendedKeyUsage, agnostic, _ek_usage)
+        .may_be_present(x509.SubjectAlternativeName, agnostic, None)
+        .may_be_present(x509.CertificatePolicies, agnostic, None)
+    )
+    return ca, ek
+
+
+def _chain_failure(
+    cert: x509.Certificate, trust: EkTrustStore, now: datetime
+) -> str | None:
+    """Why ``cert`` does not chain to a trusted root under the EK profile, or None."""
+    ca_policy, ek_policy = _policies()
+    verifier = (
+        verification.PolicyBuilder()
+        .store(verification.Store(list(trust.roots)))
+        .time(now)
+        .max_chain_depth(MAX_CHAIN_DEPTH)
+        .extension_policies(ca_policy=ca_policy, ee_policy=ek_policy)
+        .build_client_verifier()
+    )
     try:
-        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except x509.ExtensionNotFound:
-        return False
+        verifier.verify(cert, list(trust.intermediates))
+    except verification.VerificationError as exc:
+        return str(exc)
+    return None
 
 
-def _valid_at(cert: x509.Certificate, now: datetime) -> bool:
-    return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
-
-
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    if cert.issuer != issuer.subject:
-        return False
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except Exception:  # any failure (bad signature, unsupported algorithm) means no
-        return False
-    return True
-
-
-def _chains(
-    cert: x509.Certificate, trust: EkTrustStore, now: datetime, depth: int = 0
-) -> bool:
-    if depth > MAX_CHAIN_DEPTH:
-        return False
-    for root in trust.roots:
-        if _is_ca(root) and _valid_at(root, now) and _issued_by(cert, root):
-            return True
-    for inter in trust.intermediates:
-        if (
-            inter is not cert
-            and _is_ca(inter)
-            and _valid_at(inter, now)
-            and _issued_by(cert, inter)
-            and _chains(inter, trust, now, depth + 1)
-        ):
-            return True
-    return False
+def _leaf_failures(cert: x509.Certificate, now: datetime) -> list[str]:
+    """Specific reasons for the leaf itself, checked by hand before path validation (whose
+    error names only the first problem it met)."""
+    out = []
+    if now < cert.not_valid_before_utc:
+        out.append(f"EK certificate is not valid before {cert.not_valid_before_utc:%Y-%m-%d}")
+    if now > cert.not_valid_after_utc:
+        out.append(f"EK certificate expired on {cert.not_valid_after_utc:%Y-%m-%d}")
+    known = {x509.KeyUsage.oid, x509.BasicConstraints.oid, x509.ExtendedKeyUsage.oid,
+             x509.SubjectAlternativeName.oid, x509.CertificatePolicies.oid}
+    for ext in cert.extensions:
+        if ext.critical and ext.oid not in known:
+            out.append(f"EK certificate has an unknown critical extension {ext.oid.dotted_string}")
+    return out
 
 
 def check_ek_certificate(
     cert_der: bytes, ek: TpmPublic, trust: EkTrustStore, *, now: datetime | None = None
 ) -> list[Failure]:
-    """Failures of the EK certificate: untrusted chain, expired, or not certifying ``ek``."""
+    """Failures of the EK certificate: untrusted chain (validated by ``cryptography``'s X.509
+    path validation under the EK profile, :func:`_policies`), expired, unknown critical
+    extensions, wrong key usage, or not certifying ``ek``."""
     now = now or datetime.now(UTC)
     if len(cert_der) > MAX_CERT:
         return [Failure("tpm2.ek_cert_untrusted", f"EK certificate over {MAX_CERT} bytes")]
@@ -130,15 +187,13 @@ def check_ek_certificate(
         cert = x509.load_der_x509_certificate(cert_der)
     except ValueError:
         return [Failure("tpm2.ek_cert_untrusted", "EK certificate is not valid DER X.509")]
-    failures = []
-    if not _valid_at(cert, now):
-        failures.append(Failure("tpm2.ek_cert_untrusted", "EK certificate is not valid now"))
-    if not _chains(cert, trust, now):
+    failures = [Failure("tpm2.ek_cert_untrusted", why) for why in _leaf_failures(cert, now)]
+    if not failures and (why := _chain_failure(cert, trust, now)) is not None:
         failures.append(
             Failure(
                 "tpm2.ek_cert_untrusted",
                 f"EK certificate issued by {cert.issuer.rfc4514_string()!r} does not chain to a "
-                "trusted manufacturer CA",
+                f"trusted manufacturer CA: {why}",
             )
         )
     if _spki(cert.public_key()) != _spki(ek.key):

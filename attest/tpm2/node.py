@@ -37,7 +37,7 @@ from tpm2_pytss.utils import NoSuchIndex, NVReadEK, create_ek_template
 
 from attest.eventlog import APP_PCR, EventLog
 from attest.tpm2.evidence import Tpm2Evidence
-from attest.tpm2.marshal import ALG_SHA256, parse_attest, parse_signature, trim_der
+from attest.tpm2.marshal import parse_attest, parse_signature, trim_der
 from attest.tpm2.quote import pcr_digest
 
 __all__ = ["BOOT_PCRS", "EK_TYPES", "QUOTED_PCRS", "TpmError", "TpmNode"]
@@ -285,6 +285,6 @@ class TpmNode:
 def _digest_matches(evidence: Tpm2Evidence) -> bool:
     attest = parse_attest(evidence.attest)
     sig = parse_signature(evidence.signature)
-    return pcr_digest(sig.hash_alg, attest.pcr_select, {ALG_SHA256: evidence.pcrs}) == (
+    return pcr_digest(sig.hash_alg, attest.pcr_select, evidence.banks) == (
         attest.pcr_digest
     )

@@ -12,7 +12,9 @@ Checks, each failure collected (ids are stable):
 
 ``tpm2.signature`` signature by the enrolled AK; ``tpm2.nonce`` extraData equals
 ``context.expected_report_data``; ``tpm2.pcr_digest`` quoted digest equals the hash of the PCR
-values carried; ``tpm2.pcr_selection`` the quote covers SHA-256 PCRs 0-7 and 23;
+values carried, over every bank the quote selects (a multi-bank quote carries each bank's
+values, SHA-384 included: :mod:`attest.tpm2.evidence` version 2); ``tpm2.pcr_selection`` the
+quote covers SHA-256 PCRs 0-7 and 23;
 ``tpm2.boot_pcr`` each reference boot PCR equals its quoted value; ``tpm2.eventlog_replay`` the
 event log replays to the quoted PCR 23.
 
@@ -97,7 +99,7 @@ class Tpm2Verifier:
             ev.signature,
             ak,
             expected_extra_data=context.expected_report_data,
-            pcr_values={ALG_SHA256: ev.pcrs},
+            pcr_values=ev.banks,  # every bank the quote selects (SHA-384 too)
         )
         failures = list(check.failures)
         quoted = set(check.attest.pcr_select.indices(ALG_SHA256))

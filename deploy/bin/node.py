@@ -3,8 +3,9 @@
 Renders this node's job file from ``/deploy/config/job.yaml.tmpl`` (its own certificate,
 TPM and paths; the dataset's manifest name from the job description the tenant published in
 the store), records its pid for the healthcheck (``python -m compose.probe pidfile``), and
-replaces itself with the trainer: ``torchrun`` with a static rendezvous at ``--master`` when
-the job spans several nodes, else ``trainer`` directly. Always ``--attest``: the only way the
+replaces itself with the trainer: torchrun (through ``trainer.launch``, which exits 128 + N
+when the job is stopped by signal N) with a static rendezvous at ``--master`` when the job
+spans several nodes, else ``trainer`` directly. Always ``--attest``: the only way the
 trainer obtains the dataset key.
 
 Container paths are ``--root`` + the path, as in bootstrap.py (``${CT_ROOT:-}``).
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.nnodes > 1:
         host, _, port = args.master.rpartition(":")
         argv_exec = [
-            sys.executable, "-m", "torch.distributed.run", "--nnodes", str(args.nnodes),
+            sys.executable, "-m", "trainer.launch", "--nnodes", str(args.nnodes),
             "--node-rank", str(args.rank), "--nproc-per-node", "1", "--master-addr", host,
             "--master-port", port, *trainer,
         ]

@@ -27,6 +27,7 @@ from kms_broker.domain.errors import (
 )
 from kms_broker.domain.model import Dataset, DatasetShare, Grant, Tenant, Upload
 from kms_broker.grants import MAX_GRANT_SIZE, SIGNATURE_SIZE, InvalidGrantSignature, verify_grant
+from kms_broker.hsm.interface import ShareBinding
 from kms_broker.sealing import import_transcript, parse_sealed_blob
 from sealed.keys import MAX_SHARES
 
@@ -59,6 +60,16 @@ class Admin:
             raise self.d.deny(event, actor=f"tenant:{tenant_id}", subject=f"tenant:{tenant_id}",
                               reason=f"tenant.shredded: tenant {tenant_id} has been shredded")
         return tenant
+
+    def _share_binding(self, share: DatasetShare) -> ShareBinding:
+        """Where a stored share belongs (its wrapping is bound to this inside the HSM)."""
+        dataset = self.d.repo.get_dataset(share.tenant_id, share.dataset_id)
+        if dataset is None:
+            raise IntegrityFailure(
+                f"share of {share.tenant_id}/{share.dataset_id} has no dataset row"
+            )
+        return ShareBinding(tenant_id=share.tenant_id, dataset_id=share.dataset_id,
+                            key_version=share.key_version, share_index=dataset.share_index)
 
     def _audit(self, event: str, actor: str, subject: str, reason: str = "") -> None:
         self.d.audit.append(event, actor=actor, subject=subject, outcome="allowed", reason=reason)
@@ -185,7 +196,11 @@ class Admin:
             try:
                 with hsm_errors("importing the share"):
                     wrapped = self.d.hsm.import_share(
-                        upload_id, sealed_share, transcript, tenant_id, tenant.kek_version
+                        upload_id, sealed_share, transcript,
+                        ShareBinding(tenant_id=tenant_id, dataset_id=upload.dataset_id,
+                                     key_version=upload.key_version,
+                                     share_index=upload.share_index),
+                        tenant.kek_version,
                     )
             except IntegrityFailure:
                 raise InvalidArgument(
@@ -326,7 +341,8 @@ class Admin:
             for share in self.d.repo.list_shares(tenant_id):
                 if share.kek_version == new:
                     continue
-                blob = self.d.hsm.rewrap_share(share.wrapped_share, tenant_id,
+                blob = self.d.hsm.rewrap_share(share.wrapped_share,
+                                               self._share_binding(share),
                                                share.kek_version, new)
                 rewrapped.append(DatasetShare(
                     tenant_id=tenant_id, dataset_id=share.dataset_id,

@@ -39,6 +39,7 @@ from kms_broker.domain.memo import BoundedCache
 from kms_broker.domain.model import Grant, Lease, Session
 from kms_broker.encoding import canonical_json
 from kms_broker.grants import InvalidGrantSignature, verify_grant
+from kms_broker.hsm.interface import ShareBinding
 from kms_broker.sealing import release_transcript
 from kms_broker.tokens import InvalidToken, TokenClaims, TokenVerifier, issue_token
 
@@ -387,7 +388,8 @@ class NodeFlow:
                                      f"{grant.max_nodes} node(s), all leased")
         try:
             sealed, transcript = self._seal(claims, session, share, tenant_id, dataset_id,
-                                            key_version, grant, actor, subject)
+                                            key_version, grant, actor, subject,
+                                            share_index=dataset.share_index)
         except BaseException:
             with contextlib.suppress(Exception):
                 self.d.repo.drop_lease(lease.lease_id)  # the reservation never took effect
@@ -397,7 +399,7 @@ class NodeFlow:
 
     def _seal(self, claims: TokenClaims, session: Any, share: Any, tenant_id: str,
               dataset_id: str, key_version: int, grant: Grant, actor: str,
-              subject: str) -> tuple[bytes, bytes]:
+              subject: str, *, share_index: int) -> tuple[bytes, bytes]:
         transcript = release_transcript(
             session_id=claims.session_id, nonce=session.nonce, tenant_id=tenant_id,
             dataset_id=dataset_id, key_version=key_version,
@@ -409,8 +411,12 @@ class NodeFlow:
                                  reason=f"grant {grant.grant_id}, job {claims.job_id}")
         try:
             with hsm_errors("sealing"):
+                # bound inside the HSM: a share row moved from another dataset, key version
+                # or share index does not unwrap (IntegrityFailure, audited below)
+                binding = ShareBinding(tenant_id=tenant_id, dataset_id=dataset_id,
+                                       key_version=key_version, share_index=share_index)
                 sealed = self.d.hsm.seal_share(
-                    share.wrapped_share, tenant_id, share.kek_version, claims.node_key, transcript
+                    share.wrapped_share, binding, share.kek_version, claims.node_key, transcript
                 )
         except BrokerError as exc:
             self._audit_error("release", actor, subject, str(exc))

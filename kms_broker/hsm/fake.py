@@ -16,15 +16,21 @@ import threading
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.keywrap import (
+
+from kms_broker import sealing
+from kms_broker.hsm import labels
+from kms_broker.hsm.interface import (
+    HsmError,
+    HsmUnavailable,
+    KeyNotFound,
+    ShareBinding,
+    UnwrapFailed,
+)
+from sealed._primitives import (
     InvalidUnwrap,
     aes_key_unwrap_with_padding,
     aes_key_wrap_with_padding,
 )
-
-from kms_broker import sealing
-from kms_broker.hsm import labels
-from kms_broker.hsm.interface import HsmError, HsmUnavailable, KeyNotFound, UnwrapFailed
 from sealed.keys import SHARE_SIZE
 from sealed.secrets import SecretBuffer
 
@@ -40,6 +46,7 @@ class FakeHsm:
         self._signing = ec.generate_private_key(ec.SECP256R1())
         self._keks: dict[str, SecretBuffer] = {}
         self._imports: dict[str, ec.EllipticCurvePrivateKey] = {}
+        self._anchor: tuple[int, bytes] | None = None
         self.calls = 0
 
     # --- fault injection -----------------------------------------------------------------------
@@ -134,10 +141,11 @@ class FakeHsm:
         import_id: str,
         sealed_share: bytes,
         transcript: bytes,
-        tenant_id: str,
+        binding: ShareBinding,
         kek_version: int,
     ) -> bytes:
         label = labels.import_label(import_id)
+        _check_binding(binding)
         sealing.parse_sealed_blob(sealed_share)
         sealing.transcript_digest(transcript)
         self._gate()
@@ -145,19 +153,30 @@ class FakeHsm:
             private = self._imports.get(label)
         if private is None:
             raise KeyNotFound(f"no import key {label}")
-        kek = self._kek(tenant_id, kek_version)
+        kek = self._kek(binding.tenant_id, kek_version)
         try:
             share = sealing.open_sealed_share(private, sealed_share, transcript)
         except sealing.SealingError:
             raise UnwrapFailed("sealed share did not authenticate") from None
-        with share, share.view() as s, kek.view() as k:
-            return aes_key_wrap_with_padding(k, bytes(s))
+        with share:
+            return self._wrap(share, kek, binding)
 
-    def _unwrap(self, wrapped_share: bytes, kek: SecretBuffer) -> SecretBuffer:
-        labels.check_wrapped_share(wrapped_share)
+    @staticmethod
+    def _binding_key(kek: SecretBuffer, binding: ShareBinding) -> SecretBuffer:
         with kek.view() as k:
+            return sealing.aes_ecb_derive(bytes(k), binding.digest())
+
+    def _wrap(self, share: SecretBuffer, kek: SecretBuffer, binding: ShareBinding) -> bytes:
+        with self._binding_key(kek, binding) as w, w.view() as k, share.view() as s:
+            return aes_key_wrap_with_padding(bytes(k), bytes(s))
+
+    def _unwrap(
+        self, wrapped_share: bytes, kek: SecretBuffer, binding: ShareBinding
+    ) -> SecretBuffer:
+        labels.check_wrapped_share(wrapped_share)
+        with self._binding_key(kek, binding) as w, w.view() as k:
             try:
-                raw = aes_key_unwrap_with_padding(k, bytes(wrapped_share))
+                raw = aes_key_unwrap_with_padding(bytes(k), bytes(wrapped_share))
             except InvalidUnwrap:
                 raise UnwrapFailed("wrapped share did not authenticate") from None
         if len(raw) != SHARE_SIZE:
@@ -165,29 +184,46 @@ class FakeHsm:
         return SecretBuffer.from_bytes(raw)
 
     def rewrap_share(
-        self, wrapped_share: bytes, tenant_id: str, from_version: int, to_version: int
+        self, wrapped_share: bytes, binding: ShareBinding, from_version: int, to_version: int
     ) -> bytes:
         labels.check_wrapped_share(wrapped_share)
+        _check_binding(binding)
         self._gate()
-        old, new = self._kek(tenant_id, from_version), self._kek(tenant_id, to_version)
-        with self._unwrap(wrapped_share, old) as share, share.view() as s, new.view() as k:
-            return aes_key_wrap_with_padding(k, bytes(s))
+        old = self._kek(binding.tenant_id, from_version)
+        new = self._kek(binding.tenant_id, to_version)
+        with self._unwrap(wrapped_share, old, binding) as share:
+            return self._wrap(share, new, binding)
 
     def seal_share(
         self,
         wrapped_share: bytes,
-        tenant_id: str,
+        binding: ShareBinding,
         kek_version: int,
         node_public_key: bytes,
         transcript: bytes,
     ) -> bytes:
         labels.check_wrapped_share(wrapped_share)
+        _check_binding(binding)
         sealing.decode_public_key(node_public_key)
         sealing.transcript_digest(transcript)
         self._gate()
-        kek = self._kek(tenant_id, kek_version)
-        with self._unwrap(wrapped_share, kek) as share:
+        kek = self._kek(binding.tenant_id, kek_version)
+        with self._unwrap(wrapped_share, kek, binding) as share:
             return sealing.seal_share_to(node_public_key, share, transcript)
+
+    # --- audit anchor --------------------------------------------------------------------------
+
+    def audit_anchor(self) -> tuple[int, bytes] | None:
+        self._gate()
+        with self._lock:
+            return self._anchor
+
+    def set_audit_anchor(self, seq: int, record_hash: bytes) -> None:
+        value = labels.decode_anchor(labels.encode_anchor(seq, record_hash))
+        self._gate()
+        with self._lock:
+            if self._anchor is None or seq > self._anchor[0]:
+                self._anchor = value
 
     def health(self) -> None:
         self._gate()
@@ -200,3 +236,9 @@ class FakeHsm:
                 kek.zeroize()
             self._keks.clear()
             self._imports.clear()
+
+
+def _check_binding(binding: ShareBinding) -> ShareBinding:
+    if not isinstance(binding, ShareBinding):
+        raise TypeError("binding must be a ShareBinding")
+    return binding

@@ -8,7 +8,8 @@ of a secret is ever read, nothing is decrypted here.
 Sealing inside the token (``seal_share``; ``import_share`` is the same with the import key as
 the local private key and the tenant's ephemeral key as the peer)::
 
-    share  = C_UnwrapKey(KEK tenant/<id>/kek/v<n>, CKM_AES_KEY_WRAP_PAD, wrapped_share)
+    W      = C_DeriveKey(KEK tenant/<id>/kek/v<n>, CKM_AES_ECB_ENCRYPT_DATA{SHA-256(binding)})
+    share  = C_UnwrapKey(W, CKM_AES_KEY_WRAP_PAD, wrapped_share)       W destroyed at once
     eph    = C_GenerateKeyPair(CKM_EC_KEY_PAIR_GEN, P-256)              session objects
     Z      = C_DeriveKey(eph.private, CKM_ECDH1_DERIVE{CKD_NULL, node_public_key})  AES-256
     K      = C_DeriveKey(Z, CKM_AES_ECB_ENCRYPT_DATA{SHA-256(transcript)})          AES-256
@@ -23,8 +24,11 @@ node, which accepts exactly 32 bytes) and has no CKM_ECDSA_SHA256 (``sign`` hash
 data with SHA-256 and signs the digest with CKM_ECDSA; the signature is returned DER-encoded).
 
 Object templates: KEKs are token objects, private, sensitive, never extractable, not
-modifiable, usable only to wrap and unwrap, with CKA_ID ``tenant/<id>`` (found all at once by
-crypto-shredding). Import and signing private keys are token objects, sensitive, not
+modifiable, usable only to derive binding keys ``W`` (which can only wrap and unwrap), with
+CKA_ID ``tenant/<id>`` (found all at once by crypto-shredding). A KEK whose CKA_DERIVE is false
+was made before bound wrapping (legacy, see ``kms_broker.hsm.interface``): it is only ever used
+to unwrap during a rotation. The audit anchor is a private, modifiable token data object
+``ctrain/audit-anchor``. Import and signing private keys are token objects, sensitive, not
 extractable, usable only to derive (import) or sign. Everything made during one call (share,
 ephemeral key pair, Z, K) is a session object destroyed before the call returns.
 
@@ -63,7 +67,14 @@ from pkcs11.util.ec import encode_named_curve_parameters
 
 from kms_broker import sealing
 from kms_broker.hsm import labels
-from kms_broker.hsm.interface import HsmError, HsmUnavailable, KeyNotFound, UnwrapFailed
+from kms_broker.hsm.interface import (
+    HsmError,
+    HsmUnavailable,
+    KeyNotFound,
+    LegacyWrapping,
+    ShareBinding,
+    UnwrapFailed,
+)
 from sealed.secrets import SecretBuffer
 
 __all__ = ["Pkcs11Hsm"]
@@ -131,6 +142,12 @@ _SESSION_SECRET = {Attribute.TOKEN: False, Attribute.SENSITIVE: True, Attribute.
 # finalised and initialised again to free them (Pkcs11Hsm._count_session_objects)
 _SESSION_OBJECT_OPS = frozenset({"seal_share", "import_share", "rewrap_share"})
 RECYCLE_AFTER = 2_000
+
+
+def _check_binding(binding: ShareBinding) -> ShareBinding:
+    if not isinstance(binding, ShareBinding):
+        raise TypeError("binding must be a ShareBinding")
+    return binding
 
 
 class _TokenLost(Exception):
@@ -530,8 +547,7 @@ class Pkcs11Hsm:
                 store=True,
                 template={
                     **_NO_USAGE,
-                    Attribute.WRAP: True,
-                    Attribute.UNWRAP: True,
+                    Attribute.DERIVE: True,
                     Attribute.TOKEN: True,
                     Attribute.PRIVATE: True,
                     Attribute.SENSITIVE: True,
@@ -593,6 +609,7 @@ class Pkcs11Hsm:
             "private": Attribute.PRIVATE,
             "wrap": Attribute.WRAP,
             "unwrap": Attribute.UNWRAP,
+            "derive": Attribute.DERIVE,
             "encrypt": Attribute.ENCRYPT,
             "decrypt": Attribute.DECRYPT,
         }
@@ -683,6 +700,48 @@ class Pkcs11Hsm:
         finally:
             z.destroy()
 
+    @staticmethod
+    def _is_legacy(kek: Any) -> bool:
+        """A KEK from before bound wrapping: it may wrap/unwrap but not derive."""
+        return not bool(kek[Attribute.DERIVE])
+
+    @staticmethod
+    def _binding_key(kek: Any, binding: ShareBinding) -> Any:
+        """W = AES-ECB(KEK, SHA-256(binding)): a session key that can only wrap/unwrap."""
+        return kek.derive_key(
+            KeyType.AES,
+            256,
+            mechanism=Mechanism.AES_ECB_ENCRYPT_DATA,
+            mechanism_param=binding.digest(),
+            template={**_NO_USAGE, **_SESSION_SECRET, Attribute.WRAP: True, Attribute.UNWRAP: True},
+        )
+
+    def _unwrap_bound(self, pooled: _Pooled, kek: Any, binding: ShareBinding,
+                      wrapped: bytes, *, legacy_ok: bool = False) -> Any:
+        """The share inside ``wrapped`` as a session object, unwrapped under W(KEK, binding)
+        (or, with ``legacy_ok``, under a legacy KEK itself)."""
+        if self._is_legacy(kek):
+            if not legacy_ok:
+                raise LegacyWrapping(
+                    "share is wrapped under a KEK from before bound wrapping; rotate the "
+                    "tenant KEK to re-wrap it"
+                )
+            return self._unwrap_share(pooled, kek, wrapped)
+        w = self._binding_key(kek, binding)
+        try:
+            return self._unwrap_share(pooled, w, wrapped)
+        finally:
+            w.destroy()
+
+    def _wrap_bound(self, kek: Any, binding: ShareBinding, share: Any) -> bytes:
+        if self._is_legacy(kek):
+            raise LegacyWrapping("a KEK from before bound wrapping cannot wrap new shares")
+        w = self._binding_key(kek, binding)
+        try:
+            return bytes(w.wrap_key(share, mechanism=Mechanism.AES_KEY_WRAP_PAD))
+        finally:
+            w.destroy()
+
     def _unwrap_share(self, pooled: _Pooled, unwrapping_key: Any, wrapped: bytes) -> Any:
         try:
             share = unwrapping_key.unwrap_key(
@@ -708,11 +767,11 @@ class Pkcs11Hsm:
         import_id: str,
         sealed_share: bytes,
         transcript: bytes,
-        tenant_id: str,
+        binding: ShareBinding,
         kek_version: int,
     ) -> bytes:
         import_label = labels.import_label(import_id)
-        kek_label = labels.kek_label(tenant_id, kek_version)
+        kek_label = labels.kek_label(_check_binding(binding).tenant_id, kek_version)
         ephemeral, sealed = sealing.parse_sealed_blob(sealed_share)
         digest = sealing.transcript_digest(transcript)
 
@@ -725,25 +784,27 @@ class Pkcs11Hsm:
             finally:
                 k.destroy()
             try:
-                return bytes(kek.wrap_key(share, mechanism=Mechanism.AES_KEY_WRAP_PAD))
+                return self._wrap_bound(kek, binding, share)
             finally:
                 share.destroy()
 
         return self._run("import_share", op)
 
     def rewrap_share(
-        self, wrapped_share: bytes, tenant_id: str, from_version: int, to_version: int
+        self, wrapped_share: bytes, binding: ShareBinding, from_version: int, to_version: int
     ) -> bytes:
+        """Unwrap under the old KEK (bound, or a legacy KEK itself) and wrap bound under the
+        new one: KEK rotation, and the migration of legacy shares."""
         wrapped = labels.check_wrapped_share(wrapped_share)
-        old_label = labels.kek_label(tenant_id, from_version)
-        new_label = labels.kek_label(tenant_id, to_version)
+        old_label = labels.kek_label(_check_binding(binding).tenant_id, from_version)
+        new_label = labels.kek_label(binding.tenant_id, to_version)
 
         def op(pooled: _Pooled) -> bytes:
             old = self._require(pooled, old_label, ObjectClass.SECRET_KEY)
             new = self._require(pooled, new_label, ObjectClass.SECRET_KEY)
-            share = self._unwrap_share(pooled, old, wrapped)
+            share = self._unwrap_bound(pooled, old, binding, wrapped, legacy_ok=True)
             try:
-                return bytes(new.wrap_key(share, mechanism=Mechanism.AES_KEY_WRAP_PAD))
+                return self._wrap_bound(new, binding, share)
             finally:
                 share.destroy()
 
@@ -752,20 +813,20 @@ class Pkcs11Hsm:
     def seal_share(
         self,
         wrapped_share: bytes,
-        tenant_id: str,
+        binding: ShareBinding,
         kek_version: int,
         node_public_key: bytes,
         transcript: bytes,
     ) -> bytes:
         wrapped = labels.check_wrapped_share(wrapped_share)
-        kek_label = labels.kek_label(tenant_id, kek_version)
+        kek_label = labels.kek_label(_check_binding(binding).tenant_id, kek_version)
         sealing.decode_public_key(node_public_key)  # on-curve check before the token sees it
         node_public = bytes(node_public_key)
         digest = sealing.transcript_digest(transcript)
 
         def op(pooled: _Pooled) -> bytes:
             kek = self._require(pooled, kek_label, ObjectClass.SECRET_KEY)
-            share = self._unwrap_share(pooled, kek, wrapped)
+            share = self._unwrap_bound(pooled, kek, binding, wrapped)
             doomed = [share]
             try:
                 params = pooled.session.create_domain_parameters(
@@ -791,6 +852,59 @@ class Pkcs11Hsm:
                         obj.destroy()
 
         return self._run("seal_share", op)
+
+    # --- audit anchor --------------------------------------------------------------------------
+
+    @staticmethod
+    def _anchor_objects(pooled: _Pooled) -> list[tuple[int, bytes, Any]]:
+        """Every anchor object on the token as (seq, hash, object), latest first.
+
+        SoftHSM keeps CKA_VALUE of a data object read-only, so an anchor moves forward by
+        creating the new object before destroying the old one: a crash in between leaves two,
+        and the later one counts (the anchor never moves back, not even then)."""
+        out = []
+        for obj in pooled.session.get_objects(
+            {Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: labels.ANCHOR_LABEL}
+        ):
+            try:
+                seq, digest = labels.decode_anchor(bytes(obj[Attribute.VALUE]))
+            except ValueError:
+                raise HsmError("the audit anchor object on the token is malformed") from None
+            out.append((seq, digest, obj))
+        return sorted(out, key=lambda item: item[0], reverse=True)
+
+    def audit_anchor(self) -> tuple[int, bytes] | None:
+        def op(pooled: _Pooled) -> tuple[int, bytes] | None:
+            found = self._anchor_objects(pooled)
+            if not found:
+                self._check_marker(pooled)
+                return None
+            return found[0][0], found[0][1]
+
+        return self._run("audit_anchor", op)
+
+    def set_audit_anchor(self, seq: int, record_hash: bytes) -> None:
+        """Store (seq, hash) unless the token already holds a later anchor (never moves back)."""
+        value = labels.encode_anchor(seq, record_hash)
+
+        def op(pooled: _Pooled) -> None:
+            found = self._anchor_objects(pooled)
+            if not found:
+                self._check_marker(pooled)
+            elif found[0][0] >= seq:
+                return
+            pooled.session.create_object({
+                Attribute.CLASS: ObjectClass.DATA,
+                Attribute.TOKEN: True,
+                Attribute.PRIVATE: True,
+                Attribute.LABEL: labels.ANCHOR_LABEL,
+                Attribute.APPLICATION: "ctrain",
+                Attribute.VALUE: value,
+            })
+            for _, _, old in found:
+                old.destroy()
+
+        self._run("set_audit_anchor", op)
 
     # --- lifecycle -----------------------------------------------------------------------------
 

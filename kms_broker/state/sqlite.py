@@ -1,11 +1,12 @@
 """SQLite implementation of :class:`kms_broker.state.repository.Repository`.
 
-WAL journal, foreign keys on, schema versioned in ``schema_migrations``. One connection
-guarded by a lock (the gRPC thread pool shares it); ``sqlite3.OperationalError`` (disk full,
-locked, unreadable) becomes ``Unavailable`` so callers fail closed. Several broker worker
-processes may share the file (``kms-broker serve --workers N``): every write transaction
-begins IMMEDIATE, and checks that must hold across processes (single-use nonces, lease room)
-are single statements or one IMMEDIATE transaction.
+WAL journal with ``synchronous=FULL`` (every commit is durable before it returns, so state a
+caller answers on cannot be undone by a power loss), foreign keys on, schema versioned in
+``schema_migrations``. One connection guarded by a lock (the gRPC thread pool shares it);
+``sqlite3.OperationalError`` (disk full, locked, unreadable) becomes ``Unavailable`` so
+callers fail closed. Several broker worker processes may share the file (``kms-broker serve
+--workers N``): every write transaction begins IMMEDIATE, and checks that must hold across
+processes (single-use nonces, lease room) are single statements or one IMMEDIATE transaction.
 """
 
 from __future__ import annotations
@@ -139,7 +140,10 @@ class SqliteRepository:
         # fail with SQLITE_BUSY_SNAPSHOT instead of waiting
         self._db.isolation_level = "IMMEDIATE"
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        # FULL: a commit is on disk before it returns, so security state (a consumed nonce, a
+        # revocation, a lease) survives a power loss once the answer has left (NORMAL in WAL
+        # mode may lose the last commits, which could undo a revocation already audited)
+        self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._migrate()

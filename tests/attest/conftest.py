@@ -37,8 +37,8 @@ def swtpm_factory(
 ) -> Iterator[Callable[..., Swtpm]]:
     started: list[Swtpm] = []
 
-    def start(ca: LocalEkCa | None = None) -> Swtpm:
-        state = manufacture(tmp_path_factory.mktemp("swtpm"), ca or ek_ca)
+    def start(ca: LocalEkCa | None = None, *, pcr_banks: str = "sha256") -> Swtpm:
+        state = manufacture(tmp_path_factory.mktemp("swtpm"), ca or ek_ca, pcr_banks=pcr_banks)
         tpm = Swtpm(Path(state)).start()
         started.append(tpm)
         return tpm

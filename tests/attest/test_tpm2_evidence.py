@@ -32,7 +32,7 @@ def _with_pcrs(entries: bytes, count: int) -> bytes:
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (b"CTTPM2\x00\x02", "magic"),
+        (b"CTTPM2\x00\x03", "magic"),
         (b"CTTPM2\x00\x01\x04\x01", "attest length 1025"),
         (b"CTTPM2\x00\x01\x00\x05AB", "truncated at attest"),
         (_with_pcrs(b"", 25), "PCR count 25"),
@@ -91,3 +91,28 @@ def _pem() -> str:
 def test_length_prefix_is_big_endian():
     data = sample().to_bytes()
     assert struct.unpack_from(">H", data, 8)[0] == 3
+
+
+def test_version_2_carries_every_bank_exact_bytes_and_round_trip():
+    ev = Tpm2Evidence(b"A", b"S", {0: b"\x00" * 32}, b"L",
+                      other_banks={0x000C: {0: b"\x0c" * 48, 1: b"\x01" * 48}})
+    data = ev.to_bytes()
+    assert data == (
+        b"CTTPM2\x00\x02" + b"\x00\x01A" + b"\x00\x01S" + b"\x02"
+        + b"\x00\x0b\x01" + b"\x00" + b"\x00" * 32
+        + b"\x00\x0c\x02" + b"\x00" + b"\x0c" * 48 + b"\x01" + b"\x01" * 48
+        + b"\x00\x00\x00\x01L"
+    )
+    back = Tpm2Evidence.from_bytes(data)
+    assert back == ev and back.banks == {0x000B: ev.pcrs, 0x000C: ev.other_banks[0x000C]}
+    # a SHA-384 value of the wrong size, an unknown bank, banks out of order: refused
+    with pytest.raises(ValueError, match="48 bytes"):
+        Tpm2Evidence(b"A", b"S", {}, other_banks={0x000C: {0: bytes(32)}})
+    for bad, what in (
+        (data.replace(b"\x00\x0c\x02", b"\x00\x0e\x02"), "unknown"),
+        (b"CTTPM2\x00\x02\x00\x01A\x00\x01S\x02\x00\x0c\x00\x00\x0b\x00\x00\x00\x00\x00",
+         "ascending"),
+        (b"CTTPM2\x00\x02\x00\x01A\x00\x01S\x00\x00\x00\x00\x00", "no PCR bank"),
+    ):
+        with pytest.raises(MalformedEvidence, match=what):
+            Tpm2Evidence.from_bytes(bad)

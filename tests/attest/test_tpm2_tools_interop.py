@@ -1,7 +1,8 @@
 """Interop with tpm2-tools (a producer no one here wrote), on a real swtpm.
 
 * quotes made by ``tpm2_quote`` (ECDSA and RSA AKs made by ``tpm2_createak``) verify with our
-  verifier, including the full tpm2 evidence path (event log extended by ``tpm2_pcrextend``);
+  verifier, including the full tpm2 evidence path (event log extended by ``tpm2_pcrextend``),
+  for a quote of the SHA-256 bank and for a multi-bank quote (SHA-256 + SHA-384);
 * a credential made by our pure-Python MakeCredential is activated by
   ``tpm2_activatecredential`` with the EK and AK tpm2-tools created.
 
@@ -24,7 +25,7 @@ from attest.interface import VerificationContext, expected_report_data
 from attest.swtpm import Swtpm
 from attest.tpm2 import Tpm2Evidence, Tpm2Verifier
 from attest.tpm2.credential import make_credential
-from attest.tpm2.marshal import ALG_SHA256, parse_public
+from attest.tpm2.marshal import ALG_SHA256, ALG_SHA384, parse_public
 from attest.tpm2.quote import check_quote
 from attest.tpm2.tpm2tools import parse_tpm2tools_pcrs
 
@@ -51,7 +52,8 @@ class Tools:
 
 @pytest.fixture(scope="module")
 def tools(swtpm_factory: Callable[..., Swtpm], tmp_path_factory) -> Tools:
-    t = Tools(swtpm_factory(), tmp_path_factory.mktemp("tpm2-tools"))
+    # SHA-256 and SHA-384 banks, so a quote may select both
+    t = Tools(swtpm_factory(pcr_banks="sha256,sha384"), tmp_path_factory.mktemp("tpm2-tools"))
     t("tpm2_createek", "-c", "ek.ctx", "-G", "rsa", "-u", "ek.pub")
     t("tpm2_createak", "-C", "ek.ctx", "-c", "ak.ctx", "-G", "ecc", "-g", "sha256", "-s",
       "ecdsa", "-u", "ak.pem", "-f", "pem", "-n", "ak.name")
@@ -92,6 +94,44 @@ def test_tpm2_quote_with_ecdsa_ak_verifies_end_to_end(tools):
 
     assert result.ok, result.failures
     assert dict(result.claims) == claims
+
+
+def test_multi_bank_tpm2_quote_verifies_end_to_end(tools):
+    """``tpm2_quote -l sha256:...+sha384:0,1``: the evidence carries both banks' values and
+    verifies; without the SHA-384 values, or with one changed, the PCR digest check fails."""
+    claims = {"ksm_enabled": False, "code_digest": "cd" * 32}
+    log = EventLog.from_claims(claims)
+    tools("tpm2_pcrreset", "23")
+    for event in log.events:
+        tools("tpm2_pcrextend", f"23:sha256={event.digest.hex()}")
+    rd = expected_report_data(os.urandom(32), "s2", b"node-key")
+    tools("tpm2_quote", "-c", "ak.ctx", "-l", f"{QUOTED}+sha384:0,1", "-q", rd.hex(),
+          "-m", "msg", "-s", "sig", "-o", "pcrs", "-g", "sha256")
+    msg, sig, pcr_file = ((tools.dir / n).read_bytes() for n in ("msg", "sig", "pcrs"))
+    banks = parse_tpm2tools_pcrs(pcr_file)
+    assert set(banks) == {ALG_SHA256, ALG_SHA384} and len(banks[ALG_SHA384][0]) == 48
+    ctx = VerificationContext(
+        expected_report_data=rd,
+        node={"ak_public": (tools.dir / "ak.pem").read_text()},
+        reference={"boot_pcrs": {i: "00" * 32 for i in range(8)}},
+    )
+    evidence = Tpm2Evidence(msg, sig, banks[ALG_SHA256], log.to_bytes(),
+                            other_banks={ALG_SHA384: banks[ALG_SHA384]})
+    wire = evidence.to_bytes()
+    assert wire.startswith(b"CTTPM2\x00\x02")
+
+    result = Tpm2Verifier().verify(wire, ctx)
+
+    assert result.ok, result.failures
+    assert dict(result.claims) == claims
+    sha256_only = Tpm2Evidence(msg, sig, banks[ALG_SHA256], log.to_bytes()).to_bytes()
+    assert "tpm2.pcr_digest" in {f.id for f in Tpm2Verifier().verify(sha256_only, ctx).failures}
+    changed = dict(banks[ALG_SHA384])
+    changed[1] = bytes(a ^ 0xFF for a in changed[1])
+    forged = Tpm2Evidence(msg, sig, banks[ALG_SHA256], log.to_bytes(),
+                          other_banks={ALG_SHA384: changed}).to_bytes()
+    failed = Tpm2Verifier().verify(forged, ctx)
+    assert "tpm2.pcr_digest" in {f.id for f in failed.failures} and not failed.claims
 
 
 def test_tpm2_quote_refused_for_another_nonce(tools):

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from compose.ports import free_port
 from compose.probe import main as probe_main
 
 
@@ -124,12 +125,8 @@ def test_grpc_probe_needs_a_certificate_the_server_trusts(server, pki: Path, cap
 
 
 def test_probe_failures_and_usage(pki: Path, capsys):
-    # nothing listens on a port we just released
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # nothing listens on a port reserved for this process outside the ephemeral range
+    port = free_port()
     assert probe_main(["tcp", f"127.0.0.1:{port}", "--timeout", "5"]) == 1
     assert "unhealthy: 127.0.0.1:" in capsys.readouterr().err
     assert probe_main(_args("127.0.0.1:1", pki, "--ca", str(pki / "missing.pem"))) == 1

@@ -25,6 +25,8 @@ from compose import LocalHarness, ServiceFailed
 from tests.compose.conftest import live_processes
 from tests.compose.test_deployment import (
     CANARIES,
+    LEASE_TTL_MS,
+    WAIT_S,
     _audit,
     _deployment,
     _files_containing,
@@ -98,7 +100,7 @@ class Deployment:
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     base = tmp_path_factory.mktemp("scenarios")
     # Steps enough that training is still running when the store is tampered with.
-    harness, variables = _deployment(base, TRAIN_STEPS="100000", LEASE_TTL_MS="30000")
+    harness, variables = _deployment(base, TRAIN_STEPS="100000", LEASE_TTL_MS=LEASE_TTL_MS)
     marker = f"CT_COMPOSE_ID={harness.run_id}:"
     try:
         harness.up(["enrol", "tenant"])
@@ -277,7 +279,9 @@ def test_shard_modified_mid_run_stops_training_naming_the_shard(deployment: Depl
     shards = _shard_objects(store, info["manifest"])
     assert shards, sorted(p.as_posix() for p in store.rglob("*"))
     harness.up(["node-a", "node-b"])
+    deadline = time.monotonic() + WAIT_S
     while "step 5/" not in harness.logs("node-a"):
+        assert time.monotonic() < deadline, harness.logs("node-a")[-3000:]
         states = {s.name: s.state for s in harness.ps()}
         assert states["node-a"] == "running", harness.logs("node-a")[-3000:]
         assert states["node-b"] == "running", harness.logs("node-b")[-3000:]

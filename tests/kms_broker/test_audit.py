@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from kms_broker.app import audit_anchor_writer
 from kms_broker.audit import AuditLog, verify_log
 from kms_broker.cli import main
 from kms_broker.domain.errors import Unavailable
@@ -45,7 +46,13 @@ def test_intact_log_verifies(log, capsys) -> None:
     assert result.ok and result.records == 14  # 12 records + 2 signed checkpoints
     assert sum(json.loads(x)["event"] == "checkpoint" for x in _lines(path)) == 2
     code, out = _cli_verify(path, capsys, hsm.signing_public_key())
-    assert code == 0 and out.startswith("OK")
+    assert code == 1 and "no anchor file" in out  # with a key, a missing anchor is a finding
+    code, out = _cli_verify(path, capsys)
+    assert code == 2 and out.startswith("CHAIN INTACT, AUTHENTICITY NOT CHECKED")
+    AuditLog(path, now_ms=lambda: 0, sign=hsm.sign,
+             anchor=audit_anchor_writer(hsm, path.with_name("audit.anchor"))).seal()
+    code, out = _cli_verify(path, capsys, hsm.signing_public_key())
+    assert code == 0 and out.startswith("OK") and "anchored up to record 15" in out
 
 
 @pytest.mark.parametrize("index", [0, 4, 13])

@@ -98,7 +98,15 @@ def test_tenant_workflow_through_the_cli(cli_broker) -> None:
             pytest.raises(PermissionDeniedError, match=r"grant\.revoked"):
         kc.fetch_dek(tenant_id="acme", dataset_id="ds1", key_version=1)
 
-    assert run("audit", "verify", "--state-dir", str(broker.state_dir)).stdout.startswith("OK")
+    unkeyed = run("audit", "verify", "--state-dir", str(broker.state_dir), ok=False)
+    assert unkeyed.returncode == 2 and unkeyed.stdout.startswith("CHAIN INTACT, AUTHENTICITY "
+                                                                 "NOT CHECKED")
+    pem = run("audit", "public-key", "--config", str(broker.state_dir.parent / "cli.yaml")).stdout
+    assert pem.startswith("-----BEGIN PUBLIC KEY-----")
+    (broker.state_dir.parent / "audit-key.pem").write_text(pem)
+    keyed = run("audit", "verify", "--state-dir", str(broker.state_dir),
+                "--public-key", str(broker.state_dir.parent / "audit-key.pem"))
+    assert keyed.stdout.startswith("OK") and "anchored up to record" in keyed.stdout
     tail = run("audit", "tail", "--state-dir", str(broker.state_dir), "--limit", "2").stdout
     assert len(tail.splitlines()) == 2
     online = run("audit", "verify", *tenant).stdout

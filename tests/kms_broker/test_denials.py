@@ -176,12 +176,15 @@ def test_revoked_grant_ends_leases_and_is_pushed(world: World) -> None:
         released = client.fetch_dek(tenant_id="acme", dataset_id="ds1", key_version=1)
         released.dek.zeroize()
         assert client.renew() > 0
-        while not client.watching():
+        deadline = time.monotonic() + 120  # hang guard for both waits, not a timing check
+        while not client.watching() and time.monotonic() < deadline:
             time.sleep(0.02)
+        assert client.watching()
         with world.broker.tenant("acme") as acme:
             assert acme.revoke_grant("g-rev") == 1
-        while not notices:
+        while not notices and time.monotonic() < deadline:
             time.sleep(0.02)
+        assert notices, "the revocation was not pushed"
         assert notices[0].lease_id == released.leases[0].lease_id
         assert "g-rev" in notices[0].reason
         with pytest.raises(PermissionDeniedError) as info:

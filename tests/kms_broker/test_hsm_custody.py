@@ -26,7 +26,9 @@ from tests.kms_broker.hsm_fixtures import (  # noqa: F401 - registers the fixtur
 CHILD = textwrap.dedent(
     """
     import json, sys
+    from kms_broker.hsm.interface import ShareBinding
     from kms_broker.hsm.pkcs11_hsm import Pkcs11Hsm
+    binding = ShareBinding(tenant_id="tenant-a", dataset_id="ds", key_version=1, share_index=0)
     req = json.loads(sys.stdin.readline())
     canary = bytes.fromhex(req["canary"])  # kept alive on purpose: the scan must find it
     hsm = Pkcs11Hsm(req["module"], req["label"], req["pin"])
@@ -35,9 +37,9 @@ CHILD = textwrap.dedent(
     print(json.dumps({"import_pub": pub.hex()}), flush=True)
     req = json.loads(sys.stdin.readline())
     wrapped = hsm.import_share("imp-1", bytes.fromhex(req["sealed"]),
-                               bytes.fromhex(req["import_transcript"]), "tenant-a", 1)
+                               bytes.fromhex(req["import_transcript"]), binding, 1)
     hsm.destroy_import_key("imp-1")
-    blobs = [hsm.seal_share(wrapped, "tenant-a", 1, bytes.fromhex(req["node_pub"]),
+    blobs = [hsm.seal_share(wrapped, binding, 1, bytes.fromhex(req["node_pub"]),
                             bytes.fromhex(req["release_transcript"])) for _ in range(100)]
     print(json.dumps({"blob": blobs[-1].hex(), "canary_len": len(canary)}), flush=True)
     sys.stdin.readline()  # stay alive while the parent reads our memory

@@ -12,7 +12,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11e
 
 from kms_broker import sealing
-from kms_broker.hsm.interface import HsmUnavailable, KeyNotFound
+from kms_broker.hsm.interface import HsmUnavailable, KeyNotFound, ShareBinding, UnwrapFailed
 from kms_broker.hsm.pkcs11_hsm import Pkcs11Hsm
 from sealed.secrets import SecretBuffer
 from tests.kms_broker.hsm_fixtures import (  # noqa: F401 - registers the fixtures
@@ -32,6 +32,10 @@ def inspector(softhsm_token: SoftHsmToken, pkcs11_hsm: Pkcs11Hsm) -> Iterator[ob
     session.close()
 
 
+def _b(tenant: str, dataset: str = "ds") -> ShareBinding:
+    return ShareBinding(tenant_id=tenant, dataset_id=dataset, key_version=1, share_index=0)
+
+
 def _upload(hsm: Pkcs11Hsm, tenant: str, share: SecretBuffer) -> bytes:
     hsm.create_tenant_kek(tenant, 1)
     pub = hsm.create_import_key("imp-1")
@@ -40,7 +44,7 @@ def _upload(hsm: Pkcs11Hsm, tenant: str, share: SecretBuffer) -> bytes:
         broker_id="b", import_public_key=pub,
     )
     wrapped = hsm.import_share(
-        "imp-1", sealing.seal_share_to(pub, share, transcript), transcript, tenant, 1
+        "imp-1", sealing.seal_share_to(pub, share, transcript), transcript, _b(tenant), 1
     )
     hsm.destroy_import_key("imp-1")
     return wrapped
@@ -52,7 +56,7 @@ def _seal(hsm: Pkcs11Hsm, wrapped: bytes, tenant: str) -> SecretBuffer:
         session_id=os.urandom(16), nonce=os.urandom(32), tenant_id=tenant, dataset_id="ds",
         key_version=1, broker_id="b", node_public_key=node_pub,
     )
-    blob = hsm.seal_share(wrapped, tenant, 1, node_pub, transcript)
+    blob = hsm.seal_share(wrapped, _b(tenant), 1, node_pub, transcript)
     return sealing.open_sealed_share(node_key, blob, transcript)
 
 
@@ -69,6 +73,9 @@ def test_kek_is_non_extractable_and_sensitive_on_the_token(
     assert kek[Attribute.ALWAYS_SENSITIVE] is True
     assert kek[Attribute.TOKEN] is True
     assert kek[Attribute.ENCRYPT] is False and kek[Attribute.DECRYPT] is False
+    # bound wrapping: the KEK only derives per-binding keys, it never wraps a share itself
+    assert kek[Attribute.WRAP] is False and kek[Attribute.UNWRAP] is False
+    assert kek[Attribute.DERIVE] is True
     with pytest.raises(p11e.AttributeSensitive):
         kek[Attribute.VALUE]
     other = inspector.generate_key(KeyType.AES, 256, template={Attribute.WRAP: True})
@@ -164,3 +171,42 @@ def test_outage_during_use_recovers_with_the_same_object(softhsm_token: SoftHsmT
     hsm.close()
     with pytest.raises(HsmUnavailable, match="closed"):
         hsm.health()
+
+
+def test_legacy_unbound_share_is_refused_and_migrated_by_rotation(
+    pkcs11_hsm: Pkcs11Hsm, inspector: pkcs11.Session
+) -> None:
+    """A KEK from before bound wrapping (wrap/unwrap, no derive) and a share wrapped directly
+    under it, as an old token holds them: release refuses it (never unbound), a KEK rotation
+    re-wraps it bound under the new KEK, after which it releases."""
+    from kms_broker.hsm.interface import LegacyWrapping
+
+    legacy = inspector.generate_key(
+        KeyType.AES, 256, id=b"tenant/tenant-old", label="tenant/tenant-old/kek/v1", store=True,
+        template={Attribute.WRAP: True, Attribute.UNWRAP: True, Attribute.DERIVE: False,
+                  Attribute.ENCRYPT: False, Attribute.DECRYPT: False, Attribute.PRIVATE: True,
+                  Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False},
+    )
+    value = os.urandom(32)
+    share = inspector.create_object({
+        Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
+        Attribute.TOKEN: False, Attribute.VALUE: value, Attribute.EXTRACTABLE: True,
+    })
+    wrapped = bytes(legacy.wrap_key(share, mechanism=Mechanism.AES_KEY_WRAP_PAD))
+    binding = _b("tenant-old")
+    node_key, node_pub = sealing.generate_node_key()
+    transcript = sealing.release_transcript(
+        session_id=os.urandom(16), nonce=os.urandom(32), tenant_id="tenant-old",
+        dataset_id="ds", key_version=1, broker_id="b", node_public_key=node_pub,
+    )
+    with pytest.raises(LegacyWrapping):
+        pkcs11_hsm.seal_share(wrapped, binding, 1, node_pub, transcript)
+    pkcs11_hsm.create_tenant_kek("tenant-old", 2)
+    bound = pkcs11_hsm.rewrap_share(wrapped, binding, 1, 2)
+    with pytest.raises(LegacyWrapping):  # nothing new is ever wrapped under a legacy KEK
+        pkcs11_hsm.rewrap_share(bound, binding, 2, 1)
+    blob = pkcs11_hsm.seal_share(bound, binding, 2, node_pub, transcript)
+    with sealing.open_sealed_share(node_key, blob, transcript) as opened, opened.view() as got:
+        assert bytes(got) == value
+    with pytest.raises(UnwrapFailed):
+        pkcs11_hsm.seal_share(bound, _b("tenant-old", "other"), 2, node_pub, transcript)

@@ -20,6 +20,7 @@ import json, sys
 from pathlib import Path
 import kms_broker.hsm.pkcs11_hsm as m
 from kms_broker import sealing
+from kms_broker.hsm.interface import ShareBinding
 from sealed.secrets import SecretBuffer
 
 def rss_kib():
@@ -30,18 +31,19 @@ def rss_kib():
 args = json.loads(sys.stdin.readline())
 m.RECYCLE_AFTER = args["recycle_after"]
 hsm = m.Pkcs11Hsm(args["module"], args["label"], args["pin"])
+b = ShareBinding(tenant_id="acme", dataset_id="d", key_version=1, share_index=0)
 hsm.create_tenant_kek("acme", 1)
 pub = hsm.create_import_key("u")
 tr = sealing.import_transcript(import_id="u", tenant_id="acme", dataset_id="d", key_version=1,
                                share_index=0, broker_id="b", import_public_key=pub)
 with SecretBuffer.from_bytes(bytearray(range(32))) as share:
-    wrapped = hsm.import_share("u", sealing.seal_share_to(pub, share, tr), tr, "acme", 1)
+    wrapped = hsm.import_share("u", sealing.seal_share_to(pub, share, tr), tr, b, 1)
 node_key, node_pub = sealing.generate_node_key()
 opened = set()
 for i in range(args["seals"] + 300):
     if i == 300:
         before, epoch = rss_kib(), hsm._module.epoch
-    blob = hsm.seal_share(wrapped, "acme", 1, node_pub, b"transcript")
+    blob = hsm.seal_share(wrapped, b, 1, node_pub, b"transcript")
     if i % 500 == 0:
         with sealing.open_sealed_share(node_key, blob, b"transcript") as s, s.view() as v:
             opened.add(bytes(v))

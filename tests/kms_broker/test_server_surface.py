@@ -8,6 +8,7 @@ import urllib.request
 
 import pytest
 
+from compose.ports import free_port
 from kms_broker.rpc import NotFoundError, PermissionDeniedError
 from tests.kms_broker.conftest import make_world
 
@@ -15,9 +16,7 @@ pytestmark = pytest.mark.integration
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()  # reserved for this process, outside the ephemeral range
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from attest.interface import expected_report_data
+from compose.ports import free_port
 from kms_broker import sealing
 from kms_broker._proto.kmsbroker.v1 import broker_pb2 as pb
 from kms_broker._proto.kmsbroker.v1 import broker_pb2_grpc as pb_grpc
@@ -41,9 +41,7 @@ WAIT_S = 60  # how long a helper polls before it gives up (a hang guard, not a t
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()  # reserved for this process, outside the ephemeral range
 
 
 @pytest.fixture(scope="module")
@@ -205,9 +203,15 @@ def test_one_audit_chain_from_both_workers(world: World) -> None:
     releases = [r for r in records[before:] if r["event"] == "release"]
     assert len(releases) == 2 * 40
     assert verify_log(world.broker.state_dir / "audit.log").ok
+    root = world.broker.state_dir.parent
+    pem = subprocess.run(
+        [sys.executable, "-m", "kms_broker.cli", "audit", "public-key", "--config",
+         str(root / f"{world.broker.name}.yaml")], cwd=REPO, capture_output=True, text=True)
+    assert pem.returncode == 0, pem.stderr
+    (root / "audit-key.pem").write_text(pem.stdout)
     out = subprocess.run(
         [sys.executable, "-m", "kms_broker.cli", "audit", "verify", "--state-dir",
-         str(world.broker.state_dir)],
+         str(world.broker.state_dir), "--public-key", str(root / "audit-key.pem")],
         cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.startswith("OK") and "chain intact" in out.stdout

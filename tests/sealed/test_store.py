@@ -126,3 +126,30 @@ def test_zero_copy_views_match_ranged_reads(store) -> None:
     del view
     store.delete("a")
     assert not store.exists("a")
+
+
+def test_mapped_store_sees_a_replaced_object_and_reads_ahead(tmp_path) -> None:
+    import os
+    import threading
+
+    from sealed import MappedDirStore
+
+    store = MappedDirStore(tmp_path)
+    store.put("shards/a", b"1" * 10_000)
+    assert bytes(store.view_range("shards/a", 0, 4)) == b"1111"
+    store.delete("shards/a")
+    store.put("shards/a", b"2" * 20_000)  # a new file under the same name: mapped afresh
+    assert bytes(store.view_range("shards/a", 19_996, 4)) == b"2222"
+    # a cached range needs no read-ahead; an uncached one is read by the thread
+    assert store.will_need("shards/a", 0, 20_000) is None
+    fd = os.open(tmp_path / "shards" / "a", os.O_RDONLY)
+    os.fdatasync(fd)
+    store.close()  # unmapped: the kernel may now drop the cached pages
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    ticket = store.will_need("shards/a", 0, 20_000)
+    if ticket is not None:  # the kernel dropped the pages (it may keep them; both are fine)
+        assert isinstance(ticket, threading.Event)
+        assert ticket.wait(60)
+    assert bytes(store.view_range("shards/a", 0, 4)) == b"2222"
+    store.close()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from sealed import InputError, LocalDirStore, write_dataset
+from sealed.errors import StoreError
 
 from .conftest import DATASET, TENANT, VERSION
 from .helpers import make_records, open_reader, write
@@ -226,3 +227,45 @@ def test_dek_must_be_a_secret_buffer(store) -> None:
             key_version=1,
             share_holders=["b"],
         )
+
+
+class _FailingStore:
+    """Delegates to ``inner`` but fails the ``fail_at``-th put after consuming some chunks."""
+
+    def __init__(self, inner, fail_at: int) -> None:
+        self.inner, self.fail_at, self.puts = inner, fail_at, 0
+
+    def put(self, name, data):
+        self.puts += 1
+        if self.puts == self.fail_at:
+            for i, _chunk in enumerate(data):
+                if i == 2:
+                    raise StoreError(f"cannot write object {name}: disk full")
+        return self.inner.put(name, data)
+
+    def __getattr__(self, attr):
+        return getattr(self.inner, attr)
+
+
+def test_store_failure_in_the_store_thread_is_raised_and_leaves_nothing(store, dek) -> None:
+    failing = _FailingStore(store, fail_at=3)
+    with pytest.raises(StoreError, match="disk full"):
+        write(failing, make_records([1 << 20] * 9), dek, target_shard_size=2 << 20)
+    assert_store_empty(store)
+
+
+def test_segment_aligned_records_round_trip_through_the_pipeline(tmp_path, store, dek) -> None:
+    # records that end exactly on segment boundaries, empty records, and one record spanning
+    # many segments: the pipeline fills each segment exactly, whatever the record boundaries
+    from sealed import streaming
+
+    first = streaming.FIRST_SEGMENT_CAPACITY
+    sizes = [first - 16 - 8 * 7, 0, streaming.SEGMENT_CAPACITY, 0, 5 * (1 << 20) + 3, 1]
+    src = _tree(tmp_path / "src", {f"r{i}.bin": os.urandom(n) for i, n in enumerate(sizes)})
+    ref = write(store, src, dek)
+    with open_reader(store, ref, dek) as reader:
+        for k in range(ref.num_records):
+            assert bytes(reader.read_record(k)) == (src / f"r{k}.bin").read_bytes()
+        for j in range(ref.num_shards):  # the digests the digest thread computed are right
+            buf = bytearray(reader.shard_plaintext_size(j))
+            reader.decrypt_shard_into(j, buf, verify_digest=True)

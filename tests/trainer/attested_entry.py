@@ -13,13 +13,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tests.kms_broker.verifiers import make_evidence
-from trainer.attested import AttestedKeySource
-from trainer.cli import setup_logging
-from trainer.config import JobConfig
-from trainer.keysource import AttestationDenied, KeySourceUnavailable
-from trainer.shred import EXIT_ATTESTATION_DENIED, EXIT_FAILURE, EXIT_OK
-from trainer.train import run_job
+from trainer import signals
+
+signals.start()  # as the real entry point does, before torch and gRPC start threads
+
+from tests.kms_broker.verifiers import make_evidence  # noqa: E402
+from trainer.attested import AttestedKeySource  # noqa: E402
+from trainer.cli import setup_logging  # noqa: E402
+from trainer.config import JobConfig  # noqa: E402
+from trainer.keysource import AttestationDenied, KeySourceUnavailable  # noqa: E402
+from trainer.shred import EXIT_ATTESTATION_DENIED, EXIT_FAILURE, EXIT_OK  # noqa: E402
+from trainer.train import run_job  # noqa: E402
 
 
 def main() -> int:

@@ -131,6 +131,9 @@ def single_cmd(job: Path, sock: Path) -> list[str]:
     return [PY, str(ENTRY), "--job", str(job), "--key-socket", str(sock)]
 
 
+PROC_WAIT_S = 600  # hang guard for a whole training subprocess on a busy machine
+
+
 class Proc:
     """A started process tree with its output in files under ``logs``."""
 
@@ -153,8 +156,15 @@ class Proc:
     def err(self) -> str:
         return self.err_path.read_text(errors="replace")
 
-    def wait(self) -> int:
-        rc = self.popen.wait()
+    def wait(self, timeout: float = PROC_WAIT_S) -> int:
+        """The exit status; a process tree still running after ``timeout`` seconds (a hang
+        guard, not a speed check) is killed and the test fails with its stderr."""
+        try:
+            rc = self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_tree()
+            tail = self.err()[-3000:]
+            raise AssertionError(f"still running after {timeout} s:\n{tail}") from None
         self._out.close()
         self._err.close()
         return rc
@@ -164,7 +174,9 @@ class Proc:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(Exception):
-            self.wait()
+            self.popen.wait(timeout=30)
+        self._out.close()
+        self._err.close()
 
 
 def descendants(pid: int) -> list[int]:

@@ -17,12 +17,16 @@ import socket
 import sys
 import threading
 
-from sealed.secrets import SecretBuffer
-from trainer.cli import setup_logging
-from trainer.config import JobConfig
-from trainer.keysource import KeyHandle, KeySourceUnavailable
-from trainer.shred import EXIT_FAILURE, EXIT_OK
-from trainer.train import run_job
+from trainer import signals
+
+signals.start()  # as the real entry point does, before torch starts threads
+
+from sealed.secrets import SecretBuffer  # noqa: E402
+from trainer.cli import setup_logging  # noqa: E402
+from trainer.config import JobConfig  # noqa: E402
+from trainer.keysource import KeyHandle, KeySourceUnavailable  # noqa: E402
+from trainer.shred import EXIT_FAILURE, EXIT_OK  # noqa: E402
+from trainer.train import run_job  # noqa: E402
 
 
 class SocketKeySource:

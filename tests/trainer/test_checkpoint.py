@@ -1,5 +1,5 @@
 """Encrypted checkpoints: round trip, binding to key/job/step, tamper detection, atomicity,
-retention, and no plaintext in the file."""
+retention, no plaintext in the file, and the shards' streaming AEAD format."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from sealed import streaming
 from sealed.secrets import SecretBuffer
 from trainer import checkpoint as ck
 from trainer.checkpoint import (
@@ -28,11 +29,11 @@ def dek():
     key.zeroize()
 
 
-def _state(canary: str) -> dict:
+def _state(canary: str, features: int = 64) -> dict:
     torch.manual_seed(0)
-    model = torch.nn.Linear(64, 64)
+    model = torch.nn.Linear(features, 64)
     opt = torch.optim.AdamW(model.parameters())
-    model(torch.randn(2, 64)).sum().backward()
+    model(torch.randn(2, features)).sum().backward()
     opt.step()
     return {"model": model.state_dict(), "optimizer": opt.state_dict(), "note": canary,
             "step": 5}
@@ -40,7 +41,7 @@ def _state(canary: str) -> dict:
 
 def _store(tmp_path, dek, job="job-1", **kw):
     return CheckpointStore(tmp_path / "ckpt", job_id=job, key=derive_checkpoint_key(dek, job),
-                           segment_size=4096, **kw)
+                           **kw)
 
 
 def test_key_is_hkdf_of_the_dek_bound_to_the_job(dek):
@@ -72,6 +73,22 @@ def test_round_trip_owner_only_and_no_plaintext_in_file(tmp_path, dek):
     assert not list(path.parent.glob(".tmp-*"))
 
 
+def test_file_is_one_stream_of_the_shard_format(tmp_path, dek):
+    """A checkpoint is a Tink AES-GCM-HKDF stream under K_ckpt with the documented AAD:
+    sealed.streaming (the shards' decrypter) opens it as it is."""
+    store = _store(tmp_path, dek)
+    path = store.save(7, {"step": 7, "w": torch.arange(400_000, dtype=torch.float32)})
+    blob = path.read_bytes()
+    assert blob[0] == streaming.HEADER_SIZE
+    assert streaming.segment_count(len(blob)) == 2  # 1.6 MB of plaintext: two 1 MiB segments
+    aad = b"checkpoint/v2\x00" + (5).to_bytes(2, "big") + b"job-1" + (7).to_bytes(8, "big")
+    key = derive_checkpoint_key(dek, "job-1")
+    plain = streaming.decrypt(key, aad, blob)
+    assert b"w" in plain and len(plain) == streaming.plaintext_size(len(blob))
+    with pytest.raises(streaming.DecryptionError):
+        streaming.decrypt(key, aad[:-1] + b"\x08", blob)  # another step
+
+
 def test_resume_needs_the_same_dek_and_job(tmp_path, dek):
     path = _store(tmp_path, dek).save(3, _state("x"))
     other = SecretBuffer.random(32)
@@ -83,16 +100,18 @@ def test_resume_needs_the_same_dek_and_job(tmp_path, dek):
 
 def test_every_modification_is_detected(tmp_path, dek):
     store = _store(tmp_path, dek)
-    path = store.save(3, _state("x"))
+    path = store.save(3, _state("x", features=3000))
     original = path.read_bytes()
-    assert len(original) > 3 * 4096  # several segments
-    for offset in (8, 17, 20, 30, 40, 100, 5000, len(original) - 1):
+    assert len(original) > 2 * streaming.SEGMENT_SIZE  # several segments
+    seg = streaming.SEGMENT_SIZE
+    for offset in (0, 1, 20, 33, 39, 40, 100, seg - 1, seg, seg + 5, len(original) - 1):
         tampered = bytearray(original)
         tampered[offset] ^= 0x01
         path.write_bytes(tampered)
         with pytest.raises(CheckpointError):
             store.load(path)
-    for blob in (original[:-1], original + b"\x00", original[:-(4096 + 16)]):
+    for blob in (original[:-1], original + b"\x00", original[: 2 * seg],
+                 original[:seg] + original[2 * seg :]):
         path.write_bytes(blob)
         with pytest.raises(CheckpointDecryptionError):
             store.load(path)
@@ -104,16 +123,14 @@ def test_every_modification_is_detected(tmp_path, dek):
         store.load(moved)
 
 
-def test_malformed_headers_get_specific_errors(tmp_path, dek):
+def test_malformed_files_get_specific_errors(tmp_path, dek):
     store = _store(tmp_path, dek)
     store.directory.mkdir(parents=True)
     path = store.directory / "ckpt-0000000001.ctck"
-    path.write_bytes(b"PK\x03\x04 not ours")
-    with pytest.raises(CheckpointError, match="not a version-1 checkpoint"):
-        store.load(path)
-    path.write_bytes(ck.MAGIC + (1).to_bytes(8, "big") + (0).to_bytes(2, "big"))
-    with pytest.raises(CheckpointError, match="job id length 0 out of range"):
-        store.load(path)
+    for blob in (b"", b"PK\x03\x04 not ours", b"\x28" + bytes(60)):
+        path.write_bytes(blob)
+        with pytest.raises(CheckpointDecryptionError, match="decryption failed"):
+            store.load(path)
     with pytest.raises(CheckpointError, match="not a checkpoint file name"):
         store.load(store.directory / "model.pt")
 

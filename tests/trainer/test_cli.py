@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import shutil
-import socket
 import subprocess
 
 import pytest
@@ -13,6 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from compose.ports import free_port
 from tests.trainer.conftest import PY, REPO, child_env, job_dict, write_job
 
 
@@ -38,9 +38,8 @@ def _pem_files(tmp_path):
 
 
 def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # reserved for this process and outside the ephemeral range: nothing else listens there
+    return free_port()
 
 
 def _attested_job(tmp_path, dataset):

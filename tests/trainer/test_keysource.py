@@ -103,8 +103,10 @@ def test_release_gives_a_handle_with_lease_renewal_and_push_revocation(
     assert (client.node_id, client.job_id) == ("node-1", "job-1")
     assert len(handle.dek) == 32 and handle.lease_expiry > time.time()
     first_expiry = handle.lease_expiry
-    while client.renewals < 2:  # renews once half the lease has run out
+    deadline = time.monotonic() + 120  # hang guard, not a timing check
+    while client.renewals < 2 and time.monotonic() < deadline:  # renews at half the lease
         time.sleep(0.05)
+    assert client.renewals >= 2
     assert handle.lease_expiry > first_expiry and not handle.revoked.is_set()
     client.on_revoked(RevocationNotice("broker-a", "lease-1", "acme", "corpus", "grant revoked"))
     assert handle.revoked.is_set()
@@ -117,7 +119,7 @@ def test_refused_renewal_revokes(tmp_path, dataset, fake_client):
     fake_client.renew_error = PermissionDeniedError("node revoked", code="PERMISSION_DENIED")
     source = AttestedKeySource(_config(tmp_path, dataset), evidence_for=_evidence)
     handle = source.acquire()
-    handle.revoked.wait()
+    assert handle.revoked.wait(timeout=120)  # hang guard, not a timing check
     assert handle.revoke_reason.startswith("lease renewal refused: node revoked")
     source.close()
 

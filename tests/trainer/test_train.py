@@ -3,12 +3,12 @@ equivalence, shredding of the model, resume only with the right key, metrics."""
 
 from __future__ import annotations
 
-import socket
 import struct
 import urllib.request
 
 import pytest
 
+from compose.ports import free_port
 from sealed.errors import DecryptionError
 from sealed.secrets import SecretBuffer
 from sealed.store import LocalDirStore
@@ -125,9 +125,7 @@ def test_classifier_on_sealed_feature_records(tmp_path, dataset):
 
 
 def test_prometheus_endpoint_reports_progress(dataset, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # reserved: no other process is handed it meanwhile
     cfg = _cfg(dataset, tmp_path, steps=4, log_interval=2, metrics_port=port)
     _run(cfg, dataset.dek)
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
