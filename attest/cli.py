@@ -4,6 +4,7 @@
     attest verify EVIDENCE --ak AK.pem (--report-data HEX | --nonce HEX --session-id S
                   --node-key HEX) [--boot-pcrs PCRS.json] [--json]
     attest doctor [--policy FILE] [--expected-code-digest HEX ...] [--expected FILE] [--json]
+    attest code-digest [ENV] [--root IMAGE] [--write] [--manifest]
 
 Exit codes: 0 success (verify: evidence verified; doctor: no rule it could check fails; rules
 it cannot evaluate here are reported "not checked", never PASS), 1 failure
@@ -280,7 +281,44 @@ def _parser() -> argparse.ArgumentParser:
                    help="JSON/YAML object of the tenant's reference values (policy params, "
                    'e.g. {"allowed_code_digests": [...], "allowed_image_digests": [...]})')
     d.set_defaults(func=cmd_doctor)
+
+    cd = sub.add_parser(
+        "code-digest", help="the code digest of an environment, computed offline",
+        description="Measure every file a trainer run from the Python environment ENV "
+        "(a virtual environment or installation prefix) can execute and print the digest a "
+        "policy pins (params.allowed_code_digests). Runs nothing from ENV. With --root, ENV "
+        "is a path inside an unpacked image directory. --write stores the manifest as "
+        "ENV/ct-code-manifest, which `trainer --attest` enforces (do it last when building "
+        "the image).")
+    cd.add_argument("env", nargs="?", help="environment directory (default: this one's)")
+    cd.add_argument("--root", default="/", help="image directory ENV lies in (default /)")
+    cd.add_argument("--write", action="store_true", help="store ENV/ct-code-manifest")
+    cd.add_argument("--manifest", action="store_true", help="print the manifest itself")
+    cd.set_defaults(func=cmd_code_digest)
     return p
+
+
+def cmd_code_digest(args: argparse.Namespace) -> int:
+    import hashlib
+    import os
+
+    from attest.code_digest import MANIFEST_NAME, CodeSetError, environment_manifest
+
+    try:
+        manifest = environment_manifest(args.env, root=args.root)
+    except (CodeSetError, OSError) as exc:
+        raise UsageError(str(exc)) from None
+    if args.write:
+        env = args.env or sys.prefix
+        target = os.path.join(args.root, env.lstrip("/"), MANIFEST_NAME) \
+            if args.root != "/" else os.path.join(os.path.realpath(env), MANIFEST_NAME)
+        with open(target, "wb") as f:
+            f.write(manifest)
+    if args.manifest:
+        sys.stdout.buffer.write(manifest)
+    else:
+        print(hashlib.sha256(manifest).hexdigest())
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,45 +1,105 @@
-"""Canonical digest of the code that will receive keys.
+"""Code identity: the canonical manifest of every file a trainer process can execute.
 
-Covers every installed file (``.py`` and data files alike) of each project package the trainer
-process imports, excluding ``__pycache__`` directories and ``*.pyc``/``*.pyo`` files, plus the
-interpreter version and the torch version. A one-byte change anywhere gives another digest.
+The **measured code set** of a Python environment (a virtual environment or an installation
+prefix, optionally inside an image directory given as ``root``):
 
-Canonical encoding hashed with SHA-256 (all lengths big-endian)::
+- the interpreter binary (``ENV/bin/python3`` with every link followed) and ``ENV/pyvenv.cfg``;
+- the base installation's ``lib/libpython*`` and its standard library
+  ``BASE/lib/pythonX.Y`` (``lib-dynload`` and bytecode included; its ``site-packages`` and
+  ``dist-packages`` excluded: a virtual environment does not import them), where ``BASE`` is
+  the parent of ``home`` in ``pyvenv.cfg`` (``ENV`` itself without one);
+- every file of the environment's site directory ``ENV/lib/pythonX.Y/site-packages`` (pure
+  Python, bytecode, extension modules, bundled shared libraries, ``.pth`` files, data);
+- every directory a ``.pth`` file of that site directory adds to ``sys.path`` and every
+  package directory an editable-install finder (``__editable___*_finder.py``, setuptools)
+  maps, walked whole.
 
-    b"ct-code-digest/v1\\x00"
-    for each package, in the order given (default: sealed, kms_broker, attest, trainer):
-        BE16 len(name) | name | BE32 number of files (0 when the package is not installed)
-        for each file, sorted by its POSIX path relative to the package directory:
-            BE16 len(path) | path (UTF-8) | BE64 len(content) | content
-    BE16 len(python) | python ("3.11.2")  |  BE16 len(torch) | torch ("2.13.0" or "none")
+Walks do not follow directory links; a link is measured as its target text, and the file it
+points to is measured in its own right where it lies in the set. Paths are the absolute paths
+the trainer sees at run time (``root`` is stripped), every link inside them resolved.
 
-A symbolic link is hashed as ``b"symlink:" || target path`` in place of content: retargeting
-it changes the digest, and the file it points to is hashed in its own right when it lies in a
-package. (Installed packages hold no links; an editable checkout may.)
+**Manifest** (UTF-8 text, what ``attest code-digest --write`` stores as
+``ENV/ct-code-manifest``)::
+
+    b"ct-code-manifest/v1\\n"
+    one line per entry, sorted by the UTF-8 bytes of PATH, each ending in b"\\n":
+        b"F\\t" SHA256-HEX(64, lowercase) b"\\t" SIZE(decimal ASCII) b"\\t" PATH    a file
+        b"L\\t" TARGET b"\\t" PATH                                                a link
+
+A path or link target holding a tab, a newline or bytes that are not UTF-8 cannot be measured
+(:class:`CodeSetError`). The manifest file itself is not an entry.
+
+**Code digest** = SHA-256 over the manifest bytes, lowercase hex. Two environments that
+differ in any byte of any file of the set (another torch build, one edited numpy file, a
+planted ``.pyc``, an added ``.pth``) give different digests.
+
+Cost: hashing is the cost (about 2 GB for a CPU torch environment with its standard library).
+:func:`hash_file` remembers, for the life of the process only, a file's hash under its
+``(st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)``: any write changes ``st_ctime_ns``,
+so a remembered hash never stands for edited bytes, and nothing is ever read back from disk.
+The trainer does not walk the set at all: it attests the stored manifest and checks, lazily,
+each file it executes against it (``trainer.guard``).
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
-import importlib.metadata
-import importlib.util
-import platform
-import struct
+import os
+import stat
+import sys
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["PROJECT_PACKAGES", "CodeDigest", "code_digest", "installed_package_dirs"]
+__all__ = [
+    "MANIFEST_HEADER",
+    "MANIFEST_NAME",
+    "PROJECT_PACKAGES",
+    "CodeDigest",
+    "CodeSetError",
+    "Entry",
+    "code_digest",
+    "encode_manifest",
+    "entry_of",
+    "environment_manifest",
+    "hash_file",
+    "index_manifest",
+    "parse_manifest",
+]
 
 PROJECT_PACKAGES = ("sealed", "kms_broker", "attest", "trainer")
-DOMAIN = b"ct-code-digest/v1\x00"
-_EXCLUDED_SUFFIXES = (".pyc", ".pyo")
-_CHUNK = 1 << 20
+MANIFEST_HEADER = b"ct-code-manifest/v1\n"
+MANIFEST_NAME = "ct-code-manifest"
+MAX_MANIFEST_BYTES = 64 << 20
+_MAX_LINKS = 40
+
+
+class CodeSetError(ValueError):
+    """An environment or manifest that cannot be measured or parsed (names the path)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    kind: str  # "F" file or "L" link
+    path: str
+    sha256: str = ""  # F
+    size: int = 0  # F
+    target: str = ""  # L
+
+    def line(self) -> bytes:
+        for text in (self.path, self.target):
+            if "\t" in text or "\n" in text:
+                raise CodeSetError(f"{text!r}: a tab or newline in a path cannot be measured")
+        if self.kind == "F":
+            return f"F\t{self.sha256}\t{self.size}\t{self.path}\n".encode()
+        return f"L\t{self.target}\t{self.path}\n".encode()
 
 
 @dataclass(frozen=True, slots=True)
 class CodeDigest:
-    digest: str  # hex SHA-256
+    digest: str  # hex SHA-256 of the manifest
     python_version: str
     torch_version: str
     files: int
@@ -52,74 +112,313 @@ class CodeDigest:
         }
 
 
-def installed_package_dirs(packages: Iterable[str] = PROJECT_PACKAGES) -> dict[str, Path | None]:
-    """Where each package is installed (without importing it); None when absent."""
-    out: dict[str, Path | None] = {}
-    for name in packages:
-        spec = importlib.util.find_spec(name)
-        locations = list(spec.submodule_search_locations or []) if spec else []
-        out[name] = Path(locations[0]) if locations else None
+# hashing -------------------------------------------------------------------------------------
+_memo: dict[tuple[int, int, int, int, int], str] = {}
+_memo_lock = threading.Lock()
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def hash_file(path: str | os.PathLike[str]) -> tuple[str, int]:
+    """(SHA-256 hex, size) of a regular file; remembered in-process under its stat key."""
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        key = _stat_key(st)
+        with _memo_lock:
+            known = _memo.get(key)
+        if known is not None:
+            return known, st.st_size
+        digest = hashlib.file_digest(f, "sha256").hexdigest()  # type: ignore[arg-type]
+        if _stat_key(os.fstat(f.fileno())) != key:
+            raise CodeSetError(f"{path}: changed while it was hashed")
+    with _memo_lock:
+        _memo[key] = digest
+    return digest, st.st_size
+
+
+def hash_bytes_of(path: str) -> tuple[bytes, str]:
+    """The bytes of ``path`` and their SHA-256: a caller that executes them uses these bytes,
+    so what was checked is what runs."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+# the set ---------------------------------------------------------------------------------------
+class _Image:
+    """Paths inside an image directory ``root`` (``/`` for the running system)."""
+
+    def __init__(self, root: str | os.PathLike[str] = "/") -> None:
+        self.root = os.path.realpath(root)
+
+    def host(self, path: str) -> str:
+        return path if self.root == "/" else self.root + path
+
+    def runtime(self, host_path: str) -> str:
+        if self.root == "/":
+            return host_path
+        rel = os.path.relpath(host_path, self.root)
+        return "/" + ("" if rel == "." else rel)
+
+    def resolve(self, path: str) -> str:
+        """The run-time path of ``path`` with every link followed inside the image."""
+        if self.root == "/":
+            return os.path.realpath(path)
+        parts = [p for p in path.split("/") if p]
+        done: list[str] = []
+        hops = 0
+        while parts:
+            part = parts.pop(0)
+            if part == "..":
+                if done:
+                    done.pop()
+                continue
+            if part == ".":
+                continue
+            candidate = self.host("/" + "/".join([*done, part]))
+            if os.path.islink(candidate):
+                hops += 1
+                if hops > _MAX_LINKS:
+                    raise CodeSetError(f"{path}: too many levels of links")
+                target = os.readlink(candidate)
+                parts = [p for p in target.split("/") if p] + parts
+                if target.startswith("/"):
+                    done = []
+                continue
+            done.append(part)
+        return "/" + "/".join(done)
+
+
+def _decode(raw: bytes) -> str:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise CodeSetError(f"{raw!r}: a path that is not UTF-8 cannot be measured") from None
+
+
+def _walk(image: _Image, runtime_dir: str, excluded: set[str], out: dict[str, Entry]) -> None:
+    top = image.host(runtime_dir).encode()
+    for directory, dirs, files in os.walk(top, followlinks=False):
+        keep = []
+        for d in dirs:
+            full = os.path.join(directory, d)
+            run = image.runtime(_decode(full))
+            if run in excluded:
+                continue
+            if os.path.islink(full):
+                files.append(d)
+                continue
+            keep.append(d)
+        dirs[:] = sorted(keep)
+        for name in files:
+            full = os.path.join(directory, name)
+            run = image.runtime(_decode(full))
+            if run in excluded or run in out:
+                continue
+            st = os.lstat(full)
+            if stat.S_ISLNK(st.st_mode):
+                out[run] = Entry("L", run, target=_decode(os.readlink(full)))
+            elif stat.S_ISREG(st.st_mode):
+                digest, size = hash_file(full)
+                out[run] = Entry("F", run, sha256=digest, size=size)
+
+
+def _add_file(image: _Image, runtime_path: str, out: dict[str, Entry]) -> None:
+    real = image.resolve(runtime_path)
+    host = image.host(real)
+    if real not in out and os.path.isfile(host):
+        digest, size = hash_file(host)
+        out[real] = Entry("F", real, sha256=digest, size=size)
+
+
+def _pyvenv_home(image: _Image, env: str) -> str | None:
+    cfg = image.host(env + "/pyvenv.cfg")
+    if not os.path.isfile(cfg):
+        return None
+    for line in Path(cfg).read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == "home":
+            return value.strip()
+    raise CodeSetError(f"{cfg}: no `home =` line")
+
+
+def _stdlib(image: _Image, base: str) -> str:
+    lib = image.host(base + "/lib")
+    found = sorted(name for name in (os.listdir(lib) if os.path.isdir(lib) else [])
+                   if name.startswith("python3") and os.path.isfile(f"{lib}/{name}/os.py"))
+    if len(found) != 1:
+        raise CodeSetError(f"{lib}: expected one standard library (pythonX.Y/os.py), "
+                           f"found {found or 'none'}")
+    return image.resolve(f"{base}/lib/{found[0]}")
+
+
+def _site_dirs(image: _Image, env: str, stdlib: str, is_venv: bool) -> list[str]:
+    name = os.path.basename(stdlib)
+    if not is_venv:
+        return [stdlib + "/site-packages"] if os.path.isdir(image.host(stdlib + "/site-packages")) \
+            else []
+    candidate = image.resolve(f"{env}/lib/{name}/site-packages")
+    return [candidate] if os.path.isdir(image.host(candidate)) else []
+
+
+def _pth_dirs(image: _Image, site: str) -> list[str]:
+    """Directories the site directory's .pth files add (setuptools' editable finders too)."""
+    out: list[str] = []
+    host_site = image.host(site)
+    for name in sorted(os.listdir(host_site)):
+        path = os.path.join(host_site, name)
+        if name.endswith(".pth") and os.path.isfile(path):
+            for line in Path(path).read_text(errors="replace").splitlines():
+                line = line.strip()
+                if not line or line.startswith(("#", "import ", "import\t")):
+                    continue
+                target = image.resolve(os.path.join(site, line))
+                if os.path.isdir(image.host(target)):
+                    out.append(target)
+        elif name.startswith("__editable__") and name.endswith("_finder.py"):
+            out += _editable_mapping(image, path)
     return out
 
 
-def _torch_version() -> str:
-    try:
-        return importlib.metadata.version("torch")
-    except importlib.metadata.PackageNotFoundError:
-        return "none"
+def _editable_mapping(image: _Image, finder: str) -> list[str]:
+    tree = ast.parse(Path(finder).read_text())
+    for node in tree.body:
+        target = getattr(node, "target", None)
+        if isinstance(node, ast.AnnAssign | ast.Assign) and node.value is not None:
+            names = [target] if target is not None else getattr(node, "targets", [])
+            if any(isinstance(n, ast.Name) and n.id == "MAPPING" for n in names):
+                mapping = ast.literal_eval(node.value)
+                return [image.resolve(str(v)) for v in mapping.values()]
+    return []
 
 
-def _files(directory: Path) -> list[tuple[str, Path]]:
-    root = directory.resolve()
-    found = []
-    for path in root.rglob("*"):
-        rel = path.relative_to(root)
-        if "__pycache__" in rel.parts or path.suffix in _EXCLUDED_SUFFIXES:
-            continue
-        if path.is_file() or path.is_symlink():
-            found.append((rel.as_posix(), path))
-    found.sort(key=lambda item: item[0].encode())
-    return found
+def environment_manifest(
+    env: str | os.PathLike[str] | None = None, *, root: str | os.PathLike[str] = "/"
+) -> bytes:
+    """The canonical manifest (see module doc) of the environment ``env`` (default: this
+    interpreter's ``sys.prefix``), inside the image directory ``root``."""
+    image = _Image(root)
+    if env is None:
+        env_path = image.runtime(os.path.realpath(sys.prefix)) if image.root == "/" else "/"
+    else:
+        env_path = str(env)
+        if not env_path.startswith("/"):
+            raise CodeSetError(f"{env}: the environment must be an absolute path")
+    env_path = image.resolve(env_path)
+    if not os.path.isdir(image.host(env_path)):
+        raise CodeSetError(f"{image.host(env_path)}: no such environment directory")
+    home = _pyvenv_home(image, env_path)
+    base = os.path.dirname(image.resolve(home)) if home else env_path
+    stdlib = _stdlib(image, base)
+    out: dict[str, Entry] = {}
+    manifest_path = env_path + "/" + MANIFEST_NAME
+    for exe in ("python3", "python"):
+        if os.path.lexists(image.host(f"{env_path}/bin/{exe}")):
+            _add_file(image, f"{env_path}/bin/{exe}", out)
+            break
+    else:
+        raise CodeSetError(f"{image.host(env_path)}/bin: no python3 interpreter")
+    _add_file(image, env_path + "/pyvenv.cfg", out)
+    lib = image.host(base + "/lib")
+    for name in sorted(os.listdir(lib)):
+        if name.startswith("libpython"):
+            full = os.path.join(lib, name)
+            run = image.runtime(full)
+            if os.path.islink(full):
+                out[run] = Entry("L", run, target=os.readlink(full))
+            elif os.path.isfile(full):
+                _add_file(image, run, out)
+    sites = _site_dirs(image, env_path, stdlib, home is not None)
+    excluded = {stdlib + "/site-packages", stdlib + "/dist-packages", manifest_path}
+    _walk(image, stdlib, excluded, out)
+    extra: list[str] = []
+    for site in sites:
+        _walk(image, site, {manifest_path}, out)
+        extra += _pth_dirs(image, site)
+    for directory in extra:
+        _walk(image, directory, {manifest_path}, out)
+    return encode_manifest(out.values())
 
 
-def _hash_file(h: hashlib._Hash, rel: str, path: Path) -> None:
-    name = rel.encode()
-    h.update(struct.pack(">H", len(name)) + name)
-    if path.is_symlink():
-        target = b"symlink:" + str(path.readlink()).encode()
-        h.update(struct.pack(">Q", len(target)) + target)
-        return
-    size = path.stat().st_size
-    h.update(struct.pack(">Q", size))
-    with open(path, "rb") as f:
-        read = 0
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-            read += len(chunk)
-    if read != size:
-        raise OSError(f"{rel} changed while it was hashed")
+def encode_manifest(entries: Iterable[Entry]) -> bytes:
+    ordered = sorted(entries, key=lambda e: e.path.encode())
+    return MANIFEST_HEADER + b"".join(e.line() for e in ordered)
+
+
+def parse_manifest(data: bytes) -> dict[str, Entry]:
+    """Entries by path; a manifest that is not canonical is refused (:class:`CodeSetError`)."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise CodeSetError(f"code manifest larger than {MAX_MANIFEST_BYTES} bytes")
+    if not data.startswith(MANIFEST_HEADER):
+        raise CodeSetError("code manifest: bad header (expected ct-code-manifest/v1)")
+    entries: dict[str, Entry] = {}
+    body = data[len(MANIFEST_HEADER):]
+    if body and not body.endswith(b"\n"):
+        raise CodeSetError("code manifest: the last line does not end in a newline")
+    last = b""
+    for number, raw in enumerate(body.split(b"\n")[:-1] if body else [], start=2):
+        fields = raw.split(b"\t")
+        try:
+            if fields[0] == b"F" and len(fields) == 4 and len(fields[1]) == 64:
+                if fields[1] != fields[1].lower():
+                    raise ValueError
+                int(fields[1], 16)
+                entry = Entry("F", fields[3].decode(), sha256=fields[1].decode(),
+                              size=int(fields[2]))
+            elif fields[0] == b"L" and len(fields) == 3:
+                entry = Entry("L", fields[2].decode(), target=fields[1].decode())
+            else:
+                raise ValueError
+        except (ValueError, UnicodeDecodeError):
+            raise CodeSetError(f"code manifest line {number}: malformed") from None
+        key = entry.path.encode()
+        if key <= last or entry.line() != raw + b"\n":
+            raise CodeSetError(f"code manifest line {number}: not canonical (order or form)")
+        last = key
+        entries[entry.path] = entry
+    return entries
+
+
+def index_manifest(data: bytes) -> dict[str, bytes]:
+    """Each path's line, for looking entries up at run time without the cost of
+    :func:`parse_manifest`'s checks: the digest covers the bytes, so a manifest that is not
+    canonical only gives a digest that no tenant computed. :func:`entry_of` reads a line."""
+    if len(data) > MAX_MANIFEST_BYTES or not data.startswith(MANIFEST_HEADER):
+        raise CodeSetError("code manifest: bad header or too large")
+    lines = data[len(MANIFEST_HEADER):].split(b"\n")
+    return {line.rpartition(b"\t")[2].decode(errors="surrogateescape"): line
+            for line in lines if line}
+
+
+def entry_of(line: bytes) -> Entry | None:
+    """The file entry of one manifest line (None for a link or a malformed line)."""
+    fields = line.split(b"\t")
+    if len(fields) != 4 or fields[0] != b"F" or not fields[2].isdigit():
+        return None
+    return Entry("F", fields[3].decode(errors="surrogateescape"), sha256=fields[1].decode(),
+                 size=int(fields[2]))
+
+
+def _torch_version(manifest: Mapping[str, Entry]) -> str:
+    for path in manifest:
+        if path.endswith("/torch/version.py"):
+            for line in Path(path).read_text(errors="replace").splitlines():
+                if line.startswith("__version__"):
+                    return line.split("=", 1)[1].strip().strip("'\"")
+    return "none"
 
 
 def code_digest(
-    package_dirs: Mapping[str, Path | None] | None = None,
-    *,
-    python_version: str | None = None,
-    torch_version: str | None = None,
+    env: str | os.PathLike[str] | None = None, *, root: str | os.PathLike[str] = "/"
 ) -> CodeDigest:
-    """Digest of the installed project packages (or of ``package_dirs``, name -> directory)."""
-    dirs = installed_package_dirs() if package_dirs is None else package_dirs
-    py = python_version or platform.python_version()
-    torch = torch_version or _torch_version()
-    h = hashlib.sha256(DOMAIN)
-    total = 0
-    for name, directory in dirs.items():
-        encoded = name.encode()
-        files = _files(Path(directory)) if directory is not None else []
-        h.update(struct.pack(">H", len(encoded)) + encoded + struct.pack(">I", len(files)))
-        for rel, path in files:
-            _hash_file(h, rel, path)
-        total += len(files)
-    for value in (py, torch):
-        v = value.encode()
-        h.update(struct.pack(">H", len(v)) + v)
-    return CodeDigest(h.hexdigest(), py, torch, total)
+    """Measure the environment (default: this interpreter's) and digest its manifest."""
+    manifest = environment_manifest(env, root=root)
+    entries = parse_manifest(manifest)
+    return CodeDigest(
+        digest=hashlib.sha256(manifest).hexdigest(),
+        python_version=".".join(map(str, sys.version_info[:3])),
+        torch_version=_torch_version(entries) if root == "/" else "none",
+        files=len(entries),
+    )

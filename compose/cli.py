@@ -1,13 +1,15 @@
 """``python -m compose up|down|ps|logs``: run docker-compose.yml for people.
 
-Without a Docker engine, ``up`` runs the services as local processes in the foreground:
-it starts them in dependency order, prints their health, follows their logs (each line
-prefixed with the service name) and, on Ctrl-C, once every service has exited, or when the
-``--exit-code-from`` service exits (its status becomes ours), stops everything and wipes the
-run directory. Run from a source checkout, the services get it on PYTHONPATH, as the image
-would have the project installed. While it runs, ``ps``, ``logs`` and ``down`` work
-from another terminal through ``RUN_DIR/state.json`` (run id, service states, pids; no
-secrets). With an engine, each command is handed to ``docker compose``.
+Without a Docker engine, ``up`` runs the services as local processes in the foreground: it
+starts them in dependency order, prints their health, follows their logs (each line prefixed
+with the service name) and, on Ctrl-C, once every service has exited, or when the
+``--exit-code-from`` service exits (its status becomes ours), stops everything and wipes the run
+directory. The services run from a measured environment built in the run directory
+(compose/image.py: the project installed as the image holds it, with its code manifest, its
+``bin`` first on PATH), so ``trainer --attest`` runs as it would in the image. While it
+runs, ``ps``, ``logs`` and ``down`` work from another terminal through
+``RUN_DIR/state.json`` (run id, service states, pids; no secrets). With an engine, each
+command is handed to ``docker compose``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 from compose.docker import compose_base_argv
 from compose.errors import ComposeError
 from compose.harness import docker_engine_available
+from compose.image import build_image_environment, image_environment_variables
 from compose.local import LocalHarness
 from compose.proctree import kill_all
 from compose.spec import load_project, read_env_file
@@ -142,20 +145,15 @@ def _read_state(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def _image_env() -> dict[str, str]:
-    """Run from a source checkout, the services' Python must find this package (for
-    ``python -m compose.probe`` healthchecks) as it would in the image."""
-    source_root = Path(__file__).resolve().parents[1]
-    if (source_root / "pyproject.toml").exists():
-        return {"PYTHONPATH": str(source_root)}
-    return {}
-
-
 def _up(args: argparse.Namespace, compose_file: Path, run_dir: Path) -> int:
+    # The image the services run from: a measured environment in the run directory
+    # (compose/image.py), so `trainer --attest` finds its code manifest; down() removes it.
+    image = run_dir / "image"
     harness = LocalHarness(
         compose_file, run_dir, variables=_variables(compose_file), profiles=args.profile,
-        image_env=_image_env(),
+        image_env=image_environment_variables(image),
     )
+    build_image_environment(image)
     if args.exit_code_from is not None and args.exit_code_from not in harness.enabled:
         raise ComposeError(f"--exit-code-from: no enabled service {args.exit_code_from!r}")
     stopping = threading.Event()

@@ -16,12 +16,13 @@ under Docker, ``127.0.0.1`` here (CT_HOST). Listen addresses use ``${CT_HOST:-0.
 Ports must differ between services (they share one network namespace here); make them
 variables (``${PROVIDER_BROKER_PORT:-50051}``) so that tests can pass free ports.
 
-Process environment: only what the compose file gives (env_file, environment) plus PATH
-(the harness's Python first, as the image's would be), HOME and TMPDIR under
-``RUN/roots/<service>/.ct``, LANG, ``image_env`` (what an image would set, for example
-PYTHONPATH), and the run marker ``CT_COMPOSE_ID`` (see ``compose.proctree``). The harness's
-own environment is not passed through, as a container would not see it. Logs: each
-service's stdout and stderr go to ``RUN/logs/<service>.log``, across restarts.
+Process environment: only what the compose file gives (env_file, environment) plus PATH (the
+harness's Python first, as the image's would be), HOME and TMPDIR under
+``RUN/roots/<service>/.ct``, LANG, ``image_env`` (what an image would set, for example PATH
+with a measured environment's ``bin`` first: compose/image.py), and the run marker
+``CT_COMPOSE_ID`` (see ``compose.proctree``). The harness's own environment is not passed
+through, as a container would not see it. Logs: each service's stdout and stderr go to
+``RUN/logs/<service>.log``, across restarts.
 
 Not enforced here, documented: read-only mounts, resource limits, the image, users and
 network isolation. The healthcheck runs as a host process with the service's environment
@@ -104,7 +105,7 @@ class LocalHarness:
     ``variables`` are what ``${VAR}`` sees (default: this process's environment); the
     harness adds CT_HOST and, per service, CT_ROOT. ``run_dir`` must not exist or be empty:
     ``down()`` deletes it. ``image_env`` stands for the environment an image would set (for
-    example PYTHONPATH for a source checkout that is not installed); the compose file's own
+    example compose.image.image_environment_variables); the compose file's own
     environment comes after it.
     """
 

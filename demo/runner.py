@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from compose import ComposeError, LocalHarness, ServiceFailed, open_harness
+from compose.image import build_image_environment, image_environment_variables
 from compose.ports import free_port_pairs
 from demo.report import progress_line
 
@@ -56,16 +57,6 @@ class Settings:
             raise ValueError("mode must be auto, local or docker")
 
 
-def _freeze_code(directory: Path) -> Path:
-    """A copy of the project's packages that the services import (PYTHONPATH), as an image
-    would hold them: edits to the checkout during the run cannot change the trainer code
-    digest between the tenant's approval and the nodes' attestation."""
-    for package in PACKAGES:
-        shutil.copytree(REPO / package, directory / package,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    return directory
-
-
 @dataclass
 class DemoRun:
     settings: Settings
@@ -94,10 +85,10 @@ class DemoRun:
             "LEASE_TTL_MS": str(self.settings.lease_ttl_ms),
         }
         try:
-            image = _freeze_code(self.directory / "image")
+            image = build_image_environment(self.directory / "image")
             self.harness = open_harness(
                 COMPOSE_FILE, self.directory / "compose", mode=self.settings.mode,  # type: ignore[arg-type]
-                variables=self.variables, image_env={"PYTHONPATH": str(image)},
+                variables=self.variables, image_env=image_environment_variables(image),
             )
         except (OSError, ComposeError) as exc:
             shutil.rmtree(self.directory, ignore_errors=True)

@@ -5,12 +5,15 @@ boundary): ``kms_broker.client.KeyClient`` makes a one-time P-256 key per broker
 challenge from every broker at once; one piece of evidence covers every broker's
 ``expected_report_data(nonce, session_id, node_public_key)``; it attests, releases, opens the
 sealed shares and derives the DEK (shares zeroed). Evidence is a TPM 2.0 quote: the node's
-hardening facts and the digest of the trainer code (``attest.tpm2.agent``) are measured into
-the application PCR and quoted with the enrolled AK (or, with ``attestation.evidence:
-composite``, a CPU TEE report and one report per GPU). The local ranks of a job share one quote
-(:mod:`trainer.quote_batch`: whichever rank holds the TPM lock quotes once over every waiting
-rank's sessions), because the TPM runs one command at a time and measuring resets and extends
-one PCR.
+hardening facts, the code identity (``trainer.guard``: the digest of the measured code set,
+checked against every mapped library before the first broker is contacted and before every
+renewal) and the job identity (``trainer.job_identity``: ``job.digest``, ``job.model``, ...)
+are measured into the application PCR (``attest.tpm2.agent``) and quoted with the enrolled
+AK (or, with ``attestation.evidence: composite``, a CPU TEE report and one report per GPU).
+The local ranks of a job share one quote (:mod:`trainer.quote_batch`: whichever rank holds
+the batch lock quotes once over every waiting rank's sessions), because the TPM runs one
+command at a time and measuring resets and extends one PCR; a direct call of
+:meth:`AttestedKeySource.evidence_for` takes turns at the TPM under an ``flock``.
 
 Lease: a background thread renews every lease (re-attesting) once half of it has run out; a
 refusal (permission denied, lease or grant gone) revokes the handle, so the trainer shreds
@@ -31,6 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from trainer.guard import CodeIdentityRefused
+from trainer.job_identity import job_claims
 from trainer.keysource import AttestationDenied, KeyHandle, KeySourceUnavailable
 
 if TYPE_CHECKING:
@@ -73,6 +78,7 @@ class AttestedKeySource:
         self._client: Any = None
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
+        self._code: dict[str, str] | None = None
 
     # evidence -------------------------------------------------------------------------------
     def evidence_for(self, report_data: bytes) -> tuple[str, bytes]:
@@ -83,6 +89,7 @@ class AttestedKeySource:
             return self._evidence_for(report_data)
         assert self._config.attestation is not None
         if self._config.attestation.evidence == "composite":
+            self._code_claims()  # the guard's checks again, though TEE reports carry no claims
             from attest.nvidia.nvml import NvmlUnavailable
             from attest.tee_collect import TeeUnavailable, collect_composite
 
@@ -91,14 +98,15 @@ class AttestedKeySource:
             except (NvmlUnavailable, TeeUnavailable) as exc:
                 raise KeySourceUnavailable(f"no composite evidence on this node: {exc}") \
                     from None
-        from attest.tpm2.agent import collect_evidence
+        from attest.tpm2.agent import collect_evidence, node_claims
 
         tcti = self._config.attestation.tcti
+        claims = node_claims(code=self._code_claims(), extra=job_claims(self._config))
         # every process using this TPM takes turns: measuring resets and extends one PCR
         with open(_tpm_lock_path(tcti), "a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                return "tpm2", collect_evidence(tcti, report_data)
+                return "tpm2", collect_evidence(tcti, report_data, claims)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -108,8 +116,26 @@ class AttestedKeySource:
 
         assert self._config.attestation is not None
         expected = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-        return QuoteBatcher(batch_directory(self._config.attestation.tcti, self._config.job_id),
-                            self.evidence_for, expected=expected)
+        batcher = QuoteBatcher(batch_directory(self._config.attestation.tcti,
+                                               self._config.job_id),
+                               self.evidence_for, expected=expected)
+
+        def evidence_for_set(items: Any) -> Any:
+            # every rank runs its own code-identity check (the guard), even when another
+            # rank's quote serves it
+            self._code_claims()
+            return batcher(items)
+
+        return evidence_for_set
+
+    def _code_claims(self) -> dict[str, str]:
+        """Code identity (trainer/guard.py): under the guard, every mapped library is
+        checked again on each call (renewals too); without it, measured once in full."""
+        from trainer import guard
+
+        if guard.active() or self._code is None:
+            self._code = guard.code_claims()
+        return self._code
 
     # key -----------------------------------------------------------------------------------
     def acquire(self) -> KeyHandle:
@@ -117,6 +143,8 @@ class AttestedKeySource:
         from kms_broker.rpc import BrokerEndpoint, BrokerRpcError, PermissionDeniedError
 
         config = self._config
+        if self._evidence_for is None:
+            self._code_claims()  # refuses (CodeIdentityRefused) before any broker is asked
         try:
             endpoints = [
                 BrokerEndpoint.from_files(b.address, ca=Path(b.ca), cert=Path(b.cert),
@@ -173,6 +201,9 @@ class AttestedKeySource:
                 new_expiry = self._client.renew() / 1000.0
             except (PermissionDeniedError, NotFoundError) as exc:
                 handle.revoke(f"lease renewal refused: {exc}")
+                return
+            except CodeIdentityRefused as exc:  # unmeasured code mapped since the last check
+                handle.revoke(f"code identity refused: {exc}")
                 return
             except UnavailableError as exc:
                 log.warning("lease renewal failed (%s); retrying until the lease expires", exc)

@@ -6,10 +6,11 @@
     trainer validate --job JOB.yaml          check a job file and print what it would run
 
 Exit codes: 0 ok, 1 failure, 2 usage or invalid job file, 3 key revoked (or lease expired),
-4 attestation denied, 128 + N when stopped by signal N (143 SIGTERM, 130 SIGINT, 129 SIGHUP,
-131 SIGQUIT), after shredding. Under torchrun each worker exits that way; torchrun itself
-forwards the signal to its workers, waits for them and exits 1 (torch elastic's own status);
-``python -m trainer.launch`` (the same agent, used by deploy/bin/node.py) exits 128 + N.
+4 attestation denied, 5 code identity refused (trainer/guard.py), 128 + N when stopped by
+signal N (143 SIGTERM, 130 SIGINT, 129 SIGHUP, 131 SIGQUIT), after shredding. Under torchrun
+each worker exits that way; torchrun itself forwards the signal to its workers, waits for
+them and exits 1 (torch elastic's own status); ``python -m trainer.launch`` (the same agent,
+used by deploy/bin/node.py) exits 128 + N.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ commands:
   validate    load and validate --job, print a summary, get no keys
 
 exit codes: 0 ok, 1 failure, 2 usage / invalid job, 3 key revoked, 4 attestation denied,
+            5 code identity refused (something outside the measured code set would run),
             143 SIGTERM, 130 SIGINT, 129 SIGHUP, 131 SIGQUIT (128 + N, after shredding;
             under torchrun for each worker, and for `python -m trainer.launch` itself)
 """
@@ -107,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     signals.start()  # the console script's first act: mask before any thread (trainer/signals.py)
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.attest and args.command == "train":
+        refused = _enter_code_guard()
+        if refused is not None:
+            return refused
     setup_logging(args.log_level)
     if args.command == "check":
         return _check()
@@ -129,13 +135,39 @@ def main(argv: list[str] | None = None) -> int:
     if unmeasured:
         print(f"trainer: refusing to train: {unmeasured}", file=sys.stderr)
         return EXIT_USAGE
+    refused = _enter_code_guard(config.model.name.partition(":")[0]
+                                if ":" in config.model.name else None)
+    if refused is not None:
+        return refused
     return _train(config, args.node_id)
 
 
+def _enter_code_guard(model_module: str | None = None) -> int | None:
+    """Under --attest only measured code runs (trainer/guard.py); a refusal exits 5 before
+    any broker is asked for anything. ``model_module``: the job's model factory, checked
+    against the measured set before any key is requested."""
+    from trainer.guard import (
+        EXIT_CODE_IDENTITY,
+        CodeIdentityRefused,
+        enter,
+        require_measured_module,
+    )
+
+    try:
+        enter()
+        if model_module:
+            require_measured_module(model_module)
+    except CodeIdentityRefused as exc:
+        print(f"trainer: code identity refused: {exc}", file=sys.stderr)
+        return EXIT_CODE_IDENTITY
+    return None
+
+
 def _unmeasured_model_code(name: str) -> str | None:
-    """A model factory runs inside the process that holds the dataset key, so with --attest
-    it must come from code the attestation measured (the code digest covers the project's
-    packages, not the job file or other installed modules)."""
+    """A model factory runs inside the process that holds the dataset key and is named by the
+    job file, so with --attest it must be a module of a project package: any measured
+    callable (``subprocess:run``) would otherwise be one job file away. The guard then checks
+    the module itself against the measured code set (``_enter_code_guard``)."""
     from attest.code_digest import PROJECT_PACKAGES
 
     module, sep, _ = name.partition(":")
@@ -151,6 +183,7 @@ def _unmeasured_model_code(name: str) -> str | None:
 
 def _train(config: JobConfig, node_id: str | None) -> int:
     from trainer.attested import AttestedKeySource
+    from trainer.guard import EXIT_CODE_IDENTITY, CodeIdentityRefused
     from trainer.keysource import AttestationDenied, KeySourceUnavailable
     from trainer.train import HardeningFailed, run_job
 
@@ -161,6 +194,9 @@ def _train(config: JobConfig, node_id: str | None) -> int:
     except HardeningFailed as exc:
         print(f"trainer: refusing to start: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except CodeIdentityRefused as exc:
+        print(f"trainer: code identity refused: {exc}", file=sys.stderr)
+        return EXIT_CODE_IDENTITY
     except AttestationDenied as exc:
         reasons = "".join(f"\n  - {r}" for r in exc.reasons)
         print(f"trainer: attestation denied: {exc}{reasons}", file=sys.stderr)

@@ -1,15 +1,18 @@
-"""Node agent: gather claims (hardening facts + code digest), measure them, quote them.
+"""Node agent: gather claims (hardening facts, code identity, job identity), measure, quote.
 
 The composition the trainer calls with the broker's challenge::
 
     report_data = expected_report_data(nonce, session_id, node_public_key)
-    evidence = collect_evidence("device:/dev/tpmrm0", report_data)   # bytes for Attest()
+    claims = node_claims(code=guard_code_claims, extra=job_claims)
+    evidence = collect_evidence("device:/dev/tpmrm0", report_data, claims)   # for Attest()
+
+Without ``code``, the code identity is measured here in full (``attest.code_digest``) over the
+environment ``env`` (default: this interpreter's).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from attest.code_digest import code_digest
@@ -21,11 +24,17 @@ __all__ = ["collect_evidence", "node_claims"]
 
 
 def node_claims(
-    source: HostSource | None = None, package_dirs: Mapping[str, Path | None] | None = None
+    source: HostSource | None = None,
+    env: str | None = None,
+    *,
+    code: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Hardening facts plus ``code_digest``, ``python_version`` and ``torch_version``."""
+    """Hardening facts, ``code_digest`` (with ``python_version`` and ``torch_version``) and
+    ``extra`` claims (the trainer's ``job.*``)."""
     claims = collect_facts(source)
-    claims.update(code_digest(package_dirs).claims())
+    claims.update(code if code is not None else code_digest(env).claims())
+    claims.update(extra or {})
     return claims
 
 

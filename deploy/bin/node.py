@@ -63,16 +63,21 @@ def main(argv: list[str] | None = None) -> int:
     job_file = home / "job.yaml"
     job_file.write_text(job)
     (home / "trainer.pid").write_text(f"{os.getpid()}\n")
-    trainer = ["-m", "trainer", "--attest", "--job", str(job_file), "--node-id", args.node]
+    # -I (isolated): no PYTHON* variable, user site or current directory reaches the trainer
+    # from its first instruction, and -B: it writes no bytecode into the measured image;
+    # torchrun starts each worker the same way (--no-python), so every process that receives
+    # a key runs only measured code (trainer/guard.py).
+    trainer = [sys.executable, "-I", "-B", "-m", "trainer", "--attest", "--job", str(job_file),
+               "--node-id", args.node]
     if args.nnodes > 1:
         host, _, port = args.master.rpartition(":")
         argv_exec = [
-            sys.executable, "-m", "trainer.launch", "--nnodes", str(args.nnodes),
+            sys.executable, "-I", "-B", "-m", "trainer.launch", "--nnodes", str(args.nnodes),
             "--node-rank", str(args.rank), "--nproc-per-node", "1", "--master-addr", host,
-            "--master-port", port, *trainer,
+            "--master-port", port, "--no-python", *trainer,
         ]
     else:
-        argv_exec = [sys.executable, *trainer]
+        argv_exec = trainer
     print(f"node {args.node}: rank {args.rank}/{args.nnodes}, job {info['job_id']}, "
           f"starting the trainer", flush=True)
     os.execv(sys.executable, argv_exec)  # noqa: S606 - fixed argv, no shell

@@ -2,8 +2,10 @@
 
 1. ``kms-broker tenant init``: its Ed25519 signing key (kept in the ``tenant`` volume).
 2. ``kms-broker tenant register`` at both brokers (one share each: dual control).
-3. The release policy: ``/policies/dev-swtpm.yaml`` with the trainer code digest that
-   ``attest collect`` reports for this image allowed, ``kms-broker policy put`` at both.
+3. The release policy: ``/policies/dev-swtpm.yaml`` with the code digest of this image
+   allowed (``attest code-digest`` over the image's environment: computed offline, the
+   trainer is not run) and the job's model pinned (``--job-model``), ``kms-broker policy
+   put`` at both.
 4. ``kms-broker dataset upload``: the sample corpus encrypted into the shared store.
 5. ``kms-broker grant create`` for the job, for ``--max-nodes`` nodes, at both brokers.
 6. Publishes the job description (ids and the manifest's object name, no secret) to
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", required=True, help="plaintext corpus to upload")
     parser.add_argument("--policy", required=True, help="policy YAML to start from")
     parser.add_argument("--broker", action="append", required=True, metavar="HOST:PORT")
+    parser.add_argument("--job-model", default="tiny-gpt",
+                        help="the only model.name the policy lets the job train")
     args = parser.parse_args(argv)
     root = args.root.rstrip("/")
     home = Path(f"{root}/var/lib/tenant")
@@ -58,9 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         _run("kms-broker", "tenant", "init", "--key", str(key))
     _run("kms-broker", "tenant", "register", "--tenant-key", str(key), *who)
 
-    claims = json.loads(_run("attest", "collect", "--json", "--no-gpu", quiet=True))
+    code_digest = _run("attest", "code-digest", quiet=True).strip()
     policy = yaml.safe_load(Path(args.policy).read_text())
-    policy.setdefault("params", {})["allowed_code_digests"] = [claims["code_digest"]]
+    params = policy.setdefault("params", {})
+    params["allowed_code_digests"] = [code_digest]
+    params["allowed_job_models"] = [args.job_model]
     policy_file = home / "policy.yaml"
     policy_file.write_text(yaml.safe_dump(policy, sort_keys=False))
     digests = set(re.findall(r"policy (\S+)", _run("kms-broker", "policy", "put",

@@ -1,102 +1,213 @@
-"""Code digest: canonical over files + versions; any one-byte change gives another digest."""
+"""Code identity: the manifest covers every executable file of an environment; any changed,
+added or removed byte gives another digest; the format is canonical; hashing is never cached
+across an edit."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from attest.code_digest import PROJECT_PACKAGES, code_digest, installed_package_dirs
+from attest.code_digest import (
+    MANIFEST_HEADER,
+    CodeSetError,
+    code_digest,
+    environment_manifest,
+    hash_file,
+    parse_manifest,
+)
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def packages(tmp_path: Path) -> dict[str, Path | None]:
-    trainer = tmp_path / "trainer"
-    (trainer / "sub").mkdir(parents=True)
-    (trainer / "__init__.py").write_text("X = 1\n")
-    (trainer / "sub" / "model.py").write_text("def f():\n    return 2\n")
-    (trainer / "config.yaml").write_text("lr: 0.1\n")
-    (trainer / "__pycache__").mkdir()
-    (trainer / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"compiled")
-    sealed = tmp_path / "sealed"
-    sealed.mkdir()
-    (sealed / "__init__.py").write_text("")
-    return {"sealed": sealed, "trainer": trainer}
+def env(tmp_path: Path) -> Path:
+    """A small virtual environment over a small base installation, both on disk."""
+    base = tmp_path / "base"
+    (base / "bin").mkdir(parents=True)
+    (base / "bin" / "python3.11").write_bytes(b"\x7fELF interpreter")
+    std = base / "lib" / "python3.11"
+    (std / "lib-dynload").mkdir(parents=True)
+    (std / "os.py").write_text("sep = '/'\n")
+    (std / "__pycache__").mkdir()
+    (std / "__pycache__" / "os.cpython-311.pyc").write_bytes(b"bytecode of os")
+    (std / "lib-dynload" / "_ssl.cpython-311-x86_64-linux-gnu.so").write_bytes(b"\x7fELF ssl")
+    (std / "site-packages").mkdir()
+    (std / "site-packages" / "ignored.py").write_text("# not imported by a venv\n")
+    (base / "lib" / "libpython3.11.so.1.0").write_bytes(b"\x7fELF libpython")
+    (base / "lib" / "libpython3.11.so").symlink_to("libpython3.11.so.1.0")
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python3").symlink_to(base / "bin" / "python3.11")
+    (venv / "pyvenv.cfg").write_text(f"home = {base / 'bin'}\ninclude-system-site-packages = "
+                                     "false\n")
+    site = venv / "lib" / "python3.11" / "site-packages"
+    (site / "numpy" / "__pycache__").mkdir(parents=True)
+    (site / "numpy" / "__init__.py").write_text("version = '2'\n")
+    (site / "numpy" / "__pycache__" / "__init__.cpython-311.pyc").write_bytes(b"np bytecode")
+    (site / "numpy" / "_core.cpython-311-x86_64-linux-gnu.so").write_bytes(b"\x7fELF numpy")
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "dep.py").write_text("X = 1\n")
+    (site / "deps.pth").write_text(f"# a comment\n{extra}\nimport os\n")
+    project = tmp_path / "checkout" / "trainer"
+    project.mkdir(parents=True)
+    (project / "__init__.py").write_text("X = 1\n")
+    (site / "__editable___proj_0_1_finder.py").write_text(
+        f"MAPPING: dict[str, str] = {{'trainer': '{project}'}}\n")
+    return venv
 
 
-def digest(dirs, **kw):
-    return code_digest(dirs, python_version="3.11.7", torch_version="2.13.0", **kw).digest
+def digest(env: Path) -> str:
+    return hashlib.sha256(environment_manifest(str(env))).hexdigest()
 
 
-def test_digest_is_stable(packages):
-    assert digest(packages) == digest(packages)
-    assert code_digest(packages, python_version="3.11.7", torch_version="2.13.0").files == 4
+def paths(env: Path) -> set[str]:
+    return set(parse_manifest(environment_manifest(str(env))))
 
 
-@pytest.mark.parametrize("rel", ["__init__.py", "sub/model.py", "config.yaml"])
-def test_one_byte_change_in_any_file_changes_the_digest(packages, rel):
-    before = digest(packages)
-    path = packages["trainer"] / rel
+def test_manifest_lists_every_executable_part_of_the_environment(env: Path, tmp_path: Path):
+    base = tmp_path / "base"
+    site = env / "lib/python3.11/site-packages"
+    listed = paths(env)
+    for path in (
+        base / "bin/python3.11",  # the interpreter, link followed
+        base / "lib/libpython3.11.so.1.0", base / "lib/libpython3.11.so",
+        base / "lib/python3.11/os.py", base / "lib/python3.11/__pycache__/os.cpython-311.pyc",
+        base / "lib/python3.11/lib-dynload/_ssl.cpython-311-x86_64-linux-gnu.so",
+        env / "pyvenv.cfg", site / "numpy/__init__.py",
+        site / "numpy/__pycache__/__init__.cpython-311.pyc",
+        site / "numpy/_core.cpython-311-x86_64-linux-gnu.so", site / "deps.pth",
+        tmp_path / "extra/dep.py",  # a directory a .pth adds
+        tmp_path / "checkout/trainer/__init__.py",  # an editable install's package
+    ):
+        assert str(path) in listed, path
+    # a virtual environment does not import the base installation's site-packages
+    assert str(base / "lib/python3.11/site-packages/ignored.py") not in listed
+
+
+def test_manifest_is_canonical_and_documented(env: Path):
+    data = environment_manifest(str(env))
+    assert data.startswith(MANIFEST_HEADER)
+    lines = data[len(MANIFEST_HEADER):].splitlines()
+    keys = [line.rsplit(b"\t", 1)[1] for line in lines]
+    assert keys == sorted(keys)
+    link = next(line for line in lines if line.startswith(b"L\t"))
+    assert link.endswith(b"/lib/libpython3.11.so") and b"\tlibpython3.11.so.1.0\t" in link
+    f = next(line for line in lines if line.endswith(b"/numpy/__init__.py"))
+    _, sha, size, _ = f.split(b"\t")
+    assert sha.decode() == hashlib.sha256(b"version = '2'\n").hexdigest()
+    assert int(size) == len("version = '2'\n")
+    assert parse_manifest(data)  # round trip
+    assert digest(env) == digest(env)
+
+
+@pytest.mark.parametrize("rel", [
+    "base/bin/python3.11", "base/lib/libpython3.11.so.1.0", "base/lib/python3.11/os.py",
+    "base/lib/python3.11/__pycache__/os.cpython-311.pyc",
+    "base/lib/python3.11/lib-dynload/_ssl.cpython-311-x86_64-linux-gnu.so",
+    "venv/pyvenv.cfg", "venv/lib/python3.11/site-packages/numpy/__init__.py",
+    "venv/lib/python3.11/site-packages/numpy/__pycache__/__init__.cpython-311.pyc",
+    "venv/lib/python3.11/site-packages/numpy/_core.cpython-311-x86_64-linux-gnu.so",
+    "extra/dep.py", "checkout/trainer/__init__.py",
+])
+def test_one_byte_changed_anywhere_changes_the_digest(env: Path, tmp_path: Path, rel: str):
+    before = digest(env)
+    path = tmp_path / rel
     data = bytearray(path.read_bytes())
-    data[0] ^= 1
+    data[-1] ^= 1
     path.write_bytes(bytes(data))
-    assert digest(packages) != before
+    assert digest(env) != before
 
 
-def test_added_or_renamed_file_changes_the_digest(packages):
-    before = digest(packages)
-    (packages["trainer"] / "extra.py").write_text("")
-    added = digest(packages)
-    assert added != before
-    (packages["trainer"] / "extra.py").rename(packages["trainer"] / "extra2.py")
-    assert digest(packages) not in (before, added)
+@pytest.mark.parametrize("rel", [
+    "venv/lib/python3.11/site-packages/numpy/__pycache__/planted.cpython-311.pyc",
+    "venv/lib/python3.11/site-packages/evil.pth",
+    "venv/lib/python3.11/site-packages/sitecustomize.py",
+    "base/lib/python3.11/sitecustomize.py",
+])
+def test_an_added_file_changes_the_digest(env: Path, tmp_path: Path, rel: str):
+    before = digest(env)
+    (tmp_path / rel).write_bytes(b"import os\n")
+    assert digest(env) != before
 
 
-def test_bytecode_caches_are_excluded(packages):
-    before = digest(packages)
-    (packages["trainer"] / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"other")
-    (packages["trainer"] / "stale.pyc").write_bytes(b"x")
-    assert digest(packages) == before
+def test_a_relinked_or_removed_file_changes_the_digest(env: Path, tmp_path: Path):
+    before = digest(env)
+    (tmp_path / "base/lib/libpython3.11.so").unlink()
+    (tmp_path / "base/lib/libpython3.11.so").symlink_to("elsewhere.so")
+    relinked = digest(env)
+    assert relinked != before
+    (tmp_path / "extra/dep.py").unlink()
+    assert digest(env) not in (before, relinked)
 
 
-def test_versions_are_covered(packages):
-    base = digest(packages)
-    assert code_digest(packages, python_version="3.11.8", torch_version="2.13.0").digest != base
-    assert code_digest(packages, python_version="3.11.7", torch_version="2.12.0").digest != base
+def test_an_image_directory_is_measured_at_its_run_time_paths(tmp_path: Path):
+    image = tmp_path / "image"
+    (image / "usr/local/bin").mkdir(parents=True)
+    (image / "usr/local/bin/python3.11").write_bytes(b"\x7fELF")
+    (image / "usr/local/bin/python3").symlink_to("/usr/local/bin/python3.11")  # absolute
+    std = image / "usr/local/lib/python3.11"
+    (std / "site-packages/trainer").mkdir(parents=True)
+    (std / "os.py").write_text("")
+    (std / "site-packages/trainer/__init__.py").write_text("")
+    listed = set(parse_manifest(environment_manifest("/usr/local", root=image)))
+    assert listed == {"/usr/local/bin/python3.11", "/usr/local/lib/python3.11/os.py",
+                      "/usr/local/lib/python3.11/site-packages/trainer/__init__.py"}
 
 
-def test_missing_package_differs_from_empty_and_from_present(packages):
-    present = digest(packages)
-    missing = digest({**packages, "trainer": None})
-    assert missing != present
+@pytest.mark.parametrize("bad", [
+    b"not a manifest\n",
+    MANIFEST_HEADER + b"F\t" + b"a" * 64 + b"\t1\t/b\nF\t" + b"a" * 64 + b"\t1\t/a\n",  # order
+    MANIFEST_HEADER + b"F\t" + b"a" * 63 + b"\t1\t/a\n",  # short hash
+    MANIFEST_HEADER + b"F\t" + b"A" * 64 + b"\t1\t/a\n",  # not lowercase: not canonical
+    MANIFEST_HEADER + b"F\t" + b"a" * 64 + b"\t01\t/a\n",  # not canonical
+    MANIFEST_HEADER + b"F\t" + b"a" * 64 + b"\t1\t/a",  # no final newline
+    MANIFEST_HEADER + b"X\t/a\n",
+])
+def test_a_manifest_that_is_not_canonical_is_refused(bad: bytes):
+    with pytest.raises(CodeSetError):
+        parse_manifest(bad)
 
 
-def test_file_moved_between_packages_changes_the_digest(packages):
-    before = digest(packages)
-    (packages["trainer"] / "config.yaml").rename(packages["sealed"] / "config.yaml")
-    assert digest(packages) != before
+def test_the_in_process_hash_memo_never_stands_for_edited_bytes(tmp_path: Path):
+    path = tmp_path / "mod.py"
+    path.write_bytes(b"A = 1\n")
+    first, _ = hash_file(path)
+    st = path.stat()
+    path.write_bytes(b"A = 2\n")  # same size; put the mtime back as an attacker would
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    second, _ = hash_file(path)
+    assert second == hashlib.sha256(b"A = 2\n").hexdigest() != first
 
 
-def test_installed_project_digest_covers_the_real_packages():
-    dirs = installed_package_dirs()
-    assert set(dirs) == set(PROJECT_PACKAGES)
-    assert dirs["attest"] is not None and (dirs["attest"] / "code_digest.py").is_file()
+def test_this_environment_is_measured_with_its_dependencies():
     result = code_digest()
     assert len(result.digest) == 64
-    assert result.files > 0
     assert result.claims()["code_digest"] == result.digest
+    listed = paths(Path(sys.prefix))
+    assert any(p.endswith("/torch/lib/libtorch_cpu.so") for p in listed)
+    assert any(p.endswith("/numpy/__init__.py") for p in listed)
+    assert str(REPO / "trainer" / "guard.py") in listed  # the editable checkout
 
 
-def test_symlinks_are_hashed_by_target(packages, tmp_path):
-    outside = tmp_path / "outside.py"
-    outside.write_text("A = 1\n")
-    link = packages["trainer"] / "linked.py"
-    link.symlink_to(outside)
-    first = digest(packages)
-    other = tmp_path / "other.py"
-    other.write_text("A = 1\n")
-    link.unlink()
-    link.symlink_to(other)
-    assert digest(packages) != first
-    (packages["trainer"] / "subdir_link").symlink_to(packages["trainer"] / "sub")
-    assert digest(packages) != first  # a link to a directory is hashed, not opened
+def test_attest_code_digest_computes_the_stored_digest_offline(env: Path):
+    """The tenant's side: `attest code-digest ENV` (and --write), without running anything
+    from ENV; two environments that differ in one byte of a dependency differ."""
+    def cli(*args: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "attest.cli", "code-digest", *args],
+                             capture_output=True, text=True, cwd=REPO, check=True)
+        return out.stdout.strip()
+
+    printed = cli(str(env), "--write")
+    assert printed == digest(env)
+    assert hashlib.sha256((env / "ct-code-manifest").read_bytes()).hexdigest() == printed
+    assert cli(str(env)) == printed  # the stored manifest is not part of the set
+    numpy = env / "lib/python3.11/site-packages/numpy/__init__.py"
+    numpy.write_text(numpy.read_text().replace("'2'", "'3'"))
+    assert cli(str(env)) != printed

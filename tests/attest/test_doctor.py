@@ -56,7 +56,9 @@ def test_rules_it_cannot_evaluate_are_not_checked_never_pass(tmp_path):
     text = attest("doctor", "--no-gpu", "--root", str(root), "--policy", str(DEV_POLICY))
     assert "NOT CHECKED evidence-verified" in text.stdout
     assert "PASS evidence-verified" not in text.stdout
-    assert "2 not checked here" in text.stdout
+    # evidence-verified, trainer-code-allowed, and the job allow-lists (job-model-allowed,
+    # job-digest-allowed) whose params are the tenant's
+    assert "4 not checked here" in text.stdout
 
 
 def test_expected_code_digest_makes_the_code_rule_checkable(tmp_path):

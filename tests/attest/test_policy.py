@@ -76,12 +76,14 @@ def test_shipped_policies_parse() -> None:
     assert dev.name == "dev-swtpm" and prod.name == "production"
     assert [r.name for r in dev.rules] == [
         "evidence-verified", "ksm-off", "swap-off", "core-dumps-disabled",
-        "trainer-code-allowed"]
+        "trainer-code-allowed", "job-model-allowed", "job-steps-bounded", "job-digest-allowed"]
     assert {"evidence-verified", "boot-pcrs-match", "ksm-off", "swap-off",
             "core-dumps-disabled", "ptrace-restricted", "kernel-lockdown", "init-on-free",
             "gpu-exclusive-process", "gpu-cc-on", "gpu-no-other-processes",
-            "trainer-code-allowed"} <= {r.name for r in prod.rules}
-    assert dev.params == {"allowed_code_digests": []}
+            "trainer-code-allowed", "job-model-allowed", "job-steps-bounded",
+            "job-digest-allowed"} <= {r.name for r in prod.rules}
+    assert dev.params == {"allowed_code_digests": [], "allowed_job_models": [],
+                          "max_job_steps": 0, "allowed_job_digests": []}
     assert len(dev.digest) == 64 and dev.digest != prod.digest
 
 

@@ -331,15 +331,25 @@ def test_ksm_swap_and_core_dumps_are_attested_as_claims(node, enrolled, tmp_path
     assert result.claims["core_rlimit_hard"] == -1
 
 
+def _tiny_env(directory: Path) -> tuple[str, Path]:
+    """An installation prefix with an interpreter, a standard library and a trainer package;
+    returns it and the trainer package directory."""
+    (directory / "bin").mkdir(parents=True)
+    (directory / "bin" / "python3").write_bytes(b"\x7fELF")
+    std = directory / "lib" / "python3.11"
+    (std / "site-packages" / "trainer").mkdir(parents=True)
+    (std / "os.py").write_text("")
+    return str(directory), std / "site-packages" / "trainer"
+
+
 def test_trainer_code_changed_by_one_byte_gives_another_attested_digest(
     node, enrolled, tmp_path
 ):
-    pkg = tmp_path / "trainer"
-    pkg.mkdir()
+    env, pkg = _tiny_env(tmp_path / "env")
     (pkg / "__init__.py").write_text("LR = 0.001\n")
-    before = node_claims(HostSource(gpu_probe=_no_gpu), {"trainer": pkg})
+    before = node_claims(HostSource(gpu_probe=_no_gpu), env)
     (pkg / "__init__.py").write_text("LR = 0.002\n")
-    after = node_claims(HostSource(gpu_probe=_no_gpu), {"trainer": pkg})
+    after = node_claims(HostSource(gpu_probe=_no_gpu), env)
     _, _, rd = challenge()
     evidence = node.evidence(EventLog.from_claims(after), rd).to_bytes()
 
@@ -403,13 +413,12 @@ def test_dev_policy_names_the_rule_a_hostile_node_fails(node, enrolled, tmp_path
 
 
 def test_dev_policy_refuses_trainer_code_changed_by_one_byte(node, enrolled, tmp_path):
-    pkg = tmp_path / "pkg" / "trainer"
-    pkg.mkdir(parents=True)
+    env, pkg = _tiny_env(tmp_path / "env")
     (pkg / "loop.py").write_text("STEPS = 100\n")
     root = _hardened_root(tmp_path / "root")
-    approved = node_claims(HostSource(root=root, gpu_probe=_no_gpu), {"trainer": pkg})
+    approved = node_claims(HostSource(root=root, gpu_probe=_no_gpu), env)
     (pkg / "loop.py").write_text("STEPS = 101\n")
-    changed = node_claims(HostSource(root=root, gpu_probe=_no_gpu), {"trainer": pkg})
+    changed = node_claims(HostSource(root=root, gpu_probe=_no_gpu), env)
     decision = _dev_policy_decision(node, enrolled, changed, approved["code_digest"])
     assert [r.name for r in decision.failed] == ["trainer-code-allowed"]
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 
 from compose import LocalHarness, ServiceFailed, load_project
+from compose.image import build_image_environment, image_environment_variables
 from compose.ports import free_port_pairs
 from tests.compose.conftest import live_processes
 
@@ -109,23 +109,18 @@ def _deployment(tmp_path: Path, **settings: str) -> tuple[LocalHarness, dict[str
         "TPM_B_PORT": str(tpm_b), "TPM_B_CTRL_PORT": str(tpm_b + 1),
         "MASTER_PORT": str(master), **settings,
     }
+    image = _image(tmp_path / "image")
     harness = LocalHarness(COMPOSE_FILE, tmp_path / "run", variables=variables,
-                           image_env={"PYTHONPATH": str(_image(tmp_path / "image"))})
+                           image_env=image_environment_variables(image))
     return harness, variables
 
 
 def _image(directory: Path) -> Path:
-    """A frozen copy of the project's packages, standing in for the image's installed code.
-
-    The services import it before the editable checkout (PYTHONPATH), so edits made to the
-    checkout while the test runs cannot change the trainer code digest between the tenant's
-    approval and the nodes' attestation; and `compose.probe` is importable before the
-    compose package is installed.
-    """
-    for package in ("sealed", "kms_broker", "attest", "trainer", "compose"):
-        shutil.copytree(REPO / package, directory / package,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    return directory
+    """The measured environment standing in for the image (compose/image.py): a frozen copy
+    of the project's packages in a virtual environment with its code manifest, so edits made
+    to the checkout while the test runs cannot change the code digest between the tenant's
+    approval and the nodes' attestation, and `trainer --attest` runs isolated from it."""
+    return build_image_environment(directory)
 
 
 def _assert_nodes_alive(harness: LocalHarness) -> None:

@@ -21,6 +21,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from attest.code_digest import MANIFEST_NAME, environment_manifest
 from compose import LocalHarness, ServiceFailed
 from tests.compose.conftest import live_processes
 from tests.compose.test_deployment import (
@@ -30,12 +31,12 @@ from tests.compose.test_deployment import (
     _audit,
     _deployment,
     _files_containing,
-    _image,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EXIT_ATTESTATION_DENIED = 4  # trainer/cli.py
+EXIT_CODE_IDENTITY = 5  # trainer/guard.py
 
 
 class Deployment:
@@ -155,24 +156,37 @@ def test_node_with_ksm_on_is_denied_naming_the_rule(deployment: Deployment):
 
 def test_modified_trainer_code_is_denied_and_decrypts_nothing(deployment: Deployment):
     """Issue 5 item 5: one byte changed in node-a's trainer code changes its digest; the
-    brokers deny the release and the trainer exits 4 saying so, having decrypted nothing."""
+    brokers deny the release and the trainer exits 4 saying so, having decrypted nothing.
+
+    The attacker edits the image in place and rewrites its code manifest to match, so the
+    trainer's own guard (trainer/guard.py) finds nothing amiss: what stops it is the digest,
+    which `attest code-digest` (offline, nothing run from the image) shows has changed. The
+    shortcut an attacker would take instead, another copy of the code on PYTHONPATH, is
+    refused by the trainer itself before it asks any broker (exit 5)."""
     harness = deployment.harness
-    image = _image(deployment.base / "image-modified")
-    target = image / "trainer" / "__init__.py"
-    original = target.read_bytes()
-    target.write_bytes(original + b"\n")  # one byte more, behaviour unchanged
-    env = {"PYTHONPATH": str(image)}
+    image = deployment.base / "image"
+    (site,) = (image / "lib").glob("python3*/site-packages")
+    target = site / "trainer" / "__init__.py"
+    manifest = image / MANIFEST_NAME
+    original, original_manifest = target.read_bytes(), manifest.read_bytes()
 
-    def digest(extra: dict[str, str] | None) -> str:
-        collected = harness.run("node-a", ["attest", "collect", "--json", "--no-gpu"], env=extra)
-        assert collected.returncode == 0, collected.stderr
-        return json.loads(collected.stdout)["code_digest"]
+    def digest() -> str:
+        computed = harness.run("tenant", ["attest", "code-digest", str(image)])
+        assert computed.returncode == 0, computed.stderr
+        return computed.stdout.decode().strip()
 
-    assert digest(env) != digest(None)
+    approved = digest()
+    try:
+        target.write_bytes(original + b"\n")  # one byte more, behaviour unchanged
+        manifest.write_bytes(environment_manifest(str(image)))
+        assert digest() != approved
 
-    since = int(time.time() * 1000)
-    outputs = deployment.run_refused("node-a", "node-a", deployment.variables["TPM_A_PORT"],
-                                     env=env)
+        since = int(time.time() * 1000)
+        outputs = deployment.run_refused("node-a", "node-a", deployment.variables["TPM_A_PORT"])
+    finally:
+        target.write_bytes(original)
+        manifest.write_bytes(original_manifest)
+    assert digest() == approved
     for output in outputs:
         assert "attestation denied" in output
         assert "trainer-code-allowed: the trainer code that receives the key must be a " \
@@ -185,6 +199,16 @@ def test_modified_trainer_code_is_denied_and_decrypts_nothing(deployment: Deploy
         records = deployment.audit_since(broker, since)
         assert any("trainer-code-allowed" in r for r in _denials(records, "node:node-a")), broker
         assert _released(records, "node:node-a") == [], broker
+
+    since = int(time.time() * 1000)
+    argv = deployment.node_argv("node-a", "node-a", deployment.variables["TPM_A_PORT"])
+    shortcut = harness.run("node-a", argv, env={"PYTHONPATH": str(deployment.base)})
+    output = (shortcut.stdout + shortcut.stderr).decode(errors="replace")
+    assert shortcut.returncode == EXIT_CODE_IDENTITY, output[-3000:]
+    assert "code identity refused: environment variable PYTHONPATH is set" in output
+    for broker in ("provider", "tenant"):
+        assert [r for r in deployment.audit_since(broker, since)
+                if r["actor"] == "node:node-a"] == [], broker
     deployment.assert_clean("node-a")
 
 

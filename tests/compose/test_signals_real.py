@@ -60,7 +60,6 @@ import select
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -77,6 +76,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 NODE, SERVICE = "node-a", "node-a"
 STOP_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
 WAIT_S = 180  # a deadline on each wait, never a time limit on the trainer
+# The image's interpreter (first on the service's PATH): `trainer --attest` runs only from its
+# measured environment (trainer/guard.py)
+PYTHON = "python"
 
 _DEK_SNIPPET = """
 import sys
@@ -264,10 +266,10 @@ def _write_signal_job(rendered: Path, target: Path) -> None:
 def _argv(dep: Deployment, entry: str, job: Path) -> list[str]:
     trainer = ["-m", "trainer", "--attest", "--job", str(job), "--node-id", NODE]
     if entry == "alone":
-        return [sys.executable, *trainer]
+        return [PYTHON, *trainer]
     (port,) = free_port_pairs(1)
     launcher = "trainer.launch" if entry == "torchrun" else "torch.distributed.run"
-    return [sys.executable, "-m", launcher, "--nnodes", "1", "--node-rank", "0",
+    return [PYTHON, "-m", launcher, "--nnodes", "1", "--node-rank", "0",
             "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
             *trainer]
 
@@ -317,7 +319,7 @@ def test_stop_signal_shreds_and_exits_documented_status(
         elif phase == "release":
             stack.enter_context(_stopped(deployment, "tenant-broker"))
         if first_run:  # node.py itself: it renders the job file and execs the trainer
-            argv = [sys.executable, *deployment.node_argv(SERVICE, NODE,
+            argv = [PYTHON, *deployment.node_argv(SERVICE, NODE,
                                                           deployment.variables["TPM_A_PORT"])[1:]]
         else:
             argv = _argv(deployment, entry, signal_job)

@@ -114,6 +114,27 @@ def key_server(tmp_path: Path, dataset: SealedDataset) -> Iterator[KeyServer]:
     server.close()
 
 
+@pytest.fixture(scope="session")
+def measured_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project installed as the image holds it, with its code manifest (compose/image.py):
+    ``trainer --attest`` runs only from a measured environment (trainer/guard.py)."""
+    from compose.image import build_image_environment
+
+    return build_image_environment(tmp_path_factory.mktemp("measured") / "env")
+
+
+def attest_env(**extra: str) -> dict[str, str]:
+    """``child_env`` for ``trainer --attest``: no PYTHONPATH or loader variable, which the
+    code identity guard refuses."""
+    from trainer.guard import refused_variables
+
+    env = child_env()
+    for name in refused_variables(env):
+        del env[name]
+    env.update(extra)
+    return env
+
+
 def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINER_")}
     env["PYTHONPATH"] = str(REPO)

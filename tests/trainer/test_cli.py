@@ -13,12 +13,25 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from compose.ports import free_port
-from tests.trainer.conftest import PY, REPO, child_env, job_dict, write_job
+from tests.trainer.conftest import PY, REPO, attest_env, child_env, job_dict, write_job
+
+_MEASURED: list = []  # the session's measured environment (see the autouse fixture)
+
+
+@pytest.fixture(autouse=True)
+def _measured(measured_env):
+    _MEASURED[:] = [measured_env]
 
 
 def trainer(*args: str, wrap: list[str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*(wrap or []), PY, "-m", "trainer", *args], cwd=REPO,
-                          env=child_env(), capture_output=True, text=True)
+    """``python -m trainer ARGS``; with --attest from the measured environment (the code
+    identity guard refuses any other), else from this checkout."""
+    if "--attest" in args:
+        py, env = str(_MEASURED[0] / "bin" / "python"), attest_env()
+    else:
+        py, env = PY, child_env()
+    return subprocess.run([*(wrap or []), py, "-m", "trainer", *args], cwd=REPO,
+                          env=env, capture_output=True, text=True)
 
 
 def _pem_files(tmp_path):
@@ -55,7 +68,7 @@ def test_help_explains_commands_and_exit_codes():
     out = trainer("--help")
     assert out.returncode == 0
     for text in ("--attest", "--job", "check", "validate", "exit codes", "143 SIGTERM",
-                 "4 attestation denied"):
+                 "4 attestation denied", "5 code identity refused"):
         assert text in out.stdout
 
 

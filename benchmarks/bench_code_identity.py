@@ -1,0 +1,153 @@
+"""What the code identity checks cost: time to the first training step of `trainer --attest`.
+
+The real path: docker-compose.yml's deployment run by the local harness (two brokers on
+SoftHSM, swtpm, the image as the measured environment of compose/image.py), and node-a's
+trainer started as deploy/bin/node.py starts it (``python -I -m trainer --attest``). Each
+run is timed from its start to the log line ``step 1/``: interpreter start, imports, process
+hardening, TPM quotes, attestation and release at both brokers, data pipeline, first step.
+
+Side by side, as pairs of adjacent runs (alternating which goes first), on one deployment:
+
+* **checked**: ``trainer --attest`` as shipped: the guard checks the interpreter, every
+  imported module (source and bytecode read once, hashed, executed as checked), every
+  extension module and, before the first broker is asked, every mapped library (torch's
+  400 MB among them) against the manifest.
+* **unchecked**: the same command with the guard replaced, for this benchmark only, by
+  stand-ins that attest the stored manifest's digest without checking anything (what the
+  trainer did before code identity was enforced).
+
+Goal: checked / unchecked <= 1.10 (median of the per-pair ratios of the time to the first
+step). Also printed: the CPU seconds of each whole run (the trainer process, as the harness's
+child), whose ratio a busy machine disturbs much less than wall time.
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from attest.code_digest import MANIFEST_NAME
+from compose import LocalHarness
+from compose.image import build_image_environment, image_environment_variables
+from compose.ports import free_port_pairs
+
+REPO = Path(__file__).resolve().parents[1]
+GOAL = 1.10
+
+# The stand-in: the trainer CLI with the guard's checks replaced (never used outside here).
+_UNCHECKED = f"""
+import hashlib, sys
+import trainer.guard as guard
+digest = hashlib.sha256(open(sys.prefix + "/{MANIFEST_NAME}", "rb").read()).hexdigest()
+guard.enter = lambda: None
+guard.require_measured_module = lambda name: None
+guard.code_claims = lambda: {{"code_digest": digest, "python_version": "3",
+                              "torch_version": "unchecked"}}
+from trainer.cli import main
+sys.argv = ["trainer", *sys.argv[1:]]
+sys.exit(main())
+"""
+
+
+def _deploy(base: Path) -> tuple[LocalHarness, dict[str, str]]:
+    provider, tenant, tpm_a, tpm_b, master = free_port_pairs(5)
+    variables = {
+        "PROVIDER_BROKER_PORT": str(provider), "TENANT_BROKER_PORT": str(tenant),
+        "TPM_A_PORT": str(tpm_a), "TPM_A_CTRL_PORT": str(tpm_a + 1),
+        "TPM_B_PORT": str(tpm_b), "TPM_B_CTRL_PORT": str(tpm_b + 1),
+        "MASTER_PORT": str(master), "TRAIN_STEPS": "2", "LEASE_TTL_MS": "60000",
+    }
+    image = build_image_environment(base / "image")
+    harness = LocalHarness(REPO / "docker-compose.yml", base / "run", variables=variables,
+                           image_env=image_environment_variables(image))
+    return harness, variables
+
+
+def _cpu_of_children() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _first_step(harness: LocalHarness, argv: list[str]) -> tuple[float, float]:
+    """Seconds from start to the ``step 1/`` line (its log timestamp, millisecond
+    resolution), and the CPU seconds of the whole run (two steps and the shred)."""
+    cpu = _cpu_of_children()
+    start = time.time()
+    result = harness.run("node-a", argv)
+    cpu = _cpu_of_children() - cpu
+    output = (result.stdout + result.stderr).decode(errors="replace")
+    match = re.search(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) rank 0 INFO trainer: step 1/",
+                      output, re.MULTILINE)
+    if result.returncode != 0 or match is None:
+        raise RuntimeError(f"trainer run failed ({result.returncode}):\n{output[-3000:]}")
+    stamp = time.mktime(time.strptime(match.group(1), "%Y-%m-%d %H:%M:%S"))
+    return stamp + int(match.group(2)) / 1000 - start, cpu
+
+
+def main(quick: bool = False) -> None:
+    pairs = 3 if quick else 7
+    with tempfile.TemporaryDirectory(prefix="bench-code-identity-") as tmp:
+        base = Path(tmp)
+        harness, variables = _deploy(base)
+        try:
+            harness.up(["enrol", "tenant"])
+            harness.wait_all_completed(["bootstrap", "enrol", "tenant"])
+            root = str(harness.host_path("node-a", "/"))
+            render = harness.run("node-a", [
+                "python", f"{root}/deploy/bin/node.py", f"--root={root}", "--node=node-a",
+                f"--tcti=swtpm:host=127.0.0.1,port={variables['TPM_A_PORT']}",
+                f"--job-info={root}/store/jobs/job-1.json", "--steps=2",
+                f"--broker=127.0.0.1:{variables['PROVIDER_BROKER_PORT']}",
+                f"--broker=127.0.0.1:{variables['TENANT_BROKER_PORT']}"])
+            if render.returncode != 0:
+                raise RuntimeError(f"warm-up run failed: {render.stderr.decode()[-2000:]}")
+            home = harness.host_path("node-a", "/var/lib/node-a")
+            job = yaml.safe_load((home / "job.yaml").read_text())
+            ckpt = home / "bench-checkpoints"
+            job.update(steps=2, log_interval=1,
+                       checkpoint={**job["checkpoint"], "dir": str(ckpt)})
+            (home / "bench.yaml").write_text(yaml.safe_dump(job))
+            args = ["--attest", "--job", str(home / "bench.yaml"), "--node-id", "node-a"]
+            python = str(base / "image" / "bin" / "python")
+            commands = {
+                "checked": [python, "-I", "-B", "-m", "trainer", *args],
+                "unchecked": [python, "-I", "-B", "-c", _UNCHECKED, *args],
+            }
+            times: dict[str, list[float]] = {"checked": [], "unchecked": []}
+            cpus: dict[str, list[float]] = {"checked": [], "unchecked": []}
+            ratios, cpu_ratios = [], []
+            for i in range(pairs):
+                order = ("checked", "unchecked") if i % 2 == 0 else ("unchecked", "checked")
+                pair, cpu = {}, {}
+                for name in order:
+                    shutil.rmtree(ckpt, ignore_errors=True)  # each run starts at step 0
+                    pair[name], cpu[name] = _first_step(harness, commands[name])
+                    times[name].append(pair[name])
+                    cpus[name].append(cpu[name])
+                ratios.append(pair["checked"] / pair["unchecked"])
+                cpu_ratios.append(cpu["checked"] / cpu["unchecked"])
+                print(f"pair {i + 1}: first step checked {pair['checked']:.2f} s, unchecked "
+                      f"{pair['unchecked']:.2f} s, ratio {ratios[-1]:.3f}; CPU checked "
+                      f"{cpu['checked']:.2f} s, unchecked {cpu['unchecked']:.2f} s, ratio "
+                      f"{cpu_ratios[-1]:.3f}", flush=True)
+        finally:
+            harness.down()
+    for name, values in times.items():
+        print(f"{name:>9}: time to first step median {statistics.median(values):.2f} s "
+              f"(min {min(values):.2f}, max {max(values):.2f}, {len(values)} runs)")
+    for name, values in cpus.items():
+        print(f"{name:>9}: CPU seconds per run median {statistics.median(values):.2f} s")
+    ratio = statistics.median(ratios)
+    print(f"CPU checked / unchecked (median of {pairs} pair ratios): "
+          f"{statistics.median(cpu_ratios):.3f}x (steadier than wall time on a busy machine)")
+    print(f"checked / unchecked (median of {pairs} pair ratios): {ratio:.3f}x")
+    print(f"goal code_identity_startup_overhead: {ratio:.3f}x (target <= {GOAL:.2f}x) "
+          f"{'met' if ratio <= GOAL else 'missed'}")
+

@@ -1,0 +1,437 @@
+"""Code identity guard: only measured code runs in a ``trainer --attest`` process.
+
+The environment carries its measured code set as ``ENV/ct-code-manifest`` (written when the
+image is built: ``attest code-digest --write``; format and digest in ``attest.code_digest``).
+The trainer attests the SHA-256 of that manifest as ``code_digest``, so a tenant who approved
+the digest of a reference image (computed offline with ``attest code-digest``) approved every
+byte the manifest lists. This module makes the process keep to the manifest:
+
+1. **Environment** (:func:`enter`, first thing in ``trainer/__main__`` and in ``cli.main``
+   under ``--attest``): refuse when a loader or interpreter variable that changes what code
+   runs is set (every ``LD_*``, ``GCONV_PATH``, ``PYTHONPATH``, ``PYTHONHOME``,
+   ``PYTHONSTARTUP``, ``PYTHONUSERBASE``, ... see :data:`REFUSED_VARIABLES`), naming it.
+2. **Isolated interpreter**: unless ``sys.flags`` says isolated (``-I``: no ``PYTHON*``
+   variables, no user site, no script or current directory on ``sys.path``) and writing no
+   bytecode (``-B``: under ``-I`` PYTHONDONTWRITEBYTECODE is ignored, and a ``.pyc`` written
+   before the guard would change the measured image), re-execute
+   ``sys.executable -I -B -m trainer ARGS`` (same pid, so torchrun and schedulers keep their
+   handle). No marker decides this: the new process reads its own ``sys.flags``. torchrun's
+   workers (``python -u -m trainer ...``) take the same path, so every process that receives
+   a key is guarded; the torchrun agent holds no key.
+3. **Install** (:func:`install`): read and parse the manifest (absent or malformed: refuse),
+   check the interpreter binary, every module already imported (its source and its cached
+   bytecode), every ``.pth`` file in a ``sys.path`` directory (a ``.pth`` not in the set is
+   refused by name; its ``import`` line has already run by then, but the process stops before
+   any key is requested), then put a finder first on ``sys.meta_path`` and set
+   ``sys.dont_write_bytecode``.
+4. **Each import**: the finder asks the other finders for the spec and gives it a loader
+   that checks the module's files against the manifest before anything of them executes.
+   Python source and bytecode are read only through the guard, which hashes the bytes and
+   hands the loader exactly those (no second read an attacker could race); only the file
+   the loader needs is read (the ``.pyc`` when it is current, else the source). Bytecode is
+   used only when the ``.pyc`` file itself is in the set (the image is compiled when it is
+   built), so a planted or replaced ``.pyc`` is refused; a missing one means compiling from
+   the verified source, and nothing is written. Extension modules are hashed right before
+   they are loaded; the libraries they map are then queued for hashing on a background
+   thread (started with every signal blocked), so step 5 mostly finds them hashed.
+5. **Before keys** (:func:`code_claims`, called by the attested key source before it contacts
+   a broker, and again before every renewal): every executable mapping in
+   ``/proc/self/maps`` (the shared libraries extension modules pulled in) must be a file of
+   the set, except the system library directories :data:`SYSTEM_LIBRARY_DIRS`.
+
+A manifest line is looked up by the path as given, then by its resolved path; the bytes are
+compared either way. Hashes are remembered in the process only (``attest.code_digest.
+hash_file``), keyed by inode, size, mtime and ctime, so an edited file is always hashed again.
+
+Any refusal raises :class:`CodeIdentityRefused` naming the file or variable; the trainer
+exits with :data:`EXIT_CODE_IDENTITY` (5) before it asks any broker for anything.
+
+Out of reach (README "Known limits"): system libraries under :data:`SYSTEM_LIBRARY_DIRS`
+(covered by the image digest or IMA, not by the code digest); code that runs before this
+module (an unmeasured ``.pth`` ``import`` line runs during interpreter start-up and is refused
+afterwards, so it never sees a key but could act on the node); extension modules and
+libraries are checked by path right before ``dlopen`` (a same-user attacker racing that
+window is not excluded); on a TPM-only node root can reset PCR 23 and so forge any claim.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery as machinery
+import importlib.util
+import os
+import queue
+import signal
+import sys
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from attest.code_digest import (
+    MANIFEST_NAME,
+    CodeSetError,
+    Entry,
+    entry_of,
+    hash_bytes_of,
+    hash_file,
+    index_manifest,
+)
+
+__all__ = [
+    "EXIT_CODE_IDENTITY",
+    "REFUSED_VARIABLES",
+    "CodeIdentityRefused",
+    "active",
+    "code_claims",
+    "enter",
+    "install",
+    "require_measured_module",
+]
+
+EXIT_CODE_IDENTITY = 5
+REFUSED_VARIABLES = (
+    "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "PYTHONPLATLIBDIR",
+    "PYTHONEXECUTABLE", "PYTHONINSPECT", "PYTHONBREAKPOINT", "PYTHONPYCACHEPREFIX",
+    "PYTHONSAFEPATH", "PYTHONNOUSERSITE", "GCONV_PATH",
+)
+REFUSED_PREFIXES = ("LD_",)
+SYSTEM_LIBRARY_DIRS = ("/lib/", "/lib64/", "/usr/lib/", "/usr/lib64/")
+
+
+class CodeIdentityRefused(Exception):
+    """Something outside the measured code set would run (the message names it)."""
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("; ".join(self.problems))
+
+
+def refused_variables(environ: Any = None) -> list[str]:
+    env = os.environ if environ is None else environ
+    return sorted(name for name in env
+                  if name in REFUSED_VARIABLES or name.startswith(REFUSED_PREFIXES))
+
+
+def _isolated() -> bool:
+    f = sys.flags
+    return bool(f.isolated and f.ignore_environment and f.no_user_site and not f.inspect
+                and f.dont_write_bytecode)
+
+
+class _Prefetcher:
+    """Hashes newly mapped libraries on one background thread while the main thread goes on
+    importing, so the check before keys mostly finds them hashed (``hash_file``'s in-process
+    memo). The thread starts with every signal blocked: signals stay with the main thread."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._done: dict[str, threading.Event] = {}
+        self._thread: threading.Thread | None = None
+
+    def submit(self, path: str) -> None:
+        if path in self._done:
+            return
+        self._done[path] = threading.Event()
+        self._queue.put(path)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="trainer-code-hash",
+                                            daemon=True)
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+            try:
+                self._thread.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def wait(self, path: str) -> None:
+        done = self._done.get(path)
+        if done is not None:
+            done.wait()
+
+    def _run(self) -> None:
+        while True:
+            path = self._queue.get()
+            try:
+                hash_file(path)
+            except (OSError, CodeSetError):
+                pass  # the check before keys hashes it again and reports
+            finally:
+                self._done[path].set()
+
+
+class _Guard:
+    def __init__(self, manifest_path: str) -> None:
+        try:
+            with open(manifest_path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise CodeIdentityRefused([
+                f"no code manifest at {manifest_path}: this environment was not measured "
+                f"(build it with `attest code-digest --write {os.path.dirname(manifest_path)}`)"
+            ]) from None
+        try:
+            self.lines = index_manifest(data)
+        except CodeSetError as exc:
+            raise CodeIdentityRefused([f"{manifest_path}: {exc}"]) from None
+        self.digest = hashlib.sha256(data).hexdigest()
+        self.manifest_path = manifest_path
+        # sticky: a refusal that some library swallows (``except Exception`` around an
+        # optional import) still stops the process before any key is requested
+        self.refusals: list[str] = []
+        self.prefetch = _Prefetcher()
+        self._mapped_seen: set[str] = set()
+
+    def refuse(self, problems: list[str]) -> CodeIdentityRefused:
+        self.refusals.extend(problems)
+        return CodeIdentityRefused(problems)
+
+    def _entry(self, path: str, what: str) -> Entry:
+        # The path as given first: the bytes are what is compared, so a link on the way
+        # cannot make other content pass; the resolved path where links make the difference.
+        line = self.lines.get(path) or self.lines.get(os.path.realpath(path))
+        entry = entry_of(line) if line is not None else None
+        if entry is None:
+            raise self.refuse([f"{what} {path} is not in the measured code set"])
+        return entry
+
+    def check_file(self, path: str, what: str) -> None:
+        entry = self._entry(path, what)
+        digest, size = hash_file(path)
+        if (digest, size) != (entry.sha256, entry.size):
+            raise self.refuse([f"{what} {path} differs from the measured code set"])
+
+    def verified_bytes(self, path: str, what: str) -> bytes:
+        """The bytes of ``path`` if they are the measured ones; OSError when it does not
+        exist (a module without bytecode is compiled from its checked source)."""
+        data, digest = hash_bytes_of(path)
+        entry = self._entry(path, what)
+        if (digest, len(data)) != (entry.sha256, entry.size):
+            raise self.refuse([f"{what} {path} differs from the measured code set"])
+        return data
+
+    # start-up checks ------------------------------------------------------------------------
+    def check_started(self) -> None:
+        problems: list[str] = []
+
+        def collect(check: Any, *args: str) -> None:
+            try:
+                check(*args)
+            except CodeIdentityRefused as exc:
+                problems.extend(exc.problems)
+
+        collect(self.check_file, sys.executable, "interpreter")
+        for name, module in list(sys.modules.items()):
+            spec = getattr(module, "__spec__", None)
+            origin = getattr(spec, "origin", None) or getattr(module, "__file__", None)
+            if not origin or not getattr(spec, "has_location", True) or not os.path.isabs(origin):
+                continue
+            collect(self.check_file, origin, f"module {name}:")
+            cached = getattr(module, "__cached__", None)
+            if cached and os.path.exists(cached):
+                collect(self.check_file, cached, f"bytecode of {name}:")
+        for directory in sys.path:
+            if not os.path.isdir(directory):
+                continue
+            for name in sorted(os.listdir(directory)):
+                if name.endswith(".pth"):
+                    collect(self.check_file, os.path.join(directory, name), ".pth file")
+        if problems:
+            raise CodeIdentityRefused(problems)
+
+    def _mapped_code(self) -> list[str]:
+        with open("/proc/self/maps") as maps:
+            lines = maps.read().splitlines()
+        paths: dict[str, None] = {}
+        for line in lines:
+            fields = line.split(None, 5)
+            if len(fields) == 6 and "x" in fields[1] and fields[5].startswith("/"):
+                paths[fields[5]] = None
+        return list(paths)
+
+    def _system(self, path: str) -> bool:
+        real = os.path.realpath(path)
+        return real.startswith(SYSTEM_LIBRARY_DIRS) and real not in self.lines
+
+    def prefetch_mapped(self) -> None:
+        """Queue the libraries mapped since the last call for background hashing."""
+        for path in self._mapped_code():
+            if path not in self._mapped_seen:
+                self._mapped_seen.add(path)
+                if not path.endswith(" (deleted)") and not self._system(path):
+                    self.prefetch.submit(path)
+
+    def check_mapped(self) -> None:
+        problems = []
+        for path in self._mapped_code():
+            if path.endswith(" (deleted)"):
+                problems.append(f"mapped code {path} (a file replaced after it was loaded)")
+                continue
+            if self._system(path):
+                continue
+            self.prefetch.wait(path)
+            try:
+                self.check_file(path, "shared library")
+            except CodeIdentityRefused as exc:
+                problems.extend(exc.problems)
+        if problems:
+            raise self.refuse(problems)
+
+    # imports --------------------------------------------------------------------------------
+    def checked(self, spec: machinery.ModuleSpec) -> machinery.ModuleSpec:
+        """Give the spec a loader that checks (see module doc, step 4)."""
+        origin = spec.origin
+        if not spec.has_location or not origin or not os.path.isabs(origin):
+            return spec  # built-in, frozen, namespace package: no file of its own
+        loader = spec.loader
+        if type(loader) is machinery.SourceFileLoader:
+            spec.loader = _VerifiedSourceLoader(spec.name, origin, self)
+        elif type(loader) is machinery.SourcelessFileLoader:
+            spec.loader = _VerifiedSourcelessLoader(spec.name, origin, self)
+        elif type(loader) is machinery.ExtensionFileLoader:
+            self.check_file(origin, f"module {spec.name}:")
+            spec.loader = _CheckedExtensionLoader(spec.name, origin, self)
+        else:  # any other file loader: checked by path before it loads
+            self.check_file(origin, f"module {spec.name}:")
+        return spec
+
+    def check_module(self, spec: machinery.ModuleSpec) -> None:
+        """Check a module's file (and its bytecode) without loading it."""
+        origin = spec.origin
+        if spec.has_location and origin and os.path.isabs(origin):
+            self.check_file(origin, f"module {spec.name}:")
+            if spec.cached and os.path.exists(spec.cached):
+                self.check_file(spec.cached, f"bytecode of {spec.name}:")
+
+
+class _VerifiedSourceLoader(machinery.SourceFileLoader):
+    """Reads source and bytecode only through the guard, which hashes the bytes it returns:
+    what was checked is what runs. Never writes bytecode."""
+
+    def __init__(self, fullname: str, path: str, guard: _Guard) -> None:
+        super().__init__(fullname, path)
+        self._guard = guard
+
+    def get_data(self, path: str) -> bytes:
+        if path == self.path:
+            return self._guard.verified_bytes(path, f"module {self.name}:")
+        if path == importlib.util.cache_from_source(self.path):
+            return self._guard.verified_bytes(path, f"bytecode of {self.name}:")
+        raise OSError(f"{path}: not a file of module {self.name}")
+
+    def set_data(self, path: str, data: bytes, *, _mode: int = 0o666) -> None:
+        return None
+
+
+class _VerifiedSourcelessLoader(machinery.SourcelessFileLoader):
+    def __init__(self, fullname: str, path: str, guard: _Guard) -> None:
+        super().__init__(fullname, path)
+        self._guard = guard
+
+    def get_data(self, path: str) -> bytes:
+        if path != self.path:
+            raise OSError(f"{path}: not a file of module {self.name}")
+        return self._guard.verified_bytes(path, f"bytecode of {self.name}:")
+
+
+class _CheckedExtensionLoader(machinery.ExtensionFileLoader):
+    """Checked before ``dlopen`` (by :meth:`_Guard.checked`); the libraries it maps are
+    queued for hashing straight after."""
+
+    def __init__(self, fullname: str, path: str, guard: _Guard) -> None:
+        super().__init__(fullname, path)
+        self._guard = guard
+
+    def create_module(self, spec: machinery.ModuleSpec) -> Any:
+        module = super().create_module(spec)
+        self._guard.prefetch_mapped()
+        return module
+
+
+class _MeasuredFinder:
+    """First on ``sys.meta_path``: finds through the others, then checks the file."""
+
+    def __init__(self, guard: _Guard) -> None:
+        self._guard = guard
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        for finder in list(sys.meta_path):
+            find = getattr(finder, "find_spec", None)
+            if finder is self or find is None:
+                continue
+            spec = find(fullname, path, target)
+            if spec is not None:
+                return self._guard.checked(spec)
+        return None
+
+    def invalidate_caches(self) -> None:
+        return None
+
+
+_active: _Guard | None = None
+
+
+def active() -> bool:
+    return _active is not None
+
+
+def enter() -> None:
+    """Refuse loader/interpreter variables, re-execute isolated, install the guard.
+    Idempotent; raises :class:`CodeIdentityRefused`."""
+    if _active is not None:
+        return
+    bad = refused_variables()
+    if bad:
+        raise CodeIdentityRefused([f"environment variable {name} is set (it changes what code "
+                                   f"runs in the process that receives the key)" for name in bad])
+    if not _isolated():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        argv = [sys.executable, "-I", "-B", "-m", "trainer", *sys.argv[1:]]
+        os.execv(sys.executable, argv)  # noqa: S606 - our own interpreter, same arguments
+    install()
+
+
+def install() -> None:
+    """Check what already runs against the manifest and guard every later import."""
+    global _active
+    if _active is not None:
+        return
+    if not _isolated():
+        raise CodeIdentityRefused(["the interpreter is not isolated (run it with -I -B)"])
+    guard = _Guard(os.path.join(os.path.realpath(sys.prefix), MANIFEST_NAME))
+    guard.check_started()
+    sys.dont_write_bytecode = True
+    sys.meta_path.insert(0, _MeasuredFinder(guard))
+    sys.path_importer_cache.clear()
+    _active = guard
+
+
+def require_measured_module(name: str) -> None:
+    """Check module ``name`` (source and bytecode) against the manifest without executing
+    it (its parent packages are imported, through the guard)."""
+    if _active is None:
+        raise CodeIdentityRefused(["the code identity guard is not installed"])
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError) as exc:
+        raise CodeIdentityRefused([f"module {name} cannot be found ({exc})"]) from None
+    if spec is None:
+        raise CodeIdentityRefused([f"module {name} is not installed"])
+    _active.check_module(spec)
+
+
+def code_claims() -> dict[str, str]:
+    """``code_digest`` (the manifest's SHA-256) and versions, after checking every mapped
+    library; without the guard (tests, tools), the environment is measured in full."""
+    from attest.code_digest import code_digest
+
+    if _active is None:
+        return code_digest().claims()
+    if _active.refusals:
+        raise CodeIdentityRefused(_active.refusals)
+    _active.check_mapped()
+    torch = sys.modules.get("torch")
+    return {
+        "code_digest": _active.digest,
+        "python_version": ".".join(map(str, sys.version_info[:3])),
+        "torch_version": str(getattr(torch, "__version__", "none")),
+    }
