@@ -93,7 +93,10 @@ pki = Path(cfg["pki"])
 endpoints = [BrokerEndpoint.from_files(a, ca=pki / "ca.pem", cert=pki / "node-n1.pem",
                                        key=pki / "node-n1.key") for a in cfg["brokers"]]
 tcti = cfg["tcti"]
-quote = lambda rd: ("tpm2", collect_evidence(tcti, rd))  # as trainer.attested does
+from attest.code_digest import code_digest
+from attest.tpm2.agent import node_claims
+code = code_digest().claims()  # measured once per process, as AttestedKeySource does
+quote = lambda rd: ("tpm2", collect_evidence(tcti, rd, node_claims(code=code)))
 print("ready", flush=True)
 for line in sys.stdin:
     side, ranks = line.split()
