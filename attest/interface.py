@@ -7,13 +7,24 @@ Malformed evidence (cannot be parsed at all) raises :class:`MalformedEvidence`.
 Binding: the evidence's report data / qualifying data must equal
 :func:`expected_report_data` over the broker's nonce, the session id and the node's one-time
 public key, so evidence cannot be replayed into another session or for another key.
+
+One quote for several sessions: a node that attests to several brokers at once (each with its
+own nonce and session), or several local ranks sharing the node's TPM, may produce one piece of
+evidence whose report data is :func:`combined_report_data` over the list of every session's
+expected report data, and send that list with it. Each broker checks that its own session's
+expected report data is in the list and verifies the evidence against the combined value, so
+the evidence is still bound to its fresh nonce and the node's one-time key; the other items
+are opaque SHA-256 values that tell it nothing. Byte layout::
+
+    SHA-256("kmsbroker/v1/attest-set\0" || BE16 n || item_1 || ... || item_n)
+    n in 1..MAX_REPORT_DATA_SET, each item 32 bytes (an expected_report_data), in list order
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -23,10 +34,13 @@ __all__ = [
     "MalformedEvidence",
     "VerificationContext",
     "VerificationResult",
+    "combined_report_data",
     "expected_report_data",
 ]
 
 REPORT_DATA_DOMAIN = b"kmsbroker/v1/attest\x00"
+REPORT_DATA_SET_DOMAIN = b"kmsbroker/v1/attest-set\x00"
+MAX_REPORT_DATA_SET = 64
 
 
 def expected_report_data(nonce: bytes, session_id: str, node_public_key: bytes) -> bytes:
@@ -41,6 +55,19 @@ def expected_report_data(nonce: bytes, session_id: str, node_public_key: bytes) 
     h.update(struct.pack(">H", len(sid)))
     h.update(sid)
     h.update(node_public_key)
+    return h.digest()
+
+
+def combined_report_data(items: Sequence[bytes]) -> bytes:
+    """One report data over several sessions' report data (see the module doc)."""
+    if not 1 <= len(items) <= MAX_REPORT_DATA_SET:
+        raise ValueError(f"a report data set has 1 to {MAX_REPORT_DATA_SET} items")
+    h = hashlib.sha256(REPORT_DATA_SET_DOMAIN)
+    h.update(struct.pack(">H", len(items)))
+    for item in items:
+        if len(item) != 32:
+            raise ValueError("each item of a report data set is 32 bytes")
+        h.update(item)
     return h.digest()
 
 

@@ -98,7 +98,9 @@ def _start_broker(root: Path, nodes: int) -> tuple[subprocess.Popen, Path, str]:
     }
     (root / "broker.yaml").write_text(yaml.safe_dump(cfg))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kms_broker.cli", "serve", "--config", str(root / "broker.yaml")],
+        # the test composition of the server: it adds the test-only EnrolTestNode
+        [sys.executable, "-m", "tests.kms_broker.testing_server", "serve", "--config",
+         str(root / "broker.yaml")],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=(root / "broker.log").open("wb"),
         env={k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"},
     )
@@ -115,17 +117,17 @@ def _start_broker(root: Path, nodes: int) -> tuple[subprocess.Popen, Path, str]:
 def _tenant_setup(address: str, pki: Path, nodes: int) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from kms_broker._proto.kmsbroker.v1 import broker_pb2 as pb
-    from kms_broker._proto.kmsbroker.v1 import broker_pb2_grpc as pb_grpc
     from kms_broker.grants import GrantDocument
     from kms_broker.rpc import open_channel
     from kms_broker.tenant import TenantClient, upload_dataset
     from sealed import MemoryStore
+    from tests.kms_broker._proto.kmsbroker.testing.v1 import testing_pb2 as tpb
+    from tests.kms_broker._proto.kmsbroker.testing.v1 import testing_pb2_grpc as tpb_grpc
 
     channel = open_channel(_endpoint(address, pki, "operator", "ops"))
-    ops = pb_grpc.OperatorServiceStub(channel)
+    ops = tpb_grpc.TestEnrolmentServiceStub(channel)
     for i in range(nodes):
-        ops.EnrolTestNode(pb.EnrolTestNodeRequest(node_id=f"s{i}"), timeout=60,
+        ops.EnrolTestNode(tpb.EnrolTestNodeRequest(node_id=f"s{i}"), timeout=60,
                           wait_for_ready=True)
     channel.close()
     with TenantClient(_endpoint(address, pki, "tenant", "acme"), tenant_id="acme",

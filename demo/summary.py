@@ -24,6 +24,11 @@ NODE_EVENTS = ("attest", "release", "renew")
 MAX_SCAN = 64 << 20
 
 
+_VERIFY_WITH_KEY = (
+    'k=$(mktemp) && kms-broker audit public-key --config "$0" > "$k" && '
+    'kms-broker audit verify --public-key "$k" --state-dir "$1"; rc=$?; rm -f "$k"; exit $rc'
+)
+
 def _heading(text: str) -> str:
     return f"\n== {text} " + "=" * max(0, 74 - len(text))
 
@@ -84,10 +89,11 @@ def summarise(run: DemoRun, *, keep: bool) -> list[str]:
     for row in denials:
         say(f"  {row.broker}: {row.event} {row.actor}: {row.reason}")
     for broker in BROKERS:
-        state = f"/var/lib/{broker}-broker/state"
-        path = str(h.host_path(f"{broker}-broker", state)) if run.local else state
-        verified = h.exec(f"{broker}-broker", ["kms-broker", "audit", "verify", "--state-dir",
-                                               path])
+        home = f"/var/lib/{broker}-broker"
+        state, config = (str(h.host_path(f"{broker}-broker", p)) if run.local else p
+                         for p in (f"{home}/state", f"{home}/broker.yaml"))
+        # verify with the broker's audit public key, so authenticity is checked too
+        verified = h.exec(f"{broker}-broker", ["sh", "-c", _VERIFY_WITH_KEY, config, state])
         status = verified.stdout.decode().strip() or verified.stderr.decode().strip()
         say(f"{broker} broker audit log: {len(records[broker])} records, verify: {status}")
 

@@ -32,7 +32,7 @@ from kms_broker.server import BrokerServer, TlsMaterial
 from kms_broker.state.sqlite import SqliteRepository
 from sealed.secrets import SecretBuffer
 
-__all__ = ["build_server", "load_ek_trust", "load_plugin", "open_hsm"]
+__all__ = ["FAKE_HSM_REFUSED", "build_server", "load_ek_trust", "load_plugin", "open_hsm"]
 
 log = logging.getLogger("kms_broker")
 
@@ -49,11 +49,23 @@ def load_plugin(spec: str) -> Any:
     return factory()
 
 
-def open_hsm(config: BrokerConfig) -> Any:
+FAKE_HSM_REFUSED = (
+    "hsm.backend: fake is an in-process stand-in, not a custody boundary: the tenant KEKs and "
+    "every share would live in this process's memory and be lost when it stops. Use hsm.backend: "
+    "pkcs11 (SoftHSM2 or a real HSM); for a throwaway development broker only, pass "
+    "--dev-insecure-fake-hsm")
+
+
+def open_hsm(config: BrokerConfig, *, allow_fake: bool = False) -> Any:
+    """The configured HSM. ``allow_fake`` (``serve --dev-insecure-fake-hsm``) is the only way
+    to get the in-process fake; without it a ``fake`` backend is a :class:`ConfigError`."""
     if config.hsm.backend == "fake":
+        if not allow_fake:
+            raise ConfigError(FAKE_HSM_REFUSED)
         from kms_broker.hsm.fake import FakeHsm
 
-        log.warning("using the in-process FakeHsm: NOT a custody boundary, tests only")
+        log.warning("--dev-insecure-fake-hsm: using the in-process FakeHsm, NOT a custody "
+                    "boundary; never for real data")
         return FakeHsm()
     from kms_broker.hsm.pkcs11_hsm import Pkcs11Hsm
 
@@ -157,17 +169,18 @@ def check_audit_anchor(log_path: Path, hsm: Any, anchor_path: Path) -> None:
                         result.records)
 
 
-def build_server(config: BrokerConfig, *, hsm: Any = None, worker: int | None = None
-                 ) -> BrokerServer:
+def build_server(config: BrokerConfig, *, hsm: Any = None, worker: int | None = None,
+                 allow_fake_hsm: bool = False) -> BrokerServer:
     """Everything ``serve`` runs. ``worker``: this process is worker N of several sharing the
     port and state (:mod:`kms_broker.workers`): listen with SO_REUSEPORT and leave the metrics
-    endpoint to the supervisor."""
+    endpoint to the supervisor. ``allow_fake_hsm``: see :func:`open_hsm`."""
     from attest.policy import Policy
 
     state = Path(config.state_dir)
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     metrics = BrokerMetrics()
-    hsm = TimedHsm(hsm if hsm is not None else open_hsm(config), metrics)
+    hsm = TimedHsm(hsm if hsm is not None else open_hsm(config, allow_fake=allow_fake_hsm),
+                   metrics)
     clock = SystemClock()
     ttl = config.ttl_ms
     settings = Settings(

@@ -2,7 +2,7 @@
 
     kms-broker hsm init --state-dir DIR --label broker --so-pin-file F --pin-file F
     kms-broker certs ca|issue ...                  (dev CA and certificates)
-    kms-broker serve --config broker.yaml
+    kms-broker serve --config broker.yaml [--workers N] [--dev-insecure-fake-hsm]
     kms-broker tenant init --key tenant.key
     kms-broker tenant register|shred  --tenant ID --tenant-key F --broker ADDR --tls DIR
     kms-broker dataset upload PATH --store DIR --dataset ID --broker ADDR [--broker ADDR ...]
@@ -11,7 +11,7 @@
     kms-broker policy test POLICY.yaml EVIDENCE --kind K --report-data HEX   (offline)
     kms-broker grant create|revoke ...
     kms-broker node enrol NODE --tcti TCTI ...     (on the node, operator certificate)
-    kms-broker node revoke|reinstate|enrol-test ...   (operator certificate)
+    kms-broker node revoke|reinstate ...           (operator certificate)
     kms-broker audit verify|tail --state-dir DIR   (offline) or --broker ADDR (online)
     kms-broker audit public-key --config broker.yaml   (PEM, for verify --public-key)
 
@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +74,18 @@ def _tenant_clients(args: argparse.Namespace) -> list[Any]:
 
 # ------------------------------------------------------------------ commands
 def cmd_serve(args: argparse.Namespace) -> int:
+    from kms_broker.app import build_server
+
+    return serve(args, build=build_server, entry_module="kms_broker.cli")
+
+
+def serve(args: argparse.Namespace, *, build: Callable[..., Any], entry_module: str) -> int:
+    """``serve`` with a composition: ``build(config, worker=, allow_fake_hsm=)`` makes the
+    server; worker processes run ``python -m ENTRY_MODULE serve ...``. ``kms-broker serve``
+    passes the production composition (:func:`kms_broker.app.build_server`); only the test
+    composition (tests/kms_broker/testing_server.py) passes another."""
     import dataclasses
 
-    from kms_broker.app import build_server
     from kms_broker.config import load_config
 
     worker = args.worker
@@ -91,6 +101,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if count > 1 and config.hsm.backend != "pkcs11":
         raise CliError("--workers above 1 needs hsm.backend pkcs11: the workers share one "
                        "token, and the fake HSM lives inside a single process")
+    if config.hsm.backend == "fake" and not args.dev_insecure_fake_hsm:
+        from kms_broker.app import FAKE_HSM_REFUSED
+
+        raise CliError(FAKE_HSM_REFUSED)
     host = config.listen.rsplit(":", 1)[0]
     port_file = Path(config.state_dir) / "broker.port"
 
@@ -102,8 +116,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if worker is None and count > 1:
         from kms_broker.workers import supervise
 
-        return supervise(args.config, config, count, on_listening=listening)
-    server = build_server(config, worker=worker)
+        return supervise(args.config, config, count, on_listening=listening,
+                         entry_module=entry_module)
+    server = build(config, worker=worker, allow_fake_hsm=args.dev_insecure_fake_hsm)
     server.start()
     if worker is None:
         listening(server.port)
@@ -294,12 +309,13 @@ def _operator_stub(endpoint: Any) -> tuple[Any, Any]:
 def _operator_call(args: argparse.Namespace, method: str, request: Any) -> list[Any]:
     import grpc
 
-    from kms_broker.rpc import error_from_rpc
+    from kms_broker.rpc import error_from_rpc, wait_until_ready
 
     out = []
     for endpoint in _endpoints(args):
         channel, stub = _operator_stub(endpoint)
         try:
+            wait_until_ready(channel, endpoint.address, 30)
             out.append(getattr(stub, method)(request, timeout=30))
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, endpoint.address) from None
@@ -328,15 +344,6 @@ def cmd_node_enrol(args: argparse.Namespace) -> int:
         print(f"node {d.node_id} enrolled at {d.broker}: AK {d.ak_name.hex()}, "
               f"EK certificate sha256 {d.ek_certificate_sha256}")
     print(f"node {args.node} enrolled at {len(done)} broker(s)")
-    return 0
-
-
-def cmd_node_enrol_test(args: argparse.Namespace) -> int:
-    from kms_broker._proto.kmsbroker.v1 import broker_pb2 as pb
-
-    _operator_call(args, "EnrolTestNode", pb.EnrolTestNodeRequest(
-        node_id=args.node, tenant_scope=args.tenant_scope or ""))
-    print(f"test node {args.node} enrolled (no TPM) at {len(args.broker)} broker(s)")
     return 0
 
 
@@ -467,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'workers', else 1); more than one uses more cores")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by the supervisor
     p.add_argument("--listen", help=argparse.SUPPRESS)  # set by the supervisor
+    p.add_argument("--dev-insecure-fake-hsm", action="store_true",
+                   help="development only: accept hsm.backend: fake (an in-process stand-in "
+                        "with no custody boundary; every key is lost at exit)")
     p.set_defaults(func=cmd_serve)
 
     hsm = sub.add_parser("hsm", help="HSM token setup").add_subparsers(dest="action",
@@ -562,15 +572,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant-scope", help="tenant this node may serve (default: any)")
     _tls_args(p)
     p.set_defaults(func=cmd_node_enrol)
-    p = node.add_parser(
-        "enrol-test", help="test brokers only: enrol a node without a TPM (test-json evidence)",
-        description="Enrol a node with no attestation key. Only brokers whose configuration "
-                    "loads the test-json verifier accept it; every other broker refuses "
-                    "(enrolment.unattested).")
-    p.add_argument("node")
-    p.add_argument("--tenant-scope")
-    _tls_args(p)
-    p.set_defaults(func=cmd_node_enrol_test)
     p = node.add_parser("revoke")
     p.add_argument("node")
     _tls_args(p)

@@ -1,11 +1,26 @@
 """Node key client: the library the trainer imports to obtain a dataset key.
 
-For each broker that holds a share: Challenge -> build evidence over
-``expected_report_data(nonce, session_id, node_public_key)`` with the caller's
-``evidence_for`` callback -> Attest -> Release -> open the sealed share with the one-time
-private key (:mod:`kms_broker.sealing`). With every share in hand (n-of-n, ordered by share
-index) it derives the DEK (:func:`sealed.derive_dek`), zeroes the shares and drops the
-one-time keys. The DEK is returned as a :class:`~sealed.SecretBuffer` the caller must zeroize.
+For every broker that holds a share, **in parallel** (one thread per broker): Challenge ->
+one-time P-256 key -> ``expected_report_data(nonce, session_id, node_public_key)``. Then **one**
+piece of evidence covers every broker's session: its report data is
+:func:`attest.interface.combined_report_data` over the list of per-broker report data, and each
+Attest carries that list (``report_data_set``) so each broker checks that its own session is in
+it (a TPM quotes one command at a time, so one quote for n brokers instead of n in a row; with
+one broker the evidence is over that session's report data alone, as before). Attest to every
+broker (in parallel) before releasing from any; then Release (in parallel), open each sealed
+share with its one-time private key (:mod:`kms_broker.sealing`), and with every share in hand
+(n-of-n, ordered by share index) derive the DEK (:func:`sealed.derive_dek`), zero the shares and
+drop the one-time keys. The DEK is returned as a :class:`~sealed.SecretBuffer` the caller must
+zeroize.
+
+Evidence comes from the caller: ``evidence_for(report_data) -> (kind, payload)``, or
+``evidence_for_set(items) -> SharedEvidence`` for a caller that batches several requesters'
+sessions into one quote (local ranks sharing a TPM: ``trainer.quote_batch``); the set it
+returns must contain every item asked for.
+
+Each broker's channel waits on its first call until it is connected, up to ``timeout_s``
+(:func:`kms_broker.rpc.wait_until_ready`), so a client started before its broker listens, or
+many clients starting at once, connect rather than fail.
 
 Errors are typed (:mod:`kms_broker.rpc`): ``PermissionDeniedError`` (with ``rules``),
 ``UnavailableError``, ``UnauthenticatedError``, ``NotFoundError``, ``InvalidRequest``,
@@ -16,12 +31,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from attest.interface import expected_report_data
+from attest.interface import combined_report_data, expected_report_data
 from kms_broker import sealing
 from kms_broker._proto.kmsbroker.v1 import broker_pb2 as pb
 from kms_broker._proto.kmsbroker.v1 import broker_pb2_grpc as pb_grpc
@@ -29,6 +46,7 @@ from kms_broker.rpc import (
     BrokerEndpoint,
     BrokerRpcError,
     PermissionDeniedError,
+    ReadyOnce,
     UnavailableError,
     error_from_rpc,
     open_channel,
@@ -39,14 +57,30 @@ from sealed.secrets import SecretBuffer
 __all__ = [
     "BrokerEndpoint",
     "EvidenceFor",
+    "EvidenceForSet",
     "KeyClient",
     "Lease",
     "ReleasedKey",
     "RevocationNotice",
     "ShareOpenError",
+    "SharedEvidence",
 ]
 
 EvidenceFor = Callable[[bytes], tuple[str, bytes]]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class SharedEvidence:
+    """Evidence over ``combined_report_data(report_data_set)``; an empty set means the
+    evidence's report data is the one item asked for itself."""
+
+    kind: str
+    payload: bytes
+    report_data_set: tuple[bytes, ...] = ()
+
+
+EvidenceForSet = Callable[[Sequence[bytes]], SharedEvidence]
 
 
 class ShareOpenError(BrokerRpcError):
@@ -85,6 +119,26 @@ class _Broker:
     endpoint: BrokerEndpoint
     channel: grpc.Channel
     stub: pb_grpc.NodeServiceStub
+    ready: ReadyOnce
+
+
+@dataclass(slots=True)
+class _Attested:
+    broker: _Broker
+    private_key: ec.EllipticCurvePrivateKey | None
+    public_key: bytes
+    challenge: Any
+    token: bytes = b""
+
+
+def _single(evidence_for: EvidenceFor) -> EvidenceForSet:
+    def for_set(items: Sequence[bytes]) -> SharedEvidence:
+        if len(items) == 1:
+            return SharedEvidence(*evidence_for(items[0]))
+        kind, payload = evidence_for(combined_report_data(items))
+        return SharedEvidence(kind, payload, tuple(items))
+
+    return for_set
 
 
 class KeyClient:
@@ -94,19 +148,23 @@ class KeyClient:
         *,
         node_id: str,
         job_id: str,
-        evidence_for: EvidenceFor,
+        evidence_for: EvidenceFor | None = None,
+        evidence_for_set: EvidenceForSet | None = None,
         timeout_s: float = 10.0,
     ) -> None:
         if not brokers:
             raise ValueError("need at least one broker")
+        if (evidence_for is None) == (evidence_for_set is None):
+            raise ValueError("give exactly one of evidence_for and evidence_for_set")
         self.node_id = validate_identifier("node", node_id)
         self.job_id = validate_identifier("job", job_id)
-        self._evidence_for = evidence_for
+        self._evidence = evidence_for_set or _single(evidence_for)  # type: ignore[arg-type]
         self._timeout = timeout_s
         self._brokers = []
         for endpoint in brokers:
             channel = open_channel(endpoint)
-            self._brokers.append(_Broker(endpoint, channel, pb_grpc.NodeServiceStub(channel)))
+            self._brokers.append(_Broker(endpoint, channel, pb_grpc.NodeServiceStub(channel),
+                                         ReadyOnce(channel, endpoint.address, timeout_s)))
         self._leases: list[Lease] = []
         self._watchers: list[_Watcher] = []
 
@@ -124,78 +182,115 @@ class KeyClient:
 
     # ------------------------------------------------------------------ calls
     def _call(self, broker: _Broker, method: str, request: object, *,
-              wait_for_ready: bool = False) -> object:
-        # wait_for_ready: a call made while the broker restarts waits (up to the deadline) for
-        # the channel to reconnect instead of failing at once with UNAVAILABLE
+              wait_for_ready: bool = False) -> Any:
+        # the first call on a channel waits (up to the deadline) until it is connected;
+        # wait_for_ready: a later call made while the broker restarts waits too, instead of
+        # failing at once with UNAVAILABLE
+        broker.ready()
         try:
             return getattr(broker.stub, method)(request, timeout=self._timeout,
                                                 wait_for_ready=wait_for_ready)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, broker.endpoint.address) from None
 
-    def _attest(self, broker: _Broker, *, wait_for_ready: bool = False
-                ) -> tuple[ec.EllipticCurvePrivateKey, bytes, object, bytes]:
-        """One fresh attestation: (private key, public key, challenge, token)."""
-        challenge = self._call(broker, "Challenge",
-                               pb.ChallengeRequest(node_id=self.node_id, job_id=self.job_id),
-                               wait_for_ready=wait_for_ready)
-        private_key, public_key = sealing.generate_node_key()
-        report_data = expected_report_data(
-            challenge.nonce, challenge.session_id, public_key  # type: ignore[attr-defined]
-        )
-        kind, payload = self._evidence_for(report_data)
-        reply = self._call(broker, "Attest", pb.AttestRequest(
-            node_id=self.node_id, session_id=challenge.session_id,  # type: ignore[attr-defined]
-            evidence=pb.Evidence(kind=kind, payload=payload), node_public_key=public_key,
-        ))
-        return private_key, public_key, challenge, reply.token  # type: ignore[attr-defined]
+    def _each(self, brokers: Sequence[T], fn: Callable[[T], Any]) -> list[Any]:
+        """``fn`` over every item at once (one thread each); results, or the exceptions
+        raised, in order."""
+        def guarded(item: T) -> Any:
+            try:
+                return fn(item)
+            except Exception as exc:
+                return _Failed(exc)
+
+        if len(brokers) == 1:
+            return [guarded(brokers[0])]
+        with ThreadPoolExecutor(max_workers=len(brokers),
+                                thread_name_prefix="key-client") as pool:
+            return list(pool.map(guarded, brokers))
+
+    def _attest_all(self, *, wait_for_ready: bool = False) -> list[_Attested]:
+        """One fresh attestation at every broker with one evidence; raises the first
+        permission denial (after every broker has judged), else the first other error."""
+
+        def challenge(broker: _Broker) -> _Attested:
+            reply = self._call(broker, "Challenge", pb.ChallengeRequest(
+                node_id=self.node_id, job_id=self.job_id), wait_for_ready=wait_for_ready)
+            private_key, public_key = sealing.generate_node_key()
+            return _Attested(broker, private_key, public_key, reply)
+
+        sessions = _raise_first(self._each(self._brokers, challenge))
+        items = [expected_report_data(a.challenge.nonce, a.challenge.session_id, a.public_key)
+                 for a in sessions]
+        evidence = self._evidence(items)
+        if evidence.report_data_set and not set(items) <= set(evidence.report_data_set):
+            raise ValueError("evidence_for_set returned a set without this client's sessions")
+
+        def attest(a: _Attested) -> _Attested:
+            reply = self._call(a.broker, "Attest", pb.AttestRequest(
+                node_id=self.node_id, session_id=a.challenge.session_id,
+                evidence=pb.Evidence(kind=evidence.kind, payload=evidence.payload),
+                node_public_key=a.public_key, report_data_set=evidence.report_data_set,
+            ), wait_for_ready=wait_for_ready)
+            a.token = reply.token
+            return a
+
+        # every broker judges (and audits) this node on its own, so a refusal shows in every
+        # broker's log, and no share is released to a node another share holder refuses
+        results = self._each(sessions, attest)
+        denials = [r.error for r in results
+                   if isinstance(r, _Failed) and isinstance(r.error, PermissionDeniedError)]
+        if denials:
+            raise denials[0]
+        return _raise_first(results)
 
     def fetch_dek(self, *, tenant_id: str, dataset_id: str, key_version: int) -> ReleasedKey:
         """Attest to every broker, release and open every share, derive the DEK."""
         shares: dict[int, SecretBuffer] = {}
         leases: list[Lease] = []
         try:
-            counts = set()
-            # Attest to every broker before releasing from any: each broker then judges (and
-            # audits) this node on its own, so a refusal shows in every broker's log, and no
-            # share is released to a node that another share holder refuses.
-            attested, denials = [], []
-            for broker in self._brokers:
-                try:
-                    attested.append((broker, *self._attest(broker)))
-                except PermissionDeniedError as exc:
-                    denials.append(exc)
-            if denials:
-                raise denials[0]
-            for broker, private_key, public_key, challenge, token in attested:
-                reply = self._call(broker, "Release", pb.ReleaseRequest(
-                    node_id=self.node_id, token=token, tenant_id=tenant_id,
+            attested = self._attest_all()
+
+            def release(a: _Attested) -> tuple[Any, SecretBuffer]:
+                reply = self._call(a.broker, "Release", pb.ReleaseRequest(
+                    node_id=self.node_id, token=a.token, tenant_id=tenant_id,
                     dataset_id=dataset_id, key_version=key_version,
                 ))
                 transcript = sealing.release_transcript(
-                    session_id=challenge.session_id, nonce=challenge.nonce,  # type: ignore[attr-defined]
+                    session_id=a.challenge.session_id, nonce=a.challenge.nonce,
                     tenant_id=tenant_id, dataset_id=dataset_id, key_version=key_version,
-                    broker_id=challenge.broker_id,  # type: ignore[attr-defined]
-                    node_public_key=public_key,
+                    broker_id=a.challenge.broker_id, node_public_key=a.public_key,
                 )
+                private_key, a.private_key = a.private_key, None
                 try:
-                    share = sealing.open_sealed_share(
-                        private_key, reply.sealed_share, transcript  # type: ignore[attr-defined]
-                    )
+                    share = sealing.open_sealed_share(private_key, reply.sealed_share,
+                                                      transcript)
                 except (sealing.SealingError, ValueError):
                     raise ShareOpenError("released share did not open", code="DATA_LOSS",
-                                         broker=broker.endpoint.address) from None
+                                         broker=a.broker.endpoint.address) from None
                 finally:
                     del private_key
-                index = reply.share_index  # type: ignore[attr-defined]
+                return reply, share
+
+            results = self._each(attested, release)
+            counts = set()
+            failure: Exception | None = next(
+                (r.error for r in results if isinstance(r, _Failed)), None)
+            for a, result in zip(attested, results, strict=True):
+                if isinstance(result, _Failed):
+                    continue
+                reply, share = result
+                index = reply.share_index
                 if index in shares:
                     share.zeroize()
-                    raise ShareOpenError(f"two brokers returned share index {index}",
-                                         code="FAILED_PRECONDITION")
+                    failure = failure or ShareOpenError(
+                        f"two brokers returned share index {index}", code="FAILED_PRECONDITION")
+                    continue
                 shares[index] = share
-                counts.add(reply.share_count)  # type: ignore[attr-defined]
-                leases.append(Lease(broker.endpoint.address, reply.lease_id,  # type: ignore[attr-defined]
-                                    reply.lease_expires_unix_ms))  # type: ignore[attr-defined]
+                counts.add(reply.share_count)
+                leases.append(Lease(a.broker.endpoint.address, reply.lease_id,
+                                    reply.lease_expires_unix_ms))
+            if failure is not None:
+                raise failure
             if len(counts) != 1 or sorted(shares) != list(range(counts.pop())):
                 raise ShareOpenError(
                     f"brokers returned shares {sorted(shares)} of a different split; "
@@ -209,23 +304,25 @@ class KeyClient:
         return ReleasedKey(dek, tenant_id, dataset_id, key_version, tuple(leases))
 
     def renew(self) -> int:
-        """Re-attest to each broker and renew its lease; returns the earliest new expiry."""
+        """Re-attest to each broker (in parallel, one evidence) and renew its lease; returns
+        the earliest new expiry."""
         if not self._leases:
             raise ValueError("no leases to renew; call fetch_dek first")
-        expiries = []
-        renewed = []
-        for broker, lease in zip(self._brokers, self._leases, strict=True):
-            # a renewal rides out a broker restart: wait for the channel (up to the deadline)
-            private_key, _, _, token = self._attest(broker, wait_for_ready=True)
-            del private_key
-            reply = self._call(broker, "RenewLease", pb.RenewLeaseRequest(
-                node_id=self.node_id, lease_id=lease.lease_id, token=token),
+        by_broker = {lease.broker: lease for lease in self._leases}
+        # a renewal rides out a broker restart: wait for the channel (up to the deadline)
+        attested = self._attest_all(wait_for_ready=True)
+
+        def renew_one(a: _Attested) -> Lease:
+            a.private_key = None
+            lease = by_broker[a.broker.endpoint.address]
+            reply = self._call(a.broker, "RenewLease", pb.RenewLeaseRequest(
+                node_id=self.node_id, lease_id=lease.lease_id, token=a.token),
                 wait_for_ready=True)
-            expiries.append(reply.lease_expires_unix_ms)  # type: ignore[attr-defined]
-            renewed.append(Lease(lease.broker, lease.lease_id,
-                                 reply.lease_expires_unix_ms))  # type: ignore[attr-defined]
+            return Lease(lease.broker, lease.lease_id, reply.lease_expires_unix_ms)
+
+        renewed = _raise_first(self._each(attested, renew_one))
         self._leases = renewed
-        return min(expiries)
+        return min(lease.expires_unix_ms for lease in renewed)
 
     @property
     def leases(self) -> tuple[Lease, ...]:
@@ -253,6 +350,18 @@ class KeyClient:
     def watching_all(self) -> bool:
         """True while every broker's stream is subscribed."""
         return bool(self._watchers) and all(w.connected.is_set() for w in self._watchers)
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    error: Exception
+
+
+def _raise_first(results: list[Any]) -> list[Any]:
+    for r in results:
+        if isinstance(r, _Failed):
+            raise r.error
+    return results
 
 
 RESUBSCRIBE_FIRST_S = 0.2

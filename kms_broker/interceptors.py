@@ -102,6 +102,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                  inflight: StreamSlots | None = None) -> None:
         self._limiter = limiter
         self._inflight = inflight
+        self.roles = dict(SERVICE_ROLES)  # BrokerServer.add_service may add to it
 
     def intercept_service(
         self,
@@ -112,7 +113,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         service = handler_call_details.method.lstrip("/").split("/")[0]
-        role, field = SERVICE_ROLES.get(service, ("__none__", None))
+        role, field = self.roles.get(service, ("__none__", None))
 
         limiter = self._limiter if role is not None else None
 

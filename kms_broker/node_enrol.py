@@ -25,7 +25,7 @@ import grpc
 
 from kms_broker._proto.kmsbroker.v1 import broker_pb2 as pb
 from kms_broker._proto.kmsbroker.v1 import broker_pb2_grpc as pb_grpc
-from kms_broker.rpc import BrokerEndpoint, error_from_rpc, open_channel
+from kms_broker.rpc import BrokerEndpoint, error_from_rpc, open_channel, wait_until_ready
 
 __all__ = ["EnrolledAt", "EnrollingTpm", "enrol_node"]
 
@@ -60,6 +60,7 @@ def enrol_node(
         channel = open_channel(endpoint)
         stub = pb_grpc.OperatorServiceStub(channel)
         try:
+            wait_until_ready(channel, endpoint.address, timeout_s)
             challenge = stub.BeginEnrolNode(begin, timeout=timeout_s)
             try:
                 answer = tpm.activate_credential(challenge.credential_blob,

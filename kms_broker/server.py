@@ -25,11 +25,10 @@ from kms_broker.domain.node_flow import NodeFlow
 from kms_broker.interceptors import AuthInterceptor
 from kms_broker.limits import HANDLER_THREADS, Limits, RateLimiter, StreamSlots, check_pool
 from kms_broker.metrics import BrokerMetrics
+from kms_broker.protocol import MAX_MESSAGE_BYTES
 from kms_broker.servicers import NodeServicer, OperatorServicer, TenantServicer
 
 __all__ = ["MAX_MESSAGE_BYTES", "BrokerServer", "TlsMaterial"]
-
-MAX_MESSAGE_BYTES = 2 << 20
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -63,11 +62,13 @@ class BrokerServer:
         limits = limits or Limits()
         check_pool(limits, max_workers)
         flow.d.on_denial = lambda reason: self.metrics.denials.labels(reason=reason).inc()
+        self.deps = flow.d
+        self._auth = AuthInterceptor(
+            RateLimiter(limits.rate_per_s, limits.burst),
+            StreamSlots(per_key=limits.inflight_per_identity, total=max_workers * 4))
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="broker"),
-            interceptors=[AuthInterceptor(
-                RateLimiter(limits.rate_per_s, limits.burst),
-                StreamSlots(per_key=limits.inflight_per_identity, total=max_workers * 4))],
+            interceptors=[self._auth],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -97,6 +98,15 @@ class BrokerServer:
         self.port = self._server.add_secure_port(address, credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
+
+    def add_service(self, name: str, register: Callable[[grpc.Server], None], *,
+                    role: str, id_field: str | None = None) -> None:
+        """Serve one more gRPC service (before :meth:`start`), for callers with ``role``
+        certificates; ``id_field`` of each request must then equal the certificate's id.
+        Only a composition root calls this (the test composition adds its test-only service
+        here); no configuration reaches it."""
+        self._auth.roles[name] = (role, id_field)
+        register(self._server)
 
     def start(self) -> None:
         self._server.start()

@@ -32,10 +32,9 @@ from kms_broker.errors import status_for
 from kms_broker.interceptors import CURRENT_IDENTITY
 from kms_broker.limits import StreamSlots
 from kms_broker.metrics import BrokerMetrics
+from kms_broker.protocol import RULES_METADATA_KEY
 
 __all__ = ["RULES_METADATA_KEY", "NodeServicer", "OperatorServicer", "TenantServicer"]
-
-RULES_METADATA_KEY = "kmsbroker-rules"
 log = logging.getLogger("kms_broker.server")
 T = TypeVar("T")
 
@@ -93,7 +92,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         r = run(context, lambda: self.flow.attest(
             node_id=request.node_id, session_id=request.session_id,
             kind=request.evidence.kind, payload=request.evidence.payload,
-            node_public_key=request.node_public_key), "Attest", self.metrics)
+            node_public_key=request.node_public_key,
+            report_data_set=tuple(request.report_data_set)), "Attest", self.metrics)
         return pb.AttestResponse(allowed=True, token=r.token, token_expires_unix_ms=r.expires_ms,
                                  rules=_rules(r.rules))
 
@@ -296,13 +296,6 @@ class OperatorServicer(pb_grpc.OperatorServiceServicer):
             activated_secret=request.activated_secret), "CompleteEnrolNode", self.metrics)
         return pb.CompleteEnrolNodeResponse(node_id=c.node_id, ak_name=c.ak_name,
                                             ek_certificate_sha256=c.ek_certificate_sha256)
-
-    def EnrolTestNode(self, request: Any, context: grpc.ServicerContext) -> Any:
-        actor = str(CURRENT_IDENTITY.get())
-        run(context, lambda: self.enrolment.enrol_test_node(
-            actor=actor, node_id=request.node_id, tenant_scope=request.tenant_scope),
-            "EnrolTestNode", self.metrics)
-        return pb.EnrolTestNodeResponse()
 
     def RevokeNode(self, request: Any, context: grpc.ServicerContext) -> Any:
         actor = str(CURRENT_IDENTITY.get())

@@ -25,7 +25,13 @@ from kms_broker import sealing
 from kms_broker._proto.kmsbroker.v1 import broker_pb2 as pb
 from kms_broker._proto.kmsbroker.v1 import broker_pb2_grpc as pb_grpc
 from kms_broker.grants import GrantDocument, sign_grant
-from kms_broker.rpc import BrokerEndpoint, BrokerRpcError, error_from_rpc, open_channel
+from kms_broker.rpc import (
+    BrokerEndpoint,
+    BrokerRpcError,
+    ReadyOnce,
+    error_from_rpc,
+    open_channel,
+)
 from sealed import DatasetReader, ObjectStore, derive_dek, write_dataset
 from sealed.secrets import SecretBuffer
 
@@ -71,6 +77,7 @@ class TenantClient:
         self._key = signing_key
         self._timeout = timeout_s
         self._channel = open_channel(endpoint)
+        self._ready = ReadyOnce(self._channel, endpoint.address, timeout_s)
         self._stub = pb_grpc.TenantServiceStub(self._channel)
 
     @property
@@ -88,6 +95,7 @@ class TenantClient:
 
     def _call(self, method: str, **fields: Any) -> Any:
         request = getattr(pb, f"{method}Request")(tenant_id=self.tenant_id, **fields)
+        self._ready()  # the first call waits (up to the deadline) for the connection
         try:
             return getattr(self._stub, method)(request, timeout=self._timeout)
         except grpc.RpcError as exc:

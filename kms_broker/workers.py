@@ -77,14 +77,16 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 
 class _Workers:
-    def __init__(self, config_path: Path, config: BrokerConfig, env: dict[str, str]) -> None:
+    def __init__(self, config_path: Path, config: BrokerConfig, env: dict[str, str],
+                 entry_module: str) -> None:
         self.config_path, self.config, self.env = config_path, config, env
+        self.entry_module = entry_module
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
 
     def start(self, index: int, listen: str) -> None:
         worker_port_file(self.config, index).unlink(missing_ok=True)
         self.procs[index] = subprocess.Popen(
-            [sys.executable, "-m", "kms_broker.cli", "serve", "--config", str(self.config_path),
+            [sys.executable, "-m", self.entry_module, "serve", "--config", str(self.config_path),
              "--worker", str(index), "--listen", listen],
             env=self.env, preexec_fn=_die_with_parent,
         )
@@ -128,8 +130,11 @@ def _serve_metrics(config: BrokerConfig, directory: Path) -> None:
 
 
 def supervise(config_path: Path, config: BrokerConfig, count: int,
-              on_listening: Callable[[int], None] | None = None) -> int:
-    """Run ``count`` workers until SIGTERM/SIGINT; returns the process exit status."""
+              on_listening: Callable[[int], None] | None = None,
+              entry_module: str = "kms_broker.cli") -> int:
+    """Run ``count`` workers until SIGTERM/SIGINT; returns the process exit status. Each
+    worker is ``python -m ENTRY_MODULE serve --worker N`` (the same composition as this
+    supervisor's)."""
     if not 2 <= count <= MAX_WORKERS:
         raise ValueError(f"workers must be from 2 to {MAX_WORKERS}")
     Path(config.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -143,7 +148,7 @@ def supervise(config_path: Path, config: BrokerConfig, count: int,
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    workers = _Workers(Path(config_path), config, env)
+    workers = _Workers(Path(config_path), config, env, entry_module)
     try:
         workers.start(0, config.listen)
         port = workers.wait_listening(0, stop)

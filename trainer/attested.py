@@ -1,16 +1,19 @@
 """The production key source: attested release from every broker holding a share.
 
 For each process (every torchrun rank attests for itself, so no key crosses a process
-boundary): ``kms_broker.client.KeyClient`` makes a one-time P-256 key per broker, gets a
-challenge, asks :meth:`AttestedKeySource.evidence_for` for evidence over
-``expected_report_data(nonce, session_id, node_public_key)``, attests, releases, opens the
+boundary): ``kms_broker.client.KeyClient`` makes a one-time P-256 key per broker and gets a
+challenge from every broker at once; one piece of evidence covers every broker's
+``expected_report_data(nonce, session_id, node_public_key)``; it attests, releases, opens the
 sealed shares and derives the DEK (shares zeroed). Evidence is a TPM 2.0 quote: the node's
 hardening facts, the code identity (``trainer.guard``: the digest of the measured code set,
 checked against every mapped library before the first broker is contacted and before every
 renewal) and the job identity (``trainer.job_identity``: ``job.digest``, ``job.model``, ...)
 are measured into the application PCR (``attest.tpm2.agent``) and quoted with the enrolled
-AK. Local ranks take turns at the TPM (an ``flock`` on a lock file named after the TCTI)
-because measuring resets and extends one PCR.
+AK (or, with ``attestation.evidence: composite``, a CPU TEE report and one report per GPU).
+The local ranks of a job share one quote (:mod:`trainer.quote_batch`: whichever rank holds
+the batch lock quotes once over every waiting rank's sessions), because the TPM runs one
+command at a time and measuring resets and extends one PCR; a direct call of
+:meth:`AttestedKeySource.evidence_for` takes turns at the TPM under an ``flock``.
 
 Lease: a background thread renews every lease (re-attesting) once half of it has run out; a
 refusal (permission denied, lease or grant gone) revokes the handle, so the trainer shreds
@@ -23,6 +26,7 @@ import contextlib
 import fcntl
 import hashlib
 import logging
+import os
 import tempfile
 import threading
 import time
@@ -100,12 +104,31 @@ class AttestedKeySource:
 
         tcti = self._config.attestation.tcti
         claims = node_claims(code=self._code_claims(), extra=job_claims(self._config))
+        # every process using this TPM takes turns: measuring resets and extends one PCR
         with open(_tpm_lock_path(tcti), "a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 return "tpm2", collect_evidence(tcti, report_data, claims)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _shared_quotes(self) -> Any:
+        """One quote for every local rank of this job waiting at this TPM."""
+        from trainer.quote_batch import QuoteBatcher, batch_directory
+
+        assert self._config.attestation is not None
+        expected = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        batcher = QuoteBatcher(batch_directory(self._config.attestation.tcti,
+                                               self._config.job_id),
+                               self.evidence_for, expected=expected)
+
+        def evidence_for_set(items: Any) -> Any:
+            # every rank runs its own code-identity check (the guard), even when another
+            # rank's quote serves it
+            self._code_claims()
+            return batcher(items)
+
+        return evidence_for_set
 
     def _code_claims(self) -> dict[str, str]:
         """Code identity (trainer/guard.py): under the guard, every mapped library is
@@ -134,8 +157,12 @@ class AttestedKeySource:
             raise KeySourceUnavailable(
                 f"cannot read broker TLS material {exc.filename}: {exc.strerror}"
             ) from None
-        client = KeyClient(endpoints, node_id=self._node_id, job_id=config.job_id,
-                           evidence_for=self.evidence_for)
+        if self._evidence_for is not None:  # injected evidence (tests): one call per fetch
+            client = KeyClient(endpoints, node_id=self._node_id, job_id=config.job_id,
+                               evidence_for=self._evidence_for)
+        else:
+            client = KeyClient(endpoints, node_id=self._node_id, job_id=config.job_id,
+                               evidence_for_set=self._shared_quotes())
         self._client = client
         try:
             released = client.fetch_dek(tenant_id=config.tenant_id,

@@ -20,10 +20,9 @@ the node is stored, so an audit failure enrols nothing (fail closed). Refusals a
 ``PermissionDenied`` whose rules are the verifier's failures (ids ``tpm2.*``) or
 ``enrolment.unknown`` for an unknown, expired or already used enrolment id.
 
-:meth:`NodeEnrolment.enrol_test_node` is the old direct enrolment, kept only for the test-only
-``test-json`` evidence kind: it stores a node *without* an AK (so tpm2 evidence from it always
-fails ``tpm2.ak_not_enrolled``) and is refused unless the broker's configuration loads the
-``test-json`` verifier, which no production configuration does.
+There is no other way to enrol a node in the production broker. The direct enrolment of a
+node without a TPM (for the trusting ``test-json`` verifier) lives only in the test composition
+of the server (``tests/kms_broker/testing_server.py``), which ``kms-broker serve`` never loads.
 """
 
 from __future__ import annotations
@@ -46,13 +45,11 @@ from kms_broker.domain.model import Node
 
 __all__ = [
     "MAX_PENDING",
-    "TEST_EVIDENCE_KIND",
     "BegunEnrolment",
     "CompletedEnrolment",
     "NodeEnrolment",
 ]
 
-TEST_EVIDENCE_KIND = "test-json"  # tests/kms_broker/verifiers.py; never in a real deployment
 MAX_PENDING = 1024
 MAX_CERT_BYTES = 4096
 MAX_PUBLIC_BYTES = 1024
@@ -187,22 +184,3 @@ class NodeEnrolment:
                 pending.state.ek_certificate)))
         return CompletedEnrolment(pending.node_id, enrolled.ak_name,
                                   enrolled.ek_certificate_sha256)
-
-    # ------------------------------------------------------------ test only
-    def enrol_test_node(self, *, actor: str, node_id: str, tenant_scope: str) -> None:
-        """Enrol a node with no AK; only for brokers that load the test-json verifier."""
-        check_id("node", node_id)
-        if tenant_scope:
-            check_id("tenant", tenant_scope)
-        if TEST_EVIDENCE_KIND not in self.d.verifiers:
-            raise self.d.deny("enrol_test_node", actor=actor, subject=f"node:{node_id}",
-                              reason="enrolment.unattested: direct enrolment without a TPM is "
-                                     "only for test brokers that load the test-json verifier; "
-                                     "use BeginEnrolNode/CompleteEnrolNode")
-        self._not_revoked("enrol_test_node", actor, node_id)
-        self.d.audit.append("enrol_test_node", actor=actor, subject=f"node:{node_id}",
-                            outcome="allowed", reason=f"test node, scope {tenant_scope or 'any'}")
-        self._store("enrol_test_node", actor, Node(
-            node_id=node_id, tenant_scope=tenant_scope, ak_public=b"", ek_certificate=b"",
-            enrolled_ms=self.d.clock.now_ms(),
-            binding_sig=self.d.sign_node(node_id, tenant_scope, b"", b"")))

@@ -18,14 +18,7 @@ __all__ = [
     "Unavailable",
 ]
 
-from dataclasses import dataclass
-
-
-@dataclass(frozen=True, slots=True)
-class RuleOutcome:
-    name: str
-    passed: bool
-    reason: str
+from kms_broker.protocol import RuleOutcome  # shared with the clients, which read denials
 
 
 class BrokerError(Exception):

@@ -12,13 +12,19 @@ import contextlib
 import functools
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from attest.interface import MalformedEvidence, VerificationContext, expected_report_data
+from attest.interface import (
+    MAX_REPORT_DATA_SET,
+    MalformedEvidence,
+    VerificationContext,
+    combined_report_data,
+    expected_report_data,
+)
 from attest.policy import evidence_claims
 from kms_broker.domain.deps import BrokerDeps, check_id, check_size, hsm_errors
 from kms_broker.domain.errors import (
@@ -108,6 +114,13 @@ def _check_node_key(key: bytes) -> bytes:
     except ValueError:
         raise InvalidArgument("node_public_key is not a point on P-256") from None
     return key
+
+
+def _check_report_data_set(items: Sequence[bytes]) -> None:
+    if len(items) > MAX_REPORT_DATA_SET:
+        raise ResourceExhausted(f"report_data_set holds at most {MAX_REPORT_DATA_SET} items")
+    if any(len(item) != 32 for item in items):
+        raise InvalidArgument("each report_data_set item must be 32 bytes")
 
 
 def _claims_json(claims: Mapping[str, Any]) -> bytes:
@@ -221,12 +234,14 @@ class NodeFlow:
     # -------------------------------------------------------------- attest
     @audited_refusals("attest")
     def attest(
-        self, *, node_id: str, session_id: str, kind: str, payload: bytes, node_public_key: bytes
+        self, *, node_id: str, session_id: str, kind: str, payload: bytes, node_public_key: bytes,
+        report_data_set: Sequence[bytes] = (),
     ) -> AttestResult:
         check_id("node", node_id)
         check_id("session", session_id)
         check_size("evidence", payload, self.d.settings.max_evidence_bytes)
         _check_node_key(node_public_key)
+        _check_report_data_set(report_data_set)
         actor, subject = f"node:{node_id}", f"session:{session_id}"
         node = self.d.repo.get_node(node_id)
         if node is None:
@@ -253,8 +268,14 @@ class NodeFlow:
         if self.d.clock.now_ms() >= session.expires_ms:
             raise self.d.deny("attest", actor=actor, subject=subject,
                               reason="session.expired: the challenge is older than its TTL")
+        own = expected_report_data(session.nonce, session_id, node_public_key)
+        if report_data_set and own not in report_data_set:
+            raise self.d.deny("attest", actor=actor, subject=subject,
+                              reason="evidence.report_data_set: this session's report data is "
+                                     "not in the set the evidence covers")
         context = VerificationContext(
-            expected_report_data=expected_report_data(session.nonce, session_id, node_public_key),
+            expected_report_data=(combined_report_data(report_data_set) if report_data_set
+                                  else own),
             # a node enrolled without a TPM (test-json only) has no AK: tpm2.ak_not_enrolled
             node={"node_id": node_id, "ek_certificate": node.ek_certificate,
                   **({"ak_public": node.ak_public} if node.ak_public else {})},

@@ -129,6 +129,21 @@ def _assert_nodes_alive(harness: LocalHarness) -> None:
         assert states[node] in ("created", "running"), harness.logs(node)[-3000:]
 
 
+def _verify_audit(harness: LocalHarness, broker: str, scratch: Path):
+    """``kms-broker audit verify`` of ``broker``'s log with its audit public key, exported by
+    ``kms-broker audit public-key`` from the broker's own config (authenticity checked)."""
+    home = f"/var/lib/{broker}-broker"
+    exported = harness.exec(f"{broker}-broker", [
+        "kms-broker", "audit", "public-key", "--config",
+        str(harness.host_path(f"{broker}-broker", f"{home}/broker.yaml"))])
+    assert exported.returncode == 0, exported.stderr
+    key = scratch / f"{broker}-audit.pem"
+    key.write_bytes(exported.stdout)
+    return harness.exec(f"{broker}-broker", [
+        "kms-broker", "audit", "verify", "--public-key", str(key), "--state-dir",
+        str(harness.host_path(f"{broker}-broker", f"{home}/state"))])
+
+
 def _audit(harness: LocalHarness, broker: str) -> list[dict]:
     path = harness.volume_path(f"{broker}-broker") / "state" / "audit.log"
     if not path.exists():
@@ -184,9 +199,7 @@ def test_two_brokers_two_attested_nodes_train_through_a_broker_restart(tmp_path:
 
         for broker in ("provider", "tenant"):
             assert _released_to(harness, broker) == nodes, broker
-            verified = harness.exec(f"{broker}-broker", [
-                "kms-broker", "audit", "verify", "--state-dir",
-                str(harness.host_path(f"{broker}-broker", f"/var/lib/{broker}-broker/state"))])
+            verified = _verify_audit(harness, broker, tmp_path)
             assert verified.returncode == 0, verified.stdout + verified.stderr
             assert verified.stdout.startswith(b"OK")
         renewed_after_restart = {

@@ -14,7 +14,7 @@ from kms_broker import sealing
 from kms_broker._proto.kmsbroker.v1 import broker_pb2 as pb
 from kms_broker._proto.kmsbroker.v1 import broker_pb2_grpc as pb_grpc
 from tests.kms_broker.conftest import World, make_world
-from tests.kms_broker.verifiers import make_evidence
+from tests.kms_broker.evidence import every_evidence  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +60,7 @@ def _cases(world: World):
     nobody = _stub(world, pb_grpc.NodeServiceStub, "node", "nobody")
     operator_as_node = _stub(world, pb_grpc.OperatorServiceStub, "node", "n1")
     ch, pub, rd = _session(world)
-    kind, payload = make_evidence(rd)
+    kind, payload = world.broker.evidence("n1")(rd)
     ev = pb.Evidence(kind=kind, payload=payload)
 
     def attest(**kw):

@@ -16,7 +16,7 @@ from kms_broker.cli import main
 from kms_broker.client import KeyClient
 from kms_broker.rpc import BrokerEndpoint, PermissionDeniedError
 from sealed import DatasetReader, LocalDirStore
-from tests.kms_broker.conftest import REPO, start_broker
+from tests.kms_broker.conftest import REPO, enrol, start_broker
 from tests.kms_broker.verifiers import POLICY_YAML, make_evidence
 
 pytestmark = pytest.mark.integration
@@ -59,8 +59,7 @@ def test_tenant_workflow_through_the_cli(cli_broker) -> None:
     assert run("tenant", "init", "--key", str(key), ok=False).returncode == 1
     assert "registered, KEK v1" in run("tenant", "register", *tenant, "--tenant-key",
                                        str(key)).stdout
-    run("node", "enrol-test", "n1", "--broker", broker.address,
-        *tls(pki_dir, "operator", "ops"))
+    enrol(broker, "n1")  # test-only direct enrolment (the test composition of the server)
     data = root / "data"
     (data / "sub").mkdir(parents=True)
     files = {f"f{i}.bin": secrets.token_bytes(2000 + i) for i in range(5)}

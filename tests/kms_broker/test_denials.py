@@ -16,7 +16,8 @@ from kms_broker.grants import GrantDocument, sign_grant
 from kms_broker.rpc import PermissionDeniedError
 from kms_broker.tenant import upload_dataset
 from tests.kms_broker.conftest import World, enrol, make_world, records
-from tests.kms_broker.verifiers import POLICY_YAML, make_evidence
+from tests.kms_broker.evidence import every_evidence  # noqa: F401 - fixture
+from tests.kms_broker.verifiers import POLICY_YAML
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +32,7 @@ def world(broker_factory, tmp_path_factory) -> World:
 
 
 def denied(world: World, node: str, job: str, *, tenant: str = "acme",
-           dataset: str = "ds1", evidence_for=make_evidence) -> PermissionDeniedError:
+           dataset: str = "ds1", evidence_for=None) -> PermissionDeniedError:
     with world.broker.key_client(node, job, evidence_for) as client, \
             pytest.raises(PermissionDeniedError) as info:
         client.fetch_dek(tenant_id=tenant, dataset_id=dataset, key_version=1)
@@ -100,11 +101,12 @@ def test_tenant_b_dataset_through_tenant_a_job(world: World) -> None:
     assert_audited(world, "node.scope")
 
 
-def _attest_request(stub, node: str, job: str, *, bind_key: bytes | None = None):
+def _attest_request(stub, node: str, job: str, evidence_for, *,
+                    bind_key: bytes | None = None):
     ch = stub.Challenge(pb.ChallengeRequest(node_id=node, job_id=job), timeout=10)
     _, pub = sealing.generate_node_key()
-    kind, payload = make_evidence(expected_report_data(ch.nonce, ch.session_id,
-                                                       bind_key or pub))
+    kind, payload = evidence_for(expected_report_data(ch.nonce, ch.session_id,
+                                                      bind_key or pub))
     return pb.AttestRequest(node_id=node, session_id=ch.session_id,
                             evidence=pb.Evidence(kind=kind, payload=payload),
                             node_public_key=pub)
@@ -112,7 +114,7 @@ def _attest_request(stub, node: str, job: str, *, bind_key: bytes | None = None)
 
 def test_reused_nonce(world: World) -> None:
     stub = world.broker.node_stub("n1")
-    request = _attest_request(stub, "n1", world.job_id)
+    request = _attest_request(stub, "n1", world.job_id, world.broker.evidence("n1"))
     assert stub.Attest(request, timeout=10).token
     with pytest.raises(grpc.RpcError) as info:
         stub.Attest(request, timeout=10)
@@ -125,7 +127,7 @@ def test_expired_session(broker_factory, tmp_path_factory) -> None:
     short = make_world(broker_factory("short-session", ttl_ms={"session": 300}),
                        tmp_path_factory.mktemp("short"))
     stub = short.broker.node_stub("n1")
-    request = _attest_request(stub, "n1", short.job_id)
+    request = _attest_request(stub, "n1", short.job_id, short.broker.evidence("n1"))
     time.sleep(0.4)
     with pytest.raises(grpc.RpcError) as info:
         stub.Attest(request, timeout=10)
@@ -138,17 +140,18 @@ def test_evidence_bound_to_another_node_key(world: World) -> None:
     _, other_pub = sealing.generate_node_key()
     stub = world.broker.node_stub("n1")
     with pytest.raises(grpc.RpcError) as info:
-        stub.Attest(_attest_request(stub, "n1", world.job_id, bind_key=other_pub), timeout=10)
+        stub.Attest(_attest_request(stub, "n1", world.job_id, world.broker.evidence("n1"),
+                                    bind_key=other_pub), timeout=10)
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "test.report_data" in info.value.details()
-    assert "not bound" in info.value.details()
-    assert_audited(world, "test.report_data")
+    assert world.broker.binding_failure in info.value.details()
+    assert "not bound" in info.value.details() or "not the expected nonce" in \
+        info.value.details()
+    assert_audited(world, world.broker.binding_failure)
 
 
 def test_policy_failure_lists_rules(world: World) -> None:
-    def ksm_on(report_data: bytes) -> tuple[str, bytes]:
-        return make_evidence(report_data, {"node.ksm.enabled": True, "node.swap.enabled": False})
-
+    ksm_on = world.broker.evidence("n1", {"node.ksm.enabled": True,
+                                          "node.swap.enabled": False})
     err = denied(world, "n1", world.job_id, evidence_for=ksm_on)
     by_name = {r.name: r for r in err.rules}
     assert by_name["ksm-off"].passed is False and "KSM" in by_name["ksm-off"].reason

@@ -12,6 +12,7 @@ import pytest
 from sealed import DatasetReader, derive_dek
 from sealed.secrets import SecretBuffer
 from tests.kms_broker.conftest import World, make_world
+from tests.kms_broker.evidence import every_evidence  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.integration
 
@@ -52,12 +53,12 @@ def test_sealed_share_opens_only_with_the_node_key(world: World) -> None:
     from attest.interface import expected_report_data
     from kms_broker import sealing
     from kms_broker._proto.kmsbroker.v1 import broker_pb2 as pb
-    from tests.kms_broker.verifiers import make_evidence
 
     stub = world.broker.node_stub("n1")
     ch = stub.Challenge(pb.ChallengeRequest(node_id="n1", job_id=world.job_id), timeout=10)
     priv, pub = sealing.generate_node_key()
-    kind, payload = make_evidence(expected_report_data(ch.nonce, ch.session_id, pub))
+    kind, payload = world.broker.evidence("n1")(expected_report_data(ch.nonce, ch.session_id,
+                                                                     pub))
     token = stub.Attest(pb.AttestRequest(node_id="n1", session_id=ch.session_id,
                                          evidence=pb.Evidence(kind=kind, payload=payload),
                                          node_public_key=pub), timeout=10).token

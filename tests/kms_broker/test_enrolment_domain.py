@@ -21,6 +21,7 @@ from kms_broker.domain.errors import InvalidArgument, PermissionDenied, Resource
 from kms_broker.hsm.fake import FakeHsm
 from kms_broker.state.sqlite import SqliteRepository
 from tests.attest.conftest import ek_ca, swtpm, swtpm_factory  # noqa: F401 - fixtures
+from tests.kms_broker.testing_server import enrol_test_node
 from tests.kms_broker.verifiers import JsonClaimsVerifier
 
 OPS = "operator:ops"
@@ -132,12 +133,12 @@ def test_without_manufacturer_cas_every_enrolment_is_refused(tmp_path, tpm_parts
 def test_direct_enrolment_needs_the_test_verifier(tmp_path) -> None:
     clock = ManualClock()
     (tmp_path / "p").mkdir()
-    production = NodeEnrolment(_deps(tmp_path / "p", clock), None)
+    production = _deps(tmp_path / "p", clock)
     with pytest.raises(PermissionDenied, match=r"enrolment\.unattested"):
-        production.enrol_test_node(actor=OPS, node_id="n1", tenant_scope="")
-    assert production.d.repo.get_node("n1") is None
+        enrol_test_node(production, actor=OPS, node_id="n1", tenant_scope="")
+    assert production.repo.get_node("n1") is None
     (tmp_path / "t").mkdir()
     test_deps = _deps(tmp_path / "t", clock, {"test-json": JsonClaimsVerifier()})
-    NodeEnrolment(test_deps, None).enrol_test_node(actor=OPS, node_id="n1", tenant_scope="")
+    enrol_test_node(test_deps, actor=OPS, node_id="n1", tenant_scope="")
     node = test_deps.repo.get_node("n1")
     assert node is not None and node.ak_public == b""

@@ -14,7 +14,7 @@ from kms_broker._proto.kmsbroker.v1 import broker_pb2 as pb
 from kms_broker.rpc import DataLoss, UnavailableError
 from kms_broker.tenant import upload_dataset
 from tests.kms_broker.conftest import World, make_world, records
-from tests.kms_broker.verifiers import make_evidence
+from tests.kms_broker.evidence import every_evidence  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +37,8 @@ def _token(world: World, node: str = "n1") -> bytes:
     stub = world.broker.node_stub(node)
     ch = stub.Challenge(pb.ChallengeRequest(node_id=node, job_id=world.job_id), timeout=10)
     _, pub = sealing.generate_node_key()
-    kind, payload = make_evidence(expected_report_data(ch.nonce, ch.session_id, pub))
+    kind, payload = world.broker.evidence(node)(expected_report_data(ch.nonce, ch.session_id,
+                                                                     pub))
     return stub.Attest(pb.AttestRequest(node_id=node, session_id=ch.session_id,
                                         evidence=pb.Evidence(kind=kind, payload=payload),
                                         node_public_key=pub), timeout=10).token

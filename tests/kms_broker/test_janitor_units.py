@@ -13,13 +13,13 @@ from kms_broker.audit import AuditLog
 from kms_broker.domain.admin import Admin
 from kms_broker.domain.clock import ManualClock, SystemRandom
 from kms_broker.domain.deps import BrokerDeps, Settings
-from kms_broker.domain.enrolment import NodeEnrolment
 from kms_broker.domain.errors import Unavailable
 from kms_broker.domain.janitor import Janitor
 from kms_broker.domain.node_flow import NodeFlow
 from kms_broker.hsm.fake import FakeHsm
 from kms_broker.hsm.interface import HsmUnavailable
 from kms_broker.state.sqlite import SqliteRepository
+from tests.kms_broker.testing_server import enrol_test_node
 from tests.kms_broker.verifiers import JsonClaimsVerifier
 
 SETTINGS = Settings(session_ttl_ms=1_000, token_ttl_ms=2_000, lease_ttl_ms=5_000,
@@ -36,8 +36,7 @@ def parts(tmp_path: Path):
                       load_policy=Policy.from_yaml, settings=SETTINGS)
     admin = Admin(deps)
     admin.register_tenant("acme", Ed25519PrivateKey.generate().public_key().public_bytes_raw())
-    NodeEnrolment(deps, None).enrol_test_node(actor="operator:ops", node_id="n1",
-                                              tenant_scope="")
+    enrol_test_node(deps, actor="operator:ops", node_id="n1", tenant_scope="")
     janitor = Janitor(repo=repo, hsm=hsm, clock=clock, settings=SETTINGS)
     return admin, NodeFlow(deps), janitor, clock, hsm, repo
 

@@ -15,7 +15,6 @@ from kms_broker.audit import AuditLog, verify_log
 from kms_broker.domain.admin import Admin
 from kms_broker.domain.clock import ManualClock, SystemRandom
 from kms_broker.domain.deps import BrokerDeps, Settings
-from kms_broker.domain.enrolment import NodeEnrolment
 from kms_broker.domain.errors import PermissionDenied, Unauthenticated, Unavailable
 from kms_broker.domain.node_flow import NodeFlow
 from kms_broker.grants import GrantDocument, sign_grant
@@ -23,6 +22,7 @@ from kms_broker.hsm.fake import FakeHsm
 from kms_broker.hsm.interface import HsmUnavailable
 from kms_broker.state.sqlite import SqliteRepository
 from sealed.secrets import SecretBuffer
+from tests.kms_broker.testing_server import enrol_test_node
 from tests.kms_broker.verifiers import POLICY_YAML, JsonClaimsVerifier, make_evidence
 
 
@@ -54,8 +54,7 @@ def broker(tmp_path: Path):
         max_nodes=1, expires_unix_ms=clock.now_ms() + 3_600_000), key)
     admin.create_grant(tenant_id="acme", document=doc, signature=sig)
     for n in ("n1", "n2"):
-        NodeEnrolment(deps, None).enrol_test_node(actor="operator:ops", node_id=n,
-                                                  tenant_scope="")
+        enrol_test_node(deps, actor="operator:ops", node_id=n, tenant_scope="")
     return flow, clock, hsm, tmp_path
 
 
@@ -115,8 +114,7 @@ def test_concurrent_releases_cannot_overfill_the_grant(broker, monkeypatch) -> N
     flow, _, hsm, _ = broker
     nodes = [f"r{i}" for i in range(6)]
     for n in nodes:
-        NodeEnrolment(flow.d, None).enrol_test_node(actor="operator:ops", node_id=n,
-                                                    tenant_scope="")
+        enrol_test_node(flow.d, actor="operator:ops", node_id=n, tenant_scope="")
     tokens = {n: _token(flow, n) for n in nodes}
     slow_seal = hsm.seal_share
 

@@ -15,8 +15,9 @@ from kms_broker.rpc import NotFoundError, PermissionDeniedError
 from kms_broker.tenant import upload_dataset
 from sealed import DatasetReader, LocalDirStore
 from tests.kms_broker.conftest import World, enrol, make_world, records
+from tests.kms_broker.evidence import every_evidence  # noqa: F401 - fixture
 from tests.kms_broker.test_e2e_release import _read_all
-from tests.kms_broker.verifiers import POLICY_YAML, make_evidence
+from tests.kms_broker.verifiers import POLICY_YAML
 
 pytestmark = pytest.mark.integration
 
@@ -110,7 +111,7 @@ def test_n_of_n_release_from_every_broker(broker_factory, tmp_path) -> None:
                                      expires_unix_ms=int(time.time() * 1000) + 600_000))
     endpoints = [b1.endpoint("node", "n1"), b2.endpoint("node", "n1")]
     with KeyClient(endpoints, node_id="n1", job_id="job-split",
-                   evidence_for=make_evidence) as client:
+                   evidence_for=b1.evidence("n1")) as client:
         released = client.fetch_dek(tenant_id="acme", dataset_id="split", key_version=1)
     with released.dek as dek:
         reader = DatasetReader.open(store, result.manifest_name, dek=dek, tenant_id="acme",
@@ -119,13 +120,13 @@ def test_n_of_n_release_from_every_broker(broker_factory, tmp_path) -> None:
     assert len(released.leases) == 2
     # one broker alone is not enough
     with KeyClient(endpoints[:1], node_id="n1", job_id="job-split",
-                   evidence_for=make_evidence) as client, pytest.raises(Exception) as info:
+                   evidence_for=b1.evidence("n1")) as client, pytest.raises(Exception) as info:
         client.fetch_dek(tenant_id="acme", dataset_id="split", key_version=1)
     assert "configure every broker" in str(info.value)
     # a grant revoked at one share holder is enough to refuse the whole key
     clients[1].revoke_grant("g-split")
     with KeyClient(endpoints, node_id="n1", job_id="job-split",
-                   evidence_for=make_evidence) as client, pytest.raises(PermissionDeniedError):
+                   evidence_for=b1.evidence("n1")) as client, pytest.raises(PermissionDeniedError):
         client.fetch_dek(tenant_id="acme", dataset_id="split", key_version=1)
     denials = [json.loads(r.canonical_json) for r in clients[1].tail_audit(1000)]
     assert denials[-1]["event"] == "release" and denials[-1]["outcome"] != "allowed"

@@ -31,7 +31,7 @@ from sealed import LocalDirStore
 from sealed.keys import derive_dek
 from sealed.secrets import SecretBuffer
 from tests.attest.conftest import ek_ca, swtpm_factory, untrusted_ek_ca  # noqa: F401 - fixtures
-from tests.kms_broker.conftest import REPO, BrokerProc, records
+from tests.kms_broker.conftest import REPO, BrokerProc, enrol, records
 
 pytestmark = pytest.mark.integration
 ZERO_BOOT = {i: "00" * 32 for i in range(8)}  # swtpm has no firmware: boot PCRs stay zero
@@ -234,9 +234,9 @@ def test_replayed_or_unknown_enrolment_id_is_refused(tpm_broker, tpm_b) -> None:
 
 
 def test_direct_enrolment_without_a_tpm_is_refused(tpm_broker) -> None:
+    """Even the test composition refuses it when the test-json verifier is not loaded."""
     with pytest.raises(grpc.RpcError) as err:
-        tpm_broker.operator().EnrolTestNode(pb.EnrolTestNodeRequest(node_id="direct"),
-                                              timeout=30)
+        enrol(tpm_broker, "direct")
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "enrolment.unattested" in err.value.details()
     assert _node_row(tpm_broker, "direct") is None

@@ -170,7 +170,7 @@ def test_gen_protos_check_detects_stale_stubs(tmp_path: Path) -> None:
     spec.loader.exec_module(gen)
     assert gen.main(["--check"]) == 0
     fresh = tmp_path / "fresh"
-    gen.generate(fresh)
+    gen.generate(gen.TARGETS[0], fresh)
     copy = tmp_path / "copy"
     shutil.copytree(fresh, copy)
     assert gen.differences(fresh, copy) == []

@@ -32,7 +32,7 @@ from kms_broker.rpc import PermissionDeniedError, open_channel
 from sealed import derive_dek
 from sealed.secrets import SecretBuffer
 from tests.kms_broker.conftest import REPO, BrokerProc, World, make_world
-from tests.kms_broker.verifiers import make_evidence
+from tests.kms_broker.evidence import every_evidence  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.integration
 
@@ -90,10 +90,12 @@ def worker_pids(broker: BrokerProc) -> list[int]:
     return sorted(int(c) for c in children)
 
 
-def attested(stub, node: str, job: str) -> tuple[bytes, object]:  # type: ignore[no-untyped-def]
+def attested(broker: BrokerProc, stub, node: str,  # type: ignore[no-untyped-def]
+             job: str) -> tuple[bytes, object]:
     ch = stub.Challenge(pb.ChallengeRequest(node_id=node, job_id=job), timeout=10)
     private, public = sealing.generate_node_key()
-    kind, payload = make_evidence(expected_report_data(ch.nonce, ch.session_id, public))
+    kind, payload = broker.evidence(node)(expected_report_data(ch.nonce, ch.session_id,
+                                                               public))
     token = stub.Attest(pb.AttestRequest(node_id=node, session_id=ch.session_id,
                                          node_public_key=public,
                                          evidence=pb.Evidence(kind=kind, payload=payload)),
@@ -124,7 +126,8 @@ def test_lease_room_holds_across_workers(world: World) -> None:
         for rnd in range(6):
             job = f"race-{rnd}"
             world.grant(acme, grant_id=f"g-race-{rnd}", job_id=job, max_nodes=1)
-            tokens = {w: attested(stubs[w], f"n{w + 2}", job)[0] for w in range(WORKERS)}
+            tokens = {w: attested(world.broker, stubs[w], f"n{w + 2}", job)[0]
+                      for w in range(WORKERS)}
             barrier = threading.Barrier(WORKERS)
             outcomes: dict[int, str] = {}
 
@@ -182,7 +185,7 @@ def release_on(world: World, worker: int, times: int) -> None:
     """``times`` full attest-and-release rounds of node n1 through ``worker``."""
     stub = pb_grpc.NodeServiceStub(channel_on(world.broker, "node", "n1", worker))
     for _ in range(times):
-        token, _ = attested(stub, "n1", world.job_id)
+        token, _ = attested(world.broker, stub, "n1", world.job_id)
         stub.Release(pb.ReleaseRequest(node_id="n1", token=token, tenant_id="acme",
                                        dataset_id=world.dataset_id, key_version=1), timeout=10)
 
@@ -250,7 +253,7 @@ def test_a_killed_worker_is_restarted(world: World) -> None:
                 time.sleep(0.1)
         assert channel is not None, f"worker {worker} never came back"
         stub = pb_grpc.NodeServiceStub(channel)
-        token, _ = attested(stub, "n1", world.job_id)
+        token, _ = attested(world.broker, stub, "n1", world.job_id)
         stub.Release(pb.ReleaseRequest(node_id="n1", token=token, tenant_id="acme",
                                        dataset_id=world.dataset_id, key_version=1), timeout=10)
     assert "restarting it" in (world.broker.state_dir.parent / "multi.log").read_text()

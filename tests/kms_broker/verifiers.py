@@ -31,8 +31,11 @@ class JsonClaimsVerifier:
         return VerificationResult(kind=KIND, claims=claims, failures=tuple(failures))
 
 
+DEFAULT_CLAIMS = {"node.ksm.enabled": False, "node.swap.enabled": False}  # pass POLICY_YAML
+
+
 def make_evidence(report_data: bytes, claims: dict | None = None) -> tuple[str, bytes]:
-    claims = {"node.ksm.enabled": False, "node.swap.enabled": False} if claims is None else claims
+    claims = DEFAULT_CLAIMS if claims is None else claims
     return KIND, json.dumps({"report_data": report_data.hex(), "claims": claims}).encode()
 
 

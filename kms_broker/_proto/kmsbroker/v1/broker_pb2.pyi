@@ -46,16 +46,18 @@ class RuleResult(_message.Message):
     def __init__(self, name: _Optional[str] = ..., passed: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class AttestRequest(_message.Message):
-    __slots__ = ("node_id", "session_id", "evidence", "node_public_key")
+    __slots__ = ("node_id", "session_id", "evidence", "node_public_key", "report_data_set")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     NODE_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    REPORT_DATA_SET_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     session_id: str
     evidence: Evidence
     node_public_key: bytes
-    def __init__(self, node_id: _Optional[str] = ..., session_id: _Optional[str] = ..., evidence: _Optional[_Union[Evidence, _Mapping]] = ..., node_public_key: _Optional[bytes] = ...) -> None: ...
+    report_data_set: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, node_id: _Optional[str] = ..., session_id: _Optional[str] = ..., evidence: _Optional[_Union[Evidence, _Mapping]] = ..., node_public_key: _Optional[bytes] = ..., report_data_set: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class AttestResponse(_message.Message):
     __slots__ = ("allowed", "token", "token_expires_unix_ms", "rules")
@@ -410,18 +412,6 @@ class CompleteEnrolNodeResponse(_message.Message):
     ak_name: bytes
     ek_certificate_sha256: str
     def __init__(self, node_id: _Optional[str] = ..., ak_name: _Optional[bytes] = ..., ek_certificate_sha256: _Optional[str] = ...) -> None: ...
-
-class EnrolTestNodeRequest(_message.Message):
-    __slots__ = ("node_id", "tenant_scope")
-    NODE_ID_FIELD_NUMBER: _ClassVar[int]
-    TENANT_SCOPE_FIELD_NUMBER: _ClassVar[int]
-    node_id: str
-    tenant_scope: str
-    def __init__(self, node_id: _Optional[str] = ..., tenant_scope: _Optional[str] = ...) -> None: ...
-
-class EnrolTestNodeResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
 
 class RevokeNodeRequest(_message.Message):
     __slots__ = ("node_id",)

@@ -897,11 +897,6 @@ class OperatorServiceStub:
                 request_serializer=kmsbroker_dot_v1_dot_broker__pb2.CompleteEnrolNodeRequest.SerializeToString,
                 response_deserializer=kmsbroker_dot_v1_dot_broker__pb2.CompleteEnrolNodeResponse.FromString,
                 _registered_method=True)
-        self.EnrolTestNode = channel.unary_unary(
-                '/kmsbroker.v1.OperatorService/EnrolTestNode',
-                request_serializer=kmsbroker_dot_v1_dot_broker__pb2.EnrolTestNodeRequest.SerializeToString,
-                response_deserializer=kmsbroker_dot_v1_dot_broker__pb2.EnrolTestNodeResponse.FromString,
-                _registered_method=True)
         self.RevokeNode = channel.unary_unary(
                 '/kmsbroker.v1.OperatorService/RevokeNode',
                 request_serializer=kmsbroker_dot_v1_dot_broker__pb2.RevokeNodeRequest.SerializeToString,
@@ -940,15 +935,6 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def EnrolTestNode(self, request, context):
-        """Test-only: enrols a node with no AK, for the "test-json" evidence kind. The broker
-        refuses it (PERMISSION_DENIED, enrolment.unattested) unless its configuration loads the
-        test-json verifier; such a node can never pass tpm2 attestation.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def RevokeNode(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -976,11 +962,6 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.CompleteEnrolNode,
                     request_deserializer=kmsbroker_dot_v1_dot_broker__pb2.CompleteEnrolNodeRequest.FromString,
                     response_serializer=kmsbroker_dot_v1_dot_broker__pb2.CompleteEnrolNodeResponse.SerializeToString,
-            ),
-            'EnrolTestNode': grpc.unary_unary_rpc_method_handler(
-                    servicer.EnrolTestNode,
-                    request_deserializer=kmsbroker_dot_v1_dot_broker__pb2.EnrolTestNodeRequest.FromString,
-                    response_serializer=kmsbroker_dot_v1_dot_broker__pb2.EnrolTestNodeResponse.SerializeToString,
             ),
             'RevokeNode': grpc.unary_unary_rpc_method_handler(
                     servicer.RevokeNode,
@@ -1049,33 +1030,6 @@ class OperatorService:
             '/kmsbroker.v1.OperatorService/CompleteEnrolNode',
             kmsbroker_dot_v1_dot_broker__pb2.CompleteEnrolNodeRequest.SerializeToString,
             kmsbroker_dot_v1_dot_broker__pb2.CompleteEnrolNodeResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def EnrolTestNode(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/kmsbroker.v1.OperatorService/EnrolTestNode',
-            kmsbroker_dot_v1_dot_broker__pb2.EnrolTestNodeRequest.SerializeToString,
-            kmsbroker_dot_v1_dot_broker__pb2.EnrolTestNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
