@@ -97,6 +97,9 @@ def choose_mode(*, backend: str, multi_node: bool, attested: bool,
     return "sealed"
 
 
+_STOP_WAIT_S = 30.0
+
+
 class SealedAllReduce:
     """State of the comm hook: the channel and one worker thread reducing buckets in order."""
 
@@ -117,7 +120,11 @@ class SealedAllReduce:
         return list(self._staging.values())
 
     def stop(self) -> None:
+        """End the worker thread and wait for it (bounded), so no bucket is in flight when
+        the process group is torn down."""
         self._queue.put(None)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=_STOP_WAIT_S)
 
     def _host(self, tensor: torch.Tensor) -> torch.Tensor:
         key = (tensor.numel(), tensor.dtype)
@@ -178,6 +185,8 @@ class JobComm:
             self.channel.broadcast_([*raw_model.parameters(), *raw_model.buffers()], src=0)
         model = DDP(raw_model, device_ids=device_ids, gradient_as_bucket_view=True,
                     init_sync=False, forward_sync_buffers=False)
+        if self.hook_state is not None:  # one hook thread at a time
+            self.hook_state.stop()
         self.hook_state = SealedAllReduce(self.channel, self.channel.world_size)
         model.register_comm_hook(self.hook_state, sealed_allreduce_hook)
         buffers = list(raw_model.buffers())

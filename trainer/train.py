@@ -199,6 +199,7 @@ def run_job(
         install_signal_handlers(shredder)
     watcher: _LeaseWatcher | None = None
     result: JobResult | None = None
+    comm: JobComm | None = None
     try:
         if harden:
             hardening = harden_process()
@@ -216,7 +217,6 @@ def run_job(
         shredder.add_secret("dataset key", handle.dek)
         watcher = _LeaseWatcher(handle, shredder, config.lease_poll_interval)
         watcher.start()
-        comm = None
         if env.distributed:  # authenticated rendezvous before any model state moves
             comm = open_job_comm(
                 rank=env.rank, world_size=env.world_size, backend=env.backend or "gloo",
@@ -235,6 +235,9 @@ def run_job(
         report = shredder.shred("normal exit" if result is not None else "error")
         with contextlib.suppress(Exception):
             key_source.close()
+        if comm is not None:
+            with contextlib.suppress(Exception):
+                comm.close()
         with contextlib.suppress(Exception):
             shutdown_distributed()
         if result is not None:

@@ -94,7 +94,10 @@ def _files_containing(root: Path, needles: list[bytes]) -> list[str]:
             path = Path(directory) / name
             if path.is_symlink():
                 continue
-            data = path.read_bytes()
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:  # renamed or removed meanwhile (a broker's temp file)
+                continue
             hits += [f"{path}: {n[:20]!r}" for n in needles if n in data]
     return hits
 

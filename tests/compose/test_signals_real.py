@@ -13,10 +13,15 @@ Matrix (every signal and every phase at least once per entry point)::
 
     phase               ALONE            TORCHRUN
     before attestation  SIGTERM          SIGQUIT
-    during release      SIGQUIT          SIGHUP
-    on the first shard  SIGHUP           SIGINT
+    on the first shard  SIGQUIT          SIGINT
     mid-training        SIGINT, SIGTERM  SIGTERM
-    checkpoint write    SIGTERM          SIGINT
+    checkpoint write    SIGHUP           SIGHUP
+
+Not covered: "during release". It was reached by stopping the tenant broker and signalling
+once the provider had audited the attestation; since the key client attests to all brokers
+at once over one combined report data (every broker's challenge first), a stopped broker
+holds the client before any attestation, so that mechanism no longer reaches the phase, and
+no deterministic replacement exists yet.
 
 (ALONE mid-training takes both signals of the issue's bug reports: SIGTERM ended the trainer
 with -15 and no shred report, SIGINT raised a KeyboardInterrupt out of ``backward()``.)
@@ -29,9 +34,6 @@ How each phase is reached, without timing assumptions and without anything in th
   before the trainer starts, so the trainer cannot get past its first call; the signal is
   sent once the trainer's main thread has the stop signals blocked (/proc status SigBlk).
   Afterwards neither broker has audited an attestation by node-a.
-* during release: the tenant broker is stopped instead; the signal is sent once the
-  provider broker has audited node-a's attestation (allowed): node-a is inside the key
-  release exchange, waiting for the second broker.
 * on the first shard: the trainer's stderr is a pipe the test holds, filled before the
   trainer starts. The trainer's first line is ``world ...; reading the first shard``, logged
   once it holds the DEK and has opened the dataset, just before the first batch: it blocks
@@ -284,16 +286,14 @@ _DEK: list[bytes] = []
 
 CASES = [
     ("alone", "before-attestation", signal.SIGTERM),
-    ("alone", "release", signal.SIGQUIT),
-    ("alone", "first-shard", signal.SIGHUP),
+    ("alone", "first-shard", signal.SIGQUIT),
     ("alone", "mid-training", signal.SIGINT),
     ("alone", "mid-training", signal.SIGTERM),
-    ("alone", "checkpoint", signal.SIGTERM),
+    ("alone", "checkpoint", signal.SIGHUP),
     ("torchrun", "before-attestation", signal.SIGQUIT),
-    ("torchrun", "release", signal.SIGHUP),
     ("torchrun", "first-shard", signal.SIGINT),
     ("torchrun", "mid-training", signal.SIGTERM),
-    ("torchrun", "checkpoint", signal.SIGINT),
+    ("torchrun", "checkpoint", signal.SIGHUP),
     ("torchrun-plain", "mid-training", signal.SIGHUP),
 ]
 
@@ -316,8 +316,6 @@ def test_stop_signal_shreds_and_exits_documented_status(
     with contextlib.ExitStack() as stack:
         if phase == "before-attestation":
             stack.enter_context(_stopped(deployment, "provider-broker"))
-        elif phase == "release":
-            stack.enter_context(_stopped(deployment, "tenant-broker"))
         if first_run:  # node.py itself: it renders the job file and execs the trainer
             argv = [PYTHON, *deployment.node_argv(SERVICE, NODE,
                                                           deployment.variables["TPM_A_PORT"])[1:]]
@@ -329,9 +327,6 @@ def test_stop_signal_shreds_and_exits_documented_status(
         try:
             if phase == "before-attestation":
                 job.wait_until(lambda: _masked(_trainer_pid(job, entry)), "signal mask")
-            elif phase == "release":
-                job.wait_until(lambda: _attested_since(deployment, "provider", since),
-                               "attestation at the provider broker")
             elif phase == "first-shard":
                 job.wait_until(lambda: _writing_to_full_pipe(_trainer_pid(job, entry)),
                                "the trainer's first line", read=False)
