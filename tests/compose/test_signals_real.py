@@ -13,15 +13,10 @@ Matrix (every signal and every phase at least once per entry point)::
 
     phase               ALONE            TORCHRUN
     before attestation  SIGTERM          SIGQUIT
-    on the first shard  SIGQUIT          SIGINT
+    during release      SIGQUIT          SIGHUP
+    on the first shard  SIGHUP           SIGINT
     mid-training        SIGINT, SIGTERM  SIGTERM
-    checkpoint write    SIGHUP           SIGHUP
-
-Not covered: "during release". It was reached by stopping the tenant broker and signalling
-once the provider had audited the attestation; since the key client attests to all brokers
-at once over one combined report data (every broker's challenge first), a stopped broker
-holds the client before any attestation, so that mechanism no longer reaches the phase, and
-no deterministic replacement exists yet.
+    checkpoint write    SIGTERM          SIGINT
 
 (ALONE mid-training takes both signals of the issue's bug reports: SIGTERM ended the trainer
 with -15 and no shred report, SIGINT raised a KeyboardInterrupt out of ``backward()``.)
@@ -34,6 +29,13 @@ How each phase is reached, without timing assumptions and without anything in th
   before the trainer starts, so the trainer cannot get past its first call; the signal is
   sent once the trainer's main thread has the stop signals blocked (/proc status SigBlk).
   Afterwards neither broker has audited an attestation by node-a.
+* during release: the test holds the exclusive ``flock`` on the tenant broker's audit log
+  (the lock every audit append takes) from before the trainer starts. The key client
+  challenges both brokers (a challenge writes no audit record), makes one evidence for both
+  and attests to both at once: the provider audits and answers, the tenant's attestation
+  waits at its audit append (write-before-act). The signal is sent once the provider broker
+  has audited node-a's attestation (allowed): node-a is inside the key release exchange,
+  attested at one broker and waiting for the other; then the lock is let go.
 * on the first shard: the trainer's stderr is a pipe the test holds, filled before the
   trainer starts. The trainer's first line is ``world ...; reading the first shard``, logged
   once it holds the DEK and has opened the dataset, just before the first batch: it blocks
@@ -56,6 +58,7 @@ A mid-training case also reads the signal mask of every thread of the live train
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import select
@@ -234,6 +237,18 @@ def _writing_to_full_pipe(pid: int | None) -> bool:
 
 
 @contextlib.contextmanager
+def _audit_held(dep: Deployment, broker: str) -> Iterator[None]:
+    """Hold the exclusive flock of ``broker``'s audit log: its next audit append waits."""
+    path = dep.harness.volume_path(f"{broker}-broker") / "state" / "audit.log"
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
 def _stopped(dep: Deployment, service: str) -> Iterator[None]:
     pgids = list(dep.harness._runtime(service).pgids)
     for pgid in pgids:
@@ -286,14 +301,16 @@ _DEK: list[bytes] = []
 
 CASES = [
     ("alone", "before-attestation", signal.SIGTERM),
-    ("alone", "first-shard", signal.SIGQUIT),
+    ("alone", "release", signal.SIGQUIT),
+    ("alone", "first-shard", signal.SIGHUP),
     ("alone", "mid-training", signal.SIGINT),
     ("alone", "mid-training", signal.SIGTERM),
-    ("alone", "checkpoint", signal.SIGHUP),
+    ("alone", "checkpoint", signal.SIGTERM),
     ("torchrun", "before-attestation", signal.SIGQUIT),
+    ("torchrun", "release", signal.SIGHUP),
     ("torchrun", "first-shard", signal.SIGINT),
     ("torchrun", "mid-training", signal.SIGTERM),
-    ("torchrun", "checkpoint", signal.SIGHUP),
+    ("torchrun", "checkpoint", signal.SIGINT),
     ("torchrun-plain", "mid-training", signal.SIGHUP),
 ]
 
@@ -316,6 +333,8 @@ def test_stop_signal_shreds_and_exits_documented_status(
     with contextlib.ExitStack() as stack:
         if phase == "before-attestation":
             stack.enter_context(_stopped(deployment, "provider-broker"))
+        elif phase == "release":
+            stack.enter_context(_audit_held(deployment, "tenant"))
         if first_run:  # node.py itself: it renders the job file and execs the trainer
             argv = [PYTHON, *deployment.node_argv(SERVICE, NODE,
                                                           deployment.variables["TPM_A_PORT"])[1:]]
@@ -327,6 +346,9 @@ def test_stop_signal_shreds_and_exits_documented_status(
         try:
             if phase == "before-attestation":
                 job.wait_until(lambda: _masked(_trainer_pid(job, entry)), "signal mask")
+            elif phase == "release":
+                job.wait_until(lambda: _attested_since(deployment, "provider", since),
+                               "attestation at the provider broker")
             elif phase == "first-shard":
                 job.wait_until(lambda: _writing_to_full_pipe(_trainer_pid(job, entry)),
                                "the trainer's first line", read=False)
