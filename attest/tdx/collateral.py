@@ -197,6 +197,17 @@ def _module_identity(raw: Any, what: str) -> TdxModuleIdentity:
         levels=_module_levels(raw.get("tcbLevels", []), what))
 
 
+def _signed_object(data: bytes, what: str, member: str) -> tuple[dict, dict, bytes]:
+    """The signed members of ``data``, the object under ``member`` and its signed bytes."""
+    members = signed_members(data, what)
+    if member not in members:
+        raise CollateralError(f"{what} has no {member} member")
+    value, signed = members[member]
+    if not isinstance(value, dict):
+        raise CollateralError(f"{member} is not an object")
+    return members, value, signed
+
+
 @dataclass(frozen=True, slots=True)
 class TcbInfo:
     signed_bytes: bytes
@@ -214,12 +225,7 @@ class TcbInfo:
 
     @classmethod
     def parse(cls, data: bytes) -> TcbInfo:
-        members = signed_members(data, "TCB Info")
-        if "tcbInfo" not in members:
-            raise CollateralError("TCB Info has no tcbInfo member")
-        info, signed = members["tcbInfo"]
-        if not isinstance(info, dict):
-            raise CollateralError("tcbInfo is not an object")
+        members, info, signed = _signed_object(data, "TCB Info", "tcbInfo")
         levels = []
         for level in info.get("tcbLevels", []):
             tcb = level.get("tcb", {}) if isinstance(level, dict) else {}
@@ -268,12 +274,7 @@ class EnclaveIdentity:
 
     @classmethod
     def parse(cls, data: bytes) -> EnclaveIdentity:
-        members = signed_members(data, "QE Identity")
-        if "enclaveIdentity" not in members:
-            raise CollateralError("QE Identity has no enclaveIdentity member")
-        ident, signed = members["enclaveIdentity"]
-        if not isinstance(ident, dict):
-            raise CollateralError("enclaveIdentity is not an object")
+        members, ident, signed = _signed_object(data, "QE Identity", "enclaveIdentity")
         return cls(
             signed_bytes=signed, signature=_signature(members, "QE Identity"),
             id=str(ident.get("id", "")), version=int(ident.get("version", 0)),
