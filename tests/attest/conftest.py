@@ -52,3 +52,17 @@ def swtpm_factory(
 def swtpm(swtpm_factory: Callable[..., Swtpm]) -> Swtpm:
     """One running swtpm with an EK certificate from ``ek_ca``."""
     return swtpm_factory()
+
+
+def hardened_root(root: Path) -> Path:
+    """A fake host root whose files read as a hardened node (init_on_free, KSM off, no swap,
+    no core dumps), for the facts collector's ``root`` argument."""
+    for rel, text in {
+        "proc/cmdline": "quiet init_on_free=1\n",
+        "sys/kernel/mm/ksm/run": "0\n",
+        "proc/swaps": "Filename Type Size Used Priority\n",
+        "proc/self/limits": "Max core file size        0                    0  bytes\n",
+    }.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root

@@ -8,22 +8,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tests.attest.conftest import hardened_root
 from tests.attest.test_cli import REPO, attest
 
 DEV_POLICY = REPO / "policies" / "dev-swtpm.yaml"
 PRODUCTION_POLICY = REPO / "policies" / "production.yaml"
-
-
-def _good_root(root: Path) -> Path:
-    for rel, text in {
-        "proc/cmdline": "quiet init_on_free=1\n",
-        "sys/kernel/mm/ksm/run": "0\n",
-        "proc/swaps": "Filename Type Size Used Priority\n",
-        "proc/self/limits": "Max core file size        0            0            bytes\n",
-    }.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_text(text)
-    return root
 
 
 def _doctor(root: Path, policy: Path, *extra: str) -> tuple[int, dict[str, dict]]:
@@ -41,7 +30,7 @@ def _code_digest(root: Path) -> str:
 
 
 def test_rules_it_cannot_evaluate_are_not_checked_never_pass(tmp_path):
-    root = _good_root(tmp_path / "root")
+    root = hardened_root(tmp_path / "root")
     code, rules = _doctor(root, DEV_POLICY)
     # the quote's verification happens at the broker: the doctor cannot claim it
     assert rules["evidence-verified"]["status"] == "not checked"
@@ -62,7 +51,7 @@ def test_rules_it_cannot_evaluate_are_not_checked_never_pass(tmp_path):
 
 
 def test_expected_code_digest_makes_the_code_rule_checkable(tmp_path):
-    root = _good_root(tmp_path / "root")
+    root = hardened_root(tmp_path / "root")
     digest = _code_digest(root)
     code, rules = _doctor(root, DEV_POLICY, "--expected-code-digest", digest)
     assert rules["trainer-code-allowed"]["status"] == "pass"
@@ -80,7 +69,7 @@ def test_expected_code_digest_makes_the_code_rule_checkable(tmp_path):
 
 
 def test_production_policy_boot_and_tee_rules_are_not_checked(tmp_path):
-    root = _good_root(tmp_path / "root")
+    root = hardened_root(tmp_path / "root")
     _, rules = _doctor(root, PRODUCTION_POLICY)
     statuses = {name: r["status"] for name, r in rules.items()}
     assert "pass" not in {statuses[n] for n, r in rules.items()
@@ -90,7 +79,7 @@ def test_production_policy_boot_and_tee_rules_are_not_checked(tmp_path):
 
 
 def test_cpu_tee_and_gpu_not_present_on_a_machine_without_them(tmp_path):
-    root = _good_root(tmp_path / "root")
+    root = hardened_root(tmp_path / "root")
     proc = attest("doctor", "--no-gpu", "--root", str(root), "--json")
     assert proc.returncode == 0, proc.stderr
     hardware = {h["name"]: h for h in json.loads(proc.stdout)["hardware"]}

@@ -30,6 +30,7 @@ from attest.tpm2 import (
 )
 from attest.tpm2.agent import node_claims
 from attest.tpm2.node import TpmError, TpmNode
+from tests.attest.conftest import hardened_root
 
 pytestmark = pytest.mark.integration
 
@@ -363,17 +364,6 @@ def test_trainer_code_changed_by_one_byte_gives_another_attested_digest(
 # -- the dev policy over verified swtpm evidence ------------------------------------------
 
 
-def _hardened_root(root: Path) -> Path:
-    for rel, text in {
-        "proc/cmdline": "quiet init_on_free=1\n",
-        "sys/kernel/mm/ksm/run": "0\n",
-        "proc/swaps": "Filename Type Size Used Priority\n",
-        "proc/self/limits": "Max core file size        0                    0  bytes\n",
-    }.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_text(text)
-    return root
-
 
 def _dev_policy_decision(node, enrolled, claims, allowed_digest):
     from attest.policy import Policy, evidence_claims
@@ -387,7 +377,7 @@ def _dev_policy_decision(node, enrolled, claims, allowed_digest):
 
 
 def test_dev_policy_allows_a_hardened_swtpm_node(node, enrolled, tmp_path):
-    claims = node_claims(HostSource(root=_hardened_root(tmp_path), gpu_probe=_no_gpu))
+    claims = node_claims(HostSource(root=hardened_root(tmp_path), gpu_probe=_no_gpu))
     decision = _dev_policy_decision(node, enrolled, claims, claims["code_digest"])
     assert decision.allowed, decision.summary()
 
@@ -404,7 +394,7 @@ def test_dev_policy_allows_a_hardened_swtpm_node(node, enrolled, tmp_path):
 )
 def test_dev_policy_names_the_rule_a_hostile_node_fails(node, enrolled, tmp_path, edit,
                                                          failing_rule):
-    root = _hardened_root(tmp_path)
+    root = hardened_root(tmp_path)
     (root / edit[0]).write_text(edit[1])
     claims = node_claims(HostSource(root=root, gpu_probe=_no_gpu))
     decision = _dev_policy_decision(node, enrolled, claims, claims["code_digest"])
@@ -415,7 +405,7 @@ def test_dev_policy_names_the_rule_a_hostile_node_fails(node, enrolled, tmp_path
 def test_dev_policy_refuses_trainer_code_changed_by_one_byte(node, enrolled, tmp_path):
     env, pkg = _tiny_env(tmp_path / "env")
     (pkg / "loop.py").write_text("STEPS = 100\n")
-    root = _hardened_root(tmp_path / "root")
+    root = hardened_root(tmp_path / "root")
     approved = node_claims(HostSource(root=root, gpu_probe=_no_gpu), env)
     (pkg / "loop.py").write_text("STEPS = 101\n")
     changed = node_claims(HostSource(root=root, gpu_probe=_no_gpu), env)

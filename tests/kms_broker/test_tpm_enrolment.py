@@ -11,7 +11,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -30,7 +29,12 @@ from kms_broker.tenant import upload_dataset
 from sealed import LocalDirStore
 from sealed.keys import derive_dek
 from sealed.secrets import SecretBuffer
-from tests.attest.conftest import ek_ca, swtpm_factory, untrusted_ek_ca  # noqa: F401 - fixtures
+from tests.attest.conftest import (  # noqa: F401 - fixtures
+    ek_ca,
+    hardened_root,
+    swtpm_factory,
+    untrusted_ek_ca,
+)
 from tests.kms_broker.conftest import REPO, BrokerProc, enrol, records
 
 pytestmark = pytest.mark.integration
@@ -38,22 +42,11 @@ ZERO_BOOT = {i: "00" * 32 for i in range(8)}  # swtpm has no firmware: boot PCRs
 JOB = "job-tpm"
 
 
-def _hardened_root(root: Path) -> Path:
-    for rel, text in {
-        "proc/cmdline": "quiet init_on_free=1\n",
-        "sys/kernel/mm/ksm/run": "0\n",
-        "proc/swaps": "Filename Type Size Used Priority\n",
-        "proc/self/limits": "Max core file size        0                    0  bytes\n",
-    }.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_text(text)
-    return root
-
 
 @pytest.fixture(scope="module")
 def claims(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A hardened node's facts (from a prepared root) and this checkout's trainer code digest."""
-    root = _hardened_root(tmp_path_factory.mktemp("host"))
+    root = hardened_root(tmp_path_factory.mktemp("host"))
     return node_claims(HostSource(root=root, gpu_probe=lambda: None))
 
 
