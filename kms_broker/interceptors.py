@@ -22,7 +22,8 @@ identity is available to servicers through :data:`CURRENT_IDENTITY`.
    certificate, or ``-``), ``status`` (the gRPC code name), ``decision`` (``allowed``: OK;
    ``denied``: PERMISSION_DENIED or UNAUTHENTICATED; ``refused``: any other code),
    ``reasons`` (the failed policy rules of a denial, ``name: reason``, as sent to the
-   client), ``detail`` (the status message) and ``latency_ms``. INFO when allowed, WARNING
+   client), ``detail`` (the status message; empty for a denial, whose message repeats its
+   reasons) and ``latency_ms``. INFO when allowed, WARNING
    otherwise, DEBUG for health checks. Only these fields: never request or response bodies,
    which carry evidence, sealed shares and tokens.
 """
@@ -111,12 +112,16 @@ _HEALTH = "grpc.health.v1.Health"
 _DENIED = frozenset({"PERMISSION_DENIED", "UNAUTHENTICATED"})
 
 
+def _rule_line(name: str, reason: str) -> str:
+    return reason if reason.startswith(f"{name}:") else f"{name}: {reason}"
+
+
 def _denial_reasons(context: grpc.ServicerContext) -> list[str]:
     for key, value in context.trailing_metadata() or ():
         if key == RULES_METADATA_KEY:
             try:
                 rules = json.loads(value)
-                return [f"{r['name']}: {r['reason']}" for r in rules if not r.get("passed")]
+                return [_rule_line(r["name"], r["reason"]) for r in rules if not r.get("passed")]
             except (ValueError, TypeError, KeyError):
                 return ["(unreadable rule list)"]
     return []
@@ -153,6 +158,8 @@ def _log_outcome(method: str, service: str, ident: Identity | None,
     detail = (details.decode("utf-8", "replace") if isinstance(details, bytes)
               else (details or ""))
     reasons = _denial_reasons(context) if status == "PERMISSION_DENIED" else []
+    if reasons:
+        detail = ""  # the status message of a denial repeats its reasons: said once, above
     latency_ms = round((time.perf_counter() - started) * 1000, 2)
     who = str(ident) if ident is not None else "-"
     _request_log.log(level, "%s %s %s (%s)", method, who, decision, status, extra=fields(
