@@ -206,3 +206,17 @@ def test_finite_memlock_limit_skips_mlockall_but_locks_keys():
     assert "[ok  ] mlock-key-buffers" in out.stdout
     assert "[warn] mlockall" in out.stdout
     assert "skipped: RLIMIT_MEMLOCK is 65536 bytes and CAP_IPC_LOCK is absent" in out.stdout
+
+
+def test_default_threads_share_the_cores_among_local_ranks(monkeypatch):
+    import os
+
+    from trainer.cli import default_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert default_threads() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert default_threads() == 1  # never zero
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert default_threads() == 8
