@@ -87,8 +87,8 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
 }
 
 # defaults that live in load_config rather than in a dataclass
-_LOADER_DEFAULTS = {"hsm.backend": "pkcs11", "hsm.module": "/usr/lib/softhsm/libsofthsm2.so",
-                    "hsm.token_label": "broker", "listen": "127.0.0.1:7443"}
+_LOADER_DEFAULTS = {"broker_id": "broker", "listen": "127.0.0.1:7443", "hsm.backend": "pkcs11",
+                    "hsm.module": "/usr/lib/softhsm/libsofthsm2.so", "hsm.token_label": "broker"}
 # BrokerConfig fields that YAML spells differently
 _YAML_NAME = {"ca": "tls.ca", "cert": "tls.cert", "key": "tls.key"}
 
