@@ -32,6 +32,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --progress-bar on "$(TORCH_CPU)" | grep -v '^Requirement already'; \
 	  test $${PIPESTATUS[0]} -eq 0
 	@echo "==> [4/4] installing the project and its dependencies (.[test,tpm,train])"
+	@# setuptools prints an informational "Editable installation" notice on every editable
+	@# install (not a problem in pyproject.toml); only that message is filtered
+	PYTHONWARNINGS="ignore:Editable installation" \
 	$(BIN)/pip install --progress-bar on -e ".[test,tpm,train]" | grep -v '^Requirement already'; \
 	  test $${PIPESTATUS[0]} -eq 0
 	@echo "==> $(VENV) ready"
