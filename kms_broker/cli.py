@@ -39,9 +39,9 @@ stderr. gRPC core logging is off unless GRPC_VERBOSITY is set or --grpc-debug is
 Exit status: 0 ok; 1 failed (the broker refused, bad input, tampering found); 2 usage (bad
 or missing arguments or client configuration; `audit verify` without --public-key: chain
 intact but authenticity not checked); 3 a broker could not be reached (not listening,
-unreachable, unavailable); 4 TLS handshake or credentials refused (expired certificate,
-unknown CA, wrong role: the message says which); 130 interrupted (Ctrl-C; an interrupted
-upload is rolled back).
+unreachable, unavailable); 4 the TLS handshake fails or would (expired certificate, unknown
+CA, wrong role, a broker certificate not for that name: the message says which); 130
+interrupted (Ctrl-C; an interrupted upload is rolled back).
 """
 
 from __future__ import annotations
@@ -989,7 +989,6 @@ def main(argv: list[str] | None = None) -> int:
     from kms_broker.rpc import (
         BrokerRpcError,
         PermissionDeniedError,
-        UnauthenticatedError,
         UnavailableError,
     )
     from kms_broker.tlsdiag import TlsProblem, Unreachable
@@ -1010,9 +1009,6 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, str(exc), EXIT_UNREACHABLE)
     except UnavailableError as exc:
         return _fail(args, _explain_unavailable(args, exc), EXIT_UNREACHABLE)
-    except UnauthenticatedError as exc:
-        return _fail(args, f"{exc} (credentials refused: check the certificate's role and "
-                           f"identity)", EXIT_TLS)
     except PermissionDeniedError as exc:
         failed = "; ".join(f"{r.name}: {r.reason}" for r in exc.failed_rules)
         return _fail(args, f"{exc}" + (f" [failed: {failed}]" if failed and failed not in
