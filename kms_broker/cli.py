@@ -122,22 +122,25 @@ def _config(args: argparse.Namespace, role: str | None) -> Any:
 def _endpoints(args: argparse.Namespace, role: str = "operator") -> list[Any]:
     """Resolve the client configuration, check the TLS material locally and with one
     handshake per broker (kms_broker/tlsdiag.py), then the endpoints."""
-    from kms_broker.tlsdiag import check_local, probe
+    from kms_broker.tlsdiag import Unreachable, check_local, probe
 
     config = _config(args, role)
     config.require_brokers()
     ca, cert, key = config.require_tls()
     check_local(ca, cert, key, role=role)
     for address in config.brokers:
-        try:
-            probe(address, ca=ca, cert=cert, key=key, server_name=config.server_name)
-        except Exception as exc:
-            from kms_broker.tlsdiag import Unreachable
-
-            if not isinstance(exc, Unreachable):
-                raise
-            # not listening yet: gRPC's own connection wait (up to its deadline) decides
-    args._addresses = config.brokers
+        deadline = time.monotonic() + 3.0  # a broker restarting: refused for a moment
+        while True:
+            try:
+                probe(address, ca=ca, cert=cert, key=key, server_name=config.server_name)
+                break
+            except Unreachable as exc:
+                if not exc.final:
+                    break  # slow, not absent: gRPC's own connection wait decides
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+    args._client = (config, ca, cert, key)
     return config.endpoints()
 
 
@@ -201,8 +204,8 @@ def serve(args: argparse.Namespace, *, build: Callable[..., Any], entry_module: 
                          entry_module=entry_module)
     try:
         server = build(config, worker=worker, allow_fake_hsm=args.dev_insecure_fake_hsm)
-    except OSError as exc:
-        if "cannot listen" not in str(exc):
+    except (OSError, RuntimeError) as exc:  # gRPC: OSError here, RuntimeError in grpc itself
+        if "cannot listen" not in str(exc) and "Failed to bind" not in str(exc):
             raise
         raise CliError(_listen_problem(config.listen, args.config)) from None
     server.start()
@@ -960,12 +963,12 @@ def _explain_unavailable(args: argparse.Namespace, exc: Exception) -> str:
     from kms_broker.tlsdiag import TlsProblem, Unreachable, probe
 
     broker = getattr(exc, "broker", "")
+    client = getattr(args, "_client", None)
+    if client is None or not broker:
+        return str(exc)
+    config, ca, cert, key = client
     try:
-        config = _config(args, None)
-        ca, cert, key = config.require_tls()
-        if broker:
-            probe(broker, ca=ca, cert=cert, key=key, server_name=config.server_name,
-                  timeout_s=5.0)
+        probe(broker, ca=ca, cert=cert, key=key, server_name=config.server_name, timeout_s=5.0)
     except (TlsProblem, Unreachable) as why:
         return str(why)
     except Exception:  # noqa: S110 - the original error is reported below

@@ -40,7 +40,12 @@ class TlsProblem(Exception):
 
 
 class Unreachable(Exception):
-    """Nothing answers at the broker address (refused, timeout, unresolvable)."""
+    """Nothing answers at the broker address. ``final``: refused or unresolvable (nothing
+    listens there); otherwise slow (a timeout), which a longer wait may cure."""
+
+    def __init__(self, message: str, *, final: bool = False) -> None:
+        super().__init__(message)
+        self.final = final
 
 
 @dataclass(frozen=True)
@@ -62,13 +67,13 @@ def _load_cert(path: Path):  # -> x509.Certificate
 def check_local(ca: Path, cert: Path, key: Path, *, role: str | None,
                 now: dt.datetime | None = None) -> None:
     """Raise :class:`TlsProblem` if the client material cannot work (see module docstring)."""
+    from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import serialization
 
     from kms_broker.identity import identity_from_certificate
 
     now = now or dt.datetime.now(dt.UTC)
     certificate = _load_cert(cert)
-    _load_cert(ca)
     if certificate.not_valid_after_utc < now:
         raise TlsProblem(
             f"your client certificate {cert} expired on "
@@ -78,6 +83,14 @@ def check_local(ca: Path, cert: Path, key: Path, *, role: str | None,
         raise TlsProblem(
             f"your client certificate {cert} is not valid before "
             f"{certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC (check this machine's clock)")
+    authority = _load_cert(ca)
+    try:
+        certificate.verify_directly_issued_by(authority)
+    except (ValueError, TypeError, InvalidSignature):
+        raise TlsProblem(
+            f"your client certificate {cert} was not issued by the CA in {ca}, which signs the "
+            f"broker's certificate: the broker does not trust the CA that issued your client "
+            f"certificate (unknown CA); use a certificate from the broker's CA") from None
     try:
         private = serialization.load_pem_private_key(key.read_bytes(), password=None)
     except (ValueError, TypeError):
@@ -88,7 +101,8 @@ def check_local(ca: Path, cert: Path, key: Path, *, role: str | None,
     if role is not None and (ident is None or ident.role != role):
         named = f"{ident}" if ident else "no kms-broker identity"
         raise TlsProblem(
-            f"your client certificate {cert} names {named}, but this command needs a {role} "
+            f"your client certificate {cert} names {named}, but this command needs "
+            f"{'an' if role[0] in 'aeiou' else 'a'} {role} "
             f"certificate (wrong role): use the {role}'s certificate (kms-broker certs issue "
             f"--role {role})")
 
@@ -146,9 +160,9 @@ def probe(address: str, *, ca: Path, cert: Path, key: Path, server_name: str | N
         raw = socket.create_connection((host, port), timeout=timeout_s)
     except ConnectionRefusedError:
         raise Unreachable(f"nothing listens at {address} (connection refused): is the broker "
-                          f"running, and is the port right?") from None
+                          f"running, and is the port right?", final=True) from None
     except socket.gaierror as exc:
-        raise Unreachable(f"cannot resolve {host!r}: {exc.strerror}") from None
+        raise Unreachable(f"cannot resolve {host!r}: {exc.strerror}", final=True) from None
     except TimeoutError:
         raise Unreachable(f"no answer from {address} within {timeout_s:g} s") from None
     except OSError as exc:
@@ -159,7 +173,11 @@ def probe(address: str, *, ca: Path, cert: Path, key: Path, server_name: str | N
                 peer = tls.getpeercert(binary_form=True)
                 # TLS 1.3: a refusal of our certificate arrives after the handshake
                 with contextlib.suppress(TimeoutError):
-                    tls.recv(1)
+                    if tls.recv(1) == b"":
+                        raise TlsProblem(
+                            f"the broker at {address} closed the connection right after the TLS "
+                            f"handshake: it refused your client certificate (not from a CA it "
+                            f"trusts, expired or revoked; its log says which)")
         except ssl.SSLError as exc:
             raise TlsProblem(_explain_ssl(exc, address, name, ca)) from None
         except TimeoutError:
