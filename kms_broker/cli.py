@@ -622,9 +622,12 @@ def _operator_call(args: argparse.Namespace, method: str, request: Any) -> list[
 
 
 def cmd_node_enrol(args: argparse.Namespace) -> int:
+    import os
+
     from kms_broker.node_enrol import enrol_node
 
     endpoints = _endpoints(args)
+    os.environ.setdefault("TSS2_LOG", "all+NONE")  # tpm2-tss's own lines: TSS2_LOG brings them
     try:
         from attest.tpm2.node import TpmError, TpmNode
     except ImportError as exc:

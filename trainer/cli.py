@@ -3,7 +3,9 @@
     trainer --attest --job JOB.yaml          train (also under torchrun)
     torchrun --nproc-per-node 2 -m trainer --attest --job JOB.yaml
     trainer check                            run the process-hardening self-check
-    trainer validate --job JOB.yaml          check a job file and print what it would run
+    trainer validate --job JOB.yaml [--format json]   check a job file, print what it runs
+    trainer completion bash|zsh              shell completion script
+    trainer --version
 
 Exit codes: 0 ok, 1 failure, 2 usage or invalid job file, 3 key revoked (or lease expired),
 4 attestation denied, 5 code identity refused (trainer/guard.py), 6 a sealed message between
@@ -22,6 +24,7 @@ import logging
 import os
 import sys
 
+from attest.clikit import add_format, add_version, completion_script, emit_json
 from trainer import signals
 from trainer.config import ConfigError, JobConfig
 from trainer.shred import EXIT_ATTESTATION_DENIED, EXIT_FAILURE, EXIT_OK
@@ -43,7 +46,9 @@ _EPILOG = """\
 commands:
   (none)      train the job given by --job (requires --attest)
   check       run the hardening self-check and print each check with how to fix it
-  validate    load and validate --job, print a summary, get no keys
+  validate    load and validate --job, print a summary (--format json: one JSON
+              document), get no keys
+  completion  print a shell completion script: source <(trainer completion bash)
 
 exit codes: 0 ok, 1 failure, 2 usage / invalid job, 3 key revoked, 4 attestation denied,
             5 code identity refused (something outside the measured code set would run),
@@ -60,8 +65,11 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("command", nargs="?", choices=("train", "check", "validate"),
+    add_version(p)
+    p.add_argument("command", nargs="?", choices=("train", "check", "validate", "completion"),
                    default="train", help="what to do (default: train)")
+    p.add_argument("shell", nargs="?", choices=("bash", "zsh"), help=argparse.SUPPRESS)
+    add_format(p, top=True)
     p.add_argument("--job", metavar="JOB.yaml", help="the job file (see trainer/config.py)")
     p.add_argument("--attest", action="store_true",
                    help="obtain the dataset key by attested release from the job's brokers "
@@ -116,11 +124,17 @@ def main(argv: list[str] | None = None) -> int:
         refused = _enter_code_guard()
         if refused is not None:
             return refused
+    if args.command == "completion":
+        sys.stdout.write(completion_script(parser, args.shell or "bash"))
+        return EXIT_OK
     setup_logging(args.log_level)
     if args.command == "check":
         return _check()
     config = _load(parser, args.job)
     if args.command == "validate":
+        if args.format == "json":
+            emit_json(_job_summary(config))
+            return EXIT_OK
         print(f"job {config.job_id} (tenant {config.tenant_id}): dataset {config.dataset.id} "
               f"v{config.dataset.key_version}, model {config.model.name}, {config.steps} steps, "
               f"batch {config.batch_size}x{config.grad_accum}, {config.precision}, "
@@ -143,6 +157,29 @@ def main(argv: list[str] | None = None) -> int:
     if refused is not None:
         return refused
     return _train(config, args.node_id)
+
+
+def _job_summary(config: JobConfig) -> dict[str, object]:
+    """What ``validate --format json`` prints: the job's ids and what it would run."""
+    return {
+        "job_id": config.job_id, "tenant_id": config.tenant_id,
+        "dataset": {"id": config.dataset.id, "key_version": config.dataset.key_version,
+                    "manifest": config.dataset.manifest, "store": str(config.dataset.store)},
+        "model": config.model.name, "steps": config.steps, "batch_size": config.batch_size,
+        "grad_accum": config.grad_accum, "precision": config.precision,
+        "brokers": [str(getattr(b, "address", b)) for b in config.brokers],
+    }
+
+
+def denial_lines(exc: Exception, reasons: tuple[str, ...]) -> list[str]:
+    """``trainer: attestation denied ...`` with each failed rule once: the broker's message
+    names the first failed rule and the rules list names it again, and two brokers may deny
+    for the same reasons."""
+    unique = list(dict.fromkeys(r for r in reasons if r))
+    head = str(exc)
+    for reason in unique:
+        head = head.replace(f": {reason}", "")
+    return [f"trainer: attestation denied: {head}", *(f"  - {r}" for r in unique)]
 
 
 def _enter_code_guard(model_module: str | None = None) -> int | None:
@@ -201,8 +238,7 @@ def _train(config: JobConfig, node_id: str | None) -> int:
         print(f"trainer: code identity refused: {exc}", file=sys.stderr)
         return EXIT_CODE_IDENTITY
     except AttestationDenied as exc:
-        reasons = "".join(f"\n  - {r}" for r in exc.reasons)
-        print(f"trainer: attestation denied: {exc}{reasons}", file=sys.stderr)
+        print("\n".join(denial_lines(exc, exc.reasons)), file=sys.stderr)
         return EXIT_ATTESTATION_DENIED
     except (KeySourceUnavailable, ConfigError) as exc:
         print(f"trainer: cannot obtain the dataset key: {exc}", file=sys.stderr)
