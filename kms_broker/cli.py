@@ -15,6 +15,7 @@
     kms-broker grant revoke GRANT_ID ...
     kms-broker node enrol NODE --tcti TCTI ...     (on the node, operator certificate)
     kms-broker node revoke|reinstate NODE ...      (operator certificate)
+    kms-broker node list ...                       (enrolled nodes, revoked state)
     kms-broker audit verify|tail --state-dir DIR   (offline) or --broker ADDR (online)
     kms-broker audit public-key --config broker.yaml   (PEM, for verify --public-key)
     kms-broker completion bash|zsh                 (shell completion script)
@@ -665,6 +666,28 @@ def cmd_node_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_node_list(args: argparse.Namespace) -> int:
+    from kms_broker._proto.kmsbroker.v1 import broker_pb2 as pb
+
+    rows = []
+    for address, r in _operator_call(args, "ListNodes", pb.ListNodesRequest()):
+        for n in r.nodes:
+            rows.append({"broker": address, "node": n.node_id, "state": n.state,
+                         "revoked": n.state != "active", "tenant_scope": n.tenant_scope,
+                         "enrolled_unix_ms": n.enrolled_unix_ms,
+                         "ek_certificate_sha256": n.ek_certificate_sha256})
+    if _json(args):
+        emit_json({"nodes": rows})
+        return 0
+    for row in rows:
+        enrolled = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row["enrolled_unix_ms"] / 1000))
+        print(f"{row['broker']} {row['node']} {row['state']} scope="
+              f"{row['tenant_scope'] or '*'} enrolled={enrolled}Z")
+    if not rows:
+        print("no node is enrolled", file=sys.stderr)
+    return 0
+
+
 def cmd_node_reinstate(args: argparse.Namespace) -> int:
     from kms_broker._proto.kmsbroker.v1 import broker_pb2 as pb
 
@@ -932,6 +955,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant-scope", help="tenant this node may serve (default: any)")
     _tls_args(p)
     p.set_defaults(func=cmd_node_enrol)
+    p = node.add_parser("list", help="every enrolled node and its state (active, revoked, "
+                                     "reinstated)")
+    _tls_args(p)
+    p.set_defaults(func=cmd_node_list)
     p = node.add_parser("revoke", help="revoke a node (sticky) and end its leases")
     p.add_argument("node")
     _tls_args(p)

@@ -110,10 +110,18 @@ def test_every_printing_command_speaks_json(cli_broker, tmp_path) -> None:  # no
 
     ops = ["--broker", broker.address, "--tls", str(pki_dir)]
     enrol(broker, "nj")  # test-only direct enrolment (the test composition of the server)
+    (nj,) = [n for n in as_json("node", "list", *ops)["nodes"] if n["node"] == "nj"]
+    assert nj["state"] == "active" and nj["revoked"] is False
     revoked = as_json("node", "revoke", "nj", *ops)
     assert revoked == {"node": "nj", "revoked": True,
                        "brokers": [{"broker": broker.address, "leases_revoked": 0}]}
+    nodes = as_json("node", "list", *ops)["nodes"]
+    (nj,) = [n for n in nodes if n["node"] == "nj"]
+    assert nj["state"] == "revoked" and nj["revoked"] is True and nj["broker"] == broker.address
+    assert nj["enrolled_unix_ms"] > 0
     back = as_json("node", "reinstate", "nj", *ops)
+    (nj,) = [n for n in as_json("node", "list", *ops)["nodes"] if n["node"] == "nj"]
+    assert nj["state"] == "reinstated" and nj["revoked"] is True
     assert back == {"node": "nj", "reinstated": True, "brokers": [{"broker": broker.address}]}
 
     deleted = as_json("dataset", "delete", "--dataset", "dsj", *who, env=base_env)
