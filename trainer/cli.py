@@ -24,7 +24,13 @@ import logging
 import os
 import sys
 
-from attest.clikit import add_format, add_version, completion_script, emit_json
+from attest.clikit import (
+    add_format,
+    add_version,
+    completion_script,
+    emit_json,
+    quiet_grpc_core,
+)
 from trainer import signals
 from trainer.config import ConfigError, JobConfig
 from trainer.shred import EXIT_ATTESTATION_DENIED, EXIT_FAILURE, EXIT_OK
@@ -118,6 +124,7 @@ def _load(parser: argparse.ArgumentParser, job: str | None) -> JobConfig:
 
 def main(argv: list[str] | None = None) -> int:
     signals.start()  # the console script's first act: mask before any thread (trainer/signals.py)
+    argv = quiet_grpc_core(argv)  # gRPC core's own log lines only when asked (attest/clikit.py)
     parser = _parser()
     args = parser.parse_args(argv)
     if args.attest and args.command == "train":
