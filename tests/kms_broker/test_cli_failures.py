@@ -294,3 +294,25 @@ def test_serve_on_a_port_in_use(cli_broker, tmp_path) -> None:  # noqa: F811
         config = _config_like(broker, tmp_path, listen=f"127.0.0.1:{port}")
         line = last_line(cli("serve", "--config", str(config), status=1))
     assert f"cannot listen on 127.0.0.1:{port}: port {port} is already in use" in line
+
+
+# ------------------------------------------------------------------ policy put lints
+def test_policy_put_refuses_a_rule_on_a_claim_no_verifier_produces(tenant, tmp_path) -> None:
+    """Before: `policy put` stored it and every node was then denied. Now it is refused
+    before any broker is asked, with the suggestion; --no-lint stores it anyway."""
+    import json
+
+    from tests.kms_broker.verifiers import POLICY_YAML
+
+    who = tenant[2]
+    assert "node.ksm.enabled" in POLICY_YAML
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(POLICY_YAML.replace("node.ksm.enabled", "node.ksm.enable"))
+    tenant_flags = [a for a in who if a != "--tenant-key"][:-1]  # no tenant key needed
+    line = one_line(cli("policy", "put", str(bad), *tenant_flags, status=1))
+    assert "no verifier produces claims.node.ksm.enable" in line
+    assert "did you mean claims.node.ksm.enabled" in line and "--no-lint" in line
+    stored = cli("policy", "put", str(bad), "--no-lint", *tenant_flags, "-o", "json", status=0)
+    doc = json.loads(stored.stdout)
+    assert doc["lint"][0]["code"] == "unknown-claim" and len(doc["digest"]) == 64
+    assert "policy lint: error" in stored.stderr
