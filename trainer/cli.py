@@ -184,8 +184,11 @@ def denial_lines(exc: Exception, reasons: tuple[str, ...]) -> list[str]:
     for the same reasons."""
     unique = list(dict.fromkeys(r for r in reasons if r))
     head = str(exc)
-    for reason in unique:
-        head = head.replace(f": {reason}", "")
+    for reason in unique:  # the head keeps the rule's name, the list below says why
+        name = reason.split(":", 1)[0]
+        head = head.replace(f"{name}: {name}", name).replace(reason, name)
+        if head.endswith(f": {name}"):
+            head = head[: -len(name) - 2]
     return [f"trainer: attestation denied: {head}", *(f"  - {r}" for r in unique)]
 
 

@@ -29,6 +29,12 @@ def test_denial_names_each_failed_rule_once() -> None:
     exc = AttestationDenied("release denied by 127.0.0.1:7001: ksm-off: KSM must be off",
                             (*reasons, reasons[0]))
     text = "\n".join(denial_lines(exc, exc.reasons))
-    assert text.count("ksm-off") == 1 and text.count("swap-off") == 1
+    assert text.count("KSM must be off") == 1 and text.count("swap must be off") == 1
     assert text.splitlines()[0] == "trainer: attestation denied: release denied by " \
                                    "127.0.0.1:7001"
+    # the broker's own form: the reasons in parentheses after the policy line
+    exc = AttestationDenied("release denied by b:7001: policy: no grant's policy for this job "
+                            f"passes ({reasons[0]})", reasons[:1])
+    lines = denial_lines(exc, exc.reasons)
+    assert lines == ["trainer: attestation denied: release denied by b:7001: policy: no "
+                     "grant's policy for this job passes (ksm-off)", f"  - {reasons[0]}"]
