@@ -130,6 +130,8 @@ def _endpoints(args: argparse.Namespace, role: str = "operator") -> list[Any]:
     ca, cert, key = config.require_tls()
     check_local(ca, cert, key, role=role)
     for address in config.brokers:
+        if address.startswith("unix:"):
+            continue  # a local socket: no TCP probe (gRPC's own wait reports it)
         deadline = time.monotonic() + 3.0  # a broker restarting: refused for a moment
         while True:
             try:

@@ -36,9 +36,10 @@ commands, ``operator-*.pem`` for node commands), else ``client.pem``, else the o
 ``*.pem``/``*.key`` pair there. A file given alone (``--ca``, ``--cert``, ``--key``) at a
 higher level overrides the one the directory gives.
 
-Every broker address must be ``HOST:PORT`` (``[v6addr]:PORT`` for IPv6): gRPC would otherwise
-take a bare host to mean port 443. The resolved configuration holds paths and names only; the
-key files are read when the channel is opened (:meth:`ClientConfig.endpoints`), never logged.
+Every broker address must be ``HOST:PORT`` (``[v6addr]:PORT`` for IPv6) or ``unix:PATH``:
+gRPC would otherwise take a bare host to mean port 443. The resolved configuration holds
+paths and names only; the key files are read when the channel is opened
+(:meth:`ClientConfig.endpoints`), never logged.
 """
 
 from __future__ import annotations
@@ -263,7 +264,8 @@ def resolve(flags: Mapping[str, Any], *, role: str | None = None,
                 values[k], sources[k] = layer[k], source
     brokers = tuple(values.get("brokers", ()))
     for address in brokers:
-        parse_address(address)
+        if not (address.startswith("unix:") and len(address) > 5):  # a local socket path
+            parse_address(address)
     if len(set(brokers)) != len(brokers):
         raise ClientConfigError(f"a broker address is given twice: {', '.join(brokers)}")
     tenant = values.get("tenant")
