@@ -130,7 +130,7 @@ def test_every_printing_command_speaks_json(cli_broker, tmp_path) -> None:  # no
     assert shred["tenant"] == "acme" and shred["brokers"][0]["keys_destroyed"] >= 1
 
 
-def test_policy_test_and_hsm_init_json(tmp_path) -> None:
+def test_policy_test_certs_and_hsm_init_json(tmp_path) -> None:
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY_YAML)
     report_data = secrets.token_bytes(32)
@@ -151,6 +151,13 @@ def test_policy_test_and_hsm_init_json(tmp_path) -> None:
         os.write(fd, secrets.token_hex(8).encode())
         os.close(fd)
         pins.append(path)
+    ca = json.loads(cli("certs", "ca", "--dir", str(tmp_path / "ca"), "--format", "json").stdout)
+    assert Path(ca["cert"]).is_file() and Path(ca["key"]).stat().st_mode & 0o777 == 0o600
+    leaf = json.loads(cli("certs", "issue", "--ca-dir", str(tmp_path / "ca"), "--out",
+                          str(tmp_path / "ca"), "--role", "tenant", "--id", "t9", "-o",
+                          "json").stdout)
+    assert leaf["identity"] == "tenant:t9" and Path(leaf["cert"]).name == "tenant-t9.pem"
+
     made = as_json("hsm", "init", "--state-dir", str(tmp_path / "hsm"), "--label", "tj",
                    "--so-pin-file", str(pins[0]), "--pin-file", str(pins[1]))
     assert made["label"] == "tj" and Path(made["softhsm2_conf"]).is_file()
