@@ -52,6 +52,7 @@ _EPILOG = """\
 commands:
   (none)      train the job given by --job (requires --attest)
   check       run the hardening self-check and print each check with how to fix it
+              (--format json: one JSON document)
   validate    load and validate --job, print a summary (--format json: one JSON
               document), get no keys
   completion  print a shell completion script: source <(trainer completion bash)
@@ -96,11 +97,17 @@ def setup_logging(level: str) -> None:
     )
 
 
-def _check() -> int:
+def _check(*, json_output: bool = False) -> int:
     from trainer.hardening import failed_required, format_checks, harden_process, self_check
 
     result = harden_process()
     checks = self_check()
+    if json_output:
+        failed = failed_required(checks)
+        emit_json({"passed": not failed, "mlockall": bool(result.mlockall),
+                   "checks": [{"name": c.name, "ok": c.ok, "required": c.required,
+                               "detail": c.detail, "fix": c.fix} for c in checks]})
+        return EXIT_FAILURE if failed else EXIT_OK
     print(format_checks(checks))
     if not result.mlockall:
         print(f"note: mlockall refused ({result.mlockall_error})")
@@ -136,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     setup_logging(args.log_level)
     if args.command == "check":
-        return _check()
+        return _check(json_output=args.format == "json")
     config = _load(parser, args.job)
     if args.command == "validate":
         if args.format == "json":

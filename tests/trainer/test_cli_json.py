@@ -38,3 +38,15 @@ def test_denial_names_each_failed_rule_once() -> None:
     lines = denial_lines(exc, exc.reasons)
     assert lines == ["trainer: attestation denied: release denied by b:7001: policy: no "
                      "grant's policy for this job passes (ksm-off)", f"  - {reasons[0]}"]
+
+
+def test_check_format_json() -> None:
+    proc = subprocess.run([PY, "-m", "trainer", "check", "-o", "json"], cwd=REPO,
+                          env=child_env(), capture_output=True, text=True)
+    doc = json.loads(proc.stdout)
+    assert proc.returncode == (0 if doc["passed"] else 1), proc.stderr
+    names = {c["name"] for c in doc["checks"]}
+    assert "not-dumpable" in names
+    assert all(isinstance(c["ok"], bool) and isinstance(c["required"], bool)
+               for c in doc["checks"])
+    assert doc["passed"] == all(c["ok"] for c in doc["checks"] if c["required"])
