@@ -31,6 +31,7 @@ import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = ["TlsProblem", "Unreachable", "check_local", "probe"]
 
@@ -64,9 +65,18 @@ def _load_cert(path: Path):  # -> x509.Certificate
         raise TlsProblem(f"{path} is not a PEM certificate") from None
 
 
+def _issued_by(cert: Any, authority: Any, invalid: type[Exception]) -> bool:
+    try:
+        cert.verify_directly_issued_by(authority)
+    except (ValueError, TypeError, invalid):
+        return False
+    return True
+
+
 def check_local(ca: Path, cert: Path, key: Path, *, role: str | None,
                 now: dt.datetime | None = None) -> None:
     """Raise :class:`TlsProblem` if the client material cannot work (see module docstring)."""
+    from cryptography import x509
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import serialization
 
@@ -83,14 +93,18 @@ def check_local(ca: Path, cert: Path, key: Path, *, role: str | None,
         raise TlsProblem(
             f"your client certificate {cert} is not valid before "
             f"{certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC (check this machine's clock)")
-    authority = _load_cert(ca)
     try:
-        certificate.verify_directly_issued_by(authority)
-    except (ValueError, TypeError, InvalidSignature):
+        authorities = x509.load_pem_x509_certificates(ca.read_bytes())
+    except ValueError:
+        raise TlsProblem(f"{ca} is not a PEM certificate (bundle)") from None
+    # Only a CA of the same name can be checked here (a chain through an intermediate is left
+    # to the handshake): same name but another key is a certificate from another CA.
+    namesakes = [a for a in authorities if a.subject == certificate.issuer]
+    if namesakes and not any(_issued_by(certificate, a, InvalidSignature) for a in namesakes):
         raise TlsProblem(
             f"your client certificate {cert} was not issued by the CA in {ca}, which signs the "
             f"broker's certificate: the broker does not trust the CA that issued your client "
-            f"certificate (unknown CA); use a certificate from the broker's CA") from None
+            f"certificate (unknown CA); use a certificate from the broker's CA")
     try:
         private = serialization.load_pem_private_key(key.read_bytes(), password=None)
     except (ValueError, TypeError):
