@@ -377,8 +377,9 @@ def cmd_dataset_upload(args: argparse.Namespace) -> int:
 
     _check_upload_source(args.path)
     clients = _tenant_clients(args, need_key=True)
-    args._interrupt_note = ("the upload was stopped and rolled back: no dataset was "
-                            "registered; run it again")
+    what = "dataset" if args.key_version == 1 else f"key version {args.key_version}"
+    args._interrupt_note = (f"the upload was stopped and rolled back: no {what} was "
+                            f"registered; run it again")
     try:
         result = upload_dataset(clients, args.path, LocalDirStore(args.store),
                                 dataset_id=args.dataset, key_version=args.key_version,
