@@ -208,9 +208,14 @@ def serve(args: argparse.Namespace, *, build: Callable[..., Any], entry_module: 
     try:
         server = build(config, worker=worker, allow_fake_hsm=args.dev_insecure_fake_hsm)
     except (OSError, RuntimeError) as exc:  # gRPC: OSError here, RuntimeError in grpc itself
-        if "cannot listen" not in str(exc) and "Failed to bind" not in str(exc):
-            raise
-        raise CliError(_listen_problem(config.listen, args.config)) from None
+        import errno
+
+        if "cannot listen" in str(exc) or "Failed to bind" in str(exc):
+            raise CliError(_listen_problem(config.listen, args.config)) from None
+        if getattr(exc, "errno", None) == errno.EADDRINUSE and config.metrics_port:
+            raise CliError(f"cannot serve metrics on port {config.metrics_port}: it is already "
+                           f"in use; change metrics_port in {args.config}") from None
+        raise
     server.start()
     if worker is None:
         listening(server.port)

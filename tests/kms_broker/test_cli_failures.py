@@ -296,3 +296,14 @@ def test_policy_put_refuses_a_rule_on_a_claim_no_verifier_produces(tenant, tmp_p
     doc = json.loads(stored.stdout)
     assert doc["lint"][0]["code"] == "unknown-claim" and len(doc["digest"]) == 64
     assert "policy lint: error" in stored.stderr
+
+
+def test_serve_with_its_metrics_port_in_use(cli_broker, tmp_path) -> None:  # noqa: F811
+    broker, _, _ = cli_broker
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        config = _config_like(broker, tmp_path, metrics_port=port)
+        line = last_line(cli("serve", "--config", str(config), status=1))
+    assert f"cannot serve metrics on port {port}: it is already in use" in line
