@@ -42,7 +42,6 @@ import contextlib
 import os
 import re
 import stat
-import tempfile
 
 from attest.code_digest import CACHE_NAME, remember, remembered
 
@@ -129,6 +128,8 @@ def save(path: str) -> int:
     data = CACHE_HEADER + b"".join(lines)
     if len(data) > MAX_CACHE_BYTES:
         return 0
+    import tempfile  # here: the guard imports this module before it is installed
+
     try:
         fd, temporary = tempfile.mkstemp(prefix=f".{CACHE_NAME}.", suffix=".tmp", dir=directory)
     except OSError:
