@@ -26,9 +26,10 @@ step); the cold-cache ratio is printed beside it. Also printed: the CPU seconds 
 run (the trainer process, as the harness's child), whose ratio a busy machine disturbs much
 less than wall time, and where the checks' cost goes, from the guard's own log line
 (``trainer.guard.CheckCost``): files and bytes hashed by the importing thread and by the
-background thread, the CPU seconds of the start-up check, of the checked imports, of the check
-before keys and of the background thread, how long the check before keys waited for the
-background thread, and how many digests came from the cache.
+background thread, the CPU seconds of the start-up check, of the check before keys and of the
+background thread, the seconds spent in the checked imports until the first key (imports
+after it, torch's lazy ones during the first steps, are not in the line), how long the check
+before keys waited for the background thread, and how many digests came from the cache.
 """
 
 from __future__ import annotations
@@ -88,13 +89,13 @@ def _cpu_of_children() -> float:
 _COST = re.compile(
     r"code identity checked: (?P<files>\d+) files \((?P<mb>[\d.]+) MB\) hashed while "
     r"importing, (?P<bg_files>\d+) libraries \((?P<bg_mb>[\d.]+) MB\) in the background; "
-    r"CPU s: start-up (?P<startup>[\d.]+), imports (?P<imports>[\d.]+), before keys "
-    r"(?P<before_keys>[\d.]+), background (?P<background>[\d.]+); waited "
+    r"CPU s: start-up (?P<startup>[\d.]+), before keys (?P<before_keys>[\d.]+), background "
+    r"(?P<background>[\d.]+); s in checked imports (?P<imports>[\d.]+); waited "
     r"(?P<waited>[\d.]+) s for the background; (?P<cached>\d+) digests from the trusted cache")
 _COST_ROWS = (
     ("MB hashed while importing", "mb"), ("MB hashed in the background", "bg_mb"),
     ("CPU s, start-up check (manifest, interpreter, modules so far)", "startup"),
-    ("CPU s, checked imports (read + hash + look-up)", "imports"),
+    ("s in checked imports until the first key (read + hash + look-up)", "imports"),
     ("CPU s, check before keys (mapped libraries)", "before_keys"),
     ("CPU s, background hashing (second core)", "background"),
     ("wall s, waited for the background before keys", "waited"),
