@@ -128,6 +128,7 @@ class CodeDigest:
 StatKey = tuple[int, int, int, int, int]
 # stat key -> (SHA-256 hex, when hashing began in ns since the epoch; 0: taken from a cache)
 _memo: dict[StatKey, tuple[str, int]] = {}
+_cached: dict[StatKey, str] = {}  # from a trusted cache (remember), not yet asked for
 _memo_lock = threading.Lock()
 
 
@@ -138,12 +139,12 @@ def _stat_key(st: os.stat_result) -> StatKey:
 def remember(key: StatKey, digest: str) -> None:
     """Take a digest from a trusted persistent cache (``attest.digest_cache``)."""
     with _memo_lock:
-        _memo.setdefault(key, (digest, 0))
+        _cached.setdefault(key, digest)
 
 
 def remembered() -> dict[StatKey, tuple[str, int]]:
-    """What :func:`hash_file` remembers: stat key -> (SHA-256 hex, when hashing began in ns
-    since the epoch, 0 for what :func:`remember` took from a cache)."""
+    """What :func:`hash_file` hashed or took from the cache in this process: stat key ->
+    (SHA-256 hex, when hashing began in ns since the epoch, 0 for a digest of the cache)."""
     with _memo_lock:
         return dict(_memo)
 
@@ -162,6 +163,8 @@ def hash_file_counted(path: str | os.PathLike[str]) -> tuple[str, int, int]:
         key = _stat_key(st)
         with _memo_lock:
             known = _memo.get(key)
+            if known is None and key in _cached:
+                known = _memo[key] = (_cached.pop(key), 0)
         if known is not None:
             return known[0], st.st_size, 0
         digest = _sha256_of(f, st.st_size)

@@ -25,7 +25,9 @@ So an attacker who can write files as the trainer's (non-root) user can neither 
 entry nor make one stand for a changed file; root can do anything on a node anyway (it can
 also reset PCR 23, DESIGN.md section 6). It is written only by a process running as root
 (:func:`save`), atomically (a temporary file in the same directory, then ``rename``), so the
-next start trusts what it wrote.
+next start trusts what it wrote; it holds what that process hashed or used, so entries of
+files since replaced drop out. The file is opened without following a link and checked on the
+open descriptor, so what was checked is what is read.
 
 **Format** (``ENV/ct-code-cache``, beside the manifest; never part of the measured set)::
 
@@ -58,9 +60,16 @@ _GROUP_OR_OTHER_WRITE = stat.S_IWGRP | stat.S_IWOTH
 def untrusted_reason(path: str) -> str | None:
     """Why the cache at ``path`` cannot be trusted (None when it can); see the module doc."""
     try:
-        st = os.lstat(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         return f"{path}: {exc.strerror}"
+    try:
+        return _untrusted_file(path, os.fstat(fd))
+    finally:
+        os.close(fd)
+
+
+def _untrusted_file(path: str, st: os.stat_result) -> str | None:
     if not stat.S_ISREG(st.st_mode):
         return f"{path}: not a regular file"
     if st.st_uid != 0 or st.st_mode & _GROUP_OR_OTHER_WRITE:
@@ -70,7 +79,10 @@ def untrusted_reason(path: str) -> str | None:
 
 def _untrusted_directory(directory: str) -> str | None:
     while True:
-        st = os.stat(directory)
+        try:
+            st = os.stat(directory)
+        except OSError as exc:
+            return f"{directory}: {exc.strerror}"
         if st.st_uid != 0 or (st.st_mode & _GROUP_OR_OTHER_WRITE
                               and not st.st_mode & stat.S_ISVTX):
             return f"{directory}: not owned by root, or writable by others without sticky bit"
@@ -82,14 +94,19 @@ def _untrusted_directory(directory: str) -> str | None:
 
 def load(path: str) -> int:
     """Remember the digests of a trusted cache in this process (:func:`remember`); the number
-    of entries taken, 0 when there is no cache or it is not trusted or not well formed."""
-    if untrusted_reason(path) is not None:
-        return 0
+    of entries taken, 0 when there is no cache or it is not trusted or not well formed. The
+    checks are made on the open file (no link followed), so what was checked is what is read."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CACHE_BYTES + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return 0
+    with os.fdopen(fd, "rb") as f:
+        if _untrusted_file(path, os.fstat(f.fileno())) is not None:
+            return 0
+        try:
+            data = f.read(MAX_CACHE_BYTES + 1)
+        except OSError:
+            return 0
     if len(data) > MAX_CACHE_BYTES or not data.startswith(CACHE_HEADER):
         return 0
     entries = []
@@ -105,16 +122,14 @@ def load(path: str) -> int:
 
 
 def save(path: str) -> int:
-    """Write what this process has hashed (except racy entries) to the cache at ``path``,
-    when running as root into a trusted directory; the number of entries written (0: not
-    written). Failure to write (a read-only image) is not an error."""
+    """Write the digests this process hashed or used (except racy entries; cached entries it
+    never asked for drop out) to the cache at ``path``, when running as root into a trusted
+    directory; the number of entries written (0: not written). Failure to write (a read-only
+    image) is not an error."""
     if os.geteuid() != 0:
         return 0
     directory = os.path.dirname(os.path.realpath(path))
-    try:
-        if _untrusted_directory(directory) is not None:
-            return 0
-    except OSError:
+    if _untrusted_directory(directory) is not None:
         return 0
     known = remembered()
     if not any(hashed_at_ns for _, hashed_at_ns in known.values()):

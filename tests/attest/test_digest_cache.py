@@ -25,11 +25,17 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0,
 @pytest.fixture
 def memo() -> Iterator[None]:
     """A process memo that starts empty, as in a fresh trainer process."""
-    saved = dict(code_digest._memo)
-    code_digest._memo.clear()
+    saved = dict(code_digest._memo), dict(code_digest._cached)
+    _forget()
     yield
+    _forget()
+    code_digest._memo.update(saved[0])
+    code_digest._cached.update(saved[1])
+
+
+def _forget() -> None:
     code_digest._memo.clear()
-    code_digest._memo.update(saved)
+    code_digest._cached.clear()
 
 
 def _old_file() -> str:
@@ -57,7 +63,7 @@ def test_a_saved_cache_spares_the_next_process_the_hashing(tmp_path: Path, memo:
     assert _key_line(_old_file(), digest) in cache.read_bytes()
     assert oct(cache.stat().st_mode & 0o777) == "0o644" and cache.stat().st_uid == 0
 
-    code_digest._memo.clear()  # the next process
+    _forget()  # the next process
     assert digest_cache.load(str(cache)) == 1
     assert hash_file_counted(_old_file()) == (digest, size, 0)  # nothing read
 
@@ -78,6 +84,22 @@ def test_a_changed_file_is_hashed_again_though_size_and_mtime_are_kept(tmp_path:
     assert digest == hashlib.sha256(b"B" + b"A" * 4095).hexdigest() != good
 
 
+def test_entries_no_one_asked_for_drop_out_when_the_cache_is_written(tmp_path: Path,
+                                                                     memo: None):
+    digest = hash_file_counted(_old_file())[0]
+    _forget()
+    stale = b"1 2 3 4 5 " + b"0" * 64 + b"\n"  # a file replaced since: never asked for
+    cache = _write_cache(tmp_path / CACHE_NAME, stale, _key_line(_old_file(), digest))
+    assert digest_cache.load(str(cache)) == 2
+    fresh = tmp_path / "old-enough.so"
+    fresh.write_bytes(b"x")
+    assert hash_file_counted(_old_file())[2] == 0  # from the cache
+    os.utime(fresh, ns=(0, 0))
+    hash_file_counted(str(fresh))  # racy (ctime now): not saved, but something new to write
+    assert digest_cache.save(str(cache)) == 1
+    assert cache.read_bytes() == digest_cache.CACHE_HEADER + _key_line(_old_file(), digest)
+
+
 def test_a_file_changed_just_before_it_was_hashed_is_not_saved(tmp_path: Path, memo: None):
     fresh = tmp_path / "fresh.so"
     fresh.write_bytes(b"new")
@@ -94,7 +116,7 @@ def test_a_file_changed_just_before_it_was_hashed_is_not_saved(tmp_path: Path, m
                                   "malformed"])
 def test_a_cache_others_could_have_written_is_ignored(tmp_path: Path, memo: None, case: str):
     digest = hash_file_counted(_old_file())[0]
-    code_digest._memo.clear()
+    _forget()
     directory = tmp_path / "env"
     directory.mkdir()
     cache = _write_cache(directory / CACHE_NAME, _key_line(_old_file(), digest))
@@ -116,7 +138,7 @@ def test_a_cache_others_could_have_written_is_ignored(tmp_path: Path, memo: None
 def test_a_sticky_world_writable_directory_above_is_trusted(tmp_path: Path, memo: None):
     """``/tmp``'s mode: others may add entries but not rename or remove root's."""
     digest = hash_file_counted(_old_file())[0]
-    code_digest._memo.clear()
+    _forget()
     sticky = tmp_path / "sticky"
     sticky.mkdir()
     sticky.chmod(0o1777)
