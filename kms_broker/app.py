@@ -32,7 +32,8 @@ from kms_broker.server import BrokerServer, TlsMaterial
 from kms_broker.state.sqlite import SqliteRepository
 from sealed.secrets import SecretBuffer
 
-__all__ = ["FAKE_HSM_REFUSED", "build_server", "load_ek_trust", "load_plugin", "open_hsm"]
+__all__ = ["FAKE_HSM_REFUSED", "build_server", "load_ek_trust", "load_plugin", "open_hsm",
+           "open_repository"]
 
 log = logging.getLogger("kms_broker")
 
@@ -169,6 +170,16 @@ def check_audit_anchor(log_path: Path, hsm: Any, anchor_path: Path) -> None:
                         result.records)
 
 
+def open_repository(config: BrokerConfig) -> Any:
+    """The configured state store: SQLite in ``state_dir`` or PostgreSQL (``state:`` URL)."""
+    if config.state == "sqlite":
+        return SqliteRepository(Path(config.state_dir) / "broker.db")
+    from kms_broker.state.postgres import PostgresRepository, safe_dsn
+
+    log.info("broker state on PostgreSQL at %s", safe_dsn(config.state))
+    return PostgresRepository(config.state)
+
+
 def build_server(config: BrokerConfig, *, hsm: Any = None, worker: int | None = None,
                  allow_fake_hsm: bool = False) -> BrokerServer:
     """Everything ``serve`` runs. ``worker``: this process is worker N of several sharing the
@@ -198,7 +209,7 @@ def build_server(config: BrokerConfig, *, hsm: Any = None, worker: int | None = 
     audit = AuditLog(state / "audit.log", now_ms=clock.now_ms, sign=hsm.sign,
                      anchor=audit_anchor_writer(hsm, anchor_path))
     deps = BrokerDeps(
-        repo=SqliteRepository(state / "broker.db"),
+        repo=open_repository(config),
         hsm=hsm,
         audit=audit,
         clock=clock,
