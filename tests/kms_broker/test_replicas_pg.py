@@ -189,26 +189,24 @@ def test_node_revocation_is_sticky_on_every_replica(replicas) -> None:
     enrol(a, "n3")
     a.operator().RevokeNode(pb.RevokeNodeRequest(node_id="n3"), timeout=10)
     for replica in (a, b):
-        with replica.key_client("n3", world.job_id) as client:
-            with pytest.raises(PermissionDeniedError):
-                client.fetch_dek(tenant_id="acme", dataset_id=world.dataset_id, key_version=1)
+        with replica.key_client("n3", world.job_id) as client, \
+                pytest.raises(PermissionDeniedError):
+            client.fetch_dek(tenant_id="acme", dataset_id=world.dataset_id, key_version=1)
         with pytest.raises(Exception, match="revoked"):
             enrol(replica, "n3")  # re-enrolment refused on both
 
 
 def test_tenant_shredded_on_one_replica_is_refused_on_the_other(replicas, tmp_path) -> None:
-    world, a, b = replicas
+    _, a, b = replicas
     shred = make_world(a, tmp_path, tenant_id="beta", dataset_id="dsb", job_id="jobb",
                        grant_id="gb", nodes=("n1",))
     with b.key_client("n1", "jobb") as client:
         client.fetch_dek(tenant_id="beta", dataset_id="dsb", key_version=1).dek.zeroize()
     with a.tenant("beta") as beta:
         beta.shred()
-    with b.key_client("n1", "jobb") as client:
-        with pytest.raises((PermissionDeniedError, Exception)) as info:
-            client.fetch_dek(tenant_id="beta", dataset_id="dsb", key_version=1)
-    assert "shred" in str(info.value) or "NOT_FOUND" in repr(info.value) or \
-        "not found" in str(info.value).lower(), info.value
+    with b.key_client("n1", "jobb") as client, \
+            pytest.raises(PermissionDeniedError, match=r"tenant\.shredded"):
+        client.fetch_dek(tenant_id="beta", dataset_id="dsb", key_version=1)
     assert shred.tenant_id == "beta"
 
 
@@ -217,10 +215,9 @@ def test_postgresql_down_fails_closed_and_replicas_recover(replicas, pg: LocalPo
     pg.stop("fast")
     try:
         for replica in (a, b):
-            with replica.key_client("n1", world.job_id) as client:
-                with pytest.raises(UnavailableError):
-                    client.fetch_dek(tenant_id="acme", dataset_id=world.dataset_id,
-                                     key_version=1)
+            with replica.key_client("n1", world.job_id) as client, \
+                    pytest.raises(UnavailableError):
+                client.fetch_dek(tenant_id="acme", dataset_id=world.dataset_id, key_version=1)
     finally:
         pg.start()
     with _expected_dek(world) as expected:
@@ -242,7 +239,7 @@ def test_postgresql_down_fails_closed_and_replicas_recover(replicas, pg: LocalPo
 
 
 def test_one_audit_chain_from_both_replicas(replicas) -> None:
-    world, a, b = replicas
+    a = replicas[1]
     audit = Path(a.state_dir) / "audit.log"
     assert verify_log(audit).ok
     records = a.audit()
