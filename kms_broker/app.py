@@ -180,6 +180,22 @@ def open_repository(config: BrokerConfig) -> Any:
     return PostgresRepository(config.state)
 
 
+def open_pg_audit(repo: Any, hsm: Any, now_ms: Any) -> Any:
+    """The audit log in the PostgreSQL state database (:mod:`kms_broker.audit_pg`), checked
+    against the HSM's anchor: a log that lost anchored records refuses to start."""
+    from kms_broker.audit_pg import PgAuditLog
+
+    audit = PgAuditLog(repo.pool, now_ms=now_ms, sign=hsm.sign,
+                       anchor=lambda seq, head: hsm.set_audit_anchor(seq, bytes.fromhex(head)))
+    held = hsm.audit_anchor()
+    if held is not None:
+        problem = check_anchor(audit.path, Anchor(held[0], held[1].hex()))
+        if problem is not None:
+            raise AuditTruncated(f"refusing to start: the audit log in PostgreSQL does not "
+                                 f"match the HSM anchor (record {held[0]}): {problem}")
+    return audit
+
+
 def build_server(config: BrokerConfig, *, hsm: Any = None, worker: int | None = None,
                  allow_fake_hsm: bool = False) -> BrokerServer:
     """Everything ``serve`` runs. ``worker``: this process is worker N of several sharing the
@@ -204,12 +220,16 @@ def build_server(config: BrokerConfig, *, hsm: Any = None, worker: int | None = 
         max_pending_sessions_per_node=config.limits.pending_sessions_per_node,
         max_pending_uploads_per_tenant=config.limits.pending_uploads_per_tenant,
     )
-    anchor_path = state / ANCHOR_FILE
-    check_audit_anchor(state / "audit.log", hsm, anchor_path)
-    audit = AuditLog(state / "audit.log", now_ms=clock.now_ms, sign=hsm.sign,
-                     anchor=audit_anchor_writer(hsm, anchor_path))
+    repo = open_repository(config)
+    if config.state == "sqlite":
+        anchor_path = state / ANCHOR_FILE
+        check_audit_anchor(state / "audit.log", hsm, anchor_path)
+        audit = AuditLog(state / "audit.log", now_ms=clock.now_ms, sign=hsm.sign,
+                         anchor=audit_anchor_writer(hsm, anchor_path))
+    else:  # replicas share the state database: the audit chain lives there too
+        audit = open_pg_audit(repo, hsm, clock.now_ms)
     deps = BrokerDeps(
-        repo=open_repository(config),
+        repo=repo,
         hsm=hsm,
         audit=audit,
         clock=clock,

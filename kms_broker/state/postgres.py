@@ -184,6 +184,11 @@ class PostgresRepository:
             self._pool.close()
             raise
 
+    @property
+    def pool(self) -> ConnectionPool:
+        """The connection pool (the audit log in the same database uses it too)."""
+        return self._pool
+
     def close(self) -> None:
         with self._listen_lock:
             if self._listener is not None:
