@@ -358,3 +358,22 @@ def _run_threads(target: Callable[[int], None], n: int) -> None:
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads)
     assert errors == []
+
+
+def test_postgresql_wakes_the_relay_with_notify(postgres_cluster) -> None:  # noqa: F811
+    """wait_revocations returns as soon as another instance commits events (LISTEN/NOTIFY),
+    and False after its timeout when none came."""
+    dsn = fresh_database(postgres_cluster)
+    a, b = PostgresRepository(dsn), PostgresRepository(dsn)
+    try:
+        assert b.wait_revocations(0.05) is False  # listening now, nothing sent
+        woke: list[bool] = []
+        waiter = threading.Thread(target=lambda: woke.append(b.wait_revocations(120)))
+        waiter.start()
+        a.add_revocation_events("A", [("n1", RevocationEvent("l1", "acme", "ds1", "r"))],
+                                now_ms=NOW, keep_ms=1000)
+        waiter.join(timeout=150)
+        assert woke == [True]  # woken by the commit, long before the 120 s timeout
+    finally:
+        a.close()
+        b.close()
