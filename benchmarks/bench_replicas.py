@@ -18,6 +18,7 @@ whose cores are already busy with the clients and the database the ratio says so
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -33,6 +34,7 @@ from benchmarks.bench_broker import (
     TENANT,
     ZERO_BOOT,
     _claims,
+    _cpu_seconds,
     _endpoint,
     _pct,
     _policy,
@@ -107,8 +109,31 @@ def _start_replica(broker_root: Path) -> tuple[subprocess.Popen, str]:
     return proc, f"127.0.0.1:{int(port_file.read_text())}"
 
 
+def _postgres_pids(pg) -> list[int]:  # type: ignore[no-untyped-def]
+    """The postmaster and its backends."""
+    root = pg.pid()
+    pids = [root] if root else []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == root:
+                pids.append(int(entry.name))
+    return pids
+
+
+def _cpu(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):  # a backend that exited
+            total += _cpu_seconds(pid)
+    return total
+
+
 def _run(addresses: list[str], pki: Path, tpms: list, claims_file: Path, clients: int,
-         releases: int) -> tuple[list[float], float]:
+         releases: int, server_pids) -> tuple[list[float], float, float]:  # type: ignore[no-untyped-def]
     procs = [subprocess.Popen(
         [sys.executable, "-m", "benchmarks.bench_replicas", "--client",
          addresses[i % len(addresses)], str(pki), f"n{i}", tpms[i].tcti, str(releases),
@@ -120,19 +145,22 @@ def _run(addresses: list[str], pki: Path, tpms: list, claims_file: Path, clients
             line = p.stdout.readline()  # type: ignore[union-attr]
             if line.strip() != "ready":
                 raise RuntimeError(f"client did not start: {line!r}")
+        pids = server_pids()
+        cpu0 = _cpu(pids)
         t0 = time.perf_counter()
         for p in procs:
             p.stdin.write("go\n")  # type: ignore[union-attr]
             p.stdin.flush()  # type: ignore[union-attr]
         results = [json.loads(p.stdout.readline()) for p in procs]  # type: ignore[union-attr]
         wall = time.perf_counter() - t0
+        cpu = _cpu(pids) - cpu0  # backends that exited meanwhile are not counted
         for p in procs:
             p.wait(timeout=300)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    return [x for r in results for x in r], wall
+    return [x for r in results for x in r], wall, cpu
 
 
 def main(quick: bool) -> None:
@@ -175,9 +203,12 @@ def main(quick: bool) -> None:
             print(f"{clients} client processes, {releases} Release calls each with one "
                   f"attested token; state on PostgreSQL {pg.port}, one SoftHSM token; "
                   f"{os.cpu_count()} cores", flush=True)
-            one, wall1 = _run([address], pki, tpms, claims_file, clients, releases)
+            one, wall1, cpu1 = _run([address], pki, tpms, claims_file, clients, releases,
+                                    lambda: [proc.pid, *_postgres_pids(pg)])
             replica, address2 = _start_replica(root / "broker")
-            two, wall2 = _run([address, address2], pki, tpms, claims_file, clients, releases)
+            two, wall2, cpu2 = _run([address, address2], pki, tpms, claims_file, clients,
+                                    releases,
+                                    lambda: [proc.pid, replica.pid, *_postgres_pids(pg)])
         except BaseException:
             for log in ("broker.log", "replica.log"):
                 path = root / "broker" / log
@@ -192,9 +223,13 @@ def main(quick: bool) -> None:
                     p.terminate()
                     p.wait(timeout=60)
     rate1, rate2 = len(one) / wall1, len(two) / wall2
-    print(f"{'replicas':>9}{'releases/s':>12}{'p50':>10}{'p99':>10}")
-    for n, lat, rate in ((1, one, rate1), (2, two, rate2)):
-        print(f"{n:>9}{rate:>12.1f}{_pct(lat, .5) * 1e3:>8.1f}ms{_pct(lat, .99) * 1e3:>8.1f}ms")
+    print(f"{'replicas':>9}{'releases/s':>12}{'p50':>10}{'p99':>10}"
+          f"{'broker+PostgreSQL CPU/release':>32}")
+    for n, lat, rate, cpu in ((1, one, rate1, cpu1), (2, two, rate2, cpu2)):
+        print(f"{n:>9}{rate:>12.1f}{_pct(lat, .5) * 1e3:>8.1f}ms{_pct(lat, .99) * 1e3:>8.1f}ms"
+              f"{cpu / len(lat) * 1e3:>30.2f}ms")
+    print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
+          f"(the ratio is only meaningful on a machine with cores to spare)")
     ratio = rate2 / rate1
     print(f"2 replicas vs 1: {ratio:.2f}x")
     print(f"goal replica_release_throughput_2_vs_1: {ratio:.2f} (target >= {TARGET}) "
