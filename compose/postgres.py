@@ -56,7 +56,8 @@ class LocalPostgres:
     on first use; ``stop()``/``start()`` restart it with its data; ``kill()`` is ``kill -9``
     of the postmaster; ``destroy()`` stops it and removes the directory."""
 
-    def __init__(self, root: Path | None = None, *, port: int | None = None) -> None:
+    def __init__(self, root: Path | None = None, *, port: int | None = None,
+                 listen: str = "127.0.0.1") -> None:
         # a fresh directory under the system temp dir: the postgres user must be able to reach
         # it, and a pytest tmp_path under /tmp/pytest-of-root (mode 0700) is not reachable
         self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="ct-pg-"))
@@ -65,6 +66,7 @@ class LocalPostgres:
         self.socket_dir = self.root / "run"
         self.passfile = self.root / "pgpass"
         self.port = port if port is not None else free_port()
+        self.listen = listen
         self.bin = pg_bin_dir()
         self._as_postgres = os.geteuid() == 0
         self._user = pwd.getpwnam("postgres") if self._as_postgres else None
@@ -106,31 +108,68 @@ class LocalPostgres:
             pwfile.unlink()
         if done.returncode != 0:
             raise PostgresUnavailable(f"initdb failed: {done.stderr.strip()[-2000:]}")
+        if self.listen not in ("127.0.0.1", "localhost"):  # other hosts (a compose network)
+            with open(self.data / "pg_hba.conf", "a") as f:
+                f.write("host all all all scram-sha-256\n")
         fd = os.open(self.passfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:  # host:port:database:user:password
-            f.write(f"127.0.0.1:{self.port}:*:{DB_USER}:{password}\n"
-                    f"{self.socket_dir}:{self.port}:*:{DB_USER}:{password}\n")
-        self._pg_ctl_start()
+        with os.fdopen(fd, "w") as f:  # host:port:database:user:password, any host name
+            f.write(f"*:{self.port}:*:{DB_USER}:{password}\n")
+        # first start on the unix socket only: nothing (a TCP health check included) sees
+        # the server before its database exists
+        self._pg_ctl_start("")
         import psycopg  # the client side: this process reads the password file
 
-        with psycopg.connect(self.dsn.replace(f"/{DB_NAME}?", "/postgres?"),
-                             autocommit=True) as conn:
-            conn.execute(f"CREATE DATABASE {DB_NAME}")
+        try:
+            with psycopg.connect(host=str(self.socket_dir), port=self.port, user=DB_USER,
+                                 dbname="postgres", passfile=str(self.passfile),
+                                 autocommit=True) as conn:
+                conn.execute(f"CREATE DATABASE {DB_NAME}")
+        finally:
+            self.stop()
 
-    def _pg_ctl_start(self) -> None:
-        options = (f"-p {self.port} -k {self.socket_dir} -c listen_addresses=127.0.0.1 "
-                   "-c max_connections=200 -c fsync=on -c synchronous_commit=on")
+    def serve_foreground(self) -> None:
+        """Initialise on first use, then become the server (``exec postgres``, as the
+        ``postgres`` user when root): the compose service, supervised by the harness or the
+        container engine, which stop it with SIGTERM (a clean "smart" shutdown)."""
+        self._grant_traverse()
+        if not (self.data / "PG_VERSION").exists():
+            self._init()
+        argv = [str(self.bin / "postgres"), "-D", str(self.data),
+                *self._server_options(self.listen)]
+        if self._user is not None:
+            os.setgroups([])
+            os.setgid(self._user.pw_gid)
+            os.setuid(self._user.pw_uid)
+        os.execv(argv[0], argv)  # noqa: S606 - fixed program, no shell wanted
+
+    def _server_options(self, listen: str) -> list[str]:
+        return ["-p", str(self.port), "-k", str(self.socket_dir),
+                "-c", f"listen_addresses={listen}", "-c", "max_connections=200",
+                "-c", "fsync=on", "-c", "synchronous_commit=on"]
+
+    def _pg_ctl_start(self, listen: str | None = None) -> None:
+        options = " ".join(self._server_options(self.listen if listen is None else listen))
         done = self._run(self.bin / "pg_ctl", "-D", self.data, "-l", self.root / "server.log",
                          "-w", "-t", str(START_TIMEOUT_S), "-o", options, "start")
         if done.returncode != 0:
             raise PostgresUnavailable(f"pg_ctl start failed: {done.stderr.strip()[-1000:]}; "
                                       f"log: {self.log_tail()}")
 
+    def _grant_traverse(self) -> None:
+        """As root, let the ``postgres`` user reach the cluster directory: add search (x,
+        not read) permission for others on each ancestor that lacks it (the local harness
+        keeps its run directory 0700; under Docker the volume path is reachable already)."""
+        if self._user is None:
+            return
+        for parent in self.root.resolve().parents:
+            mode = parent.stat().st_mode
+            if not mode & 0o001:
+                parent.chmod((mode & 0o7777) | 0o001)
+
     def start(self) -> LocalPostgres:
         if not (self.data / "PG_VERSION").exists():
             self._init()
-        else:
-            self._pg_ctl_start()
+        self._pg_ctl_start()
         return self
 
     def stop(self, mode: str = "fast") -> None:
@@ -167,3 +206,26 @@ class LocalPostgres:
 
     def __exit__(self, *exc: object) -> None:
         self.destroy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m compose.postgres serve --root DIR --port N [--listen HOST]``: the
+    docker-compose ``postgres`` service. Clients use ``DIR/pgpass`` (``passfile=``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m compose.postgres")
+    parser.add_argument("command", choices=["serve"])
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--listen", default="127.0.0.1")
+    args = parser.parse_args(argv)
+    try:
+        LocalPostgres(args.root, port=args.port, listen=args.listen).serve_foreground()
+    except PostgresUnavailable as exc:
+        print(f"postgres: error: {exc}", flush=True)
+        return 1
+    return 0  # not reached: serve_foreground execs the server
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
