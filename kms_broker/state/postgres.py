@@ -23,8 +23,10 @@ Every write commits before it returns (``synchronous_commit`` is the server's, `
 default: the commit is flushed to the WAL). ``psycopg.OperationalError`` (server down,
 connection lost, pool exhausted for ``POOL_TIMEOUT_S``) becomes ``Unavailable`` so callers
 fail closed; the pool checks a connection before handing it out and opens new ones as the
-server comes back, so a broker recovers from a database restart without being restarted.
-Unique and foreign-key violations become ``AlreadyExists``, as in SQLite.
+server comes back (each request retries the connection), so a broker recovers from a
+database restart without being restarted.
+Unique and foreign-key violations become ``AlreadyExists``, as in SQLite; a value PostgreSQL
+cannot store (a NUL character in TEXT) becomes ``InvalidArgument``.
 
 The schema mirrors :mod:`kms_broker.state.sqlite` (BYTEA for BLOB, BIGINT for INTEGER),
 versioned in ``schema_migrations``; replicas starting together migrate under an advisory
@@ -44,7 +46,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from kms_broker.domain.errors import AlreadyExists, Unavailable
+from kms_broker.domain.errors import AlreadyExists, InvalidArgument, Unavailable
 from kms_broker.domain.model import (
     Dataset,
     DatasetShare,
@@ -152,6 +154,9 @@ def _guarded(fn: Callable[..., T]) -> Callable[..., T]:
         except pg_errors.IntegrityError as exc:
             raise AlreadyExists(f"already exists or violates a reference: "
                                 f"{exc.diag.message_primary}") from None
+        except psycopg.DataError as exc:  # e.g. a NUL character, which TEXT cannot hold
+            raise InvalidArgument(f"a value the state store cannot hold: "
+                                  f"{exc.diag.message_primary}") from None
         except (psycopg.OperationalError, PoolTimeout) as exc:
             raise Unavailable(f"state store unavailable: {type(exc).__name__}") from None
         except psycopg.InterfaceError as exc:  # a connection closed under us
@@ -168,7 +173,10 @@ class PostgresRepository:
             dsn, min_size=1, max_size=pool_max, timeout=pool_timeout_s, open=False,
             kwargs={"connect_timeout": CONNECT_TIMEOUT_S, "autocommit": True},
             check=ConnectionPool.check_connection, name="kms-broker-state",
-            reconnect_timeout=0,  # keep trying while the server is down; callers fail closed
+            # a failed background connect is not retried on a timer: while the server is
+            # down each request waits at most pool_timeout_s and fails closed (Unavailable),
+            # and the next request tries to connect again (so recovery needs no restart)
+            reconnect_timeout=0,
         )
         try:
             self._pool.open(wait=True, timeout=pool_timeout_s * 2)

@@ -377,3 +377,17 @@ def test_postgresql_wakes_the_relay_with_notify(postgres_cluster) -> None:  # no
     finally:
         a.close()
         b.close()
+
+
+def test_a_value_postgresql_cannot_hold_is_invalid_and_changes_nothing(
+        postgres_cluster) -> None:  # noqa: F811
+    from kms_broker.domain.errors import InvalidArgument
+
+    repo = PostgresRepository(fresh_database(postgres_cluster))
+    try:
+        _tenant(repo)
+        with pytest.raises(InvalidArgument, match="cannot hold"):
+            repo.put_policy("acme", "d1", "text with a \x00 NUL")
+        assert repo.get_policy("acme", "d1") is None
+    finally:
+        repo.close()
