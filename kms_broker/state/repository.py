@@ -1,5 +1,6 @@
-"""What the broker needs from its state store. SQLite implements it (``state.sqlite``);
-PostgreSQL can implement the same protocol for replicated brokers (DESIGN.md section 8).
+"""What the broker needs from its state store. SQLite implements it (``state.sqlite``), and
+PostgreSQL (``state.postgres``) for replicated brokers (DESIGN.md section 8); one contract
+suite (tests/kms_broker/test_repository_contract.py) runs against both.
 
 Every method is atomic. Methods that create raise ``AlreadyExists`` on a taken id; lookups
 return ``None`` for unknown ids; a store that cannot be reached raises ``Unavailable``.
