@@ -138,6 +138,10 @@ def _check_endpoint(endpoint: str | None) -> None:
                      "loopback address)")
 
 
+class _Missing(StoreError):
+    """The object does not exist (``exists`` answers False instead of raising)."""
+
+
 class _Prefetch:
     """One range being fetched ahead of its read."""
 
@@ -226,7 +230,7 @@ class S3Store:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if code in ("NoSuchKey", "404", "NotFound") or (
                     status == 404 and code != "NoSuchBucket"):
-                raise StoreError(f"object {name} not found") from None
+                raise _Missing(f"object {name} not found") from None
             if code == "NoSuchBucket":
                 raise StoreError(f"bucket {self.bucket} does not exist") from None
             if code in ("PreconditionFailed", "412") or status == 412:
@@ -249,33 +253,30 @@ class S3Store:
         key = self._key(name)
         if self.exists(name):
             raise StoreError(f"object {name} already exists")
-        part = bytearray(self._part_size)
-        filled = 0
+        part = bytearray()  # grows to one part: a small object costs only its size
         size = 0
         upload: _Multipart | None = None
         try:
             for chunk in _iter_chunks(data):
                 # copied at once: the caller may reuse its buffer after the iterator moves on
                 while chunk:
-                    n = min(len(chunk), self._part_size - filled)
-                    part[filled : filled + n] = chunk[:n]
-                    filled += n
+                    n = min(len(chunk), self._part_size - len(part))
+                    part += chunk[:n]
                     size += n
                     chunk = chunk[n:]
-                    if filled == self._part_size:
+                    if len(part) == self._part_size:
                         if upload is None:
                             upload = _Multipart(self, name, key)
                         upload.send(part)
-                        part = bytearray(self._part_size)
-                        filled = 0
+                        part = bytearray()
             if upload is None:
                 with self._errors("write", name):
                     self._client.put_object(Bucket=self.bucket, Key=key,
-                                            Body=bytes(memoryview(part)[:filled]),
+                                            Body=bytes(part),
                                             IfNoneMatch="*")
             else:
-                if filled:
-                    upload.send(part[:filled])
+                if part:
+                    upload.send(part)
                 upload.complete()
                 upload = None
         finally:
@@ -446,10 +447,8 @@ class S3Store:
     def exists(self, name: str) -> bool:
         try:
             self.size(name)
-        except StoreError as exc:
-            if str(exc) == f"object {name} not found":
-                return False
-            raise
+        except _Missing:
+            return False
         return True
 
     def delete(self, name: str) -> None:
