@@ -20,14 +20,17 @@ How each operation maps onto S3
   more is split into up to four ranged GETs that run in parallel. The response length is
   checked: a short object is an error, never a short read.
 - Parallel prefetch: ``will_need`` (the :class:`~sealed.store.ReadAheadStore` hint) starts
-  fetching a range on the pool into a buffer of its own; a later ``readinto`` of that range
-  waits for it and copies it out. Without hints the store reads ahead by itself when it sees
-  sequential reads (a read that starts where the previous read of the object ended, as
-  :meth:`~sealed.reader.DatasetReader.decrypt_shard_into` does): it fetches the next
-  ``prefetch`` ranges of the same length, bounded by the object's size (known from the
-  ``Content-Range`` of the first response). Prefetched ranges are ciphertext; at most
-  ``prefetch`` are held (32 MiB with the defaults), and a random access pattern (record
-  reads) triggers none.
+  fetching a range on the pool into a buffer of its own; a later ``readinto`` of any part of
+  it waits for it and copies that part out. Without hints the store reads ahead by itself:
+  when a read continues where the previous read of the object ended, it keeps the next
+  ``prefetch`` pieces (8 MiB, or the read's length if larger) coming, bounded by the
+  object's size (known from ``HeadObject`` or the ``Content-Range`` of a response); and a
+  read at offset 0 right after ``size`` (how
+  :meth:`~sealed.reader.DatasetReader.decrypt_shard_into` enters a shard: size check, then
+  the stream header) starts that read-ahead at offset 0, so the header and the first chunk
+  come in one GET and a shard is fetched in 8 MiB GETs, four in flight, each byte once.
+  Prefetched ranges are ciphertext; at most ``2 * prefetch`` are held (64 MiB with the
+  defaults); record reads (random access) start none.
 - ``size`` / ``exists``: ``HeadObject``; ``delete``: ``DeleteObject`` (idempotent, as S3 is);
   ``list``: ``ListObjectsV2`` pages under the prefix; keys that are not valid object names
   (written by something else) are skipped, as a local store skips foreign files.
@@ -89,6 +92,7 @@ MAX_PARTS = 10_000  # S3's limit on parts per upload
 DEFAULT_WORKERS = 4  # ranged GETs or part uploads in flight per store
 DEFAULT_PREFETCH = 4  # ranges held by read-ahead
 SPLIT_MIN = 2 << 20  # a read is split into parallel GETs of at least this many bytes
+READ_AHEAD_PIECE = 8 << 20  # read-ahead fetches pieces of this size (or the read's, if larger)
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 
@@ -198,6 +202,7 @@ class S3Store:
         self._sizes: dict[str, int] = {}  # object sizes seen in responses (objects are immutable)
         self._last_end: dict[str, int] = {}  # where the previous read of each object ended
         self._ahead_end: dict[str, int] = {}  # where the read-ahead of each object has reached
+        self._sized: set[str] = set()  # objects whose size was asked for since their last read
         self._ahead: OrderedDict[tuple[str, int], _Prefetch] = OrderedDict()
         self._closed = False
 
@@ -331,6 +336,14 @@ class S3Store:
                 raise StoreError(f"object {name} is shorter than {offset} bytes")
             return
         end = offset + len(view)
+        with self._lock:
+            # the reader's way into a whole shard: the size checked, then the stream header
+            # read at offset 0. That begins a scan: the read-ahead starts with this read,
+            # which is served from its first piece (one GET for header and first chunk)
+            scan = offset == 0 and name in self._sized
+            self._sized.discard(name)
+        if scan:
+            self._read_ahead(name, 0, len(view), start_of_scan=True)
         gaps: list[tuple[int, int]] = []
         copies: list[tuple[_Prefetch, int, int]] = []
         pos = offset
@@ -346,7 +359,8 @@ class S3Store:
                 pos = stop
         futures = [f for a, b in gaps
                    for f in self._submit(name, a, view[a - offset : b - offset])]
-        self._read_ahead(name, offset, len(view))  # queued behind this read's own GETs
+        if not scan:
+            self._read_ahead(name, offset, len(view))  # queued behind this read's own GETs
         _wait_all(futures)
         for entry, a, b in copies:
             if entry.done.wait(_PREFETCH_WAIT_S) and entry.error is None:
@@ -416,27 +430,35 @@ class S3Store:
         finally:
             entry.done.set()
 
-    def _read_ahead(self, name: str, offset: int, length: int) -> None:
-        """After a sequential read, keep the next ``prefetch`` reads' worth of bytes coming
-        (in pieces of the read's length, from where the prefetched range ends)."""
+    def _read_ahead(self, name: str, offset: int, length: int, *,
+                    start_of_scan: bool = False) -> None:
+        """After a sequential read (or at the start of a scan), keep the next ``prefetch``
+        pieces coming: pieces of 8 MiB or the read's length if larger, from where the
+        prefetched range ends (from ``offset`` itself at the start of a scan)."""
         with self._lock:
-            sequential = self._last_end.get(name) == offset
+            sequential = start_of_scan or self._last_end.get(name) == offset
             self._last_end[name] = offset + length
             size = self._sizes.get(name)
-            if not sequential or size is None or self._prefetch_depth == 0 \
-                    or length < SPLIT_MIN:
+            if not sequential or size is None or self._prefetch_depth == 0:
                 return
-            window = min(size, offset + length + self._prefetch_depth * length)
-            at = max(self._ahead_end.get(name, 0), offset + length)
+            piece = max(length, READ_AHEAD_PIECE)
+            if start_of_scan:
+                at = offset
+                window = min(size, max(offset + length,
+                                       offset + self._prefetch_depth * READ_AHEAD_PIECE))
+                piece = READ_AHEAD_PIECE
+            else:
+                at = max(self._ahead_end.get(name, 0), offset + length)
+                window = min(size, offset + length + self._prefetch_depth * piece)
             self._ahead_end[name] = max(at, window)
         while at < window:
-            n = min(length, window - at)
+            n = min(piece, window - at)
             self._start_prefetch(name, at, n)
             at += n
 
     # ------------------------------------------------------------------ metadata
 
-    def size(self, name: str) -> int:
+    def _head(self, name: str) -> int:
         with self._errors("read", name):
             resp = self._client.head_object(Bucket=self.bucket, Key=self._key(name))
         size = int(resp["ContentLength"])
@@ -444,9 +466,15 @@ class S3Store:
             self._sizes[name] = size
         return size
 
+    def size(self, name: str) -> int:
+        size = self._head(name)
+        with self._lock:
+            self._sized.add(name)
+        return size
+
     def exists(self, name: str) -> bool:
         try:
-            self.size(name)
+            self._head(name)
         except _Missing:
             return False
         return True
@@ -458,6 +486,7 @@ class S3Store:
             self._sizes.pop(name, None)
             self._last_end.pop(name, None)
             self._ahead_end.pop(name, None)
+            self._sized.discard(name)
             for k in [k for k in self._ahead if k[0] == name]:
                 del self._ahead[k]
 

@@ -144,6 +144,24 @@ def test_sequential_reads_are_prefetched_ahead(s3) -> None:
     assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
 
 
+def test_a_shard_scan_fetches_each_byte_once_in_8_mib_gets(s3) -> None:
+    """The reader's way through a shard: size, the 40-byte header at 0, then chunks ending on
+    multiples of 8 MiB. The header read starts the read-ahead: one GET per 8 MiB in all."""
+    data = os.urandom(30 * MIB + 77)
+    s3.put("shard", data)
+    requests = Requests(s3._client)
+    assert s3.size("shard") == len(data)
+    out = bytearray(len(data))
+    view = memoryview(out)
+    s3.readinto("shard", 0, view[:40])
+    starts = [40, *range(8 * MIB, len(data), 8 * MIB)]
+    for a, b in itertools.pairwise([*starts, len(data)]):
+        s3.readinto("shard", a, view[a:b])
+    assert out == data
+    ranges = requests.ranges()
+    assert ranges == [(a, min(a + 8 * MIB, len(data))) for a in range(0, len(data), 8 * MIB)]
+
+
 def test_will_need_hint_fetches_in_the_background(s3) -> None:
     data = os.urandom(6 * MIB)
     s3.put("obj", data)
