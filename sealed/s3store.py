@@ -552,7 +552,7 @@ class _Multipart:
             with self._store._errors("write", self._name):
                 resp = self._store._client.upload_part(
                     Bucket=self._store.bucket, Key=self._key, UploadId=self._upload_id,
-                    PartNumber=number, Body=bytes(part))
+                    PartNumber=number, Body=part)
             return {"PartNumber": number, "ETag": resp["ETag"]}
         finally:
             self._room.release()
