@@ -18,7 +18,9 @@ How each operation maps onto S3
 - ``readinto`` / ``get_range``: ``GetObject`` with ``Range: bytes=A-B``, read straight into
   the caller's buffer (``StreamingBody.readinto``, no intermediate copy). A read of 8 MiB or
   more is split into up to four ranged GETs that run in parallel. The response length is
-  checked: a short object is an error, never a short read.
+  checked: a short object is an error, never a short read. botocore retries requests that
+  fail before their response; a transfer cut off in the body resumes with a GET of the rest
+  (three attempts in all), so a network hiccup does not end a training job.
 - Parallel prefetch: ``will_need`` (the :class:`~sealed.store.ReadAheadStore` hint) starts
   fetching a range on the pool into a buffer of its own; a later ``readinto`` of any part of
   it waits for it and copies that part out. Without hints the store reads ahead by itself:
@@ -140,6 +142,10 @@ def _check_endpoint(endpoint: str | None) -> None:
         return
     raise StoreError(f"S3 endpoint {endpoint!r:.80} must be https:// (plain http only to a "
                      "loopback address)")
+
+
+class _Interrupted(Exception):
+    """A response body ended before its Content-Length (resumed by another ranged GET)."""
 
 
 class _Missing(StoreError):
@@ -294,26 +300,46 @@ class S3Store:
     # ------------------------------------------------------------------ reads
 
     def _get_into(self, name: str, offset: int, view: memoryview) -> None:
-        """One ranged GET of ``[offset, offset + len(view))`` straight into ``view``."""
+        """Ranged GETs of ``[offset, offset + len(view))`` straight into ``view``.
+
+        botocore retries a request that fails before its response; a transfer cut off in the
+        body (connection reset, read timeout, early close) resumes here with a GET of the rest,
+        up to ``_BODY_ATTEMPTS`` times in all.
+        """
+        progress = [0]
+        for attempt in range(1, _BODY_ATTEMPTS + 1):
+            try:
+                self._get_once(name, offset, view, progress)
+                return
+            except _Interrupted:
+                if attempt == _BODY_ATTEMPTS:
+                    raise StoreError(f"cannot read object {name}: the transfer was cut off "
+                                     f"{_BODY_ATTEMPTS} times") from None
+
+    def _get_once(self, name: str, offset: int, view: memoryview, progress: list[int]) -> None:
+        from botocore.exceptions import ReadTimeoutError, ResponseStreamingError
+
         length = len(view)
+        start = offset + progress[0]
         with self._errors("read", name, end=offset + length):
             resp = self._client.get_object(Bucket=self.bucket, Key=self._key(name),
-                                           Range=f"bytes={offset}-{offset + length - 1}")
+                                           Range=f"bytes={start}-{offset + length - 1}")
             body = resp["Body"]
             try:
                 total = _total_size(resp.get("ContentRange"))
                 if total is not None:
                     with self._lock:
                         self._sizes[name] = total
-                if resp.get("ContentLength") != length:
+                if resp.get("ContentLength") != offset + length - start:
                     raise StoreError(f"object {name} is shorter than {offset + length} bytes")
-                done = 0
-                while done < length:
-                    n = body.readinto(view[done:])
-                    if not n:
-                        raise StoreError(f"object {name} is shorter than {offset + length} "
-                                         "bytes")
-                    done += n
+                while progress[0] < length:
+                    try:
+                        n = body.readinto(view[progress[0]:])
+                    except (ResponseStreamingError, ReadTimeoutError):
+                        raise _Interrupted from None
+                    if not n:  # the server promised more (Content-Length): cut off
+                        raise _Interrupted
+                    progress[0] += n
             finally:
                 body.close()
 
@@ -521,6 +547,7 @@ class S3Store:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+_BODY_ATTEMPTS = 3  # transfers of one range cut off mid-body before the read fails
 _PREFETCH_WAIT_S = 300.0  # a prefetch slower than this is abandoned and the range refetched
 
 

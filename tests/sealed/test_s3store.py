@@ -184,6 +184,57 @@ def test_random_reads_trigger_no_read_ahead(s3) -> None:
     assert requests.ranges() == [(0, 100), (5 * MIB, 5 * MIB + 100), (9 * MIB, 9 * MIB + 100)]
 
 
+class _CutBody:
+    """A response body whose connection drops after ``after`` bytes."""
+
+    def __init__(self, body, after: int) -> None:
+        self._body, self._left = body, after
+
+    def readinto(self, b) -> int:
+        from botocore.exceptions import ResponseStreamingError
+
+        if self._left <= 0:
+            raise ResponseStreamingError(error="connection reset by peer")
+        n = self._body.readinto(memoryview(b)[: self._left])
+        self._left -= n
+        return n
+
+    def close(self) -> None:
+        self._body.close()
+
+
+def _cut_transfers(s3, cuts: int, after: int) -> list[str]:
+    """The next ``cuts`` GETs of the store's client drop after ``after`` bytes."""
+    real = s3._client.get_object
+    ranges: list[str] = []
+
+    def get_object(**kwargs):
+        resp = real(**kwargs)
+        ranges.append(kwargs["Range"])
+        if len(ranges) <= cuts:
+            resp["Body"] = _CutBody(resp["Body"], after)
+        return resp
+
+    s3._client.get_object = get_object
+    return ranges
+
+
+def test_a_transfer_cut_off_mid_body_resumes_where_it_stopped(s3) -> None:
+    data = os.urandom(MIB + 5)
+    s3.put("obj", data)
+    ranges = _cut_transfers(s3, cuts=2, after=300_000)
+    assert s3.get_range("obj", 5, MIB) == data[5 : MIB + 5]
+    assert ranges == [f"bytes=5-{MIB + 4}", f"bytes=300005-{MIB + 4}",
+                      f"bytes=600005-{MIB + 4}"]
+
+
+def test_a_transfer_cut_off_every_time_is_a_store_error(s3) -> None:
+    s3.put("obj", os.urandom(MIB))
+    _cut_transfers(s3, cuts=99, after=1000)
+    with pytest.raises(StoreError, match="transfer was cut off 3 times"):
+        s3.get_range("obj", 0, MIB)
+
+
 def test_a_short_object_is_an_error_never_a_short_read(s3) -> None:
     s3.put("obj", os.urandom(3 * MIB))
     with pytest.raises(StoreError, match=r"shorter than \d+ bytes"):
