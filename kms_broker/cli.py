@@ -5,7 +5,8 @@
     kms-broker serve --config broker.yaml [--workers N] [--dev-insecure-fake-hsm]
     kms-broker tenant init --key tenant.key
     kms-broker tenant register|shred  --tenant ID --tenant-key F --broker HOST:PORT --tls DIR
-    kms-broker dataset upload PATH --store DIR --dataset ID --broker ADDR [--broker ADDR ...]
+    kms-broker dataset upload PATH --store DIR|s3://BUCKET/PREFIX --dataset ID --broker ADDR
+                              [--broker ADDR ...]
     kms-broker dataset list|rotate|delete ...
     kms-broker policy put POLICY.yaml ...           (runs `policy lint` first)
     kms-broker policy lint POLICY.yaml              (offline: claims the verifiers produce)
@@ -373,26 +374,36 @@ def _check_upload_source(path: Path) -> None:
 
 def cmd_dataset_upload(args: argparse.Namespace) -> int:
     from kms_broker.tenant import upload_dataset
-    from sealed import LocalDirStore
+    from sealed import StoreError, open_store
 
     _check_upload_source(args.path)
+    try:  # a directory, or s3://bucket/prefix (standard AWS environment and profile files)
+        store = open_store(args.store)
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+    store_uri = args.store if args.store.startswith("s3://") else str(Path(
+        args.store.removeprefix("file://")).resolve())
     clients = _tenant_clients(args, need_key=True)
     what = "dataset" if args.key_version == 1 else f"key version {args.key_version}"
     args._interrupt_note = (f"the upload was stopped and rolled back: no {what} was "
                             f"registered; run it again")
     try:
-        result = upload_dataset(clients, args.path, LocalDirStore(args.store),
+        result = upload_dataset(clients, args.path, store,
                                 dataset_id=args.dataset, key_version=args.key_version,
-                                store_uri=str(args.store.resolve()),
-                                progress=_progress("encrypting"))
+                                store_uri=store_uri, progress=_progress("encrypting"))
+    except StoreError as exc:
+        raise CliError(f"upload failed: {exc}") from None
     finally:
         for c in clients:
             c.close()
+        close = getattr(store, "close", None)
+        if close is not None:
+            close()
     if _json(args):
         emit_json({"dataset": args.dataset, "key_version": args.key_version,
                    "manifest": result.manifest_name, "num_records": result.num_records,
                    "num_shards": result.num_shards, "plaintext_bytes": result.plaintext_bytes,
-                   "holders": list(result.holders), "store": str(args.store.resolve())})
+                   "holders": list(result.holders), "store": store_uri})
     else:
         print(f"uploaded {result.num_records} records in {result.num_shards} shards; "
               f"manifest {result.manifest_name}; shares at {', '.join(result.holders)}")
@@ -891,7 +902,8 @@ def build_parser() -> argparse.ArgumentParser:
     ds = sub.add_parser("dataset", help="datasets").add_subparsers(dest="action", required=True)
     p = ds.add_parser("upload", help="encrypt PATH into a store, one share per broker")
     p.add_argument("path", type=Path, help="the folder to upload (every file is a record)")
-    p.add_argument("--store", type=Path, required=True, help="local store directory")
+    p.add_argument("--store", required=True,
+                   help="store: a local directory or s3://BUCKET/PREFIX (AWS configuration)")
     p.add_argument("--dataset", required=True)
     p.add_argument("--key-version", type=int, default=1)
     _tenant_args(p)

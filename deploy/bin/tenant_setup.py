@@ -6,7 +6,8 @@
    allowed (``attest code-digest`` over the image's environment: computed offline, the
    trainer is not run) and the job's model pinned (``--job-model``), ``kms-broker policy
    put`` at both.
-4. ``kms-broker dataset upload``: the sample corpus encrypted into the shared store.
+4. ``kms-broker dataset upload``: the sample corpus encrypted into the shared store (or into
+   ``--store s3://BUCKET/PREFIX``).
 5. ``kms-broker grant create`` for the job, for ``--max-nodes`` nodes, at both brokers.
 6. Publishes the job description (ids and the manifest's object name, no secret) to
    ``/store/jobs/<job>.json`` for the nodes.
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", required=True, help="plaintext corpus to upload")
     parser.add_argument("--policy", required=True, help="policy YAML to start from")
     parser.add_argument("--broker", action="append", required=True, metavar="HOST:PORT")
+    parser.add_argument("--store", default="",
+                        help="where the dataset goes: s3://BUCKET/PREFIX (AWS configuration "
+                             "from the environment), or empty for the shared /store volume")
     parser.add_argument("--job-model", default="tiny-gpt",
                         help="the only model.name the policy lets the job train")
     args = parser.parse_args(argv)
@@ -86,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tenant: policy {put['policy']} {digest} at {len(put['brokers'])} broker(s)",
           flush=True)
 
-    uploaded = _json("kms-broker", "dataset", "upload", args.corpus, "--store", str(store),
+    dataset_store = args.store or str(store)
+    uploaded = _json("kms-broker", "dataset", "upload", args.corpus, "--store", dataset_store,
                      "--dataset", args.dataset, "--tenant-key", str(key), *who)
     manifest = uploaded["manifest"]
     print(f"tenant: uploaded {uploaded['num_records']} records in {uploaded['num_shards']} "
@@ -103,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     (jobs / f"{args.job}.json").write_text(json.dumps({
         "job_id": args.job, "tenant_id": args.tenant, "dataset_id": args.dataset,
         "key_version": 1, "manifest": manifest, "grant_id": f"grant-{args.job}",
+        **({"store": args.store} if args.store else {}),
     }, indent=1))
     print(f"tenant: job {args.job} published", flush=True)
     return 0
