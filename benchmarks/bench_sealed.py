@@ -8,7 +8,9 @@ elsewhere on a shared machine hits both sides of a pair alike.
    2 GiB otherwise; 64 MiB shards, far beyond the 32 MiB L3) written to disk, opened with
    ``trainer.sealed_reader.open_sealed_reader`` (the function ``trainer --attest`` calls:
    ``MappedDirStore``, manifest authenticated) and decrypted shard by shard into one buffer by
-   ``decrypt_shard_into``, one thread.
+   ``decrypt_shard_into``, one thread, naming the next shard as the trainer's prefetcher does
+   (cached chunks are decrypted in place from the mapping; the others are read by the store's
+   I/O thread into reused buffers ahead of decryption).
    - warm (files in the page cache) against raw ``AESGCM.decrypt_into`` over the same
      ciphertext bytes held in memory: same segments (1 MiB), same keys and nonces, same output
      buffer, one thread: ``goal store_decrypt_warm_vs_raw`` (>= 0.90);
@@ -151,10 +153,12 @@ def _decrypt(quick: bool) -> tuple[float, float]:
                     aead.decrypt_into(nonce, c, None, o)
             return _timed(run)
 
+        nxt = [*range(1, len(entries)), None]  # the next shard, as the trainer's prefetcher says
+
         def ours() -> float:
             def run() -> None:
                 for j in range(len(entries)):
-                    shards.decrypt_shard_into(j, buf)
+                    shards.decrypt_shard_into(j, buf, nxt[j])
             return _timed(run)
 
         ours()  # warm the page cache and the mappings' first touch
@@ -189,7 +193,7 @@ def _decrypt(quick: bool) -> tuple[float, float]:
             t = time.perf_counter()
             shards = open_sealed_reader(config, dek)  # type: ignore[arg-type]
             for j in range(len(entries)):
-                shards.decrypt_shard_into(j, buf)
+                shards.decrypt_shard_into(j, buf, nxt[j])
             return time.perf_counter() - t
 
         cold = _pairs(ours_cold, plain_read, cold_reps)

@@ -5,10 +5,13 @@ A sealed shard's plaintext is an offset table followed by its records back to ba
 buffer; records are views into it. The manifest's copy of the offset table (authenticated
 with the manifest) is what this adapter uses.
 
-The store is :class:`sealed.store.MappedDirStore`: shards are decrypted straight from the
-page cache (no copy into a read buffer), with the next chunks hinted to the kernel while the
-current one decrypts, so a cold shard decrypts at the rate the disk reads it. (An object
-truncated in place while it is read ends the process with SIGBUS; see the store's docstring.)
+The store is :class:`sealed.store.MappedDirStore`: cached ciphertext is decrypted straight
+from the page cache (no copy into a read buffer); ciphertext not in memory is read by the
+store's I/O thread, a few 4 MiB chunks ahead, into reused buffers and decrypted from them
+while the next chunks are read, and the pipeline names the next shard so its first chunks
+are read before this one is handed over: a cold shard decrypts at about the rate a plain
+``read`` of its file gets. (An object truncated in place while it is mapped and read ends
+the process with SIGBUS; see the store's docstring.)
 """
 
 from __future__ import annotations
@@ -41,8 +44,10 @@ class SealedShards:
     def shard_capacity(self, j: int) -> int:
         return self.reader.shard_plaintext_size(j)
 
-    def decrypt_shard_into(self, j: int, buffer: bytearray) -> memoryview:
-        return self.reader.decrypt_shard_into(j, buffer)
+    def decrypt_shard_into(
+        self, j: int, buffer: bytearray, next_shard: int | None = None
+    ) -> memoryview:
+        return self.reader.decrypt_shard_into(j, buffer, next_shard=next_shard)
 
     def records(self, j: int, plaintext: memoryview) -> Iterator[memoryview]:
         offsets = self._offsets[j]

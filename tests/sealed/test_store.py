@@ -128,28 +128,75 @@ def test_zero_copy_views_match_ranged_reads(store) -> None:
     assert not store.exists("a")
 
 
-def test_mapped_store_sees_a_replaced_object_and_reads_ahead(tmp_path) -> None:
+def _drop_cached(path) -> None:
     import os
-    import threading
 
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_mapped_store_sees_a_replaced_object_and_fetches_in_the_background(tmp_path) -> None:
     from sealed import MappedDirStore
 
     store = MappedDirStore(tmp_path)
     store.put("shards/a", b"1" * 10_000)
     assert bytes(store.view_range("shards/a", 0, 4)) == b"1111"
     store.delete("shards/a")
-    store.put("shards/a", b"2" * 20_000)  # a new file under the same name: mapped afresh
-    assert bytes(store.view_range("shards/a", 19_996, 4)) == b"2222"
-    # a cached range needs no read-ahead; an uncached one is read by the thread
-    assert store.will_need("shards/a", 0, 20_000) is None
-    fd = os.open(tmp_path / "shards" / "a", os.O_RDONLY)
-    os.fdatasync(fd)
-    store.close()  # unmapped: the kernel may now drop the cached pages
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
-    ticket = store.will_need("shards/a", 0, 20_000)
-    if ticket is not None:  # the kernel dropped the pages (it may keep them; both are fine)
-        assert isinstance(ticket, threading.Event)
-        assert ticket.wait(60)
-    assert bytes(store.view_range("shards/a", 0, 4)) == b"2222"
+    data = os.urandom(20_000)
+    store.put("shards/a", data)  # a new file under the same name: mapped afresh
+    assert bytes(store.view_range("shards/a", 19_996, 4)) == data[-4:]
+    with store.fetch("shards/a") as fetch:
+        assert fetch.cached(0, 20_000)  # just read through the mapping
+        assert fetch.cached(5, 0)
+        store.close()  # unmapped: the kernel may now drop the cached pages
+        _drop_cached(tmp_path / "shards" / "a")
+        # the kernel may keep the pages; whether cached or not, the I/O thread reads them
+        buf = bytearray(12_000)
+        ticket = fetch.read_into(7_000, memoryview(buf))
+        ticket.wait()
+        assert buf == data[7_000:19_000]
+        two = [bytearray(10_000), bytearray(10_000)]
+        tickets = [fetch.read_into(k * 10_000, memoryview(b)) for k, b in enumerate(two)]
+        for t in tickets:
+            t.wait()
+        assert b"".join(two) == data
+    with pytest.raises(StoreError, match="closed"):
+        fetch.read_into(0, memoryview(bytearray(1)))
+    with pytest.raises(StoreError, match="not found"):
+        store.fetch("shards/missing")
+    store.close()
+
+
+def test_a_background_read_past_the_end_is_an_error_not_a_short_buffer(tmp_path) -> None:
+    from sealed import MappedDirStore
+
+    store = MappedDirStore(tmp_path)
+    store.put("shards/a", b"x" * 5000)
+    with store.fetch("shards/a") as fetch:
+        ticket = fetch.read_into(4000, memoryview(bytearray(2000)))
+        with pytest.raises(StoreError, match="shorter than 6000 bytes"):
+            ticket.wait()
+        ticket = fetch.read_into(0, memoryview(bytearray(5000)))  # the thread still serves
+        ticket.wait()
+    store.close()
+
+
+def test_counting_store_counts_background_reads(tmp_path) -> None:
+    from sealed import MappedDirStore
+
+    store = MappedDirStore(tmp_path)
+    store.put("shards/a", b"y" * 5000)
+    counting = CountingStore(store)
+    fetch = counting.fetch("shards/a")
+    assert fetch is not None
+    buf = bytearray(3000)
+    fetch.read_into(1000, memoryview(buf)).wait()
+    fetch.close()
+    assert buf == b"y" * 3000
+    assert counting.ranges == [("shards/a", 1000, 3000)]
+    assert CountingStore(LocalDirStore(tmp_path)).fetch("shards/a") is None
     store.close()
