@@ -21,7 +21,8 @@
 
   If any segment fails, everything already written to the caller's buffer is zeroed and
   :class:`DecryptionError` names the shard and segment: no plaintext of a tampered shard is
-  returned. ``verify_digest=True`` also checks the plaintext SHA-256 from the manifest; it is
+  returned. ``verify_digest=True`` also checks the plaintext SHA-256 from the manifest (for
+  datasets written with ``plaintext_digests=True``; a :class:`ValueError` otherwise); it is
   off by default because it is redundant for integrity (each shard's key is derived from the
   salt the manifest records, so AES-GCM already accepts only the exact ciphertext written with
   this manifest) and costs about ten times the decryption (SHA-256 runs near 2 GB/s here,
@@ -46,7 +47,7 @@ from dataclasses import dataclass
 
 from sealed import streaming
 from sealed.errors import DecryptionError, StoreError
-from sealed.manifest import Manifest, ShardEntry, open_manifest
+from sealed.manifest import NO_DIGEST, Manifest, ShardEntry, open_manifest
 from sealed.secrets import SecretBuffer, zeroize
 from sealed.shard import ShardView, shard_aad
 from sealed.store import Fetch, FetchStore, ObjectStore, RangeViewStore, ReadTicket
@@ -367,6 +368,11 @@ class DatasetReader:
         entry = self._entry(j)
         if next_shard is not None:
             self._entry(next_shard)
+        if verify_digest and entry.sha256 == NO_DIGEST:
+            raise ValueError(
+                f"shard {j} has no plaintext digest to verify: the dataset was written without "
+                "plaintext_digests=True"
+            )
         out = memoryview(buffer).cast("B")
         if out.readonly or len(out) < entry.plaintext_size:
             raise ValueError(

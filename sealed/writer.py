@@ -13,8 +13,12 @@ many ciphertext segment buffers (about 8 MiB in all, whatever the dataset's size
   (1,048,520 bytes for segment 0, 1,048,560 after it: reads from files go straight into the
   buffer, segment-aligned, whatever the record boundaries) and encrypts it into a
   ciphertext buffer (the sizes, hence the last segment, are known from the first pass);
-* a digest thread computes each shard's plaintext SHA-256 (the manifest's ``sha256``) from
-  the same plaintext buffers, beside encryption rather than in its way;
+* only with ``plaintext_digests=True``: a digest thread computes each shard's plaintext
+  SHA-256 (the manifest's ``sha256``) from the same plaintext buffers, beside encryption
+  rather than in its way. Off by default: SHA-256 runs near 2 GB/s on one core, several times
+  slower than AES-GCM, and it is redundant for integrity (the manifest binds each shard's
+  stream header, so AES-GCM accepts only the exact ciphertext written with it); without it
+  the manifest records 32 zero bytes for the digest;
 * two store threads write the ciphertext (``store.put``: write, fsync, link), one shard
   each, while the next segments are read and encrypted: one shard is flushed to disk while
   the next is written.
@@ -65,6 +69,7 @@ from sealed.manifest import (
     MAX_RECORD_NAME,
     MAX_SHARDS,
     MAX_SHARE_HOLDERS,
+    NO_DIGEST,
     SHARD_PREFIX,
     Manifest,
     ShardEntry,
@@ -331,8 +336,9 @@ _END = object()
 class _Pipeline:
     """The digest and store threads beside the caller's read-and-encrypt loop."""
 
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(self, store: ObjectStore, *, digests: bool) -> None:
         self._store = store
+        self._with_digests = digests
         self._pt_free: queue.Queue[bytearray] = queue.Queue()
         self._ct_free: queue.Queue[bytearray] = queue.Queue()
         self._pt_all = [bytearray(streaming.SEGMENT_CAPACITY) for _ in range(PIPELINE_DEPTH)]
@@ -350,12 +356,13 @@ class _Pipeline:
         self._error: BaseException | None = None
         self._failed = threading.Event()
         self._threads = [
-            threading.Thread(target=self._guard, args=(self._digest_loop,),
-                             name="sealed-digest", daemon=True),
-            *(threading.Thread(target=self._guard, args=(self._store_loop,),
-                               name=f"sealed-store-{i}", daemon=True)
-              for i in range(STORE_THREADS)),
+            threading.Thread(target=self._guard, args=(self._store_loop,),
+                             name=f"sealed-store-{i}", daemon=True)
+            for i in range(STORE_THREADS)
         ]
+        if digests:
+            self._threads.append(threading.Thread(target=self._guard, args=(self._digest_loop,),
+                                                  name="sealed-digest", daemon=True))
         for t in self._threads:
             t.start()
 
@@ -382,10 +389,13 @@ class _Pipeline:
         self._writes = queue.Queue()
         self._shards.put((name, header, self._writes))
 
-    def segment(self, digest: hashlib._Hash, pt: bytearray, pt_len: int, ct: bytearray,
+    def segment(self, digest: hashlib._Hash | None, pt: bytearray, pt_len: int, ct: bytearray,
                 ct_len: int) -> None:
         assert self._writes is not None
-        self._digests.put((digest, pt, pt_len))
+        if digest is None:
+            self._pt_free.put(pt)  # encrypted: free again (wiped at the end)
+        else:
+            self._digests.put((digest, pt, pt_len))
         self._writes.put((ct, ct_len))
 
     def end_shard(self) -> None:
@@ -394,7 +404,8 @@ class _Pipeline:
         self._writes = None
 
     def _stop_threads(self) -> None:
-        self._digests.put(None)
+        if self._with_digests:
+            self._digests.put(None)
         for _ in range(STORE_THREADS):
             self._shards.put(None)
         for t in self._threads:
@@ -505,7 +516,7 @@ class _Filler:
 
 
 def _encrypt_shard(pipe: _Pipeline, cipher: streaming.SegmentCipher, pt_size: int,
-                   filler: _Filler, digest: hashlib._Hash) -> int:
+                   filler: _Filler, digest: hashlib._Hash | None) -> int:
     """Read, encrypt and hand over every segment of one shard; returns its ciphertext size."""
     ct_size = streaming.ciphertext_size(pt_size)
     n = streaming.segment_count(ct_size)
@@ -571,9 +582,13 @@ def write_dataset(
     target_shard_size: int = DEFAULT_TARGET_SHARD_SIZE,
     max_record_size: int = DEFAULT_MAX_RECORD_SIZE,
     progress: Progress | None = None,
+    plaintext_digests: bool = False,
     random: Callable[[int], bytes] = os.urandom,
 ) -> DatasetRef:
     """Encrypt ``source`` into ``store``; returns where the manifest is. See the module doc.
+
+    ``plaintext_digests=True`` records each shard's plaintext SHA-256 in the manifest (for
+    ``DatasetReader.decrypt_shard_into(..., verify_digest=True)``); off by default, see above.
 
     ``progress(done_bytes, total_bytes)`` is called after every record. Raises
     :class:`InputError` for unusable input (naming the file or record), :class:`StoreError`
@@ -604,7 +619,7 @@ def write_dataset(
     upload_id = random(UPLOAD_ID_SIZE)
     total = sum(sizes)
     entries: list[ShardEntry] = []
-    digests: list[hashlib._Hash] = []
+    digests: list[hashlib._Hash | None] = []
     done = 0
 
     def on_record(size: int) -> None:
@@ -613,7 +628,7 @@ def write_dataset(
         if progress is not None:
             progress(done, total)
 
-    pipe = _Pipeline(store)
+    pipe = _Pipeline(store, digests=plaintext_digests)
     try:
         try:
             records = src.records(sizes)
@@ -634,7 +649,7 @@ def write_dataset(
                 )
                 prefix = shard_prefix(shard_sizes)
                 pt_size = len(prefix) + sum(shard_sizes)
-                digest = hashlib.sha256()
+                digest = hashlib.sha256() if plaintext_digests else None
                 pipe.begin_shard(name, cipher.header)
                 filler = _Filler(prefix, records, count, on_record)
                 ct_size = _encrypt_shard(pipe, cipher, pt_size, filler, digest)
@@ -662,7 +677,8 @@ def write_dataset(
             raise
         finally:
             pipe.wipe()
-        entries = [replace(e, sha256=d.digest()) for e, d in zip(entries, digests, strict=True)]
+        entries = [replace(e, sha256=NO_DIGEST if d is None else d.digest())
+                   for e, d in zip(entries, digests, strict=True)]
         manifest = Manifest(
             tenant_id=tenant_id,
             dataset_id=dataset_id,
