@@ -42,6 +42,7 @@ from sealed.errors import StoreError
 __all__ = [
     "MAX_NAME_LENGTH",
     "CountingStore",
+    "DeferredSyncStore",
     "Fetch",
     "FetchStore",
     "LocalDirStore",
@@ -60,11 +61,24 @@ _COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _TMP_PREFIX = ".tmp-"
 _WRITEBACK_BYTES = 8 << 20  # a put starts writeback after every 8 MiB it has written
 _MAX_MAPPINGS = 4096  # objects a MappedDirStore keeps mapped between reads
+SYNC_WAIT_S = 600.0  # LocalDirStore.sync gives up on an fsync that takes longer
 _FETCH_PIECE = 8 << 20  # the I/O thread reads at most 8 MiB per system call
 FETCH_WAIT_S = 600.0  # a background read that takes longer is reported as an error
 
 Chunks = bytes | bytearray | memoryview | Iterable[bytes | bytearray | memoryview]
 _Read = tuple["Fetch", int, memoryview, "ReadTicket"]
+
+
+class _Unsynced:
+    """An object put unsynced: ``flushed`` is set once its background fsync ran (``error``
+    if it failed)."""
+
+    __slots__ = ("error", "flushed", "path")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.flushed = threading.Event()
+        self.error: str | None = None
 
 
 def validate_object_name(name: str) -> str:
@@ -128,6 +142,21 @@ class ObjectStore(Protocol):
 
 
 @runtime_checkable
+class DeferredSyncStore(Protocol):
+    """Optional capability: many puts made durable together (one wait instead of one each)."""
+
+    def put_unsynced(self, name: str, data: Chunks) -> int:
+        """:meth:`ObjectStore.put`, except that the object is durable only once :meth:`sync`
+        has returned (readers see it complete at once; a crash before ``sync`` may leave it
+        short). For objects that nothing refers to until ``sync`` returned."""
+        ...
+
+    def sync(self) -> None:
+        """Make every object put with :meth:`put_unsynced` so far durable."""
+        ...
+
+
+@runtime_checkable
 class FetchStore(Protocol):
     """Optional capability: background reads into the caller's buffers (see :class:`Fetch`)."""
 
@@ -161,12 +190,20 @@ class LocalDirStore:
     hard-linked to its final name (which fails if the name exists: objects are immutable),
     the temporary name is removed and the directory is fsynced. Readers never see a partial
     object; a crash leaves at most a ``.tmp-`` file, which :meth:`list` ignores.
+
+    :meth:`put_unsynced` does the same without waiting: the file is fsynced by a background
+    thread while the caller goes on, and :meth:`sync` waits for those fsyncs and fsyncs the
+    directories (the dataset writer puts its shards like this and syncs once before it puts
+    the manifest that names them, so no shard's flush holds up the encryption of the next).
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self._root = Path(root)
         self._root.mkdir(parents=True, exist_ok=True)
         self._root = self._root.resolve()
+        self._unsynced: list[_Unsynced] = []
+        self._flusher: queue.SimpleQueue[_Unsynced | None] | None = None
+        self._unsynced_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return "LocalDirStore(...)"
@@ -175,6 +212,45 @@ class LocalDirStore:
         return self._root.joinpath(*validate_object_name(name).split("/"))
 
     def put(self, name: str, data: Chunks) -> int:
+        return self._put(name, data, durable=True)
+
+    def put_unsynced(self, name: str, data: Chunks) -> int:
+        return self._put(name, data, durable=False)
+
+    def sync(self) -> None:
+        with self._unsynced_lock:
+            files, self._unsynced = self._unsynced, []
+            flusher, self._flusher = self._flusher, None
+        if flusher is not None:
+            flusher.put(None)
+        for f in files:
+            if not f.flushed.wait(SYNC_WAIT_S):
+                raise StoreError(f"cannot sync {f.path.name}: took over {SYNC_WAIT_S:.0f} s")
+            if f.error is not None:
+                raise StoreError(f"cannot sync {f.path.name}: {f.error}")
+        for d in sorted({f.path.parent for f in files}):
+            with self._os_errors(d.name):
+                self._fsync_dir(d)
+
+    @staticmethod
+    def _flush_loop(paths: queue.SimpleQueue[_Unsynced | None]) -> None:
+        """fsync each object put unsynced, in the background (its pages are written back
+        while the caller produces the next one; :meth:`sync` waits for the last)."""
+        while (item := paths.get()) is not None:
+            try:
+                fd = os.open(item.path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except FileNotFoundError:
+                pass  # deleted since: nothing to make durable
+            except OSError as exc:
+                item.error = exc.strerror or str(exc)
+            finally:
+                item.flushed.set()
+
+    def _put(self, name: str, data: Chunks, *, durable: bool) -> int:
         path = self._path(name)
         if path.exists():
             raise StoreError(f"object {name} already exists")
@@ -194,7 +270,7 @@ class LocalDirStore:
                             n = f.write(chunk)
                             chunk = chunk[n:]
                             size += n
-                        if size - kicked >= _WRITEBACK_BYTES:
+                        if durable and size - kicked >= _WRITEBACK_BYTES:
                             # start writing back what is written so far (Linux: DONTNEED on
                             # dirty pages starts asynchronous writeback), so the fsync below
                             # waits for the last few MiB, not the whole object
@@ -202,8 +278,9 @@ class LocalDirStore:
                                 os.posix_fadvise(fd, kicked, size - kicked,
                                                  os.POSIX_FADV_DONTNEED)
                             kicked = size
-                with self._os_errors(name):
-                    os.fsync(f.fileno())
+                if durable:
+                    with self._os_errors(name):
+                        os.fsync(f.fileno())
             finally:
                 f.close()
             with self._os_errors(name):
@@ -214,6 +291,16 @@ class LocalDirStore:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+        if not durable:
+            unsynced = _Unsynced(path)
+            with self._unsynced_lock:
+                self._unsynced.append(unsynced)
+                if self._flusher is None:
+                    self._flusher = queue.SimpleQueue()
+                    threading.Thread(target=self._flush_loop, args=(self._flusher,),
+                                     name="store-flush", daemon=True).start()
+                self._flusher.put(unsynced)
+            return size
         with self._os_errors(name):
             self._fsync_dir(path.parent)
         return size

@@ -6,7 +6,14 @@ import os
 
 import pytest
 
-from sealed import CountingStore, LocalDirStore, ObjectStore, RangeViewStore, StoreError
+from sealed import (
+    CountingStore,
+    LocalDirStore,
+    MemoryStore,
+    ObjectStore,
+    RangeViewStore,
+    StoreError,
+)
 
 
 def test_backends_implement_the_protocol(store) -> None:
@@ -200,3 +207,21 @@ def test_counting_store_counts_background_reads(tmp_path) -> None:
     assert counting.ranges == [("shards/a", 1000, 3000)]
     assert CountingStore(LocalDirStore(tmp_path)).fetch("shards/a") is None
     store.close()
+
+
+def test_unsynced_puts_are_complete_at_once_and_durable_after_sync(tmp_path) -> None:
+    from sealed import DeferredSyncStore, MappedDirStore
+
+    for store in (LocalDirStore(tmp_path / "l"), MappedDirStore(tmp_path / "m")):
+        assert isinstance(store, DeferredSyncStore)
+        data = os.urandom(20_000)
+        assert store.put_unsynced("shards/a", [data[:7], data[7:]]) == 20_000
+        assert store.get_range("shards/a", 0, 20_000) == data  # complete for readers now
+        with pytest.raises(StoreError, match="already exists"):
+            store.put_unsynced("shards/a", b"x")
+        store.put_unsynced("shards/b", b"y")
+        store.delete("shards/b")  # deleted before the sync: skipped, not an error
+        store.sync()
+        store.sync()  # nothing left to sync
+        assert store.list() == ["shards/a"]
+    assert not isinstance(MemoryStore(), DeferredSyncStore)

@@ -236,15 +236,20 @@ class _FailingStore:
     def __init__(self, inner, fail_at: int) -> None:
         self.inner, self.fail_at, self.puts = inner, fail_at, 0
 
-    def put(self, name, data):
+    def _put(self, name, data, put):
         self.puts += 1
         if self.puts == self.fail_at:
             for i, _chunk in enumerate(data):
                 if i == 2:
                     raise StoreError(f"cannot write object {name}: disk full")
-        return self.inner.put(name, data)
+        return put(name, data)
+
+    def put(self, name, data):
+        return self._put(name, data, self.inner.put)
 
     def __getattr__(self, attr):
+        if attr == "put_unsynced" and hasattr(self.inner, attr):  # the writer's shard puts
+            return lambda name, data: self._put(name, data, self.inner.put_unsynced)
         return getattr(self.inner, attr)
 
 
