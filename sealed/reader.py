@@ -8,8 +8,9 @@
 
   - a :class:`~sealed.store.FetchStore` (``MappedDirStore``, the trainer's): the shard is
     taken in chunks of :data:`FETCH_SEGMENTS` segments (4 MiB). Each chunk is probed when it
-    is scheduled, up to :data:`FETCH_AHEAD` chunks ahead of the one being decrypted: a cached
-    chunk is decrypted in place from the store's mapping (zero-copy); one that is not is
+    is scheduled, up to :data:`FETCH_AHEAD` chunks ahead of the one being decrypted (a shard
+    whose first and last chunks are cached is taken as cached whole, without more probes): a
+    cached chunk is decrypted in place from the store's mapping (zero-copy); one that is not is
     read by the store's I/O thread into one of :data:`FETCH_BUFFERS` reused buffers (large
     sequential reads, as a plain ``read``) while this thread decrypts the chunks before it,
     so cold data costs about what reading it costs. ``next_shard`` names the shard the
@@ -41,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import itertools
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -87,7 +89,10 @@ class DatasetReader:
         self._closed = False
         # chunks probed (and, where not cached, being read) ahead, in decryption order
         self._ahead: deque[_Chunk] = deque()
+        self._fetching = isinstance(store, FetchStore)  # (protocol checks are slow: once)
+        self._viewing = isinstance(store, RangeViewStore)
         self._fetches: dict[int, Fetch | None] = {}
+        self._warm: dict[int, bool] = {}  # shards taken as cached whole (see _schedule)
         self._spare: list[bytearray] = []
         self._buffers = 0
 
@@ -195,13 +200,13 @@ class DatasetReader:
         then: int | None = None,
     ) -> int:
         """Decrypt segments first..last of shard j into ``out``; zero ``out`` on failure."""
-        if isinstance(self._store, FetchStore):
+        if self._fetching:
             return self._decrypt_fetched(j, entry, first, last, out, then)
         self._drain()
         cipher = self._cipher(j)
         ct_size = entry.ciphertext_size
         written = 0
-        if isinstance(self._store, RangeViewStore):  # ciphertext in memory or mapped: no copy
+        if self._viewing:  # ciphertext in memory or mapped: no copy
             base = streaming.ciphertext_start(first)
             end = min(ct_size, (last + 1) * streaming.SEGMENT_SIZE)
             view = self._store.view_range(entry.object_name, base, end - base)
@@ -227,10 +232,12 @@ class DatasetReader:
     # ------------------------------------------------------------------ cached or fetched
 
     @staticmethod
-    def _chunks(j: int, entry: ShardEntry, first: int, last: int) -> list[_Chunk]:
+    def _chunks(
+        j: int, entry: ShardEntry, first: int, last: int, limit: int | None = None
+    ) -> list[_Chunk]:
         ct_size = entry.ciphertext_size
         out = []
-        for a in range(first, last + 1, FETCH_SEGMENTS):
+        for a in itertools.islice(range(first, last + 1, FETCH_SEGMENTS), limit):
             b = min(last, a + FETCH_SEGMENTS - 1)
             start = streaming.ciphertext_start(a)
             out.append(_Chunk(j, a, b, start, min(ct_size, (b + 1) * streaming.SEGMENT_SIZE)))
@@ -243,9 +250,17 @@ class DatasetReader:
         """
         j = chunk.shard
         if j not in self._fetches:
-            self._fetches[j] = self._store.fetch(self._manifest.shards[j].object_name)
+            entry = self._manifest.shards[j]
+            fetch = self._store.fetch(entry.object_name)
+            self._fetches[j] = fetch
+            # a shard whose first and last chunks are cached is taken as cached whole, with no
+            # probe per chunk (the page cache evicts a shard read front to back from its
+            # front; a hole left elsewhere is faulted in through the mapping)
+            size = entry.ciphertext_size
+            head = min(size, FETCH_SEGMENTS * streaming.SEGMENT_SIZE)
+            self._warm[j] = fetch is None or (fetch.cached(0, head) and fetch.cached(size - 1, 1))
         fetch = self._fetches[j]
-        if fetch is None or fetch.cached(chunk.start, chunk.stop - chunk.start):
+        if self._warm[j] or fetch.cached(chunk.start, chunk.stop - chunk.start):
             return True  # decrypted in place from the store's mapping
         if not self._spare:
             if self._buffers >= FETCH_BUFFERS:
@@ -278,6 +293,7 @@ class DatasetReader:
 
     def _close_fetches(self, keep: int | None) -> None:
         for j in [j for j in self._fetches if j != keep]:
+            self._warm.pop(j, None)
             fetch = self._fetches.pop(j)
             if fetch is not None:
                 fetch.close()
@@ -296,7 +312,7 @@ class DatasetReader:
         if then is not None:
             nxt = self._entry(then)
             n = streaming.segment_count(nxt.ciphertext_size)
-            want += self._chunks(then, nxt, 0, n - 1)[:FETCH_AHEAD]
+            want += self._chunks(then, nxt, 0, n - 1, FETCH_AHEAD)
         ahead = self._ahead
         if ahead and [(c.shard, c.first, c.last) for c in ahead] != [
             (c.shard, c.first, c.last) for c in want[: len(ahead)]
@@ -308,31 +324,41 @@ class DatasetReader:
         view_start = view_stop = 0
         written = 0
         try:
-            for _ in plan:
+            done = 0
+            while done < len(plan):
                 pos = self._top_up(want, pos)
                 chunk = ahead.popleft()
+                first_seg, last_seg, start, stop = chunk.first, chunk.last, chunk.start, chunk.stop
+                done += 1
+                if chunk.ticket is None and self._warm.get(j):
+                    # cached whole: the rest of the range in one go (its chunks queued ahead
+                    # hold no buffers and no reads)
+                    while ahead and ahead[0].shard == j:
+                        ahead.popleft()
+                    last_seg, stop = plan[-1].last, plan[-1].stop
+                    pos, done = max(pos, len(plan)), len(plan)
                 if chunk.ticket is None:
-                    if not view_start <= chunk.start < view_stop:
+                    if not view_start <= start < view_stop:
                         # one view over this chunk and the cached ones queued after it
-                        view_stop = chunk.stop
+                        view_stop = stop
                         for c in ahead:
                             if c.shard != j or c.ticket is not None:
                                 break
                             view_stop = c.stop
                         if view is not None:
                             view.release()
-                        view_start = chunk.start
+                        view_start = start
                         view = self._store.view_range(
                             entry.object_name, view_start, view_stop - view_start
                         )
                     assert view is not None
-                    src = view[chunk.start - view_start : chunk.stop - view_start]
+                    src = view[start - view_start : stop - view_start]
                 else:
                     chunk.ticket.wait()
-                    src = memoryview(chunk.buf)[: chunk.stop - chunk.start]
+                    src = memoryview(chunk.buf)[: stop - start]
                 try:
                     written += cipher.decrypt_segments_into(
-                        ct_size, chunk.first, chunk.last, src, out[written:]
+                        ct_size, first_seg, last_seg, src, out[written:]
                     )
                 finally:
                     src.release()

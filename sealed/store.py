@@ -201,6 +201,7 @@ class LocalDirStore:
         self._root = Path(root)
         self._root.mkdir(parents=True, exist_ok=True)
         self._root = self._root.resolve()
+        self._paths: dict[str, Path] = {}  # validated names: the reader asks for each often
         self._unsynced: list[_Unsynced] = []
         self._flusher: queue.SimpleQueue[_Unsynced | None] | None = None
         self._unsynced_lock = threading.Lock()
@@ -209,7 +210,13 @@ class LocalDirStore:
         return "LocalDirStore(...)"
 
     def _path(self, name: str) -> Path:
-        return self._root.joinpath(*validate_object_name(name).split("/"))
+        path = self._paths.get(name)
+        if path is None:
+            path = self._root.joinpath(*validate_object_name(name).split("/"))
+            if len(self._paths) >= _MAX_MAPPINGS:
+                self._paths.clear()
+            self._paths[name] = path
+        return path
 
     def put(self, name: str, data: Chunks) -> int:
         return self._put(name, data, durable=True)
