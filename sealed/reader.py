@@ -9,7 +9,7 @@
   - a :class:`~sealed.store.FetchStore` (``MappedDirStore``, the trainer's): the shard is
     taken in chunks of :data:`FETCH_SEGMENTS` segments (4 MiB). Each chunk is probed when it
     is scheduled, up to :data:`FETCH_AHEAD` chunks ahead of the one being decrypted (a shard
-    whose first and last chunks are cached is taken as cached whole, without more probes): a
+    found cached whole is not probed chunk by chunk): a
     cached chunk is decrypted in place from the store's mapping (zero-copy); one that is not is
     read by the store's I/O thread into one of :data:`FETCH_BUFFERS` reused buffers (large
     sequential reads, as a plain ``read``) while this thread decrypts the chunks before it,
@@ -253,12 +253,8 @@ class DatasetReader:
             entry = self._manifest.shards[j]
             fetch = self._store.fetch(entry.object_name)
             self._fetches[j] = fetch
-            # a shard whose first and last chunks are cached is taken as cached whole, with no
-            # probe per chunk (the page cache evicts a shard read front to back from its
-            # front; a hole left elsewhere is faulted in through the mapping)
-            size = entry.ciphertext_size
-            head = min(size, FETCH_SEGMENTS * streaming.SEGMENT_SIZE)
-            self._warm[j] = fetch is None or (fetch.cached(0, head) and fetch.cached(size - 1, 1))
+            # a shard cached whole is decrypted from its mapping with no probe per chunk
+            self._warm[j] = fetch is None or fetch.cached(0, entry.ciphertext_size)
         fetch = self._fetches[j]
         if self._warm[j] or fetch.cached(chunk.start, chunk.stop - chunk.start):
             return True  # decrypted in place from the store's mapping

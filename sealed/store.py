@@ -28,6 +28,8 @@ reused buffers ahead of the one it decrypts, so I/O overlaps decryption.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import mmap
 import os
 import queue
@@ -412,8 +414,10 @@ class ReadTicket:
 class Fetch:
     """One object opened for probes and background reads; from :meth:`MappedDirStore.fetch`.
 
-    :meth:`cached` says whether a range's last byte is in the page cache (a non-blocking
-    ``preadv(RWF_NOWAIT)`` of one byte: one system call). :meth:`read_into` queues a read of
+    :meth:`cached` says whether a range is in the page cache: exactly, with ``cachestat``
+    (Linux 6.5 and later: one system call, no side effect); where that is missing, by a
+    non-blocking ``preadv(RWF_NOWAIT)`` of the range's first and last byte (which may start
+    reading around a byte that is not cached). :meth:`read_into` queues a read of
     ``[offset, offset + len(buf))`` into ``buf`` to the store's I/O thread and returns a
     ticket whose ``wait()`` returns once ``buf`` holds exactly those bytes (a short object is
     a :class:`StoreError`, never a partial buffer taken as complete). The caller must not
@@ -429,13 +433,20 @@ class Fetch:
         self._last: ReadTicket | None = None
 
     def cached(self, offset: int, length: int) -> bool:
-        """Whether byte ``offset + length - 1`` is in memory (False where unknown)."""
+        """Whether ``[offset, offset + length)`` is in memory (False where unknown)."""
         if length <= 0:
             return True
-        if not _RWF_NOWAIT or self._fd < 0:
+        if self._fd < 0:
+            return False
+        pages = _cached_pages(self._fd, offset, length)
+        if pages is not None:
+            first = offset // _PAGE
+            return pages >= -(-(offset + length) // _PAGE) - first
+        if not _RWF_NOWAIT:
             return False
         try:
-            return os.preadv(self._fd, [bytearray(1)], offset + length - 1, _RWF_NOWAIT) == 1
+            return all(os.preadv(self._fd, [bytearray(1)], at, _RWF_NOWAIT) == 1
+                       for at in (offset, offset + length - 1))
         except OSError:  # BlockingIOError: not cached (or unsupported: read it then)
             return False
 
@@ -478,6 +489,40 @@ class Fetch:
 
 
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_SYS_CACHESTAT = 451  # Linux >= 6.5; one number on every architecture
+
+
+class _CacheRange(ctypes.Structure):
+    _fields_ = (("off", ctypes.c_uint64), ("len", ctypes.c_uint64))
+
+
+class _CacheStat(ctypes.Structure):
+    _fields_ = tuple((f, ctypes.c_uint64) for f in (
+        "nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted"))
+
+
+_cachestat: list[object] = []  # [libc.syscall] once it worked; [None] once it failed
+
+
+def _cached_pages(fd: int, offset: int, length: int) -> int | None:
+    """Pages of ``[offset, offset + length)`` in the page cache (``cachestat(2)``), or None
+    where the kernel (or a sandbox) does not offer it."""
+    if not _cachestat:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            _cachestat.append(libc.syscall)
+        except (OSError, AttributeError):
+            _cachestat.append(None)
+    syscall = _cachestat[0]
+    if syscall is None:
+        return None
+    span, stat = _CacheRange(offset, length), _CacheStat()
+    if syscall(_SYS_CACHESTAT, fd, ctypes.byref(span), ctypes.byref(stat), 0) != 0:
+        if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):
+            _cachestat[0] = None  # not this kernel: the fallback from now on
+        return None
+    return int(stat.nr_cache)
 
 
 class MappedDirStore(LocalDirStore):

@@ -225,3 +225,27 @@ def test_unsynced_puts_are_complete_at_once_and_durable_after_sync(tmp_path) -> 
         store.sync()  # nothing left to sync
         assert store.list() == ["shards/a"]
     assert not isinstance(MemoryStore(), DeferredSyncStore)
+
+
+@pytest.mark.parametrize("probe", ["cachestat", "rwf_nowait"])
+def test_the_cache_probe_sees_what_was_read_and_misses_what_was_dropped(
+    tmp_path, monkeypatch, probe
+) -> None:
+    from sealed import MappedDirStore
+    from sealed import store as store_module
+
+    if probe == "rwf_nowait":  # a kernel without cachestat(2): the fallback probe
+        monkeypatch.setattr(store_module, "_cachestat", [None])
+    store = MappedDirStore(tmp_path)
+    data = os.urandom(3 << 20)
+    store.put("shards/a", data)
+    with store.fetch("shards/a") as fetch:
+        buf = bytearray(len(data))
+        fetch.read_into(0, memoryview(buf)).wait()  # read: now in the page cache
+        assert buf == data
+        assert fetch.cached(0, len(data)) and fetch.cached(4096, 10)
+        _drop_cached(tmp_path / "shards" / "a")  # never mapped: clean pages go
+        dropped = not fetch.cached(0, len(data))
+        if probe == "cachestat" and store_module._cachestat[0] is not None:
+            assert dropped  # exact: a range with any page missing is not cached
+    store.close()
