@@ -329,7 +329,7 @@ class DatasetReader:
                 if chunk.ticket is None and self._warm.get(j):
                     # cached whole: the rest of the range in one go (its chunks queued ahead
                     # hold no buffers and no reads)
-                    while ahead and ahead[0].shard == j:
+                    for _ in range(min(pos, len(plan)) - done):
                         ahead.popleft()
                     last_seg, stop = plan[-1].last, plan[-1].stop
                     pos, done = max(pos, len(plan)), len(plan)

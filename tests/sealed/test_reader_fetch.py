@@ -165,3 +165,17 @@ def test_reads_run_ahead_into_a_bounded_set_of_reused_buffers(dek, tmp_path) -> 
         assert reader._buffers == reader_module.FETCH_BUFFERS  # never more, whatever the size
         assert not reader._ahead and not reader._fetches  # nothing left open
     store.close()
+
+
+def test_one_shard_read_again_and_again_names_itself_next(probed, dek) -> None:
+    records = make_records([9 * SEG + 5])
+    ref = write(probed, records, dek, target_shard_size=64 << 20)
+    with open_reader(probed, ref, dek) as reader:
+        assert reader.num_shards == 1
+        expected = _shard_plaintexts(reader, records)[0]
+        buf = bytearray(reader.shard_plaintext_size(0))
+        for _ in range(3):  # the trainer's epochs over a one-shard dataset
+            buf[:] = bytes(len(buf))
+            assert reader.decrypt_shard_into(0, buf, next_shard=0) == expected
+            assert reader._ahead and all(c.shard == 0 for c in reader._ahead)
+            assert reader._ahead[0].first == 0  # the next call's first chunk, under way
