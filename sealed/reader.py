@@ -269,10 +269,23 @@ class DatasetReader:
         return True
 
     def _top_up(self, want: list[_Chunk], pos: int) -> int:
-        """Schedule ``want[pos:]`` while there is room ahead; returns the new ``pos``."""
+        """Schedule ``want[pos:]`` while there is room ahead; returns the new ``pos``.
+
+        A failure to open or probe the *next* shard (``want`` beyond the shard being read)
+        stops the read-ahead instead: the call that reads that shard reports it."""
         ahead = self._ahead
-        while pos < len(want) and len(ahead) < FETCH_AHEAD and self._schedule(want[pos]):
-            ahead.append(want[pos])
+        current = want[0].shard
+        while pos < len(want) and len(ahead) < FETCH_AHEAD:
+            chunk = want[pos]
+            try:
+                if not self._schedule(chunk):
+                    break
+            except StoreError:
+                if chunk.shard == current:
+                    raise
+                self._fetches.pop(chunk.shard, None)  # not opened: nothing to close
+                break
+            ahead.append(chunk)
             pos += 1
         return pos
 

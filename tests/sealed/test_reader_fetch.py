@@ -179,3 +179,16 @@ def test_one_shard_read_again_and_again_names_itself_next(probed, dek) -> None:
             assert reader.decrypt_shard_into(0, buf, next_shard=0) == expected
             assert reader._ahead and all(c.shard == 0 for c in reader._ahead)
             assert reader._ahead[0].first == 0  # the next call's first chunk, under way
+
+
+def test_a_missing_next_shard_does_not_fail_the_current_one(probed, dek, tmp_path) -> None:
+    records = make_records([2 * SEG, 2 * SEG])
+    ref = write(probed, records, dek, target_shard_size=2 << 20)
+    with open_reader(probed, ref, dek) as reader:
+        assert reader.num_shards == 2
+        expected = _shard_plaintexts(reader, records)
+        probed.delete(reader.manifest.shards[1].object_name)
+        buf = bytearray(reader.max_shard_plaintext_size)
+        assert reader.decrypt_shard_into(0, buf, next_shard=1) == expected[0]
+        with pytest.raises(StoreError, match="not found"):  # reported where it is read
+            reader.decrypt_shard_into(1, buf)
