@@ -98,6 +98,7 @@ __all__ = ["DEFAULT_MAX_RECORD_SIZE", "DatasetRef", "validate_record_name", "wri
 DEFAULT_MAX_RECORD_SIZE = 256 << 20
 PIPELINE_DEPTH = 4  # segment buffers per stage (plaintext, ciphertext): memory stays flat
 STORE_THREADS = 2  # shards written at once: one is flushed (fsync) while the next is written
+READ_AHEAD_BYTES = 32 << 20  # source files hinted to the kernel (WILLNEED) this far ahead
 _POLL_S = 0.1  # how often a blocked stage checks whether another one failed
 
 Progress = Callable[[int, int], None]
@@ -205,7 +206,19 @@ class _FolderSource:
             yield _Planned(rel, size)
 
     def records(self, sizes: Sequence[int]) -> Iterator[_Record]:
-        for (rel, path), size in zip(self._files, sizes, strict=True):
+        files = list(zip(self._files, sizes, strict=True))
+        hinted = 0  # files [0, hinted) have been hinted to the kernel
+        for k, ((rel, path), size) in enumerate(files):
+            # keep the next READ_AHEAD_BYTES of the following files coming from the disk
+            # while this one is encrypted (the reads themselves are synchronous)
+            ahead = 0
+            for m in range(k + 1, len(files)):
+                if ahead >= READ_AHEAD_BYTES:
+                    break
+                if m >= hinted:
+                    _will_need(files[m][0][1], 0, READ_AHEAD_BYTES)
+                    hinted = m + 1
+                ahead += files[m][1]
             yield _FileRecord(rel, path, size)
 
 
@@ -251,6 +264,14 @@ class _FileRecord(_Record):
         try:
             if self._file is None:
                 self._file = open(self._path, "rb", buffering=0)  # noqa: SIM115 - in finish()
+            done = self._done
+            if done == 0 or done // READ_AHEAD_BYTES != (done + want) // READ_AHEAD_BYTES:
+                # a large file: the window after the one being read is hinted as it is entered
+                start = ((done + want) // READ_AHEAD_BYTES + 1) * READ_AHEAD_BYTES
+                if start < self.size:
+                    with contextlib.suppress(OSError):
+                        os.posix_fadvise(self._file.fileno(), start, READ_AHEAD_BYTES,
+                                         os.POSIX_FADV_WILLNEED)
             n = self._file.readinto(dest[:want])
         except OSError as exc:
             self.finish_quietly()
@@ -276,6 +297,20 @@ class _FileRecord(_Record):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _will_need(path: Path, offset: int, length: int) -> None:
+    """Ask the kernel to start reading a range of a file (a hint: errors are the read's)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class _IterableSource:
