@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +33,14 @@ def _run(*argv: str, quiet: bool = False) -> str:
         for line in result.stdout.strip().splitlines():
             print(f"tenant: {line}", flush=True)
     return result.stdout
+
+
+def _json(*argv: str) -> dict:
+    """A ``kms-broker ... --format json`` command's result document."""
+    doc = json.loads(_run(*argv, "--format", "json", quiet=True))
+    if not isinstance(doc, dict):
+        raise SystemExit(f"tenant: `{' '.join(argv[:3])}` printed no JSON object")
+    return doc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if not key.exists():
         _run("kms-broker", "tenant", "init", "--key", str(key))
-    _run("kms-broker", "tenant", "register", "--tenant-key", str(key), *who)
+    for row in _json("kms-broker", "tenant", "register", "--tenant-key", str(key), *who)[
+            "brokers"]:
+        print(f"tenant: {row['broker']}: registered, KEK v{row['kek_version']}", flush=True)
 
     code_digest = _run("attest", "code-digest", quiet=True).strip()
     policy = yaml.safe_load(Path(args.policy).read_text())
@@ -69,27 +78,31 @@ def main(argv: list[str] | None = None) -> int:
     params["allowed_job_models"] = [args.job_model]
     policy_file = home / "policy.yaml"
     policy_file.write_text(yaml.safe_dump(policy, sort_keys=False))
-    digests = set(re.findall(r"policy (\S+)", _run("kms-broker", "policy", "put",
-                                                   str(policy_file), *who)))
-    if len(digests) != 1:
+    put = _json("kms-broker", "policy", "put", str(policy_file), *who)
+    digests = {row["digest"] for row in put["brokers"]}
+    if digests != {put["digest"]}:
         raise SystemExit(f"tenant: brokers report different policy digests: {sorted(digests)}")
-    (digest,) = digests
+    digest = put["digest"]
+    print(f"tenant: policy {put['policy']} {digest} at {len(put['brokers'])} broker(s)",
+          flush=True)
 
-    uploaded = _run("kms-broker", "dataset", "upload", args.corpus, "--store", str(store),
-                    "--dataset", args.dataset, "--tenant-key", str(key), *who)
-    manifest = re.search(r"manifest (\S+);", uploaded)
-    if manifest is None:
-        raise SystemExit("tenant: the upload did not name its manifest")
+    uploaded = _json("kms-broker", "dataset", "upload", args.corpus, "--store", str(store),
+                     "--dataset", args.dataset, "--tenant-key", str(key), *who)
+    manifest = uploaded["manifest"]
+    print(f"tenant: uploaded {uploaded['num_records']} records in {uploaded['num_shards']} "
+          f"shards; manifest {manifest}; shares at {', '.join(uploaded['holders'])}",
+          flush=True)
 
-    _run("kms-broker", "grant", "create", "--dataset", args.dataset, "--job", args.job,
-         "--policy-digest", digest, "--max-nodes", str(args.max_nodes), "--grant-id",
-         f"grant-{args.job}", "--tenant-key", str(key), *who)
+    grant = _json("kms-broker", "grant", "create", "--dataset", args.dataset, "--job",
+                  args.job, "--policy-digest", digest, "--max-nodes", str(args.max_nodes),
+                  "--grant-id", f"grant-{args.job}", "--tenant-key", str(key), *who)
+    print(f"tenant: grant {grant['grant_id']} at {len(grant['brokers'])} broker(s)", flush=True)
 
     jobs = store / "jobs"
     jobs.mkdir(exist_ok=True)
     (jobs / f"{args.job}.json").write_text(json.dumps({
         "job_id": args.job, "tenant_id": args.tenant, "dataset_id": args.dataset,
-        "key_version": 1, "manifest": manifest.group(1), "grant_id": f"grant-{args.job}",
+        "key_version": 1, "manifest": manifest, "grant_id": f"grant-{args.job}",
     }, indent=1))
     print(f"tenant: job {args.job} published", flush=True)
     return 0
