@@ -145,8 +145,10 @@ class AttestedKeySource:
         from kms_broker.rpc import BrokerEndpoint, BrokerRpcError, PermissionDeniedError
 
         config = self._config
+        started = time.perf_counter()
         if self._evidence_for is None:
             self._code_claims()  # refuses (CodeIdentityRefused) before any broker is asked
+        checked = time.perf_counter()
         try:
             endpoints = [
                 BrokerEndpoint.from_files(b.address, ca=Path(b.ca), cert=Path(b.cert),
@@ -173,6 +175,10 @@ class AttestedKeySource:
             raise AttestationDenied(f"release denied by {exc}", reasons) from None
         except BrokerRpcError as exc:
             raise KeySourceUnavailable(f"key release failed ({exc.code}): {exc}") from None
+        phases = [("code identity", checked - started), *released.timings]
+        log.info("dataset key from %d broker(s) in %.0f ms: %s", len(endpoints),
+                 (time.perf_counter() - started) * 1e3,
+                 ", ".join(f"{name} {seconds * 1e3:.0f} ms" for name, seconds in phases))
         expiry = min(lease.expires_unix_ms for lease in released.leases) / 1000.0
         handle = KeyHandle(dek=released.dek, lease_expiry=expiry)
 
