@@ -174,10 +174,17 @@ class KeyClient:
                                          ReadyOnce(channel, endpoint.address, timeout_s)))
         self._leases: list[Lease] = []
         self._watchers: list[_Watcher] = []
+        # one thread per broker, made once and reused by every phase (challenge, attest,
+        # release, renewals) instead of a pool per phase
+        self._pool = (ThreadPoolExecutor(max_workers=len(self._brokers),
+                                         thread_name_prefix="key-client")
+                      if len(self._brokers) > 1 else None)
 
     def close(self) -> None:
         for w in self._watchers:
             w.stop()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
         for b in self._brokers:
             b.channel.close()
 
@@ -209,11 +216,9 @@ class KeyClient:
             except Exception as exc:
                 return _Failed(exc)
 
-        if len(brokers) == 1:
-            return [guarded(brokers[0])]
-        with ThreadPoolExecutor(max_workers=len(brokers),
-                                thread_name_prefix="key-client") as pool:
-            return list(pool.map(guarded, brokers))
+        if len(brokers) == 1 or self._pool is None:
+            return [guarded(b) for b in brokers]
+        return list(self._pool.map(guarded, brokers))
 
     def _attest_all(self, *, wait_for_ready: bool = False,
                     timings: list[tuple[str, float]] | None = None) -> list[_Attested]:
