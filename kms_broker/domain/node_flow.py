@@ -16,8 +16,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from attest.interface import (
     MAX_REPORT_DATA_SET,
     EvidenceVerifier,
@@ -42,7 +40,7 @@ from kms_broker.domain.model import Grant, Lease, Session
 from kms_broker.encoding import canonical_json
 from kms_broker.grants import InvalidGrantSignature, verify_grant
 from kms_broker.hsm.interface import ShareBinding
-from kms_broker.sealing import release_transcript
+from kms_broker.sealing import decode_public_key, release_transcript
 from kms_broker.tokens import InvalidToken, TokenClaims, TokenVerifier, issue_token
 
 __all__ = ["AttestResult", "Challenge", "NodeFlow", "ReleaseResult"]
@@ -113,7 +111,7 @@ def _check_node_key(key: bytes) -> bytes:
     if len(key) != 65 or key[0] != 4:
         raise InvalidArgument("node_public_key must be a 65-byte SEC1 uncompressed P-256 point")
     try:
-        ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), key)
+        decode_public_key(key)  # memoised: the Release transcript checks the same key again
     except ValueError:
         raise InvalidArgument("node_public_key is not a point on P-256") from None
     return key
