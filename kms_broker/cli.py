@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -86,12 +87,15 @@ def serve(args: argparse.Namespace, *, build: Callable[..., Any], entry_module: 
     composition (tests/kms_broker/testing_server.py) passes another."""
     import dataclasses
 
+    from kms_broker import logs
     from kms_broker.config import load_config
 
     worker = args.worker
-    prefix = "" if worker is None else f"worker {worker} "
-    logging.basicConfig(level=logging.INFO,
-                        format=f"%(asctime)s {prefix}%(levelname)s %(message)s")
+    logs.setup(level=args.log_level, fmt=args.log_format,
+               prefix="" if worker is None else f"worker-{worker}")
+    os.environ["KMS_BROKER_LOG_LEVEL"] = args.log_level  # the workers log alike
+    os.environ["KMS_BROKER_LOG_FORMAT"] = args.log_format
+    log = logging.getLogger("kms_broker")
     config = load_config(args.config)
     if args.listen:
         config = dataclasses.replace(config, listen=args.listen)
@@ -133,11 +137,19 @@ def serve(args: argparse.Namespace, *, build: Callable[..., Any], entry_module: 
         tmp = path.with_suffix(".tmp")
         tmp.write_text(f"{server.port}\n")
         tmp.rename(path)
+    log.info("broker %s started on %s:%d", config.broker_id, host, server.port,
+             extra=logs.fields(broker_id=config.broker_id, port=server.port, worker=worker,
+                               hsm=config.hsm.backend, state_dir=str(config.state_dir)))
     stop = threading.Event()
+    received: list[str] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda num, _f: (received.append(signal.Signals(num).name),
+                                            stop.set()))
     stop.wait()
+    log.info("broker %s shutting down (%s)", config.broker_id, ", ".join(received),
+             extra=logs.fields(broker_id=config.broker_id, signal=",".join(received)))
     server.stop(grace=2.0)
+    log.info("broker %s stopped", config.broker_id, extra=logs.fields(broker_id=config.broker_id))
     return 0
 
 
@@ -195,12 +207,10 @@ def cmd_tenant_shred(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress(done: int, total: int) -> None:
-    pct = 100 * done // total if total else 100
-    print(f"\r  encrypting: {pct:3d}% ({done}/{total} bytes)", end="", file=sys.stderr,
-          flush=True)
-    if done >= total:
-        print(file=sys.stderr)
+def _progress(label: str, unit: str = "B") -> Any:
+    from kms_broker.progress import Progress  # rate and ETA; a bar on a terminal
+
+    return Progress(label, unit=unit)
 
 
 def cmd_dataset_upload(args: argparse.Namespace) -> int:
@@ -213,7 +223,8 @@ def cmd_dataset_upload(args: argparse.Namespace) -> int:
     try:
         result = upload_dataset(clients, args.path, LocalDirStore(args.store),
                                 dataset_id=args.dataset, key_version=args.key_version,
-                                store_uri=str(args.store.resolve()), progress=_progress)
+                                store_uri=str(args.store.resolve()),
+                                progress=_progress("encrypting"))
     finally:
         for c in clients:
             c.close()
@@ -233,10 +244,14 @@ def cmd_dataset_list(args: argparse.Namespace) -> int:
 
 
 def cmd_dataset_rotate(args: argparse.Namespace) -> int:
-    for client in _tenant_clients(args):
+    clients = _tenant_clients(args)
+    progress = _progress("rotating", unit="broker")
+    for done, client in enumerate(clients):
+        progress(done, len(clients))
         with client:
             version, count = client.rotate_kek()
             print(f"{client.address}: KEK now v{version}, {count} share(s) re-wrapped")
+    progress(len(clients), len(clients))
     return 0
 
 
@@ -481,6 +496,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dev-insecure-fake-hsm", action="store_true",
                    help="development only: accept hsm.backend: fake (an in-process stand-in "
                         "with no custody boundary; every key is lost at exit)")
+    p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   default=os.environ.get("KMS_BROKER_LOG_LEVEL", "INFO"),
+                   help="log verbosity (env KMS_BROKER_LOG_LEVEL; default INFO)")
+    p.add_argument("--log-format", choices=("text", "json"),
+                   default=os.environ.get("KMS_BROKER_LOG_FORMAT", "text"),
+                   help="text lines or one JSON object per line (env KMS_BROKER_LOG_FORMAT)")
     p.set_defaults(func=cmd_serve)
 
     hsm = sub.add_parser("hsm", help="HSM token setup").add_subparsers(dest="action",

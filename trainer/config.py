@@ -252,6 +252,7 @@ class JobConfig:
     lease_poll_interval: float = 5.0  # seconds between lease renewals / revocation polls
     metrics_port: int | None = None  # rank 0 serves Prometheus metrics here when set
     device: Device = "auto"
+    threads: int | None = None  # CPU threads per process; None: this process's share of cores
 
     def __post_init__(self) -> None:
         for kind in ("job", "tenant"):
@@ -293,6 +294,8 @@ class JobConfig:
         _float("lease_poll_interval", self.lease_poll_interval, lo=0.05, hi=3600.0)
         if self.metrics_port is not None:
             _int("metrics_port", self.metrics_port, lo=0, hi=65535)
+        if self.threads is not None:
+            _int("threads", self.threads, lo=1, hi=1024)
         _require(
             self.device in typing.get_args(Device),
             f"device must be one of auto, cpu, cuda, got {self.device!r:.60}",
@@ -318,6 +321,26 @@ class JobConfig:
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise ConfigError(f"job file {path} is not valid YAML: {exc}") from None
         return cls.from_mapping(data)
+
+    def missing_files(self) -> list[str]:
+        """What this job names on this node that is not there (``trainer validate``): each
+        broker's TLS files, the store and its manifest, a ``device:`` TPM."""
+        problems = []
+        for i, broker in enumerate(self.brokers):
+            for name in ("ca", "cert", "key"):
+                if not Path(getattr(broker, name)).is_file():
+                    problems.append(f"brokers[{i}].{name}: no file {getattr(broker, name)}")
+        store = self.dataset.store
+        if "://" not in store or store.startswith("file://"):
+            if not self.dataset.store_path.is_dir():
+                problems.append(f"dataset.store: no directory {store}")
+            elif not (self.dataset.store_path / self.dataset.manifest).is_file():
+                problems.append(f"dataset.manifest: {self.dataset.manifest} is not in {store}")
+        if self.attestation is not None and self.attestation.tcti.startswith("device:"):
+            device = self.attestation.tcti.removeprefix("device:").split(",")[0]
+            if not Path(device).exists():
+                problems.append(f"attestation.tcti: no TPM device {device}")
+        return problems
 
     @property
     def tokens_per_step(self) -> int:
