@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-SYSTEM_PACKAGES := softhsm2 swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config
+SYSTEM_PACKAGES := softhsm2 swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config postgresql
 TORCH_CPU := torch==2.13.0
 STAMP := $(VENV)/.installed
 

@@ -3,7 +3,9 @@
     trainer --attest --job JOB.yaml          train (also under torchrun)
     torchrun --nproc-per-node 2 -m trainer --attest --job JOB.yaml
     trainer check                            run the process-hardening self-check
-    trainer validate --job JOB.yaml          check a job file and print what it would run
+    trainer validate --job JOB.yaml [--format json]   check a job file, print what it runs
+    trainer completion bash|zsh              shell completion script
+    trainer --version
 
 Exit codes: 0 ok, 1 failure, 2 usage or invalid job file, 3 key revoked (by a broker),
 4 attestation denied, 5 code identity refused (trainer/guard.py), 6 a sealed message between
@@ -24,6 +26,13 @@ import logging
 import os
 import sys
 
+from attest.clikit import (
+    add_format,
+    add_version,
+    completion_script,
+    emit_json,
+    quiet_grpc_core,
+)
 from trainer import signals
 from trainer.config import ConfigError, JobConfig
 from trainer.shred import EXIT_ATTESTATION_DENIED, EXIT_FAILURE, EXIT_OK
@@ -45,8 +54,11 @@ _EPILOG = """\
 commands:
   (none)      train the job given by --job (requires --attest)
   check       run the hardening self-check and print each check with how to fix it
-  validate    load and validate --job, check the files it names exist, print a summary,
-              get no keys (exit 2 when something is missing)
+              (--format json: one JSON document)
+  validate    load and validate --job, check the files it names exist, print a summary
+              (--format json: one JSON document), get no keys (exit 2 when something is
+              missing)
+  completion  print a shell completion script: source <(trainer completion bash)
 
 exit codes: 0 ok, 1 failure, 2 usage / invalid job, 3 key revoked, 4 attestation denied,
             5 code identity refused (something outside the measured code set would run),
@@ -65,8 +77,11 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("command", nargs="?", choices=("train", "check", "validate"),
+    add_version(p)
+    p.add_argument("command", nargs="?", choices=("train", "check", "validate", "completion"),
                    default="train", help="what to do (default: train)")
+    p.add_argument("shell", nargs="?", choices=("bash", "zsh"), help=argparse.SUPPRESS)
+    add_format(p, top=True)
     p.add_argument("--job", metavar="JOB.yaml",
                    help="the job file (keys: docs/reference/job-yaml.md)")
     p.add_argument("--attest", action="store_true",
@@ -109,11 +124,17 @@ def default_threads() -> int:
     return max(1, cores // max(1, local_ranks))
 
 
-def _check() -> int:
+def _check(*, json_output: bool = False) -> int:
     from trainer.hardening import failed_required, format_checks, harden_process, self_check
 
     result = harden_process()
     checks = self_check()
+    if json_output:
+        failed = failed_required(checks)
+        emit_json({"passed": not failed, "mlockall": bool(result.mlockall),
+                   "checks": [{"name": c.name, "ok": c.ok, "required": c.required,
+                               "detail": c.detail, "fix": c.fix} for c in checks]})
+        return EXIT_FAILURE if failed else EXIT_OK
     print(format_checks(checks))
     if not result.mlockall:
         print(f"note: mlockall refused ({result.mlockall_error})")
@@ -137,19 +158,27 @@ def _load(parser: argparse.ArgumentParser, job: str | None) -> JobConfig:
 
 def main(argv: list[str] | None = None) -> int:
     signals.start()  # the console script's first act: mask before any thread (trainer/signals.py)
+    argv = quiet_grpc_core(argv)  # gRPC core's own log lines only when asked (attest/clikit.py)
     parser = _parser()
     args = parser.parse_args(argv)
     if args.attest and args.command == "train":
         refused = _enter_code_guard()
         if refused is not None:
             return refused
+    if args.command == "completion":
+        sys.stdout.write(completion_script(parser, args.shell or "bash"))
+        return EXIT_OK
     setup_logging(args.log_level, args.log_format)
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
     if args.command == "check":
-        return _check()
+        return _check(json_output=args.format == "json")
     config = _load(parser, args.job)
     if args.command == "validate":
+        if args.format == "json":
+            missing = config.missing_files()
+            emit_json({**_job_summary(config), "missing": list(missing)})
+            return EXIT_USAGE if missing else EXIT_OK
         print(f"job {config.job_id} (tenant {config.tenant_id}): dataset {config.dataset.id} "
               f"v{config.dataset.key_version}, model {config.model.name}, {config.steps} steps, "
               f"batch {config.batch_size}x{config.grad_accum}, {config.precision}, "
@@ -175,6 +204,32 @@ def main(argv: list[str] | None = None) -> int:
     if refused is not None:
         return refused
     return _train(config, args.node_id, args.threads or config.threads or default_threads())
+
+
+def _job_summary(config: JobConfig) -> dict[str, object]:
+    """What ``validate --format json`` prints: the job's ids and what it would run."""
+    return {
+        "job_id": config.job_id, "tenant_id": config.tenant_id,
+        "dataset": {"id": config.dataset.id, "key_version": config.dataset.key_version,
+                    "manifest": config.dataset.manifest, "store": str(config.dataset.store)},
+        "model": config.model.name, "steps": config.steps, "batch_size": config.batch_size,
+        "grad_accum": config.grad_accum, "precision": config.precision,
+        "brokers": [str(getattr(b, "address", b)) for b in config.brokers],
+    }
+
+
+def denial_lines(exc: Exception, reasons: tuple[str, ...]) -> list[str]:
+    """``trainer: attestation denied ...`` with each failed rule once: the broker's message
+    names the first failed rule and the rules list names it again, and two brokers may deny
+    for the same reasons."""
+    unique = list(dict.fromkeys(r for r in reasons if r))
+    head = str(exc)
+    for reason in unique:  # the head keeps the rule's name, the list below says why
+        name = reason.split(":", 1)[0]
+        head = head.replace(f"{name}: {name}", name).replace(reason, name)
+        if head.endswith(f": {name}"):
+            head = head[: -len(name) - 2]
+    return [f"trainer: attestation denied: {head}", *(f"  - {r}" for r in unique)]
 
 
 def _enter_code_guard(model_module: str | None = None) -> int | None:
@@ -238,8 +293,7 @@ def _train(config: JobConfig, node_id: str | None, threads: int) -> int:
         print(f"trainer: code identity refused: {exc}", file=sys.stderr)
         return EXIT_CODE_IDENTITY
     except AttestationDenied as exc:
-        reasons = "".join(f"\n  - {r}" for r in exc.reasons)
-        print(f"trainer: attestation denied: {exc}{reasons}", file=sys.stderr)
+        print("\n".join(denial_lines(exc, exc.reasons)), file=sys.stderr)
         return EXIT_ATTESTATION_DENIED
     except BrokersUnreachable as exc:
         print(f"trainer: broker unreachable (an outage, not a revocation): {exc}; no key was "

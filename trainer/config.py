@@ -10,6 +10,7 @@ Example::
     job_id: job-7
     tenant_id: acme
     dataset: {id: corpus, key_version: 1, manifest: corpus.manifest, store: /data/store}
+    # or store: s3://bucket/prefix (sealed/s3store.py: standard AWS configuration)
     brokers:          # one per share, in share order
       - {address: "broker-a:7443", ca: ca.pem, cert: node.pem, key: node.key}
     attestation: {node_id: node-1, tcti: "device:/dev/tpmrm0"}
@@ -36,6 +37,7 @@ from typing import Any, Literal
 
 from sealed.errors import StoreError
 from sealed.keys import validate_identifier
+from sealed.s3store import parse_s3_url
 from sealed.store import validate_object_name
 
 __all__ = [
@@ -95,7 +97,9 @@ class DatasetConfig:
     id: str
     key_version: int
     manifest: str
-    store: str  # a local directory (or file:// URI) holding the sealed objects
+    # where the sealed objects are: a local directory (or file:// URI), or s3://BUCKET/PREFIX
+    # (endpoint, credentials and CA from the standard AWS variables and profile files)
+    store: str
 
     def __post_init__(self) -> None:
         try:
@@ -108,9 +112,24 @@ class DatasetConfig:
         except StoreError as exc:
             raise ConfigError(f"dataset.manifest: {exc}") from None
         _path("dataset.store", self.store)
+        if self.store.startswith("s3://"):
+            try:
+                parse_s3_url(self.store)
+            except StoreError as exc:
+                raise ConfigError(f"dataset.store: {exc}") from None
+        else:
+            _require("://" not in self.store or self.store.startswith("file://"),
+                     f"dataset.store must be a directory, file://PATH or s3://BUCKET/PREFIX, "
+                     f"got {self.store!r:.60}")
+
+    @property
+    def store_is_s3(self) -> bool:
+        return self.store.startswith("s3://")
 
     @property
     def store_path(self) -> Path:
+        if self.store_is_s3:
+            raise ValueError("dataset.store is an s3:// address, not a local path")
         return Path(self.store.removeprefix("file://"))
 
 

@@ -156,6 +156,7 @@ def test_policy_denial_exits_4_having_decrypted_nothing(tmp_path, release, procs
     assert proc.wait() == 4, proc.err()[-3000:]
     err = proc.err()
     assert "trainer: attestation denied" in err and "ksm-off" in err
+    assert err.count("KSM merges identical") == 1, err[-3000:]  # each reason once (issue 16)
     assert "plaintext buffers 0 (0.00 MiB)" in err  # nothing was ever decrypted
     assert "step 1/" not in err and not (tmp_path / "job-3" / "ckpt").exists()
 
