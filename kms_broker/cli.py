@@ -201,7 +201,11 @@ def serve(args: argparse.Namespace, *, build: Callable[..., Any], entry_module: 
     port_file = Path(config.state_dir) / "broker.port"
 
     def listening(port: int) -> None:
-        port_file.write_text(f"{port}\n")
+        # whole or absent (write, then rename): a reader polling for the file never sees it
+        # empty, however busy the machine
+        tmp = port_file.with_suffix(".tmp")
+        tmp.write_text(f"{port}\n")
+        tmp.rename(port_file)
         workers = f" ({count} worker processes)" if count > 1 else ""
         print(f"kms-broker {config.broker_id} listening on {host}:{port}{workers}", flush=True)
 

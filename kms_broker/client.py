@@ -117,13 +117,18 @@ class RevocationNotice:
 
 @dataclass(slots=True)
 class ReleasedKey:
-    """The DEK (caller zeroizes, e.g. ``with released.dek:``) and the leases behind it."""
+    """The DEK (caller zeroizes, e.g. ``with released.dek:``) and the leases behind it.
+
+    ``timings``: where the time went, as (phase, seconds) in order: ``challenge`` (every
+    broker at once), ``evidence``, ``attest BROKER`` and ``release BROKER`` (each broker's
+    call as its thread saw it; the brokers run in parallel), ``derive``. For logs."""
 
     dek: SecretBuffer
     tenant_id: str
     dataset_id: str
     key_version: int
     leases: tuple[Lease, ...]
+    timings: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(slots=True)
@@ -183,6 +188,7 @@ class _Attested:
     public_key: bytes
     challenge: Any
     token: bytes = b""
+    attest_s: float = 0.0
 
 
 def _single(evidence_for: EvidenceFor) -> EvidenceForSet:
@@ -229,10 +235,17 @@ class KeyClient:
                 for e, ch in channels]))
         self._leases: list[Lease] = []
         self._watchers: list[_Watcher] = []
+        # one thread per broker, made once and reused by every phase (challenge, attest,
+        # release, renewals) instead of a pool per phase
+        self._pool = (ThreadPoolExecutor(max_workers=len(self._brokers),
+                                         thread_name_prefix="key-client")
+                      if len(self._brokers) > 1 else None)
 
     def close(self) -> None:
         for w in self._watchers:
             w.stop()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
         for b in self._brokers:
             for replica in b.replicas:
                 replica.channel.close()
@@ -288,15 +301,16 @@ class KeyClient:
             except Exception as exc:
                 return _Failed(exc)
 
-        if len(brokers) == 1:
-            return [guarded(brokers[0])]
-        with ThreadPoolExecutor(max_workers=len(brokers),
-                                thread_name_prefix="key-client") as pool:
-            return list(pool.map(guarded, brokers))
+        if len(brokers) == 1 or self._pool is None:
+            return [guarded(b) for b in brokers]
+        return list(self._pool.map(guarded, brokers))
 
-    def _attest_all(self, *, wait_for_ready: bool = False) -> list[_Attested]:
+    def _attest_all(self, *, wait_for_ready: bool = False,
+                    timings: list[tuple[str, float]] | None = None) -> list[_Attested]:
         """One fresh attestation at every broker with one evidence; raises the first
-        permission denial (after every broker has judged), else the first other error."""
+        permission denial (after every broker has judged), else the first other error.
+        ``timings`` gets the challenge and evidence phases (seconds)."""
+        started = time.perf_counter()
 
         def challenge(broker: _Broker) -> _Attested:
             reply = self._call(broker, "Challenge", pb.ChallengeRequest(
@@ -305,19 +319,25 @@ class KeyClient:
             return _Attested(broker, private_key, public_key, reply)
 
         sessions = _raise_first(self._each(self._brokers, challenge))
+        challenged = time.perf_counter()
         items = [expected_report_data(a.challenge.nonce, a.challenge.session_id, a.public_key)
                  for a in sessions]
         evidence = self._evidence(items)
+        if timings is not None:
+            timings += [("challenge", challenged - started),
+                        ("evidence", time.perf_counter() - challenged)]
         if evidence.report_data_set and not set(items) <= set(evidence.report_data_set):
             raise ValueError("evidence_for_set returned a set without this client's sessions")
 
         def attest(a: _Attested) -> _Attested:
+            began = time.perf_counter()
             reply = self._call(a.broker, "Attest", pb.AttestRequest(
                 node_id=self.node_id, session_id=a.challenge.session_id,
                 evidence=pb.Evidence(kind=evidence.kind, payload=evidence.payload),
                 node_public_key=a.public_key, report_data_set=evidence.report_data_set,
             ), wait_for_ready=wait_for_ready)
             a.token = reply.token
+            a.attest_s = time.perf_counter() - began
             return a
 
         # every broker judges (and audits) this node on its own, so a refusal shows in every
@@ -339,10 +359,13 @@ class KeyClient:
                         key_version: int) -> ReleasedKey:
         shares: dict[int, SecretBuffer] = {}
         leases: list[Lease] = []
+        timings: list[tuple[str, float]] = []
         try:
-            attested = self._attest_all()
+            attested = self._attest_all(timings=timings)
+            timings += [(f"attest {a.broker.endpoint.address}", a.attest_s) for a in attested]
 
-            def release(a: _Attested) -> tuple[Any, SecretBuffer]:
+            def release(a: _Attested) -> tuple[Any, SecretBuffer, float]:
+                began = time.perf_counter()
                 reply = self._call(a.broker, "Release", pb.ReleaseRequest(
                     node_id=self.node_id, token=a.token, tenant_id=tenant_id,
                     dataset_id=dataset_id, key_version=key_version,
@@ -361,7 +384,7 @@ class KeyClient:
                                          broker=a.broker.endpoint.address) from None
                 finally:
                     del private_key
-                return reply, share
+                return reply, share, time.perf_counter() - began
 
             results = self._each(attested, release)
             counts = set()
@@ -370,7 +393,8 @@ class KeyClient:
             for a, result in zip(attested, results, strict=True):
                 if isinstance(result, _Failed):
                     continue
-                reply, share = result
+                reply, share, seconds = result
+                timings.append((f"release {a.broker.endpoint.address}", seconds))
                 index = reply.share_index
                 if index in shares:
                     share.zeroize()
@@ -387,13 +411,16 @@ class KeyClient:
                 raise ShareOpenError(
                     f"brokers returned shares {sorted(shares)} of a different split; "
                     f"configure every broker that holds a share", code="FAILED_PRECONDITION")
+            began = time.perf_counter()
             dek = derive_dek([shares[i] for i in sorted(shares)], tenant_id=tenant_id,
                              dataset_id=dataset_id, key_version=key_version)
+            timings.append(("derive", time.perf_counter() - began))
         finally:
             for share in shares.values():
                 share.zeroize()
         self._leases = leases
-        return ReleasedKey(dek, tenant_id, dataset_id, key_version, tuple(leases))
+        return ReleasedKey(dek, tenant_id, dataset_id, key_version, tuple(leases),
+                           tuple(timings))
 
     def renew(self) -> int:
         """Re-attest to each broker (in parallel, one evidence) and renew its lease; returns

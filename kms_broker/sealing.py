@@ -42,6 +42,7 @@ lifetime in memory. (The broker never runs this code: its HSM does the same insi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 
@@ -101,8 +102,15 @@ def decode_public_key(data: bytes) -> ec.EllipticCurvePublicKey:
         raise TypeError("public key must be bytes")
     if len(data) != EC_PUBLIC_KEY_SIZE or data[0] != 0x04:
         raise ValueError("public key must be a 65-byte SEC1 uncompressed P-256 point")
+    return _point(bytes(data))
+
+
+@functools.lru_cache(maxsize=256)
+def _point(data: bytes) -> ec.EllipticCurvePublicKey:
+    """A pure function of the bytes, memoised: the broker checks a node's one-time key at
+    Attest and again in the Release transcript (a bad point raises, and is not cached)."""
     try:
-        return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), bytes(data))
+        return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), data)
     except ValueError:
         raise ValueError("public key is not a point on P-256") from None
 

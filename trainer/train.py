@@ -392,6 +392,8 @@ def _train(
         loss_sum = 0.0
         for micro in range(config.grad_accum):
             x, y = _on_device(next(it), env, device_batch, shredder)
+            if env.is_main and step == start_step and micro == 0:
+                log.info("first batch after %.0f ms", (time.perf_counter() - t_start) * 1e3)
             last = micro == config.grad_accum - 1
             sync = (model.no_sync() if isinstance(model, DDP) and not last
                     else contextlib.nullcontext())

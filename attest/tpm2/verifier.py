@@ -26,6 +26,7 @@ they are authentic, and the failure alone makes the result not ok.)
 
 from __future__ import annotations
 
+import functools
 import hmac
 from collections.abc import Mapping
 from typing import Any
@@ -50,10 +51,17 @@ def load_ak(value: Any) -> PublicKey:
         value = value.encode()
     if not isinstance(value, bytes | bytearray):
         raise ValueError("ak_public must be PEM or TPMT_PUBLIC bytes")
+    return _parse_ak(bytes(value))
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_ak(value: bytes) -> PublicKey:
+    """A pure function of the enrolled bytes (a node's AK is parsed at every attestation);
+    errors are not cached."""
     if value.lstrip().startswith(b"-----BEGIN"):
-        key = serialization.load_pem_public_key(bytes(value))
+        key = serialization.load_pem_public_key(value)
     else:
-        key = parse_public(bytes(value)).key
+        key = parse_public(value).key
     if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
         raise ValueError("ak_public must be an RSA or EC key")
     return key

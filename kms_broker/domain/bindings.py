@@ -17,6 +17,7 @@ roll back; revocation also ends leases at once and is in the hash-chained audit 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -55,21 +56,30 @@ class BindingVerifier:
         self._key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), public_key_sec1)
         self._good = BoundedCache()
 
-    def _verify(self, message: bytes, signature: bytes) -> bool:
-        memo = hashlib.sha256(len(message).to_bytes(4, "big") + message + signature).digest()
+    def _verify(self, memo: tuple[object, ...], message: Callable[[], bytes],
+                signature: bytes) -> bool:
+        """``memo``: every input of ``message()`` and the signature (the message is a
+        function of them, so a row seen verified needs no encoding or ECDSA again)."""
         if memo in self._good:
             return True
         try:
-            self._key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+            self._key.verify(signature, message(), ec.ECDSA(hashes.SHA256()))
         except (InvalidSignature, ValueError):
             return False
         self._good.put(memo, True)
         return True
 
     def tenant_ok(self, tenant: Tenant) -> bool:
-        return self._verify(tenant_binding(tenant.tenant_id, tenant.signing_public_key),
-                            tenant.binding_sig)
+        return self._verify(
+            ("tenant", tenant.tenant_id, bytes(tenant.signing_public_key),
+             bytes(tenant.binding_sig)),
+            lambda: tenant_binding(tenant.tenant_id, tenant.signing_public_key),
+            tenant.binding_sig)
 
     def node_ok(self, node: Node) -> bool:
-        return self._verify(node_binding(node.node_id, node.tenant_scope, node.ak_public,
-                                         node.ek_certificate), node.binding_sig)
+        return self._verify(
+            ("node", node.node_id, node.tenant_scope, bytes(node.ak_public),
+             bytes(node.ek_certificate), bytes(node.binding_sig)),
+            lambda: node_binding(node.node_id, node.tenant_scope, node.ak_public,
+                                 node.ek_certificate),
+            node.binding_sig)

@@ -16,12 +16,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from attest.interface import (
     MAX_REPORT_DATA_SET,
+    EvidenceVerifier,
     MalformedEvidence,
     VerificationContext,
+    VerificationResult,
     combined_report_data,
     expected_report_data,
 )
@@ -40,12 +40,13 @@ from kms_broker.domain.model import Grant, Lease, Session
 from kms_broker.encoding import canonical_json
 from kms_broker.grants import InvalidGrantSignature, verify_grant
 from kms_broker.hsm.interface import ShareBinding
-from kms_broker.sealing import release_transcript
+from kms_broker.sealing import decode_public_key, release_transcript
 from kms_broker.tokens import InvalidToken, TokenClaims, TokenVerifier, issue_token
 
 __all__ = ["AttestResult", "Challenge", "NodeFlow", "ReleaseResult"]
 
 NONCE_SIZE = 32
+VERDICT_REUSE_MS = 5_000  # a passing evidence verdict serves identical evidence this long
 MAX_KEY_VERSION = 2**32 - 1
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -110,7 +111,7 @@ def _check_node_key(key: bytes) -> bytes:
     if len(key) != 65 or key[0] != 4:
         raise InvalidArgument("node_public_key must be a 65-byte SEC1 uncompressed P-256 point")
     try:
-        ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), key)
+        decode_public_key(key)  # memoised: the Release transcript checks the same key again
     except ValueError:
         raise InvalidArgument("node_public_key is not a point on P-256") from None
     return key
@@ -139,6 +140,7 @@ class NodeFlow:
         self._verified_tokens = BoundedCache()
         self._verified_grants = BoundedCache()
         self._decisions = BoundedCache()
+        self._verdicts = BoundedCache()
 
     # ------------------------------------------------------------- helpers
     def _token_verifier(self) -> TokenVerifier:
@@ -282,7 +284,7 @@ class NodeFlow:
             reference=self.d.reference_values.get(kind, {}),
         )
         try:
-            result = verifier.verify(payload, context)
+            result = self._verified(kind, verifier, payload, context)
         except MalformedEvidence as exc:
             self.d.deny("attest", actor=actor, subject=subject, reason=f"evidence.malformed: {exc}")
             raise InvalidArgument(f"malformed {kind} evidence: {exc}") from None
@@ -293,29 +295,62 @@ class NodeFlow:
             raise self.d.deny("attest", actor=actor, subject=subject,
                               reason="evidence: verification failed", rules=rules)
         claims = evidence_claims(result)
-        rules = self._job_policy_rules(session.job_id, node.tenant_scope, claims)
+        claims_json = _claims_json(claims)
+        claims_digest = hashlib.sha256(claims_json).hexdigest()
+        rules = self._job_policy_rules(session.job_id, node.tenant_scope, claims, claims_digest)
         if rules is not None and not any(all(r.passed for r in group) for group in rules):
             flat = tuple(r for group in rules for r in group)
             raise self.d.deny("attest", actor=actor, subject=subject,
                               reason="policy: no grant's policy for this job passes", rules=flat)
-        claims_json = _claims_json(claims)
+        # not durable on its own (the audit append below syncs the disk): claims lost to a
+        # power cut only make this token's release fail closed ("claims.digest")
         self.d.repo.put_session_claims(session_id, claims_json)
         now = self.d.clock.now_ms()
         token_claims = TokenClaims(
             session_id=session_id, node_id=node_id, node_key=node_public_key,
             job_id=session.job_id, tenant_scope=node.tenant_scope,
-            claims_digest=hashlib.sha256(claims_json).hexdigest(),
-            iat=now, exp=now + self.d.settings.token_ttl_ms,
+            claims_digest=claims_digest, iat=now, exp=now + self.d.settings.token_ttl_ms,
         )
         self.d.audit.append("attest", actor=actor, subject=subject, outcome="allowed",
                             reason=f"{kind} evidence verified for job {session.job_id}")
         with hsm_errors("token signing"):
             token = issue_token(token_claims, self.d.hsm.sign)
+        # this process signed these very claims: its Release need not verify the signature
+        # again (expiry and node are still checked on every use, _verify_token)
+        self._verified_tokens.put(hashlib.sha256(token).digest(), token_claims)
         passed = tuple(r for group in (rules or []) for r in group)
         return AttestResult(token, token_claims.exp, passed)
 
+    def _verified(self, kind: str, verifier: EvidenceVerifier, payload: bytes,
+                  context: VerificationContext) -> VerificationResult:
+        """``verifier.verify(payload, context)``, or a passing verdict on the very same
+        evidence in the very same context from the last :data:`VERDICT_REUSE_MS`.
+
+        Why: the local ranks of a node share one quote (``trainer.quote_batch``), so a broker
+        gets the same evidence, with the same combined report data, once per rank within
+        milliseconds. The verdict is a function of those inputs alone; what makes each
+        attestation fresh and single-use (this session's own report data in the set the
+        evidence covers, the session consumed once, the node's record and revocation) is
+        checked outside it, for every request. Only passing verdicts are kept, and only
+        briefly, so one that depends on the clock (a certificate's or collateral's validity)
+        cannot outlive its moment by more than that."""
+        digest = hashlib.sha256()
+        for part in (kind.encode(), payload, context.expected_report_data,
+                     repr(sorted(context.node.items())).encode(),
+                     json.dumps(context.reference, sort_keys=True, default=repr).encode()):
+            digest.update(len(part).to_bytes(8, "big"))
+            digest.update(part)
+        key, now = digest.digest(), self.d.clock.now_ms()
+        held = self._verdicts.get(key)
+        if held is not None and 0 <= now - held[0] < VERDICT_REUSE_MS:
+            return held[1]  # type: ignore[no-any-return]
+        result = verifier.verify(payload, context)
+        if result.ok:
+            self._verdicts.put(key, (now, result))
+        return result
+
     def _job_policy_rules(
-        self, job_id: str, tenant_scope: str, claims: Mapping[str, Any]
+        self, job_id: str, tenant_scope: str, claims: Mapping[str, Any], claims_digest: str
     ) -> list[list[RuleOutcome]] | None:
         now = self.d.clock.now_ms()
         grants = [
@@ -325,7 +360,20 @@ class NodeFlow:
         if not grants:
             return None  # nothing to check yet; release will say "no grant"
         digests = sorted({(g.tenant_id, g.policy_digest) for g in grants})
-        return [self._evaluate(t, d, claims) for t, d in digests]
+        return [self._decide(t, d, claims_digest, lambda: claims) for t, d in digests]
+
+    def _decide(self, tenant_id: str, digest: str, claims_digest: str,
+                claims: Callable[[], Mapping[str, Any]]) -> list[RuleOutcome]:
+        """The policy's rules over the claims whose canonical JSON has ``claims_digest``,
+        memoised: a decision is a pure function of the policy text (named by its digest) and
+        the claims, so attest, release and renew of one node's claims evaluate it once."""
+        memo = (tenant_id, digest, claims_digest)
+        rules = self._decisions.get(memo)
+        if rules is None:
+            rules = self._evaluate(tenant_id, digest, claims())
+            if not any(r.name == "policy.missing" for r in rules):  # a later put may add it
+                self._decisions.put(memo, rules)
+        return rules
 
     # ------------------------------------------------------------- release
     @audited_refusals("release")
@@ -374,18 +422,17 @@ class NodeFlow:
         # (one write transaction), so two nodes releasing at once, through one broker process
         # or several sharing the state, cannot both fit under max_nodes. The lease is taken
         # before sealing and dropped again if sealing or the audit fails.
-        grant = self._authorize(claims, node_id, tenant_id, dataset_id, actor, subject,
-                                tenant.signing_public_key, session_claims)
-        now = self.d.clock.now_ms()
-        lease = Lease(
-            lease_id=self.d.random.token_id(), node_id=node_id, grant_id=grant.grant_id,
-            tenant_id=tenant_id, dataset_id=dataset_id,
-            expires_ms=min(now + self.d.settings.lease_ttl_ms, grant.expires_ms),
-        )
-        if not self.d.repo.take_lease(lease, now_ms=now, max_nodes=grant.max_nodes):
-            raise self.d.deny("release", actor=actor, subject=subject,
-                              reason=f"lease.no_room: grant {grant.grant_id} allows "
-                                     f"{grant.max_nodes} node(s), all leased")
+        def take(grant: Grant, now: int) -> Lease | None:
+            lease = Lease(
+                lease_id=self.d.random.token_id(), node_id=node_id, grant_id=grant.grant_id,
+                tenant_id=tenant_id, dataset_id=dataset_id,
+                expires_ms=min(now + self.d.settings.lease_ttl_ms, grant.expires_ms),
+            )
+            return lease if self.d.repo.take_lease(lease, now_ms=now,
+                                                   max_nodes=grant.max_nodes) else None
+
+        grant, lease = self._authorize(claims, node_id, tenant_id, dataset_id, actor, subject,
+                                       tenant.signing_public_key, session_claims, take)
         try:
             sealed, transcript = self._seal(claims, session, share, tenant_id, dataset_id,
                                             key_version, grant, actor, subject,
@@ -433,8 +480,11 @@ class NodeFlow:
     def _authorize(
         self, claims: TokenClaims, node_id: str, tenant_id: str, dataset_id: str,
         actor: str, subject: str, tenant_key: bytes, session_claims: bytes | None,
-    ) -> Grant:
-        """A grant that is signed, unexpired, unrevoked, policy-passing and has lease room.
+        take: Callable[[Grant, int], Lease | None],
+    ) -> tuple[Grant, Lease]:
+        """The first grant that is signed, unexpired, unrevoked, policy-passing and has lease
+        room, with the lease ``take`` took under it (the room is checked once, in the write
+        transaction that takes it); else deny with every grant's failures.
 
         ``tenant_key`` is the signing key of the tenant record this release just read and
         checked active; ``session_claims`` the stored claims of the token's session."""
@@ -452,27 +502,28 @@ class NodeFlow:
         ):
             raise self.d.deny("release", actor=actor, subject=subject,
                               reason="claims.digest: stored claims do not match the token")
-        claims_map: Any = None
+        parsed: list[Any] = []
+
+        def claims_map() -> Any:
+            if not parsed:
+                parsed.append(json.loads(session_claims))  # type: ignore[arg-type]
+            return parsed[0]
+
         now = self.d.clock.now_ms()
         outcomes: list[RuleOutcome] = []
         for grant, signed in grants:
             failed = self._signed_grant_problems(grant, tenant_key, now, signed)
             if not failed:
-                memo = (tenant_id, grant.policy_digest, claims.claims_digest)
-                rules = self._decisions.get(memo)
-                if rules is None:
-                    if claims_map is None:
-                        claims_map = json.loads(session_claims)
-                    rules = self._evaluate(tenant_id, grant.policy_digest, claims_map)
-                    self._decisions.put(memo, rules)
+                rules = self._decide(tenant_id, grant.policy_digest, claims.claims_digest,
+                                     claims_map)
                 failed = [r for r in rules if not r.passed]
-            if not failed and not self.d.repo.lease_room(tenant_id, grant.grant_id, node_id,
-                                                          now, grant.max_nodes):
+            if not failed:
+                lease = take(grant, now)
+                if lease is not None:
+                    return grant, lease
                 failed = [RuleOutcome("lease.no_room", False,
                                       f"grant {grant.grant_id} allows {grant.max_nodes} "
                                       f"node(s), all leased")]
-            if not failed:
-                return grant
             outcomes.extend(failed)
         first = outcomes[0]
         raise self.d.deny("release", actor=actor, subject=subject,
@@ -549,7 +600,8 @@ class NodeFlow:
                 raise self.d.deny("renew", actor=actor, subject=subject,
                                   reason="claims.digest: stored claims do not match the token")
             failed = [
-                r for r in self._evaluate(lease.tenant_id, grant.policy_digest, json.loads(stored))
+                r for r in self._decide(lease.tenant_id, grant.policy_digest,
+                                        claims.claims_digest, lambda: json.loads(stored))
                 if not r.passed
             ]
         if failed:

@@ -1,7 +1,9 @@
 """SQLite implementation of :class:`kms_broker.state.repository.Repository`.
 
 WAL journal with ``synchronous=FULL`` (every commit is durable before it returns, so state a
-caller answers on cannot be undone by a power loss), foreign keys on, schema versioned in
+caller answers on cannot be undone by a power loss; two writes whose loss only makes a later
+step fail closed, a new session and its verified claims, skip the wait: :func:`_unsynced`),
+foreign keys on, schema versioned in
 ``schema_migrations``. One connection guarded by a lock (the gRPC thread pool shares it);
 ``sqlite3.OperationalError`` (disk full, locked, unreadable) becomes ``Unavailable`` so
 callers fail closed. Several broker worker processes may share the file (``kms-broker serve
@@ -122,6 +124,32 @@ def _guarded(fn: Callable[..., T]) -> Callable[..., T]:
             try:
                 with self._db:
                     return fn(self, *args, **kwargs)
+            except sqlite3.IntegrityError as exc:
+                raise AlreadyExists(f"already exists or violates a reference: {exc}") from None
+            except sqlite3.OperationalError as exc:
+                raise Unavailable(f"state store unavailable: {exc}") from None
+
+    return wrapper
+
+
+def _unsynced(fn: Callable[..., T]) -> Callable[..., T]:
+    """As :func:`_guarded`, but this one transaction commits without waiting for the disk
+    (``synchronous=NORMAL``; FULL again right after). Only for writes whose loss in a power
+    cut makes a later step fail closed and loosens nothing: a challenge's session (its Attest
+    then finds no session) and a session's verified claims (its Release then finds no claims,
+    "claims.digest"). WAL frames are written in order, so the next synced commit (or the
+    audit log's own sync of the answer that follows) does not undo them on a clean run."""
+
+    @functools.wraps(fn)
+    def wrapper(self: SqliteRepository, *args: Any, **kwargs: Any) -> T:
+        with self._lock:
+            try:
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                try:
+                    with self._db:
+                        return fn(self, *args, **kwargs)
+                finally:
+                    self._db.execute("PRAGMA synchronous=FULL")
             except sqlite3.IntegrityError as exc:
                 raise AlreadyExists(f"already exists or violates a reference: {exc}") from None
             except sqlite3.OperationalError as exc:
@@ -351,7 +379,7 @@ class SqliteRepository:
             (NODE_REINSTATED, node_id, NODE_REVOKED)
         ).rowcount == 1
 
-    @_guarded
+    @_unsynced
     def add_session(self, s: Session) -> None:
         self._db.execute(
             "INSERT INTO sessions VALUES (?,?,?,?,?,?,NULL)",
@@ -405,7 +433,7 @@ class SqliteRepository:
             "SELECT COUNT(*) FROM (SELECT 1 FROM uploads WHERE tenant_id=? AND committed=0 "
             "AND expires_ms>? LIMIT ?)", (tenant_id, now_ms, limit)).fetchone()[0]
 
-    @_guarded
+    @_unsynced
     def put_session_claims(self, session_id: str, claims_json: bytes) -> None:
         self._db.execute(
             "UPDATE sessions SET claims=? WHERE session_id=?", (claims_json, session_id)

@@ -46,6 +46,11 @@ def test_release_gives_the_node_the_right_dek(world: World) -> None:
     assert len(released.leases) == 1 and released.leases[0].lease_id
     events = [(r["event"], r["outcome"]) for r in world.broker.audit()]
     assert ("attest", "allowed") in events and ("release", "allowed") in events
+    # where the time went, for the trainer's log: every phase once, in order, none negative
+    address = released.leases[0].broker
+    assert [name for name, _ in released.timings] == [
+        "challenge", "evidence", f"attest {address}", f"release {address}", "derive"]
+    assert all(seconds >= 0 for _, seconds in released.timings)
 
 
 def test_sealed_share_opens_only_with_the_node_key(world: World) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from attest.interface import expected_report_data
+from attest.interface import combined_report_data, expected_report_data
 from attest.policy import Policy
 from kms_broker import sealing
 from kms_broker.audit import AuditLog, verify_log
@@ -16,7 +16,7 @@ from kms_broker.domain.admin import Admin
 from kms_broker.domain.clock import ManualClock, SystemRandom
 from kms_broker.domain.deps import BrokerDeps, Settings
 from kms_broker.domain.errors import PermissionDenied, Unauthenticated, Unavailable
-from kms_broker.domain.node_flow import NodeFlow
+from kms_broker.domain.node_flow import VERDICT_REUSE_MS, NodeFlow
 from kms_broker.grants import GrantDocument, sign_grant
 from kms_broker.hsm.fake import FakeHsm
 from kms_broker.hsm.interface import HsmUnavailable
@@ -84,6 +84,8 @@ def test_lease_room_limits_nodes_until_a_lease_expires(broker) -> None:
 
 
 def test_tokens_expire_and_belong_to_one_node(broker) -> None:
+    """Also for a token this process issued (Release skips re-checking its signature, never
+    its expiry or its node)."""
     flow, clock, _, _ = broker
     token = _token(flow, "n1")
     with pytest.raises(Unauthenticated, match="another node"):
@@ -159,3 +161,92 @@ def test_a_failed_sealing_does_not_keep_the_room(broker) -> None:
     with pytest.raises(Unavailable):
         _release(flow, "n1", token)
     _release(flow, "n2", _token(flow, "n2"))  # the grant's one place is still free
+
+
+class _Counting:
+    """The test verifier, counting its verifications."""
+
+    kind = "test-json"
+
+    def __init__(self) -> None:
+        self.inner, self.calls = JsonClaimsVerifier(), 0
+
+    def verify(self, evidence: bytes, context):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        return self.inner.verify(evidence, context)
+
+
+def test_a_quote_shared_by_local_ranks_is_verified_once_and_each_session_checked(broker):
+    """Ranks sharing one quote send a broker the same evidence once each: the broker verifies
+    it once (for VERDICT_REUSE_MS), and still checks every session on its own."""
+    flow, clock, _, _ = broker
+    counting = _Counting()
+    flow.d.verifiers = {"test-json": counting}
+    sessions = []
+    for _ in range(3):
+        ch = flow.challenge(node_id="n1", job_id="j")
+        _, pub = sealing.generate_node_key()
+        sessions.append((ch, pub, expected_report_data(ch.nonce, ch.session_id, pub)))
+    items = tuple(rd for _, _, rd in sessions[:2])
+    kind, payload = make_evidence(combined_report_data(items))
+
+    def attest(ch, pub, report_data_set):  # type: ignore[no-untyped-def]
+        return flow.attest(node_id="n1", session_id=ch.session_id, kind=kind, payload=payload,
+                           node_public_key=pub, report_data_set=report_data_set)
+
+    tokens = [attest(ch, pub, items).token for ch, pub, _ in sessions[:2]]
+    assert len(set(tokens)) == 2 and counting.calls == 1
+    # a session whose report data the evidence does not cover is refused, verdict or not
+    ch, pub, _ = sessions[2]
+    with pytest.raises(PermissionDenied, match="report_data_set"):
+        attest(ch, pub, items)
+    with pytest.raises(PermissionDenied, match=r"nonce\.reused"):  # and no session twice
+        attest(*sessions[0][:2], items)
+    # past the reuse window the same evidence is verified again
+    fresh = []
+    for _ in range(2):
+        ch = flow.challenge(node_id="n1", job_id="j")
+        _, pub = sealing.generate_node_key()
+        fresh.append((ch, pub, expected_report_data(ch.nonce, ch.session_id, pub)))
+    more = tuple(rd for _, _, rd in fresh)
+    kind, payload = make_evidence(combined_report_data(more))
+    attest(*fresh[0][:2], more)
+    assert counting.calls == 2
+    clock.advance(VERDICT_REUSE_MS)
+    attest(*fresh[1][:2], more)
+    assert counting.calls == 3
+
+
+def test_a_failed_verdict_is_not_reused(broker) -> None:
+    flow, _, _, _ = broker
+    counting = _Counting()
+    flow.d.verifiers = {"test-json": counting}
+    for _ in range(2):
+        ch = flow.challenge(node_id="n1", job_id="j")
+        _, pub = sealing.generate_node_key()
+        kind, payload = make_evidence(b"\0" * 32)  # bound to no session
+        with pytest.raises(PermissionDenied, match="evidence"):
+            flow.attest(node_id="n1", session_id=ch.session_id, kind=kind, payload=payload,
+                        node_public_key=pub)
+    assert counting.calls == 2
+
+
+def test_the_policy_is_decided_once_per_claims(broker, monkeypatch) -> None:
+    """Attest decides the policy over the verified claims; Release and renewals of the same
+    claims reuse that decision instead of evaluating the stored claims again."""
+    flow, _, _, _ = broker
+    calls = []
+    evaluate = Policy.evaluate
+
+    def counting(self, claims):  # type: ignore[no-untyped-def]
+        calls.append(self.digest)
+        return evaluate(self, claims)
+
+    monkeypatch.setattr(Policy, "evaluate", counting)
+    first = _release(flow, "n1", _token(flow, "n1"))
+    assert len(calls) == 1
+    again = _release(flow, "n1", _token(flow, "n1"))  # same claims: decided already
+    assert len(calls) == 1 and again.lease_id
+    flow.renew(node_id="n1", lease_id=first.lease_id, token=_token(flow, "n1"))
+    assert len(calls) == 1
+

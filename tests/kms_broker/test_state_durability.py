@@ -1,12 +1,17 @@
 """Security state (consumed nonces, revocations, leases) is durable before an answer leaves:
 the broker's SQLite connection commits with ``synchronous=FULL`` (NORMAL in WAL mode may lose
 the last commits on power loss, undoing a revocation whose audit record was already synced).
-Kill -9 at every phase is shown by test_kill_faults.py."""
+Two writes skip the wait, because losing them only makes a later step fail closed: a new
+session and its verified claims. Kill -9 at every phase is shown by test_kill_faults.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from kms_broker.domain.errors import AlreadyExists
+from kms_broker.domain.model import Node, Session
 from kms_broker.state.sqlite import SqliteRepository
 
 
@@ -15,5 +20,29 @@ def test_every_commit_is_synced(tmp_path: Path) -> None:
     try:
         assert repo._db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert repo._db.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+    finally:
+        repo.close()
+
+
+def test_unsynced_writes_leave_the_connection_synced(tmp_path: Path) -> None:
+    """A session and its claims commit without waiting for the disk; every other write
+    (a consumed nonce among them) still does, also after one of them failed."""
+    repo = SqliteRepository(tmp_path / "broker.db")
+    try:
+        repo.put_node(Node(node_id="n1", tenant_scope="", ak_public=b"ak", ek_certificate=b"ek",
+                           revoked=False, enrolled_ms=0))
+        session = Session(session_id="s1", node_id="n1", job_id="j", nonce=b"n" * 32,
+                          expires_ms=10**15)
+        repo.add_session(session)
+        assert repo._db.execute("PRAGMA synchronous").fetchone() == (2,)
+        with pytest.raises(AlreadyExists):
+            repo.add_session(session)  # the same id again: refused, and FULL again after
+        assert repo._db.execute("PRAGMA synchronous").fetchone() == (2,)
+        repo.put_session_claims("s1", b"{}")
+        assert repo._db.execute("PRAGMA synchronous").fetchone() == (2,)
+        assert repo.get_session_claims("s1") == b"{}"
+        consumed = repo.consume_session("s1", "n1")
+        assert consumed is not None and not consumed.used
+        assert repo.consume_session("s1", "n1").used  # type: ignore[union-attr]
     finally:
         repo.close()
