@@ -55,3 +55,15 @@ def test_token_payload_with_a_string_expiry_is_an_invalid_token() -> None:
     assert data[0] % 2 == 1  # the harness signs the payload with the verifier's key
     with pytest.raises(InvalidToken, match="malformed"):
         _token(data)
+
+
+# --- compose/spec.py: a compose file that is not UTF-8 --------------------------------------
+
+def test_compose_file_that_is_not_utf8_is_a_compose_file_error(tmp_path: Path) -> None:
+    from compose.errors import ComposeFileError
+    from compose.spec import load_project
+
+    path = tmp_path / "docker-compose.yml"
+    path.write_bytes(_input("compose_spec", "not-utf8"))
+    with pytest.raises(ComposeFileError, match="not UTF-8"):
+        load_project(path, variables={})
