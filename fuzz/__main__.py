@@ -7,8 +7,8 @@
                                              fuzz each harness for N seconds (one process
                                              each, libFuzzer via atheris), print its line
                                              ``goal fuzz_NAME_crashes: C (E execs in S s ...)``;
-                                             --keep K: merge what the run found into the
-                                             in-repo corpus, at most K files besides seeds
+                                             --keep K: keep at most K of the inputs the
+                                             run found (new coverage) in fuzz/corpus
     python -m fuzz replay [NAME ...]         run every corpus and regression input once
                                              (no atheris needed; what ``make test`` does)
 
@@ -132,24 +132,24 @@ def _run_one(name: str, seconds: int, keep: int | None, jobs_dir: Path) -> tuple
         print(f"  finding: see {out}/fuzz.log and {out}/crash-* (exit status {status})",
               flush=True)
     if keep is not None and crashes == 0:
-        _keep(name, work, jobs_dir, keep)
+        _keep(name, work, keep)
     return crashes, execs
 
 
-def _keep(name: str, work: Path, jobs_dir: Path, keep: int) -> None:
-    """Minimise the run's corpus (libFuzzer -merge) and keep at most ``keep`` new files."""
-    merged = jobs_dir / f"{name}.merged"
-    merged.mkdir()
-    subprocess.run([sys.executable, "-m", "fuzz.worker", name, "-merge=1", str(merged),
-                    str(work)], cwd=repo_root(), capture_output=True, check=False)
+def _keep(name: str, work: Path, keep: int) -> None:
+    """Keep at most ``keep`` of the inputs this run added to the corpus (libFuzzer writes only
+    inputs that reached new coverage there), spread over their sizes, as ``cov-*`` files."""
     d = corpus_dir(name)
     for old in d.glob("cov-*"):
         old.unlink()
-    seeds = {f.read_bytes() for f in d.glob("seed-*")}
-    found = sorted((f for f in merged.iterdir() if f.read_bytes() not in seeds),
+    known = {f.read_bytes() for f in d.glob("*")}
+    known |= {f.read_bytes() for f in regression_dir(name).glob("*")}
+    found = sorted((f for f in work.iterdir() if f.read_bytes() not in known),
                    key=lambda f: (f.stat().st_size, f.name))
-    step = max(1, len(found) // keep) if keep else 0
-    for f in found[::step][:keep] if keep else []:
+    if not found or keep <= 0:
+        return
+    step = max(1, len(found) // keep)
+    for f in found[::step][:keep]:
         data = f.read_bytes()
         (d / f"cov-{hashlib.sha256(data).hexdigest()[:16]}").write_bytes(data)
 

@@ -144,10 +144,14 @@ def yaml_mutator(*, prefix: int = 0) -> Mutator:
     """Mutate YAML (safe_load, then safe_dump)."""
     import yaml
 
+    # libyaml where PyYAML has it: the mutator's own parsing is not what is measured
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
     def load(b: bytes) -> Any:
-        return yaml.safe_load(b.decode("utf-8"))
+        return yaml.load(b.decode("utf-8"), Loader=loader)  # noqa: S506 - a safe loader
 
     def dump(doc: Any) -> bytes:
-        return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True).encode()
+        return yaml.dump(doc, Dumper=dumper, sort_keys=False, allow_unicode=True).encode()
 
     return _tree_mutator(load, dump, prefix)

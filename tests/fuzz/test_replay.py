@@ -59,3 +59,30 @@ def test_a_violation_is_reported() -> None:
     check(h, b"fine")
     with pytest.raises(KeyError):
         check(h, b"boom")
+
+
+def test_broker_harness_reports_internal_and_a_dead_broker(monkeypatch) -> None:
+    """The request harness's own checks can fail: an exception escaping the domain becomes
+    INTERNAL (a finding), and so does a broker that stops answering afterwards."""
+    from fuzz.base import PropertyViolation
+    from fuzz.harnesses import broker
+    from kms_broker._proto.kmsbroker.v1 import broker_pb2 as pb
+    from kms_broker.domain.admin import Admin
+    from kms_broker.domain.node_flow import NodeFlow
+
+    b = broker._broker()
+    index = next(i for i, m in enumerate(b.methods) if m[0].endswith("/Challenge"))
+    data = bytes([index]) + pb.ChallengeRequest(node_id="n1", job_id="j").SerializeToString()
+    broker._run(data)  # fine as it is
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    with monkeypatch.context() as m:
+        m.setattr(NodeFlow, "challenge", boom)
+        with pytest.raises(PropertyViolation, match="INTERNAL"):
+            broker._run(data)
+    with monkeypatch.context() as m:
+        m.setattr(Admin, "list_datasets", boom)
+        with pytest.raises(PropertyViolation, match="after .*ListDatasets ended INTERNAL"):
+            broker._run(data)
