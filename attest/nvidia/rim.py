@@ -127,6 +127,11 @@ def load_rim(data: bytes, roots: Sequence[x509.Certificate], at: dt.datetime) ->
     if not chain:
         return Rim(tag_id, version, "", problems=(("chain", "RIM carries no certificates"),))
     signer = chain[0].subject.rfc4514_string()
+    try:
+        chain[0].public_key()  # parsed lazily: signxml would raise a bare ValueError
+    except ValueError as exc:
+        return Rim(tag_id, version, signer,
+                   problems=(("signature", f"RIM signer certificate has no usable key: {exc}"),))
     problems: list[tuple[str, str]] = []
     chain_problem = verify_links(chain, roots, at)
     if chain_problem:

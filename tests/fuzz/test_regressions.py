@@ -67,3 +67,15 @@ def test_compose_file_that_is_not_utf8_is_a_compose_file_error(tmp_path: Path) -
     path.write_bytes(_input("compose_spec", "not-utf8"))
     with pytest.raises(ComposeFileError, match="not UTF-8"):
         load_project(path, variables={})
+
+
+def test_rim_whose_signer_key_does_not_load_comes_back_untrusted() -> None:
+    """A RIM's embedded signer certificate with a broken public key: untrusted, with the
+    problem named, as every other signature problem (not a ValueError out of signxml)."""
+    from attest.nvidia import NvidiaTrustStore, load_rim
+    from fuzz.harnesses.tee import RIM_DAY
+
+    rim = load_rim(_input("nvidia_rim", "signer-key-invalid"),
+                   NvidiaTrustStore.bundled().rim_roots, RIM_DAY)
+    assert not rim.golden
+    assert any(kind == "signature" and "no usable key" in text for kind, text in rim.problems)
