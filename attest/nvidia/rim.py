@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from lxml import etree
 from signxml import DigestAlgorithm, SignatureConfiguration, SignatureMethod, XMLVerifier
 from signxml.exceptions import InvalidInput, SignXMLException
@@ -75,9 +76,14 @@ def _key_info_chain(root: etree._Element) -> list[x509.Certificate]:
     out = []
     for element in root.iter(f"{{{_DS}}}X509Certificate"):
         try:
-            out.append(x509.load_der_x509_certificate(base64.b64decode(element.text or "")))
-        except ValueError as exc:
+            cert = x509.load_der_x509_certificate(base64.b64decode(element.text or ""))
+            # decode the lazily parsed parts now: the chain check and signxml read them and
+            # would raise ValueError or UnsupportedAlgorithm from the middle of verification
+            _ = (cert.subject, cert.issuer, cert.extensions, cert.public_key(),
+                 cert.not_valid_before_utc, cert.not_valid_after_utc)
+        except (ValueError, UnsupportedAlgorithm) as exc:
             raise RimError("a RIM KeyInfo certificate is not valid DER") from exc
+        out.append(cert)
     return out
 
 
@@ -127,11 +133,6 @@ def load_rim(data: bytes, roots: Sequence[x509.Certificate], at: dt.datetime) ->
     if not chain:
         return Rim(tag_id, version, "", problems=(("chain", "RIM carries no certificates"),))
     signer = chain[0].subject.rfc4514_string()
-    try:
-        chain[0].public_key()  # parsed lazily: signxml would raise a bare ValueError
-    except ValueError as exc:
-        return Rim(tag_id, version, signer,
-                   problems=(("signature", f"RIM signer certificate has no usable key: {exc}"),))
     problems: list[tuple[str, str]] = []
     chain_problem = verify_links(chain, roots, at)
     if chain_problem:

@@ -69,13 +69,18 @@ def test_compose_file_that_is_not_utf8_is_a_compose_file_error(tmp_path: Path) -
         load_project(path, variables={})
 
 
-def test_rim_whose_signer_key_does_not_load_comes_back_untrusted() -> None:
-    """A RIM's embedded signer certificate with a broken public key: untrusted, with the
-    problem named, as every other signature problem (not a ValueError out of signxml)."""
+@pytest.mark.parametrize("name", [
+    "signer-key-invalid",                   # ValueError("Invalid key") out of signxml
+    "signer-key-unknown-algorithm",         # UnsupportedAlgorithm (a DSA OID) out of signxml
+    "certificate-extensions-undecodable",   # ValueError out of the chain check's extensions
+])
+def test_rim_with_an_undecodable_certificate_is_a_rim_error(name: str) -> None:
+    """A RIM's KeyInfo certificate whose lazily decoded parts are broken: the RIM cannot be
+    read (RimError), as a certificate that is not DER at all, not an exception from the
+    middle of verification."""
     from attest.nvidia import NvidiaTrustStore, load_rim
+    from attest.nvidia.rim import RimError
     from fuzz.harnesses.tee import RIM_DAY
 
-    rim = load_rim(_input("nvidia_rim", "signer-key-invalid"),
-                   NvidiaTrustStore.bundled().rim_roots, RIM_DAY)
-    assert not rim.golden
-    assert any(kind == "signature" and "no usable key" in text for kind, text in rim.problems)
+    with pytest.raises(RimError, match="not valid DER"):
+        load_rim(_input("nvidia_rim", name), NvidiaTrustStore.bundled().rim_roots, RIM_DAY)
