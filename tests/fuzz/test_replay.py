@@ -84,5 +84,5 @@ def test_broker_harness_reports_internal_and_a_dead_broker(monkeypatch) -> None:
             broker._run(data)
     with monkeypatch.context() as m:
         m.setattr(Admin, "list_datasets", boom)
-        with pytest.raises(PropertyViolation, match="after .*ListDatasets ended INTERNAL"):
+        with pytest.raises(PropertyViolation, match=r"after .*ListDatasets ended INTERNAL"):
             broker._run(data)
