@@ -24,7 +24,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 from lxml import etree
 from signxml import DigestAlgorithm, SignatureConfiguration, SignatureMethod, XMLVerifier
 from signxml.exceptions import InvalidInput, SignXMLException
@@ -78,10 +77,11 @@ def _key_info_chain(root: etree._Element) -> list[x509.Certificate]:
         try:
             cert = x509.load_der_x509_certificate(base64.b64decode(element.text or ""))
             # decode the lazily parsed parts now: the chain check and signxml read them and
-            # would raise ValueError or UnsupportedAlgorithm from the middle of verification
+            # would raise from the middle of verification
             _ = (cert.subject, cert.issuer, cert.extensions, cert.public_key(),
                  cert.not_valid_before_utc, cert.not_valid_after_utc)
-        except (ValueError, UnsupportedAlgorithm) as exc:
+        except Exception as exc:  # cryptography raises many types for bad DER (ValueError,
+            # UnsupportedAlgorithm, DuplicateExtension, ...), as in attest.nvidia.verifier
             raise RimError("a RIM KeyInfo certificate is not valid DER") from exc
         out.append(cert)
     return out

@@ -73,6 +73,7 @@ def test_compose_file_that_is_not_utf8_is_a_compose_file_error(tmp_path: Path) -
     "signer-key-invalid",                   # ValueError("Invalid key") out of signxml
     "signer-key-unknown-algorithm",         # UnsupportedAlgorithm (a DSA OID) out of signxml
     "certificate-extensions-undecodable",   # ValueError out of the chain check's extensions
+    "certificate-duplicate-extension",      # x509.DuplicateExtension, found after that fix
 ])
 def test_rim_with_an_undecodable_certificate_is_a_rim_error(name: str) -> None:
     """A RIM's KeyInfo certificate whose lazily decoded parts are broken: the RIM cannot be
