@@ -140,7 +140,8 @@ def load_rim(data: bytes, roots: Sequence[x509.Certificate], at: dt.datetime) ->
     config = SignatureConfiguration(verification_time=at, **_CONFIG_BASE)
     try:
         verified = XMLVerifier().verify(data, x509_cert=chain[0], expect_config=config)
-    except (InvalidInput, etree.DocumentInvalid) as exc:  # signxml's schema check raises
+    except (InvalidInput, etree.LxmlError) as exc:  # signxml lets lxml's errors through
+        # (the XMLDSig schema check's DocumentInvalid, canonicalisation's C14NError)
         raise RimError(f"RIM signature structure is invalid: {exc}") from exc
     except SignXMLException as exc:
         problems.append(("signature", f"RIM {tag_id[:16]}... signature does not verify: "

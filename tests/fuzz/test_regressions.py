@@ -33,12 +33,16 @@ def test_malformed_collateral_is_a_collateral_error(name: str) -> None:
 
 # --- attest/nvidia/rim.py: signxml's schema validation raised lxml's DocumentInvalid --------
 
-def test_rim_whose_signature_fails_the_xmldsig_schema_is_a_rim_error() -> None:
+@pytest.mark.parametrize("name", [
+    "signature-value-not-base64",  # lxml DocumentInvalid from signxml's schema check
+    "c14n-fails",                  # lxml C14NError from signxml's canonicalisation
+])
+def test_rim_whose_signature_xml_breaks_signxml_is_a_rim_error(name: str) -> None:
     from attest.nvidia import NvidiaTrustStore, load_rim
     from attest.nvidia.rim import RimError
     from fuzz.harnesses.tee import RIM_DAY
 
-    data = _input("nvidia_rim", "signature-value-not-base64")
+    data = _input("nvidia_rim", name)
     with pytest.raises(RimError, match="signature structure"):
         load_rim(data, NvidiaTrustStore.bundled().rim_roots, RIM_DAY)
 
