@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-SYSTEM_PACKAGES := softhsm2 swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config
+SYSTEM_PACKAGES := softhsm2 swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config postgresql
 TORCH_CPU := torch==2.13.0
 STAMP := $(VENV)/.installed
 
@@ -20,12 +20,24 @@ system-packages:
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES); \
 	fi
 
+# Each step says what it installs, and pip lists every package it collects and installs
+# (a progress bar on a terminal), so a first `make demo` never sits silent for minutes.
 $(STAMP): pyproject.toml
-	@echo "==> creating $(VENV) and installing the project"
+	@echo "==> [1/4] creating the virtual environment $(VENV)"
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH_CPU)"
-	$(BIN)/pip install -q -e ".[test,tpm,train]"
+	@echo "==> [2/4] upgrading pip"
+	$(BIN)/pip install --upgrade --progress-bar on pip | grep -v '^Requirement already'; \
+	  test $${PIPESTATUS[0]} -eq 0
+	@echo "==> [3/4] installing $(TORCH_CPU) (CPU build, the largest download)"
+	$(BIN)/pip install --progress-bar on "$(TORCH_CPU)" | grep -v '^Requirement already'; \
+	  test $${PIPESTATUS[0]} -eq 0
+	@echo "==> [4/4] installing the project and its dependencies (.[test,tpm,train])"
+	@# setuptools prints an informational "Editable installation" notice on every editable
+	@# install (not a problem in pyproject.toml); only that message is filtered
+	PYTHONWARNINGS="ignore:Editable installation" \
+	$(BIN)/pip install --progress-bar on -e ".[test,tpm,train]" | grep -v '^Requirement already'; \
+	  test $${PIPESTATUS[0]} -eq 0
+	@echo "==> $(VENV) ready"
 	touch $@
 
 demo: setup

@@ -27,52 +27,64 @@ the trainer sees at run time (``root`` is stripped), every link inside them reso
         b"L\\t" TARGET b"\\t" PATH                                                a link
 
 A path or link target holding a tab, a newline or bytes that are not UTF-8 cannot be measured
-(:class:`CodeSetError`). The manifest file itself is not an entry.
+(:class:`CodeSetError`). The manifest file itself is not an entry, nor the digest cache
+beside it (``ENV/ct-code-cache``, ``attest.digest_cache``: data about the set, not code).
 
 **Code digest** = SHA-256 over the manifest bytes, lowercase hex. Two environments that
 differ in any byte of any file of the set (another torch build, one edited numpy file, a
 planted ``.pyc``, an added ``.pth``) give different digests.
 
 Cost: hashing is the cost (about 2 GB for a CPU torch environment with its standard library).
-:func:`hash_file` remembers, for the life of the process only, a file's hash under its
+:func:`hash_file` reads in blocks of :data:`HASH_BLOCK` bytes (the GIL is released for each
+whole block) and remembers, for the life of the process, a file's hash under its
 ``(st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)``: any write changes ``st_ctime_ns``,
-so a remembered hash never stands for edited bytes, and nothing is ever read back from disk.
-The trainer does not walk the set at all: it attests the stored manifest and checks, lazily,
-each file it executes against it (``trainer.guard``).
+so a remembered hash never stands for edited bytes. The only hashes taken from disk are those
+of ``attest.digest_cache`` (:func:`remember`), under the same key and only from a file that
+no one but root can have written. The trainer does not walk the set at all: it attests the
+stored manifest and checks, lazily, each file it executes against it (``trainer.guard``).
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import io
 import os
 import stat
 import sys
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "CACHE_NAME",
     "MANIFEST_HEADER",
     "MANIFEST_NAME",
     "PROJECT_PACKAGES",
     "CodeDigest",
     "CodeSetError",
     "Entry",
+    "ManifestIndex",
     "code_digest",
     "encode_manifest",
     "entry_of",
     "environment_manifest",
     "hash_file",
+    "hash_file_counted",
     "index_manifest",
     "parse_manifest",
+    "remember",
+    "remembered",
 ]
 
 PROJECT_PACKAGES = ("sealed", "kms_broker", "attest", "trainer")
 MANIFEST_HEADER = b"ct-code-manifest/v1\n"
 MANIFEST_NAME = "ct-code-manifest"
+CACHE_NAME = "ct-code-cache"  # attest.digest_cache, beside the manifest
 MAX_MANIFEST_BYTES = 64 << 20
+HASH_BLOCK = 16 << 20
 _MAX_LINKS = 40
 
 
@@ -113,29 +125,68 @@ class CodeDigest:
 
 
 # hashing -------------------------------------------------------------------------------------
-_memo: dict[tuple[int, int, int, int, int], str] = {}
+StatKey = tuple[int, int, int, int, int]
+# stat key -> (SHA-256 hex, when hashing began in ns since the epoch; 0: taken from a cache)
+_memo: dict[StatKey, tuple[str, int]] = {}
+_cached: dict[StatKey, str] = {}  # from a trusted cache (remember), not yet asked for
 _memo_lock = threading.Lock()
 
 
-def _stat_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
+def _stat_key(st: os.stat_result) -> StatKey:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def remember(key: StatKey, digest: str) -> None:
+    """Take a digest from a trusted persistent cache (``attest.digest_cache``)."""
+    with _memo_lock:
+        _cached.setdefault(key, digest)
+
+
+def remembered() -> dict[StatKey, tuple[str, int]]:
+    """What :func:`hash_file` hashed or took from the cache in this process: stat key ->
+    (SHA-256 hex, when hashing began in ns since the epoch, 0 for a digest of the cache)."""
+    with _memo_lock:
+        return dict(_memo)
 
 
 def hash_file(path: str | os.PathLike[str]) -> tuple[str, int]:
     """(SHA-256 hex, size) of a regular file; remembered in-process under its stat key."""
-    with open(path, "rb") as f:
+    digest, size, _ = hash_file_counted(path)
+    return digest, size
+
+
+def hash_file_counted(path: str | os.PathLike[str]) -> tuple[str, int, int]:
+    """:func:`hash_file` plus the number of bytes it read (0 when the memo knew the file)."""
+    started_ns = time.time_ns()
+    with open(path, "rb", buffering=0) as f:
         st = os.fstat(f.fileno())
         key = _stat_key(st)
         with _memo_lock:
             known = _memo.get(key)
+            if known is None and key in _cached:
+                known = _memo[key] = (_cached.pop(key), 0)
         if known is not None:
-            return known, st.st_size
-        digest = hashlib.file_digest(f, "sha256").hexdigest()  # type: ignore[arg-type]
+            return known[0], st.st_size, 0
+        digest = _sha256_of(f, st.st_size)
         if _stat_key(os.fstat(f.fileno())) != key:
             raise CodeSetError(f"{path}: changed while it was hashed")
     with _memo_lock:
-        _memo[key] = digest
-    return digest, st.st_size
+        _memo[key] = (digest, started_ns)
+    return digest, st.st_size, st.st_size
+
+
+def _sha256_of(f: io.RawIOBase, size: int) -> str:
+    """SHA-256 of an open file, read in blocks of up to :data:`HASH_BLOCK` bytes. Both
+    ``readinto`` and ``update`` release the GIL for the whole block, so a thread hashing a
+    400 MB library needs the GIL a few dozen times, not thousands (``hashlib.file_digest``
+    reads 256 KiB at a time, and each reacquisition waits out the importing thread's switch
+    interval)."""
+    h = hashlib.sha256()
+    buffer = bytearray(max(1, min(size + 1, HASH_BLOCK)))
+    view = memoryview(buffer)
+    while n := f.readinto(view):
+        h.update(view[:n])
+    return h.hexdigest()
 
 
 def hash_bytes_of(path: str) -> tuple[bytes, str]:
@@ -314,6 +365,7 @@ def environment_manifest(
     stdlib = _stdlib(image, base)
     out: dict[str, Entry] = {}
     manifest_path = env_path + "/" + MANIFEST_NAME
+    cache_path = env_path + "/" + CACHE_NAME
     for exe in ("python3", "python"):
         if os.path.lexists(image.host(f"{env_path}/bin/{exe}")):
             _add_file(image, f"{env_path}/bin/{exe}", out)
@@ -331,14 +383,14 @@ def environment_manifest(
             elif os.path.isfile(full):
                 _add_file(image, run, out)
     sites = _site_dirs(image, env_path, stdlib, home is not None)
-    excluded = {stdlib + "/site-packages", stdlib + "/dist-packages", manifest_path}
+    excluded = {stdlib + "/site-packages", stdlib + "/dist-packages", manifest_path, cache_path}
     _walk(image, stdlib, excluded, out)
     extra: list[str] = []
     for site in sites:
-        _walk(image, site, {manifest_path}, out)
+        _walk(image, site, {manifest_path, cache_path}, out)
         extra += _pth_dirs(image, site)
     for directory in extra:
-        _walk(image, directory, {manifest_path}, out)
+        _walk(image, directory, {manifest_path, cache_path}, out)
     return encode_manifest(out.values())
 
 
@@ -381,15 +433,52 @@ def parse_manifest(data: bytes) -> dict[str, Entry]:
     return entries
 
 
-def index_manifest(data: bytes) -> dict[str, bytes]:
-    """Each path's line, for looking entries up at run time without the cost of
-    :func:`parse_manifest`'s checks: the digest covers the bytes, so a manifest that is not
-    canonical only gives a digest that no tenant computed. :func:`entry_of` reads a line."""
-    if len(data) > MAX_MANIFEST_BYTES or not data.startswith(MANIFEST_HEADER):
-        raise CodeSetError("code manifest: bad header or too large")
-    lines = data[len(MANIFEST_HEADER):].split(b"\n")
-    return {line.rpartition(b"\t")[2].decode(errors="surrogateescape"): line
-            for line in lines if line}
+class ManifestIndex:
+    """Each path's manifest line, found by binary search over the manifest bytes (their lines
+    are sorted by the UTF-8 bytes of the path, which follows the last tab), so a start does not
+    build a table of some 35,000 lines to look up the few thousand files it runs. The digest
+    covers the bytes, so a manifest that is not canonical, which this may answer wrongly, only
+    gives a digest that no tenant computed. :func:`entry_of` reads a line."""
+
+    __slots__ = ("_data", "_start")
+
+    def __init__(self, data: bytes) -> None:
+        if len(data) > MAX_MANIFEST_BYTES or not data.startswith(MANIFEST_HEADER):
+            raise CodeSetError("code manifest: bad header or too large")
+        self._data = data
+        self._start = len(MANIFEST_HEADER)
+
+    def get(self, path: str) -> bytes | None:
+        try:
+            key = path.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            return None  # no file system path: not in any manifest
+        data = self._data
+        lo, hi = self._start, len(data)  # [lo, hi): whole lines
+        while lo < hi:
+            mid = (lo + hi) // 2
+            start = data.rfind(b"\n", lo, mid) + 1 or lo
+            end = data.find(b"\n", mid, hi)
+            if end < 0:
+                end = hi
+            line = data[start:end]
+            found = line[line.rfind(b"\t") + 1:]
+            if found == key:
+                return line
+            if found < key:
+                lo = end + 1
+            else:
+                hi = start
+        return None
+
+    def __contains__(self, path: object) -> bool:
+        return isinstance(path, str) and self.get(path) is not None
+
+
+def index_manifest(data: bytes) -> ManifestIndex:
+    """The manifest's lines by path, for looking entries up at run time without the cost of
+    :func:`parse_manifest`'s checks (:class:`ManifestIndex`)."""
+    return ManifestIndex(data)
 
 
 def entry_of(line: bytes) -> Entry | None:

@@ -118,7 +118,7 @@ def _decrypt(quick: bool) -> tuple[float, float]:
         config = SimpleNamespace(  # what open_sealed_reader reads from a JobConfig
             tenant_id=TENANT,
             dataset=SimpleNamespace(id=DATASET, key_version=1, manifest=ref.manifest_name,
-                                    store_path=root / "store"))
+                                    store_path=root / "store", store_is_s3=False))
         shards = open_sealed_reader(config, dek)  # type: ignore[arg-type]
         reader = shards.reader
         entries = reader.manifest.shards

@@ -26,8 +26,18 @@ MAX_SCAN = 64 << 20
 
 _VERIFY_WITH_KEY = (
     'k=$(mktemp) && kms-broker audit public-key --config "$0" > "$k" && '
-    'kms-broker audit verify --public-key "$k" --state-dir "$1"; rc=$?; rm -f "$k"; exit $rc'
+    'kms-broker audit verify --public-key "$k" --state-dir "$1" --format json; rc=$?; '
+    'rm -f "$k"; exit $rc'
 )
+
+def _verify_status(stdout: str, stderr: str) -> str:
+    """``audit verify --format json``'s verdict as one line (its stderr if it printed none)."""
+    try:
+        doc = json.loads(stdout)
+        return f"{doc['status']}: {doc['detail']}" if "status" in doc else str(doc["error"])
+    except (ValueError, KeyError, TypeError):
+        return stdout.strip() or stderr.strip()
+
 
 def _heading(text: str) -> str:
     return f"\n== {text} " + "=" * max(0, 74 - len(text))
@@ -94,7 +104,7 @@ def summarise(run: DemoRun, *, keep: bool) -> list[str]:
                          for p in (f"{home}/state", f"{home}/broker.yaml"))
         # verify with the broker's audit public key, so authenticity is checked too
         verified = h.exec(f"{broker}-broker", ["sh", "-c", _VERIFY_WITH_KEY, config, state])
-        status = verified.stdout.decode().strip() or verified.stderr.decode().strip()
+        status = _verify_status(verified.stdout.decode(), verified.stderr.decode())
         say(f"{broker} broker audit log: {len(records[broker])} records, verify: {status}")
 
     say(_heading("what storage holds (the shared store volume)"))

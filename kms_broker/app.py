@@ -32,7 +32,8 @@ from kms_broker.server import BrokerServer, TlsMaterial
 from kms_broker.state.sqlite import SqliteRepository
 from sealed.secrets import SecretBuffer
 
-__all__ = ["FAKE_HSM_REFUSED", "build_server", "load_ek_trust", "load_plugin", "open_hsm"]
+__all__ = ["FAKE_HSM_REFUSED", "build_server", "load_ek_trust", "load_plugin", "open_hsm",
+           "open_repository"]
 
 log = logging.getLogger("kms_broker")
 
@@ -169,6 +170,32 @@ def check_audit_anchor(log_path: Path, hsm: Any, anchor_path: Path) -> None:
                         result.records)
 
 
+def open_repository(config: BrokerConfig) -> Any:
+    """The configured state store: SQLite in ``state_dir`` or PostgreSQL (``state:`` URL)."""
+    if config.state == "sqlite":
+        return SqliteRepository(Path(config.state_dir) / "broker.db")
+    from kms_broker.state.postgres import PostgresRepository, safe_dsn
+
+    log.info("broker state on PostgreSQL at %s", safe_dsn(config.state))
+    return PostgresRepository(config.state)
+
+
+def open_pg_audit(repo: Any, hsm: Any, now_ms: Any) -> Any:
+    """The audit log in the PostgreSQL state database (:mod:`kms_broker.audit_pg`), checked
+    against the HSM's anchor: a log that lost anchored records refuses to start."""
+    from kms_broker.audit_pg import PgAuditLog
+
+    audit = PgAuditLog(repo.pool, now_ms=now_ms, sign=hsm.sign,
+                       anchor=lambda seq, head: hsm.set_audit_anchor(seq, bytes.fromhex(head)))
+    held = hsm.audit_anchor()
+    if held is not None:
+        problem = check_anchor(audit.path, Anchor(held[0], held[1].hex()))
+        if problem is not None:
+            raise AuditTruncated(f"refusing to start: the audit log in PostgreSQL does not "
+                                 f"match the HSM anchor (record {held[0]}): {problem}")
+    return audit
+
+
 def build_server(config: BrokerConfig, *, hsm: Any = None, worker: int | None = None,
                  allow_fake_hsm: bool = False) -> BrokerServer:
     """Everything ``serve`` runs. ``worker``: this process is worker N of several sharing the
@@ -193,12 +220,16 @@ def build_server(config: BrokerConfig, *, hsm: Any = None, worker: int | None = 
         max_pending_sessions_per_node=config.limits.pending_sessions_per_node,
         max_pending_uploads_per_tenant=config.limits.pending_uploads_per_tenant,
     )
-    anchor_path = state / ANCHOR_FILE
-    check_audit_anchor(state / "audit.log", hsm, anchor_path)
-    audit = AuditLog(state / "audit.log", now_ms=clock.now_ms, sign=hsm.sign,
-                     anchor=audit_anchor_writer(hsm, anchor_path))
+    repo = open_repository(config)
+    if config.state == "sqlite":
+        anchor_path = state / ANCHOR_FILE
+        check_audit_anchor(state / "audit.log", hsm, anchor_path)
+        audit = AuditLog(state / "audit.log", now_ms=clock.now_ms, sign=hsm.sign,
+                         anchor=audit_anchor_writer(hsm, anchor_path))
+    else:  # replicas share the state database: the audit chain lives there too
+        audit = open_pg_audit(repo, hsm, clock.now_ms)
     deps = BrokerDeps(
-        repo=SqliteRepository(state / "broker.db"),
+        repo=repo,
         hsm=hsm,
         audit=audit,
         clock=clock,

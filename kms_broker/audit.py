@@ -528,6 +528,11 @@ class AuditVerification:
 
 
 def _lines(path: Path) -> Iterator[bytes]:
+    """The log's records, one line each: a file, or a source with ``lines()`` (the audit log
+    in PostgreSQL, :mod:`kms_broker.audit_pg`)."""
+    if hasattr(path, "lines"):
+        yield from path.lines()
+        return
     with Path(path).open("rb") as f:
         yield from f
 

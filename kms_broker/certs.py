@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -308,6 +309,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ip", action="append", default=[], help="extra IP address (broker only)")
     p.add_argument("--days", type=int, default=365, help="validity in days (max 3650)")
     p.add_argument("--force", action="store_true", help="replace existing files")
+    for action in sub.choices.values():
+        action.add_argument("--format", "-o", choices=("text", "json"), default="text",
+                            help="json: one JSON document on stdout")
     return parser
 
 
@@ -316,7 +320,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.action == "ca":
             ca = create_ca(args.dir, name=args.name, days=args.days, force=args.force)
-            print(f"CA certificate {ca.cert_path}, key {ca.key_path} (0600)")
+            if args.format == "json":
+                print(json.dumps({"cert": str(ca.cert_path), "key": str(ca.key_path)}))
+            else:
+                print(f"CA certificate {ca.cert_path}, key {ca.key_path} (0600)")
         else:
             issued = issue(
                 args.ca_dir,
@@ -328,9 +335,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 days=args.days,
                 force=args.force,
             )
-            print(
-                f"{issued.identity}: certificate {issued.cert_path}, key {issued.key_path} (0600)"
-            )
+            if args.format == "json":
+                print(json.dumps({"identity": str(issued.identity), "role": args.role,
+                                  "id": args.ident, "cert": str(issued.cert_path),
+                                  "key": str(issued.key_path)}))
+            else:
+                print(f"{issued.identity}: certificate {issued.cert_path}, key "
+                      f"{issued.key_path} (0600)")
     except (ValueError, FileExistsError, FileNotFoundError, PermissionError) as exc:
         print(f"kms-broker certs: error: {exc}", file=sys.stderr)
         return 1

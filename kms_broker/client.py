@@ -18,6 +18,16 @@ Evidence comes from the caller: ``evidence_for(report_data) -> (kind, payload)``
 sessions into one quote (local ranks sharing a TPM: ``trainer.quote_batch``); the set it
 returns must contain every item asked for.
 
+Replica sets: each share holder may be given as several addresses (a sequence of endpoints:
+replicas of one broker on one PostgreSQL database and one HSM token, see
+:mod:`kms_broker.state.postgres`). A call that fails with UNAVAILABLE (or a replica that does
+not connect within ``REPLICA_CONNECT_S``) moves that holder to its next replica, and the
+whole round (fresh challenges, one new evidence, attest, release or renew) starts over, until
+``failover_s`` has passed; a round is never resumed on another replica, since a replica that
+died mid-call may already have consumed the session's nonce. Leases name their holder by
+``label`` (the set's addresses joined by commas), so a renewal may go to any replica. A
+revocation stream lost to a dead replica is reopened on the next one.
+
 Each broker's channel waits on its first call until it is connected, up to ``timeout_s``
 (:func:`kms_broker.rpc.wait_until_ready`), so a client started before its broker listens, or
 many clients starting at once, connect rather than fail.
@@ -30,6 +40,7 @@ Errors are typed (:mod:`kms_broker.rpc`): ``PermissionDeniedError`` (with ``rule
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -68,6 +79,7 @@ __all__ = [
 
 EvidenceFor = Callable[[bytes], tuple[str, bytes]]
 T = TypeVar("T")
+REPLICA_CONNECT_S = 3.0  # how long a replica of a set may take to connect before the next
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,11 +127,53 @@ class ReleasedKey:
 
 
 @dataclass(slots=True)
-class _Broker:
+class _Replica:
     endpoint: BrokerEndpoint
     channel: grpc.Channel
     stub: pb_grpc.NodeServiceStub
     ready: ReadyOnce
+
+
+class _Broker:
+    """One share holder: a broker, or a replica set of it (its addresses, tried in turn).
+    ``endpoint``, ``channel``, ``stub`` and ``ready`` are the current replica's; ``label``
+    (the addresses joined by commas) names the holder in leases whichever replica served."""
+
+    def __init__(self, replicas: list[_Replica]) -> None:
+        self.replicas = replicas
+        self.label = ",".join(r.endpoint.address for r in replicas)
+        self._current = 0
+        self._lock = threading.Lock()
+
+    @property
+    def replica(self) -> _Replica:
+        return self.replicas[self._current]
+
+    @property
+    def endpoint(self) -> BrokerEndpoint:
+        return self.replica.endpoint
+
+    @property
+    def channel(self) -> grpc.Channel:
+        return self.replica.channel
+
+    @property
+    def stub(self) -> pb_grpc.NodeServiceStub:
+        return self.replica.stub
+
+    @property
+    def ready(self) -> ReadyOnce:
+        return self.replica.ready
+
+    def fail_over(self, failed: _Replica) -> bool:
+        """Move to the next replica if ``failed`` is still the current one; False when there
+        is no other replica."""
+        if len(self.replicas) < 2:
+            return False
+        with self._lock:
+            if self.replicas[self._current] is failed:
+                self._current = (self._current + 1) % len(self.replicas)
+        return True
 
 
 @dataclass(slots=True)
@@ -144,13 +198,14 @@ def _single(evidence_for: EvidenceFor) -> EvidenceForSet:
 class KeyClient:
     def __init__(
         self,
-        brokers: Sequence[BrokerEndpoint],
+        brokers: Sequence[BrokerEndpoint | Sequence[BrokerEndpoint]],
         *,
         node_id: str,
         job_id: str,
         evidence_for: EvidenceFor | None = None,
         evidence_for_set: EvidenceForSet | None = None,
         timeout_s: float = 10.0,
+        failover_s: float = 60.0,
     ) -> None:
         if not brokers:
             raise ValueError("need at least one broker")
@@ -160,11 +215,18 @@ class KeyClient:
         self.job_id = validate_identifier("job", job_id)
         self._evidence = evidence_for_set or _single(evidence_for)  # type: ignore[arg-type]
         self._timeout = timeout_s
+        self._failover_s = failover_s
         self._brokers = []
-        for endpoint in brokers:
-            channel = open_channel(endpoint)
-            self._brokers.append(_Broker(endpoint, channel, pb_grpc.NodeServiceStub(channel),
-                                         ReadyOnce(channel, endpoint.address, timeout_s)))
+        for holder in brokers:
+            replicas = [holder] if isinstance(holder, BrokerEndpoint) else list(holder)
+            if not replicas:
+                raise ValueError("a replica set needs at least one address")
+            # a replica that does not connect is left for the next one sooner
+            connect_s = timeout_s if len(replicas) == 1 else min(timeout_s, REPLICA_CONNECT_S)
+            channels = [(e, open_channel(e)) for e in replicas]
+            self._brokers.append(_Broker([
+                _Replica(e, ch, pb_grpc.NodeServiceStub(ch), ReadyOnce(ch, e.address, connect_s))
+                for e, ch in channels]))
         self._leases: list[Lease] = []
         self._watchers: list[_Watcher] = []
 
@@ -172,7 +234,8 @@ class KeyClient:
         for w in self._watchers:
             w.stop()
         for b in self._brokers:
-            b.channel.close()
+            for replica in b.replicas:
+                replica.channel.close()
 
     def __enter__(self) -> KeyClient:
         return self
@@ -186,12 +249,35 @@ class KeyClient:
         # the first call on a channel waits (up to the deadline) until it is connected;
         # wait_for_ready: a later call made while the broker restarts waits too, instead of
         # failing at once with UNAVAILABLE
-        broker.ready()
+        # with a replica set, an unavailable replica is left for the next one (the caller
+        # starts the attestation over, see _failing_over) instead of being waited for
+        replica = broker.replica
         try:
-            return getattr(broker.stub, method)(request, timeout=self._timeout,
-                                                wait_for_ready=wait_for_ready)
+            replica.ready()
+            return getattr(replica.stub, method)(
+                request, timeout=self._timeout,
+                wait_for_ready=wait_for_ready and len(broker.replicas) == 1)
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc, broker.endpoint.address) from None
+            error = error_from_rpc(exc, replica.endpoint.address)
+        except UnavailableError as exc:
+            error = exc
+        if isinstance(error, UnavailableError):
+            broker.fail_over(replica)
+        raise error
+
+    def _failing_over(self, attempt: Callable[[], T]) -> T:
+        """Run ``attempt`` (a whole attestation round: fresh challenges, evidence, ...);
+        when it fails with UNAVAILABLE and a share holder has another replica, run it again
+        on the next replicas until ``failover_s`` has passed. A round is never resumed on
+        another replica: a replica that died mid-call may have consumed the nonce."""
+        deadline = time.monotonic() + self._failover_s
+        while True:
+            try:
+                return attempt()
+            except UnavailableError:
+                if not any(len(b.replicas) > 1 for b in self._brokers) or \
+                        time.monotonic() >= deadline:
+                    raise
 
     def _each(self, brokers: Sequence[T], fn: Callable[[T], Any]) -> list[Any]:
         """``fn`` over every item at once (one thread each); results, or the exceptions
@@ -244,7 +330,13 @@ class KeyClient:
         return _raise_first(results)
 
     def fetch_dek(self, *, tenant_id: str, dataset_id: str, key_version: int) -> ReleasedKey:
-        """Attest to every broker, release and open every share, derive the DEK."""
+        """Attest to every broker, release and open every share, derive the DEK (failing
+        over to another replica of a share holder that is unavailable)."""
+        return self._failing_over(lambda: self._fetch_dek_once(
+            tenant_id=tenant_id, dataset_id=dataset_id, key_version=key_version))
+
+    def _fetch_dek_once(self, *, tenant_id: str, dataset_id: str,
+                        key_version: int) -> ReleasedKey:
         shares: dict[int, SecretBuffer] = {}
         leases: list[Lease] = []
         try:
@@ -287,7 +379,7 @@ class KeyClient:
                     continue
                 shares[index] = share
                 counts.add(reply.share_count)
-                leases.append(Lease(a.broker.endpoint.address, reply.lease_id,
+                leases.append(Lease(a.broker.label, reply.lease_id,
                                     reply.lease_expires_unix_ms))
             if failure is not None:
                 raise failure
@@ -308,13 +400,16 @@ class KeyClient:
         the earliest new expiry."""
         if not self._leases:
             raise ValueError("no leases to renew; call fetch_dek first")
+        return self._failing_over(self._renew_once)
+
+    def _renew_once(self) -> int:
         by_broker = {lease.broker: lease for lease in self._leases}
         # a renewal rides out a broker restart: wait for the channel (up to the deadline)
         attested = self._attest_all(wait_for_ready=True)
 
         def renew_one(a: _Attested) -> Lease:
             a.private_key = None
-            lease = by_broker[a.broker.endpoint.address]
+            lease = by_broker[a.broker.label]
             reply = self._call(a.broker, "RenewLease", pb.RenewLeaseRequest(
                 node_id=self.node_id, lease_id=lease.lease_id, token=a.token),
                 wait_for_ready=True)
@@ -381,6 +476,7 @@ class _Watcher:
         self._on_revoked = on_revoked
         self._on_error = on_error
         self._call: grpc.Future | None = None  # type: ignore[name-defined]
+        self._replica = broker.replica  # the replica of the current subscription
         self._stop = threading.Event()
         self.connected = threading.Event()
         self.subscriptions = 0  # how many times the stream has been (re)opened and confirmed
@@ -392,9 +488,12 @@ class _Watcher:
 
     def _stream(self, wait_for_ready: bool) -> None:
         """One subscription, until the stream ends; raises grpc.RpcError if it fails."""
-        address = self._broker.endpoint.address
-        self._call = self._broker.stub.WatchRevocations(
-            pb.WatchRevocationsRequest(node_id=self._node_id), wait_for_ready=wait_for_ready)
+        replica = self._broker.replica
+        address = replica.endpoint.address
+        self._replica = replica
+        self._call = replica.stub.WatchRevocations(
+            pb.WatchRevocationsRequest(node_id=self._node_id),
+            wait_for_ready=wait_for_ready and len(self._broker.replicas) == 1)
         try:
             for event in self._call:
                 if not event.lease_id:  # the broker's first message: subscription is live
@@ -428,6 +527,8 @@ class _Watcher:
             reported = True
             if not transient:
                 return
+            if self._broker.fail_over(self._replica):  # the next replica of a set, at once
+                delay = RESUBSCRIBE_FIRST_S
             self._stop.wait(delay)
             delay = min(delay * 2, RESUBSCRIBE_MAX_S)
 

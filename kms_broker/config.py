@@ -5,6 +5,7 @@ Example::
     broker_id: provider                 # bound into sealing transcripts
     listen: 127.0.0.1:7443              # port 0: pick one, written to STATE/broker.port
     state_dir: /var/lib/kms-broker      # broker.db (SQLite), audit.log, audit.anchor
+    state: sqlite                       # or postgresql://user@host:5432/db?passfile=/etc/pgpass
     tls: {ca: ca.pem, cert: broker.pem, key: broker.key}
     hsm:
       backend: pkcs11                   # pkcs11 | fake (tests only: not a custody boundary)
@@ -31,6 +32,11 @@ Example::
     janitor_interval_ms: 10000          # how often expired sessions/uploads/leases are purged
     audit_checkpoint_s: 2.0             # signed checkpoint + anchor at least this often
 
+``state``: ``sqlite`` (the default, ``STATE_DIR/broker.db``) or a PostgreSQL URL
+(``postgresql://`` or ``postgres://``, see :mod:`kms_broker.state.postgres`), shared by
+several broker replicas. The URL must not carry a password: put it in a libpq password file
+(``passfile=`` in the URL, mode 0600) or use client certificates (``sslcert=``/``sslkey=``).
+
 Without ``ek_roots`` the broker refuses every TPM enrolment (``tpm2.ek_cert_untrusted``).
 
 Relative paths are relative to the config file's directory.
@@ -43,6 +49,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
@@ -87,6 +94,7 @@ class BrokerConfig:
     limits: Limits = field(default_factory=Limits)
     janitor_interval_ms: int = 10_000
     audit_checkpoint_s: float = 2.0
+    state: str = "sqlite"  # or a postgresql:// URL without a password
 
 
 def read_secret_file(path: Path) -> bytearray:
@@ -115,6 +123,27 @@ def _path(base: Path, value: Any, key: str) -> Path:
     return p if p.is_absolute() else base / p
 
 
+def parse_state(value: Any) -> str:
+    """``sqlite`` or a ``postgresql://`` URL that carries no password (a secret belongs in a
+    password file, not in a config file that is copied, logged and diffed)."""
+    if value is None or value == "sqlite":
+        return "sqlite"
+    if not isinstance(value, str) or not value.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("state must be sqlite or a postgresql:// URL")
+    try:
+        url = urlsplit(value)
+        password, _port = url.password, url.port
+        query = parse_qs(url.query, strict_parsing=False)
+    except ValueError as exc:
+        raise ConfigError(f"state: not a valid URL: {exc}") from None
+    if password is not None or "password" in query:
+        raise ConfigError("state: the URL must not carry a password; put it in a libpq "
+                          "password file (passfile=...) or use client certificates")
+    if not url.hostname and "host" not in query:
+        raise ConfigError("state: the postgresql URL needs a host")
+    return value
+
+
 def load_config(path: Path) -> BrokerConfig:
     path = Path(path)
     try:
@@ -131,7 +160,7 @@ def load_config(path: Path) -> BrokerConfig:
         raise ConfigError("config must be a mapping")
     known = {"broker_id", "listen", "state_dir", "tls", "hsm", "verifiers", "reference_values",
              "trusted_tenant_keys", "metrics_port", "ttl_ms", "ek_roots", "ek_intermediates",
-             "workers", "limits", "janitor_interval_ms", "audit_checkpoint_s"}
+             "workers", "limits", "janitor_interval_ms", "audit_checkpoint_s", "state"}
     if unknown := set(doc) - known:
         raise ConfigError(f"unknown config keys: {sorted(unknown)}")
     base = path.resolve().parent
@@ -216,6 +245,7 @@ def load_config(path: Path) -> BrokerConfig:
             limits=limits,
             janitor_interval_ms=janitor,
             audit_checkpoint_s=float(every),
+            state=parse_state(doc.get("state")),
         )
     except KeyError as exc:
         raise ConfigError(f"missing config key {exc}") from None

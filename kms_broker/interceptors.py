@@ -16,11 +16,24 @@ For every RPC, before any servicer or domain code runs:
 
 Refusals here are domain errors mapped by the one table (``kms_broker.errors``). The bound
 identity is available to servicers through :data:`CURRENT_IDENTITY`.
+
+4. Log the outcome. When the call ends, one line on logger ``kms_broker.request`` with the
+   structured fields (``kms_broker.logs``): ``method``, ``identity`` (``role:id`` from the
+   certificate, or ``-``), ``status`` (the gRPC code name), ``decision`` (``allowed``: OK;
+   ``denied``: PERMISSION_DENIED or UNAUTHENTICATED; ``refused``: any other code),
+   ``reasons`` (the failed policy rules of a denial, ``name: reason``, as sent to the
+   client), ``detail`` (the status message; empty for a denial, whose message repeats its
+   reasons) and ``latency_ms``. INFO when allowed, WARNING
+   otherwise, DEBUG for health checks. Only these fields: never request or response bodies,
+   which carry evidence, sealed shares and tokens.
 """
 
 from __future__ import annotations
 
 import contextvars
+import json
+import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +49,8 @@ from kms_broker.domain.memo import BoundedCache
 from kms_broker.errors import status_for
 from kms_broker.identity import Identity, identity_from_certificate
 from kms_broker.limits import RateLimiter, StreamSlots
+from kms_broker.logs import fields
+from kms_broker.protocol import RULES_METADATA_KEY
 
 __all__ = ["CURRENT_IDENTITY", "AuthInterceptor"]
 
@@ -92,6 +107,66 @@ def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], An
     return parse
 
 
+_request_log = logging.getLogger("kms_broker.request")
+_HEALTH = "grpc.health.v1.Health"
+_DENIED = frozenset({"PERMISSION_DENIED", "UNAUTHENTICATED"})
+
+
+def _rule_line(name: str, reason: str) -> str:
+    return reason if reason.startswith(f"{name}:") else f"{name}: {reason}"
+
+
+def _denial_reasons(context: grpc.ServicerContext) -> list[str]:
+    for key, value in context.trailing_metadata() or ():
+        if key == RULES_METADATA_KEY:
+            try:
+                rules = json.loads(value)
+                return [_rule_line(r["name"], r["reason"]) for r in rules if not r.get("passed")]
+            except (ValueError, TypeError, KeyError):
+                return ["(unreadable rule list)"]
+    return []
+
+
+def _quiet_identity(context: grpc.ServicerContext) -> Identity | None:
+    """The peer's identity for a log line when the call was refused before it was bound."""
+    try:
+        return _peer_identity(context)
+    except Exception:  # an unparseable certificate: the refusal says so, the line says "-"
+        return None
+
+
+def _log_outcome(method: str, service: str, ident: Identity | None,
+                 context: grpc.ServicerContext, started: float, raised: bool) -> None:
+    """One line per finished call (module doc, step 4)."""
+    code = context.code()
+    if code is None:
+        if not raised:
+            code = grpc.StatusCode.OK
+        else:  # a stream the client went away from, or an exception gRPC turns into UNKNOWN
+            code = (grpc.StatusCode.UNKNOWN if context.is_active()
+                    else grpc.StatusCode.CANCELLED)
+    status = code.name
+    decision = ("allowed" if status == "OK" else "denied" if status in _DENIED
+                else "refused")
+    if service == _HEALTH:
+        level = logging.DEBUG
+    else:
+        level = logging.INFO if decision == "allowed" else logging.WARNING
+    if not _request_log.isEnabledFor(level):
+        return
+    details = context.details()
+    detail = (details.decode("utf-8", "replace") if isinstance(details, bytes)
+              else (details or ""))
+    reasons = _denial_reasons(context) if status == "PERMISSION_DENIED" else []
+    if reasons:
+        detail = ""  # the status message of a denial repeats its reasons: said once, above
+    latency_ms = round((time.perf_counter() - started) * 1000, 2)
+    who = str(ident) if ident is not None else "-"
+    _request_log.log(level, "%s %s %s (%s)", method, who, decision, status, extra=fields(
+        method=method, identity=who, status=status, decision=decision, reasons=reasons,
+        detail=detail, latency_ms=latency_ms))
+
+
 def _abort(context: grpc.ServicerContext, error: BrokerError) -> None:
     code, message = status_for(error)
     context.abort(code, message)
@@ -112,7 +187,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        service = handler_call_details.method.lstrip("/").split("/")[0]
+        method = handler_call_details.method
+        service = method.lstrip("/").split("/")[0]
         role, field = self.roles.get(service, ("__none__", None))
 
         limiter = self._limiter if role is not None else None
@@ -143,18 +219,27 @@ class AuthInterceptor(grpc.ServerInterceptor):
             inflight = self._inflight if limiter is not None else None
 
             def unary(request: Any, context: grpc.ServicerContext) -> Any:
-                ident = check(request, context)
-                key = str(ident)
-                if inflight is not None and not inflight.acquire(key):
-                    _abort(context, ResourceExhausted(
-                        f"{ident} has too many calls in flight; wait for one to finish"))
-                token = CURRENT_IDENTITY.set(ident)
+                started = time.perf_counter()
+                ident = None
+                raised = True
                 try:
-                    return inner_uu(request, context)
+                    ident = check(request, context)
+                    key = str(ident)
+                    if inflight is not None and not inflight.acquire(key):
+                        _abort(context, ResourceExhausted(
+                            f"{ident} has too many calls in flight; wait for one to finish"))
+                    token = CURRENT_IDENTITY.set(ident)
+                    try:
+                        result = inner_uu(request, context)
+                    finally:
+                        CURRENT_IDENTITY.reset(token)
+                        if inflight is not None:
+                            inflight.release(key)
+                    raised = False
+                    return result
                 finally:
-                    CURRENT_IDENTITY.reset(token)
-                    if inflight is not None:
-                        inflight.release(key)
+                    _log_outcome(method, service, ident or _quiet_identity(context), context,
+                                 started, raised)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary, _lenient(handler.request_deserializer), handler.response_serializer
@@ -163,12 +248,20 @@ class AuthInterceptor(grpc.ServerInterceptor):
             inner_us = handler.unary_stream
 
             def stream(request: Any, context: grpc.ServicerContext) -> Any:
-                ident = check(request, context)
-                token = CURRENT_IDENTITY.set(ident)
+                started = time.perf_counter()
+                ident = None
+                raised = True
                 try:
-                    yield from inner_us(request, context)
+                    ident = check(request, context)
+                    token = CURRENT_IDENTITY.set(ident)
+                    try:
+                        yield from inner_us(request, context)
+                    finally:
+                        CURRENT_IDENTITY.reset(token)
+                    raised = False
                 finally:
-                    CURRENT_IDENTITY.reset(token)
+                    _log_outcome(method, service, ident or _quiet_identity(context), context,
+                                 started, raised)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream, _lenient(handler.request_deserializer), handler.response_serializer

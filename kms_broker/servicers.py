@@ -308,3 +308,14 @@ class OperatorServicer(pb_grpc.OperatorServiceServicer):
         run(context, lambda: self.admin.reinstate_node(actor=actor, node_id=request.node_id),
             "ReinstateNode", self.metrics)
         return pb.ReinstateNodeResponse()
+
+    def ListNodes(self, request: Any, context: grpc.ServicerContext) -> Any:
+        import hashlib
+
+        nodes = run(context, self.admin.list_nodes, "ListNodes", self.metrics)
+        return pb.ListNodesResponse(nodes=[pb.NodeInfo(
+            node_id=n.node_id, tenant_scope=n.tenant_scope,
+            state="reinstated" if n.reinstated else "revoked" if n.revoked else "active",
+            enrolled_unix_ms=n.enrolled_ms,
+            ek_certificate_sha256=hashlib.sha256(n.ek_certificate).hexdigest()
+            if n.ek_certificate else "") for n in nodes])

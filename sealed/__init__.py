@@ -19,6 +19,7 @@ from sealed.store import (
     MemoryStore,
     ObjectStore,
     RangeViewStore,
+    open_store,
 )
 from sealed.streaming import StreamEncryptor
 from sealed.writer import DEFAULT_MAX_RECORD_SIZE, DatasetRef, write_dataset
@@ -48,6 +49,7 @@ __all__ = [
     "StreamEncryptor",
     "derive_dek",
     "open_manifest",
+    "open_store",
     "validate_identifier",
     "write_dataset",
     "zeroize",

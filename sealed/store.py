@@ -6,6 +6,8 @@ atomic ``put`` (a reader sees the complete object or none), ranged reads, ``size
 upload completed at the end, GetObject with ``Range``, HeadObject, DeleteObject,
 ListObjectsV2 with a prefix), so an S3 backend plugs in later without touching callers.
 Nothing in the interface exposes a local path.
+:func:`open_store` turns a store address into a store: a local directory (or ``file://``
+URI), or ``s3://bucket/prefix`` (:class:`sealed.s3store.S3Store`).
 
 Object names: 1-512 characters, ``/``-separated components of ``[A-Za-z0-9._-]`` that start
 with a letter or digit (so no ``.``/``..`` traversal, no hidden names, no absolute paths), at
@@ -46,6 +48,7 @@ __all__ = [
     "ObjectStore",
     "RangeViewStore",
     "ReadAheadStore",
+    "open_store",
     "validate_object_name",
 ]
 
@@ -557,3 +560,19 @@ class CountingStore:
 
     def list(self, prefix: str = "") -> list[str]:
         return self.inner.list(prefix)
+
+
+def open_store(address: str | os.PathLike[str], *, mapped: bool = False) -> ObjectStore:
+    """The store at ``address``: ``s3://bucket[/prefix]`` (configured by the standard AWS
+    environment and profile files, see :mod:`sealed.s3store`), else a local directory (a path
+    or ``file://`` URI; a :class:`MappedDirStore` with ``mapped``, for reading)."""
+    text = os.fspath(address)
+    if text.startswith("s3://"):
+        from sealed.s3store import S3Store  # botocore is loaded only for S3 stores
+
+        return S3Store.from_url(text)
+    if "://" in text and not text.startswith("file://"):
+        raise StoreError(f"unsupported store address {text!r:.80}: use a directory, "
+                         "file://PATH or s3://BUCKET/PREFIX")
+    path = text.removeprefix("file://")
+    return MappedDirStore(path) if mapped else LocalDirStore(path)

@@ -34,9 +34,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kms_broker.logs import fields
 from trainer.guard import CodeIdentityRefused
 from trainer.job_identity import job_claims
-from trainer.keysource import AttestationDenied, KeyHandle, KeySourceUnavailable
+from trainer.keysource import (
+    AttestationDenied,
+    BrokersUnreachable,
+    KeyHandle,
+    KeySourceUnavailable,
+)
 
 if TYPE_CHECKING:
     from trainer.config import JobConfig
@@ -142,7 +148,12 @@ class AttestedKeySource:
     # key -----------------------------------------------------------------------------------
     def acquire(self) -> KeyHandle:
         from kms_broker.client import KeyClient
-        from kms_broker.rpc import BrokerEndpoint, BrokerRpcError, PermissionDeniedError
+        from kms_broker.rpc import (
+            BrokerEndpoint,
+            BrokerRpcError,
+            PermissionDeniedError,
+            UnavailableError,
+        )
 
         config = self._config
         if self._evidence_for is None:
@@ -170,9 +181,24 @@ class AttestedKeySource:
                                         key_version=config.dataset.key_version)
         except PermissionDeniedError as exc:
             reasons = tuple(f"{r.name}: {r.reason}" for r in exc.failed_rules)
+            log.warning("attestation denied by broker %s", exc.broker, extra=fields(
+                broker=exc.broker, job_id=config.job_id, node_id=self._node_id,
+                decision="denied", reasons=list(reasons)))
             raise AttestationDenied(f"release denied by {exc}", reasons) from None
+        except UnavailableError as exc:  # UNAVAILABLE or DEADLINE_EXCEEDED: an outage
+            raise BrokersUnreachable(f"a broker could not be reached ({exc.code}): {exc}") \
+                from None
         except BrokerRpcError as exc:
             raise KeySourceUnavailable(f"key release failed ({exc.code}): {exc}") from None
+        for lease in released.leases:
+            log.info("attested to broker %s and received its share (lease %s)", lease.broker,
+                     lease.lease_id, extra=fields(
+                         broker=lease.broker, job_id=config.job_id, node_id=self._node_id,
+                         decision="released", lease_id=lease.lease_id,
+                         lease_expires_unix_ms=lease.expires_unix_ms))
+        log.info("dataset key %s/%s v%d derived from %d share(s)", config.tenant_id,
+                 config.dataset.id, config.dataset.key_version, len(released.leases),
+                 extra=fields(job_id=config.job_id, brokers=[x.broker for x in released.leases]))
         expiry = min(lease.expires_unix_ms for lease in released.leases) / 1000.0
         handle = KeyHandle(dek=released.dek, lease_expiry=expiry)
 
@@ -208,8 +234,13 @@ class AttestedKeySource:
                 handle.revoke(f"code identity refused: {exc}")
                 return
             except UnavailableError as exc:
-                log.warning("lease renewal failed (%s); retrying until the lease expires", exc)
+                handle.renewal_problem = f"{exc.code}: {exc}"
+                log.warning("lease renewal failed (%s); retrying until the lease expires", exc,
+                            extra=fields(broker=exc.broker, status=exc.code))
                 continue
+            if handle.renewal_problem:
+                log.info("lease renewed again after a broker outage")
+            handle.renewal_problem = ""
             span = max(1.0, new_expiry - time.time())
             handle.lease_expiry = new_expiry
 

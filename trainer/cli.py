@@ -3,13 +3,17 @@
     trainer --attest --job JOB.yaml          train (also under torchrun)
     torchrun --nproc-per-node 2 -m trainer --attest --job JOB.yaml
     trainer check                            run the process-hardening self-check
-    trainer validate --job JOB.yaml          check a job file and print what it would run
+    trainer validate --job JOB.yaml [--format json]   check a job file, print what it runs
+    trainer completion bash|zsh              shell completion script
+    trainer --version
 
-Exit codes: 0 ok, 1 failure, 2 usage or invalid job file, 3 key revoked (or lease expired),
+Exit codes: 0 ok, 1 failure, 2 usage or invalid job file, 3 key revoked (by a broker),
 4 attestation denied, 5 code identity refused (trainer/guard.py), 6 a sealed message between
 ranks failed authentication (forged, replayed, reordered, or a peer without the job key;
-trainer/sealed_comm.py), 128 + N when stopped by signal N (143 SIGTERM, 130 SIGINT, 129
-SIGHUP, 131 SIGQUIT), after shredding. Under torchrun each worker exits that way; torchrun
+trainer/sealed_comm.py), 7 a broker could not be reached (an outage: at start, or the lease
+ran out with no broker answering a renewal; never reported as a revocation), 128 + N when
+stopped by signal N (143 SIGTERM, 130 SIGINT, 129 SIGHUP, 131 SIGQUIT), after shredding.
+Under torchrun each worker exits that way; torchrun
 itself forwards the signal to its workers, waits for them and exits 1 (torch elastic's own
 status); ``python -m trainer.launch`` (the same agent, used by deploy/bin/node.py) exits
 128 + N.
@@ -22,6 +26,13 @@ import logging
 import os
 import sys
 
+from attest.clikit import (
+    add_format,
+    add_version,
+    completion_script,
+    emit_json,
+    quiet_grpc_core,
+)
 from trainer import signals
 from trainer.config import ConfigError, JobConfig
 from trainer.shred import EXIT_ATTESTATION_DENIED, EXIT_FAILURE, EXIT_OK
@@ -43,11 +54,17 @@ _EPILOG = """\
 commands:
   (none)      train the job given by --job (requires --attest)
   check       run the hardening self-check and print each check with how to fix it
-  validate    load and validate --job, print a summary, get no keys
+              (--format json: one JSON document)
+  validate    load and validate --job, check the files it names exist, print a summary
+              (--format json: one JSON document), get no keys (exit 2 when something is
+              missing)
+  completion  print a shell completion script: source <(trainer completion bash)
 
 exit codes: 0 ok, 1 failure, 2 usage / invalid job, 3 key revoked, 4 attestation denied,
             5 code identity refused (something outside the measured code set would run),
             6 sealed channel between ranks failed authentication,
+            7 broker unreachable (an outage, not a revocation: no key released,
+              or the lease ran out while renewals could not reach a broker)
             143 SIGTERM, 130 SIGINT, 129 SIGHUP, 131 SIGQUIT (128 + N, after shredding;
             under torchrun for each worker, and for `python -m trainer.launch` itself)
 """
@@ -60,33 +77,64 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("command", nargs="?", choices=("train", "check", "validate"),
+    add_version(p)
+    p.add_argument("command", nargs="?", choices=("train", "check", "validate", "completion"),
                    default="train", help="what to do (default: train)")
-    p.add_argument("--job", metavar="JOB.yaml", help="the job file (see trainer/config.py)")
+    p.add_argument("shell", nargs="?", choices=("bash", "zsh"), help=argparse.SUPPRESS)
+    add_format(p, top=True)
+    p.add_argument("--job", metavar="JOB.yaml",
+                   help="the job file (keys: docs/reference/job-yaml.md)")
     p.add_argument("--attest", action="store_true",
                    help="obtain the dataset key by attested release from the job's brokers "
                         "(the only way this CLI obtains keys)")
     p.add_argument("--node-id", metavar="ID",
                    help="this node's enrolled id (overrides attestation.node_id in the job)")
-    p.add_argument("--log-level", default="INFO",
-                   choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log verbosity")
+    p.add_argument("--log-level", default=os.environ.get("TRAINER_LOG_LEVEL", "INFO"),
+                   choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   help="log verbosity (env TRAINER_LOG_LEVEL; default INFO)")
+    p.add_argument("--log-format", default=os.environ.get("TRAINER_LOG_FORMAT", "text"),
+                   choices=("text", "json"),
+                   help="text lines or one JSON object per line (env TRAINER_LOG_FORMAT)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads per process (overrides the job's `threads`; default: "
+                        "the cores this process may use, divided among the node's ranks)")
     return p
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """Rank 0 logs at ``level``; other ranks log warnings, plus their own attestation and
+    shred report (each rank attests and shreds for itself)."""
+    from kms_broker import logs
+
     rank = os.environ.get("RANK", "0")
-    logging.basicConfig(
-        level=getattr(logging, level) if rank == "0" else logging.WARNING,
-        format=f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup(level=level if rank == "0" else "WARNING", fmt=fmt, prefix=f"rank {rank}")
+    if rank != "0":
+        for name in ("trainer.attest", "trainer.shred"):
+            logging.getLogger(name).setLevel(level)
 
 
-def _check() -> int:
+def default_threads() -> int:
+    """This process's share of the cores it may run on: torch's default (every core for
+    every rank) oversubscribes a small or shared machine several times over."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, cores // max(1, local_ranks))
+
+
+def _check(*, json_output: bool = False) -> int:
     from trainer.hardening import failed_required, format_checks, harden_process, self_check
 
     result = harden_process()
     checks = self_check()
+    if json_output:
+        failed = failed_required(checks)
+        emit_json({"passed": not failed, "mlockall": bool(result.mlockall),
+                   "checks": [{"name": c.name, "ok": c.ok, "required": c.required,
+                               "detail": c.detail, "fix": c.fix} for c in checks]})
+        return EXIT_FAILURE if failed else EXIT_OK
     print(format_checks(checks))
     if not result.mlockall:
         print(f"note: mlockall refused ({result.mlockall_error})")
@@ -110,22 +158,35 @@ def _load(parser: argparse.ArgumentParser, job: str | None) -> JobConfig:
 
 def main(argv: list[str] | None = None) -> int:
     signals.start()  # the console script's first act: mask before any thread (trainer/signals.py)
+    argv = quiet_grpc_core(argv)  # gRPC core's own log lines only when asked (attest/clikit.py)
     parser = _parser()
     args = parser.parse_args(argv)
     if args.attest and args.command == "train":
         refused = _enter_code_guard()
         if refused is not None:
             return refused
-    setup_logging(args.log_level)
+    if args.command == "completion":
+        sys.stdout.write(completion_script(parser, args.shell or "bash"))
+        return EXIT_OK
+    setup_logging(args.log_level, args.log_format)
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
     if args.command == "check":
-        return _check()
+        return _check(json_output=args.format == "json")
     config = _load(parser, args.job)
     if args.command == "validate":
+        if args.format == "json":
+            missing = config.missing_files()
+            emit_json({**_job_summary(config), "missing": list(missing)})
+            return EXIT_USAGE if missing else EXIT_OK
         print(f"job {config.job_id} (tenant {config.tenant_id}): dataset {config.dataset.id} "
               f"v{config.dataset.key_version}, model {config.model.name}, {config.steps} steps, "
               f"batch {config.batch_size}x{config.grad_accum}, {config.precision}, "
               f"{len(config.brokers)} broker(s)")
-        return EXIT_OK
+        missing = config.missing_files()
+        for problem in missing:
+            print(f"trainer: invalid job file: {problem}", file=sys.stderr)
+        return EXIT_USAGE if missing else EXIT_OK
     if not args.attest:
         print(
             "trainer: refusing to train without --attest: the dataset key is only ever "
@@ -142,7 +203,33 @@ def main(argv: list[str] | None = None) -> int:
                                 if ":" in config.model.name else None)
     if refused is not None:
         return refused
-    return _train(config, args.node_id)
+    return _train(config, args.node_id, args.threads or config.threads or default_threads())
+
+
+def _job_summary(config: JobConfig) -> dict[str, object]:
+    """What ``validate --format json`` prints: the job's ids and what it would run."""
+    return {
+        "job_id": config.job_id, "tenant_id": config.tenant_id,
+        "dataset": {"id": config.dataset.id, "key_version": config.dataset.key_version,
+                    "manifest": config.dataset.manifest, "store": str(config.dataset.store)},
+        "model": config.model.name, "steps": config.steps, "batch_size": config.batch_size,
+        "grad_accum": config.grad_accum, "precision": config.precision,
+        "brokers": [str(getattr(b, "address", b)) for b in config.brokers],
+    }
+
+
+def denial_lines(exc: Exception, reasons: tuple[str, ...]) -> list[str]:
+    """``trainer: attestation denied ...`` with each failed rule once: the broker's message
+    names the first failed rule and the rules list names it again, and two brokers may deny
+    for the same reasons."""
+    unique = list(dict.fromkeys(r for r in reasons if r))
+    head = str(exc)
+    for reason in unique:  # the head keeps the rule's name, the list below says why
+        name = reason.split(":", 1)[0]
+        head = head.replace(f"{name}: {name}", name).replace(reason, name)
+        if head.endswith(f": {name}"):
+            head = head[: -len(name) - 2]
+    return [f"trainer: attestation denied: {head}", *(f"  - {r}" for r in unique)]
 
 
 def _enter_code_guard(model_module: str | None = None) -> int | None:
@@ -184,13 +271,18 @@ def _unmeasured_model_code(name: str) -> str | None:
     )
 
 
-def _train(config: JobConfig, node_id: str | None) -> int:
+def _train(config: JobConfig, node_id: str | None, threads: int) -> int:
+    import torch
+
     from trainer.attested import AttestedKeySource
     from trainer.guard import EXIT_CODE_IDENTITY, CodeIdentityRefused
-    from trainer.keysource import AttestationDenied, KeySourceUnavailable
-    from trainer.train import HardeningFailed, run_job
+    from trainer.keysource import AttestationDenied, BrokersUnreachable, KeySourceUnavailable
+    from trainer.shred import EXIT_BROKER_UNREACHABLE
+    from trainer.train import DatasetMissing, HardeningFailed, run_job
 
     log = logging.getLogger("trainer")
+    torch.set_num_threads(threads)
+    log.info("using %d CPU thread(s) per process", threads)
     try:
         source = AttestedKeySource(config, node_id=node_id)
         result = run_job(config, source, require_hardening=True)
@@ -201,9 +293,15 @@ def _train(config: JobConfig, node_id: str | None) -> int:
         print(f"trainer: code identity refused: {exc}", file=sys.stderr)
         return EXIT_CODE_IDENTITY
     except AttestationDenied as exc:
-        reasons = "".join(f"\n  - {r}" for r in exc.reasons)
-        print(f"trainer: attestation denied: {exc}{reasons}", file=sys.stderr)
+        print("\n".join(denial_lines(exc, exc.reasons)), file=sys.stderr)
         return EXIT_ATTESTATION_DENIED
+    except BrokersUnreachable as exc:
+        print(f"trainer: broker unreachable (an outage, not a revocation): {exc}; no key was "
+              f"released. Retry when the broker is back.", file=sys.stderr)
+        return EXIT_BROKER_UNREACHABLE
+    except DatasetMissing as exc:
+        print(f"trainer: dataset not found, no key requested: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except (KeySourceUnavailable, ConfigError) as exc:
         print(f"trainer: cannot obtain the dataset key: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -10,6 +10,7 @@ Example::
     job_id: job-7
     tenant_id: acme
     dataset: {id: corpus, key_version: 1, manifest: corpus.manifest, store: /data/store}
+    # or store: s3://bucket/prefix (sealed/s3store.py: standard AWS configuration)
     brokers:          # one per share, in share order
       - {address: "broker-a:7443", ca: ca.pem, cert: node.pem, key: node.key}
     attestation: {node_id: node-1, tcti: "device:/dev/tpmrm0"}
@@ -36,6 +37,7 @@ from typing import Any, Literal
 
 from sealed.errors import StoreError
 from sealed.keys import validate_identifier
+from sealed.s3store import parse_s3_url
 from sealed.store import validate_object_name
 
 __all__ = [
@@ -95,7 +97,9 @@ class DatasetConfig:
     id: str
     key_version: int
     manifest: str
-    store: str  # a local directory (or file:// URI) holding the sealed objects
+    # where the sealed objects are: a local directory (or file:// URI), or s3://BUCKET/PREFIX
+    # (endpoint, credentials and CA from the standard AWS variables and profile files)
+    store: str
 
     def __post_init__(self) -> None:
         try:
@@ -108,9 +112,24 @@ class DatasetConfig:
         except StoreError as exc:
             raise ConfigError(f"dataset.manifest: {exc}") from None
         _path("dataset.store", self.store)
+        if self.store.startswith("s3://"):
+            try:
+                parse_s3_url(self.store)
+            except StoreError as exc:
+                raise ConfigError(f"dataset.store: {exc}") from None
+        else:
+            _require("://" not in self.store or self.store.startswith("file://"),
+                     f"dataset.store must be a directory, file://PATH or s3://BUCKET/PREFIX, "
+                     f"got {self.store!r:.60}")
+
+    @property
+    def store_is_s3(self) -> bool:
+        return self.store.startswith("s3://")
 
     @property
     def store_path(self) -> Path:
+        if self.store_is_s3:
+            raise ValueError("dataset.store is an s3:// address, not a local path")
         return Path(self.store.removeprefix("file://"))
 
 
@@ -252,6 +271,7 @@ class JobConfig:
     lease_poll_interval: float = 5.0  # seconds between lease renewals / revocation polls
     metrics_port: int | None = None  # rank 0 serves Prometheus metrics here when set
     device: Device = "auto"
+    threads: int | None = None  # CPU threads per process; None: this process's share of cores
 
     def __post_init__(self) -> None:
         for kind in ("job", "tenant"):
@@ -293,6 +313,8 @@ class JobConfig:
         _float("lease_poll_interval", self.lease_poll_interval, lo=0.05, hi=3600.0)
         if self.metrics_port is not None:
             _int("metrics_port", self.metrics_port, lo=0, hi=65535)
+        if self.threads is not None:
+            _int("threads", self.threads, lo=1, hi=1024)
         _require(
             self.device in typing.get_args(Device),
             f"device must be one of auto, cpu, cuda, got {self.device!r:.60}",
@@ -318,6 +340,26 @@ class JobConfig:
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise ConfigError(f"job file {path} is not valid YAML: {exc}") from None
         return cls.from_mapping(data)
+
+    def missing_files(self) -> list[str]:
+        """What this job names on this node that is not there (``trainer validate``): each
+        broker's TLS files, the store and its manifest, a ``device:`` TPM."""
+        problems = []
+        for i, broker in enumerate(self.brokers):
+            for name in ("ca", "cert", "key"):
+                if not Path(getattr(broker, name)).is_file():
+                    problems.append(f"brokers[{i}].{name}: no file {getattr(broker, name)}")
+        store = self.dataset.store
+        if "://" not in store or store.startswith("file://"):
+            if not self.dataset.store_path.is_dir():
+                problems.append(f"dataset.store: no directory {store}")
+            elif not (self.dataset.store_path / self.dataset.manifest).is_file():
+                problems.append(f"dataset.manifest: {self.dataset.manifest} is not in {store}")
+        if self.attestation is not None and self.attestation.tcti.startswith("device:"):
+            device = self.attestation.tcti.removeprefix("device:").split(",")[0]
+            if not Path(device).exists():
+                problems.append(f"attestation.tcti: no TPM device {device}")
+        return problems
 
     @property
     def tokens_per_step(self) -> int:

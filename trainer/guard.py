@@ -32,16 +32,23 @@ byte the manifest lists. This module makes the process keep to the manifest:
    used only when the ``.pyc`` file itself is in the set (the image is compiled when it is
    built), so a planted or replaced ``.pyc`` is refused; a missing one means compiling from
    the verified source, and nothing is written. Extension modules are hashed right before
-   they are loaded; the libraries they map are then queued for hashing on a background
-   thread (started with every signal blocked), so step 5 mostly finds them hashed.
+   they are loaded; then a background thread (started with every signal blocked) reads
+   ``/proc/self/maps`` and hashes the libraries they mapped on the second core, in blocks of
+   16 MiB (the GIL is released for each block), so step 5 mostly finds them hashed.
 5. **Before keys** (:func:`code_claims`, called by the attested key source before it contacts
    a broker, and again before every renewal): every executable mapping in
    ``/proc/self/maps`` (the shared libraries extension modules pulled in) must be a file of
    the set, except the system library directories :data:`SYSTEM_LIBRARY_DIRS`.
 
 A manifest line is looked up by the path as given, then by its resolved path; the bytes are
-compared either way. Hashes are remembered in the process only (``attest.code_digest.
-hash_file``), keyed by inode, size, mtime and ctime, so an edited file is always hashed again.
+compared either way. Hashes of whole files (libraries, extension modules, the interpreter)
+are remembered (``attest.code_digest.hash_file``) under device, inode, size, mtime and ctime,
+so an edited file is always hashed again; a trainer running as root keeps them across starts
+in ``ENV/ct-code-cache``, read back only where no one but root can have written it
+(``attest.digest_cache``). Python source and bytecode are always read and hashed.
+
+What the checks cost is logged once, before the first key (:class:`CheckCost`, logger
+``trainer.guard``).
 
 Any refusal raises :class:`CodeIdentityRefused` naming the file or variable; the trainer
 exits with :data:`EXIT_CODE_IDENTITY` (5) before it asks any broker for anything.
@@ -59,27 +66,34 @@ from __future__ import annotations
 import hashlib
 import importlib.machinery as machinery
 import importlib.util
+import logging
 import os
 import queue
+import re
 import signal
 import sys
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
+from attest import digest_cache
 from attest.code_digest import (
+    CACHE_NAME,
     MANIFEST_NAME,
     CodeSetError,
     Entry,
     entry_of,
     hash_bytes_of,
-    hash_file,
+    hash_file_counted,
     index_manifest,
 )
 
 __all__ = [
     "EXIT_CODE_IDENTITY",
     "REFUSED_VARIABLES",
+    "CheckCost",
     "CodeIdentityRefused",
     "active",
     "code_claims",
@@ -96,6 +110,41 @@ REFUSED_VARIABLES = (
 )
 REFUSED_PREFIXES = ("LD_",)
 SYSTEM_LIBRARY_DIRS = ("/lib/", "/lib64/", "/usr/lib/", "/usr/lib64/")
+# an executable mapping of a file in /proc/self/maps: address perms offset dev inode path
+_EXECUTABLE_MAPPING = re.compile(r"^\S+ ..x. \S+ \S+ \S+ +(/[^\n]*)$", re.MULTILINE)
+log = logging.getLogger("trainer.guard")
+
+
+@dataclass
+class CheckCost:
+    """What the checks cost this process until the first key: files and bytes hashed by the
+    importing thread and by the background thread, the CPU seconds of the start-up check, of
+    the check before keys and of the background thread, the seconds the importing thread
+    spent in the guard's import hooks (``perf_counter``: a thread's CPU clock costs a system
+    call, about 5 us here, and thousands of imports would pay it; on a busy machine these
+    seconds include waits for a core), and how long the check before keys waited for the
+    background thread. Logged once, before the first key."""
+
+    cached: int = 0
+    files: int = 0
+    bytes: int = 0
+    startup_cpu_s: float = 0.0
+    imports_s: float = 0.0
+    before_keys_cpu_s: float = 0.0
+    background_files: int = 0
+    background_bytes: int = 0
+    background_cpu_s: float = 0.0
+    waited_s: float = 0.0
+
+    def line(self) -> str:
+        return (f"code identity checked: {self.files} files ({self.bytes / 1e6:.1f} MB) hashed "
+                f"while importing, {self.background_files} libraries "
+                f"({self.background_bytes / 1e6:.1f} MB) in the background; CPU s: start-up "
+                f"{self.startup_cpu_s:.3f}, before keys {self.before_keys_cpu_s:.3f}, "
+                f"background {self.background_cpu_s:.3f}; s in checked imports "
+                f"{self.imports_s:.3f}; "
+                f"waited {self.waited_s:.3f} s for the background; {self.cached} digests "
+                f"from the trusted cache")
 
 
 class CodeIdentityRefused(Exception):
@@ -119,20 +168,27 @@ def _isolated() -> bool:
 
 
 class _Prefetcher:
-    """Hashes newly mapped libraries on one background thread while the main thread goes on
-    importing, so the check before keys mostly finds them hashed (``hash_file``'s in-process
-    memo). The thread starts with every signal blocked: signals stay with the main thread."""
+    """Scans ``/proc/self/maps`` and hashes the newly mapped libraries on one background
+    thread while the main thread goes on importing, so the check before keys mostly finds
+    them hashed (``hash_file``'s in-process memo). The importing thread only asks for a scan
+    (a queue put) after each extension module it loads; requests made while a scan runs are
+    served by one more scan. The thread starts with every signal blocked: signals stay with
+    the main thread. Nothing here decides anything: the check before keys reads the maps
+    again and checks every library itself."""
 
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self._done: dict[str, threading.Event] = {}
+    def __init__(self, cost: CheckCost, scan: Callable[[], list[str]]) -> None:
+        self._cost = cost
+        self._scan = scan
+        self._seen: set[str] = set()
+        self._requests: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self._idle = threading.Condition()
+        self._pending = 0
         self._thread: threading.Thread | None = None
 
-    def submit(self, path: str) -> None:
-        if path in self._done:
-            return
-        self._done[path] = threading.Event()
-        self._queue.put(path)
+    def request(self) -> None:
+        with self._idle:
+            self._pending += 1
+        self._requests.put(None)
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="trainer-code-hash",
                                             daemon=True)
@@ -142,20 +198,43 @@ class _Prefetcher:
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
-    def wait(self, path: str) -> None:
-        done = self._done.get(path)
-        if done is not None:
-            done.wait()
+    def drain(self) -> None:
+        """Wait until every scan asked for so far is done."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._pending == 0)
 
     def _run(self) -> None:
         while True:
-            path = self._queue.get()
+            self._requests.get()
+            taken = 1
+            while True:
+                try:
+                    self._requests.get_nowait()
+                except queue.Empty:
+                    break
+                taken += 1
             try:
-                hash_file(path)
-            except (OSError, CodeSetError):
-                pass  # the check before keys hashes it again and reports
+                self._hash_new()
+            except Exception:  # noqa: S110 - the check before keys does it all again
+                pass
             finally:
-                self._done[path].set()
+                self._cost.background_cpu_s = time.thread_time()
+                with self._idle:
+                    self._pending -= taken
+                    self._idle.notify_all()
+
+    def _hash_new(self) -> None:
+        for path in self._scan():
+            if path in self._seen:
+                continue
+            self._seen.add(path)
+            try:
+                _, _, read = hash_file_counted(path)
+            except (OSError, CodeSetError):
+                continue  # the check before keys hashes it again and reports
+            if read:
+                self._cost.background_files += 1
+                self._cost.background_bytes += read
 
 
 class _Guard:
@@ -177,8 +256,10 @@ class _Guard:
         # sticky: a refusal that some library swallows (``except Exception`` around an
         # optional import) still stops the process before any key is requested
         self.refusals: list[str] = []
-        self.prefetch = _Prefetcher()
-        self._mapped_seen: set[str] = set()
+        self.cost = CheckCost()
+        self.cost_logged = False
+        self.prefetch = _Prefetcher(self.cost, self._hashable_mapped_code)
+        self._system_paths: dict[str, bool] = {}
 
     def refuse(self, problems: list[str]) -> CodeIdentityRefused:
         self.refusals.extend(problems)
@@ -195,7 +276,10 @@ class _Guard:
 
     def check_file(self, path: str, what: str) -> None:
         entry = self._entry(path, what)
-        digest, size = hash_file(path)
+        digest, size, read = hash_file_counted(path)
+        if read:
+            self.cost.files += 1
+            self.cost.bytes += read
         if (digest, size) != (entry.sha256, entry.size):
             raise self.refuse([f"{what} {path} differs from the measured code set"])
 
@@ -203,6 +287,8 @@ class _Guard:
         """The bytes of ``path`` if they are the measured ones; OSError when it does not
         exist (a module without bytecode is compiled from its checked source)."""
         data, digest = hash_bytes_of(path)
+        self.cost.files += 1
+        self.cost.bytes += len(data)
         entry = self._entry(path, what)
         if (digest, len(data)) != (entry.sha256, entry.size):
             raise self.refuse([f"{what} {path} differs from the measured code set"])
@@ -239,27 +325,24 @@ class _Guard:
 
     def _mapped_code(self) -> list[str]:
         with open("/proc/self/maps") as maps:
-            lines = maps.read().splitlines()
-        paths: dict[str, None] = {}
-        for line in lines:
-            fields = line.split(None, 5)
-            if len(fields) == 6 and "x" in fields[1] and fields[5].startswith("/"):
-                paths[fields[5]] = None
-        return list(paths)
+            return list(dict.fromkeys(_EXECUTABLE_MAPPING.findall(maps.read())))
 
     def _system(self, path: str) -> bool:
-        real = os.path.realpath(path)
-        return real.startswith(SYSTEM_LIBRARY_DIRS) and real not in self.lines
+        known = self._system_paths.get(path)
+        if known is None:
+            real = os.path.realpath(path)
+            known = real.startswith(SYSTEM_LIBRARY_DIRS) and real not in self.lines
+            self._system_paths[path] = known
+        return known
 
-    def prefetch_mapped(self) -> None:
-        """Queue the libraries mapped since the last call for background hashing."""
-        for path in self._mapped_code():
-            if path not in self._mapped_seen:
-                self._mapped_seen.add(path)
-                if not path.endswith(" (deleted)") and not self._system(path):
-                    self.prefetch.submit(path)
+    def _hashable_mapped_code(self) -> list[str]:
+        return [path for path in self._mapped_code()
+                if not path.endswith(" (deleted)") and not self._system(path)]
 
     def check_mapped(self) -> None:
+        waited = time.perf_counter()
+        self.prefetch.drain()
+        self.cost.waited_s += time.perf_counter() - waited
         problems = []
         for path in self._mapped_code():
             if path.endswith(" (deleted)"):
@@ -267,7 +350,6 @@ class _Guard:
                 continue
             if self._system(path):
                 continue
-            self.prefetch.wait(path)
             try:
                 self.check_file(path, "shared library")
             except CodeIdentityRefused as exc:
@@ -278,6 +360,13 @@ class _Guard:
     # imports --------------------------------------------------------------------------------
     def checked(self, spec: machinery.ModuleSpec) -> machinery.ModuleSpec:
         """Give the spec a loader that checks (see module doc, step 4)."""
+        started = time.perf_counter()
+        try:
+            return self._checked(spec)
+        finally:
+            self.cost.imports_s += time.perf_counter() - started
+
+    def _checked(self, spec: machinery.ModuleSpec) -> machinery.ModuleSpec:
         origin = spec.origin
         if not spec.has_location or not origin or not os.path.isabs(origin):
             return spec  # built-in, frozen, namespace package: no file of its own
@@ -311,11 +400,15 @@ class _VerifiedSourceLoader(machinery.SourceFileLoader):
         self._guard = guard
 
     def get_data(self, path: str) -> bytes:
-        if path == self.path:
-            return self._guard.verified_bytes(path, f"module {self.name}:")
-        if path == importlib.util.cache_from_source(self.path):
-            return self._guard.verified_bytes(path, f"bytecode of {self.name}:")
-        raise OSError(f"{path}: not a file of module {self.name}")
+        started = time.perf_counter()
+        try:
+            if path == self.path:
+                return self._guard.verified_bytes(path, f"module {self.name}:")
+            if path == importlib.util.cache_from_source(self.path):
+                return self._guard.verified_bytes(path, f"bytecode of {self.name}:")
+            raise OSError(f"{path}: not a file of module {self.name}")
+        finally:
+            self._guard.cost.imports_s += time.perf_counter() - started
 
     def set_data(self, path: str, data: bytes, *, _mode: int = 0o666) -> None:
         return None
@@ -329,7 +422,11 @@ class _VerifiedSourcelessLoader(machinery.SourcelessFileLoader):
     def get_data(self, path: str) -> bytes:
         if path != self.path:
             raise OSError(f"{path}: not a file of module {self.name}")
-        return self._guard.verified_bytes(path, f"bytecode of {self.name}:")
+        started = time.perf_counter()
+        try:
+            return self._guard.verified_bytes(path, f"bytecode of {self.name}:")
+        finally:
+            self._guard.cost.imports_s += time.perf_counter() - started
 
 
 class _CheckedExtensionLoader(machinery.ExtensionFileLoader):
@@ -342,7 +439,9 @@ class _CheckedExtensionLoader(machinery.ExtensionFileLoader):
 
     def create_module(self, spec: machinery.ModuleSpec) -> Any:
         module = super().create_module(spec)
-        self._guard.prefetch_mapped()
+        started = time.perf_counter()
+        self._guard.prefetch.request()
+        self._guard.cost.imports_s += time.perf_counter() - started
         return module
 
 
@@ -397,11 +496,16 @@ def install() -> None:
         return
     if not _isolated():
         raise CodeIdentityRefused(["the interpreter is not isolated (run it with -I -B)"])
-    guard = _Guard(os.path.join(os.path.realpath(sys.prefix), MANIFEST_NAME))
+    started = time.thread_time()
+    prefix = os.path.realpath(sys.prefix)
+    guard = _Guard(os.path.join(prefix, MANIFEST_NAME))
+    guard.cost.cached = digest_cache.load(os.path.join(prefix, CACHE_NAME))
     guard.check_started()
     sys.dont_write_bytecode = True
     sys.meta_path.insert(0, _MeasuredFinder(guard))
     sys.path_importer_cache.clear()
+    guard.prefetch.request()  # what is mapped already (libpython, ...), on the second core
+    guard.cost.startup_cpu_s = time.thread_time() - started
     _active = guard
 
 
@@ -428,7 +532,13 @@ def code_claims() -> dict[str, str]:
         return code_digest().claims()
     if _active.refusals:
         raise CodeIdentityRefused(_active.refusals)
+    started = time.thread_time()
     _active.check_mapped()
+    _active.cost.before_keys_cpu_s += time.thread_time() - started
+    if not _active.cost_logged:
+        _active.cost_logged = True
+        log.info("%s", _active.cost.line())
+        digest_cache.save(os.path.join(os.path.dirname(_active.manifest_path), CACHE_NAME))
     torch = sys.modules.get("torch")
     return {
         "code_digest": _active.digest,

@@ -21,6 +21,7 @@ from sealed.secrets import SecretBuffer
 
 __all__ = [
     "AttestationDenied",
+    "BrokersUnreachable",
     "KeyHandle",
     "KeySource",
     "KeySourceUnavailable",
@@ -40,18 +41,27 @@ class KeySourceUnavailable(Exception):
     """The key could not be obtained for a reason other than a denial (network, config)."""
 
 
+class BrokersUnreachable(KeySourceUnavailable):
+    """A broker could not be reached (down, network, deadline): an outage, not a refusal.
+    The trainer exits 7 for it (``trainer --help``), never 3 (revoked) or 4 (denied)."""
+
+
 @dataclass(slots=True)
 class KeyHandle:
     """The dataset key of one process, with its lease.
 
     ``lease_expiry`` is a ``time.time()`` value or ``None`` for no expiry. ``revoked`` is set
     by the source (revocation pushed or found while renewing); ``revoke_reason`` says why.
+    ``renewal_problem`` is set while renewals fail because a broker cannot be reached (and
+    cleared by the next successful renewal): a lease that runs out then is an outage, not a
+    revocation.
     """
 
     dek: SecretBuffer
     lease_expiry: float | None = None
     revoked: threading.Event = field(default_factory=threading.Event)
     revoke_reason: str = ""
+    renewal_problem: str = ""
 
     def revoke(self, reason: str) -> None:
         self.revoke_reason = reason

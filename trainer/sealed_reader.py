@@ -5,10 +5,13 @@ A sealed shard's plaintext is an offset table followed by its records back to ba
 buffer; records are views into it. The manifest's copy of the offset table (authenticated
 with the manifest) is what this adapter uses.
 
-The store is :class:`sealed.store.MappedDirStore`: shards are decrypted straight from the
-page cache (no copy into a read buffer), with the next chunks hinted to the kernel while the
-current one decrypts, so a cold shard decrypts at the rate the disk reads it. (An object
-truncated in place while it is read ends the process with SIGBUS; see the store's docstring.)
+The store is :class:`sealed.store.MappedDirStore` for a local directory: shards are
+decrypted straight from the page cache (no copy into a read buffer), with the next chunks
+hinted to the kernel while the current one decrypts, so a cold shard decrypts at the rate the
+disk reads it. (An object truncated in place while it is read ends the process with SIGBUS;
+see the store's docstring.) For ``store: s3://bucket/prefix`` it is
+:class:`sealed.s3store.S3Store`: ranged GETs in parallel, with the ranges after the one being
+decrypted prefetched.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from sealed.reader import DatasetReader
+from sealed.s3store import S3Store
 from sealed.secrets import SecretBuffer
 from sealed.store import MappedDirStore
 
@@ -29,7 +33,8 @@ __all__ = ["SealedShards", "open_sealed_reader"]
 class SealedShards:
     """Adapter over :class:`sealed.reader.DatasetReader` (used by one thread at a time)."""
 
-    def __init__(self, reader: DatasetReader, store: MappedDirStore | None = None) -> None:
+    def __init__(self, reader: DatasetReader,
+                 store: MappedDirStore | S3Store | None = None) -> None:
         self.reader = reader
         self._store = store
         self._offsets = [list(s.offsets) for s in reader.manifest.shards]
@@ -56,18 +61,26 @@ class SealedShards:
     def close(self) -> None:
         self.reader.close()
         if self._store is not None:
-            self._store.close()  # unmap the shards
+            self._store.close()  # unmap the shards / stop the fetch threads
 
 
 def open_sealed_reader(config: JobConfig, dek: SecretBuffer) -> SealedShards:
-    """Open the job's dataset (authenticating its manifest) from its local store."""
-    store = MappedDirStore(config.dataset.store_path)
-    reader = DatasetReader.open(
-        store,
-        config.dataset.manifest,
-        dek=dek,
-        tenant_id=config.tenant_id,
-        dataset_id=config.dataset.id,
-        key_version=config.dataset.key_version,
-    )
+    """Open the job's dataset (authenticating its manifest) from its store."""
+    store: MappedDirStore | S3Store
+    if config.dataset.store_is_s3:
+        store = S3Store.from_url(config.dataset.store)
+    else:
+        store = MappedDirStore(config.dataset.store_path)
+    try:
+        reader = DatasetReader.open(
+            store,
+            config.dataset.manifest,
+            dek=dek,
+            tenant_id=config.tenant_id,
+            dataset_id=config.dataset.id,
+            key_version=config.dataset.key_version,
+        )
+    except BaseException:
+        store.close()
+        raise
     return SealedShards(reader, store)

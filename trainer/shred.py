@@ -45,6 +45,7 @@ from trainer import signals
 
 __all__ = [
     "EXIT_ATTESTATION_DENIED",
+    "EXIT_BROKER_UNREACHABLE",
     "EXIT_FAILURE",
     "EXIT_OK",
     "EXIT_REVOKED",
@@ -60,6 +61,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_REVOKED = 3
 EXIT_ATTESTATION_DENIED = 4
+EXIT_BROKER_UNREACHABLE = 7  # a broker outage (not a refusal): at start or the lease ran out
 HANDLED_SIGNALS = signals.SHRED_SIGNALS
 TEST_HOOK_ENV = "TRAINER_TEST_SHRED_HOOK"
 
@@ -212,7 +214,11 @@ class Shredder:
                 errors=errors,
                 seconds=time.perf_counter() - start,
             )
-            log.warning("%s", self._report)
+            # a normal exit's report is routine (INFO); any other reason, or a wipe that
+            # failed, is worth an operator's attention
+            level = (logging.INFO if reason == "normal exit" and not errors
+                     else logging.ERROR if errors else logging.WARNING)
+            log.log(level, "%s", self._report)
             return self._report
 
     def shred_and_exit(self, reason: str, code: int) -> None:

@@ -49,9 +49,14 @@ from trainer.hardening import failed_required, format_checks, harden_process, se
 from trainer.keysource import KeyHandle, KeySource
 from trainer.models import build_model, model_adapter, model_loss
 from trainer.sealed_comm_ddp import JobComm, open_job_comm
-from trainer.shred import EXIT_REVOKED, Shredder, install_signal_handlers
+from trainer.shred import (
+    EXIT_BROKER_UNREACHABLE,
+    EXIT_REVOKED,
+    Shredder,
+    install_signal_handlers,
+)
 
-__all__ = ["HardeningFailed", "JobResult", "ReaderFactory", "lr_at", "run_job"]
+__all__ = ["DatasetMissing", "HardeningFailed", "JobResult", "ReaderFactory", "lr_at", "run_job"]
 
 log = logging.getLogger("trainer")
 
@@ -60,6 +65,27 @@ ReaderFactory = Callable[[JobConfig, SecretBuffer], ShardReader]
 
 class HardeningFailed(Exception):
     """A required hardening check failed; the message lists each with its fix."""
+
+
+class DatasetMissing(Exception):
+    """The job's manifest is not in its store: found before any broker is asked for a key."""
+
+
+def require_manifest(config: JobConfig) -> None:
+    """The dataset's manifest must be in the job's store before the key is requested, so a
+    wrong store path or manifest name costs no release (and no lease) at the brokers."""
+    from sealed.store import LocalDirStore
+
+    store = config.dataset.store
+    if "://" in store and not store.startswith("file://"):
+        return  # a remote store: its reader checks the manifest (sealed.store)
+    root = config.dataset.store_path
+    if not root.is_dir():
+        raise DatasetMissing(f"dataset.store {store} is not a directory on this node")
+    if not LocalDirStore(root).exists(config.dataset.manifest):
+        raise DatasetMissing(
+            f"dataset.manifest {config.dataset.manifest} is not in the store {store} "
+            f"(the name `kms-broker dataset upload` printed, in the store it wrote)")
 
 
 @dataclass(slots=True)
@@ -118,7 +144,9 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> Callable[[], Iterator[torc
 
 
 class _LeaseWatcher:
-    """Shreds and exits with code 3 when the lease is revoked or runs out."""
+    """Shreds and exits with code 3 when a broker revokes the lease (pushed, or a renewal
+    refused), or 7 when the lease runs out because no broker answered a renewal in time (an
+    outage, not a revocation)."""
 
     def __init__(self, handle: KeyHandle, shredder: Shredder, poll_s: float) -> None:
         self._handle = handle
@@ -134,17 +162,27 @@ class _LeaseWatcher:
         self._stop.set()
 
     def _run(self) -> None:
+        expired = False
         while not self._stop.is_set():
             if self._handle.revoked.wait(timeout=self._poll):
                 why = self._handle.revoke_reason or "the broker revoked the lease"
                 break
             expiry = self._handle.lease_expiry
             if expiry is not None and time.time() > expiry:
-                why = "the key lease expired without renewal"
+                expired = True
                 break
         else:
             return
         if self._stop.is_set():
+            return
+        if expired:
+            # No broker refused a renewal (a refusal revokes the handle): none answered in
+            # time. An outage, not a revocation: its own message and exit status.
+            problem = self._handle.renewal_problem or "no answer to the renewal in time"
+            log.error("broker unreachable: the key lease ran out before a broker renewed it "
+                      "(%s); shredding and exiting %d", problem, EXIT_BROKER_UNREACHABLE)
+            self._shredder.shred_and_exit(f"broker unreachable: {problem}",
+                                          EXIT_BROKER_UNREACHABLE)
             return
         log.error("key revoked: %s; shredding and exiting", why)
         self._shredder.shred_and_exit(f"revoked: {why}", EXIT_REVOKED)
@@ -213,6 +251,8 @@ def run_job(
                 log.warning("mlockall refused (%s): only key buffers are locked",
                             hardening.mlockall_error)
         env = init_distributed(config.device)
+        if open_reader is None and plaintext_baseline_for_benchmark_only is None:
+            require_manifest(config)  # before any key is released (and leased)
         handle = key_source.acquire()
         shredder.add_secret("dataset key", handle.dek)
         watcher = _LeaseWatcher(handle, shredder, config.lease_poll_interval)

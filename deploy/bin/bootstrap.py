@@ -11,7 +11,14 @@ Creates, once (a second run finds ``/pki/bootstrapped`` and does nothing):
 - ``broker.yaml`` for each broker, rendered from ``/deploy/config/broker.yaml.tmpl``;
 - a test EK manufacturer CA and, per node, swtpm state with an EK certificate it signed
   (``attest.swtpm``); the EK CA's root (``ek-root.pem``) and issuing CA
-  (``ek-intermediates.pem``) go to each broker, which trusts them for TPM enrolment.
+  (``ek-intermediates.pem``) go to each broker, which trusts them for TPM enrolment;
+- for the development S3 server (service ``s3``, profile ``s3``): a TLS server certificate
+  from the development CA (DNS ``s3`` and ``localhost``, IP 127.0.0.1; no broker identity in
+  it) in the ``s3`` volume, and for the tenant and each node the standard AWS files in
+  ``<home>/aws/``: ``config`` (endpoint ``--s3-endpoint``, the CA bundle, the region) and
+  ``credentials`` (0600, random keys; the development server accepts any). The services read
+  them through ``AWS_CONFIG_FILE`` and ``AWS_SHARED_CREDENTIALS_FILE`` when the dataset is
+  kept in S3 (``DATASET_STORE=s3://...``).
 
 Container paths: every path below is ``ROOT + <container path>``; ROOT is ``--root``, given as
 ``${CT_ROOT:-}`` in docker-compose.yml (empty under Docker, the service root under the local
@@ -68,6 +75,54 @@ def _issue(pki: Path, out: Path, role: str, ident: str, *dns: str) -> None:
     shutil.copy2(pki / "ca.pem", out / "ca.pem")
 
 
+def _s3_server_cert(pki: Path, out: Path) -> None:
+    """A serverAuth certificate for the development S3 server, signed by the development CA
+    (made here: ``kms-broker certs`` issues only broker identities as servers)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    from kms_broker.certs import load_ca
+
+    ca_cert, ca_key = load_ca(pki)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "s3")]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("s3"), x509.DNSName("localhost"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _write_private(out / "s3.key", key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    (out / "s3.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    shutil.copy2(pki / "ca.pem", out / "ca.pem")
+
+
+def _aws_files(out: Path, pki: Path, endpoint: str) -> None:
+    """The standard AWS config and credentials files for one client of the S3 server."""
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    shutil.copy2(pki / "ca.pem", out / "ca.pem")
+    (out / "config").write_text(f"[default]\nregion = us-east-1\nendpoint_url = {endpoint}\n"
+                                f"ca_bundle = {out / 'ca.pem'}\n")
+    _write_private(out / "credentials", (
+        f"[default]\naws_access_key_id = AKIA{secrets.token_hex(8).upper()}\n"
+        f"aws_secret_access_key = {secrets.token_urlsafe(30)}\n").encode())
+
+
 def _token(hsm_dir: Path, label: str) -> None:
     hsm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     so_pin = hsm_dir / "so.pin"
@@ -91,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="listen address of a broker (default 0.0.0.0:7443/7444)")
     parser.add_argument("--lease-ttl-ms", type=int, default=60000,
                         help="how long a released share's lease lasts before renewal")
+    parser.add_argument("--s3-endpoint", default="https://s3:9000",
+                        help="URL of the development S3 server, as the services reach it")
     args = parser.parse_args(argv)
     root = args.root.rstrip("/")
 
@@ -140,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     _log(f"tenant {args.tenant} and operator {args.operator} certificates")
     _issue(pki, at("/var/lib/tenant"), "tenant", args.tenant)
     _issue(pki, at("/var/lib/operator"), "operator", args.operator)
+
+    _log("development S3 server certificate and the AWS files of the tenant and nodes")
+    _s3_server_cert(pki, at("/var/lib/s3/tls"))
+    for home in ("/var/lib/tenant", *(f"/var/lib/{node}" for node in args.nodes)):
+        _aws_files(at(f"{home}/aws"), pki, args.s3_endpoint)
 
     done.write_text("ok\n")
     _log("done")

@@ -16,11 +16,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import string
 import sys
 from pathlib import Path
 
 MAX_JOB_INFO_BYTES = 64 * 1024
+
+
+def _store(published: object, root: str) -> str:
+    """The dataset's store: the s3:// address the tenant published, else the shared volume."""
+    if published is None:
+        return f"{root}/store"
+    # rendered into YAML: only what an s3:// address can hold (the job config checks the rest)
+    if not isinstance(published, str) or not re.fullmatch(
+            r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9._/-]{0,256})?", published):
+        raise SystemExit(f"node: the job description names an unusable store {published!r:.80}")
+    return published
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     template = string.Template(Path(f"{root}/deploy/config/job.yaml.tmpl").read_text())
     job = template.substitute(
         job_id=info["job_id"], tenant_id=info["tenant_id"], dataset_id=info["dataset_id"],
-        key_version=int(info["key_version"]), manifest=info["manifest"], store=f"{root}/store",
+        key_version=int(info["key_version"]), manifest=info["manifest"],
+        store=_store(info.get("store"), root),
         brokers=brokers, node_id=args.node, tcti=args.tcti, steps=args.steps,
         checkpoints=f"{root}/store/checkpoints/{info['job_id']}",
     )

@@ -6,7 +6,8 @@
    allowed (``attest code-digest`` over the image's environment: computed offline, the
    trainer is not run) and the job's model pinned (``--job-model``), ``kms-broker policy
    put`` at both.
-4. ``kms-broker dataset upload``: the sample corpus encrypted into the shared store.
+4. ``kms-broker dataset upload``: the sample corpus encrypted into the shared store (or into
+   ``--store s3://BUCKET/PREFIX``).
 5. ``kms-broker grant create`` for the job, for ``--max-nodes`` nodes, at both brokers.
 6. Publishes the job description (ids and the manifest's object name, no secret) to
    ``/store/jobs/<job>.json`` for the nodes.
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +36,14 @@ def _run(*argv: str, quiet: bool = False) -> str:
     return result.stdout
 
 
+def _json(*argv: str) -> dict:
+    """A ``kms-broker ... --format json`` command's result document."""
+    doc = json.loads(_run(*argv, "--format", "json", quiet=True))
+    if not isinstance(doc, dict):
+        raise SystemExit(f"tenant: `{' '.join(argv[:3])}` printed no JSON object")
+    return doc
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--root", default="", help="prefix of every container path (CT_ROOT)")
@@ -46,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", required=True, help="plaintext corpus to upload")
     parser.add_argument("--policy", required=True, help="policy YAML to start from")
     parser.add_argument("--broker", action="append", required=True, metavar="HOST:PORT")
+    parser.add_argument("--store", default="",
+                        help="where the dataset goes: s3://BUCKET/PREFIX (AWS configuration "
+                             "from the environment), or empty for the shared /store volume")
     parser.add_argument("--job-model", default="tiny-gpt",
                         help="the only model.name the policy lets the job train")
     args = parser.parse_args(argv)
@@ -60,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if not key.exists():
         _run("kms-broker", "tenant", "init", "--key", str(key))
-    _run("kms-broker", "tenant", "register", "--tenant-key", str(key), *who)
+    for row in _json("kms-broker", "tenant", "register", "--tenant-key", str(key), *who)[
+            "brokers"]:
+        print(f"tenant: {row['broker']}: registered, KEK v{row['kek_version']}", flush=True)
 
     code_digest = _run("attest", "code-digest", quiet=True).strip()
     policy = yaml.safe_load(Path(args.policy).read_text())
@@ -69,27 +82,33 @@ def main(argv: list[str] | None = None) -> int:
     params["allowed_job_models"] = [args.job_model]
     policy_file = home / "policy.yaml"
     policy_file.write_text(yaml.safe_dump(policy, sort_keys=False))
-    digests = set(re.findall(r"policy (\S+)", _run("kms-broker", "policy", "put",
-                                                   str(policy_file), *who)))
-    if len(digests) != 1:
+    put = _json("kms-broker", "policy", "put", str(policy_file), *who)
+    digests = {row["digest"] for row in put["brokers"]}
+    if digests != {put["digest"]}:
         raise SystemExit(f"tenant: brokers report different policy digests: {sorted(digests)}")
-    (digest,) = digests
+    digest = put["digest"]
+    print(f"tenant: policy {put['policy']} {digest} at {len(put['brokers'])} broker(s)",
+          flush=True)
 
-    uploaded = _run("kms-broker", "dataset", "upload", args.corpus, "--store", str(store),
-                    "--dataset", args.dataset, "--tenant-key", str(key), *who)
-    manifest = re.search(r"manifest (\S+);", uploaded)
-    if manifest is None:
-        raise SystemExit("tenant: the upload did not name its manifest")
+    dataset_store = args.store or str(store)
+    uploaded = _json("kms-broker", "dataset", "upload", args.corpus, "--store", dataset_store,
+                     "--dataset", args.dataset, "--tenant-key", str(key), *who)
+    manifest = uploaded["manifest"]
+    print(f"tenant: uploaded {uploaded['num_records']} records in {uploaded['num_shards']} "
+          f"shards; manifest {manifest}; shares at {', '.join(uploaded['holders'])}",
+          flush=True)
 
-    _run("kms-broker", "grant", "create", "--dataset", args.dataset, "--job", args.job,
-         "--policy-digest", digest, "--max-nodes", str(args.max_nodes), "--grant-id",
-         f"grant-{args.job}", "--tenant-key", str(key), *who)
+    grant = _json("kms-broker", "grant", "create", "--dataset", args.dataset, "--job",
+                  args.job, "--policy-digest", digest, "--max-nodes", str(args.max_nodes),
+                  "--grant-id", f"grant-{args.job}", "--tenant-key", str(key), *who)
+    print(f"tenant: grant {grant['grant_id']} at {len(grant['brokers'])} broker(s)", flush=True)
 
     jobs = store / "jobs"
     jobs.mkdir(exist_ok=True)
     (jobs / f"{args.job}.json").write_text(json.dumps({
         "job_id": args.job, "tenant_id": args.tenant, "dataset_id": args.dataset,
-        "key_version": 1, "manifest": manifest.group(1), "grant_id": f"grant-{args.job}",
+        "key_version": 1, "manifest": manifest, "grant_id": f"grant-{args.job}",
+        **({"store": args.store} if args.store else {}),
     }, indent=1))
     print(f"tenant: job {args.job} published", flush=True)
     return 0

@@ -25,7 +25,7 @@ from kms_broker.domain.errors import (
     NotFound,
     ResourceExhausted,
 )
-from kms_broker.domain.model import Dataset, DatasetShare, Grant, Tenant, Upload
+from kms_broker.domain.model import Dataset, DatasetShare, Grant, Node, Tenant, Upload
 from kms_broker.grants import MAX_GRANT_SIZE, SIGNATURE_SIZE, InvalidGrantSignature, verify_grant
 from kms_broker.hsm.interface import ShareBinding
 from kms_broker.sealing import import_transcript, parse_sealed_blob
@@ -374,6 +374,10 @@ class Admin:
             leases = self.d.repo.revoke_leases(now_ms=self.d.clock.now_ms(), node_id=node_id)
         self.d.revocations.publish(leases, f"node {node_id} revoked")
         return len(leases)
+
+    def list_nodes(self) -> list[Node]:
+        """Every enrolled node with its revoked state (operator; read-only, not audited)."""
+        return self.d.repo.list_nodes()
 
     def reinstate_node(self, *, actor: str, node_id: str) -> None:
         """Allow a revoked node to be enrolled again. Revocation is sticky: without this,

@@ -10,7 +10,10 @@ may be held by another worker than the one that revoked its lease. :class:`Revoc
 carries events between them through the store: the hub's ``forward`` hook records every event
 it publishes (tagged with this process's origin id), and each worker's relay polls for events
 from other origins and delivers them to its own subscribers. Within one process delivery is
-immediate; across processes it takes at most one poll interval.
+immediate; across processes it takes at most one poll interval. A store that offers
+``wait_revocations(timeout_s)`` (PostgreSQL: ``LISTEN``, woken by the ``NOTIFY`` committed
+with the events) wakes the relay as soon as another replica commits events; it still polls
+after every wake-up and at least every ``WAKE_TIMEOUT_S``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ __all__ = ["RevocationEvent", "RevocationHub", "RevocationRelay"]
 MAX_PENDING = 1024
 RELAY_INTERVAL_S = 0.2
 RELAY_KEEP_MS = 600_000  # events older than this are dropped from the store
+WAKE_TIMEOUT_S = 1.0  # a store with wait_revocations (LISTEN) is polled at least this often
 log = logging.getLogger("kms_broker.revocations")
 
 
@@ -131,7 +135,20 @@ class RevocationRelay:
         return self.hub.deliver(events) if events else 0
 
     def _loop(self) -> None:
-        while not self._stop.wait(self._interval):
+        # a store that can wake the relay (PostgreSQL LISTEN/NOTIFY) is waited on; a poll
+        # follows every wake-up or timeout, so a lost notification costs one interval at most
+        wait = getattr(self.store, "wait_revocations", None)
+        while not self._stop.is_set():
+            if wait is None:
+                if self._stop.wait(self._interval):
+                    return
+            else:
+                try:
+                    wait(WAKE_TIMEOUT_S)
+                except Exception as exc:  # the store is down: fall back to the interval
+                    log.warning("revocation relay wait failed: %s", exc)
+                    if self._stop.wait(self._interval):
+                        return
             try:
                 self.poll()
             except Exception as exc:  # the store is down: retry next round

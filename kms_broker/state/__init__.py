@@ -1,1 +1,2 @@
-"""Broker state: the ``Repository`` protocol and its SQLite implementation."""
+"""Broker state: the ``Repository`` protocol and its implementations, SQLite (``sqlite``, the
+embedded default) and PostgreSQL (``postgres``, shared by broker replicas)."""

@@ -1,5 +1,6 @@
-"""What the broker needs from its state store. SQLite implements it (``state.sqlite``);
-PostgreSQL can implement the same protocol for replicated brokers (DESIGN.md section 8).
+"""What the broker needs from its state store. SQLite implements it (``state.sqlite``), and
+PostgreSQL (``state.postgres``) for replicated brokers (DESIGN.md section 8); one contract
+suite (tests/kms_broker/test_repository_contract.py) runs against both.
 
 Every method is atomic. Methods that create raise ``AlreadyExists`` on a taken id; lookups
 return ``None`` for unknown ids; a store that cannot be reached raises ``Unavailable``.
@@ -52,6 +53,7 @@ class Repository(Protocol):
     def get_node(self, node_id: str) -> Node | None: ...
     def revoke_node(self, node_id: str) -> bool: ...
     def reinstate_node(self, node_id: str) -> bool: ...  # False unless revoked
+    def list_nodes(self) -> list[Node]: ...  # every enrolled node, by node id
     def add_session(self, session: Session) -> None: ...
     # marks used atomically, only if the session is node_id's (another node's is not burnt)
     def consume_session(self, session_id: str, node_id: str) -> Session | None: ...

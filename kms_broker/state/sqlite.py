@@ -330,6 +330,14 @@ class SqliteRepository:
         )
 
     @_guarded
+    def list_nodes(self) -> list[Node]:
+        rows = self._db.execute("SELECT * FROM nodes ORDER BY node_id").fetchall()
+        return [Node(node_id=r[0], tenant_scope=r[1], ak_public=bytes(r[2]),
+                     ek_certificate=bytes(r[3]), revoked=r[4] != NODE_ACTIVE,
+                     reinstated=r[4] == NODE_REINSTATED, enrolled_ms=r[5],
+                     binding_sig=bytes(r[6])) for r in rows]
+
+    @_guarded
     def revoke_node(self, node_id: str) -> bool:
         return self._db.execute(
             "UPDATE nodes SET revoked=? WHERE node_id=?", (NODE_REVOKED, node_id)

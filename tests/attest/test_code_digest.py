@@ -18,6 +18,7 @@ from attest.code_digest import (
     code_digest,
     environment_manifest,
     hash_file,
+    index_manifest,
     parse_manifest,
 )
 
@@ -211,3 +212,19 @@ def test_attest_code_digest_computes_the_stored_digest_offline(env: Path):
     numpy = env / "lib/python3.11/site-packages/numpy/__init__.py"
     numpy.write_text(numpy.read_text().replace("'2'", "'3'"))
     assert cli(str(env)) != printed
+
+
+def test_the_run_time_index_finds_every_line_and_nothing_else(env: Path):
+    """trainer.guard looks lines up by binary search over the manifest bytes."""
+    manifest = environment_manifest(str(env))
+    index = index_manifest(manifest)
+    lines = manifest[len(MANIFEST_HEADER):].split(b"\n")[:-1]
+    paths = [line.rpartition(b"\t")[2].decode() for line in lines]
+    assert len(paths) > 5
+    assert all(index.get(path) == line for path, line in zip(paths, lines, strict=True))
+    assert all(path in index for path in paths)
+    for missing in ("/", paths[0][:-1], paths[0] + "x", paths[-1] + "x", "\uffff"):
+        assert missing not in paths
+        assert index.get(missing) is None and missing not in index
+    with pytest.raises(CodeSetError):
+        index_manifest(b"not a manifest\n")

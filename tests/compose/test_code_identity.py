@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from attest.code_digest import MANIFEST_NAME, environment_manifest
+from attest.code_digest import CACHE_NAME, MANIFEST_NAME, environment_manifest
+from attest.digest_cache import RACY_NS
 from tests.compose.conftest import live_processes
 from tests.compose.test_deployment import _deployment
 from tests.compose.test_scenarios import Deployment
@@ -187,6 +188,33 @@ def test_a_replaced_extension_module_is_refused(deployment: Deployment, image: P
     with tampered(target, target.read_bytes() + b"\0"):  # still a loadable ELF file
         assert_refused(deployment, f"module numpy._core._multiarray_umath: {target} differs "
                                    "from the measured code set")
+
+
+def test_a_cached_digest_never_stands_for_a_changed_library(deployment: Deployment,
+                                                           image: Path):
+    """The trainer keeps the digests it hashed beside the manifest (attest/digest_cache.py),
+    so the next start reads no library it already checked. An extension module changed in
+    place after a run, its size and mtime kept, is still refused: its ctime changed."""
+    cache = image / CACHE_NAME
+    (target,) = (_site(image) / "numpy" / "_core").glob("_multiarray_umath.*.so")
+    st = target.stat()
+    key = f"{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} ".encode()
+    if not cache.exists() or key not in cache.read_bytes():
+        # a run that trains, after the earlier tests' tampering (undone) changed the ctime;
+        # a file changed less than RACY_NS before it is hashed is not cached
+        time.sleep(RACY_NS / 1e9 + 0.1)
+        code, output = run_node(deployment)
+        assert code == 0, output[-3000:]
+    assert key in cache.read_bytes()  # the cache holds the module's digest
+    original = target.read_bytes()
+    changed = bytearray(original)
+    changed[len(changed) // 2] ^= 0xFF
+    with tampered(target, bytes(changed)):
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert (target.stat().st_size, target.stat().st_mtime_ns) == (st.st_size,
+                                                                      st.st_mtime_ns)
+        assert_refused(deployment, f"module numpy._core._multiarray_umath: {target} "
+                                   "differs from the measured code set")
 
 
 def test_ld_preload_is_refused(deployment: Deployment):

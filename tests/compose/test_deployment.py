@@ -42,8 +42,9 @@ def test_compose_file_declares_the_deployment():
     services = project.services
     assert set(services) == {
         "bootstrap", "provider-broker", "tenant-broker", "tpm-a", "tpm-b", "enrol", "tenant",
-        "node-a", "node-b",
+        "node-a", "node-b", "s3",
     }
+    assert services["s3"].profiles == ("s3",)  # the embedded default runs without it
     for name, service in services.items():
         if name not in ONE_SHOT:
             assert service.healthcheck is not None, f"{name} has no healthcheck"
@@ -54,7 +55,9 @@ def test_compose_file_declares_the_deployment():
            for name in ("provider-broker", "tenant-broker", "tpm-a", "tpm-b")},
         "enrol": {(b, "service_healthy")
                   for b in ("provider-broker", "tenant-broker", "tpm-a", "tpm-b")},
-        "tenant": {("provider-broker", "service_healthy"), ("tenant-broker", "service_healthy")},
+        "tenant": {("provider-broker", "service_healthy"), ("tenant-broker", "service_healthy"),
+                   ("s3", "service_healthy")},
+        "s3": {("bootstrap", "service_completed_successfully")},
         "node-a": {("enrol", "service_completed_successfully"),
                    ("tenant", "service_completed_successfully"), ("tpm-a", "service_healthy")},
         "node-b": {("enrol", "service_completed_successfully"),

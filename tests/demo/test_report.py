@@ -72,3 +72,12 @@ def test_progress_line_reads_step_loss_and_rate():
     line = "rank 0 INFO trainer: step 5/40 loss 4.7517 lr 3.00e-03 samples/s 28.5 tokens/s 1824"
     assert progress_line(line) == (5, 40, 4.7517, "28.5 samples/s")
     assert progress_line("checkpoint ckpt-0000000020.ctck written (encrypted)") is None
+
+
+def test_audit_verify_status_from_json() -> None:
+    from demo.summary import _verify_status
+
+    doc = '{"status": "OK", "ok": true, "detail": "1 records, anchored up to record 1"}'
+    assert _verify_status(doc, "") == "OK: 1 records, anchored up to record 1"
+    assert _verify_status('{"error": "no audit log", "exit_status": 1}', "x") == "no audit log"
+    assert _verify_status("", "kms-broker: error: boom\n") == "kms-broker: error: boom"

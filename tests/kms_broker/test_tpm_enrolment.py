@@ -150,6 +150,25 @@ def test_enrolled_swtpm_node_attests_and_gets_its_share(tpm_broker, world, tpm_a
     assert attests and "tpm2 evidence verified" in attests[-1]["reason"]
 
 
+def test_enrol_format_json(tpm_broker, tpm_a) -> None:
+    """Enrolment is idempotent: enrolling n1 again, as a script would, with JSON output."""
+    import hashlib
+    import json
+
+    result = subprocess.run(
+        [sys.executable, "-m", "kms_broker.cli", "node", "enrol", "n1", "--tcti", tpm_a.tcti,
+         "--tenant-scope", "acme", *_operator_args(tpm_broker), "--format", "json"],
+        cwd=REPO, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    with TpmNode(tpm_a.tcti) as tpm:
+        ek_cert = tpm.ek_certificate()
+    (row,) = doc["brokers"]
+    assert doc["node"] == "n1" and row["broker"] == tpm_broker.address
+    assert row["ek_certificate_sha256"] == hashlib.sha256(ek_cert).hexdigest()
+    assert len(bytes.fromhex(row["ak_name"])) == 34  # TPM Name: sha256 algorithm id + digest
+
+
 def test_quote_by_a_non_enrolled_ak_is_denied_at_attest(tpm_broker, world, tpm_a, tpm_b,
                                                         claims) -> None:
     with TpmNode(tpm_a.tcti) as tpm:

@@ -191,3 +191,20 @@ def test_domain_imports_neither_grpc_nor_pkcs11() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).parents[2]).stdout.strip()
     assert out == "[]"
+
+
+def test_sqlite_list_nodes_with_their_revoked_state(tmp_path: Path) -> None:
+    repo = SqliteRepository(tmp_path / "db")
+    assert repo.list_nodes() == []
+    for node_id in ("n2", "n1", "n3"):
+        repo.put_node(Node(node_id=node_id, tenant_scope="acme" if node_id == "n3" else "",
+                           ak_public=b"a", ek_certificate=b"e", enrolled_ms=5))
+    repo.revoke_node("n2")
+    repo.revoke_node("n3")
+    repo.reinstate_node("n3")
+    nodes = repo.list_nodes()
+    assert [n.node_id for n in nodes] == ["n1", "n2", "n3"]
+    assert [(n.revoked, n.reinstated) for n in nodes] == [(False, False), (True, False),
+                                                           (True, True)]
+    assert nodes[2].tenant_scope == "acme" and nodes[0].enrolled_ms == 5
+    repo.close()

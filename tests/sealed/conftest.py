@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from sealed import LocalDirStore, MappedDirStore, MemoryStore, SecretBuffer
+from tests.s3server import s3_server, s3_tls_server  # noqa: F401 - fixtures
 from tests.sealed.tink_oracle import tink_streaming_aead
 
 TENANT, DATASET, VERSION = "tenant-a", "dataset-1", 1
@@ -26,14 +27,21 @@ def dek(raw_key: bytes) -> Iterator[SecretBuffer]:
     key.zeroize()
 
 
-@pytest.fixture(params=["local", "mapped", "memory"])
+@pytest.fixture(params=["local", "mapped", "memory", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path):
-    """Every backend: the contract and the format tests run against each."""
+    """Every backend: the contract and the format tests run against each (S3: a real local
+    server, moto's server mode, with a fresh prefix per test)."""
     if request.param == "local":
-        return LocalDirStore(tmp_path / "store")
-    if request.param == "mapped":
-        return MappedDirStore(tmp_path / "store")
-    return MemoryStore()
+        yield LocalDirStore(tmp_path / "store")
+    elif request.param == "mapped":
+        yield MappedDirStore(tmp_path / "store")
+    elif request.param == "s3":
+        server = request.getfixturevalue("s3_server")
+        s3 = server.store(f"t-{os.urandom(8).hex()}", part_size=5 << 20)
+        yield s3
+        s3.close()
+    else:
+        yield MemoryStore()
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ signals.start()  # as the real entry point does, before torch and gRPC start thr
 
 from tests.kms_broker.verifiers import make_evidence  # noqa: E402
 from trainer.attested import AttestedKeySource  # noqa: E402
-from trainer.cli import setup_logging  # noqa: E402
+from trainer.cli import denial_lines, setup_logging  # noqa: E402
 from trainer.config import JobConfig  # noqa: E402
 from trainer.keysource import AttestationDenied, KeySourceUnavailable  # noqa: E402
 from trainer.shred import EXIT_ATTESTATION_DENIED, EXIT_FAILURE, EXIT_OK  # noqa: E402
@@ -38,8 +38,7 @@ def main() -> int:
     try:
         result = run_job(config, source, require_hardening=True)
     except AttestationDenied as exc:
-        reasons = "".join(f"\n  - {r}" for r in exc.reasons)
-        print(f"trainer: attestation denied: {exc}{reasons}", file=sys.stderr)
+        print("\n".join(denial_lines(exc, exc.reasons)), file=sys.stderr)
         return EXIT_ATTESTATION_DENIED
     except KeySourceUnavailable as exc:
         print(f"trainer: cannot obtain the dataset key: {exc}", file=sys.stderr)

@@ -39,14 +39,15 @@ WAIT_S = 300  # how long a helper waits for a log line (a hang guard, not a timi
 
 
 class Release:
-    def __init__(self, root: Path, pki, softhsm_config):  # noqa: F811
+    def __init__(self, root: Path, pki, softhsm_config, *, name: str = "b1",  # noqa: F811
+                 ttl_ms: dict[str, int] | None = None):
         import uuid
 
         from kms_broker.grants import GrantDocument
         from kms_broker.tenant import upload_dataset
         from sealed.store import LocalDirStore
 
-        self.broker = start_broker(root, pki, softhsm_config, name="b1")
+        self.broker = start_broker(root, pki, softhsm_config, name=name, ttl_ms=ttl_ms)
         self.canary = f"CANARY-{uuid.uuid4().hex}".encode()
         self.shares: list[bytes] = []
 
@@ -150,6 +151,7 @@ def test_policy_denial_exits_4_having_decrypted_nothing(tmp_path, release, procs
     assert proc.wait() == 4, proc.err()[-3000:]
     err = proc.err()
     assert "trainer: attestation denied" in err and "ksm-off" in err
+    assert err.count("KSM merges identical") == 1, err[-3000:]  # each reason once (issue 16)
     assert "plaintext buffers 0 (0.00 MiB)" in err  # nothing was ever decrypted
     assert "step 1/" not in err and not (tmp_path / "job-3" / "ckpt").exists()
 
@@ -165,3 +167,26 @@ def test_sigterm_scan_finds_no_dek_or_share_bytes(tmp_path, release, procs):
     _wait_for(proc, f"SHRED-DONE {proc.pid}")
     assert memory_contains(proc.pid, [release.dek, *release.shares]) == []
     proc.kill_tree()
+
+
+def test_broker_outage_is_not_a_revocation(tmp_path, pki, softhsm_config, procs):  # noqa: F811
+    """The broker dies mid-training: renewals cannot reach it, the lease runs out, and the
+    trainer shreds and exits 7 saying the broker is unreachable (never 3, "revoked")."""
+    outage = Release(tmp_path / "outage", pki, softhsm_config, name="b-outage",
+                     ttl_ms={"lease": 20_000})
+    try:
+        job = outage.job(tmp_path, "job-1", steps=1_000_000, log_interval=1,
+                         lease_poll_interval=0.2)
+        proc = Proc([PY, str(ENTRY), "--job", str(job)], tmp_path / "logs", "outage")
+        procs.append(proc)
+        _wait_for(proc, "step 2/")
+        outage.broker.proc.kill()
+        outage.broker.proc.wait()
+        assert proc.wait() == 7, proc.err()[-3000:]
+        err = proc.err()
+        assert "broker unreachable: the key lease ran out before a broker renewed it" in err
+        assert "shred report (broker unreachable:" in err
+        assert "key revoked" not in err and "revoked:" not in err
+        assert files_containing([tmp_path], outage.needles()) == []
+    finally:
+        outage.broker.stop()

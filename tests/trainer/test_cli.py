@@ -68,7 +68,8 @@ def test_help_explains_commands_and_exit_codes():
     out = trainer("--help")
     assert out.returncode == 0
     for text in ("--attest", "--job", "check", "validate", "exit codes", "143 SIGTERM",
-                 "4 attestation denied", "5 code identity refused"):
+                 "4 attestation denied", "5 code identity refused", "7 broker unreachable",
+                 "--threads", "--log-format"):
         assert text in out.stdout
 
 
@@ -115,13 +116,60 @@ def test_attest_refuses_model_code_outside_the_measured_packages(tmp_path, datas
     assert "The Zen of Python" not in out.stdout + out.stderr  # the module never ran
 
 
-def test_attest_with_unreachable_broker_fails_cleanly(tmp_path, dataset):
+def test_attest_with_unreachable_broker_is_an_outage_exit_7(tmp_path, dataset):
     job = _attested_job(tmp_path, dataset)
+    out = trainer("--attest", "--job", str(job), "--threads", "1")
+    assert out.returncode == 7, out.stderr
+    assert "trainer: broker unreachable (an outage, not a revocation)" in out.stderr
+    assert "UNAVAILABLE" in out.stderr and "revoked" not in out.stderr
+    assert "shred report (error)" in out.stderr
+    assert "using 1 CPU thread(s) per process" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_no_key_is_requested_before_the_manifest_is_found(tmp_path, dataset):
+    """The broker address is closed: reaching it would exit 7. A missing manifest stops the
+    trainer before it asks any broker for anything."""
+    job = _attested_job(tmp_path, dataset)
+    text = job.read_text().replace(str(dataset.manifest), "no-such.manifest")
+    assert "no-such.manifest" in text
+    job.write_text(text)
     out = trainer("--attest", "--job", str(job))
     assert out.returncode == 1, out.stderr
-    assert "cannot obtain the dataset key: key release failed (UNAVAILABLE)" in out.stderr
-    assert "shred report (error)" in out.stderr
-    assert "Traceback" not in out.stderr
+    assert "dataset not found, no key requested" in out.stderr
+    assert "no-such.manifest is not in the store" in out.stderr
+    assert "UNAVAILABLE" not in out.stderr and "Traceback" not in out.stderr
+
+
+def test_validate_names_each_missing_file(tmp_path, dataset):
+    job = _attested_job(tmp_path, dataset)
+    (tmp_path / "node.key").unlink()
+    out = trainer("validate", "--job", str(job))
+    assert out.returncode == 2, out.stderr
+    assert f"brokers[0].key: no file {tmp_path / 'node.key'}" in out.stderr
+    assert "attestation.tcti: no TPM device /nonexistent/tpm" in out.stderr
+    assert "brokers[0].ca" not in out.stderr  # the files that are there are not named
+
+
+def test_threads_must_be_positive(tmp_path, dataset):
+    job = write_job(tmp_path / "job.yaml", job_dict(dataset, tmp_path / "run"))
+    out = trainer("--attest", "--job", str(job), "--threads", "0")
+    assert out.returncode == 2 and "--threads must be at least 1" in out.stderr
+    bad = write_job(tmp_path / "bad.yaml", {**job_dict(dataset, tmp_path / "run"), "threads": 0})
+    out = trainer("validate", "--job", str(bad))
+    assert out.returncode == 2 and "threads must be an integer from 1" in out.stderr
+
+
+def test_json_logs_are_one_object_per_line(tmp_path, dataset):
+    import json
+
+    job = _attested_job(tmp_path, dataset)
+    out = trainer("--attest", "--job", str(job), "--log-format", "json")
+    assert out.returncode == 7, out.stderr
+    logged = [json.loads(line) for line in out.stderr.splitlines() if line.startswith("{")]
+    shred = [r for r in logged if r["logger"] == "trainer.shred"]
+    assert shred and shred[-1]["message"].startswith("shred report (error)")
+    assert shred[-1]["level"] == "WARNING" and shred[-1]["process_role"] == "rank 0"
 
 
 def test_check_passes_here():
@@ -158,3 +206,17 @@ def test_finite_memlock_limit_skips_mlockall_but_locks_keys():
     assert "[ok  ] mlock-key-buffers" in out.stdout
     assert "[warn] mlockall" in out.stdout
     assert "skipped: RLIMIT_MEMLOCK is 65536 bytes and CAP_IPC_LOCK is absent" in out.stdout
+
+
+def test_default_threads_share_the_cores_among_local_ranks(monkeypatch):
+    import os
+
+    from trainer.cli import default_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert default_threads() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert default_threads() == 1  # never zero
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert default_threads() == 8

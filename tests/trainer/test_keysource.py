@@ -16,7 +16,12 @@ from sealed.secrets import SecretBuffer
 from tests.trainer.conftest import job_dict
 from trainer.attested import AttestedKeySource
 from trainer.config import JobConfig
-from trainer.keysource import AttestationDenied, KeySourceUnavailable, StaticKeySource
+from trainer.keysource import (
+    AttestationDenied,
+    BrokersUnreachable,
+    KeySourceUnavailable,
+    StaticKeySource,
+)
 
 
 def test_static_source_hands_out_copies():
@@ -138,8 +143,9 @@ def test_denial_carries_the_failed_rules(tmp_path, dataset, fake_client):
 
 def test_unavailable_broker_and_bad_setup_are_clear(tmp_path, dataset, fake_client):
     fake_client.fetch_error = UnavailableError("connection refused", code="UNAVAILABLE")
-    with pytest.raises(KeySourceUnavailable, match=r"key release failed \(UNAVAILABLE\)"):
+    with pytest.raises(BrokersUnreachable, match=r"could not be reached \(UNAVAILABLE\)"):
         AttestedKeySource(_config(tmp_path, dataset), evidence_for=_evidence).acquire()
+    assert issubclass(BrokersUnreachable, KeySourceUnavailable)  # an outage, not a denial
     with pytest.raises(KeySourceUnavailable, match="the job lists no brokers"):
         AttestedKeySource(JobConfig.from_mapping(job_dict(dataset, tmp_path / "r")))
     with pytest.raises(KeySourceUnavailable, match="no attestation section"):

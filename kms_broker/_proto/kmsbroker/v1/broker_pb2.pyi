@@ -434,3 +434,27 @@ class ReinstateNodeRequest(_message.Message):
 class ReinstateNodeResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ListNodesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeInfo(_message.Message):
+    __slots__ = ("node_id", "tenant_scope", "state", "enrolled_unix_ms", "ek_certificate_sha256")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_SCOPE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ENROLLED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    EK_CERTIFICATE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    tenant_scope: str
+    state: str
+    enrolled_unix_ms: int
+    ek_certificate_sha256: str
+    def __init__(self, node_id: _Optional[str] = ..., tenant_scope: _Optional[str] = ..., state: _Optional[str] = ..., enrolled_unix_ms: _Optional[int] = ..., ek_certificate_sha256: _Optional[str] = ...) -> None: ...
+
+class ListNodesResponse(_message.Message):
+    __slots__ = ("nodes",)
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ...) -> None: ...

@@ -907,6 +907,11 @@ class OperatorServiceStub:
                 request_serializer=kmsbroker_dot_v1_dot_broker__pb2.ReinstateNodeRequest.SerializeToString,
                 response_deserializer=kmsbroker_dot_v1_dot_broker__pb2.ReinstateNodeResponse.FromString,
                 _registered_method=True)
+        self.ListNodes = channel.unary_unary(
+                '/kmsbroker.v1.OperatorService/ListNodes',
+                request_serializer=kmsbroker_dot_v1_dot_broker__pb2.ListNodesRequest.SerializeToString,
+                response_deserializer=kmsbroker_dot_v1_dot_broker__pb2.ListNodesResponse.FromString,
+                _registered_method=True)
 
 
 class OperatorServiceServicer:
@@ -950,6 +955,13 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListNodes(self, request, context):
+        """Every enrolled node (revoked ones too), by node id; read-only, not audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -972,6 +984,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.ReinstateNode,
                     request_deserializer=kmsbroker_dot_v1_dot_broker__pb2.ReinstateNodeRequest.FromString,
                     response_serializer=kmsbroker_dot_v1_dot_broker__pb2.ReinstateNodeResponse.SerializeToString,
+            ),
+            'ListNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNodes,
+                    request_deserializer=kmsbroker_dot_v1_dot_broker__pb2.ListNodesRequest.FromString,
+                    response_serializer=kmsbroker_dot_v1_dot_broker__pb2.ListNodesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1084,6 +1101,33 @@ class OperatorService:
             '/kmsbroker.v1.OperatorService/ReinstateNode',
             kmsbroker_dot_v1_dot_broker__pb2.ReinstateNodeRequest.SerializeToString,
             kmsbroker_dot_v1_dot_broker__pb2.ReinstateNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kmsbroker.v1.OperatorService/ListNodes',
+            kmsbroker_dot_v1_dot_broker__pb2.ListNodesRequest.SerializeToString,
+            kmsbroker_dot_v1_dot_broker__pb2.ListNodesResponse.FromString,
             options,
             channel_credentials,
             insecure,

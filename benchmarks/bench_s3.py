@@ -1,0 +1,154 @@
+"""The S3 read path against raw ranged GETs from the same server: ``goal s3_read_vs_raw_get``.
+
+A real S3-compatible server runs locally (moto's server mode, a subprocess on loopback, as in
+the tests). A sealed dataset (64 MiB shards, the writer's default; 256 MiB with ``--quick``,
+1 GiB without) is written into it through ``S3Store`` (multipart uploads), then, alternating,
+several times each:
+
+- **ours**: the trainer's read path, ``trainer.sealed_reader.open_sealed_reader`` on
+  ``store: s3://...`` (configured only by the standard AWS profile files), decrypting every
+  shard with ``decrypt_shard_into`` into one buffer: parallel ranged GETs, prefetch of the
+  ranges after the one being decrypted, AES-GCM into the caller's buffer;
+- **raw**: the same ciphertext objects fetched with plain botocore ranged GETs of 8 MiB, the
+  same number in flight (4), each read straight into a preallocated buffer, nothing else:
+  the most this server and client deliver, the ceiling of any read path.
+
+Throughput is ciphertext bytes per second of wall time; the goal is ours / raw (target
+>= 0.90: decryption must hide behind the transfers). Beside it: our CPU seconds and the
+server's (from /proc), per run: both sides issue about the same requests (ours adds one
+HeadObject per shard and the manifest), so the server's CPU should match. The server is a
+Python process on the same machine whose cost per ranged GET grows with the object's size
+(moto reads the whole object to serve a range), so absolute numbers say little about a real
+S3 endpoint; the ratio is what is measured.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+from sealed import SecretBuffer
+from sealed.writer import write_dataset
+from tests.s3server import S3Server
+from trainer.sealed_reader import open_sealed_reader
+
+TENANT, DATASET = "acme", "bench-s3"
+SHARD = 64 << 20  # the writer's default target shard size
+RANGE = 8 << 20
+IN_FLIGHT = 4
+GOAL = 0.90
+
+
+def _generated(total: int, record: int = 1 << 20) -> list[bytearray]:
+    block = os.urandom(record)
+    out = []
+    for k in range(total // record):
+        rec = bytearray(block)
+        rec[:8] = k.to_bytes(8, "big")
+        out.append(rec)
+    return out
+
+
+def _server_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _raw(server: S3Server, keys: list[tuple[str, int]], bufs: dict[str, bytearray]) -> None:
+    client = server.client()
+
+    def get(key: str, offset: int, length: int) -> None:
+        resp = client.get_object(Bucket=server.bucket, Key=key,
+                                 Range=f"bytes={offset}-{offset + length - 1}")
+        view = memoryview(bufs[key])[offset : offset + length]
+        body = resp["Body"]
+        done = 0
+        while done < length:
+            n = body.readinto(view[done:])
+            if not n:
+                raise RuntimeError("short read")
+            done += n
+        body.close()
+
+    with ThreadPoolExecutor(IN_FLIGHT) as pool:
+        futures = [pool.submit(get, key, off, min(RANGE, size - off))
+                   for key, size in keys for off in range(0, size, RANGE)]
+        for f in futures:
+            f.result()
+    client.close()
+
+
+def main(quick: bool = False) -> None:
+    total = (256 << 20) if quick else (1 << 30)
+    reps = 3 if quick else 5
+    with tempfile.TemporaryDirectory(prefix="bench-s3-") as tmp, \
+            SecretBuffer.random(32) as dek:
+        server = S3Server(Path(tmp) / "s3")
+        saved = {k: os.environ.get(k) for k in ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
+                                                "AWS_PROFILE", "AWS_CA_BUNDLE")}
+        try:
+            os.environ.update(server.env)
+            writer_store = server.store("bench")
+            t0 = time.perf_counter()
+            ref = write_dataset(writer_store, _generated(total), dek=dek, tenant_id=TENANT,
+                                dataset_id=DATASET, key_version=1, share_holders=["broker"],
+                                target_shard_size=SHARD)
+            upload_s = time.perf_counter() - t0
+            writer_store.close()
+            config = SimpleNamespace(tenant_id=TENANT, dataset=SimpleNamespace(
+                id=DATASET, key_version=1, manifest=ref.manifest_name,
+                store=server.url("bench"), store_is_s3=True))
+            probe = open_sealed_reader(config, dek)  # type: ignore[arg-type]
+            entries = probe.reader.manifest.shards
+            probe.close()
+            keys = [(f"bench/{e.object_name}", e.ciphertext_size) for e in entries]
+            ct_bytes = sum(size for _, size in keys)
+            print(f"dataset: {ref.plaintext_bytes / 2**20:.0f} MiB in {ref.num_shards} shards of "
+                  f"{SHARD >> 20} MiB on a local moto server (loopback HTTP); uploaded in "
+                  f"{upload_s:.2f} s ({ref.plaintext_bytes / upload_s / 1e9:.2f} GB/s); "
+                  f"{reps} runs each, alternating", flush=True)
+            bufs = {key: bytearray(size) for key, size in keys}
+            out = bytearray(max(e.plaintext_size for e in entries))
+            ours, raw = [], []
+            for rep in range(reps):
+                cpu0, srv0, t0 = time.process_time(), _server_cpu(server.proc.pid), \
+                    time.perf_counter()
+                _raw(server, keys, bufs)
+                wall = time.perf_counter() - t0
+                raw.append(ct_bytes / wall)
+                print(f"  run {rep}: raw ranged GET {ct_bytes / wall / 1e9:.3f} GB/s "
+                      f"(client CPU {time.process_time() - cpu0:.2f} s, server CPU "
+                      f"{_server_cpu(server.proc.pid) - srv0:.2f} s)", flush=True)
+                cpu0, srv0, t0 = time.process_time(), _server_cpu(server.proc.pid), \
+                    time.perf_counter()
+                shards = open_sealed_reader(config, dek)  # type: ignore[arg-type]
+                for j in range(shards.num_shards):
+                    shards.decrypt_shard_into(j, out)
+                shards.close()
+                wall = time.perf_counter() - t0
+                ours.append(ct_bytes / wall)
+                print(f"  run {rep}: ours (open + decrypt) {ct_bytes / wall / 1e9:.3f} GB/s "
+                      f"(client CPU {time.process_time() - cpu0:.2f} s, server CPU "
+                      f"{_server_cpu(server.proc.pid) - srv0:.2f} s)", flush=True)
+            o, r = statistics.median(ours), statistics.median(raw)
+            print(f"median: ours {o / 1e9:.3f} GB/s, raw ranged GET {r / 1e9:.3f} GB/s, "
+                  f"ratio {o / r:.2f}", flush=True)
+            ratio = o / r
+            print(f"goal s3_read_vs_raw_get: {ratio:.2f} (target >= {GOAL:.2f}) "
+                  f"{'met' if ratio >= GOAL else 'missed'}", flush=True)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            server.stop()
+
+
+if __name__ == "__main__":
+    main(quick=True)
