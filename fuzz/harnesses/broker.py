@@ -61,19 +61,33 @@ class _Aborted(Exception):
 
 
 class _Context:
-    """What the servicers and the interceptor use of ``grpc.ServicerContext``."""
+    """What the servicers and the interceptor use of ``grpc.ServicerContext``; one per call,
+    as gRPC's (the interceptor's request log reads the code, details and trailers back)."""
 
     def __init__(self, cert_pem: bytes) -> None:
         self._auth = {"x509_pem_cert": [cert_pem]}
+        self._code: Any = None
+        self._details = ""
+        self._trailers: Any = ()
 
     def auth_context(self) -> dict[str, list[bytes]]:
         return self._auth
 
     def abort(self, code: Any, details: str) -> None:
+        self._code, self._details = code, details
         raise _Aborted(code, details)
 
+    def code(self) -> Any:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
     def set_trailing_metadata(self, metadata: Any) -> None:
-        pass
+        self._trailers = metadata
+
+    def trailing_metadata(self) -> Any:
+        return self._trailers
 
     def invocation_metadata(self) -> tuple:
         return ()
@@ -190,14 +204,14 @@ class _Broker:
                                 pb_grpc.add_OperatorServiceServicer_to_server),
         }
         interceptor = AuthInterceptor()
-        self.methods: list[tuple[str, Any, Any, _Context]] = []  # (path, handler, type, ctx)
+        self.methods: list[tuple[str, Any, Any, bytes]] = []  # (path, handler, type, cert)
         for service in _SERVICES:
             servicer, add = servicers[service]
             capture = _Capture()
             add(servicer, capture)
             full = f"kmsbroker.v1.{service}"
             desc = pb.DESCRIPTOR.services_by_name[service]
-            ctx = _Context(_certificate(*_IDENTITY[service]))
+            cert = _certificate(*_IDENTITY[service])
             for method in desc.methods:
                 if method.name in _NOT_FUZZED:
                     continue
@@ -206,19 +220,19 @@ class _Broker:
 
                 handler = interceptor.intercept_service(capture.lookup, details)
                 cls = getattr(pb, method.input_type.name)
-                self.methods.append((path, handler, cls, ctx))
+                self.methods.append((path, handler, cls, cert))
         _, handler, cls, _ = next(m for m in self.methods if m[0].endswith("/ListDatasets"))
-        self._live = (handler, cls(tenant_id="live"), _Context(_certificate("tenant", "live")))
+        self._live = (handler, cls(tenant_id="live"), _certificate("tenant", "live"))
 
     def call(self, index: int, payload: bytes) -> None:
         from kms_broker.domain.errors import BrokerError
 
-        path, handler, _, ctx = self.methods[index % len(self.methods)]
+        path, handler, _, cert = self.methods[index % len(self.methods)]
         request = handler.request_deserializer(payload)
         if isinstance(request, self.pb.AttestRequest) and request.session_id == "@session":
             with contextlib.suppress(BrokerError):  # n1 may be revoked by now: no session
                 request.session_id = self.flow.challenge(node_id="n1", job_id="j").session_id
-        code = self._invoke(handler, request, ctx)
+        code = self._invoke(handler, request, cert)
         if code is not None and (code.value[0] not in self.allowed or code in self.internal):
             raise PropertyViolation(f"{path} ended {code.name}, not a status of the error table")
         # the broker keeps serving: a valid call right after succeeds
@@ -227,7 +241,8 @@ class _Broker:
             raise PropertyViolation(f"after {path}, a valid ListDatasets ended {after.name}")
 
     @staticmethod
-    def _invoke(handler: Any, request: Any, ctx: _Context) -> Any:
+    def _invoke(handler: Any, request: Any, cert: bytes) -> Any:
+        ctx = _Context(cert)
         try:
             if handler.unary_unary is not None:
                 handler.response_serializer(handler.unary_unary(request, ctx))
