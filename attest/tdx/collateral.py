@@ -92,7 +92,10 @@ def signed_members(data: bytes, what: str) -> dict[str, tuple[Any, bytes]]:
                 i = skip(i + 1)
         if skip(i + 1) != len(text):
             raise CollateralError(f"{what} has trailing data")
-    except (IndexError, json.JSONDecodeError, RecursionError) as exc:
+    except CollateralError:
+        raise
+    except (IndexError, ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError,
+        # and an integer of more than 4300 digits (int's string conversion limit)
         raise CollateralError(f"{what} is not valid JSON") from exc
     return out
 
