@@ -8,7 +8,9 @@ elsewhere on a shared machine hits both sides of a pair alike.
    2 GiB otherwise; 64 MiB shards, far beyond the 32 MiB L3) written to disk, opened with
    ``trainer.sealed_reader.open_sealed_reader`` (the function ``trainer --attest`` calls:
    ``MappedDirStore``, manifest authenticated) and decrypted shard by shard into one buffer by
-   ``decrypt_shard_into``, one thread.
+   ``decrypt_shard_into``, one thread, naming the next shard as the trainer's prefetcher does
+   (cached chunks are decrypted in place from the mapping; the others are read by the store's
+   I/O thread into reused buffers ahead of decryption).
    - warm (files in the page cache) against raw ``AESGCM.decrypt_into`` over the same
      ciphertext bytes held in memory: same segments (1 MiB), same keys and nonces, same output
      buffer, one thread: ``goal store_decrypt_warm_vs_raw`` (>= 0.90);
@@ -16,13 +18,18 @@ elsewhere on a shared machine hits both sides of a pair alike.
      sequential ``readinto`` of the same files: ``goal store_decrypt_cold_vs_plain_read``
      (>= 0.90).
 2. **Upload end to end.** ``kms-broker dataset upload`` (a subprocess: the CLI, one real broker
-   with SoftHSM over mTLS, shares, encryption, fsync of every object) of a folder of 8 MiB
+   with SoftHSM over mTLS, shares, encryption, every object durable before it returns: the
+   shards fsynced in the background and once more before the manifest) of a folder of 8 MiB
    files (1 GiB in quick mode, 4 GiB otherwise) against ``cp -r`` + ``sync`` of the same
    folder on the same disk: ``goal upload_vs_plain_copy`` (>= 0.80). Beside them, in-process:
    tink-py streaming AEAD and pyrage (age, x25519) encrypting every file of a quarter of the
    folder to the same disk, then ``sync`` (their rates; age is slow enough that the whole
    folder would dominate the run). The upload's peak RSS (VmHWM of the CLI process) at two dataset
    sizes: ``goal upload_peak_rss_growth`` (<= 1.2, flat in dataset size).
+
+Both the cold decrypt and the upload also print the CPU time of each side (all threads of
+the process; for the upload the CLI process, for the copy ``cp`` and ``sync``): on a machine
+shared with other work the wall-clock ratios swing with the load, the CPU seconds much less.
 
 Run: ``.venv/bin/python -m benchmarks sealed`` (``--quick`` for the short version).
 """
@@ -89,6 +96,14 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t
 
 
+def _cpu(who: int = 0) -> float:
+    """CPU seconds (user + system) so far of this process (all threads) or its children."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN if who else resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _drop_cache(paths: list[Path]) -> None:
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
@@ -151,10 +166,12 @@ def _decrypt(quick: bool) -> tuple[float, float]:
                     aead.decrypt_into(nonce, c, None, o)
             return _timed(run)
 
+        nxt = [*range(1, len(entries)), None]  # the next shard, as the trainer's prefetcher says
+
         def ours() -> float:
             def run() -> None:
                 for j in range(len(entries)):
-                    shards.decrypt_shard_into(j, buf)
+                    shards.decrypt_shard_into(j, buf, nxt[j])
             return _timed(run)
 
         ours()  # warm the page cache and the mappings' first touch
@@ -169,6 +186,7 @@ def _decrypt(quick: bool) -> tuple[float, float]:
 
         rbuf = bytearray(8 << 20)
         rview = memoryview(rbuf)
+        cpu: dict[str, list[float]] = {"ours": [], "plain": []}
 
         def plain_read() -> float:
             _drop_cache(files)
@@ -178,7 +196,10 @@ def _decrypt(quick: bool) -> tuple[float, float]:
                     with open(f, "rb", buffering=0) as fh:
                         while fh.readinto(rview):
                             pass
-            return _timed(run)
+            c = _cpu()
+            took = _timed(run)
+            cpu["plain"].append(_cpu() - c)
+            return took
 
         def ours_cold() -> float:
             # a fresh reader as at a job's start: mapped pages cannot be dropped from the
@@ -186,17 +207,22 @@ def _decrypt(quick: bool) -> tuple[float, float]:
             nonlocal shards
             shards.close()
             _drop_cache(files)
+            c = _cpu()
             t = time.perf_counter()
             shards = open_sealed_reader(config, dek)  # type: ignore[arg-type]
             for j in range(len(entries)):
-                shards.decrypt_shard_into(j, buf)
-            return time.perf_counter() - t
+                shards.decrypt_shard_into(j, buf, nxt[j])
+            took = time.perf_counter() - t
+            cpu["ours"].append(_cpu() - c)
+            return took
 
         cold = _pairs(ours_cold, plain_read, cold_reps)
         print(f"  cold: ours {plain_bytes / statistics.median(t for t, _ in cold) / 1e9:.2f} "
               f"GB/s of plaintext, plain read "
               f"{ct_bytes / statistics.median(t for _, t in cold) / 1e9:.2f} GB/s of the same "
               f"files")
+        print(f"  cold CPU (all threads, median): ours {statistics.median(cpu['ours']) * 1e3:.0f}"
+              f" ms, plain read {statistics.median(cpu['plain']) * 1e3:.0f} ms")
         cold_ratio = _summary("cold ours/plain read (time for the same files)",
                               [p / o for o, p in cold])
         shards.close()
@@ -269,11 +295,14 @@ def _upload(quick: bool) -> tuple[float, float]:
                   f"{FILE >> 20} MiB), same disk, {reps} pairs:", flush=True)
             count = iter(range(10**6))
             rss: list[int] = []
+            cpu: dict[str, list[float]] = {"ours": [], "copy": []}
 
             def ours() -> float:
                 out = root / "out"
                 os.sync()
+                c = _cpu(1)
                 took, peak = broker.upload(src, out, f"ds{next(count)}")
+                cpu["ours"].append(_cpu(1) - c)
                 rss.append(peak)
                 shutil.rmtree(out)
                 return took
@@ -281,8 +310,10 @@ def _upload(quick: bool) -> tuple[float, float]:
             def copy() -> float:
                 out = root / "copy"
                 os.sync()
+                c = _cpu(1)
                 took = _timed(lambda: subprocess.run(
                     f"cp -r '{src}' '{out}' && sync", shell=True, check=True, timeout=1800))
+                cpu["copy"].append(_cpu(1) - c)
                 shutil.rmtree(out)
                 return took
 
@@ -292,6 +323,8 @@ def _upload(quick: bool) -> tuple[float, float]:
             label = "kms-broker dataset upload (end to end)"
             print(f"  {label:<42}{total / ours_t / 1e9:7.2f} GB/s")
             print(f"  {'cp -r + sync':<42}{total / copy_t / 1e9:7.2f} GB/s")
+            print(f"  CPU (median): upload {statistics.median(cpu['ours']):.2f} s (the CLI "
+                  f"process), cp -r + sync {statistics.median(cpu['copy']):.2f} s")
             ratio = _summary("upload/plain copy (time of cp -r + sync / time of upload)",
                              [c / o for o, c in pairs])
             big_peak = statistics.median(rss)

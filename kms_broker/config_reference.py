@@ -35,6 +35,12 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
                "port; the port is written to `STATE_DIR/broker.port` once it listens."),
     "state_dir": ("path", "Directory for `broker.db` (SQLite), `audit.log` and "
                   "`audit.anchor`. Created with the broker's umask; keep it owner-only."),
+    "state": ("`sqlite` or URL", "Where the broker keeps its state. `sqlite` (the default): "
+              "`STATE_DIR/broker.db` and the audit log as files in `state_dir`, one machine. "
+              "A `postgresql://user@host:5432/db?passfile=/etc/pgpass` URL: broker state and "
+              "the audit log in PostgreSQL, shared by several `kms-broker serve` replicas on "
+              "one HSM token (`kms_broker/state/postgres.py`). The URL must not carry a "
+              "password: give it in a libpq password file (`passfile=`)."),
     "tls.ca": ("path", "PEM of the CA that issued client certificates (nodes, tenants, "
                "operators). A client's role and id come from its certificate."),
     "tls.cert": ("path", "This broker's certificate (PEM, serverAuth); its DNS/IP names must "

@@ -3,8 +3,9 @@
 :func:`upload_dataset` gives each broker exactly one fresh random share, sealed on this
 machine to that broker's HSM import key (:func:`kms_broker.sealing.seal_share_to`), derives
 the DEK from all of them, encrypts the dataset into the store (:func:`sealed.write_dataset`)
-and registers it at every broker. On any failure it rolls back: the dataset is deleted at
-every broker that had begun, and any objects it wrote are removed from the store.
+while the shares are committed, and registers it at every broker. On any failure it rolls
+back: the dataset is deleted at every broker that had begun, and any objects it wrote are
+removed from the store.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,48 +191,80 @@ def upload_dataset(
     progress: Callable[[int, int], None] | None = None,
     make_share: Callable[[], SecretBuffer] = lambda: SecretBuffer.random(32),
 ) -> UploadResult:
-    """``make_share`` exists for tests that must know the shares (a memory scan)."""
+    """``make_share`` exists for tests that must know the shares (a memory scan).
+
+    The shares are made here, so the DEK is known before any broker answers: the dataset is
+    encrypted while a thread opens the upload and commits each sealed share at each broker
+    (TLS handshakes, HSM work), and it is registered only once both are done. A broker that
+    refuses stops the encryption at the next record, and everything is rolled back.
+    """
     if not brokers:
         raise ValueError("need at least one broker")
     tenant_id = brokers[0].tenant_id
     holders = tuple(b.address for b in brokers)
     shares: list[SecretBuffer] = []
     started: list[TenantClient] = []
+    failed: list[BaseException] = []
+    committer: threading.Thread | None = None
     ref = None
     dek: SecretBuffer | None = None
+
+    def commit_shares() -> None:
+        try:
+            for index, broker in enumerate(brokers):
+                opened = broker.open_upload(dataset_id, key_version, index, len(brokers))
+                started.append(broker)
+                transcript = sealing.import_transcript(
+                    import_id=opened.upload_id, tenant_id=tenant_id, dataset_id=dataset_id,
+                    key_version=key_version, share_index=index, broker_id=opened.broker_id,
+                    import_public_key=opened.import_public_key,
+                )
+                if transcript != opened.transcript:
+                    raise BrokerRpcError("broker's upload transcript differs from ours",
+                                         code="FAILED_PRECONDITION", broker=broker.address)
+                broker.commit_share(opened.upload_id, sealing.seal_share_to(
+                    opened.import_public_key, shares[index], transcript))
+        except BaseException as exc:  # raised in the caller's thread
+            failed.append(exc)
+
+    def progress_unless_refused(done: int, total: int) -> None:
+        if failed:
+            raise _SharesRefused
+        if progress is not None:
+            progress(done, total)
+
     try:
-        for index, broker in enumerate(brokers):
-            opened = broker.open_upload(dataset_id, key_version, index, len(brokers))
-            started.append(broker)
-            transcript = sealing.import_transcript(
-                import_id=opened.upload_id, tenant_id=tenant_id, dataset_id=dataset_id,
-                key_version=key_version, share_index=index, broker_id=opened.broker_id,
-                import_public_key=opened.import_public_key,
-            )
-            if transcript != opened.transcript:
-                raise BrokerRpcError("broker's upload transcript differs from ours",
-                                     code="FAILED_PRECONDITION", broker=broker.address)
-            share = make_share()
-            shares.append(share)
-            broker.commit_share(opened.upload_id,
-                                sealing.seal_share_to(opened.import_public_key, share, transcript))
+        shares.extend(make_share() for _ in brokers)
         dek = derive_dek(shares, tenant_id=tenant_id, dataset_id=dataset_id,
                          key_version=key_version)
+        committer = threading.Thread(target=commit_shares, name="upload-shares", daemon=True)
+        committer.start()
+        try:
+            ref = write_dataset(store, source, dek=dek, tenant_id=tenant_id,
+                                dataset_id=dataset_id, key_version=key_version,
+                                share_holders=holders, progress=progress_unless_refused)
+        except _SharesRefused:
+            pass  # the writer removed what it wrote; the broker's error is raised below
+        finally:
+            committer.join()  # each RPC has its deadline
+        if failed:
+            raise failed[0]
         for share in shares:
             share.zeroize()
-        ref = write_dataset(store, source, dek=dek, tenant_id=tenant_id, dataset_id=dataset_id,
-                            key_version=key_version, share_holders=holders, progress=progress)
+        assert ref is not None
         for broker in brokers:
             broker.register_dataset(dataset_id, key_version, ref.manifest_name, store_uri,
                                     holders)
         return UploadResult(ref.manifest_name, ref.num_shards, ref.num_records,
                             ref.plaintext_bytes, holders)
     except BaseException:
+        if committer is not None:
+            committer.join(timeout=120.0)  # interrupted above: let it finish its RPC first
         # Roll back only what this upload created: deleting the dataset drops every key
         # version's shares, so a failed upload of version n > 1 must not touch the dataset
         # (its half-committed shares are unusable: no manifest is ever registered for them).
         if key_version == 1:
-            for broker in started:
+            for broker in list(started):
                 with contextlib.suppress(BrokerRpcError):
                     broker.delete_dataset(dataset_id)
         if ref is not None and dek is not None:
@@ -241,6 +275,10 @@ def upload_dataset(
             share.zeroize()
         if dek is not None:
             dek.zeroize()
+
+
+class _SharesRefused(Exception):
+    """Stops the writer when a broker refused the upload (its error is the one raised)."""
 
 
 def _delete_objects(store: ObjectStore, manifest_name: str, dek: SecretBuffer, tenant_id: str,

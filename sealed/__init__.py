@@ -14,6 +14,7 @@ from sealed.secrets import SecretBuffer, zeroize
 from sealed.shard import DEFAULT_TARGET_SHARD_SIZE, ShardView
 from sealed.store import (
     CountingStore,
+    DeferredSyncStore,
     LocalDirStore,
     MappedDirStore,
     MemoryStore,
@@ -33,6 +34,7 @@ __all__ = [
     "DatasetReader",
     "DatasetRef",
     "DecryptionError",
+    "DeferredSyncStore",
     "FormatError",
     "InputError",
     "LocalDirStore",

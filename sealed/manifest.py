@@ -32,7 +32,8 @@ Plaintext layout, big-endian (``str16`` = u16 byte length + UTF-8; limits in bra
             40      stream header of the shard ciphertext (length byte, salt, nonce prefix)
             8       ciphertext size
             8       plaintext size
-            32      SHA-256 of the shard plaintext
+            32      SHA-256 of the shard plaintext, or 32 zero bytes if the writer did not
+                    record one (the default: see sealed.writer)
             4       record count n          [1 .. 4194304]
             8(n+1)  record offsets o_0 .. o_n, identical to the shard's own offset table
             n x     str16 record name (empty for records that came without a name) [4096]
@@ -63,6 +64,7 @@ from sealed.store import ObjectStore, validate_object_name
 __all__ = [
     "MANIFEST_PREFIX",
     "MAX_MANIFEST_SIZE",
+    "NO_DIGEST",
     "SHARD_PREFIX",
     "Manifest",
     "ShardEntry",
@@ -84,6 +86,7 @@ MAX_HOLDER_LENGTH = 512
 MAX_RECORD_NAME = 4096
 _MANIFEST_DOMAIN = b"sealed-manifest/v1"
 _DIGEST_SIZE = 32
+NO_DIGEST = bytes(_DIGEST_SIZE)  # a shard entry's sha256 when no plaintext digest was recorded
 _LITTLE = sys.byteorder == "little"
 
 

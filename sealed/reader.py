@@ -3,16 +3,27 @@
 :meth:`DatasetReader.open` reads and authenticates the manifest. After that:
 
 * :meth:`~DatasetReader.decrypt_shard_into` checks the shard object's size and stream header
-  against the manifest, reads the ciphertext with ``readinto`` into one reused buffer (8 MiB
-  per ranged read) or, from a store that offers ``view_range`` (``MappedDirStore``, the
-  trainer's), takes a zero-copy view, and decrypts every segment straight into the caller's
-  buffer (no intermediate plaintext copy). From a store that takes ``will_need`` hints, it
-  keeps the three chunks (8 MiB each) after the one it decrypts requested from the disk and
-  waits for a chunk's read before decrypting it, so cold data is read while the CPU decrypts
-  what has arrived (data already cached costs one probe per chunk).
+  against the manifest and decrypts every segment straight into the caller's buffer (no
+  intermediate plaintext copy). Where the ciphertext comes from depends on the store:
+
+  - a :class:`~sealed.store.FetchStore` (``MappedDirStore``, the trainer's): the shard is
+    taken in chunks of :data:`FETCH_SEGMENTS` segments (4 MiB). Each chunk is probed when it
+    is scheduled, up to :data:`FETCH_AHEAD` chunks ahead of the one being decrypted (a shard
+    found cached whole is not probed chunk by chunk): a
+    cached chunk is decrypted in place from the store's mapping (zero-copy); one that is not is
+    read by the store's I/O thread into one of :data:`FETCH_BUFFERS` reused buffers (large
+    sequential reads, as a plain ``read``) while this thread decrypts the chunks before it,
+    so cold data costs about what reading it costs. ``next_shard`` names the shard the
+    caller decrypts next: its first chunks are scheduled before the call returns, so its
+    reads overlap the caller's use of this one. A background read that comes back short (an
+    object truncated after it was opened) is a :class:`StoreError`, never decrypted.
+  - another store with ``view_range`` (``MemoryStore``): a zero-copy view of the range;
+  - any other store: ``readinto`` one reused buffer (8 MiB per ranged read).
+
   If any segment fails, everything already written to the caller's buffer is zeroed and
   :class:`DecryptionError` names the shard and segment: no plaintext of a tampered shard is
-  returned. ``verify_digest=True`` also checks the plaintext SHA-256 from the manifest; it is
+  returned. ``verify_digest=True`` also checks the plaintext SHA-256 from the manifest (for
+  datasets written with ``plaintext_digests=True``; a :class:`ValueError` otherwise); it is
   off by default because it is redundant for integrity (each shard's key is derived from the
   salt the manifest records, so AES-GCM already accepts only the exact ciphertext written with
   this manifest) and costs about ten times the decryption (SHA-256 runs near 2 GB/s here,
@@ -28,23 +39,40 @@ A reader is not thread-safe: use one per thread.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
-import threading
+import itertools
+from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from sealed import streaming
-from sealed.errors import DecryptionError
-from sealed.manifest import Manifest, ShardEntry, open_manifest
+from sealed.errors import DecryptionError, StoreError
+from sealed.manifest import NO_DIGEST, Manifest, ShardEntry, open_manifest
 from sealed.secrets import SecretBuffer, zeroize
 from sealed.shard import ShardView, shard_aad
-from sealed.store import ObjectStore, RangeViewStore, ReadAheadStore
+from sealed.store import Fetch, FetchStore, ObjectStore, RangeViewStore, ReadTicket
 
 __all__ = ["READ_SEGMENTS", "DatasetReader"]
 
 READ_SEGMENTS = 8  # ciphertext is fetched up to 8 segments (8 MiB) per ranged read
-READ_AHEAD_CHUNKS = 3  # chunks (8 MiB each) requested ahead of the one being decrypted
-READ_AHEAD_WAIT_S = 60.0  # a read-ahead that takes longer is left to page faults
+FETCH_SEGMENTS = 4  # from a FetchStore: chunks of 4 segments (4 MiB), probed and read whole
+FETCH_BUFFERS = 4  # reused read buffers of one chunk each: reads run up to 4 chunks ahead
+FETCH_AHEAD = 8  # chunks probed and scheduled ahead of the one being decrypted
+
+
+@dataclass(slots=True, eq=False)
+class _Chunk:
+    """Segments ``first..last`` of shard ``shard``: ciphertext bytes ``[start, stop)``."""
+
+    shard: int
+    first: int
+    last: int
+    start: int
+    stop: int
+    ticket: ReadTicket | None = None  # the background read filling ``buf`` (None: cached)
+    buf: bytearray | None = None
 
 
 class DatasetReader:
@@ -59,6 +87,14 @@ class DatasetReader:
         self._ctbuf = bytearray(READ_SEGMENTS * streaming.SEGMENT_SIZE)
         self._scratch = bytearray(0)
         self._closed = False
+        # chunks probed (and, where not cached, being read) ahead, in decryption order
+        self._ahead: deque[_Chunk] = deque()
+        self._fetching = isinstance(store, FetchStore)  # (protocol checks are slow: once)
+        self._viewing = isinstance(store, RangeViewStore)
+        self._fetches: dict[int, Fetch | None] = {}
+        self._warm: dict[int, bool] = {}  # shards taken as cached whole (see _schedule)
+        self._spare: list[bytearray] = []
+        self._buffers = 0
 
     @classmethod
     def open(
@@ -155,40 +191,27 @@ class DatasetReader:
             self._checked.add(j)
 
     def _decrypt_segments(
-        self, j: int, entry: ShardEntry, first: int, last: int, out: memoryview
+        self,
+        j: int,
+        entry: ShardEntry,
+        first: int,
+        last: int,
+        out: memoryview,
+        then: int | None = None,
     ) -> int:
         """Decrypt segments first..last of shard j into ``out``; zero ``out`` on failure."""
+        if self._fetching:
+            return self._decrypt_fetched(j, entry, first, last, out, then)
+        self._drain()
         cipher = self._cipher(j)
         ct_size = entry.ciphertext_size
         written = 0
-        if isinstance(self._store, RangeViewStore):  # ciphertext in memory or mapped: no copy
+        if self._viewing:  # ciphertext in memory or mapped: no copy
             base = streaming.ciphertext_start(first)
             end = min(ct_size, (last + 1) * streaming.SEGMENT_SIZE)
-            ahead = self._store.will_need if isinstance(self._store, ReadAheadStore) else None
-            name = entry.object_name
-            view = self._store.view_range(name, base, end - base)
-            chunks = [(a, min(last, a + READ_SEGMENTS - 1))
-                      for a in range(first, last + 1, READ_SEGMENTS)]
-            tickets: dict[int, threading.Event | None] = {}
+            view = self._store.view_range(entry.object_name, base, end - base)
             try:
-                for k, (a, b) in enumerate(chunks):
-                    start = streaming.ciphertext_start(a)
-                    stop = min(ct_size, (b + 1) * streaming.SEGMENT_SIZE)
-                    if ahead is not None:  # keep the next chunks coming while we decrypt
-                        for m in range(k, min(len(chunks), k + 1 + READ_AHEAD_CHUNKS)):
-                            if m not in tickets:
-                                s0 = streaming.ciphertext_start(chunks[m][0])
-                                s1 = min(ct_size, (chunks[m][1] + 1) * streaming.SEGMENT_SIZE)
-                                tickets[m] = ahead(name, s0, s1 - s0)
-                        ticket = tickets.pop(k)
-                        if ticket is not None:
-                            ticket.wait(READ_AHEAD_WAIT_S)  # else page faults read it
-                    written += cipher.decrypt_segments_into(
-                        ct_size, a, b, view[start - base : stop - base], out[written:]
-                    )
-            except BaseException:
-                zeroize(out[:written])
-                raise
+                written = cipher.decrypt_segments_into(ct_size, first, last, view, out)
             finally:
                 view.release()
             return written
@@ -206,13 +229,185 @@ class DatasetReader:
             raise
         return written
 
+    # ------------------------------------------------------------------ cached or fetched
+
+    @staticmethod
+    def _chunks(
+        j: int, entry: ShardEntry, first: int, last: int, limit: int | None = None
+    ) -> list[_Chunk]:
+        ct_size = entry.ciphertext_size
+        out = []
+        for a in itertools.islice(range(first, last + 1, FETCH_SEGMENTS), limit):
+            b = min(last, a + FETCH_SEGMENTS - 1)
+            start = streaming.ciphertext_start(a)
+            out.append(_Chunk(j, a, b, start, min(ct_size, (b + 1) * streaming.SEGMENT_SIZE)))
+        return out
+
+    def _schedule(self, chunk: _Chunk) -> bool:
+        """Probe ``chunk``; start reading it into a spare buffer unless it is cached.
+
+        False (nothing done) when it is not cached and every buffer is in use.
+        """
+        j = chunk.shard
+        if j not in self._fetches:
+            entry = self._manifest.shards[j]
+            fetch = self._store.fetch(entry.object_name)
+            self._fetches[j] = fetch
+            # a shard cached whole is decrypted from its mapping with no probe per chunk
+            self._warm[j] = fetch is None or fetch.cached(0, entry.ciphertext_size)
+        fetch = self._fetches[j]
+        if self._warm[j] or fetch.cached(chunk.start, chunk.stop - chunk.start):
+            return True  # decrypted in place from the store's mapping
+        if not self._spare:
+            if self._buffers >= FETCH_BUFFERS:
+                return False
+            self._buffers += 1
+            self._spare.append(bytearray(FETCH_SEGMENTS * streaming.SEGMENT_SIZE))
+        chunk.buf = self._spare.pop()
+        chunk.ticket = fetch.read_into(chunk.start,
+                                       memoryview(chunk.buf)[: chunk.stop - chunk.start])
+        return True
+
+    def _top_up(self, want: list[_Chunk], pos: int) -> int:
+        """Schedule ``want[pos:]`` while there is room ahead; returns the new ``pos``.
+
+        A failure to open or probe the *next* shard (``want`` beyond the shard being read)
+        stops the read-ahead instead: the call that reads that shard reports it."""
+        ahead = self._ahead
+        current = want[0].shard
+        while pos < len(want) and len(ahead) < FETCH_AHEAD:
+            chunk = want[pos]
+            try:
+                if not self._schedule(chunk):
+                    break
+            except StoreError:
+                if chunk.shard == current:
+                    raise
+                self._fetches.pop(chunk.shard, None)  # not opened: nothing to close
+                break
+            ahead.append(chunk)
+            pos += 1
+        return pos
+
+    def _drain(self) -> None:
+        """Forget the chunks scheduled ahead (waiting for their reads) and close the objects."""
+        while self._ahead:
+            chunk = self._ahead.popleft()
+            if chunk.ticket is not None:
+                with contextlib.suppress(StoreError):
+                    chunk.ticket.wait()
+            if chunk.buf is not None:
+                self._spare.append(chunk.buf)
+        self._close_fetches(keep=None)
+
+    def _close_fetches(self, keep: int | None) -> None:
+        for j in [j for j in self._fetches if j != keep]:
+            self._warm.pop(j, None)
+            fetch = self._fetches.pop(j)
+            if fetch is not None:
+                fetch.close()
+
+    def _decrypt_fetched(
+        self, j: int, entry: ShardEntry, first: int, last: int, out: memoryview, then: int | None
+    ) -> int:
+        """The chunks of ``first..last`` in order: cached ones decrypted in place from the
+        mapping, the others read ahead (by the store's I/O thread, while this thread
+        decrypts) into reused buffers. With ``then``, the first chunks of that shard are
+        scheduled too, so its reads run while the caller uses this one."""
+        cipher = self._cipher(j)
+        ct_size = entry.ciphertext_size
+        plan = self._chunks(j, entry, first, last)
+        want = list(plan)
+        if then is not None:
+            nxt = self._entry(then)
+            n = streaming.segment_count(nxt.ciphertext_size)
+            want += self._chunks(then, nxt, 0, n - 1, FETCH_AHEAD)
+        ahead = self._ahead
+        if ahead and [(c.shard, c.first, c.last) for c in ahead] != [
+            (c.shard, c.first, c.last) for c in want[: len(ahead)]
+        ]:
+            self._drain()  # scheduled for another read than this one
+        want[: len(ahead)] = list(ahead)  # the chunks already under way
+        pos = len(ahead)
+        view: memoryview | None = None
+        view_start = view_stop = 0
+        written = 0
+        try:
+            done = 0
+            while done < len(plan):
+                pos = self._top_up(want, pos)
+                chunk = ahead.popleft()
+                first_seg, last_seg, start, stop = chunk.first, chunk.last, chunk.start, chunk.stop
+                done += 1
+                if chunk.ticket is None and self._warm.get(j):
+                    # cached whole: the rest of the range in one go (its chunks queued ahead
+                    # hold no buffers and no reads)
+                    for _ in range(min(pos, len(plan)) - done):
+                        ahead.popleft()
+                    last_seg, stop = plan[-1].last, plan[-1].stop
+                    pos, done = max(pos, len(plan)), len(plan)
+                if chunk.ticket is None:
+                    if not view_start <= start < view_stop:
+                        # one view over this chunk and the cached ones queued after it
+                        view_stop = stop
+                        for c in ahead:
+                            if c.shard != j or c.ticket is not None:
+                                break
+                            view_stop = c.stop
+                        if view is not None:
+                            view.release()
+                        view_start = start
+                        view = self._store.view_range(
+                            entry.object_name, view_start, view_stop - view_start
+                        )
+                    assert view is not None
+                    src = view[start - view_start : stop - view_start]
+                else:
+                    chunk.ticket.wait()
+                    src = memoryview(chunk.buf)[: stop - start]
+                try:
+                    written += cipher.decrypt_segments_into(
+                        ct_size, first_seg, last_seg, src, out[written:]
+                    )
+                finally:
+                    src.release()
+                    if chunk.buf is not None:
+                        self._spare.append(chunk.buf)
+                        chunk.buf = None
+            self._top_up(want, pos)  # the next shard's reads start before this call returns
+            self._close_fetches(keep=then)
+        except BaseException:
+            zeroize(out[:written])
+            self._drain()
+            raise
+        finally:
+            if view is not None:
+                view.release()
+        return written
+
     # ------------------------------------------------------------------ whole shards
 
     def decrypt_shard_into(
-        self, j: int, buffer: bytearray | memoryview, *, verify_digest: bool = False
+        self,
+        j: int,
+        buffer: bytearray | memoryview,
+        *,
+        verify_digest: bool = False,
+        next_shard: int | None = None,
     ) -> memoryview:
-        """Decrypt shard ``j`` into ``buffer``; returns the plaintext view (a prefix of it)."""
+        """Decrypt shard ``j`` into ``buffer``; returns the plaintext view (a prefix of it).
+
+        ``next_shard``: the shard the caller will decrypt next, if it knows; its first chunks
+        are then read (where not cached) before this call returns, while the caller works.
+        """
         entry = self._entry(j)
+        if next_shard is not None:
+            self._entry(next_shard)
+        if verify_digest and entry.sha256 == NO_DIGEST:
+            raise ValueError(
+                f"shard {j} has no plaintext digest to verify: the dataset was written without "
+                "plaintext_digests=True"
+            )
         out = memoryview(buffer).cast("B")
         if out.readonly or len(out) < entry.plaintext_size:
             raise ValueError(
@@ -224,7 +419,7 @@ class DatasetReader:
         if not hmac.compare_digest(header, entry.header):
             raise DecryptionError(f"shard {j}", shard=j)
         n = streaming.segment_count(entry.ciphertext_size)
-        written = self._decrypt_segments(j, entry, 0, n - 1, out)
+        written = self._decrypt_segments(j, entry, 0, n - 1, out, next_shard)
         view = out[:written]
         if verify_digest and not hmac.compare_digest(hashlib.sha256(view).digest(), entry.sha256):
             zeroize(view)
@@ -316,6 +511,7 @@ class DatasetReader:
         if self._closed:
             return
         self._closed = True
+        self._drain()
         self._ciphers.clear()
         self._dek.zeroize()
         zeroize(self._scratch)

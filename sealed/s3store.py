@@ -21,7 +21,8 @@ How each operation maps onto S3
   checked: a short object is an error, never a short read. botocore retries requests that
   fail before their response; a transfer cut off in the body resumes with a GET of the rest
   (three attempts in all), so a network hiccup does not end a training job.
-- Parallel prefetch: ``will_need`` (the :class:`~sealed.store.ReadAheadStore` hint) starts
+- Parallel prefetch: ``will_need`` (an explicit hint; the dataset reader sends none today, so the
+  sequential read-ahead below is what runs in training) starts
   fetching a range on the pool into a buffer of its own; a later ``readinto`` of any part of
   it waits for it and copies that part out. Without hints the store reads ahead by itself:
   when a read continues where the previous read of the object ended, it keeps the next

@@ -20,20 +20,24 @@ the same directory, fsync, link into place, fsync of the directory), :class:`Map
 :class:`CountingStore` (a wrapper that counts bytes and calls of reads, used to prove that
 random access reads only what it needs). A store that already holds ciphertext in memory (or
 maps it) may also offer :class:`RangeViewStore`'s ``view_range``; the reader then decrypts
-straight from it instead of copying into its read buffer. A store may also take
-:class:`ReadAheadStore`'s ``will_need`` hint, which the reader gives for the chunks after the
-one it is decrypting.
+straight from it instead of copying into its read buffer. A store may also offer
+:class:`FetchStore`'s ``fetch``: an object opened for reads into the caller's buffers on a
+background I/O thread, with a probe that says whether a range is in memory already; the
+reader then decrypts cached ranges in place (``view_range``) and has uncached ones read into
+reused buffers ahead of the one it decrypts, so I/O overlaps decryption.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import mmap
 import os
 import queue
 import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -42,12 +46,15 @@ from sealed.errors import StoreError
 __all__ = [
     "MAX_NAME_LENGTH",
     "CountingStore",
+    "DeferredSyncStore",
+    "Fetch",
+    "FetchStore",
     "LocalDirStore",
     "MappedDirStore",
     "MemoryStore",
     "ObjectStore",
     "RangeViewStore",
-    "ReadAheadStore",
+    "ReadTicket",
     "open_store",
     "validate_object_name",
 ]
@@ -59,9 +66,24 @@ _COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _TMP_PREFIX = ".tmp-"
 _WRITEBACK_BYTES = 8 << 20  # a put starts writeback after every 8 MiB it has written
 _MAX_MAPPINGS = 4096  # objects a MappedDirStore keeps mapped between reads
-_READ_AHEAD_PIECE = 8 << 20  # the read-ahead thread reads (and probes) 8 MiB at a time
+SYNC_WAIT_S = 600.0  # LocalDirStore.sync gives up on an fsync that takes longer
+_FETCH_PIECE = 8 << 20  # the I/O thread reads at most 8 MiB per system call
+FETCH_WAIT_S = 600.0  # a background read that takes longer is reported as an error
 
 Chunks = bytes | bytearray | memoryview | Iterable[bytes | bytearray | memoryview]
+_Read = tuple["Fetch", int, memoryview, "ReadTicket"]
+
+
+class _Unsynced:
+    """An object put unsynced: ``flushed`` is set once its background fsync ran (``error``
+    if it failed)."""
+
+    __slots__ = ("error", "flushed", "path")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.flushed = threading.Event()
+        self.error: str | None = None
 
 
 def validate_object_name(name: str) -> str:
@@ -125,11 +147,27 @@ class ObjectStore(Protocol):
 
 
 @runtime_checkable
-class ReadAheadStore(Protocol):
-    """Optional capability: a hint to start fetching a range that will be read soon."""
+class DeferredSyncStore(Protocol):
+    """Optional capability: many puts made durable together (one wait instead of one each)."""
 
-    def will_need(self, name: str, offset: int, length: int) -> threading.Event | None:
-        """Start fetching; an event set once the range is fetched, or None if it is ready."""
+    def put_unsynced(self, name: str, data: Chunks) -> int:
+        """:meth:`ObjectStore.put`, except that the object is durable only once :meth:`sync`
+        has returned (readers see it complete at once; a crash before ``sync`` may leave it
+        short). For objects that nothing refers to until ``sync`` returned."""
+        ...
+
+    def sync(self) -> None:
+        """Make every object put with :meth:`put_unsynced` so far durable."""
+        ...
+
+
+@runtime_checkable
+class FetchStore(Protocol):
+    """Optional capability: background reads into the caller's buffers (see :class:`Fetch`)."""
+
+    def fetch(self, name: str) -> Fetch | None:
+        """Open object ``name`` for :meth:`Fetch.cached` probes and :meth:`Fetch.read_into`
+        (None: this store has no background reads after all, e.g. a wrapper's inner store)."""
         ...
 
 
@@ -157,20 +195,74 @@ class LocalDirStore:
     hard-linked to its final name (which fails if the name exists: objects are immutable),
     the temporary name is removed and the directory is fsynced. Readers never see a partial
     object; a crash leaves at most a ``.tmp-`` file, which :meth:`list` ignores.
+
+    :meth:`put_unsynced` does the same without waiting: the file is fsynced by a background
+    thread while the caller goes on, and :meth:`sync` waits for those fsyncs and fsyncs the
+    directories (the dataset writer puts its shards like this and syncs once before it puts
+    the manifest that names them, so no shard's flush holds up the encryption of the next).
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self._root = Path(root)
         self._root.mkdir(parents=True, exist_ok=True)
         self._root = self._root.resolve()
+        self._paths: dict[str, Path] = {}  # validated names: the reader asks for each often
+        self._unsynced: list[_Unsynced] = []
+        self._flusher: queue.SimpleQueue[_Unsynced | None] | None = None
+        self._unsynced_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return "LocalDirStore(...)"
 
     def _path(self, name: str) -> Path:
-        return self._root.joinpath(*validate_object_name(name).split("/"))
+        path = self._paths.get(name)
+        if path is None:
+            path = self._root.joinpath(*validate_object_name(name).split("/"))
+            if len(self._paths) >= _MAX_MAPPINGS:
+                self._paths.clear()
+            self._paths[name] = path
+        return path
 
     def put(self, name: str, data: Chunks) -> int:
+        return self._put(name, data, durable=True)
+
+    def put_unsynced(self, name: str, data: Chunks) -> int:
+        return self._put(name, data, durable=False)
+
+    def sync(self) -> None:
+        with self._unsynced_lock:
+            files, self._unsynced = self._unsynced, []
+            flusher, self._flusher = self._flusher, None
+        if flusher is not None:
+            flusher.put(None)
+        for f in files:
+            if not f.flushed.wait(SYNC_WAIT_S):
+                raise StoreError(f"cannot sync {f.path.name}: took over {SYNC_WAIT_S:.0f} s")
+            if f.error is not None:
+                raise StoreError(f"cannot sync {f.path.name}: {f.error}")
+        for d in sorted({f.path.parent for f in files}):
+            with self._os_errors(d.name):
+                self._fsync_dir(d)
+
+    @staticmethod
+    def _flush_loop(paths: queue.SimpleQueue[_Unsynced | None]) -> None:
+        """fsync each object put unsynced, in the background (its pages are written back
+        while the caller produces the next one; :meth:`sync` waits for the last)."""
+        while (item := paths.get()) is not None:
+            try:
+                fd = os.open(item.path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except FileNotFoundError:
+                pass  # deleted since: nothing to make durable
+            except OSError as exc:
+                item.error = exc.strerror or str(exc)
+            finally:
+                item.flushed.set()
+
+    def _put(self, name: str, data: Chunks, *, durable: bool) -> int:
         path = self._path(name)
         if path.exists():
             raise StoreError(f"object {name} already exists")
@@ -190,7 +282,7 @@ class LocalDirStore:
                             n = f.write(chunk)
                             chunk = chunk[n:]
                             size += n
-                        if size - kicked >= _WRITEBACK_BYTES:
+                        if durable and size - kicked >= _WRITEBACK_BYTES:
                             # start writing back what is written so far (Linux: DONTNEED on
                             # dirty pages starts asynchronous writeback), so the fsync below
                             # waits for the last few MiB, not the whole object
@@ -198,8 +290,9 @@ class LocalDirStore:
                                 os.posix_fadvise(fd, kicked, size - kicked,
                                                  os.POSIX_FADV_DONTNEED)
                             kicked = size
-                with self._os_errors(name):
-                    os.fsync(f.fileno())
+                if durable:
+                    with self._os_errors(name):
+                        os.fsync(f.fileno())
             finally:
                 f.close()
             with self._os_errors(name):
@@ -210,6 +303,16 @@ class LocalDirStore:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+        if not durable:
+            unsynced = _Unsynced(path)
+            with self._unsynced_lock:
+                self._unsynced.append(unsynced)
+                if self._flusher is None:
+                    self._flusher = queue.SimpleQueue()
+                    threading.Thread(target=self._flush_loop, args=(self._flusher,),
+                                     name="store-flush", daemon=True).start()
+                self._flusher.put(unsynced)
+            return size
         with self._os_errors(name):
             self._fsync_dir(path.parent)
         return size
@@ -291,89 +394,203 @@ class LocalDirStore:
         return sorted(names)
 
 
-def _cached(path: Path, offset: int) -> bool:
-    """Whether the byte at ``offset`` of the file is in the page cache (False if unsure)."""
-    nowait = getattr(os, "RWF_NOWAIT", 0)
-    if not nowait:
-        return False
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return True  # nothing to read ahead; the read that follows reports the error
-    try:
-        return os.preadv(fd, [bytearray(1)], offset, nowait) == 1
-    except OSError:  # BlockingIOError: not cached
-        return False
-    finally:
-        os.close(fd)
+class ReadTicket:
+    """One background read: ``wait`` returns once the buffer is filled, or raises its error."""
+
+    __slots__ = ("_done", "_error")
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._error: StoreError | None = None
+
+    def _finish(self, error: StoreError | None) -> None:
+        self._error = error
+        self._done.set()
+
+    def wait(self, timeout: float = FETCH_WAIT_S) -> None:
+        if not self._done.wait(timeout):
+            raise StoreError(f"a background read took longer than {timeout:.0f} s")
+        if self._error is not None:
+            raise self._error
+
+
+class Fetch:
+    """One object opened for probes and background reads; from :meth:`MappedDirStore.fetch`.
+
+    :meth:`cached` says whether a range is in the page cache, from sampled pages (its first,
+    its last and one every 8 MiB between): with ``cachestat`` (Linux 6.5 and later: no side
+    effect; a call walks every page of its range, so each sample asks for one page); where that
+    is missing, by a non-blocking ``preadv(RWF_NOWAIT)`` of the first and last byte (which may
+    start reading around a byte that is not cached). :meth:`read_into` queues a read of
+    ``[offset, offset + len(buf))`` into ``buf`` to the store's I/O thread and returns a
+    ticket whose ``wait()`` returns once ``buf`` holds exactly those bytes (a short object is
+    a :class:`StoreError`, never a partial buffer taken as complete). The caller must not
+    touch ``buf`` until then. :meth:`close` waits for the reads still queued, then closes the
+    file.
+    """
+
+    __slots__ = ("_fd", "_last", "_name", "_queue_read")
+
+    def __init__(self, name: str, fd: int,
+                 queue_read: Callable[[Fetch, int, memoryview, ReadTicket], None]) -> None:
+        self._name, self._fd, self._queue_read = name, fd, queue_read
+        self._last: ReadTicket | None = None
+
+    def cached(self, offset: int, length: int) -> bool:
+        """Whether ``[offset, offset + length)`` is in memory (False where unknown)."""
+        if length <= 0:
+            return True
+        if self._fd < 0:
+            return False
+        # sampled pages: the first, the last and one per _PROBE_SPACING between (cachestat
+        # walks every page of its range, about 0.2 us each: a whole 64 MiB shard costs ms)
+        last = offset + length - 1
+        points = range(offset, last, _PROBE_SPACING)[1:]
+        for at in (offset, last, *points):
+            pages = _cached_pages(self._fd, at, 1)
+            if pages is None:
+                break  # no cachestat here: the fallback below
+            if not pages:
+                return False
+        else:
+            return True
+        if not _RWF_NOWAIT:
+            return False
+        try:
+            return all(os.preadv(self._fd, [bytearray(1)], at, _RWF_NOWAIT) == 1
+                       for at in (offset, last))
+        except OSError:  # BlockingIOError: not cached (or unsupported: read it then)
+            return False
+
+    def read_into(self, offset: int, buf: memoryview) -> ReadTicket:
+        if self._fd < 0:
+            raise StoreError(f"object {self._name} is closed for fetching")
+        _check_range(offset, len(buf))
+        ticket = ReadTicket()
+        self._last = ticket
+        self._queue_read(self, offset, buf, ticket)
+        return ticket
+
+    def _read(self, offset: int, buf: memoryview) -> StoreError | None:
+        """Run by the I/O thread: fill ``buf`` from ``offset`` (an error is returned)."""
+        done, size = 0, len(buf)
+        try:
+            while done < size:
+                n = os.preadv(self._fd, [buf[done : done + _FETCH_PIECE]], offset + done)
+                if n == 0:
+                    return StoreError(f"object {self._name} is shorter than {offset + size} bytes")
+                done += n
+        except OSError as exc:
+            return StoreError(f"cannot read object {self._name}: {exc.strerror or exc}")
+        return None
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        if self._last is not None:  # the I/O thread still reads into the caller's buffers
+            with contextlib.suppress(StoreError):
+                self._last.wait()
+        os.close(self._fd)
+        self._fd = -1
+
+    def __enter__(self) -> Fetch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+_PROBE_SPACING = 8 << 20  # Fetch.cached samples a page every 8 MiB of a long range
+_SYS_CACHESTAT = 451  # Linux >= 6.5; one number on every architecture
+
+
+class _CacheRange(ctypes.Structure):
+    _fields_ = (("off", ctypes.c_uint64), ("len", ctypes.c_uint64))
+
+
+class _CacheStat(ctypes.Structure):
+    _fields_ = tuple((f, ctypes.c_uint64) for f in (
+        "nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted"))
+
+
+_cachestat: list[object] = []  # [libc.syscall] once it worked; [None] once it failed
+
+
+def _cached_pages(fd: int, offset: int, length: int) -> int | None:
+    """Pages of ``[offset, offset + length)`` in the page cache (``cachestat(2)``), or None
+    where the kernel (or a sandbox) does not offer it."""
+    if not _cachestat:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            _cachestat.append(libc.syscall)
+        except (OSError, AttributeError):
+            _cachestat.append(None)
+    syscall = _cachestat[0]
+    if syscall is None:
+        return None
+    span, stat = _CacheRange(offset, length), _CacheStat()
+    if syscall(_SYS_CACHESTAT, fd, ctypes.byref(span), ctypes.byref(stat), 0) != 0:
+        if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):
+            _cachestat[0] = None  # not this kernel: the fallback from now on
+        return None
+    return int(stat.nr_cache)
 
 
 class MappedDirStore(LocalDirStore):
-    """A :class:`LocalDirStore` whose ranged reads are zero-copy memory maps: the trainer's store.
+    """A :class:`LocalDirStore` with zero-copy reads of cached data: the trainer's store.
 
-    ``view_range`` maps the object read-only and keeps the mapping for the next read, so the
-    reader decrypts straight from the page cache (no copy into a read buffer, no page faults
-    on a re-read: with the data cached this runs at the speed of AES-GCM on memory). No
-    ``MADV_SEQUENTIAL``: its drop-behind would evict pages the next epoch re-reads, and the
-    read-ahead below does the sequential part. ``will_need`` hands a range to a read-ahead
-    thread that reads what is not cached yet through the kernel's read path: the reader hints
-    the chunks ahead of the one it decrypts, so on a cold cache the disk reads while the CPU
-    decrypts.
+    Two ways in, chosen by the reader per chunk of a shard:
+
+    * ``view_range`` maps the object read-only and keeps the mapping for the next read, so data
+      in the page cache is decrypted in place (no copy into a read buffer, no page faults on a
+      re-read: with the data cached this runs at the speed of AES-GCM on memory). No
+      ``MADV_SEQUENTIAL``: its drop-behind would evict pages the next epoch re-reads.
+    * ``fetch`` opens the object for background reads (:class:`Fetch`): ``cached`` probes
+      whether a range is in memory; ``read_into`` has this store's I/O thread read a range
+      through the kernel's read path (large sequential reads, as a plain ``read`` of the file)
+      into the caller's buffer. Data that is not cached is read this way, ahead of the chunk
+      being decrypted, into reused buffers, and decrypted from them: a mapping would fault
+      it in a few pages at a time, several times slower than the disk.
 
     Objects written through a store are never modified in place (a replacement is a new
     file), and the size is checked when the object is mapped, so a mapping stays valid; but
     if someone truncates an object file in place *while* it is mapped and read, the process
     receives SIGBUS and dies (the trainer is not dumpable and has no core limit, so its
-    plaintext dies with its memory; nothing reaches disk). A store whose directory others may
-    write should be read with :class:`LocalDirStore`, which reports such a file as short.
+    plaintext dies with its memory; nothing reaches disk). Reads through ``fetch`` report
+    such a file as short. A store whose directory others may write should be read with
+    :class:`LocalDirStore`, which reports such a file as short too.
     """
 
     def __repr__(self) -> str:
         return "MappedDirStore(...)"
 
-    def will_need(self, name: str, offset: int, length: int) -> threading.Event | None:
-        """Bring ``[offset, offset + length)`` into the page cache in the background.
+    def fetch(self, name: str) -> Fetch:
+        try:
+            fd = os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise StoreError(f"object {name} not found") from None
+        except OSError as exc:
+            raise StoreError(f"cannot read object {name}: {exc.strerror}") from None
+        return Fetch(name, fd, self._queue_read)
 
-        Returns None if the range's last byte is cached already (probed here with a
-        non-blocking ``preadv(RWF_NOWAIT)``: the warm case costs one system call); otherwise
-        a read-ahead thread reads the range through the kernel's read path (large readahead,
-        unlike page faults) into a scratch buffer of ciphertext, and the returned event is set
-        once it has. The caller decrypts what is cached meanwhile and waits for the event
-        before it touches the range.
-        """
-        _check_range(offset, length)
-        path = self._path(name)
-        if length == 0 or _cached(path, offset + length - 1):
-            return None
-        done = threading.Event()
+    def _queue_read(self, fetch: Fetch, offset: int, buf: memoryview, ticket: ReadTicket) -> None:
         with self._maps_lock:
-            if self._ahead is None:
-                self._ahead = queue.SimpleQueue()
-                threading.Thread(target=self._read_ahead, args=(self._ahead,),
-                                 name="store-read-ahead", daemon=True).start()
-            self._ahead.put((path, offset, length, done))
-        return done
+            if self._reads is None:
+                self._reads = queue.SimpleQueue()
+                threading.Thread(target=self._io_loop, args=(self._reads,),
+                                 name="store-io", daemon=True).start()
+            self._reads.put((fetch, offset, buf, ticket))
 
     @staticmethod
-    def _read_ahead(hints: queue.SimpleQueue[tuple[Path, int, int, threading.Event] | None],
-                    ) -> None:
-        scratch = bytearray(_READ_AHEAD_PIECE)
-        while (hint := hints.get()) is not None:
-            path, offset, length, done = hint
+    def _io_loop(reads: queue.SimpleQueue[_Read | None]) -> None:
+        while (item := reads.get()) is not None:
+            fetch, offset, buf, ticket = item
+            error: StoreError | None = StoreError("background read failed")
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    end = offset + length
-                    for piece in range(offset, end, _READ_AHEAD_PIECE):
-                        n = min(_READ_AHEAD_PIECE, end - piece)
-                        if not os.preadv(fd, [memoryview(scratch)[:n]], piece):
-                            break  # short file: the read that follows reports it
-                finally:
-                    os.close(fd)
-            except OSError:
-                pass  # a hint only: the read that follows reports the error
+                error = fetch._read(offset, buf)
             finally:
-                done.set()
+                ticket._finish(error)
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         super().__init__(root)
@@ -382,8 +599,7 @@ class MappedDirStore(LocalDirStore):
         # file's identity, so a replaced object is mapped afresh.
         self._maps: dict[str, tuple[tuple[int, int, int], mmap.mmap]] = {}
         self._maps_lock = threading.Lock()
-        self._ahead: queue.SimpleQueue[tuple[Path, int, int, threading.Event] | None] | None
-        self._ahead = None
+        self._reads: queue.SimpleQueue[_Read | None] | None = None
 
     def _mapping(self, name: str, need: int) -> mmap.mmap | None:
         try:
@@ -430,12 +646,12 @@ class MappedDirStore(LocalDirStore):
 
     def close(self) -> None:
         """Drop the kept mappings (views still in use keep theirs until released) and stop
-        the read-ahead thread."""
+        the I/O thread once it has done the reads queued before."""
         with self._maps_lock:
             self._maps.clear()
-            if self._ahead is not None:
-                self._ahead.put(None)
-                self._ahead = None
+            if self._reads is not None:
+                self._reads.put(None)
+                self._reads = None
 
 
 class MemoryStore:
@@ -542,12 +758,15 @@ class CountingStore:
         self._count(name, offset, len(view))
         return view
 
-    def will_need(self, name: str, offset: int, length: int) -> threading.Event | None:
-        """Forwarded to the inner store where it takes the hint (not counted: it is not a
-        read of the caller's)."""
-        if isinstance(self.inner, ReadAheadStore):
-            return self.inner.will_need(name, offset, length)
-        return None
+    def fetch(self, name: str) -> Fetch | None:
+        """The inner store's :class:`Fetch` with its reads counted when queued; None where the
+        inner store has no background reads."""
+        if not isinstance(self.inner, FetchStore):
+            return None
+        inner = self.inner.fetch(name)
+        if inner is None:
+            return None
+        return _CountedFetch(inner, lambda offset, n: self._count(name, offset, n))
 
     def size(self, name: str) -> int:
         return self.inner.size(name)
@@ -560,6 +779,26 @@ class CountingStore:
 
     def list(self, prefix: str = "") -> list[str]:
         return self.inner.list(prefix)
+
+
+class _CountedFetch(Fetch):
+    """A :class:`Fetch` whose queued reads a :class:`CountingStore` counts."""
+
+    __slots__ = ("_count", "_inner")
+
+    def __init__(self, inner: Fetch, count: Callable[[int, int], None]) -> None:
+        self._inner, self._count = inner, count
+
+    def cached(self, offset: int, length: int) -> bool:
+        return self._inner.cached(offset, length)
+
+    def read_into(self, offset: int, buf: memoryview) -> ReadTicket:
+        ticket = self._inner.read_into(offset, buf)
+        self._count(offset, len(buf))
+        return ticket
+
+    def close(self) -> None:
+        self._inner.close()
 
 
 def open_store(address: str | os.PathLike[str], *, mapped: bool = False) -> ObjectStore:

@@ -247,13 +247,25 @@ class SegmentCipher:
         need = end - base - (last - first + 1) * TAG_SIZE
         if len(out) < need:
             raise ValueError(f"output buffer too small: need {need} bytes, got {len(out)}")
+        if n > MAX_SEGMENTS:
+            raise ValueError("segment index out of range")
+        # the per-segment loop of decrypt_segment_into, inlined: it runs once per MiB
+        decrypt_into, prefix, pack = self._aead.decrypt_into, self._prefix, _BE32.pack
         pos = written = 0
         try:
             for i in range(first, last + 1):
                 seg_end = min(ct_size, (i + 1) * SEGMENT_SIZE) - base
-                written += self.decrypt_segment_into(
-                    i, i == n - 1, ciphertext[pos:seg_end], out[written:]
-                )
+                size = seg_end - pos - TAG_SIZE
+                if size < 0:
+                    raise DecryptionError(self.label, shard=self.shard, segment=i)
+                nonce = prefix + pack(i) + (b"\x01" if i == n - 1 else b"\x00")
+                dest = out[written : written + size]
+                try:
+                    decrypt_into(nonce, ciphertext[pos:seg_end], None, dest)
+                except InvalidTag:
+                    zeroize(dest)  # OpenSSL wrote the unauthenticated plaintext already
+                    raise DecryptionError(self.label, shard=self.shard, segment=i) from None
+                written += size
                 pos = seg_end
         except BaseException:
             zeroize(out[:written])

@@ -13,11 +13,17 @@ many ciphertext segment buffers (about 8 MiB in all, whatever the dataset's size
   (1,048,520 bytes for segment 0, 1,048,560 after it: reads from files go straight into the
   buffer, segment-aligned, whatever the record boundaries) and encrypts it into a
   ciphertext buffer (the sizes, hence the last segment, are known from the first pass);
-* a digest thread computes each shard's plaintext SHA-256 (the manifest's ``sha256``) from
-  the same plaintext buffers, beside encryption rather than in its way;
+* only with ``plaintext_digests=True``: a digest thread computes each shard's plaintext
+  SHA-256 (the manifest's ``sha256``) from the same plaintext buffers, beside encryption
+  rather than in its way. Off by default: SHA-256 runs near 2 GB/s on one core, several times
+  slower than AES-GCM, and it is redundant for integrity (the manifest binds each shard's
+  stream header, so AES-GCM accepts only the exact ciphertext written with it); without it
+  the manifest records 32 zero bytes for the digest;
 * two store threads write the ciphertext (``store.put``: write, fsync, link), one shard
   each, while the next segments are read and encrypted: one shard is flushed to disk while
-  the next is written.
+  the next is written. A store that offers it (``LocalDirStore``) takes the shards with
+  ``put_unsynced`` instead (no fsync per shard: the disk writes back while the CPU encrypts)
+  and one ``sync`` makes them all durable before the manifest, the commit point, is put.
 
 ``hashlib``, AES-GCM and file I/O release the GIL, so the three run on separate cores where
 there are any. A failure in any of them stops all three; the error is raised in the caller.
@@ -40,7 +46,9 @@ or ``..`` component, no control characters.
 Shards are published (atomic ``put``) as they are produced, the manifest last: the manifest is
 the commit point. On any error, every shard this call published is deleted before the error
 propagates, so the store holds no partial dataset. (A process killed mid-write can leave
-shards that no manifest names: unreadable ciphertext, collectable by listing ``shards/``.)
+shards that no manifest names: unreadable ciphertext, collectable by listing ``shards/``; a
+machine that crashes before the final ``sync`` may leave such shards short too. A manifest is
+put only after every shard it names is durable.)
 """
 
 from __future__ import annotations
@@ -65,6 +73,7 @@ from sealed.manifest import (
     MAX_RECORD_NAME,
     MAX_SHARDS,
     MAX_SHARE_HOLDERS,
+    NO_DIGEST,
     SHARD_PREFIX,
     Manifest,
     ShardEntry,
@@ -82,13 +91,14 @@ from sealed.shard import (
     shard_offsets,
     shard_prefix,
 )
-from sealed.store import ObjectStore
+from sealed.store import DeferredSyncStore, ObjectStore
 
 __all__ = ["DEFAULT_MAX_RECORD_SIZE", "DatasetRef", "validate_record_name", "write_dataset"]
 
 DEFAULT_MAX_RECORD_SIZE = 256 << 20
 PIPELINE_DEPTH = 4  # segment buffers per stage (plaintext, ciphertext): memory stays flat
 STORE_THREADS = 2  # shards written at once: one is flushed (fsync) while the next is written
+READ_AHEAD_BYTES = 32 << 20  # source files hinted to the kernel (WILLNEED) this far ahead
 _POLL_S = 0.1  # how often a blocked stage checks whether another one failed
 
 Progress = Callable[[int, int], None]
@@ -196,7 +206,19 @@ class _FolderSource:
             yield _Planned(rel, size)
 
     def records(self, sizes: Sequence[int]) -> Iterator[_Record]:
-        for (rel, path), size in zip(self._files, sizes, strict=True):
+        files = list(zip(self._files, sizes, strict=True))
+        hinted = 0  # files [0, hinted) have been hinted to the kernel
+        for k, ((rel, path), size) in enumerate(files):
+            # keep the next READ_AHEAD_BYTES of the following files coming from the disk
+            # while this one is encrypted (the reads themselves are synchronous)
+            ahead = 0
+            for m in range(k + 1, len(files)):
+                if ahead >= READ_AHEAD_BYTES:
+                    break
+                if m >= hinted:
+                    _will_need(files[m][0][1], 0, READ_AHEAD_BYTES)
+                    hinted = m + 1
+                ahead += files[m][1]
             yield _FileRecord(rel, path, size)
 
 
@@ -242,6 +264,14 @@ class _FileRecord(_Record):
         try:
             if self._file is None:
                 self._file = open(self._path, "rb", buffering=0)  # noqa: SIM115 - in finish()
+            done = self._done
+            if done == 0 or done // READ_AHEAD_BYTES != (done + want) // READ_AHEAD_BYTES:
+                # a large file: the window after the one being read is hinted as it is entered
+                start = ((done + want) // READ_AHEAD_BYTES + 1) * READ_AHEAD_BYTES
+                if start < self.size:
+                    with contextlib.suppress(OSError):
+                        os.posix_fadvise(self._file.fileno(), start, READ_AHEAD_BYTES,
+                                         os.POSIX_FADV_WILLNEED)
             n = self._file.readinto(dest[:want])
         except OSError as exc:
             self.finish_quietly()
@@ -267,6 +297,20 @@ class _FileRecord(_Record):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _will_need(path: Path, offset: int, length: int) -> None:
+    """Ask the kernel to start reading a range of a file (a hint: errors are the read's)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class _IterableSource:
@@ -331,8 +375,9 @@ _END = object()
 class _Pipeline:
     """The digest and store threads beside the caller's read-and-encrypt loop."""
 
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(self, store: ObjectStore, *, digests: bool) -> None:
         self._store = store
+        self._with_digests = digests
         self._pt_free: queue.Queue[bytearray] = queue.Queue()
         self._ct_free: queue.Queue[bytearray] = queue.Queue()
         self._pt_all = [bytearray(streaming.SEGMENT_CAPACITY) for _ in range(PIPELINE_DEPTH)]
@@ -350,12 +395,13 @@ class _Pipeline:
         self._error: BaseException | None = None
         self._failed = threading.Event()
         self._threads = [
-            threading.Thread(target=self._guard, args=(self._digest_loop,),
-                             name="sealed-digest", daemon=True),
-            *(threading.Thread(target=self._guard, args=(self._store_loop,),
-                               name=f"sealed-store-{i}", daemon=True)
-              for i in range(STORE_THREADS)),
+            threading.Thread(target=self._guard, args=(self._store_loop,),
+                             name=f"sealed-store-{i}", daemon=True)
+            for i in range(STORE_THREADS)
         ]
+        if digests:
+            self._threads.append(threading.Thread(target=self._guard, args=(self._digest_loop,),
+                                                  name="sealed-digest", daemon=True))
         for t in self._threads:
             t.start()
 
@@ -382,10 +428,13 @@ class _Pipeline:
         self._writes = queue.Queue()
         self._shards.put((name, header, self._writes))
 
-    def segment(self, digest: hashlib._Hash, pt: bytearray, pt_len: int, ct: bytearray,
+    def segment(self, digest: hashlib._Hash | None, pt: bytearray, pt_len: int, ct: bytearray,
                 ct_len: int) -> None:
         assert self._writes is not None
-        self._digests.put((digest, pt, pt_len))
+        if digest is None:
+            self._pt_free.put(pt)  # encrypted: free again (wiped at the end)
+        else:
+            self._digests.put((digest, pt, pt_len))
         self._writes.put((ct, ct_len))
 
     def end_shard(self) -> None:
@@ -394,7 +443,8 @@ class _Pipeline:
         self._writes = None
 
     def _stop_threads(self) -> None:
-        self._digests.put(None)
+        if self._with_digests:
+            self._digests.put(None)
         for _ in range(STORE_THREADS):
             self._shards.put(None)
         for t in self._threads:
@@ -442,9 +492,11 @@ class _Pipeline:
             self._pt_free.put(pt)
 
     def _store_loop(self) -> None:
+        store = self._store
+        put = store.put_unsynced if isinstance(store, DeferredSyncStore) else store.put
         while (item := self._next(self._shards)) is not None:
             name, header, writes = item  # type: ignore[misc]
-            self._store.put(name, self._shard_chunks(header, writes))
+            put(name, self._shard_chunks(header, writes))
             with self._lock:
                 self.published.append(name)
 
@@ -505,7 +557,7 @@ class _Filler:
 
 
 def _encrypt_shard(pipe: _Pipeline, cipher: streaming.SegmentCipher, pt_size: int,
-                   filler: _Filler, digest: hashlib._Hash) -> int:
+                   filler: _Filler, digest: hashlib._Hash | None) -> int:
     """Read, encrypt and hand over every segment of one shard; returns its ciphertext size."""
     ct_size = streaming.ciphertext_size(pt_size)
     n = streaming.segment_count(ct_size)
@@ -571,9 +623,13 @@ def write_dataset(
     target_shard_size: int = DEFAULT_TARGET_SHARD_SIZE,
     max_record_size: int = DEFAULT_MAX_RECORD_SIZE,
     progress: Progress | None = None,
+    plaintext_digests: bool = False,
     random: Callable[[int], bytes] = os.urandom,
 ) -> DatasetRef:
     """Encrypt ``source`` into ``store``; returns where the manifest is. See the module doc.
+
+    ``plaintext_digests=True`` records each shard's plaintext SHA-256 in the manifest (for
+    ``DatasetReader.decrypt_shard_into(..., verify_digest=True)``); off by default, see above.
 
     ``progress(done_bytes, total_bytes)`` is called after every record. Raises
     :class:`InputError` for unusable input (naming the file or record), :class:`StoreError`
@@ -604,7 +660,7 @@ def write_dataset(
     upload_id = random(UPLOAD_ID_SIZE)
     total = sum(sizes)
     entries: list[ShardEntry] = []
-    digests: list[hashlib._Hash] = []
+    digests: list[hashlib._Hash | None] = []
     done = 0
 
     def on_record(size: int) -> None:
@@ -613,7 +669,7 @@ def write_dataset(
         if progress is not None:
             progress(done, total)
 
-    pipe = _Pipeline(store)
+    pipe = _Pipeline(store, digests=plaintext_digests)
     try:
         try:
             records = src.records(sizes)
@@ -634,7 +690,7 @@ def write_dataset(
                 )
                 prefix = shard_prefix(shard_sizes)
                 pt_size = len(prefix) + sum(shard_sizes)
-                digest = hashlib.sha256()
+                digest = hashlib.sha256() if plaintext_digests else None
                 pipe.begin_shard(name, cipher.header)
                 filler = _Filler(prefix, records, count, on_record)
                 ct_size = _encrypt_shard(pipe, cipher, pt_size, filler, digest)
@@ -653,6 +709,8 @@ def write_dataset(
                 )
                 first += count
             pipe.finish()  # every shard published, every digest computed (or the error)
+            if isinstance(store, DeferredSyncStore):
+                store.sync()  # every shard durable before the manifest names them
         except _Stop:
             pipe.abort()
             pipe.finish()  # raises the stage's error
@@ -662,7 +720,8 @@ def write_dataset(
             raise
         finally:
             pipe.wipe()
-        entries = [replace(e, sha256=d.digest()) for e, d in zip(entries, digests, strict=True)]
+        entries = [replace(e, sha256=NO_DIGEST if d is None else d.digest())
+                   for e, d in zip(entries, digests, strict=True)]
         manifest = Manifest(
             tenant_id=tenant_id,
             dataset_id=dataset_id,

@@ -16,7 +16,9 @@ Pipeline (per rank)::
   larger shard appears) and registered with the shredder, as are the batch tensors. Nothing
   is written to disk and ``num_workers=0`` keeps plaintext in this process.
 * **Prefetch.** A daemon thread decrypts ahead while the main thread trains; AES-GCM in
-  cryptography >= 50 releases the GIL, so decryption overlaps the model's compute.
+  cryptography >= 50 releases the GIL, so decryption overlaps the model's compute. It tells
+  the reader which shard comes next (``next_shard``), so the sealed reader starts reading
+  that shard's ciphertext from disk before it returns the current one.
 * **Adapters** give record payloads meaning: :class:`TokenWindows` (records are text; the
   shard's record bytes, stored back to back, are cut in place into windows of
   ``seq_len + 1`` bytes: input and shifted target) and :class:`FeatureRecords` (each record
@@ -64,8 +66,13 @@ class ShardReader(Protocol):
         """Bytes of buffer :meth:`decrypt_shard_into` needs for shard ``j``."""
         ...
 
-    def decrypt_shard_into(self, j: int, buffer: bytearray) -> memoryview:
-        """Authenticate and decrypt shard ``j`` into ``buffer``; return the plaintext view."""
+    def decrypt_shard_into(
+        self, j: int, buffer: bytearray, next_shard: int | None = None
+    ) -> memoryview:
+        """Authenticate and decrypt shard ``j`` into ``buffer``; return the plaintext view.
+
+        ``next_shard`` is the shard the pipeline decrypts next (a hint: its reads may start
+        now, while this shard's samples are used)."""
         ...
 
     def records(self, j: int, plaintext: memoryview) -> Iterator[memoryview]:
@@ -101,7 +108,9 @@ class PlaintextShards:
     def shard_capacity(self, j: int) -> int:
         return len(self._blobs[j])
 
-    def decrypt_shard_into(self, j: int, buffer: bytearray) -> memoryview:
+    def decrypt_shard_into(
+        self, j: int, buffer: bytearray, next_shard: int | None = None
+    ) -> memoryview:
         n = len(self._blobs[j])
         view = memoryview(buffer)[:n]
         view[:] = self._blobs[j]
@@ -238,14 +247,17 @@ class Prefetcher:
     def _run(self) -> None:
         try:
             epoch = self._start_epoch
+            order = self._plan.order(epoch)
             while not self._stop.is_set():
-                for j in self._plan.order(epoch):
+                following = self._plan.order(epoch + 1)
+                for k, j in enumerate(order):
                     slot = self._take_free()
                     if slot is None:
                         return
                     buf = self._grow(slot, self._reader.shard_capacity(j))
+                    after = order[k + 1] if k + 1 < len(order) else following[0]
                     t0 = time.perf_counter()
-                    plain = self._reader.decrypt_shard_into(j, buf)
+                    plain = self._reader.decrypt_shard_into(j, buf, after)
                     self.stats.decrypt_seconds += time.perf_counter() - t0
                     self.stats.decrypted_bytes += len(plain)
                     self.stats.shards += 1
@@ -255,6 +267,7 @@ class Prefetcher:
                     if not self._put(ReadyShard(epoch, j, slot, view, count)):
                         return
                 epoch += 1
+                order = following
         except BaseException as exc:  # the consumer re-raises it in the main thread
             self._put(exc)
 

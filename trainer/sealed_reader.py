@@ -5,13 +5,15 @@ A sealed shard's plaintext is an offset table followed by its records back to ba
 buffer; records are views into it. The manifest's copy of the offset table (authenticated
 with the manifest) is what this adapter uses.
 
-The store is :class:`sealed.store.MappedDirStore` for a local directory: shards are
-decrypted straight from the page cache (no copy into a read buffer), with the next chunks
-hinted to the kernel while the current one decrypts, so a cold shard decrypts at the rate the
-disk reads it. (An object truncated in place while it is read ends the process with SIGBUS;
-see the store's docstring.) For ``store: s3://bucket/prefix`` it is
-:class:`sealed.s3store.S3Store`: ranged GETs in parallel, with the ranges after the one being
-decrypted prefetched.
+The store is :class:`sealed.store.MappedDirStore` for a local directory: cached ciphertext
+is decrypted straight from the page cache (no copy into a read buffer); ciphertext not in
+memory is read by the store's I/O thread, a few 4 MiB chunks ahead, into reused buffers and
+decrypted from them while the next chunks are read, and the pipeline names the next shard so
+its first chunks are read before this one is handed over: a cold shard decrypts at about the
+rate a plain ``read`` of its file gets. (An object truncated in place while it is mapped and
+read ends the process with SIGBUS; see the store's docstring.) For ``store:
+s3://bucket/prefix`` it is :class:`sealed.s3store.S3Store`: ranged GETs in parallel, with
+the ranges after the one being decrypted prefetched.
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ class SealedShards:
     def shard_capacity(self, j: int) -> int:
         return self.reader.shard_plaintext_size(j)
 
-    def decrypt_shard_into(self, j: int, buffer: bytearray) -> memoryview:
-        return self.reader.decrypt_shard_into(j, buffer)
+    def decrypt_shard_into(
+        self, j: int, buffer: bytearray, next_shard: int | None = None
+    ) -> memoryview:
+        return self.reader.decrypt_shard_into(j, buffer, next_shard=next_shard)
 
     def records(self, j: int, plaintext: memoryview) -> Iterator[memoryview]:
         offsets = self._offsets[j]

@@ -29,7 +29,7 @@ def test_tink_decrypts_every_shard_and_the_manifest_the_writer_stored(
     store, dek, tink_oracle
 ) -> None:
     records = make_records([0, 1, F - 100, 3 << 20, 12345, 5 << 20])
-    ref = write(store, records, dek, target_shard_size=4 << 20)
+    ref = write(store, records, dek, target_shard_size=4 << 20, plaintext_digests=True)
     assert ref.num_shards >= 3
     with open_reader(store, ref, dek) as reader:
         m = reader.manifest
@@ -52,7 +52,7 @@ def test_tink_decrypts_every_shard_and_the_manifest_the_writer_stored(
 
 def test_reader_reads_shards_that_tink_encrypted(store, dek, tink_oracle) -> None:
     records = make_records([F - 40, 10, 2 << 20])  # crosses the first-segment boundary
-    ref = write(store, records, dek, target_shard_size=64 << 20)
+    ref = write(store, records, dek, target_shard_size=64 << 20, plaintext_digests=True)
     with open_reader(store, ref, dek) as reader:
         m = reader.manifest
         entry = m.shards[0]

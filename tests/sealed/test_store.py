@@ -7,7 +7,14 @@ import os
 
 import pytest
 
-from sealed import CountingStore, LocalDirStore, ObjectStore, RangeViewStore, StoreError
+from sealed import (
+    CountingStore,
+    LocalDirStore,
+    MemoryStore,
+    ObjectStore,
+    RangeViewStore,
+    StoreError,
+)
 from sealed.s3store import S3Store
 
 
@@ -130,28 +137,117 @@ def test_zero_copy_views_match_ranged_reads(store) -> None:
     assert not store.exists("a")
 
 
-def test_mapped_store_sees_a_replaced_object_and_reads_ahead(tmp_path) -> None:
+def _drop_cached(path) -> None:
     import os
-    import threading
 
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_mapped_store_sees_a_replaced_object_and_fetches_in_the_background(tmp_path) -> None:
     from sealed import MappedDirStore
 
     store = MappedDirStore(tmp_path)
     store.put("shards/a", b"1" * 10_000)
     assert bytes(store.view_range("shards/a", 0, 4)) == b"1111"
     store.delete("shards/a")
-    store.put("shards/a", b"2" * 20_000)  # a new file under the same name: mapped afresh
-    assert bytes(store.view_range("shards/a", 19_996, 4)) == b"2222"
-    # a cached range needs no read-ahead; an uncached one is read by the thread
-    assert store.will_need("shards/a", 0, 20_000) is None
-    fd = os.open(tmp_path / "shards" / "a", os.O_RDONLY)
-    os.fdatasync(fd)
-    store.close()  # unmapped: the kernel may now drop the cached pages
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
-    ticket = store.will_need("shards/a", 0, 20_000)
-    if ticket is not None:  # the kernel dropped the pages (it may keep them; both are fine)
-        assert isinstance(ticket, threading.Event)
-        assert ticket.wait(60)
-    assert bytes(store.view_range("shards/a", 0, 4)) == b"2222"
+    data = os.urandom(20_000)
+    store.put("shards/a", data)  # a new file under the same name: mapped afresh
+    assert bytes(store.view_range("shards/a", 19_996, 4)) == data[-4:]
+    with store.fetch("shards/a") as fetch:
+        assert fetch.cached(0, 20_000)  # just read through the mapping
+        assert fetch.cached(5, 0)
+        store.close()  # unmapped: the kernel may now drop the cached pages
+        _drop_cached(tmp_path / "shards" / "a")
+        # the kernel may keep the pages; whether cached or not, the I/O thread reads them
+        buf = bytearray(12_000)
+        ticket = fetch.read_into(7_000, memoryview(buf))
+        ticket.wait()
+        assert buf == data[7_000:19_000]
+        two = [bytearray(10_000), bytearray(10_000)]
+        tickets = [fetch.read_into(k * 10_000, memoryview(b)) for k, b in enumerate(two)]
+        for t in tickets:
+            t.wait()
+        assert b"".join(two) == data
+    with pytest.raises(StoreError, match="closed"):
+        fetch.read_into(0, memoryview(bytearray(1)))
+    with pytest.raises(StoreError, match="not found"):
+        store.fetch("shards/missing")
+    store.close()
+
+
+def test_a_background_read_past_the_end_is_an_error_not_a_short_buffer(tmp_path) -> None:
+    from sealed import MappedDirStore
+
+    store = MappedDirStore(tmp_path)
+    store.put("shards/a", b"x" * 5000)
+    with store.fetch("shards/a") as fetch:
+        ticket = fetch.read_into(4000, memoryview(bytearray(2000)))
+        with pytest.raises(StoreError, match="shorter than 6000 bytes"):
+            ticket.wait()
+        ticket = fetch.read_into(0, memoryview(bytearray(5000)))  # the thread still serves
+        ticket.wait()
+    store.close()
+
+
+def test_counting_store_counts_background_reads(tmp_path) -> None:
+    from sealed import MappedDirStore
+
+    store = MappedDirStore(tmp_path)
+    store.put("shards/a", b"y" * 5000)
+    counting = CountingStore(store)
+    fetch = counting.fetch("shards/a")
+    assert fetch is not None
+    buf = bytearray(3000)
+    fetch.read_into(1000, memoryview(buf)).wait()
+    fetch.close()
+    assert buf == b"y" * 3000
+    assert counting.ranges == [("shards/a", 1000, 3000)]
+    assert CountingStore(LocalDirStore(tmp_path)).fetch("shards/a") is None
+    store.close()
+
+
+def test_unsynced_puts_are_complete_at_once_and_durable_after_sync(tmp_path) -> None:
+    from sealed import DeferredSyncStore, MappedDirStore
+
+    for store in (LocalDirStore(tmp_path / "l"), MappedDirStore(tmp_path / "m")):
+        assert isinstance(store, DeferredSyncStore)
+        data = os.urandom(20_000)
+        assert store.put_unsynced("shards/a", [data[:7], data[7:]]) == 20_000
+        assert store.get_range("shards/a", 0, 20_000) == data  # complete for readers now
+        with pytest.raises(StoreError, match="already exists"):
+            store.put_unsynced("shards/a", b"x")
+        store.put_unsynced("shards/b", b"y")
+        store.delete("shards/b")  # deleted before the sync: skipped, not an error
+        store.sync()
+        store.sync()  # nothing left to sync
+        assert store.list() == ["shards/a"]
+    assert not isinstance(MemoryStore(), DeferredSyncStore)
+
+
+@pytest.mark.parametrize("probe", ["cachestat", "rwf_nowait"])
+def test_the_cache_probe_sees_what_was_read_and_misses_what_was_dropped(
+    tmp_path, monkeypatch, probe
+) -> None:
+    from sealed import MappedDirStore
+    from sealed import store as store_module
+
+    if probe == "rwf_nowait":  # a kernel without cachestat(2): the fallback probe
+        monkeypatch.setattr(store_module, "_cachestat", [None])
+    store = MappedDirStore(tmp_path)
+    data = os.urandom(3 << 20)
+    store.put("shards/a", data)
+    with store.fetch("shards/a") as fetch:
+        buf = bytearray(len(data))
+        fetch.read_into(0, memoryview(buf)).wait()  # read: now in the page cache
+        assert buf == data
+        assert fetch.cached(0, len(data)) and fetch.cached(4096, 10)
+        _drop_cached(tmp_path / "shards" / "a")  # never mapped: clean pages go
+        dropped = not fetch.cached(0, len(data))
+        if probe == "cachestat" and store_module._cachestat[0] is not None:
+            assert dropped  # exact: a range with any page missing is not cached
     store.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import subprocess
@@ -235,15 +236,20 @@ class _FailingStore:
     def __init__(self, inner, fail_at: int) -> None:
         self.inner, self.fail_at, self.puts = inner, fail_at, 0
 
-    def put(self, name, data):
+    def _put(self, name, data, put):
         self.puts += 1
         if self.puts == self.fail_at:
             for i, _chunk in enumerate(data):
                 if i == 2:
                     raise StoreError(f"cannot write object {name}: disk full")
-        return self.inner.put(name, data)
+        return put(name, data)
+
+    def put(self, name, data):
+        return self._put(name, data, self.inner.put)
 
     def __getattr__(self, attr):
+        if attr == "put_unsynced" and hasattr(self.inner, attr):  # the writer's shard puts
+            return lambda name, data: self._put(name, data, self.inner.put_unsynced)
         return getattr(self.inner, attr)
 
 
@@ -262,10 +268,25 @@ def test_segment_aligned_records_round_trip_through_the_pipeline(tmp_path, store
     first = streaming.FIRST_SEGMENT_CAPACITY
     sizes = [first - 16 - 8 * 7, 0, streaming.SEGMENT_CAPACITY, 0, 5 * (1 << 20) + 3, 1]
     src = _tree(tmp_path / "src", {f"r{i}.bin": os.urandom(n) for i, n in enumerate(sizes)})
-    ref = write(store, src, dek)
+    ref = write(store, src, dek, plaintext_digests=True)
     with open_reader(store, ref, dek) as reader:
         for k in range(ref.num_records):
             assert bytes(reader.read_record(k)) == (src / f"r{k}.bin").read_bytes()
         for j in range(ref.num_shards):  # the digests the digest thread computed are right
             buf = bytearray(reader.shard_plaintext_size(j))
-            reader.decrypt_shard_into(j, buf, verify_digest=True)
+            view = reader.decrypt_shard_into(j, buf, verify_digest=True)
+            assert reader.manifest.shards[j].sha256 == hashlib.sha256(view).digest()
+
+
+def test_without_plaintext_digests_the_manifest_records_none_and_says_so(store, dek) -> None:
+    from sealed.manifest import NO_DIGEST
+
+    records = make_records([3 << 20, 5, 2 << 20])
+    ref = write(store, records, dek, target_shard_size=2 << 20)  # the default: no digests
+    with open_reader(store, ref, dek) as reader:
+        assert all(e.sha256 == NO_DIGEST for e in reader.manifest.shards)
+        buf = bytearray(reader.max_shard_plaintext_size)
+        assert [bytes(r) for j in range(ref.num_shards)
+                for r in reader.iter_shard_records(j, buf)] == records
+        with pytest.raises(ValueError, match="no plaintext digest"):
+            reader.decrypt_shard_into(0, buf, verify_digest=True)

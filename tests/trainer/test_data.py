@@ -3,6 +3,7 @@ plaintext baseline, tamper detection, shredding of every buffer."""
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import pytest
@@ -181,3 +182,41 @@ def test_feature_records_feed_the_classifier(tmp_path, dataset):
                                         shredder=shredder)))
     assert all(int(y2[r]) == int(x2[r, 0]) % 3 for r in range(8))
     shredder.shred("test")
+
+
+def test_the_prefetcher_names_the_shard_it_decrypts_next(dataset):
+    """The next-shard hint (which starts the sealed reader's disk reads early) is always the
+    shard actually decrypted next, across epochs."""
+    import threading
+
+    calls: list[tuple[int, int | None]] = []
+    enough = threading.Event()
+
+    class Recording(PlaintextShards):
+        def decrypt_shard_into(self, j, buffer, next_shard=None):
+            calls.append((j, next_shard))
+            if len(calls) >= 3 * self.num_shards:
+                enough.set()
+            return super().decrypt_shard_into(j, buffer, next_shard)
+
+    reader = open_sealed_reader(_config(dataset), dataset.dek)
+    records = corpus(400, canary=dataset.canary.decode())
+    shards, start = [], 0
+    for entry in reader.reader.manifest.shards:
+        shards.append(records[start : start + entry.record_count])
+        start += entry.record_count
+    reader.close()
+    recording = Recording(shards)
+    assert recording.num_shards >= 3
+    shredder = Shredder()
+    it = iter(make_loader(_batches(recording, shredder, seq_len=255, batch=32)))
+    for _ in range(5000):  # consume until three epochs were decrypted
+        next(it)
+        if enough.is_set():
+            break
+    shredder.shred("test")
+    assert enough.is_set()
+    assert all(hint == nxt for (_, hint), (nxt, _) in itertools.pairwise(calls))
+    plan = ShardPlan(recording.num_shards, 0, 1, 7)
+    order = plan.order(0) + plan.order(1)
+    assert [j for j, _ in calls[: len(order)]] == order
