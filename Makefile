@@ -9,7 +9,7 @@ SYSTEM_PACKAGES := softhsm2 swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config 
 TORCH_CPU := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-packages demo test test-busy lint protos check-protos bench gpu-check clean
+.PHONY: setup system-packages demo test test-busy lint protos check-protos bench gpu-check fuzz clean
 
 setup: system-packages $(STAMP)
 
@@ -77,6 +77,22 @@ bench: setup
 gpu-check: setup
 	$(BIN)/pip install -q -e ".[gpu]"
 	PY=$(BIN)/python bash scripts/gpu_check.sh
+
+# Coverage-guided fuzzing of every parser of untrusted bytes (fuzz/, docs/fuzzing.md): each
+# harness runs FUZZ_SECONDS under atheris and prints `goal fuzz_NAME_crashes: ...`.
+# FUZZ_TARGETS=name1 name2 picks harnesses; FUZZ_KEEP=K merges what a run found into the
+# in-repo corpus (at most K files per harness). `make test` only replays the corpus.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?=
+FUZZ_KEEP ?=
+FUZZ_STAMP := $(VENV)/.fuzz-installed
+
+$(FUZZ_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install -q -e ".[fuzz]"
+	touch $@
+
+fuzz: setup $(FUZZ_STAMP)
+	$(BIN)/python -m fuzz run --seconds $(FUZZ_SECONDS) $(if $(FUZZ_KEEP),--keep $(FUZZ_KEEP)) $(FUZZ_TARGETS)
 
 clean:
 	rm -rf $(VENV) run .pytest_cache .ruff_cache .hypothesis

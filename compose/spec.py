@@ -228,7 +228,10 @@ def load_project(
         raise ComposeFileError(f"{path}: cannot read compose file: {exc.strerror}") from None
     if size > MAX_COMPOSE_FILE_BYTES:
         raise ComposeFileError(f"{path}: {size} bytes, more than {MAX_COMPOSE_FILE_BYTES}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ComposeFileError(f"{path}: not UTF-8 (byte {exc.start})") from None
     try:
         document = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as exc:

@@ -93,8 +93,20 @@ class TokenVerifier:
                 raise ValueError("wrong token type")
             obj["node_key"] = bytes.fromhex(obj["node_key"])
             claims = TokenClaims(**obj)
+            _check_types(claims)
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidToken(f"token payload malformed: {exc}") from None
         if now_ms >= claims.exp:
             raise InvalidToken("token expired")
         return claims
+
+
+def _check_types(claims: TokenClaims) -> None:
+    """JSON gives any type; a claim of the wrong one must not reach a comparison."""
+    for name in ("session_id", "node_id", "job_id", "tenant_scope", "claims_digest"):
+        if not isinstance(getattr(claims, name), str):
+            raise TypeError(f"{name} is not a string")
+    for name in ("iat", "exp"):
+        value = getattr(claims, name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} is not an integer")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.x509.verification import (
     ExtensionPolicy,
     PolicyBuilder,
@@ -107,7 +107,7 @@ def verify_links(chain: Sequence[x509.Certificate], roots: Sequence[x509.Certifi
             return f"{common_name(issuer)!r} is not a CA"
         try:
             cert.verify_directly_issued_by(issuer)
-        except (ValueError, TypeError, InvalidSignature):
+        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
             return f"{common_name(cert)!r} is not signed by {common_name(issuer)!r}"
     for cert in path:
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:

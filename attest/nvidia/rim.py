@@ -75,9 +75,15 @@ def _key_info_chain(root: etree._Element) -> list[x509.Certificate]:
     out = []
     for element in root.iter(f"{{{_DS}}}X509Certificate"):
         try:
-            out.append(x509.load_der_x509_certificate(base64.b64decode(element.text or "")))
-        except ValueError as exc:
+            cert = x509.load_der_x509_certificate(base64.b64decode(element.text or ""))
+            # decode the lazily parsed parts now: the chain check and signxml read them and
+            # would raise from the middle of verification
+            _ = (cert.subject, cert.issuer, cert.extensions, cert.public_key(),
+                 cert.not_valid_before_utc, cert.not_valid_after_utc)
+        except Exception as exc:  # cryptography raises many types for bad DER (ValueError,
+            # UnsupportedAlgorithm, DuplicateExtension, ...), as in attest.nvidia.verifier
             raise RimError("a RIM KeyInfo certificate is not valid DER") from exc
+        out.append(cert)
     return out
 
 
@@ -134,7 +140,8 @@ def load_rim(data: bytes, roots: Sequence[x509.Certificate], at: dt.datetime) ->
     config = SignatureConfiguration(verification_time=at, **_CONFIG_BASE)
     try:
         verified = XMLVerifier().verify(data, x509_cert=chain[0], expect_config=config)
-    except InvalidInput as exc:
+    except (InvalidInput, etree.LxmlError) as exc:  # signxml lets lxml's errors through
+        # (the XMLDSig schema check's DocumentInvalid, canonicalisation's C14NError)
         raise RimError(f"RIM signature structure is invalid: {exc}") from exc
     except SignXMLException as exc:
         problems.append(("signature", f"RIM {tag_id[:16]}... signature does not verify: "

@@ -92,14 +92,19 @@ def signed_members(data: bytes, what: str) -> dict[str, tuple[Any, bytes]]:
                 i = skip(i + 1)
         if skip(i + 1) != len(text):
             raise CollateralError(f"{what} has trailing data")
-    except (IndexError, json.JSONDecodeError, RecursionError) as exc:
+    except CollateralError:
+        raise
+    except (IndexError, ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError,
+        # and an integer of more than 4300 digits (int's string conversion limit)
         raise CollateralError(f"{what} is not valid JSON") from exc
     return out
 
 
 def _date(value: Any, what: str) -> dt.datetime:
+    if not isinstance(value, str):
+        raise CollateralError(f"{what} is not an ISO 8601 date")
     try:
-        parsed = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError as exc:
         raise CollateralError(f"{what} is not an ISO 8601 date") from exc
     if parsed.tzinfo is None:
@@ -108,8 +113,10 @@ def _date(value: Any, what: str) -> dt.datetime:
 
 
 def _hex(value: Any, size: int, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise CollateralError(f"{what} is not hex")
     try:
-        raw = bytes.fromhex(str(value))
+        raw = bytes.fromhex(value)
     except ValueError as exc:
         raise CollateralError(f"{what} is not hex") from exc
     if len(raw) != size:
@@ -117,8 +124,39 @@ def _hex(value: Any, size: int, what: str) -> bytes:
     return raw
 
 
+def _int(value: Any, what: str, default: int | None = None) -> int:
+    """A JSON integer member (absent: ``default`` if there is one); never ``int()`` on
+    untrusted JSON, which takes strings, floats and booleans and raises other errors."""
+    if value is None and default is not None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or not -(2**63) <= value < 2**64:
+        raise CollateralError(f"{what} is not an integer")
+    return value
+
+
+def _list(value: Any, what: str) -> list:
+    if not isinstance(value, list):
+        raise CollateralError(f"{what} is not a list")
+    return value
+
+
+def _advisories(level: dict, what: str) -> tuple[str, ...]:
+    ids = _list(level.get("advisoryIDs", []), f"{what} advisoryIDs")
+    if not all(isinstance(i, str) for i in ids):
+        raise CollateralError(f"{what} advisoryIDs are not strings")
+    return tuple(ids)
+
+
+def _str(value: Any, what: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise CollateralError(f"{what} is not a string")
+    return value
+
+
 def _status(value: Any, what: str) -> str:
-    if value not in STATUS_ORDER:
+    if not isinstance(value, str) or value not in STATUS_ORDER:
         raise CollateralError(f"{what} {value!r} is not a known TCB status")
     return str(value)
 
@@ -173,6 +211,8 @@ def _module_levels(raw: Any, what: str) -> tuple[ModuleTcbLevel, ...]:
         raise CollateralError(f"{what}: tcbLevels is not a list")
     levels = []
     for level in raw:
+        if not isinstance(level, dict):
+            raise CollateralError(f"{what}: a TCB level is not an object")
         try:
             svn = level["tcb"]["isvsvn"]
         except (KeyError, TypeError) as exc:
@@ -182,7 +222,7 @@ def _module_levels(raw: Any, what: str) -> tuple[ModuleTcbLevel, ...]:
         levels.append(ModuleTcbLevel(
             isv_svn=svn, date=_date(level.get("tcbDate"), f"{what} tcbDate"),
             status=_status(level.get("tcbStatus"), f"{what} tcbStatus"),
-            advisory_ids=tuple(map(str, level.get("advisoryIDs", ())))))
+            advisory_ids=_advisories(level, what)))
     return tuple(levels)
 
 
@@ -190,7 +230,7 @@ def _module_identity(raw: Any, what: str) -> TdxModuleIdentity:
     if not isinstance(raw, dict):
         raise CollateralError(f"{what} is not an object")
     return TdxModuleIdentity(
-        id=str(raw.get("id", "")),
+        id=_str(raw.get("id"), f"{what} id"),
         mr_signer=_hex(raw.get("mrsigner"), 48, f"{what} mrsigner"),
         attributes=_hex(raw.get("attributes"), 8, f"{what} attributes"),
         attributes_mask=_hex(raw.get("attributesMask"), 8, f"{what} attributesMask"),
@@ -227,8 +267,10 @@ class TcbInfo:
     def parse(cls, data: bytes) -> TcbInfo:
         members, info, signed = _signed_object(data, "TCB Info", "tcbInfo")
         levels = []
-        for level in info.get("tcbLevels", []):
-            tcb = level.get("tcb", {}) if isinstance(level, dict) else {}
+        for level in _list(info.get("tcbLevels", []), "TCB Info tcbLevels"):
+            if not isinstance(level, dict):
+                raise CollateralError("TCB Info level is not an object")
+            tcb = level.get("tcb", {})
             if not isinstance(tcb, dict) or not isinstance(tcb.get("pcesvn"), int):
                 raise CollateralError("TCB Info level without tcb.pcesvn")
             levels.append(TcbLevel(
@@ -237,22 +279,25 @@ class TcbInfo:
                 tdx_components=_svns(tcb.get("tdxtcbcomponents"), "tdxtcbcomponents"),
                 date=_date(level.get("tcbDate"), "tcbDate"),
                 status=_status(level.get("tcbStatus"), "tcbStatus"),
-                advisory_ids=tuple(map(str, level.get("advisoryIDs", ())))))
+                advisory_ids=_advisories(level, "TCB Info level")))
         if not levels:
             raise CollateralError("TCB Info has no TCB levels")
         module = info.get("tdxModule")
         return cls(
             signed_bytes=signed, signature=_signature(members, "TCB Info"),
-            id=str(info.get("id", "")), version=int(info.get("version", 0)),
+            id=_str(info.get("id"), "TCB Info id"),
+            version=_int(info.get("version"), "TCB Info version", 0),
             issue_date=_date(info.get("issueDate"), "issueDate"),
             next_update=_date(info.get("nextUpdate"), "nextUpdate"),
             fmspc=_hex(info.get("fmspc"), 6, "fmspc"),
             pce_id=_hex(info.get("pceId"), 2, "pceId"),
-            evaluation_data_number=int(info.get("tcbEvaluationDataNumber", 0)),
+            evaluation_data_number=_int(info.get("tcbEvaluationDataNumber"),
+                                        "tcbEvaluationDataNumber", 0),
             tdx_module=_module_identity(module, "tdxModule") if module else None,
             module_identities=tuple(
                 _module_identity(m, f"tdxModuleIdentities[{i}]")
-                for i, m in enumerate(info.get("tdxModuleIdentities", []))),
+                for i, m in enumerate(_list(info.get("tdxModuleIdentities", []),
+                                            "tdxModuleIdentities"))),
             levels=tuple(levels))
 
 
@@ -277,7 +322,8 @@ class EnclaveIdentity:
         members, ident, signed = _signed_object(data, "QE Identity", "enclaveIdentity")
         return cls(
             signed_bytes=signed, signature=_signature(members, "QE Identity"),
-            id=str(ident.get("id", "")), version=int(ident.get("version", 0)),
+            id=_str(ident.get("id"), "QE Identity id"),
+            version=_int(ident.get("version"), "QE Identity version", 0),
             issue_date=_date(ident.get("issueDate"), "issueDate"),
             next_update=_date(ident.get("nextUpdate"), "nextUpdate"),
             misc_select=int.from_bytes(_hex(ident.get("miscselect"), 4, "miscselect"), "big"),
@@ -286,7 +332,7 @@ class EnclaveIdentity:
             attributes=_hex(ident.get("attributes"), 16, "attributes"),
             attributes_mask=_hex(ident.get("attributesMask"), 16, "attributesMask"),
             mr_signer=_hex(ident.get("mrsigner"), 32, "mrsigner"),
-            isv_prod_id=int(ident.get("isvprodid", -1)),
+            isv_prod_id=_int(ident.get("isvprodid"), "isvprodid", -1),
             levels=_module_levels(ident.get("tcbLevels", []), "enclaveIdentity"))
 
 
