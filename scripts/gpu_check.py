@@ -144,8 +144,8 @@ def train() -> int:
             for mode in (("enc", "plain") if i % 2 == 0 else ("plain", "enc")):
                 result = run_job(config(f"ck-{mode}{i}"), StaticKeySource(dek), harden=False,
                                  handle_signals=False,
-                                 plaintext_baseline_for_benchmark_only=(
-                                     None if mode == "enc" else plain))
+                                 open_reader=(None if mode == "enc"
+                                              else lambda _config, _dek: plain))
                 sps[mode] = result.samples_per_s
             enc_sps.append(sps["enc"])
             plain_sps.append(sps["plain"])

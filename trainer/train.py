@@ -20,9 +20,7 @@
 Resuming restores model, optimizer, scaler and step from the newest checkpoint; the data
 stream restarts at the next epoch (a fresh deterministic shuffle) rather than mid-epoch.
 
-``plaintext_baseline_for_benchmark_only`` feeds the same loop from plaintext records held in
-memory; it exists only so the benchmark can measure the cost of confidentiality and is never
-reachable from the CLI. ``plaintext_collectives_for_tests_only`` keeps DDP's own plaintext
+``plaintext_collectives_for_tests_only`` keeps DDP's own plaintext
 collectives for the wire test's positive control; it is refused with an attested key source.
 """
 
@@ -228,7 +226,6 @@ def run_job(
     harden: bool = True,
     require_hardening: bool = False,
     handle_signals: bool = True,
-    plaintext_baseline_for_benchmark_only: ShardReader | None = None,
     plaintext_collectives_for_tests_only: bool = False,
 ) -> JobResult:
     """Run one process of the job end to end (see the module docstring). Always shreds."""
@@ -251,7 +248,7 @@ def run_job(
                 log.warning("mlockall refused (%s): only key buffers are locked",
                             hardening.mlockall_error)
         env = init_distributed(config.device)
-        if open_reader is None and plaintext_baseline_for_benchmark_only is None:
+        if open_reader is None:
             require_manifest(config)  # before any key is released (and leased)
         handle = key_source.acquire()
         shredder.add_secret("dataset key", handle.dek)
@@ -263,8 +260,7 @@ def run_job(
                 dek=handle.dek, job_id=config.job_id, shredder=shredder,
                 attested=bool(getattr(key_source, "attested", False)),
                 plaintext_for_tests=plaintext_collectives_for_tests_only)
-        trained = _train(config, env, handle, shredder, open_reader,
-                         plaintext_baseline_for_benchmark_only, comm)
+        trained = _train(config, env, handle, shredder, open_reader, comm)
         if comm is not None:
             comm.barrier()
         result = trained
@@ -308,18 +304,13 @@ def _train(
     handle: KeyHandle,
     shredder: Shredder,
     open_reader: ReaderFactory | None,
-    baseline: ShardReader | None,
     comm: JobComm | None = None,
 ) -> JobResult:
     torch.manual_seed(config.seed)
-    if baseline is not None:
-        log.warning("PLAINTEXT BASELINE MODE (benchmark only): data is not encrypted")
-        reader = baseline
-    else:
-        reader = (open_reader or _default_reader)(config, handle.dek)
-        close = getattr(reader, "close", None)
-        if close is not None:
-            shredder.add_stop_hook(close)  # after the prefetcher stops (it registers first)
+    reader = (open_reader or _default_reader)(config, handle.dek)
+    close = getattr(reader, "close", None)
+    if close is not None:
+        shredder.add_stop_hook(close)  # after the prefetcher stops (it registers first)
 
     model = build_model(config.model.name, config.model.params, seq_len=config.seq_len)
     model.to(env.device)

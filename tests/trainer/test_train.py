@@ -68,7 +68,7 @@ def test_plaintext_baseline_gives_the_same_training(dataset, tmp_path):
     reader.close()
     cfg2 = _cfg(dataset, tmp_path, steps=8, precision="fp32",
                 checkpoint={"dir": str(tmp_path / "c2"), "interval": 100})
-    plain = _run(cfg2, dataset.dek, plaintext_baseline_for_benchmark_only=PlaintextShards(shards))
+    plain = _run(cfg2, dataset.dek, open_reader=lambda config, dek: PlaintextShards(shards))
     assert [round(v, 5) for _, v in encrypted.losses] == [round(v, 5) for _, v in plain.losses]
 
 
