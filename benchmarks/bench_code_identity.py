@@ -35,7 +35,6 @@ before keys waited for the background thread, and how many digests came from the
 from __future__ import annotations
 
 import re
-import resource
 import shutil
 import statistics
 import tempfile
@@ -44,47 +43,16 @@ from pathlib import Path
 
 import yaml
 
-from attest.code_digest import CACHE_NAME, MANIFEST_NAME
+from attest.code_digest import CACHE_NAME
+from benchmarks._deployment import (
+    UNCHECKED_TRAINER,
+    children_cpu,
+    deploy,
+    enrolled_node,
+)
 from compose import LocalHarness
-from compose.image import build_image_environment, image_environment_variables
-from compose.ports import free_port_pairs
 
-REPO = Path(__file__).resolve().parents[1]
 GOAL = 1.10
-
-# The stand-in: the trainer CLI with the guard's checks replaced (never used outside here).
-_UNCHECKED = f"""
-import hashlib, sys
-import trainer.guard as guard
-digest = hashlib.sha256(open(sys.prefix + "/{MANIFEST_NAME}", "rb").read()).hexdigest()
-guard.enter = lambda: None
-guard.require_measured_module = lambda name: None
-guard.code_claims = lambda: {{"code_digest": digest, "python_version": "3",
-                              "torch_version": "unchecked"}}
-from trainer.cli import main
-sys.argv = ["trainer", *sys.argv[1:]]
-sys.exit(main())
-"""
-
-
-def _deploy(base: Path) -> tuple[LocalHarness, dict[str, str]]:
-    provider, tenant, tpm_a, tpm_b, master = free_port_pairs(5)
-    variables = {
-        "PROVIDER_BROKER_PORT": str(provider), "TENANT_BROKER_PORT": str(tenant),
-        "TPM_A_PORT": str(tpm_a), "TPM_A_CTRL_PORT": str(tpm_a + 1),
-        "TPM_B_PORT": str(tpm_b), "TPM_B_CTRL_PORT": str(tpm_b + 1),
-        "MASTER_PORT": str(master), "TRAIN_STEPS": "2", "LEASE_TTL_MS": "60000",
-    }
-    image = build_image_environment(base / "image")
-    harness = LocalHarness(REPO / "docker-compose.yml", base / "run", variables=variables,
-                           image_env=image_environment_variables(image))
-    return harness, variables
-
-
-def _cpu_of_children() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
 
 _COST = re.compile(
     r"code identity checked: (?P<files>\d+) files \((?P<mb>[\d.]+) MB\) hashed while "
@@ -107,10 +75,10 @@ def _first_step(harness: LocalHarness, argv: list[str]) -> tuple[float, float, s
     """Seconds from start to the ``step 1/`` line (its log timestamp, millisecond
     resolution), the CPU seconds of the whole run (two steps and the shred), and the
     output."""
-    cpu = _cpu_of_children()
+    cpu = children_cpu()
     start = time.time()
     result = harness.run("node-a", argv)
-    cpu = _cpu_of_children() - cpu
+    cpu = children_cpu() - cpu
     output = (result.stdout + result.stderr).decode(errors="replace")
     match = re.search(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) rank 0 INFO trainer: step 1/",
                       output, re.MULTILINE)
@@ -135,31 +103,17 @@ def main(quick: bool = False) -> None:
     costs: dict[str, list[dict[str, float]]] = {"checked": [], "cold": []}
     with tempfile.TemporaryDirectory(prefix="bench-code-identity-") as tmp:
         base = Path(tmp)
-        harness, variables = _deploy(base)
+        harness, variables = deploy(base, steps=2)
         try:
-            harness.up(["enrol", "tenant"])
-            harness.wait_all_completed(["bootstrap", "enrol", "tenant"])
-            root = str(harness.host_path("node-a", "/"))
-            render = harness.run("node-a", [
-                "python", f"{root}/deploy/bin/node.py", f"--root={root}", "--node=node-a",
-                f"--tcti=swtpm:host=127.0.0.1,port={variables['TPM_A_PORT']}",
-                f"--job-info={root}/store/jobs/job-1.json", "--steps=2",
-                f"--broker=127.0.0.1:{variables['PROVIDER_BROKER_PORT']}",
-                f"--broker=127.0.0.1:{variables['TENANT_BROKER_PORT']}"])
-            if render.returncode != 0:
-                raise RuntimeError(f"warm-up run failed: {render.stderr.decode()[-2000:]}")
-            home = harness.host_path("node-a", "/var/lib/node-a")
-            job = yaml.safe_load((home / "job.yaml").read_text())
-            ckpt = home / "bench-checkpoints"
-            job.update(steps=2, log_interval=1,
-                       checkpoint={**job["checkpoint"], "dir": str(ckpt)})
+            home, job = enrolled_node(harness, variables, steps=2)
+            ckpt = Path(job["checkpoint"]["dir"])
             (home / "bench.yaml").write_text(yaml.safe_dump(job))
             args = ["--attest", "--job", str(home / "bench.yaml"), "--node-id", "node-a"]
             python = str(base / "image" / "bin" / "python")
             commands = {
                 "checked": [python, "-I", "-B", "-m", "trainer", *args],
                 "cold": [python, "-I", "-B", "-m", "trainer", *args],
-                "unchecked": [python, "-I", "-B", "-c", _UNCHECKED, *args],
+                "unchecked": [python, "-I", "-B", "-c", UNCHECKED_TRAINER, *args],
             }
             cache = base / "image" / CACHE_NAME
             for i in range(pairs):

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import re
-import resource
 import shutil
 import statistics
 import sys
@@ -48,27 +47,16 @@ from typing import Any
 
 import yaml
 
-from attest.code_digest import MANIFEST_NAME
+from benchmarks._deployment import (
+    REPO,
+    UNCHECKED_TRAINER,
+    children_cpu,
+    deploy,
+    enrolled_node,
+)
 from compose import LocalHarness
-from compose.image import build_image_environment, image_environment_variables
-from compose.ports import free_port_pairs
 
-REPO = Path(__file__).resolve().parents[1]
 GOAL = 1.5
-
-# the guard replaced by stand-ins that check nothing (benchmark only; as bench_code_identity)
-_UNGUARDED = f"""
-import hashlib, sys
-import trainer.guard as guard
-digest = hashlib.sha256(open(sys.prefix + "/{MANIFEST_NAME}", "rb").read()).hexdigest()
-guard.enter = lambda: None
-guard.require_measured_module = lambda name: None
-guard.code_claims = lambda: {{"code_digest": digest, "python_version": "3",
-                              "torch_version": "unchecked"}}
-from trainer.cli import main
-sys.argv = ["trainer", *sys.argv[1:]]
-sys.exit(main())
-"""
 
 # the plaintext trainer a user would write; argv[1]: JSON settings; prints its marks as JSON
 _PLAIN = r"""
@@ -114,25 +102,6 @@ print(json.dumps(marks), flush=True)
 _STAMP = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) rank 0 \w+ [\w.]+: "
 
 
-def _deploy(base: Path) -> tuple[LocalHarness, dict[str, str]]:
-    provider, tenant, tpm_a, tpm_b, master = free_port_pairs(5)
-    variables = {
-        "PROVIDER_BROKER_PORT": str(provider), "TENANT_BROKER_PORT": str(tenant),
-        "TPM_A_PORT": str(tpm_a), "TPM_A_CTRL_PORT": str(tpm_a + 1),
-        "TPM_B_PORT": str(tpm_b), "TPM_B_CTRL_PORT": str(tpm_b + 1),
-        "MASTER_PORT": str(master), "TRAIN_STEPS": "1", "LEASE_TTL_MS": "60000",
-    }
-    image = build_image_environment(base / "image")
-    harness = LocalHarness(REPO / "docker-compose.yml", base / "run", variables=variables,
-                           image_env=image_environment_variables(image))
-    return harness, variables
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def _stamp(output: str, message: str) -> float:
     """The log timestamp (unix seconds, ms resolution) of the first line with ``message``."""
     match = re.search(_STAMP + re.escape(message), output, re.MULTILINE)
@@ -144,10 +113,10 @@ def _stamp(output: str, message: str) -> float:
 
 def _attested(harness: LocalHarness, argv: list[str]) -> dict[str, Any]:
     """One ``trainer --attest`` run: its phases (seconds) and CPU seconds of the whole run."""
-    cpu = _children_cpu()
+    cpu = children_cpu()
     start = time.time()
     result = harness.run("node-a", argv)
-    cpu = _children_cpu() - cpu
+    cpu = children_cpu() - cpu
     out = (result.stdout + result.stderr).decode(errors="replace")
     if result.returncode != 0:
         raise RuntimeError(f"trainer run failed ({result.returncode}):\n{out[-3000:]}")
@@ -177,10 +146,10 @@ def _attested(harness: LocalHarness, argv: list[str]) -> dict[str, Any]:
 
 
 def _plain(harness: LocalHarness, python: str, script: Path, settings: dict) -> dict[str, Any]:
-    cpu = _children_cpu()
+    cpu = children_cpu()
     start = time.time()
     result = harness.run("node-a", [python, str(script), json.dumps(settings)])
-    cpu = _children_cpu() - cpu
+    cpu = children_cpu() - cpu
     if result.returncode != 0:
         raise RuntimeError(f"plaintext run failed:\n{result.stderr.decode()[-3000:]}")
     marks = json.loads(result.stdout.decode().strip().splitlines()[-1])
@@ -205,23 +174,10 @@ def main(quick: bool = False) -> None:
     rounds = 3 if quick else 7
     with tempfile.TemporaryDirectory(prefix="bench-first-step-") as tmp:
         base = Path(tmp)
-        harness, variables = _deploy(base)
+        harness, variables = deploy(base, steps=1)
         try:
-            harness.up(["enrol", "tenant"])
-            harness.wait_all_completed(["bootstrap", "enrol", "tenant"])
-            root = str(harness.host_path("node-a", "/"))
-            warm = harness.run("node-a", [
-                "python", f"{root}/deploy/bin/node.py", f"--root={root}", "--node=node-a",
-                f"--tcti=swtpm:host=127.0.0.1,port={variables['TPM_A_PORT']}",
-                f"--job-info={root}/store/jobs/job-1.json", "--steps=1",
-                f"--broker=127.0.0.1:{variables['PROVIDER_BROKER_PORT']}",
-                f"--broker=127.0.0.1:{variables['TENANT_BROKER_PORT']}"])
-            if warm.returncode != 0:
-                raise RuntimeError(f"warm-up run failed: {warm.stderr.decode()[-2000:]}")
-            home = harness.host_path("node-a", "/var/lib/node-a")
-            job = yaml.safe_load((home / "job.yaml").read_text())
-            ckpt = home / "bench-checkpoints"
-            job.update(steps=1, log_interval=1, checkpoint={**job["checkpoint"], "dir": str(ckpt)})
+            home, job = enrolled_node(harness, variables, steps=1)
+            ckpt = Path(job["checkpoint"]["dir"])
             (home / "bench.yaml").write_text(yaml.safe_dump(job))
             # the plaintext side reads the same bytes the tenant uploaded
             corpus = sorted((REPO / "deploy" / "config" / "corpus").iterdir())
@@ -239,7 +195,7 @@ def main(quick: bool = False) -> None:
                                                         *args]),
                 "plaintext": lambda: _plain(harness, python, script, settings),
                 "unguarded": lambda: _attested(harness, [python, "-I", "-B", "-c",
-                                                         _UNGUARDED, *args]),
+                                                         UNCHECKED_TRAINER, *args]),
             }
             runs: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
             ratios, cpu_ratios = [], []
