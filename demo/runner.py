@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from compose.image import build_image_environment, image_environment_variables
 from compose.ports import free_port_pairs
 from demo.report import progress_line
 
-__all__ = ["DemoRun", "PhaseFailed", "Settings"]
+__all__ = ["DemoRun", "PhaseFailed", "Settings", "heartbeat"]
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -33,6 +34,27 @@ NODES = ("node-a", "node-b")
 MAX_AUDIT_BYTES = 16 << 20
 
 Say = Callable[[str], None]
+HEARTBEAT_S = 15.0  # a phase that runs longer says so this often, so a wait never looks hung
+
+
+@contextmanager
+def heartbeat(say: Say, label: str, interval_s: float = HEARTBEAT_S) -> Iterator[None]:
+    """While the body runs, ``say`` a "still waiting" line every ``interval_s`` seconds
+    (plain lines: the demo's output is read in terminals and CI logs alike)."""
+    stop = threading.Event()
+    start = time.monotonic()
+
+    def beat() -> None:
+        while not stop.wait(interval_s):
+            say(f"          {label}: still waiting ({time.monotonic() - start:.0f}s so far)")
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{label}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=interval_s + 5)
 
 
 class PhaseFailed(Exception):
@@ -107,7 +129,8 @@ class DemoRun:
         self.say(f"[{self.elapsed():6.1f}s] {name}: {what} ...")
         t0 = time.monotonic()
         try:
-            yield
+            with heartbeat(self.say, name):
+                yield
         except ServiceFailed as exc:
             raise PhaseFailed(name, str(exc)) from None
         except ComposeError as exc:

@@ -81,3 +81,24 @@ def test_audit_verify_status_from_json() -> None:
     assert _verify_status(doc, "") == "OK: 1 records, anchored up to record 1"
     assert _verify_status('{"error": "no audit log", "exit_status": 1}', "x") == "no audit log"
     assert _verify_status("", "kms-broker: error: boom\n") == "kms-broker: error: boom"
+
+
+def test_a_long_phase_says_it_is_still_waiting_and_stops_when_done():
+    import threading
+
+    from demo.runner import heartbeat
+
+    lines: list[str] = []
+    said = threading.Event()
+
+    def say(line: str) -> None:
+        lines.append(line)
+        said.set()
+
+    with heartbeat(say, "enrol", interval_s=0.05):
+        assert said.wait(timeout=60), "no heartbeat line within 60 s"
+    count = len(lines)
+    assert lines[0].strip().startswith("enrol: still waiting (") and lines[0].endswith("so far)")
+    stopped = threading.Event()
+    stopped.wait(0.2)  # several intervals after the phase ended: nothing more is said
+    assert len(lines) == count
