@@ -42,9 +42,11 @@ def test_compose_file_declares_the_deployment():
     services = project.services
     assert set(services) == {
         "bootstrap", "provider-broker", "tenant-broker", "tpm-a", "tpm-b", "enrol", "tenant",
-        "node-a", "node-b", "s3",
+        "node-a", "node-b", "s3", "postgres",
     }
-    assert services["s3"].profiles == ("s3",)  # the embedded default runs without it
+    # the embedded default runs without them
+    assert services["s3"].profiles == ("s3",)
+    assert services["postgres"].profiles == ("postgres",)
     for name, service in services.items():
         if name not in ONE_SHOT:
             assert service.healthcheck is not None, f"{name} has no healthcheck"
@@ -58,6 +60,7 @@ def test_compose_file_declares_the_deployment():
         "tenant": {("provider-broker", "service_healthy"), ("tenant-broker", "service_healthy"),
                    ("s3", "service_healthy")},
         "s3": {("bootstrap", "service_completed_successfully")},
+        "postgres": set(),
         "node-a": {("enrol", "service_completed_successfully"),
                    ("tenant", "service_completed_successfully"), ("tpm-a", "service_healthy")},
         "node-b": {("enrol", "service_completed_successfully"),
