@@ -36,12 +36,14 @@ How each phase is reached, without timing assumptions and without anything in th
   waits at its audit append (write-before-act). The signal is sent once the provider broker
   has audited node-a's attestation (allowed): node-a is inside the key release exchange,
   attested at one broker and waiting for the other; then the lock is let go.
-* on the first shard: the trainer's stderr is a pipe the test holds, filled before the
-  trainer starts. The trainer's first line is ``world ...; reading the first shard``, logged
-  once it holds the DEK and has opened the dataset, just before the first batch: it blocks
-  writing that line (a thread of it waits in ``[anon_]pipe_write``, /proc/PID/task/TID/wchan), the
-  signal is sent, the pipe is drained. Both brokers audited the release to node-a, and the
-  line is the one that was held.
+* on the first shard: the trainer logs ``dataset key from N broker(s) ...`` once it holds the
+  DEK, then builds the model and opens the dataset (seconds of work here) before it logs
+  ``world ...; reading the first shard`` just ahead of the first batch. When the test reads
+  the key line it fills the pipe the trainer's stderr goes to: the trainer blocks writing its
+  next line (a thread of it waits in ``[anon_]pipe_write``, /proc/PID/task/TID/wchan), the
+  signal is sent, the pipe is drained. The line it was blocked on is its first line after the
+  filler in what is drained, and the test checks that it is the first-shard line (so the
+  phase was reached, not assumed). Both brokers audited the release to node-a.
 * mid-training: the signal is sent after the trainer logged ``step 1/``.
 * checkpoint write: the trainer's stderr is a pipe the test holds. The job logs every 1000
   steps and checkpoints at step 10, so after ``step 1/`` its next line is ``checkpoint
@@ -341,8 +343,6 @@ def test_stop_signal_shreds_and_exits_documented_status(
         else:
             argv = _argv(deployment, entry, signal_job)
         job = Started(deployment, argv)
-        if phase == "first-shard":
-            job.fill_pipe()
         try:
             if phase == "before-attestation":
                 job.wait_until(lambda: _masked(_trainer_pid(job, entry)), "signal mask")
@@ -350,8 +350,10 @@ def test_stop_signal_shreds_and_exits_documented_status(
                 job.wait_until(lambda: _attested_since(deployment, "provider", since),
                                "attestation at the provider broker")
             elif phase == "first-shard":
+                job.wait_until(lambda: "dataset key from" in job.output, "the dataset key")
+                job.fill_pipe()
                 job.wait_until(lambda: _writing_to_full_pipe(_trainer_pid(job, entry)),
-                               "the trainer's first line", read=False)
+                               "the trainer's next line", read=False)
             elif phase == "mid-training":
                 job.wait_until(lambda: "step 1/" in job.output, "step 1")
                 _assert_every_thread_masked(_trainer_pid(job, entry))
@@ -379,7 +381,11 @@ def test_stop_signal_shreds_and_exits_documented_status(
         assert not _attested_since(deployment, "provider", since)
         assert not _attested_since(deployment, "tenant", since)
     if phase == "first-shard":
-        assert "reading the first shard" in output
+        # the trainer's line it was blocked on is its first after the filler (torchrun's agent,
+        # also writing to the pipe, may get its own lines in first once it is drained)
+        filler = output.index("." * 4096)
+        held = [line for line in output[filler:].lstrip(".").splitlines() if " rank 0 " in line]
+        assert held and "reading the first shard" in held[0], output[-4000:]
         for broker in ("provider", "tenant"):
             assert any(r["event"] == "release" and r["outcome"] == "allowed"
                        and r["actor"] == f"node:{NODE}"
