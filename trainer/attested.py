@@ -183,9 +183,11 @@ class AttestedKeySource:
                                         key_version=config.dataset.key_version)
         except PermissionDeniedError as exc:
             reasons = tuple(f"{r.name}: {r.reason}" for r in exc.failed_rules)
+            # the failed rules by name: their explanations are said once, in the error the
+            # command ends with (trainer.cli.denial_lines)
             log.warning("attestation denied by broker %s", exc.broker, extra=fields(
                 broker=exc.broker, job_id=config.job_id, node_id=self._node_id,
-                decision="denied", reasons=list(reasons)))
+                decision="denied", rules=[r.name for r in exc.failed_rules]))
             raise AttestationDenied(f"release denied by {exc}", reasons) from None
         except UnavailableError as exc:  # UNAVAILABLE or DEADLINE_EXCEEDED: an outage
             raise BrokersUnreachable(f"a broker could not be reached ({exc.code}): {exc}") \
