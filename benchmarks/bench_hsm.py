@@ -3,7 +3,7 @@
 Side by side, one SoftHSM2 token, the same share and node key:
 
 - ``ours``: ``Pkcs11Hsm.seal_share`` (validation, session pool, key cache, error mapping);
-- ``raw``: the same six PKCS#11 calls through python-pkcs11 with no wrapper (the floor);
+- ``raw``: the same PKCS#11 operations through python-pkcs11 with no wrapper (the floor);
 - ``software``: ``kms_broker.sealing.seal_share_to`` with ``cryptography`` (no HSM at all);
 - ``open``: ``open_sealed_share`` on the node side.
 
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kms_broker import sealing
-from kms_broker.hsm import softhsm
+from kms_broker.hsm import labels, softhsm
 from kms_broker.hsm.interface import Hsm, ShareBinding
 from sealed.secrets import SecretBuffer
 
@@ -90,49 +90,110 @@ def _time(fn: Callable[[], object], n: int) -> list[float]:
 def _raw_pkcs11_sealer(
     token: Any, wrapped: bytes, node_pub: bytes, transcript: bytes
 ) -> Callable[[], bytes]:
-    """The sealing as bare python-pkcs11 calls on one session: the floor for our wrapper."""
+    """The sealing as bare python-pkcs11 calls on one session: the floor for our wrapper.
+
+    The same PKCS#11 operations, mechanisms and templates as ``Pkcs11Hsm.seal_share``
+    (its ``_unwrap_bound`` and ``_transcript_key``): derive the binding key
+    W = AES-ECB(KEK, SHA-256(binding)), unwrap the share under W, destroy W, generate an
+    ephemeral P-256 keypair, derive Z by ECDH with the node key, derive
+    K = AES-ECB(Z, SHA-256(transcript)), destroy Z, wrap the share under K, destroy the rest.
+    No validation, session pool, key cache, retry or error mapping.
+    """
     import pkcs11
     from pkcs11 import KDF, Attribute, KeyType, Mechanism, ObjectClass
     from pkcs11.util.ec import encode_named_curve_parameters
+
+    no_usage = {
+        Attribute.ENCRYPT: False,
+        Attribute.DECRYPT: False,
+        Attribute.SIGN: False,
+        Attribute.VERIFY: False,
+        Attribute.WRAP: False,
+        Attribute.UNWRAP: False,
+        Attribute.DERIVE: False,
+    }
+    session_secret = {
+        Attribute.TOKEN: False,
+        Attribute.SENSITIVE: True,
+        Attribute.EXTRACTABLE: False,
+    }
+    wrap_only = {**no_usage, **session_secret, Attribute.WRAP: True, Attribute.UNWRAP: True}
+    share_template = {
+        **no_usage,
+        Attribute.TOKEN: False,
+        Attribute.PRIVATE: True,
+        Attribute.SENSITIVE: True,
+        Attribute.EXTRACTABLE: True,
+    }
+    public_template = {
+        Attribute.ENCRYPT: False,
+        Attribute.VERIFY: False,
+        Attribute.WRAP: False,
+        Attribute.DERIVE: False,
+    }
+    private_template = {
+        Attribute.DECRYPT: False,
+        Attribute.SIGN: False,
+        Attribute.UNWRAP: False,
+        **session_secret,
+        Attribute.DERIVE: True,
+    }
 
     lib = pkcs11.lib(softhsm.find_module())
     session = lib.get_token(token_label=token).open(rw=True)
     # no login here: the Pkcs11Hsm of this process already logged the module in
     kek = session.get_key(
-        label=f"tenant/{BENCH_TENANT}/kek/v1", object_class=ObjectClass.SECRET_KEY
+        label=labels.kek_label(BENCH_TENANT, 1), object_class=ObjectClass.SECRET_KEY
     )
-    params = session.create_domain_parameters(
-        KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True
-    )
+    p256 = encode_named_curve_parameters("secp256r1")
+    binding_digest = BENCH_BINDING.digest()
     digest = hashlib.sha256(transcript).digest()
 
     def seal() -> bytes:
-        share = kek.unwrap_key(
+        w = kek.derive_key(
+            KeyType.AES,
+            256,
+            mechanism=Mechanism.AES_ECB_ENCRYPT_DATA,
+            mechanism_param=binding_digest,
+            template=wrap_only,
+        )
+        share = w.unwrap_key(
             ObjectClass.SECRET_KEY,
             KeyType.GENERIC_SECRET,
             wrapped,
             mechanism=Mechanism.AES_KEY_WRAP_PAD,
-            template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True},
+            store=False,
+            template=share_template,
         )
-        pub, priv = params.generate_keypair(store=False, private_template={Attribute.DERIVE: True})
+        w.destroy()
+        params = session.create_domain_parameters(
+            KeyType.EC, {Attribute.EC_PARAMS: p256}, local=True
+        )
+        pub, priv = params.generate_keypair(
+            store=False, public_template=public_template, private_template=private_template
+        )
         z = priv.derive_key(
             KeyType.AES,
             256,
+            mechanism=Mechanism.ECDH1_DERIVE,
             mechanism_param=(KDF.NULL, None, node_pub),
-            template={Attribute.DERIVE: True},
+            template={**no_usage, **session_secret, Attribute.DERIVE: True},
         )
         k = z.derive_key(
             KeyType.AES,
             256,
             mechanism=Mechanism.AES_ECB_ENCRYPT_DATA,
             mechanism_param=digest,
-            template={Attribute.WRAP: True},
+            template=wrap_only,
         )
-        sealed = k.wrap_key(share, mechanism=Mechanism.AES_KEY_WRAP_PAD)
-        point = pub[Attribute.EC_POINT]
-        for obj in (k, z, priv, pub, share):
+        z.destroy()
+        sealed = bytes(k.wrap_key(share, mechanism=Mechanism.AES_KEY_WRAP_PAD))
+        point = bytes(pub[Attribute.EC_POINT])
+        for obj in (k, priv, pub, share):
             obj.destroy()
-        return point + sealed
+        if len(point) == 67 and point[:2] == b"\x04\x41":  # DER OCTET STRING around the point
+            point = point[2:]
+        return sealing.encode_sealed_blob(point, sealed)
 
     return seal
 
@@ -157,6 +218,13 @@ def main(quick: bool) -> None:
             share = SecretBuffer.random(32)
             software = _time(lambda: sealing.seal_share_to(node_pub, share, transcript), n)
             blob = hsm.seal_share(wrapped, BENCH_BINDING, 1, node_pub, transcript)
+            # the floor must do the real work: its blob opens on the node to the same share
+            with (
+                sealing.open_sealed_share(node_key, blob, transcript) as want,
+                sealing.open_sealed_share(node_key, raw_seal(), transcript) as got,
+            ):
+                if not got.equals(want):
+                    raise AssertionError("raw PKCS#11 sealing opened to a different share")
             opened = _time(lambda: sealing.open_sealed_share(node_key, blob, transcript), n)
             rate = raw_seal_rate(hsm, seconds)
         finally:
