@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
+from benchmarks.bench_sealed import _generated
 from sealed import SecretBuffer
 from sealed.writer import write_dataset
 from tests.s3server import S3Server
@@ -42,16 +43,6 @@ SHARD = 64 << 20  # the writer's default target shard size
 RANGE = 8 << 20
 IN_FLIGHT = 4
 GOAL = 0.90
-
-
-def _generated(total: int, record: int = 1 << 20) -> list[bytearray]:
-    block = os.urandom(record)
-    out = []
-    for k in range(total // record):
-        rec = bytearray(block)
-        rec[:8] = k.to_bytes(8, "big")
-        out.append(rec)
-    return out
 
 
 def _server_cpu(pid: int) -> float:

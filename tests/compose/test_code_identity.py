@@ -28,9 +28,8 @@ import yaml
 
 from attest.code_digest import CACHE_NAME, MANIFEST_NAME, environment_manifest
 from attest.digest_cache import RACY_NS
-from tests.compose.conftest import live_processes
 from tests.compose.test_deployment import _deployment
-from tests.compose.test_scenarios import Deployment
+from tests.compose.test_scenarios import Deployment, enrolled_deployment
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -55,15 +54,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         if (numpy.parent / name).is_dir():
             shutil.copytree(numpy.parent / name, _site(image) / name, symlinks=True)
     (image / MANIFEST_NAME).write_bytes(environment_manifest(str(image)))
-    marker = f"CT_COMPOSE_ID={harness.run_id}:"
-    try:
-        harness.up(["enrol", "tenant"])
-        harness.wait_all_completed(["bootstrap", "enrol", "tenant"])
-        yield Deployment(harness, variables, base)
-    finally:
-        harness.down()
-    assert live_processes(pgids=set(), marker=marker) == []
-    assert not harness.run_dir.exists()
+    with enrolled_deployment(harness, variables, base) as deployment:
+        yield deployment
 
 
 @pytest.fixture

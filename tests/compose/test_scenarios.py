@@ -11,6 +11,7 @@ end the whole deployment is brought down, nothing of it survives and the run dir
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -102,6 +103,15 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     base = tmp_path_factory.mktemp("scenarios")
     # Steps enough that training is still running when the store is tampered with.
     harness, variables = _deployment(base, TRAIN_STEPS="100000", LEASE_TTL_MS=LEASE_TTL_MS)
+    with enrolled_deployment(harness, variables, base) as deployment:
+        yield deployment
+
+
+@contextlib.contextmanager
+def enrolled_deployment(harness: LocalHarness, variables: dict[str, str],
+                        base: Path) -> Iterator[Deployment]:
+    """Brokers, TPMs, enrolment and the tenant's upload up; afterwards everything down, no
+    process of the run left and its run directory gone."""
     marker = f"CT_COMPOSE_ID={harness.run_id}:"
     try:
         harness.up(["enrol", "tenant"])
