@@ -25,8 +25,8 @@ import pytest
 from compose.postgres import LocalPostgres
 from kms_broker.client import KeyClient
 from kms_broker.rpc import PermissionDeniedError
-from tests.kms_broker.conftest import BrokerProc, World, make_world
-from tests.kms_broker.test_replicas_pg import pg_audit, start_replica
+from tests.kms_broker.conftest import BrokerProc, World
+from tests.kms_broker.test_replicas_pg import pg_audit, replica_pair
 
 pytestmark = pytest.mark.integration
 
@@ -46,13 +46,8 @@ def pg() -> Iterator[LocalPostgres]:
 @pytest.fixture(scope="module")
 def pair(broker_factory, pg: LocalPostgres,
          tmp_path_factory) -> Iterator[tuple[World, BrokerProc, BrokerProc]]:
-    a = broker_factory("fo-a", extra_config={"state": pg.dsn})
-    b = start_replica(a, "fo-b")
-    try:
-        world = make_world(a, tmp_path_factory.mktemp("failover"), nodes=("n1", "n2", "n3"))
-        yield world, a, b
-    finally:
-        b.stop()
+    with replica_pair(broker_factory, pg, tmp_path_factory, "fo") as replicas:
+        yield replicas
 
 
 def _client(world: World, node: str, replicas: list[BrokerProc], job: str) -> KeyClient:

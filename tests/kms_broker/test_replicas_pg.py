@@ -14,6 +14,7 @@ chain too (kms_broker.audit_pg), which verifies as one chain written by both.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -66,16 +67,25 @@ def start_replica(first: BrokerProc, name: str) -> BrokerProc:
                       tpms=first.tpms, entry=first.entry)
 
 
-@pytest.fixture(scope="module")
-def replicas(broker_factory, pg: LocalPostgres,
-             tmp_path_factory) -> Iterator[tuple[World, BrokerProc, BrokerProc]]:
-    a = broker_factory("rep-a", extra_config={"state": pg.dsn})
-    b = start_replica(a, "rep-b")
+@contextlib.contextmanager
+def replica_pair(broker_factory, pg: LocalPostgres, tmp_path_factory,
+                 name: str) -> Iterator[tuple[World, BrokerProc, BrokerProc]]:
+    """Two brokers on ``pg`` and one HSM token (NAME-a started by the factory, NAME-b as its
+    replica) and a world of three nodes enrolled at them."""
+    a = broker_factory(f"{name}-a", extra_config={"state": pg.dsn})
+    b = start_replica(a, f"{name}-b")
     try:
-        world = make_world(a, tmp_path_factory.mktemp("replicas"), nodes=("n1", "n2", "n3"))
+        world = make_world(a, tmp_path_factory.mktemp(name), nodes=("n1", "n2", "n3"))
         yield world, a, b
     finally:
         b.stop()
+
+
+@pytest.fixture(scope="module")
+def replicas(broker_factory, pg: LocalPostgres,
+             tmp_path_factory) -> Iterator[tuple[World, BrokerProc, BrokerProc]]:
+    with replica_pair(broker_factory, pg, tmp_path_factory, "rep") as pair:
+        yield pair
 
 
 def _expected_dek(world: World) -> SecretBuffer:
