@@ -81,8 +81,11 @@ gpu-check: setup
 # Coverage-guided fuzzing of every parser of untrusted bytes (fuzz/, docs/fuzzing.md): each
 # harness runs FUZZ_SECONDS under atheris and prints `goal fuzz_NAME_crashes: ...`.
 # FUZZ_TARGETS=name1 name2 picks harnesses; FUZZ_KEEP=K merges what a run found into the
-# in-repo corpus (at most K files per harness). `make test` only replays the corpus.
+# in-repo corpus (at most K files per harness); FUZZ_RUNS=N stops a harness after N
+# executions (the full campaign: `make fuzz FUZZ_SECONDS=1800 FUZZ_RUNS=1000000`).
+# `make test` only replays the corpus.
 FUZZ_SECONDS ?= 60
+FUZZ_RUNS ?=
 FUZZ_TARGETS ?=
 FUZZ_KEEP ?=
 FUZZ_STAMP := $(VENV)/.fuzz-installed
@@ -92,7 +95,7 @@ $(FUZZ_STAMP): $(STAMP) pyproject.toml
 	touch $@
 
 fuzz: setup $(FUZZ_STAMP)
-	$(BIN)/python -m fuzz run --seconds $(FUZZ_SECONDS) $(if $(FUZZ_KEEP),--keep $(FUZZ_KEEP)) $(FUZZ_TARGETS)
+	$(BIN)/python -m fuzz run --seconds $(FUZZ_SECONDS) $(if $(FUZZ_RUNS),--runs $(FUZZ_RUNS)) $(if $(FUZZ_KEEP),--keep $(FUZZ_KEEP)) $(FUZZ_TARGETS)
 
 clean:
 	rm -rf $(VENV) run .pytest_cache .ruff_cache .hypothesis

@@ -3,10 +3,12 @@
     python -m fuzz list                      every harness and what it fuzzes
     python -m fuzz seed [NAME ...]           (re)write fuzz/corpus/NAME/seed-* from
                                              ../shared/vectors and the project's encoders
-    python -m fuzz run [NAME ...] --seconds N [--keep K]
+    python -m fuzz run [NAME ...] --seconds N [--runs R] [--keep K]
                                              fuzz each harness for N seconds (one process
                                              each, libFuzzer via atheris), print its line
                                              ``goal fuzz_NAME_crashes: C (E execs in S s ...)``;
+                                             --runs R: stop a harness after R executions
+                                             (the campaign: --seconds 1800 --runs 1000000);
                                              --keep K: keep at most K of the inputs the
                                              run found (new coverage) in fuzz/corpus
     python -m fuzz replay [NAME ...]         run every corpus and regression input once
@@ -103,7 +105,8 @@ def executions(log: bytes) -> int:
     return int(found[-1]) if found else 0
 
 
-def _run_one(name: str, seconds: int, keep: int | None, jobs_dir: Path) -> tuple[int, int]:
+def _run_one(name: str, seconds: int, keep: int | None, jobs_dir: Path,
+             runs: int | None = None) -> tuple[int, int]:
     from fuzz.harnesses import get
 
     h = get(name)
@@ -116,6 +119,8 @@ def _run_one(name: str, seconds: int, keep: int | None, jobs_dir: Path) -> tuple
     cmd = [sys.executable, "-m", "fuzz.worker", name, str(work),
            f"-max_total_time={seconds}", f"-max_len={h.max_len}", "-rss_limit_mb=2048",
            "-timeout=120", f"-artifact_prefix={out}/", "-print_final_stats=1"]
+    if runs is not None:
+        cmd.append(f"-runs={runs}")
     start = time.monotonic()
     with open(out / "fuzz.log", "wb") as log:
         status = subprocess.run(cmd, cwd=repo_root(), stdout=log, stderr=subprocess.STDOUT,
@@ -156,10 +161,16 @@ def _keep(name: str, work: Path, keep: int) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     names = _names(args)
+    try:
+        import atheris  # noqa: F401
+    except ImportError:
+        print("python -m fuzz run: atheris is not installed in this environment; "
+              "`make fuzz` installs it (pip install -e '.[fuzz]')", file=sys.stderr)
+        return 2
     total = 0
     with tempfile.TemporaryDirectory(prefix="fuzz-run-") as tmp:
         for name in names:
-            crashes, _ = _run_one(name, args.seconds, args.keep, Path(tmp))
+            crashes, _ = _run_one(name, args.seconds, args.keep, Path(tmp), args.runs)
             total += crashes
     return 1 if total else 0
 
@@ -175,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         if command == "run":
             p.add_argument("--seconds", type=int, default=60)
             p.add_argument("--keep", type=int, default=None)
+            p.add_argument("--runs", type=int, default=None,
+                           help="stop each harness after this many executions")
     args = parser.parse_args(argv)
     return {"list": cmd_list, "seed": cmd_seed, "run": cmd_run, "replay": cmd_replay}[
         args.command](args)
