@@ -63,6 +63,7 @@ window is not excluded); on a TPM-only node root can reset PCR 23 and so forge a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.machinery as machinery
 import importlib.util
@@ -83,11 +84,10 @@ from attest.code_digest import (
     CACHE_NAME,
     MANIFEST_NAME,
     CodeSetError,
-    Entry,
-    entry_of,
     hash_bytes_of,
     hash_file_counted,
     index_manifest,
+    line_matches,
 )
 
 __all__ = [
@@ -176,9 +176,11 @@ class _Prefetcher:
     the main thread. Nothing here decides anything: the check before keys reads the maps
     again and checks every library itself."""
 
-    def __init__(self, cost: CheckCost, scan: Callable[[], list[str]]) -> None:
+    def __init__(self, cost: CheckCost, scan: Callable[[], list[str]],
+                 first: Callable[[], object]) -> None:
         self._cost = cost
         self._scan = scan
+        self._first = first  # run once when the thread starts, before any scan
         self._seen: set[str] = set()
         self._requests: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._idle = threading.Condition()
@@ -204,6 +206,8 @@ class _Prefetcher:
             self._idle.wait_for(lambda: self._pending == 0)
 
     def _run(self) -> None:
+        with contextlib.suppress(Exception):  # whoever needs its result computes it again
+            self._first()
         while True:
             self._requests.get()
             taken = 1
@@ -251,36 +255,44 @@ class _Guard:
             self.lines = index_manifest(data)
         except CodeSetError as exc:
             raise CodeIdentityRefused([f"{manifest_path}: {exc}"]) from None
-        self.digest = hashlib.sha256(data).hexdigest()
+        self._manifest = data
+        self._digest: str | None = None  # computed on the background thread (digest)
         self.manifest_path = manifest_path
         # sticky: a refusal that some library swallows (``except Exception`` around an
         # optional import) still stops the process before any key is requested
         self.refusals: list[str] = []
         self.cost = CheckCost()
         self.cost_logged = False
-        self.prefetch = _Prefetcher(self.cost, self._hashable_mapped_code)
+        self.prefetch = _Prefetcher(self.cost, self._hashable_mapped_code, lambda: self.digest)
         self._system_paths: dict[str, bool] = {}
+
+    @property
+    def digest(self) -> str:
+        """The code digest: the SHA-256 of the manifest bytes read at install (the background
+        thread computes it first thing, off the importing thread; they cannot change)."""
+        if self._digest is None:
+            self._digest = hashlib.sha256(self._manifest).hexdigest()
+        return self._digest
 
     def refuse(self, problems: list[str]) -> CodeIdentityRefused:
         self.refusals.extend(problems)
         return CodeIdentityRefused(problems)
 
-    def _entry(self, path: str, what: str) -> Entry:
+    def _line(self, path: str, what: str) -> bytes:
         # The path as given first: the bytes are what is compared, so a link on the way
         # cannot make other content pass; the resolved path where links make the difference.
         line = self.lines.get(path) or self.lines.get(os.path.realpath(path))
-        entry = entry_of(line) if line is not None else None
-        if entry is None:
+        if line is None or not line.startswith(b"F\t"):
             raise self.refuse([f"{what} {path} is not in the measured code set"])
-        return entry
+        return line
 
     def check_file(self, path: str, what: str) -> None:
-        entry = self._entry(path, what)
+        line = self._line(path, what)
         digest, size, read = hash_file_counted(path)
         if read:
             self.cost.files += 1
             self.cost.bytes += read
-        if (digest, size) != (entry.sha256, entry.size):
+        if not line_matches(line, digest, size):
             raise self.refuse([f"{what} {path} differs from the measured code set"])
 
     def verified_bytes(self, path: str, what: str) -> bytes:
@@ -289,8 +301,7 @@ class _Guard:
         data, digest = hash_bytes_of(path)
         self.cost.files += 1
         self.cost.bytes += len(data)
-        entry = self._entry(path, what)
-        if (digest, len(data)) != (entry.sha256, entry.size):
+        if not line_matches(self._line(path, what), digest, len(data)):
             raise self.refuse([f"{what} {path} differs from the measured code set"])
         return data
 
@@ -372,7 +383,7 @@ class _Guard:
             return spec  # built-in, frozen, namespace package: no file of its own
         loader = spec.loader
         if type(loader) is machinery.SourceFileLoader:
-            spec.loader = _VerifiedSourceLoader(spec.name, origin, self)
+            spec.loader = _VerifiedSourceLoader(spec.name, origin, self, spec.cached)
         elif type(loader) is machinery.SourcelessFileLoader:
             spec.loader = _VerifiedSourcelessLoader(spec.name, origin, self)
         elif type(loader) is machinery.ExtensionFileLoader:
@@ -395,16 +406,19 @@ class _VerifiedSourceLoader(machinery.SourceFileLoader):
     """Reads source and bytecode only through the guard, which hashes the bytes it returns:
     what was checked is what runs. Never writes bytecode."""
 
-    def __init__(self, fullname: str, path: str, guard: _Guard) -> None:
+    def __init__(self, fullname: str, path: str, guard: _Guard, bytecode: str | None) -> None:
         super().__init__(fullname, path)
         self._guard = guard
+        # where the source's bytecode is (the spec's ``cached``, which the import system
+        # computes anyway): the only other file this loader reads
+        self._bytecode = bytecode
 
     def get_data(self, path: str) -> bytes:
         started = time.perf_counter()
         try:
             if path == self.path:
                 return self._guard.verified_bytes(path, f"module {self.name}:")
-            if path == importlib.util.cache_from_source(self.path):
+            if path == self._bytecode:
                 return self._guard.verified_bytes(path, f"bytecode of {self.name}:")
             raise OSError(f"{path}: not a file of module {self.name}")
         finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +16,12 @@ import pytest
 from attest.code_digest import (
     MANIFEST_HEADER,
     CodeSetError,
+    ManifestIndex,
     code_digest,
     environment_manifest,
     hash_file,
     index_manifest,
+    line_matches,
     parse_manifest,
 )
 
@@ -214,17 +217,45 @@ def test_attest_code_digest_computes_the_stored_digest_offline(env: Path):
     assert cli(str(env)) != printed
 
 
-def test_the_run_time_index_finds_every_line_and_nothing_else(env: Path):
-    """trainer.guard looks lines up by binary search over the manifest bytes."""
+@pytest.mark.parametrize("small_block", [0, 200, 1 << 20])
+def test_the_run_time_index_finds_every_line_and_nothing_else(env: Path, small_block: int,
+                                                               monkeypatch: pytest.MonkeyPatch):
+    """trainer.guard looks lines up through the index: a directory's block of lines is found
+    by binary search and, when small, made a table (small_block 0: never a table; 1 MiB:
+    always), in any order of look-ups."""
+    monkeypatch.setattr(ManifestIndex, "SMALL_BLOCK", small_block)
     manifest = environment_manifest(str(env))
-    index = index_manifest(manifest)
     lines = manifest[len(MANIFEST_HEADER):].split(b"\n")[:-1]
     paths = [line.rpartition(b"\t")[2].decode() for line in lines]
     assert len(paths) > 5
-    assert all(index.get(path) == line for path, line in zip(paths, lines, strict=True))
-    assert all(path in index for path in paths)
-    for missing in ("/", paths[0][:-1], paths[0] + "x", paths[-1] + "x", "\uffff"):
-        assert missing not in paths
-        assert index.get(missing) is None and missing not in index
+    for order in (paths, paths[::-1], random.Random(7).sample(paths, len(paths))):
+        index = index_manifest(manifest)
+        assert all(index.get(path) == lines[paths.index(path)] for path in order)
+        assert all(path in index for path in order)
+    directories = {os.path.dirname(path) for path in paths}
+    missing = ["/", "relative", paths[0][:-1], paths[0] + "x", paths[-1] + "x", "\uffff",
+               *(d + suffix for d in directories for suffix in ("", "-", "0", "/", "/zz", "/!"))]
+    for order in (missing, missing[::-1]):
+        index = index_manifest(manifest)
+        for path in order:
+            assert path not in paths
+            assert index.get(path) is None and path not in index, path
+        assert all(index.get(path) == line for path, line in zip(paths, lines, strict=True))
     with pytest.raises(CodeSetError):
         index_manifest(b"not a manifest\n")
+
+
+def test_a_line_matches_only_the_bytes_it_lists(env: Path):
+    manifest = environment_manifest(str(env))
+    index = index_manifest(manifest)
+    os_py = next(p for p in parse_manifest(manifest).values() if p.path.endswith("/os.py"))
+    line = index.get(os_py.path)
+    assert line is not None
+    digest = hashlib.sha256(Path(os_py.path).read_bytes()).hexdigest()
+    size = Path(os_py.path).stat().st_size
+    assert line_matches(line, digest, size)
+    assert not line_matches(line, digest, size + 1)
+    assert not line_matches(line, digest, size * 10)  # not a prefix of the size
+    assert not line_matches(line, hashlib.sha256(b"other").hexdigest(), size)
+    link = next(p for p in parse_manifest(manifest).values() if p.kind == "L")
+    assert not line_matches(index.get(link.path) or b"", digest, size)
