@@ -53,7 +53,8 @@ bytes hashed by the importing thread and by the background thread, the CPU secon
 start-up check, of the check before keys and of the background thread, the seconds spent in
 the checked imports until the first key (imports after it, torch's lazy ones during the first
 steps, are not in the line), how long the check before keys waited for the background thread,
-and how many digests came from the cache.
+how many digests came from the cache, and how many scans of the mappings the background thread
+made (with the cache, none after the first: no extension module needs its libraries hashed).
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ _COST = re.compile(
     r"importing, (?P<bg_files>\d+) libraries \((?P<bg_mb>[\d.]+) MB\) in the background; "
     r"CPU s: start-up (?P<startup>[\d.]+), before keys (?P<before_keys>[\d.]+), background "
     r"(?P<background>[\d.]+); s in checked imports (?P<imports>[\d.]+); waited "
-    r"(?P<waited>[\d.]+) s for the background; (?P<cached>\d+) digests from the trusted cache")
+    r"(?P<waited>[\d.]+) s for the background; (?P<cached>\d+) digests from the trusted cache; "
+    r"(?P<scans>\d+) scans of the mappings in the background")
 _COST_ROWS = (
     ("MB hashed while importing", "mb"), ("MB hashed in the background", "bg_mb"),
     ("CPU s, start-up check (manifest, interpreter, modules so far)", "startup"),
@@ -92,6 +94,7 @@ _COST_ROWS = (
     ("CPU s, background hashing (second core)", "background"),
     ("wall s, waited for the background before keys", "waited"),
     ("digests taken from the trusted cache", "cached"),
+    ("scans of the mappings on the background thread", "scans"),
 )
 
 

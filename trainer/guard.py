@@ -32,9 +32,12 @@ byte the manifest lists. This module makes the process keep to the manifest:
    used only when the ``.pyc`` file itself is in the set (the image is compiled when it is
    built), so a planted or replaced ``.pyc`` is refused; a missing one means compiling from
    the verified source, and nothing is written. Extension modules are hashed right before
-   they are loaded; then a background thread (started with every signal blocked) reads
-   ``/proc/self/maps`` and hashes the libraries they mapped on the second core, in blocks of
-   16 MiB (the GIL is released for each block), so step 5 mostly finds them hashed.
+   they are loaded. When one had to be hashed (a first start, a changed module) or there is
+   no trusted digest cache, a background thread (started with every signal blocked) then
+   reads ``/proc/self/maps`` and hashes the libraries it mapped on the second core, in blocks
+   of 16 MiB (the GIL is released for each block), so step 5 mostly finds them hashed; when
+   the cache knew it, so does step 5 for its libraries, and no scan competes with the imports
+   for the GIL. The same thread first computes the manifest's digest.
 5. **Before keys** (:func:`code_claims`, called by the attested key source before it contacts
    a broker, and again before every renewal): every executable mapping in
    ``/proc/self/maps`` (the shared libraries extension modules pulled in) must be a file of
@@ -45,7 +48,10 @@ compared either way. Hashes of whole files (libraries, extension modules, the in
 are remembered (``attest.code_digest.hash_file``) under device, inode, size, mtime and ctime,
 so an edited file is always hashed again; a trainer running as root keeps them across starts
 in ``ENV/ct-code-cache``, read back only where no one but root can have written it
-(``attest.digest_cache``). Python source and bytecode are always read and hashed.
+(``attest.digest_cache``). Python source and bytecode are always read and hashed: those bytes
+are what runs, and a remembered digest would stand for a read made later. Look-ups go through
+``attest.code_digest.ManifestIndex`` (a directory's block of lines is found once; a small
+block becomes a table).
 
 What the checks cost is logged once, before the first key (:class:`CheckCost`, logger
 ``trainer.guard``).
@@ -122,8 +128,9 @@ class CheckCost:
     the check before keys and of the background thread, the seconds the importing thread
     spent in the guard's import hooks (``perf_counter``: a thread's CPU clock costs a system
     call, about 5 us here, and thousands of imports would pay it; on a busy machine these
-    seconds include waits for a core), and how long the check before keys waited for the
-    background thread. Logged once, before the first key."""
+    seconds include waits for a core), how long the check before keys waited for the
+    background thread, and how many scans of the mappings that thread made. Logged once,
+    before the first key."""
 
     cached: int = 0
     files: int = 0
@@ -135,6 +142,7 @@ class CheckCost:
     background_bytes: int = 0
     background_cpu_s: float = 0.0
     waited_s: float = 0.0
+    scans: int = 0
 
     def line(self) -> str:
         return (f"code identity checked: {self.files} files ({self.bytes / 1e6:.1f} MB) hashed "
@@ -144,7 +152,7 @@ class CheckCost:
                 f"background {self.background_cpu_s:.3f}; s in checked imports "
                 f"{self.imports_s:.3f}; "
                 f"waited {self.waited_s:.3f} s for the background; {self.cached} digests "
-                f"from the trusted cache")
+                f"from the trusted cache; {self.scans} scans of the mappings in the background")
 
 
 class CodeIdentityRefused(Exception):
@@ -218,6 +226,7 @@ class _Prefetcher:
                     break
                 taken += 1
             try:
+                self._cost.scans += 1
                 self._hash_new()
             except Exception:  # noqa: S110 - the check before keys does it all again
                 pass
@@ -286,7 +295,8 @@ class _Guard:
             raise self.refuse([f"{what} {path} is not in the measured code set"])
         return line
 
-    def check_file(self, path: str, what: str) -> None:
+    def check_file(self, path: str, what: str) -> int:
+        """Check a whole file against its line; the bytes read (0: its digest was known)."""
         line = self._line(path, what)
         digest, size, read = hash_file_counted(path)
         if read:
@@ -294,6 +304,7 @@ class _Guard:
             self.cost.bytes += read
         if not line_matches(line, digest, size):
             raise self.refuse([f"{what} {path} differs from the measured code set"])
+        return read
 
     def verified_bytes(self, path: str, what: str) -> bytes:
         """The bytes of ``path`` if they are the measured ones; OSError when it does not
@@ -387,8 +398,11 @@ class _Guard:
         elif type(loader) is machinery.SourcelessFileLoader:
             spec.loader = _VerifiedSourcelessLoader(spec.name, origin, self)
         elif type(loader) is machinery.ExtensionFileLoader:
-            self.check_file(origin, f"module {spec.name}:")
-            spec.loader = _CheckedExtensionLoader(spec.name, origin, self)
+            hashed = self.check_file(origin, f"module {spec.name}:")
+            # its libraries are hashed ahead on the background thread when the module itself
+            # had to be (a first start, a changed module) or there is no trusted cache
+            ahead = hashed > 0 or not self.cost.cached
+            spec.loader = _CheckedExtensionLoader(spec.name, origin, self, ahead)
         else:  # any other file loader: checked by path before it loads
             self.check_file(origin, f"module {spec.name}:")
         return spec
@@ -444,18 +458,20 @@ class _VerifiedSourcelessLoader(machinery.SourcelessFileLoader):
 
 
 class _CheckedExtensionLoader(machinery.ExtensionFileLoader):
-    """Checked before ``dlopen`` (by :meth:`_Guard.checked`); the libraries it maps are
-    queued for hashing straight after."""
+    """Checked before ``dlopen`` (by :meth:`_Guard.checked`); with ``ahead``, the libraries it
+    maps are queued for hashing straight after."""
 
-    def __init__(self, fullname: str, path: str, guard: _Guard) -> None:
+    def __init__(self, fullname: str, path: str, guard: _Guard, ahead: bool) -> None:
         super().__init__(fullname, path)
         self._guard = guard
+        self._ahead = ahead
 
     def create_module(self, spec: machinery.ModuleSpec) -> Any:
         module = super().create_module(spec)
-        started = time.perf_counter()
-        self._guard.prefetch.request()
-        self._guard.cost.imports_s += time.perf_counter() - started
+        if self._ahead:
+            started = time.perf_counter()
+            self._guard.prefetch.request()
+            self._guard.cost.imports_s += time.perf_counter() - started
         return module
 
 

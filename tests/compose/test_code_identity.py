@@ -209,6 +209,39 @@ def test_a_cached_digest_never_stands_for_a_changed_library(deployment: Deployme
                                    "differs from the measured code set")
 
 
+def _cache_key(path: Path) -> bytes:
+    st = path.stat()
+    return f"{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} ".encode()
+
+
+def test_a_changed_library_behind_a_cached_extension_module_is_refused(deployment: Deployment,
+                                                                       image: Path):
+    """With the cache, an extension module the cache knows queues no background scan: the
+    check before keys alone reads the mappings. A library numpy's extension module maps,
+    changed in place (size and mtime kept) while the module itself is unchanged, is still
+    hashed there and refused before any key is asked for."""
+    cache = image / CACHE_NAME
+    (module,) = (_site(image) / "numpy" / "_core").glob("_multiarray_umath.*.so")
+    libs = _site(image) / "numpy.libs"
+    assert libs.is_dir(), "this numpy bundles no libraries to change"
+    target = min(libs.glob("*.so*"), key=lambda p: p.stat().st_size)  # libquadmath here
+    if not cache.exists() or not all(_cache_key(p) in cache.read_bytes()
+                                     for p in (module, target)):
+        time.sleep(RACY_NS / 1e9 + 0.1)  # see the test above
+        code, output = run_node(deployment)
+        assert code == 0, output[-3000:]
+    assert all(_cache_key(p) in cache.read_bytes() for p in (module, target))
+    st = target.stat()
+    changed = bytearray(target.read_bytes())
+    changed[len(changed) // 2] ^= 0xFF  # in its code, which nothing runs before the check
+    with tampered(target, bytes(changed)):
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert (target.stat().st_size, target.stat().st_mtime_ns) == (st.st_size,
+                                                                      st.st_mtime_ns)
+        assert_refused(deployment, f"shared library {os.path.realpath(target)} differs from "
+                                   "the measured code set")
+
+
 def test_ld_preload_is_refused(deployment: Deployment):
     library = next(p for p in ("/usr/lib/x86_64-linux-gnu/libm.so.6", "/lib64/libm.so.6",
                                "/usr/lib/libm.so.6") if os.path.exists(p))
