@@ -250,3 +250,46 @@ def test_the_policy_is_decided_once_per_claims(broker, monkeypatch) -> None:
     flow.renew(node_id="n1", lease_id=first.lease_id, token=_token(flow, "n1"))
     assert len(calls) == 1
 
+
+
+def _attest_release(flow: NodeFlow, node: str):
+    ch = flow.challenge(node_id=node, job_id="j")
+    _, pub = sealing.generate_node_key()
+    kind, payload = make_evidence(expected_report_data(ch.nonce, ch.session_id, pub))
+    return flow.attest_release(node_id=node, session_id=ch.session_id, kind=kind,
+                               payload=payload, node_public_key=pub, tenant_id="acme",
+                               dataset_id="ds", key_version=1)
+
+
+def test_one_call_release_uses_the_hsm_once_and_audits_both_steps(broker) -> None:
+    """Attest then Release touches the HSM twice (token signature, seal); the one call that
+    does both only seals, and its two records (attest, release) are in the chain."""
+    flow, _, hsm, tmp = broker
+    calls = hsm.calls
+    _release(flow, "n1", _token(flow, "n1"))
+    three = hsm.calls - calls
+    calls = hsm.calls
+    attested, released = _attest_release(flow, "n1")
+    assert (three, hsm.calls - calls) == (2, 1)
+    assert attested.token == b"" and attested.rules and released.sealed_share
+    log = [line for line in (tmp / "audit.log").read_text().splitlines()
+           if "checkpoint" not in line]
+    assert '"attest"' in log[-2] and '"release"' in log[-1] and '"allowed"' in log[-1]
+    assert verify_log(tmp / "audit.log").ok
+
+
+def test_one_call_release_fails_closed(broker, monkeypatch) -> None:
+    """A seal that fails frees the room; an audit log that cannot sync releases nothing."""
+    flow, _, hsm, _ = broker
+    hsm.fail_next(error=HsmUnavailable)
+    with pytest.raises(Unavailable):
+        _attest_release(flow, "n1")
+
+    def no_disk(seq: int) -> None:
+        raise Unavailable("audit log unavailable: disk gone")
+
+    monkeypatch.setattr(flow.d.audit, "wait_durable", no_disk)
+    with pytest.raises(Unavailable, match="disk gone"):
+        _attest_release(flow, "n1")
+    monkeypatch.undo()
+    _attest_release(flow, "n2")  # the grant's one place is still free after both failures
