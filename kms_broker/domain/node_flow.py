@@ -285,22 +285,34 @@ class NodeFlow:
 
         Audit: the "attest allowed" record is written before the release's checks and is on
         disk, with the release's own record, before anything leaves (one sync for both);
-        a refusal in the release part is audited as a release refusal, synced likewise."""
+        a refusal in the release part is audited as a release refusal, synced likewise.
+
+        The consumed session is committed without its own wait for the disk: a release's
+        lease commit is durable and covers it, and any other ending (a denial, an error)
+        marks the session used again durably before it leaves, so the nonce stays spent
+        across a power cut whatever the answer was."""
         check_id("tenant", tenant_id)  # malformed release parameters change nothing
         check_id("dataset", dataset_id)
         if not 1 <= key_version <= MAX_KEY_VERSION:
             raise InvalidArgument("key_version must be from 1 to 2**32-1")
-        a = self._attest_step(node_id=node_id, session_id=session_id, kind=kind,
-                              payload=payload, node_public_key=node_public_key,
-                              report_data_set=report_data_set)
-        seq = self.d.audit.write("attest", actor=a.actor, subject=a.subject, outcome="allowed",
-                                 reason=a.reason)
+        won: list[str] = []
         try:
-            released = self._release_step(
-                node_id=node_id, tenant_id=tenant_id, dataset_id=dataset_id,
-                key_version=key_version, verified=(a.claims, a.claims_json))
-        finally:
-            self.d.audit.wait_durable(seq)  # already on disk after the release's own sync
+            a = self._attest_step(node_id=node_id, session_id=session_id, kind=kind,
+                                  payload=payload, node_public_key=node_public_key,
+                                  report_data_set=report_data_set, won=won)
+            seq = self.d.audit.write("attest", actor=a.actor, subject=a.subject,
+                                     outcome="allowed", reason=a.reason)
+            try:
+                released = self._release_step(
+                    node_id=node_id, tenant_id=tenant_id, dataset_id=dataset_id,
+                    key_version=key_version, verified=(a.claims, a.claims_json))
+            finally:
+                self.d.audit.wait_durable(seq)  # already on disk after the release's own sync
+        except BaseException:
+            if won:  # this call spent the nonce: on disk before the refusal leaves
+                with contextlib.suppress(Exception):  # the store is down: the refusal stands
+                    self.d.repo.mark_session_used(session_id)
+            raise
         return AttestResult(b"", a.claims.exp, a.passed), released
 
     @audited_refusals("attest")
@@ -309,10 +321,14 @@ class NodeFlow:
 
     def _attested(
         self, *, node_id: str, session_id: str, kind: str, payload: bytes, node_public_key: bytes,
-        report_data_set: Sequence[bytes] = (),
+        report_data_set: Sequence[bytes] = (), won: list[str] | None = None,
     ) -> _Attested:
         """Every check of an attestation (the session consumed, the evidence verified, the
-        job's policies decided); the claims a token would carry, not yet audited."""
+        job's policies decided); the claims a token would carry, not yet audited.
+
+        ``won``: the caller makes the consumed session durable itself (see
+        :meth:`attest_release`); the session id is appended to it once this call has spent
+        the nonce (and not when the session was another node's or already used)."""
         check_id("node", node_id)
         check_id("session", session_id)
         check_size("evidence", payload, self.d.settings.max_evidence_bytes)
@@ -332,9 +348,11 @@ class NodeFlow:
                 f"evidence kind {kind!r:.40} is not configured; known: {sorted(self.d.verifiers)}"
             )
         # bound to the node first: another node's session is refused without being consumed
-        session = self.d.repo.consume_session(session_id, node_id)
+        session = self.d.repo.consume_session(session_id, node_id, durable=won is None)
         if session is None:
             raise NotFound("unknown session id")
+        if won is not None and session.node_id == node_id and not session.used:
+            won.append(session_id)
         if session.node_id != node_id:
             raise self.d.deny("attest", actor=actor, subject=subject,
                               reason="session.node: the session was issued to another node")

@@ -293,3 +293,33 @@ def test_one_call_release_fails_closed(broker, monkeypatch) -> None:
         _attest_release(flow, "n1")
     monkeypatch.undo()
     _attest_release(flow, "n2")  # the grant's one place is still free after both failures
+
+
+def test_one_call_release_keeps_the_spent_nonce_durable(broker, monkeypatch) -> None:
+    """The releasing Attest commits the consumed session without its own sync: a release's
+    lease commit (durable) covers it, and a refusal after the nonce was spent marks the session
+    used durably before it leaves; another node's session is not marked (nor spent)."""
+    flow, _, _, _ = broker
+    repo = flow.d.repo
+    calls: list[tuple] = []
+    consume, mark = repo.consume_session, repo.mark_session_used
+    monkeypatch.setattr(repo, "consume_session", lambda s, n, **kw: (
+        calls.append(("consume", s, kw.get("durable", True))), consume(s, n, **kw))[1])
+    monkeypatch.setattr(repo, "mark_session_used", lambda s: (
+        calls.append(("mark", s)), mark(s))[1])
+    _attest_release(flow, "n1")  # released: the lease's commit is the durable one
+    assert [c[0] for c in calls] == ["consume"] and calls[0][2] is False
+    calls.clear()
+    with pytest.raises(PermissionDenied, match=r"lease\.no_room"):
+        _attest_release(flow, "n2")  # the grant's one place is n1's: refused after attesting
+    assert [c[0] for c in calls] == ["consume", "mark"] and calls[1][1] == calls[0][1]
+    assert repo.get_session(calls[0][1]).used
+    calls.clear()
+    ch = flow.challenge(node_id="n1", job_id="j")  # n1's session, named by n2
+    _, pub = sealing.generate_node_key()
+    kind, payload = make_evidence(expected_report_data(ch.nonce, ch.session_id, pub))
+    with pytest.raises(PermissionDenied, match=r"session\.node"):
+        flow.attest_release(node_id="n2", session_id=ch.session_id, kind=kind,
+                            payload=payload, node_public_key=pub, tenant_id="acme",
+                            dataset_id="ds", key_version=1)
+    assert [c[0] for c in calls] == ["consume"] and not repo.get_session(ch.session_id).used
