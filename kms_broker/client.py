@@ -9,7 +9,8 @@ it (a TPM quotes one command at a time, so one quote for n brokers instead of n 
 one broker the evidence is over that session's report data alone, as before). Then each
 broker, in parallel, gets one Attest that also names the dataset key
 (``AttestRequest.release``): it judges the evidence and, when it passes, releases its share in
-the same call (no token; :meth:`kms_broker.domain.node_flow.NodeFlow.attest_release`). With
+the same call (no token; :meth:`kms_broker.domain.node_flow.NodeFlow.attest_release`); a
+broker from before that field answers with a token only, and gets a Release call. With
 ``one_call_release=False`` the client attests to every broker before releasing from any and
 then calls Release with each token (DESIGN.md's three calls; two round trips after the
 challenge instead of one). Open each sealed
@@ -350,13 +351,10 @@ class KeyClient:
                 release=release,
             ), wait_for_ready=wait_for_ready)
             a.token = reply.token
-            if release is not None:
-                if not reply.HasField("release"):  # a broker from before the one-call Attest
-                    raise ShareOpenError("the broker answered a releasing Attest without a "
-                                         "share; upgrade it or use one_call_release=False",
-                                         code="FAILED_PRECONDITION",
-                                         broker=a.broker.endpoint.address)
-                a.released = reply.release
+            # a broker from before the releasing Attest ignores the field and answers with a
+            # token: the release then takes its own call (Release with that token)
+            a.released = reply.release if release is not None and reply.HasField(
+                "release") else None
             a.attest_s = time.perf_counter() - began
             return a
 
@@ -384,7 +382,7 @@ class KeyClient:
             target = pb.ReleaseTarget(tenant_id=tenant_id, dataset_id=dataset_id,
                                       key_version=key_version) if self._one_call else None
             attested = self._attest_all(timings=timings, release=target)
-            timings += [(f"{'attest+release' if target else 'attest'} "
+            timings += [(f"{'attest' if a.released is None else 'attest+release'} "
                          f"{a.broker.endpoint.address}", a.attest_s) for a in attested]
 
             def release(a: _Attested) -> tuple[Any, SecretBuffer, float]:
@@ -417,7 +415,7 @@ class KeyClient:
                 if isinstance(result, _Failed):
                     continue
                 reply, share, seconds = result
-                timings.append((f"{'open' if target else 'release'} "
+                timings.append((f"{'release' if a.released is None else 'open'} "
                                 f"{a.broker.endpoint.address}", seconds))
                 index = reply.share_index
                 if index in shares:

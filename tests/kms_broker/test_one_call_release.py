@@ -163,3 +163,30 @@ def test_a_failed_attestation_releases_nothing(world: World) -> None:
               if r.get("event") != "checkpoint"]
     assert events == [("attest", "denied")], events
     assert _leases(world) == leases
+
+
+def test_a_broker_that_ignores_the_release_field_gets_a_release_call(world: World,
+                                                                      monkeypatch) -> None:
+    """A broker from before the releasing Attest drops the unknown field and answers with a
+    token: the client then releases with that token (Release), as in the three-call flow."""
+    from kms_broker.client import KeyClient
+
+    sent: list[str] = []
+    real_call = KeyClient._call
+
+    def as_an_old_broker(self, broker, method, request, **kwargs):  # type: ignore[no-untyped-def]
+        if method == "Attest":
+            request.ClearField("release")  # what an old broker's parser would see
+        sent.append(method)
+        return real_call(self, broker, method, request, **kwargs)
+
+    monkeypatch.setattr(KeyClient, "_call", as_an_old_broker)
+    with world.broker.key_client("n1", world.job_id) as client:
+        released = client.fetch_dek(tenant_id=world.tenant_id, dataset_id=world.dataset_id,
+                                    key_version=1)
+    with released.dek as dek, _expected_dek(world) as expected:
+        assert dek.equals(expected)
+    assert sent == ["Challenge", "Attest", "Release"]
+    address = released.leases[0].broker
+    assert [name for name, _ in released.timings] == [
+        "challenge", "evidence", f"attest {address}", f"release {address}", "derive"]
