@@ -16,6 +16,7 @@ from demo.report import (
     plaintext_hits,
 )
 from demo.runner import BROKERS, NODES, REPO, DemoRun
+from sealed.manifest import MANIFEST_PREFIX
 
 __all__ = ["summarise"]
 
@@ -108,8 +109,6 @@ def summarise(run: DemoRun, *, keep: bool) -> list[str]:
         say(f"{broker} broker audit log: {len(records[broker])} records, verify: {status}")
 
     say(_heading("what storage holds (the shared store volume)"))
-    info_raw = run.read("tenant", "/store/jobs/job-1.json")
-    manifest = json.loads(info_raw)["manifest"] if info_raw else ""
     corpus = {p.name: p.read_text() for p in sorted(CORPUS.iterdir()) if p.is_file()}
     files = run.list_files("tenant", "/store")
     total_hits = 0
@@ -119,7 +118,7 @@ def summarise(run: DemoRun, *, keep: bool) -> list[str]:
             kind = "job description (ids only)"
         elif name.startswith("checkpoints/"):
             kind = "encrypted checkpoint"
-        elif name == manifest:
+        elif name.startswith(MANIFEST_PREFIX):
             kind = "encrypted manifest"
         else:
             kind = "encrypted shard"

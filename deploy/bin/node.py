@@ -1,11 +1,13 @@
 """Entry point of a training node (services ``node-a`` and ``node-b`` in docker-compose.yml).
 
 Renders this node's job file from ``/deploy/config/job.yaml.tmpl`` (its own certificate,
-TPM and paths; the dataset's manifest name from the job description the tenant published in
-the store), records its pid for the healthcheck (``python -m compose.probe pidfile``), and
-replaces itself with the trainer: torchrun (through ``trainer.launch``, which exits 128 + N
-when the job is stopped by signal N) with a static rendezvous at ``--master`` when the job
-spans several nodes, else ``trainer`` directly. Always ``--attest``: the only way the
+TPM and paths; the job, tenant and dataset ids from the job description the tenant published
+in the store; no manifest name: the trainer learns it from the brokers, which have it on
+record from the upload, and checks the store for it before any key is released), records its
+pid for the healthcheck (``python -m compose.probe pidfile``), and replaces itself with the
+trainer: torchrun (through ``trainer.launch``, which exits 128 + N when the job is stopped by
+signal N) with a static rendezvous at ``--master`` when the job spans several nodes, else
+``trainer`` directly. Always ``--attest``: the only way the
 trainer obtains the dataset key.
 
 Container paths are ``--root`` + the path, as in bootstrap.py (``${CT_ROOT:-}``).
@@ -68,7 +70,6 @@ def main(argv: list[str] | None = None) -> int:
     template = string.Template(Path(f"{root}/deploy/config/job.yaml.tmpl").read_text())
     job = template.substitute(
         job_id=info["job_id"], tenant_id=info["tenant_id"], dataset_id=info["dataset_id"],
-        key_version=int(info["key_version"]), manifest=info["manifest"],
         store=_store(info.get("store"), root),
         brokers=brokers, node_id=args.node, tcti=args.tcti, steps=args.steps,
         checkpoints=f"{root}/store/checkpoints/{info['job_id']}",

@@ -239,7 +239,8 @@ class Admin:
             self.d.repo.put_dataset(Dataset(
                 tenant_id=tenant_id, dataset_id=dataset_id, share_index=dataset.share_index,
                 share_count=dataset.share_count, manifest_name=manifest_name,
-                store_uri=store_uri, holders=tuple(holders), status="active",
+                manifest_key_version=key_version, store_uri=store_uri, holders=tuple(holders),
+                status="active",
                 created_ms=dataset.created_ms,
             ))
 

@@ -88,6 +88,9 @@ class Challenge:
     nonce: bytes
     session_id: str
     expires_ms: int
+    # the dataset's registered manifest, when the challenge named a dataset (see challenge)
+    manifest_name: str = ""
+    manifest_key_version: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,11 +215,21 @@ class NodeFlow:
 
     # ----------------------------------------------------------- challenge
     @audited_refusals("challenge")
-    def challenge(self, *, node_id: str, job_id: str) -> Challenge:
+    def challenge(self, *, node_id: str, job_id: str, tenant_id: str = "",
+                  dataset_id: str = "") -> Challenge:
+        """A fresh session. With ``dataset_id`` (and ``tenant_id``): also the dataset's
+        registered manifest name and the key version it belongs to, so the node can check its
+        store before any key is released; only for a node that may ask for the dataset (its
+        tenant scope allows the tenant and an unrevoked grant names this job and dataset),
+        else none. Manifest names are opaque random object names (sealed.writer); the manifest
+        itself is encrypted under the DEK."""
         check_id("node", node_id)
         check_id("job", job_id)
         actor = f"node:{node_id}"
         self._live_node(node_id, actor, "challenge", f"job:{job_id}")
+        manifest = ("", 0)
+        if dataset_id or tenant_id:
+            manifest = self._manifest_for(node_id, job_id, tenant_id, dataset_id)
         limit = self.d.settings.max_pending_sessions_per_node
         if self.d.repo.pending_sessions(node_id, self.d.clock.now_ms(), limit) >= limit:
             error = ResourceExhausted(f"node {node_id} has {limit} unused challenges pending; "
@@ -231,7 +244,25 @@ class NodeFlow:
             expires_ms=self.d.clock.now_ms() + self.d.settings.session_ttl_ms,
         )
         self.d.repo.add_session(session)
-        return Challenge(session.nonce, session.session_id, session.expires_ms)
+        return Challenge(session.nonce, session.session_id, session.expires_ms, *manifest)
+
+    def _manifest_for(self, node_id: str, job_id: str, tenant_id: str,
+                      dataset_id: str) -> tuple[str, int]:
+        """The dataset's registered manifest and its key version, or ("", 0) when this node
+        may not ask for the dataset or the dataset has none on record: the answer never says
+        which (no oracle of datasets or grants); the release refuses on its own."""
+        check_id("tenant", tenant_id)
+        check_id("dataset", dataset_id)
+        node = self.d.repo.get_node(node_id)
+        if node is None or node.tenant_scope not in ("", tenant_id):
+            return "", 0
+        if not any(g.tenant_id == tenant_id and not g.revoked
+                   for g in self.d.repo.grants_for(job_id=job_id, dataset_id=dataset_id)):
+            return "", 0
+        dataset = self.d.repo.get_dataset(tenant_id, dataset_id)
+        if dataset is None or dataset.status != "active" or not dataset.manifest_key_version:
+            return "", 0
+        return dataset.manifest_name, dataset.manifest_key_version
 
     # -------------------------------------------------------------- attest
     @audited_refusals("attest")

@@ -124,6 +124,14 @@ MIGRATIONS: tuple[str, ...] = (
         lease_id TEXT NOT NULL, tenant_id TEXT NOT NULL, dataset_id TEXT NOT NULL,
         reason TEXT NOT NULL, created_ms BIGINT NOT NULL);
     """,
+    # which key version the registered manifest belongs to (as state.sqlite's migration 5)
+    """
+    ALTER TABLE datasets ADD COLUMN manifest_key_version BIGINT NOT NULL DEFAULT 0;
+    UPDATE datasets d SET manifest_key_version = s.v FROM (
+        SELECT tenant_id, dataset_id, MIN(key_version) AS v FROM dataset_shares
+        GROUP BY tenant_id, dataset_id HAVING COUNT(*) = 1) s
+    WHERE d.manifest_name != '' AND s.tenant_id = d.tenant_id AND s.dataset_id = d.dataset_id;
+    """,
 )
 
 # nodes.revoked: as in state.sqlite (0 active, 1 revoked and sticky, 2 reinstated)
@@ -286,18 +294,20 @@ class PostgresRepository:
     @_guarded
     def put_dataset(self, c: psycopg.Connection, d: Dataset) -> None:
         c.execute(
-            "INSERT INTO datasets VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s) "
+            "INSERT INTO datasets VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
             "ON CONFLICT (tenant_id, dataset_id) DO UPDATE SET "
             "manifest_name=excluded.manifest_name, store_uri=excluded.store_uri, "
-            "holders=excluded.holders, status=excluded.status",
+            "holders=excluded.holders, status=excluded.status, "
+            "manifest_key_version=excluded.manifest_key_version",
             (d.tenant_id, d.dataset_id, d.share_index, d.share_count, d.manifest_name,
-             d.store_uri, json.dumps(list(d.holders)), d.status, d.created_ms))
+             d.store_uri, json.dumps(list(d.holders)), d.status, d.created_ms,
+             d.manifest_key_version))
 
     @staticmethod
     def _dataset(r: tuple) -> Dataset:
         return Dataset(tenant_id=r[0], dataset_id=r[1], share_index=r[2], share_count=r[3],
                        manifest_name=r[4], store_uri=r[5], holders=tuple(json.loads(r[6])),
-                       status=r[7], created_ms=r[8])
+                       status=r[7], created_ms=r[8], manifest_key_version=r[9])
 
     @_guarded
     def get_dataset(self, c: psycopg.Connection, tenant_id: str,

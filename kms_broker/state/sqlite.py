@@ -108,6 +108,18 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX uploads_by_tenant ON uploads(tenant_id, committed, expires_ms);
     CREATE INDEX leases_by_expiry ON leases(expires_ms);
     """,
+    # which key version the registered manifest belongs to, so a node can learn the manifest
+    # from the broker (ChallengeResponse.manifest_name); an older row is known only when the
+    # dataset has a single key version
+    """
+    ALTER TABLE datasets ADD COLUMN manifest_key_version INTEGER NOT NULL DEFAULT 0;
+    UPDATE datasets SET manifest_key_version = (
+        SELECT MIN(s.key_version) FROM dataset_shares s
+        WHERE s.tenant_id = datasets.tenant_id AND s.dataset_id = datasets.dataset_id)
+    WHERE manifest_name != '' AND (
+        SELECT COUNT(*) FROM dataset_shares s
+        WHERE s.tenant_id = datasets.tenant_id AND s.dataset_id = datasets.dataset_id) = 1;
+    """,
 )
 
 # nodes.revoked: 0 active, 1 revoked (sticky: re-enrolment refused), 2 revoked and reinstated
@@ -260,11 +272,13 @@ class SqliteRepository:
     @_guarded
     def put_dataset(self, d: Dataset) -> None:
         self._db.execute(
-            "INSERT INTO datasets VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(tenant_id, dataset_id) "
+            "INSERT INTO datasets VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(tenant_id, dataset_id) "
             "DO UPDATE SET manifest_name=excluded.manifest_name, store_uri=excluded.store_uri, "
-            "holders=excluded.holders, status=excluded.status",
+            "holders=excluded.holders, status=excluded.status, "
+            "manifest_key_version=excluded.manifest_key_version",
             (d.tenant_id, d.dataset_id, d.share_index, d.share_count, d.manifest_name,
-             d.store_uri, json.dumps(list(d.holders)), d.status, d.created_ms),
+             d.store_uri, json.dumps(list(d.holders)), d.status, d.created_ms,
+             d.manifest_key_version),
         )
 
     @staticmethod
@@ -272,7 +286,7 @@ class SqliteRepository:
         return Dataset(
             tenant_id=r[0], dataset_id=r[1], share_index=r[2], share_count=r[3],
             manifest_name=r[4], store_uri=r[5], holders=tuple(json.loads(r[6])), status=r[7],
-            created_ms=r[8],
+            created_ms=r[8], manifest_key_version=r[9],
         )
 
     @_guarded

@@ -12,7 +12,6 @@ end the whole deployment is brought down, nothing of it survives and the run dir
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from attest.code_digest import MANIFEST_NAME, environment_manifest
 from compose import LocalHarness, ServiceFailed
+from sealed.manifest import MANIFEST_PREFIX
 from tests.compose.conftest import live_processes
 from tests.compose.test_deployment import (
     CANARIES,
@@ -294,11 +294,12 @@ def test_node_enrolled_for_another_tenant_is_refused(deployment: Deployment):
     deployment.assert_clean("node-a")
 
 
-def _shard_objects(store: Path, manifest: str) -> list[Path]:
+def _shard_objects(store: Path) -> list[Path]:
     return sorted(
         p for p in store.rglob("*")
         if p.is_file() and p.relative_to(store).parts[0] not in ("jobs", "checkpoints")
-        and p.relative_to(store).as_posix() != manifest and not p.name.startswith(".")
+        and not p.relative_to(store).as_posix().startswith(MANIFEST_PREFIX)
+        and not p.name.startswith(".")
     )
 
 
@@ -309,8 +310,7 @@ def test_shard_modified_mid_run_stops_training_naming_the_shard(deployment: Depl
     handed on, and the failed output is zeroed: sealed/reader.py), and both nodes shred."""
     harness = deployment.harness
     store = harness.volume_path("store")
-    info = json.loads((store / "jobs" / "job-1.json").read_text())
-    shards = _shard_objects(store, info["manifest"])
+    shards = _shard_objects(store)
     assert shards, sorted(p.as_posix() for p in store.rglob("*"))
     harness.up(["node-a", "node-b"])
     deadline = time.monotonic() + WAIT_S

@@ -69,6 +69,7 @@ def test_help_explains_commands_and_exit_codes():
     assert out.returncode == 0
     for text in ("--attest", "--job", "check", "validate", "exit codes", "143 SIGTERM",
                  "4 attestation denied", "5 code identity refused", "7 broker unreachable",
+                 "8 dataset not found or not as the brokers have it on record",
                  "--threads", "--log-format"):
         assert text in out.stdout
 
@@ -135,9 +136,9 @@ def test_no_key_is_requested_before_the_manifest_is_found(tmp_path, dataset):
     assert "no-such.manifest" in text
     job.write_text(text)
     out = trainer("--attest", "--job", str(job))
-    assert out.returncode == 1, out.stderr
+    assert out.returncode == 8, out.stderr
     assert "dataset not found, no key requested" in out.stderr
-    assert "no-such.manifest is not in the store" in out.stderr
+    assert "no-such.manifest of dataset" in out.stderr and "is not in the store" in out.stderr
     assert "UNAVAILABLE" not in out.stderr and "Traceback" not in out.stderr
 
 

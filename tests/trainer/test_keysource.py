@@ -65,9 +65,13 @@ class FakeClient:
         self.closed = False
         FakeClient.instances.append(self)
 
-    def fetch_dek(self, *, tenant_id, dataset_id, key_version):
+    def fetch_dek(self, *, tenant_id, dataset_id, key_version, manifest_name="",
+                  check_dataset=None):
         if self.fetch_error:
             raise self.fetch_error
+        if check_dataset is not None:  # the job names its manifest: the brokers agree
+            check_dataset(client_module.DatasetRef(tenant_id, dataset_id, key_version,
+                                                   manifest_name))
         kind, payload = self.evidence_for(b"\x01" * 32)
         assert (kind, payload) == ("tpm2", b"evidence over " + b"\x01" * 32)
         expires = int(time.time() * 1000) + self.lease_ms
