@@ -2,8 +2,10 @@
 
 Renders this node's job file from ``/deploy/config/job.yaml.tmpl`` (its own certificate,
 TPM and paths; the job, tenant and dataset ids from the job description the tenant published
-in the store; no manifest name: the trainer learns it from the brokers, which have it on
-record from the upload, and checks the store for it before any key is released), records its
+in the store; no manifest name unless the description pins ``key_version`` and ``manifest``:
+the trainer learns it from the brokers, which have it on record from the upload, and checks
+the store for it before any key is released, exit 8 when it is missing or a pinned one does
+not match), records its
 pid for the healthcheck (``python -m compose.probe pidfile``), and replaces itself with the
 trainer: torchrun (through ``trainer.launch``, which exits 128 + N when the job is stopped by
 signal N) with a static rendezvous at ``--master`` when the job spans several nodes, else
@@ -35,6 +37,23 @@ def _store(published: object, root: str) -> str:
             r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9._/-]{0,256})?", published):
         raise SystemExit(f"node: the job description names an unusable store {published!r:.80}")
     return published
+
+
+def _pinned(info: dict) -> str:
+    """``, key_version: N, manifest: NAME`` when the job description pins them, else ""."""
+    out = ""
+    if info.get("key_version") is not None:
+        version = info["key_version"]
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise SystemExit(f"node: the job description names a bad key_version {version!r:.40}")
+        out += f", key_version: {version}"
+    if info.get("manifest") is not None:
+        manifest = info["manifest"]
+        # rendered into YAML: only what an object name can hold (the job config checks more)
+        if not isinstance(manifest, str) or not re.fullmatch(r"[A-Za-z0-9._/-]{1,256}", manifest):
+            raise SystemExit(f"node: the job description names a bad manifest {manifest!r:.80}")
+        out += f", manifest: {manifest}"
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     template = string.Template(Path(f"{root}/deploy/config/job.yaml.tmpl").read_text())
     job = template.substitute(
         job_id=info["job_id"], tenant_id=info["tenant_id"], dataset_id=info["dataset_id"],
-        store=_store(info.get("store"), root),
+        store=_store(info.get("store"), root), pinned=_pinned(info),
         brokers=brokers, node_id=args.node, tcti=args.tcti, steps=args.steps,
         checkpoints=f"{root}/store/checkpoints/{info['job_id']}",
     )

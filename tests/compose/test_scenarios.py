@@ -12,6 +12,7 @@ end the whole deployment is brought down, nothing of it survives and the run dir
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EXIT_ATTESTATION_DENIED = 4  # trainer/cli.py
 EXIT_CODE_IDENTITY = 5  # trainer/guard.py
+EXIT_DATASET = 8  # trainer/dataset_check.py
 
 
 class Deployment:
@@ -341,3 +343,51 @@ def test_shard_modified_mid_run_stops_training_naming_the_shard(deployment: Depl
     assert _files_containing(harness.run_dir, CANARIES) == []
     for node in ("node-a", "node-b"):
         deployment.assert_clean(node)
+
+
+def test_manifest_comes_from_the_brokers_and_is_checked_before_any_release(
+        deployment: Deployment):
+    """Issue 16: the node's job file names no manifest (deploy/bin/node.py renders none); the
+    trainer learns it from the brokers. A job description that pins another manifest, and a
+    store that lacks the manifest on record, both stop `trainer --attest` with exit 8 before
+    any broker releases anything (no release record at either broker)."""
+    harness = deployment.harness
+    store = harness.volume_path("store")
+    info_path = store / "jobs" / "job-1.json"
+    info = json.loads(info_path.read_text())
+    assert "manifest" not in info and "key_version" not in info  # ids only
+    (manifest,) = [p for p in store.rglob("*")
+                   if p.relative_to(store).as_posix().startswith(MANIFEST_PREFIX)]
+    tpm = deployment.variables["TPM_A_PORT"]
+
+    def run(job_info: Path) -> str:
+        argv = [a if not a.startswith("--job-info=") else f"--job-info={job_info}"
+                for a in deployment.node_argv("node-a", "node-a", tpm)]
+        result = harness.run("node-a", argv)
+        output = (result.stdout + result.stderr).decode(errors="replace")
+        assert result.returncode == EXIT_DATASET, output[-3000:]
+        assert "Traceback" not in output and "step 1/5" not in output
+        return output
+
+    since = int(time.time() * 1000)
+    pinned = store / "jobs" / "job-1-pinned.json"
+    wrong = "manifests/" + "0" * 32
+    pinned.write_text(json.dumps({**info, "key_version": 1, "manifest": wrong}))
+    try:
+        output = run(pinned)
+    finally:
+        pinned.unlink()
+    assert "trainer: dataset mismatch, no key requested" in output
+    assert wrong in output and manifest.relative_to(store).as_posix() in output
+
+    hidden = manifest.with_name(manifest.name + ".away")
+    manifest.rename(hidden)
+    try:
+        output = run(info_path)
+    finally:
+        hidden.rename(manifest)
+    assert "trainer: dataset not found, no key requested" in output
+    assert f"{manifest.relative_to(store).as_posix()} of dataset" in output
+    for broker in ("provider", "tenant"):
+        assert _released(deployment.audit_since(broker, since), "node:node-a") == [], broker
+    deployment.assert_clean("node-a")
