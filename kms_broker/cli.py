@@ -86,8 +86,9 @@ def _client_args(p: argparse.ArgumentParser, *, tenant: bool = False,
     environment variables and the profile file may give them."""
     g = p.add_argument_group("broker connection (flags > environment > profile)")
     g.add_argument("--broker", action="append", metavar="HOST:PORT",
-                   help="broker address (repeat for several brokers, in share order; "
-                        "env KMS_BROKER_ADDRESSES)")
+                   help="broker address (repeat for several brokers, in share order; a "
+                        "broker's replicas joined by |: 'a:7001|b:7001'; env "
+                        "KMS_BROKER_ADDRESSES)")
     g.add_argument("--tls", type=Path, metavar="DIR",
                    help="directory with ca.pem and this client's <role>-<id>.pem/.key "
                         "(env KMS_BROKER_TLS_DIR)")
@@ -122,29 +123,43 @@ def _config(args: argparse.Namespace, role: str | None) -> Any:
     return resolve(flags_from(args), role=role)
 
 
-def _endpoints(args: argparse.Namespace, role: str = "operator") -> list[Any]:
+def _endpoints(args: argparse.Namespace, role: str = "operator") -> list[list[Any]]:
     """Resolve the client configuration, check the TLS material locally and with one
-    handshake per broker (kms_broker/tlsdiag.py), then the endpoints."""
+    handshake per broker (kms_broker/tlsdiag.py), then the endpoints: one list per share
+    holder (its replicas). A replica set needs one replica that answers the probe; the
+    others are left to failover (kms_broker/replicas.py)."""
     from kms_broker.tlsdiag import Unreachable, check_local, probe
 
     config = _config(args, role)
     config.require_brokers()
     ca, cert, key = config.require_tls()
     check_local(ca, cert, key, role=role)
-    for address in config.brokers:
+
+    def probe_one(address: str, wait_s: float) -> None:
         if address.startswith("unix:"):
-            continue  # a local socket: no TCP probe (gRPC's own wait reports it)
-        deadline = time.monotonic() + 3.0  # a broker restarting: refused for a moment
+            return  # a local socket: no TCP probe (gRPC's own wait reports it)
+        deadline = time.monotonic() + wait_s  # a broker restarting: refused for a moment
         while True:
             try:
                 probe(address, ca=ca, cert=cert, key=key, server_name=config.server_name)
-                break
+                return
             except Unreachable as exc:
                 if not exc.final:
-                    break  # slow, not absent: gRPC's own connection wait decides
+                    return  # slow, not absent: gRPC's own connection wait decides
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
+
+    for holder in config.holders():
+        unreachable: list[Unreachable] = []
+        for address in holder:
+            try:
+                probe_one(address, 3.0 if len(holder) == 1 else 0.0)
+                break
+            except Unreachable as exc:
+                unreachable.append(exc)
+        else:
+            raise unreachable[0]
     args._client = (config, ca, cert, key)
     return config.endpoints()
 
@@ -630,20 +645,28 @@ def _operator_stub(endpoint: Any) -> tuple[Any, Any]:
 
 
 def _operator_call(args: argparse.Namespace, method: str, request: Any) -> list[Any]:
+    """``method`` at every share holder (at the first replica of a set that answers); the
+    rows name the replica that answered."""
     import grpc
 
+    from kms_broker.replicas import REPLICA_CONNECT_S, on_any_replica
     from kms_broker.rpc import error_from_rpc, wait_until_ready
 
     out = []
-    for endpoint in _endpoints(args):
-        channel, stub = _operator_stub(endpoint)
-        try:
-            wait_until_ready(channel, endpoint.address, 30)
-            out.append((endpoint.address, getattr(stub, method)(request, timeout=30)))
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, endpoint.address) from None
-        finally:
-            channel.close()
+    for holder in _endpoints(args):
+        connect_s = 30 if len(holder) == 1 else REPLICA_CONNECT_S
+
+        def call(endpoint: Any, connect_s: float = connect_s) -> Any:
+            channel, stub = _operator_stub(endpoint)
+            try:
+                wait_until_ready(channel, endpoint.address, connect_s)
+                return endpoint.address, getattr(stub, method)(request, timeout=30)
+            except grpc.RpcError as exc:
+                raise error_from_rpc(exc, endpoint.address) from None
+            finally:
+                channel.close()
+
+        out.append(on_any_replica(holder, call))
     return out
 
 

@@ -39,6 +39,16 @@ def _store(published: object, root: str) -> str:
     return published
 
 
+def _where(spec: str) -> str:
+    """The job file's address key of one ``--broker``: one address, or a replica set's."""
+    replicas = [a.strip() for a in spec.split("|")]
+    if not all(re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+:\d{1,5}", a) for a in replicas):
+        raise SystemExit(f"node: --broker {spec!r:.80} is not HOST:PORT[|HOST:PORT...]")
+    if len(replicas) == 1:
+        return f'address: "{replicas[0]}"'
+    return "addresses: [" + ", ".join(f'"{a}"' for a in replicas) + "]"
+
+
 def _pinned(info: dict) -> str:
     """``, key_version: N, manifest: NAME`` when the job description pins them, else ""."""
     out = ""
@@ -62,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node", required=True, help="this node's enrolled id")
     parser.add_argument("--tcti", required=True, help="this node's TPM (swtpm:host=..,port=..)")
     parser.add_argument("--broker", action="append", required=True, metavar="HOST:PORT",
-                        help="brokers in share order")
+                        help="brokers in share order; a broker's replicas joined by |")
     parser.add_argument("--job-info", required=True, help="JSON the tenant published")
     parser.add_argument("--rank", type=int, default=0, help="this node's rank")
     parser.add_argument("--nnodes", type=int, default=1, help="nodes in the job")
@@ -82,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     info = json.loads(info_path.read_text())
     tls = home / "tls"
     brokers = "\n".join(
-        f'  - {{address: "{address}", ca: {tls}/ca.pem, cert: {tls}/node-{args.node}.pem, '
+        f"  - {{{_where(spec)}, ca: {tls}/ca.pem, cert: {tls}/node-{args.node}.pem, "
         f"key: {tls}/node-{args.node}.key}}"
-        for address in args.broker
+        for spec in args.broker
     )
     template = string.Template(Path(f"{root}/deploy/config/job.yaml.tmpl").read_text())
     job = template.substitute(

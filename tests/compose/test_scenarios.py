@@ -371,12 +371,16 @@ def test_manifest_comes_from_the_brokers_and_is_checked_before_any_release(
 
     since = int(time.time() * 1000)
     pinned = store / "jobs" / "job-1-pinned.json"
+    # another manifest object that is in the store (so the trainer's own store check passes
+    # and the brokers' record is what refuses it)
     wrong = "manifests/" + "0" * 32
+    (store / wrong).write_bytes(manifest.read_bytes())
     pinned.write_text(json.dumps({**info, "key_version": 1, "manifest": wrong}))
     try:
         output = run(pinned)
     finally:
         pinned.unlink()
+        (store / wrong).unlink()
     assert "trainer: dataset mismatch, no key requested" in output
     assert wrong in output and manifest.relative_to(store).as_posix() in output
 
