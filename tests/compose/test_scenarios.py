@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from attest.code_digest import MANIFEST_NAME, environment_manifest
 from compose import LocalHarness, ServiceFailed
+from compose.ports import free_port
 from sealed.manifest import MANIFEST_PREFIX
 from tests.compose.conftest import live_processes
 from tests.compose.test_deployment import (
@@ -293,6 +294,29 @@ def test_node_enrolled_for_another_tenant_is_refused(deployment: Deployment):
         records = deployment.audit_since(broker, since)
         assert any("node.scope" in r for r in _denials(records, "node:node-c")), broker
         assert _released(records, "node:node-c") == [], broker
+    deployment.assert_clean("node-a")
+
+
+def test_trainer_fails_over_to_the_live_replica_of_each_broker(deployment: Deployment):
+    """Issue 15: each share holder given to the node as a replica set whose first replica is
+    down (an address where nothing listens): node.py renders `addresses: [...]` into the job
+    file and `trainer --attest` leaves the dead replica for the live one, attests, receives
+    both shares and trains; both brokers record the release."""
+    harness = deployment.harness
+    dead = [f"127.0.0.1:{free_port()}" for _ in deployment.brokers]
+    argv = [a for a in deployment.node_argv("node-a", "node-a",
+                                            deployment.variables["TPM_A_PORT"])
+            if not a.startswith("--broker=")]
+    argv += [f"--broker={d}|{b}" for d, b in zip(dead, deployment.brokers, strict=True)]
+    since = int(time.time() * 1000)
+    result = harness.run("node-a", argv)
+    output = (result.stdout + result.stderr).decode(errors="replace")
+    assert result.returncode == 0, output[-3000:]
+    assert "step 5/5" in output and "Traceback" not in output
+    job = harness.host_path("node-a", "/var/lib/node-a/job.yaml").read_text()
+    assert f'addresses: ["{dead[0]}", "{deployment.brokers[0]}"]' in job
+    for broker in ("provider", "tenant"):
+        assert len(_released(deployment.audit_since(broker, since), "node:node-a")) == 1, broker
     deployment.assert_clean("node-a")
 
 
