@@ -100,6 +100,14 @@ def test_validate_prints_a_summary(tmp_path, dataset):
     assert "job job-1 (tenant acme): dataset corpus v1, model tiny-gpt, 60 steps" in out.stdout
 
 
+def test_validate_a_job_that_leaves_the_manifest_to_the_brokers(tmp_path, dataset):
+    job = job_dict(dataset, tmp_path / "run")
+    job["dataset"] = {"id": "corpus", "store": str(dataset.store)}
+    out = trainer("validate", "--job", str(write_job(tmp_path / "job.yaml", job)))
+    assert out.returncode == 0, out.stderr
+    assert "dataset corpus (key version and manifest from the brokers)" in out.stdout
+
+
 def test_attest_without_brokers_says_why(tmp_path, dataset):
     job = write_job(tmp_path / "job.yaml", job_dict(dataset, tmp_path / "run"))
     out = trainer("--attest", "--job", str(job))
