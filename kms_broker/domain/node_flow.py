@@ -197,7 +197,7 @@ class NodeFlow:
             raise Unauthenticated("attestation token was issued to another node")
         return claims
 
-    def _live_node(self, node_id: str, actor: str, event: str, subject: str) -> None:
+    def _live_node(self, node_id: str, actor: str, event: str, subject: str) -> Any:
         node = self.d.repo.get_node(node_id)
         if node is None:
             raise NotFound(f"node {node_id} is not enrolled")
@@ -205,6 +205,7 @@ class NodeFlow:
             raise self.d.deny(event, actor=actor, subject=subject,
                               reason=f"node.revoked: node {node_id} has been revoked")
         self.d.require_bound(node, event=event, actor=actor, subject=subject)
+        return node
 
     # ----------------------------------------------------------- watch
     @audited_refusals("watch")
@@ -226,10 +227,10 @@ class NodeFlow:
         check_id("node", node_id)
         check_id("job", job_id)
         actor = f"node:{node_id}"
-        self._live_node(node_id, actor, "challenge", f"job:{job_id}")
+        node = self._live_node(node_id, actor, "challenge", f"job:{job_id}")
         manifest = ("", 0)
         if dataset_id or tenant_id:
-            manifest = self._manifest_for(node_id, job_id, tenant_id, dataset_id)
+            manifest = self._manifest_for(node.tenant_scope, job_id, tenant_id, dataset_id)
         limit = self.d.settings.max_pending_sessions_per_node
         if self.d.repo.pending_sessions(node_id, self.d.clock.now_ms(), limit) >= limit:
             error = ResourceExhausted(f"node {node_id} has {limit} unused challenges pending; "
@@ -246,15 +247,14 @@ class NodeFlow:
         self.d.repo.add_session(session)
         return Challenge(session.nonce, session.session_id, session.expires_ms, *manifest)
 
-    def _manifest_for(self, node_id: str, job_id: str, tenant_id: str,
+    def _manifest_for(self, tenant_scope: str, job_id: str, tenant_id: str,
                       dataset_id: str) -> tuple[str, int]:
         """The dataset's registered manifest and its key version, or ("", 0) when this node
         may not ask for the dataset or the dataset has none on record: the answer never says
         which (no oracle of datasets or grants); the release refuses on its own."""
         check_id("tenant", tenant_id)
         check_id("dataset", dataset_id)
-        node = self.d.repo.get_node(node_id)
-        if node is None or node.tenant_scope not in ("", tenant_id):
+        if tenant_scope not in ("", tenant_id):
             return "", 0
         if not any(g.tenant_id == tenant_id and not g.revoked
                    for g in self.d.repo.grants_for(job_id=job_id, dataset_id=dataset_id)):
