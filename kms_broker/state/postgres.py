@@ -390,10 +390,19 @@ class PostgresRepository:
 
     def _get_node(self, c: psycopg.Connection, node_id: str) -> Node | None:
         r = c.execute("SELECT * FROM nodes WHERE node_id=%s", (node_id,)).fetchone()
-        return None if r is None else Node(
+        return None if r is None else self._node(r)
+
+    @staticmethod
+    def _node(r: tuple) -> Node:
+        return Node(
             node_id=r[0], tenant_scope=r[1], ak_public=bytes(r[2]), ek_certificate=bytes(r[3]),
             revoked=r[4] != NODE_ACTIVE, reinstated=r[4] == NODE_REINSTATED, enrolled_ms=r[5],
             binding_sig=bytes(r[6]))
+
+    @_guarded
+    def list_nodes(self, c: psycopg.Connection) -> list[Node]:
+        # kms-broker node list on a replica: was missing here (AttributeError: INTERNAL)
+        return [self._node(r) for r in c.execute("SELECT * FROM nodes ORDER BY node_id")]
 
     @_guarded
     def revoke_node(self, c: psycopg.Connection, node_id: str) -> bool:

@@ -122,6 +122,11 @@ def test_uploads_datasets_and_shares(repo) -> None:
                                 "holders": ("a", "b"), "status": "active"}))
     got = repo.get_dataset("acme", "ds1")
     assert (got.holders, got.status, got.manifest_name) == (("a", "b"), "active", "m")
+    assert got.manifest_key_version == 0  # not given: not recorded
+    repo.put_dataset(Dataset(**{**_fields(got), "manifest_name": "m2",
+                                "manifest_key_version": 2}))
+    got = repo.get_dataset("acme", "ds1")
+    assert (got.manifest_name, got.manifest_key_version) == ("m2", 2)
     repo.put_dataset(Dataset(tenant_id="acme", dataset_id="ds0", share_index=1, share_count=2))
     assert [d.dataset_id for d in repo.list_datasets("acme")] == ["ds0", "ds1"]
 
@@ -162,6 +167,17 @@ def test_node_revocation_is_sticky_until_reinstated(repo) -> None:
     assert node.revoked and node.reinstated  # still refused until it enrols again
     assert repo.put_node(_node()) is True
     assert repo.get_node("n1").revoked is False
+
+
+def test_list_nodes(repo) -> None:
+    assert repo.list_nodes() == []
+    repo.put_node(_node("n2", scope="acme"))
+    repo.put_node(_node("n1"))
+    repo.revoke_node("n2")
+    listed = repo.list_nodes()
+    assert [(n.node_id, n.tenant_scope, n.revoked) for n in listed] == [
+        ("n1", "", False), ("n2", "acme", True)]
+    assert listed[0] == repo.get_node("n1")
 
 
 def test_sessions_are_single_use_and_per_node(repo) -> None:
