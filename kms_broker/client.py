@@ -34,9 +34,9 @@ it belongs to; nothing when the node may not read the dataset). Every broker mus
 same; a manifest the caller names must equal the one on record for that key version;
 ``key_version`` 0 takes the broker's. The caller's ``check_dataset`` then runs with the
 result (:class:`DatasetRef`, whose ``manifest_name`` is empty when neither the caller nor the
-brokers know it), after the
-challenges and before any evidence, attestation or release, so a manifest missing from the
-node's store costs no key release and no lease. Disagreements raise :class:`DatasetRefError`.
+brokers know it), after the challenges and before any evidence, attestation or release, so a
+manifest missing from the node's store costs no key release and no lease. Disagreements
+raise :class:`DatasetRefError`.
 
 Each broker's channel waits on its first call until it is connected, up to ``timeout_s``
 (:func:`kms_broker.rpc.wait_until_ready`), so a client started before its broker listens, or
