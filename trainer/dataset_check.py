@@ -41,8 +41,8 @@ def resolved(config: JobConfig, *, key_version: int, manifest: str) -> JobConfig
 
 def require_manifest(config: JobConfig) -> None:
     """The dataset's manifest must be named (by the job or the brokers) and be in the job's
-    local store before the key is requested. A remote (s3://) store is checked by its reader
-    (sealed.store), which fails before reading any shard."""
+    store (a local directory, or the s3:// bucket: one HEAD request) before the key is
+    requested."""
     from sealed.store import LocalDirStore
 
     if not config.dataset.manifest:
@@ -53,6 +53,7 @@ def require_manifest(config: JobConfig) -> None:
             f"dataset upload` printed)")
     store = config.dataset.store
     if config.dataset.store_is_s3:
+        _require_in_bucket(store, config.dataset.manifest, config.dataset.id)
         return
     root = config.dataset.store_path
     if not root.is_dir():
@@ -62,3 +63,21 @@ def require_manifest(config: JobConfig) -> None:
             f"manifest {config.dataset.manifest} of dataset {config.dataset.id} is not in the "
             f"store {store} (the name `kms-broker dataset upload` printed, in the store it "
             f"wrote)")
+
+
+def _require_in_bucket(store: str, manifest: str, dataset_id: str) -> None:
+    from sealed.errors import StoreError
+    from sealed.s3store import S3Store
+
+    try:
+        bucket = S3Store.from_url(store)
+        try:
+            found = bucket.exists(manifest)
+        finally:
+            bucket.close()
+    except StoreError as exc:
+        raise DatasetMissing(f"cannot look for manifest {manifest} in {store}: {exc}") from None
+    if not found:
+        raise DatasetMissing(
+            f"manifest {manifest} of dataset {dataset_id} is not in the store {store} (the "
+            f"name `kms-broker dataset upload` printed, in the store it wrote)")
