@@ -25,6 +25,7 @@ Client configuration (every command that talks to a broker): flags, else environ
 variables, else a profile file (kms_broker/clientconfig.py):
 
     --broker HOST:PORT (repeat)   KMS_BROKER_ADDRESSES=h1:p1,h2:p2
+    --broker 'A:P|B:P' (replicas) KMS_BROKER_ADDRESSES='a:p|b:p,h2:p2'  (failover, 30 s)
     --tls DIR                     KMS_BROKER_TLS_DIR   (ca.pem + <role>-<id>.pem/.key)
     --ca/--cert/--key FILE        KMS_BROKER_CA, KMS_BROKER_CERT, KMS_BROKER_KEY
     --server-name NAME            KMS_BROKER_SERVER_NAME
