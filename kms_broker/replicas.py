@@ -7,11 +7,12 @@ set: on the command line and in ``KMS_BROKER_ADDRESSES`` as addresses joined by 
 
 :func:`on_any_replica` runs one unit of work (a call, or a pair of calls that must reach the
 same process, such as an enrolment) on the first replica, and on UNAVAILABLE (the replica is
-down, unreachable, or did not connect within :data:`REPLICA_CONNECT_S`) on the next, round
-robin, until ``failover_s`` has passed; any other error (a refusal, a bad request) is the
-answer and is raised at once. A unit of work that failed with UNAVAILABLE mid-call may have
-taken effect on the replica that died; repeating it on the next one then answers as a repeat
-does (already exists, already committed), never twice silently. The node's
+down, unreachable, or did not connect within :data:`REPLICA_CONNECT_S`) on the next: each
+replica once, then round robin until ``failover_s`` has passed; any other error (a refusal,
+a bad request) is the answer and is raised at once. A unit of work that failed with
+UNAVAILABLE mid-call may have taken effect on the replica that died; repeating it on the
+next one then answers as a repeat does (already exists, already committed), never twice
+silently. The node's
 :class:`kms_broker.client.KeyClient` has its own failover, which starts an attestation round
 over instead (a nonce is single use).
 
@@ -55,7 +56,9 @@ def on_any_replica(replicas: Sequence[E], work: Callable[[E], T], *,
         try:
             return work(replica)
         except UnavailableError as exc:
-            if len(replicas) < 2 or time.monotonic() >= deadline:
+            # every replica is tried once, then round robin until the deadline
+            if len(replicas) < 2 or (index + 1 >= len(replicas)
+                                     and time.monotonic() >= deadline):
                 raise
             if on_failover is not None:
                 on_failover(replica, exc)

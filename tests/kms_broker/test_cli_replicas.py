@@ -83,3 +83,28 @@ def test_tenant_and_operator_commands_fail_over_to_the_live_replica(
     out = cli("dataset", "list", "--broker", f"{dead}|{_dead()}", *who,
               status=EXIT_UNREACHABLE)
     assert len(out.stderr.strip().splitlines()) == 1 and dead in out.stderr
+
+
+def test_on_any_replica_moves_on_only_when_unavailable() -> None:
+    from kms_broker.replicas import on_any_replica
+    from kms_broker.rpc import NotFoundError, UnavailableError
+
+    tried: list[str] = []
+
+    def work(replica: str) -> str:
+        tried.append(replica)
+        if replica == "down":
+            raise UnavailableError("gone", code="UNAVAILABLE", broker=replica)
+        if replica == "refuses":
+            raise NotFoundError("no such thing", code="NOT_FOUND", broker=replica)
+        return replica
+
+    assert on_any_replica(["down", "up"], work) == "up" and tried == ["down", "up"]
+    tried.clear()
+    with pytest.raises(NotFoundError):  # an answer, not an outage: final
+        on_any_replica(["refuses", "up"], work)
+    assert tried == ["refuses"]
+    tried.clear()
+    with pytest.raises(UnavailableError):  # every replica down: until the deadline, then out
+        on_any_replica(["down", "down"], work, failover_s=0.0)
+    assert tried == ["down", "down"]
