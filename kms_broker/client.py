@@ -6,8 +6,14 @@ piece of evidence covers every broker's session: its report data is
 :func:`attest.interface.combined_report_data` over the list of per-broker report data, and each
 Attest carries that list (``report_data_set``) so each broker checks that its own session is in
 it (a TPM quotes one command at a time, so one quote for n brokers instead of n in a row; with
-one broker the evidence is over that session's report data alone, as before). Attest to every
-broker (in parallel) before releasing from any; then Release (in parallel), open each sealed
+one broker the evidence is over that session's report data alone, as before). Then each
+broker, in parallel, gets one Attest that also names the dataset key
+(``AttestRequest.release``): it judges the evidence and, when it passes, releases its share in
+the same call (no token; :meth:`kms_broker.domain.node_flow.NodeFlow.attest_release`); a
+broker from before that field answers with a token only, and gets a Release call. With
+``one_call_release=False`` the client attests to every broker before releasing from any and
+then calls Release with each token (DESIGN.md's three calls; two round trips after the
+challenge instead of one). Open each sealed
 share with its one-time private key (:mod:`kms_broker.sealing`), and with every share in hand
 (n-of-n, ordered by share index) derive the DEK (:func:`sealed.derive_dek`), zero the shares and
 drop the one-time keys. The DEK is returned as a :class:`~sealed.SecretBuffer` the caller must
@@ -148,8 +154,10 @@ class ReleasedKey:
     """The DEK (caller zeroizes, e.g. ``with released.dek:``) and the leases behind it.
 
     ``timings``: where the time went, as (phase, seconds) in order: ``challenge`` (every
-    broker at once), ``evidence``, ``attest BROKER`` and ``release BROKER`` (each broker's
-    call as its thread saw it; the brokers run in parallel), ``derive``. For logs."""
+    broker at once), ``evidence``, ``attest+release BROKER`` (the one call that attests and
+    releases) and ``open BROKER`` (opening its share), or with ``one_call_release=False``
+    ``attest BROKER`` and ``release BROKER`` (each broker's calls as its thread saw them; the
+    brokers run in parallel), ``derive``. For logs."""
 
     dek: SecretBuffer
     tenant_id: str
@@ -218,6 +226,7 @@ class _Attested:
     challenge: Any
     token: bytes = b""
     attest_s: float = 0.0
+    released: Any = None  # the ReleaseResponse of an Attest that released
 
 
 def _single(evidence_for: EvidenceFor) -> EvidenceForSet:
@@ -241,6 +250,7 @@ class KeyClient:
         evidence_for_set: EvidenceForSet | None = None,
         timeout_s: float = 10.0,
         failover_s: float = 60.0,
+        one_call_release: bool = True,
     ) -> None:
         if not brokers:
             raise ValueError("need at least one broker")
@@ -251,6 +261,7 @@ class KeyClient:
         self._evidence = evidence_for_set or _single(evidence_for)  # type: ignore[arg-type]
         self._timeout = timeout_s
         self._failover_s = failover_s
+        self._one_call = one_call_release
         self._brokers = []
         for holder in brokers:
             replicas = [holder] if isinstance(holder, BrokerEndpoint) else list(holder)
@@ -336,12 +347,14 @@ class KeyClient:
 
     def _attest_all(self, *, wait_for_ready: bool = False,
                     timings: list[tuple[str, float]] | None = None,
-                    dataset: _DatasetAsk | None = None) -> list[_Attested]:
+                    dataset: _DatasetAsk | None = None,
+                    release: bool = False) -> list[_Attested]:
         """One fresh attestation at every broker with one evidence; raises the first
         permission denial (after every broker has judged), else the first other error.
         ``timings`` gets the challenge and evidence phases (seconds). ``dataset``: name it
         in every challenge, resolve it (``dataset.resolved``) and run its check before the
-        evidence is made."""
+        evidence is made. ``release`` (with ``dataset``): each Attest also releases the
+        resolved key (``_Attested.released``) and no token is issued."""
         started = time.perf_counter()
         named = {} if dataset is None else {
             "tenant_id": dataset.tenant_id, "dataset_id": dataset.dataset_id}
@@ -354,8 +367,14 @@ class KeyClient:
             return _Attested(broker, private_key, public_key, reply)
 
         sessions = _raise_first(self._each(self._brokers, challenge))
+        target = None
         if dataset is not None:
             dataset.resolve([(a.broker.endpoint.address, a.challenge) for a in sessions])
+            assert dataset.resolved is not None
+            if release:
+                target = pb.ReleaseTarget(tenant_id=dataset.tenant_id,
+                                          dataset_id=dataset.dataset_id,
+                                          key_version=dataset.resolved.key_version)
         challenged = time.perf_counter()
         items = [expected_report_data(a.challenge.nonce, a.challenge.session_id, a.public_key)
                  for a in sessions]
@@ -372,8 +391,13 @@ class KeyClient:
                 node_id=self.node_id, session_id=a.challenge.session_id,
                 evidence=pb.Evidence(kind=evidence.kind, payload=evidence.payload),
                 node_public_key=a.public_key, report_data_set=evidence.report_data_set,
+                release=target,
             ), wait_for_ready=wait_for_ready)
             a.token = reply.token
+            # a broker from before the releasing Attest ignores the field and answers with a
+            # token: the release then takes its own call (Release with that token)
+            a.released = reply.release if target is not None and reply.HasField(
+                "release") else None
             a.attest_s = time.perf_counter() - began
             return a
 
@@ -405,17 +429,18 @@ class KeyClient:
         timings: list[tuple[str, float]] = []
         tenant_id, dataset_id = ask.tenant_id, ask.dataset_id
         try:
-            attested = self._attest_all(timings=timings, dataset=ask)
+            attested = self._attest_all(timings=timings, dataset=ask, release=self._one_call)
             assert ask.resolved is not None
             key_version = ask.resolved.key_version
-            timings += [(f"attest {a.broker.endpoint.address}", a.attest_s) for a in attested]
+            timings += [(f"{'attest' if a.released is None else 'attest+release'} "
+                         f"{a.broker.endpoint.address}", a.attest_s) for a in attested]
 
             def release(a: _Attested) -> tuple[Any, SecretBuffer, float]:
                 began = time.perf_counter()
-                reply = self._call(a.broker, "Release", pb.ReleaseRequest(
-                    node_id=self.node_id, token=a.token, tenant_id=tenant_id,
-                    dataset_id=dataset_id, key_version=key_version,
-                ))
+                reply = a.released if a.released is not None else self._call(
+                    a.broker, "Release", pb.ReleaseRequest(
+                        node_id=self.node_id, token=a.token, tenant_id=tenant_id,
+                        dataset_id=dataset_id, key_version=key_version))
                 transcript = sealing.release_transcript(
                     session_id=a.challenge.session_id, nonce=a.challenge.nonce,
                     tenant_id=tenant_id, dataset_id=dataset_id, key_version=key_version,
@@ -440,7 +465,8 @@ class KeyClient:
                 if isinstance(result, _Failed):
                     continue
                 reply, share, seconds = result
-                timings.append((f"release {a.broker.endpoint.address}", seconds))
+                timings.append((f"{'release' if a.released is None else 'open'} "
+                                f"{a.broker.endpoint.address}", seconds))
                 index = reply.share_index
                 if index in shares:
                     share.zeroize()
