@@ -18,7 +18,12 @@
     reads overlap the caller's use of this one. A background read that comes back short (an
     object truncated after it was opened) is a :class:`StoreError`, never decrypted.
   - another store with ``view_range`` (``MemoryStore``): a zero-copy view of the range;
-  - any other store: ``readinto`` one reused buffer (8 MiB per ranged read).
+  - any other store: ``readinto`` one reused buffer (8 MiB per ranged read). If the store
+    offers ``will_need`` (:class:`~sealed.store.WillNeedStore`: ``S3Store``) and the caller
+    names ``next_shard``, the first :data:`HINT_BYTES` of that shard are hinted while the
+    last reads of this one run, one read's worth more per read as the end nears (so the
+    store's fetches stay as many in flight across the boundary as inside a shard); a hint
+    that fails is dropped (the call that reads that shard reports the error).
 
   If any segment fails, everything already written to the caller's buffer is zeroed and
   :class:`DecryptionError` names the shard and segment: no plaintext of a tampered shard is
@@ -52,7 +57,14 @@ from sealed.errors import DecryptionError, StoreError
 from sealed.manifest import NO_DIGEST, Manifest, ShardEntry, open_manifest
 from sealed.secrets import SecretBuffer, zeroize
 from sealed.shard import ShardView, shard_aad
-from sealed.store import Fetch, FetchStore, ObjectStore, RangeViewStore, ReadTicket
+from sealed.store import (
+    Fetch,
+    FetchStore,
+    ObjectStore,
+    RangeViewStore,
+    ReadTicket,
+    WillNeedStore,
+)
 
 __all__ = ["READ_SEGMENTS", "DatasetReader"]
 
@@ -60,6 +72,7 @@ READ_SEGMENTS = 8  # ciphertext is fetched up to 8 segments (8 MiB) per ranged r
 FETCH_SEGMENTS = 4  # from a FetchStore: chunks of 4 segments (4 MiB), probed and read whole
 FETCH_BUFFERS = 4  # reused read buffers of one chunk each: reads run up to 4 chunks ahead
 FETCH_AHEAD = 8  # chunks probed and scheduled ahead of the one being decrypted
+HINT_BYTES = 4 * READ_SEGMENTS * streaming.SEGMENT_SIZE  # next shard hinted to a remote store
 
 
 @dataclass(slots=True, eq=False)
@@ -91,6 +104,7 @@ class DatasetReader:
         self._ahead: deque[_Chunk] = deque()
         self._fetching = isinstance(store, FetchStore)  # (protocol checks are slow: once)
         self._viewing = isinstance(store, RangeViewStore)
+        self._hinting = isinstance(store, WillNeedStore)
         self._fetches: dict[int, Fetch | None] = {}
         self._warm: dict[int, bool] = {}  # shards taken as cached whole (see _schedule)
         self._spare: list[bytearray] = []
@@ -216,11 +230,15 @@ class DatasetReader:
                 view.release()
             return written
         ctview = memoryview(self._ctbuf)
+        hint = then is not None and self._hinting
         try:
             for a in range(first, last + 1, READ_SEGMENTS):
                 b = min(last, a + READ_SEGMENTS - 1)
                 start = streaming.ciphertext_start(a)
                 end = min(ct_size, (b + 1) * streaming.SEGMENT_SIZE)
+                if hint and ct_size - end < HINT_BYTES:
+                    assert then is not None
+                    hint = self._hint(then, HINT_BYTES - (ct_size - end))
                 chunk = ctview[: end - start]
                 self._store.readinto(entry.object_name, start, chunk)
                 written += cipher.decrypt_segments_into(ct_size, a, b, chunk, out[written:])
@@ -228,6 +246,18 @@ class DatasetReader:
             zeroize(out[:written])
             raise
         return written
+
+    def _hint(self, j: int, length: int) -> bool:
+        """Tell the store the first ``length`` bytes of shard ``j`` (rounded up to whole
+        reads) are read next; False once that failed (no more hints this call)."""
+        entry = self._manifest.shards[j]
+        unit = READ_SEGMENTS * streaming.SEGMENT_SIZE
+        length = min(entry.ciphertext_size, -(-length // unit) * unit)
+        try:
+            self._store.will_need(entry.object_name, 0, length)  # type: ignore[attr-defined]
+        except StoreError:
+            return False
+        return True
 
     # ------------------------------------------------------------------ cached or fetched
 
