@@ -16,10 +16,12 @@
     cold data costs about what reading it costs. A cold shard is never decrypted through
     the mapping, even where some of its chunks look cached: pages probed while read-ahead
     fills them (or partly evicted) would be faulted in, and once the kernel gives up
-    read-ahead on the mapping, a page at a time. ``next_shard`` names the shard the
-    caller decrypts next: its first chunks are scheduled before the call returns, so its
-    reads overlap the caller's use of this one. A background read that comes back short (an
-    object truncated after it was opened) is a :class:`StoreError`, never decrypted.
+    read-ahead on the mapping, a page at a time. A shard with nothing under way yet (the
+    first of a run) has its first chunks scheduled before its header is read.
+    ``next_shard`` names the shard the caller decrypts next: its first chunks are scheduled
+    before the call returns, so its reads overlap the caller's use of this one. A background
+    read that comes back short (an object truncated after it was opened) is a
+    :class:`StoreError`, never decrypted.
   - another store with ``view_range`` (``MemoryStore``): a zero-copy view of the range;
   - any other store: ``readinto`` one reused buffer (8 MiB per ranged read). If the store
     offers ``will_need`` (:class:`~sealed.store.WillNeedStore`: ``S3Store``) and the caller
@@ -100,7 +102,7 @@ class DatasetReader:
         self._dek = dek.copy()
         self._ciphers: dict[int, streaming.SegmentCipher] = {}
         self._checked: set[int] = set()
-        self._ctbuf = bytearray(READ_SEGMENTS * streaming.SEGMENT_SIZE)
+        self._ctbuf = bytearray(0)  # the read buffer of stores read by copy (allocated then)
         self._scratch = bytearray(0)
         self._closed = False
         # chunks probed (and, where not cached, being read) ahead, in decryption order
@@ -232,6 +234,8 @@ class DatasetReader:
             finally:
                 view.release()
             return written
+        if not self._ctbuf:
+            self._ctbuf = bytearray(READ_SEGMENTS * streaming.SEGMENT_SIZE)
         ctview = memoryview(self._ctbuf)
         hint = then is not None and self._hinting
         try:
@@ -450,11 +454,15 @@ class DatasetReader:
                 f"shard {j} needs a writable buffer of {entry.plaintext_size} bytes, got {len(out)}"
             )
         self._check_size(j, entry)
+        n = streaming.segment_count(entry.ciphertext_size)
+        if self._fetching and not self._ahead:
+            # nothing under way (the first shard of a run, or no hint named it): its first
+            # chunks are scheduled before the header is read, so the two reads overlap
+            self._top_up(self._chunks(j, entry, 0, n - 1, FETCH_AHEAD), 0)
         header = bytearray(streaming.HEADER_SIZE)
         self._store.readinto(entry.object_name, 0, header)
         if not hmac.compare_digest(header, entry.header):
             raise DecryptionError(f"shard {j}", shard=j)
-        n = streaming.segment_count(entry.ciphertext_size)
         written = self._decrypt_segments(j, entry, 0, n - 1, out, next_shard)
         view = out[:written]
         if verify_digest and not hmac.compare_digest(hashlib.sha256(view).digest(), entry.sha256):

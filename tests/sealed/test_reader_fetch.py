@@ -132,6 +132,30 @@ def test_a_shard_not_cached_whole_is_read_by_the_io_thread_never_through_the_map
     store.close()
 
 
+def test_the_first_shard_s_reads_start_before_its_header_is_read(dek, tmp_path) -> None:
+    events: list[str] = []
+
+    class Logged(ProbedStore):
+        def readinto(self, name, offset, buf) -> None:
+            events.append(f"readinto {offset}")
+            super().readinto(name, offset, buf)
+
+        def _queue_read(self, fetch, offset, buf, ticket) -> None:
+            events.append(f"queued {offset}")
+            super()._queue_read(fetch, offset, buf, ticket)
+
+    store = Logged(tmp_path / "store", POLICIES["cold"])
+    records = make_records([3 * SEG + 12_345] * 3)
+    ref = write(store, records, dek, target_shard_size=64 << 20)
+    with open_reader(store, ref, dek) as reader:
+        expected = _shard_plaintexts(reader, records)[0]
+        events.clear()
+        assert reader.decrypt_shard_into(0, bytearray(reader.shard_plaintext_size(0))) == expected
+    assert events[0] == f"queued {streaming.HEADER_SIZE}"  # the first chunk, right after it
+    assert events.index("readinto 0") > 0  # the header
+    store.close()
+
+
 def test_a_shard_cached_whole_is_decrypted_from_the_mapping(dek, tmp_path) -> None:
     store = ProbedStore(tmp_path / "store", POLICIES["cached"])
     records = make_records([3 * SEG + 12_345] * 3)
