@@ -7,17 +7,14 @@
   intermediate plaintext copy). Where the ciphertext comes from depends on the store:
 
   - a :class:`~sealed.store.FetchStore` (``MappedDirStore``, the trainer's): the shard is
-    taken in chunks of :data:`FETCH_SEGMENTS` segments (4 MiB), scheduled up to
-    :data:`FETCH_AHEAD` chunks ahead of the one being decrypted. The shard is probed once
-    (sampled pages of the whole object): found cached whole, its chunks are decrypted in
-    place from the store's mapping (zero-copy); otherwise every chunk is read by the store's
-    I/O thread into one of :data:`FETCH_BUFFERS` reused buffers (one sequential stream of
-    large reads, as a plain ``read``) while this thread decrypts the chunks before it, so
-    cold data costs about what reading it costs. A cold shard is never decrypted through
-    the mapping, even where some of its chunks look cached: pages probed while read-ahead
-    fills them (or partly evicted) would be faulted in, and once the kernel gives up
-    read-ahead on the mapping, a page at a time. A shard with nothing under way yet (the
-    first of a run) has its first chunks scheduled before its header is read.
+    taken in chunks of :data:`FETCH_SEGMENTS` segments (4 MiB). Each chunk is probed when it
+    is scheduled, up to :data:`FETCH_AHEAD` chunks ahead of the one being decrypted (a shard
+    found cached whole is not probed chunk by chunk): a cached chunk is decrypted in place
+    from the store's mapping (zero-copy); one that is not is read by the store's I/O thread
+    into one of :data:`FETCH_BUFFERS` reused buffers (large sequential reads, as a plain
+    ``read``) while this thread decrypts the chunks before it, so cold data costs about what
+    reading it costs. A shard with nothing under way yet (the first of a run) has its first
+    chunks scheduled before its header is read.
     ``next_shard`` names the shard the caller decrypts next: its first chunks are scheduled
     before the call returns, so its reads overlap the caller's use of this one. A background
     read that comes back short (an object truncated after it was opened) is a
@@ -290,14 +287,13 @@ class DatasetReader:
             entry = self._manifest.shards[j]
             fetch = self._store.fetch(entry.object_name)
             self._fetches[j] = fetch
-            # probed once per shard: cached whole, it is decrypted from the mapping; else
-            # every chunk is read by the I/O thread, never faulted in through the mapping
-            # (a chunk that only looks cached, its pages under read-ahead or partly evicted,
-            # would be faulted in a page at a time once the kernel stops mapping read-ahead)
+            # a shard cached whole is decrypted from its mapping with no probe per chunk
             self._warm[j] = fetch is None or fetch.cached(0, entry.ciphertext_size)
         fetch = self._fetches[j]
-        if self._warm[j]:
-            return True  # decrypted in place from the store's mapping
+        if self._warm[j] or fetch.cached(chunk.start, chunk.stop - chunk.start):
+            # decrypted in place from the store's mapping (a chunk that read-ahead is
+            # filling counts as cached: touching it waits for that read, no new one)
+            return True
         if not self._spare:
             if self._buffers >= FETCH_BUFFERS:
                 return False

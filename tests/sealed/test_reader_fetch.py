@@ -114,24 +114,6 @@ def test_every_path_decrypts_exactly_what_was_written(probed, dek) -> None:
     assert probed.probes > 0
 
 
-def test_a_shard_not_cached_whole_is_read_by_the_io_thread_never_through_the_mapping(
-        dek, tmp_path) -> None:
-    """Chunks that look cached in a shard that is not (pages under read-ahead, or partly
-    evicted) are read like the rest, not faulted in through the mapping."""
-    store = ProbedStore(tmp_path / "store", lambda name, offset: offset > 0)
-    records = make_records([3 * SEG + 12_345] * 6)
-    ref = write(store, records, dek, target_shard_size=9 << 20)
-    with open_reader(store, ref, dek) as reader:
-        assert reader.num_shards >= 2
-        expected = _shard_plaintexts(reader, records)
-        buf = bytearray(reader.max_shard_plaintext_size)
-        for j in range(reader.num_shards):
-            assert reader.decrypt_shard_into(j, buf, next_shard=j + 1 if j + 1 < reader.num_shards
-                                             else None) == expected[j]
-    assert store.views == []
-    store.close()
-
-
 def test_the_first_shard_s_reads_start_before_its_header_is_read(dek, tmp_path) -> None:
     events: list[str] = []
 
