@@ -53,6 +53,7 @@ import itertools
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 from sealed import streaming
 from sealed.errors import DecryptionError, StoreError
@@ -258,7 +259,7 @@ class DatasetReader:
         unit = READ_SEGMENTS * streaming.SEGMENT_SIZE
         length = min(entry.ciphertext_size, -(-length // unit) * unit)
         try:
-            self._store.will_need(entry.object_name, 0, length)  # type: ignore[attr-defined]
+            cast(WillNeedStore, self._store).will_need(entry.object_name, 0, length)
         except StoreError:
             return False
         return True
@@ -278,9 +279,9 @@ class DatasetReader:
         return out
 
     def _schedule(self, chunk: _Chunk) -> bool:
-        """Start reading ``chunk`` into a spare buffer unless its shard is cached whole.
+        """Probe ``chunk``; start reading it into a spare buffer unless it is cached.
 
-        False (nothing done) when it must be read and every buffer is in use.
+        False (nothing done) when it is not cached and every buffer is in use.
         """
         j = chunk.shard
         if j not in self._fetches:
