@@ -9,11 +9,30 @@ quote) and then sends Release after Release with its token (grant signature, lea
 the database, HSM unwrap + ECDH + KDF + wrap, audit record), back to back.
 
 The same clients run twice: all against one replica, then split evenly over two replicas
-(client i to replica i mod 2; the second replica is started for that run). Printed: releases
-per second and p50/p99 latency of each run, the ratio, and
-``goal replica_release_throughput_2_vs_1`` (target >= 1.5: a second replica process should
-add most of a core's worth of release work when the machine has cores to spare; on a machine
-whose cores are already busy with the clients and the database the ratio says so).
+(client i to replica i mod 2; the second replica is started for that run). Printed per run:
+releases per second, p50/p99 latency, CPU per release of the broker processes, of the brokers
+plus PostgreSQL (postmaster and backends), and of the clients' release loops, and how many of
+the machine's cores the benchmark's own processes kept busy; then the ratios and two goals.
+
+- ``goal replica_cpu_per_release_2_vs_1`` (target <= 1.15): brokers plus PostgreSQL CPU per
+  release with two replicas against one. Replicas share state only through the database
+  (advisory locks for audit appends and a grant's lease room, one transaction per action
+  and its audit record), so a second replica must not make each release dearer; this ratio
+  is what a busy machine can still measure fairly.
+- ``goal replica_release_throughput_2_vs_1``: releases per second, two replicas against
+  one. One replica is one Python process, so on a machine with cores to spare a second
+  replica adds a core's worth of release work: target >= 1.5. Where the one-replica run
+  already keeps the cores busy, a second replica has no core to run on and cannot add
+  throughput; the target there is >= 0.9 (two replicas lose nothing to cross-replica
+  locking). Which applies is decided from the run itself and printed: cores to spare means
+  the machine was idle (/proc/stat) during the one-replica run for at least as much CPU as
+  that replica's broker used.
+  On the 2-core development machine (six clients, PostgreSQL, the brokers and the other
+  work on the machine share two cores) it is the second: what limits one replica there is
+  the machine's CPU, not the replica (profile: the one-replica run keeps about 2 cores busy;
+  per release roughly 9 ms of broker plus PostgreSQL CPU and a few ms of client CPU; the
+  audit advisory lock is held only from the record's insert to its commit, so appends are
+  not what serialises releases at these rates).
 """
 
 from __future__ import annotations
@@ -151,11 +170,19 @@ class RunResult:
     def per_release_ms(self, cpu: float) -> float:
         return cpu / len(self.latencies) * 1e3
 
+    idle_cores: float  # the machine's idle time over the run (/proc/stat), in cores
+
     @property
     def busy_cores(self) -> float:
-        """Cores kept busy by the benchmark's own processes (the rest: swtpm idle, other
-        load on the machine, or idle)."""
+        """Cores kept busy by the benchmark's own processes (the rest: other work on the
+        machine, or idle)."""
         return (self.server_cpu + self.client_cpu) / self.wall
+
+
+def _idle_seconds() -> float:
+    """The machine's idle plus iowait time so far, all cores together (/proc/stat)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
 
 
 def _run(addresses: list[str], pki: Path, tpms: list, claims_file: Path, clients: int,
@@ -172,7 +199,7 @@ def _run(addresses: list[str], pki: Path, tpms: list, claims_file: Path, clients
             if line.strip() != "ready":
                 raise RuntimeError(f"client did not start: {line!r}")
         pids, brokers = server_pids(), broker_pids()
-        cpu0, broker0 = _cpu(pids), _cpu(brokers)
+        cpu0, broker0, idle0 = _cpu(pids), _cpu(brokers), _idle_seconds()
         t0 = time.perf_counter()
         for p in procs:
             p.stdin.write("go\n")  # type: ignore[union-attr]
@@ -181,6 +208,7 @@ def _run(addresses: list[str], pki: Path, tpms: list, claims_file: Path, clients
         wall = time.perf_counter() - t0
         cpu = _cpu(pids) - cpu0  # backends that exited meanwhile are not counted
         broker = _cpu(brokers) - broker0
+        idle = _idle_seconds() - idle0
         for p in procs:
             p.wait(timeout=300)
     finally:
@@ -188,7 +216,7 @@ def _run(addresses: list[str], pki: Path, tpms: list, claims_file: Path, clients
             if p.poll() is None:
                 p.kill()
     return RunResult([x for r in results for x in r["latencies"]], wall, cpu, broker,
-                     sum(r["cpu"] for r in results))
+                     sum(r["cpu"] for r in results), idle / wall)
 
 
 def main(quick: bool) -> None:
@@ -252,26 +280,26 @@ def main(quick: bool) -> None:
                     p.wait(timeout=60)
     cores = os.cpu_count() or 1
     print(f"{'replicas':>9}{'releases/s':>12}{'p50':>10}{'p99':>10}{'broker CPU':>12}"
-          f"{'+PostgreSQL':>13}{'client CPU':>12}{'busy cores':>12}")
+          f"{'+PostgreSQL':>13}{'client CPU':>12}{'busy cores':>12}{'idle cores':>12}")
     print(f"{'':>9}{'':>12}{'':>10}{'':>10}{'/release':>12}{'/release':>13}{'/release':>12}"
-          f"{f'(of {cores})':>12}")
+          f"{'(benchmark)':>12}{'(machine)':>12}")
     for n, r in ((1, one), (2, two)):
         print(f"{n:>9}{r.rate:>12.1f}{_pct(r.latencies, .5) * 1e3:>8.1f}ms"
               f"{_pct(r.latencies, .99) * 1e3:>8.1f}ms{r.per_release_ms(r.broker_cpu):>10.2f}ms"
               f"{r.per_release_ms(r.server_cpu):>11.2f}ms{r.per_release_ms(r.client_cpu):>10.2f}ms"
-              f"{r.busy_cores:>12.2f}")
+              f"{r.busy_cores:>12.2f}{r.idle_cores:>12.2f}")
     print(f"load average during the run: {os.getloadavg()[0]:.1f} on {cores} cores")
     ratio = two.rate / one.rate
     cpu_ratio = two.per_release_ms(two.server_cpu) / one.per_release_ms(one.server_cpu)
-    # cores one replica's run would need for a second replica to double its broker work
-    # without taking CPU from the clients and the database (see the module docstring)
-    needed = one.busy_cores + one.broker_cpu / one.wall
-    spare = cores >= needed + 1
+    # a second replica adds throughput only if the machine had idle cores for it during the
+    # one-replica run: at least as much as the first replica's broker used (module docstring)
+    needed = one.broker_cpu / one.wall
+    spare = one.idle_cores >= needed
     target = TARGET if spare else TARGET_SATURATED
     print(f"2 replicas vs 1: {ratio:.2f}x releases/s; broker+PostgreSQL CPU per release "
           f"{cpu_ratio:.2f}x")
-    print(f"one replica's run kept {one.busy_cores:.2f} of {cores} cores busy; a second "
-          f"replica's worth of broker work needs about {needed:.1f}: "
+    print(f"during the one-replica run the machine had {one.idle_cores:.2f} of {cores} cores "
+          f"idle; a second replica's broker work needs about {needed:.2f}: "
           + ("cores to spare, throughput target " if spare else
              "no core to spare, so the throughput target is only that two replicas lose "
              "nothing to cross-replica locking, ")

@@ -67,7 +67,7 @@ class LocalPostgres:
         self.root.mkdir(parents=True, exist_ok=True)
         self.data = self.root / "data"
         self.socket_dir = self.root / "run"
-        if len(str(self.socket_dir.resolve() / ".s.PGSQL.65535.lock")) > MAX_SOCKET_PATH:
+        if len(str(self.socket_dir.absolute() / ".s.PGSQL.65535.lock")) > MAX_SOCKET_PATH:
             # a unix socket path is at most 107 bytes: a deep root (a compose run directory)
             # gets a short directory named after it, the same one on every start (/tmp
             # itself: the harness points TMPDIR into the run directory)

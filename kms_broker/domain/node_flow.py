@@ -304,16 +304,15 @@ class NodeFlow:
                               reason="policy: no grant's policy for this job passes", rules=flat)
         # not durable on its own (the audit append below syncs the disk): claims lost to a
         # power cut only make this token's release fail closed ("claims.digest")
+        self.d.repo.put_session_claims(session_id, claims_json)
         now = self.d.clock.now_ms()
         token_claims = TokenClaims(
             session_id=session_id, node_id=node_id, node_key=node_public_key,
             job_id=session.job_id, tenant_scope=node.tenant_scope,
             claims_digest=claims_digest, iat=now, exp=now + self.d.settings.token_ttl_ms,
         )
-        with self.d.unit_of_work():  # the stored claims and the record commit together
-            self.d.repo.put_session_claims(session_id, claims_json)
-            self.d.audit.append("attest", actor=actor, subject=subject, outcome="allowed",
-                                reason=f"{kind} evidence verified for job {session.job_id}")
+        self.d.audit.append("attest", actor=actor, subject=subject, outcome="allowed",
+                            reason=f"{kind} evidence verified for job {session.job_id}")
         with hsm_errors("token signing"):
             token = issue_token(token_claims, self.d.hsm.sign)
         # this process signed these very claims: its Release need not verify the signature

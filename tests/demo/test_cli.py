@@ -4,8 +4,10 @@ running the demo; the same deployment is tested scenario by scenario in tests/co
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -67,14 +69,22 @@ def test_demo_runs_end_to_end_and_leaves_nothing(tmp_path: Path):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_demo_runs_on_the_postgres_and_s3_services(tmp_path: Path):
+def test_demo_runs_on_the_postgres_and_s3_services():
     """`make demo DEMO_STATE=postgres DEMO_STORE=s3`'s command: the provider broker keeps
     its state and audit log in the compose `postgres` service (verified offline there), the
     dataset lives in the `s3` service, every object of the bucket is ciphertext, and the run
     leaves nothing behind."""
-    runs = tmp_path / "runs"
-    result = _demo("--steps", "10", "--mode", "local", "--run-root", str(runs),
-                   "--state", "postgres", "--store", "s3")
+    # the server runs as the postgres user when this is root: a run directory it can reach
+    # (pytest's own directory is 0700, and every new pytest session makes it so again)
+    top = Path(tempfile.mkdtemp(prefix="ct-demo-pg-"))
+    top.chmod(0o711)
+    runs = top / "runs"
+    try:
+        result = _demo("--steps", "10", "--mode", "local", "--run-root", str(runs),
+                       "--state", "postgres", "--store", "s3")
+        assert list(runs.iterdir()) == []
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     out = result.stdout
     assert "provider broker on PostgreSQL; dataset in S3 (s3://ct-data/corpus)" in out
@@ -94,7 +104,6 @@ def test_demo_runs_on_the_postgres_and_s3_services(tmp_path: Path):
     assert "corpus lines found in any of them: 0" in out
     assert re.search(r"every file the services wrote .*: \d+; containing corpus text: 0", out)
     assert out.rstrip().endswith("demo: services stopped, run directory wiped")
-    assert list(runs.iterdir()) == []
     run_id = re.search(r"\(local processes, run ([0-9a-f]+);", out)
     assert run_id is not None, out[:500]
     assert live_processes(pgids=set(), marker=f"CT_COMPOSE_ID={run_id.group(1)}:") == []
