@@ -90,7 +90,7 @@ class LocalEkCa:
 def manufacture(state_dir: Path, ca: LocalEkCa, *, pcr_banks: str = "sha256") -> Path:
     """Create a fresh TPM state in ``state_dir`` with an RSA-2048 EK certified by ``ca`` and
     the PCR banks ``pcr_banks`` active (comma-separated, e.g. "sha256,sha384")."""
-    state_dir = Path(state_dir)
+    state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     proc = subprocess.run(
         [
@@ -124,7 +124,7 @@ class Swtpm:
     """A running ``swtpm socket --tpm2`` over a state directory; a context manager."""
 
     def __init__(self, state_dir: Path) -> None:
-        self.state_dir = Path(state_dir)
+        self.state_dir = Path(state_dir).resolve()
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -77,3 +78,16 @@ def test_manufacture_reports_swtpm_setup_errors(tmp_path):
 def test_start_twice_is_refused(tmp_path, ek_ca):
     with Swtpm(manufacture(tmp_path / "n", ek_ca)) as tpm, pytest.raises(SwtpmError):
         tpm.start()
+
+
+def test_a_relative_state_path_serves_like_an_absolute_one(tmp_path, ek_ca, monkeypatch):
+    # swtpm given a relative --tpmstate answered tpm2-pytss's NVReadEK capability queries one
+    # at a time and NVReadEK looped forever; the harness now hands swtpm absolute paths
+    monkeypatch.chdir(tmp_path)
+    state = manufacture(Path("rel"), ek_ca)
+    assert state.is_absolute()
+    with Swtpm(Path("rel")) as tpm:
+        assert tpm.state_dir == tmp_path / "rel"
+        with TpmNode(tpm.tcti) as node:
+            cert = x509.load_der_x509_certificate(node.ek_certificate())
+    assert cert.issuer == x509.load_pem_x509_certificate(ek_ca.issuer_cert_pem).subject
