@@ -11,7 +11,10 @@ failing:
   no lease is left; the renewal fails and the lease keeps its expiry;
 - the action's own change refused after its record was appended (a trigger on ``grants``):
   the grant submission fails and its "allowed" record is rolled back with it (only the
-  "error" record remains).
+  "error" record remains);
+- a grant revocation whose lease revocation is refused halfway: neither the grant nor its
+  lease is revoked and only the "error" record remains (before the unit of work the grant
+  was revoked and recorded while its lease stayed active).
 """
 
 from __future__ import annotations
@@ -237,3 +240,42 @@ def test_a_refused_change_rolls_its_allowed_record_back(broker, pg: LocalPostgre
                           ).fetchone()[0] == 0
     outcomes = [r["outcome"] for r in _records(pg, "create_grant", "grant:g-refused")]
     assert outcomes == ["error"]
+
+
+def test_a_revocation_that_fails_halfway_leaves_nothing_half_done(
+    broker, pg: LocalPostgres
+) -> None:
+    """Revoking a grant revokes its leases in the same unit of work: the leases refused
+    (a trigger on ``leases``) after the grant row and the record were written leaves the
+    grant, its lease and the log as they were, bar the "error" record."""
+    world, b = broker
+    with b.tenant(world.tenant_id) as acme:
+        world.grant(acme, grant_id="g-rev", job_id="job-rev", max_nodes=1)
+    token, _ = attested(b, b.node_stub("n1"), "n1", "job-rev")
+    _release(b, world, "n1", token)
+    with _db(pg) as db:
+        db.execute("""
+            CREATE OR REPLACE FUNCTION refuse_lease_revocation() RETURNS trigger
+            LANGUAGE plpgsql AS $$ BEGIN
+              IF NEW.revoked = 1 AND NEW.grant_id = 'g-rev' THEN
+                RAISE EXCEPTION 'refused by the test'; END IF;
+              RETURN NEW; END $$""")
+        db.execute("CREATE TRIGGER refuse_lease_revocation BEFORE UPDATE ON leases "
+                   "FOR EACH ROW EXECUTE FUNCTION refuse_lease_revocation()")
+        try:
+            with b.tenant(world.tenant_id) as acme, pytest.raises(UnavailableError):
+                acme.revoke_grant("g-rev")
+        finally:
+            db.execute("DROP TRIGGER refuse_lease_revocation ON leases")
+
+        def state() -> tuple:
+            return (db.execute("SELECT revoked FROM grants WHERE grant_id='g-rev'").fetchone(),
+                    db.execute("SELECT revoked FROM leases WHERE grant_id='g-rev'").fetchall())
+
+        assert state() == ((0,), [(0,)])  # neither the grant nor its lease revoked
+        assert [r["outcome"] for r in _records(pg, "revoke_grant", "grant:g-rev")] == ["error"]
+        with b.tenant(world.tenant_id) as acme:
+            assert acme.revoke_grant("g-rev") == 1
+        assert state() == ((1,), [(1,)])
+    assert [r["outcome"] for r in _records(pg, "revoke_grant", "grant:g-rev")] == [
+        "error", "allowed"]
