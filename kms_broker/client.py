@@ -6,8 +6,14 @@ piece of evidence covers every broker's session: its report data is
 :func:`attest.interface.combined_report_data` over the list of per-broker report data, and each
 Attest carries that list (``report_data_set``) so each broker checks that its own session is in
 it (a TPM quotes one command at a time, so one quote for n brokers instead of n in a row; with
-one broker the evidence is over that session's report data alone, as before). Attest to every
-broker (in parallel) before releasing from any; then Release (in parallel), open each sealed
+one broker the evidence is over that session's report data alone, as before). Then each
+broker, in parallel, gets one Attest that also names the dataset key
+(``AttestRequest.release``): it judges the evidence and, when it passes, releases its share in
+the same call (no token; :meth:`kms_broker.domain.node_flow.NodeFlow.attest_release`); a
+broker from before that field answers with a token only, and gets a Release call. With
+``one_call_release=False`` the client attests to every broker before releasing from any and
+then calls Release with each token (DESIGN.md's three calls; two round trips after the
+challenge instead of one). Open each sealed
 share with its one-time private key (:mod:`kms_broker.sealing`), and with every share in hand
 (n-of-n, ordered by share index) derive the DEK (:func:`sealed.derive_dek`), zero the shares and
 drop the one-time keys. The DEK is returned as a :class:`~sealed.SecretBuffer` the caller must
@@ -120,8 +126,10 @@ class ReleasedKey:
     """The DEK (caller zeroizes, e.g. ``with released.dek:``) and the leases behind it.
 
     ``timings``: where the time went, as (phase, seconds) in order: ``challenge`` (every
-    broker at once), ``evidence``, ``attest BROKER`` and ``release BROKER`` (each broker's
-    call as its thread saw it; the brokers run in parallel), ``derive``. For logs."""
+    broker at once), ``evidence``, ``attest+release BROKER`` (the one call that attests and
+    releases) and ``open BROKER`` (opening its share), or with ``one_call_release=False``
+    ``attest BROKER`` and ``release BROKER`` (each broker's calls as its thread saw them; the
+    brokers run in parallel), ``derive``. For logs."""
 
     dek: SecretBuffer
     tenant_id: str
@@ -189,6 +197,7 @@ class _Attested:
     challenge: Any
     token: bytes = b""
     attest_s: float = 0.0
+    released: Any = None  # the ReleaseResponse of an Attest that released
 
 
 def _single(evidence_for: EvidenceFor) -> EvidenceForSet:
@@ -212,6 +221,7 @@ class KeyClient:
         evidence_for_set: EvidenceForSet | None = None,
         timeout_s: float = 10.0,
         failover_s: float = 60.0,
+        one_call_release: bool = True,
     ) -> None:
         if not brokers:
             raise ValueError("need at least one broker")
@@ -222,6 +232,7 @@ class KeyClient:
         self._evidence = evidence_for_set or _single(evidence_for)  # type: ignore[arg-type]
         self._timeout = timeout_s
         self._failover_s = failover_s
+        self._one_call = one_call_release
         self._brokers = []
         for holder in brokers:
             replicas = [holder] if isinstance(holder, BrokerEndpoint) else list(holder)
@@ -306,10 +317,12 @@ class KeyClient:
         return list(self._pool.map(guarded, brokers))
 
     def _attest_all(self, *, wait_for_ready: bool = False,
-                    timings: list[tuple[str, float]] | None = None) -> list[_Attested]:
+                    timings: list[tuple[str, float]] | None = None,
+                    release: pb.ReleaseTarget | None = None) -> list[_Attested]:
         """One fresh attestation at every broker with one evidence; raises the first
         permission denial (after every broker has judged), else the first other error.
-        ``timings`` gets the challenge and evidence phases (seconds)."""
+        ``timings`` gets the challenge and evidence phases (seconds). ``release``: each
+        Attest also releases that key (``_Attested.released``) and no token is issued."""
         started = time.perf_counter()
 
         def challenge(broker: _Broker) -> _Attested:
@@ -335,8 +348,13 @@ class KeyClient:
                 node_id=self.node_id, session_id=a.challenge.session_id,
                 evidence=pb.Evidence(kind=evidence.kind, payload=evidence.payload),
                 node_public_key=a.public_key, report_data_set=evidence.report_data_set,
+                release=release,
             ), wait_for_ready=wait_for_ready)
             a.token = reply.token
+            # a broker from before the releasing Attest ignores the field and answers with a
+            # token: the release then takes its own call (Release with that token)
+            a.released = reply.release if release is not None and reply.HasField(
+                "release") else None
             a.attest_s = time.perf_counter() - began
             return a
 
@@ -361,15 +379,18 @@ class KeyClient:
         leases: list[Lease] = []
         timings: list[tuple[str, float]] = []
         try:
-            attested = self._attest_all(timings=timings)
-            timings += [(f"attest {a.broker.endpoint.address}", a.attest_s) for a in attested]
+            target = pb.ReleaseTarget(tenant_id=tenant_id, dataset_id=dataset_id,
+                                      key_version=key_version) if self._one_call else None
+            attested = self._attest_all(timings=timings, release=target)
+            timings += [(f"{'attest' if a.released is None else 'attest+release'} "
+                         f"{a.broker.endpoint.address}", a.attest_s) for a in attested]
 
             def release(a: _Attested) -> tuple[Any, SecretBuffer, float]:
                 began = time.perf_counter()
-                reply = self._call(a.broker, "Release", pb.ReleaseRequest(
-                    node_id=self.node_id, token=a.token, tenant_id=tenant_id,
-                    dataset_id=dataset_id, key_version=key_version,
-                ))
+                reply = a.released if a.released is not None else self._call(
+                    a.broker, "Release", pb.ReleaseRequest(
+                        node_id=self.node_id, token=a.token, tenant_id=tenant_id,
+                        dataset_id=dataset_id, key_version=key_version))
                 transcript = sealing.release_transcript(
                     session_id=a.challenge.session_id, nonce=a.challenge.nonce,
                     tenant_id=tenant_id, dataset_id=dataset_id, key_version=key_version,
@@ -394,7 +415,8 @@ class KeyClient:
                 if isinstance(result, _Failed):
                     continue
                 reply, share, seconds = result
-                timings.append((f"release {a.broker.endpoint.address}", seconds))
+                timings.append((f"{'release' if a.released is None else 'open'} "
+                                f"{a.broker.endpoint.address}", seconds))
                 index = reply.share_index
                 if index in shares:
                     share.zeroize()

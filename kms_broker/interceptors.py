@@ -162,9 +162,13 @@ def _log_outcome(method: str, service: str, ident: Identity | None,
         detail = ""  # the status message of a denial repeats its reasons: said once, above
     latency_ms = round((time.perf_counter() - started) * 1000, 2)
     who = str(ident) if ident is not None else "-"
-    _request_log.log(level, "%s %s %s (%s)", method, who, decision, status, extra=fields(
-        method=method, identity=who, status=status, decision=decision, reasons=reasons,
-        detail=detail, latency_ms=latency_ms))
+    # the record made and handled directly: Logger.log would also walk the stack for the
+    # caller's file and line on every call, which no format shows
+    _request_log.handle(_request_log.makeRecord(
+        _request_log.name, level, __file__, 0, "%s %s %s (%s)",
+        (method, who, decision, status), None, extra=fields(
+            method=method, identity=who, status=status, decision=decision, reasons=reasons,
+            detail=detail, latency_ms=latency_ms)))
 
 
 def _abort(context: grpc.ServicerContext, error: BrokerError) -> None:

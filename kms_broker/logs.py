@@ -49,6 +49,16 @@ class _TextFormatter(logging.Formatter):
     def __init__(self, prefix: str) -> None:
         head = f"{prefix} " if prefix else ""
         super().__init__(f"%(asctime)s {head}%(levelname)s %(name)s: %(message)s")
+        self._second: tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """As logging's default (``2026-12-01 23:01:37,984``, local time), with the part up
+        to the second formatted once per second rather than once per line."""
+        second = int(record.created)
+        if second != self._second[0]:
+            self._second = (second, time.strftime(self.default_time_format,
+                                                  self.converter(record.created)))
+        return self.default_msec_format % (self._second[1], record.msecs)
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
@@ -103,3 +113,5 @@ def setup(*, level: str = "INFO", fmt: str = "text", prefix: str = "",
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # neither format shows thread or process names: not looked up for every record
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False

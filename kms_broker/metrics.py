@@ -19,7 +19,8 @@ class BrokerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self.release_seconds = Histogram(
-            "kmsbroker_release_seconds", "Release RPC latency", buckets=_BUCKETS,
+            "kmsbroker_release_seconds",
+            "Release latency (a Release call, or an Attest call that releases)", buckets=_BUCKETS,
             registry=self.registry,
         )
         self.denials = Counter(

@@ -69,6 +69,13 @@ def _read_log(read: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise Unavailable(f"audit log unreadable: {exc.strerror or exc}") from None
 
 
+def _released(r: Any) -> pb.ReleaseResponse:
+    return pb.ReleaseResponse(
+        sealed_share=r.sealed_share, transcript=r.transcript, share_index=r.share_index,
+        share_count=r.share_count, lease_id=r.lease_id, lease_expires_unix_ms=r.lease_expires_ms,
+    )
+
+
 def _rules(rules: Any) -> list[pb.RuleResult]:
     return [pb.RuleResult(name=r.name, passed=r.passed, reason=r.reason) for r in rules]
 
@@ -89,6 +96,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                                     broker_id=self.flow.d.settings.broker_id)
 
     def Attest(self, request: pb.AttestRequest, context: grpc.ServicerContext) -> Any:
+        if request.HasField("release"):
+            return self._attest_release(request, context)
         r = run(context, lambda: self.flow.attest(
             node_id=request.node_id, session_id=request.session_id,
             kind=request.evidence.kind, payload=request.evidence.payload,
@@ -97,6 +106,20 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         return pb.AttestResponse(allowed=True, token=r.token, token_expires_unix_ms=r.expires_ms,
                                  rules=_rules(r.rules))
 
+    def _attest_release(self, request: pb.AttestRequest, context: grpc.ServicerContext) -> Any:
+        """An Attest that carries a ReleaseTarget: attest, then release, in one call."""
+        start = time.perf_counter()
+        target = request.release
+        a, r = run(context, lambda: self.flow.attest_release(
+            node_id=request.node_id, session_id=request.session_id,
+            kind=request.evidence.kind, payload=request.evidence.payload,
+            node_public_key=request.node_public_key,
+            report_data_set=tuple(request.report_data_set), tenant_id=target.tenant_id,
+            dataset_id=target.dataset_id, key_version=target.key_version), "Attest",
+            self.metrics)
+        self.metrics.release_seconds.observe(time.perf_counter() - start)
+        return pb.AttestResponse(allowed=True, rules=_rules(a.rules), release=_released(r))
+
     def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> Any:
         start = time.perf_counter()
         r = run(context, lambda: self.flow.release(
@@ -104,11 +127,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             dataset_id=request.dataset_id, key_version=request.key_version), "Release",
             self.metrics)
         self.metrics.release_seconds.observe(time.perf_counter() - start)
-        return pb.ReleaseResponse(
-            sealed_share=r.sealed_share, transcript=r.transcript, share_index=r.share_index,
-            share_count=r.share_count, lease_id=r.lease_id,
-            lease_expires_unix_ms=r.lease_expires_ms,
-        )
+        return _released(r)
 
     def RenewLease(self, request: pb.RenewLeaseRequest, context: grpc.ServicerContext) -> Any:
         expires = run(context, lambda: self.flow.renew(

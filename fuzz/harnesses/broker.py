@@ -346,6 +346,12 @@ def _seeds() -> Iterator[tuple[str, bytes]]:
         if msg is None:
             continue
         yield name, bytes([i]) + _serialize(msg)
+        if name == "Attest":  # the releasing Attest (AttestRequest.release) too
+            releasing = pb.AttestRequest()
+            releasing.CopyFrom(msg)
+            releasing.release.CopyFrom(pb.ReleaseTarget(tenant_id="acme", dataset_id="ds1",
+                                                        key_version=1))
+            yield "AttestRelease", bytes([i]) + _serialize(releasing)
 
 
 def _serialize(msg: Any) -> bytes:

@@ -4,6 +4,12 @@ Each step runs authenticate -> authorize -> audit -> act, and the audit fails cl
 the record cannot be written the step raises ``Unavailable`` and nothing is released. The
 broker process never sees a share: the HSM unwraps it under the tenant KEK and seals it to the
 node's one-time key in one call.
+
+Two ways to a release: the three steps of DESIGN.md section 5 (``challenge``, ``attest`` ->
+signed token, ``release`` with that token), or ``challenge`` and then ``attest_release``,
+which runs every check of ``attest`` and then every check of ``release`` in one call, the
+verified claims passed in memory: no token is signed or verified, and the two audit records
+share one sync. Both end in the same release checks (``_released``).
 """
 
 from __future__ import annotations
@@ -95,6 +101,18 @@ class AttestResult:
     token: bytes
     expires_ms: int
     rules: tuple[RuleOutcome, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Attested:
+    """A passed attestation before it is audited: what a token would carry."""
+
+    claims: TokenClaims
+    claims_json: bytes
+    actor: str
+    subject: str
+    reason: str
+    passed: tuple[RuleOutcome, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +257,78 @@ class NodeFlow:
         self, *, node_id: str, session_id: str, kind: str, payload: bytes, node_public_key: bytes,
         report_data_set: Sequence[bytes] = (),
     ) -> AttestResult:
+        a = self._attested(node_id=node_id, session_id=session_id, kind=kind, payload=payload,
+                           node_public_key=node_public_key, report_data_set=report_data_set)
+        # not durable on its own (the audit append below syncs the disk): claims lost to a
+        # power cut only make this token's release fail closed ("claims.digest")
+        self.d.repo.put_session_claims(session_id, a.claims_json)
+        self.d.audit.append("attest", actor=a.actor, subject=a.subject, outcome="allowed",
+                            reason=a.reason)
+        with hsm_errors("token signing"):
+            token = issue_token(a.claims, self.d.hsm.sign)
+        # this process signed these very claims: its Release need not verify the signature
+        # again (expiry and node are still checked on every use, _verify_token)
+        self._verified_tokens.put(hashlib.sha256(token).digest(), a.claims)
+        return AttestResult(token, a.claims.exp, a.passed)
+
+    def attest_release(
+        self, *, node_id: str, session_id: str, kind: str, payload: bytes, node_public_key: bytes,
+        report_data_set: Sequence[bytes] = (), tenant_id: str, dataset_id: str,
+        key_version: int,
+    ) -> tuple[AttestResult, ReleaseResult]:
+        """Attest and, when it passes, release in one step (one RPC): the checks of
+        :meth:`attest` and then of :meth:`release`, each audited under its own event, with
+        the verified claims handed from one to the other in memory instead of through a
+        signed token. No token is issued (``AttestResult.token`` is empty), so none can be
+        replayed and the session's claims need not be stored for a later Release: a renewal
+        attests afresh and gets a token of its own.
+
+        Audit: the "attest allowed" record is written before the release's checks and is on
+        disk, with the release's own record, before anything leaves (one sync for both);
+        a refusal in the release part is audited as a release refusal, synced likewise.
+
+        The consumed session is committed without its own wait for the disk: a release's
+        lease commit is durable and covers it, and any other ending (a denial, an error)
+        marks the session used again durably before it leaves, so the nonce stays spent
+        across a power cut whatever the answer was."""
+        check_id("tenant", tenant_id)  # malformed release parameters change nothing
+        check_id("dataset", dataset_id)
+        if not 1 <= key_version <= MAX_KEY_VERSION:
+            raise InvalidArgument("key_version must be from 1 to 2**32-1")
+        won: list[str] = []
+        try:
+            a = self._attest_step(node_id=node_id, session_id=session_id, kind=kind,
+                                  payload=payload, node_public_key=node_public_key,
+                                  report_data_set=report_data_set, won=won)
+            seq = self.d.audit.write("attest", actor=a.actor, subject=a.subject,
+                                     outcome="allowed", reason=a.reason)
+            try:
+                released = self._release_step(
+                    node_id=node_id, tenant_id=tenant_id, dataset_id=dataset_id,
+                    key_version=key_version, verified=(a.claims, a.claims_json))
+            finally:
+                self.d.audit.wait_durable(seq)  # already on disk after the release's own sync
+        except BaseException:
+            if won:  # this call spent the nonce: on disk before the refusal leaves
+                with contextlib.suppress(Exception):  # the store is down: the refusal stands
+                    self.d.repo.mark_session_used(session_id)
+            raise
+        return AttestResult(b"", a.claims.exp, a.passed), released
+
+    @audited_refusals("attest")
+    def _attest_step(self, **kwargs: Any) -> _Attested:
+        return self._attested(**kwargs)
+
+    def _attested(
+        self, *, node_id: str, session_id: str, kind: str, payload: bytes, node_public_key: bytes,
+        report_data_set: Sequence[bytes] = (), won: list[str] | None = None,
+    ) -> _Attested:
+        """Every check of an attestation (the session consumed, the evidence verified, the
+        job's policies decided); the claims a token would carry, not yet audited.
+
+        ``won``: the caller makes the consumed session durable itself (see
+        :meth:`attest_release`); the session id is appended to it once this call has spent
+        the nonce (and not when the session was another node's or already used)."""
         check_id("node", node_id)
         check_id("session", session_id)
         check_size("evidence", payload, self.d.settings.max_evidence_bytes)
@@ -258,9 +348,11 @@ class NodeFlow:
                 f"evidence kind {kind!r:.40} is not configured; known: {sorted(self.d.verifiers)}"
             )
         # bound to the node first: another node's session is refused without being consumed
-        session = self.d.repo.consume_session(session_id, node_id)
+        session = self.d.repo.consume_session(session_id, node_id, durable=won is None)
         if session is None:
             raise NotFound("unknown session id")
+        if won is not None and session.node_id == node_id and not session.used:
+            won.append(session_id)
         if session.node_id != node_id:
             raise self.d.deny("attest", actor=actor, subject=subject,
                               reason="session.node: the session was issued to another node")
@@ -302,24 +394,15 @@ class NodeFlow:
             flat = tuple(r for group in rules for r in group)
             raise self.d.deny("attest", actor=actor, subject=subject,
                               reason="policy: no grant's policy for this job passes", rules=flat)
-        # not durable on its own (the audit append below syncs the disk): claims lost to a
-        # power cut only make this token's release fail closed ("claims.digest")
-        self.d.repo.put_session_claims(session_id, claims_json)
         now = self.d.clock.now_ms()
         token_claims = TokenClaims(
             session_id=session_id, node_id=node_id, node_key=node_public_key,
             job_id=session.job_id, tenant_scope=node.tenant_scope,
             claims_digest=claims_digest, iat=now, exp=now + self.d.settings.token_ttl_ms,
         )
-        self.d.audit.append("attest", actor=actor, subject=subject, outcome="allowed",
-                            reason=f"{kind} evidence verified for job {session.job_id}")
-        with hsm_errors("token signing"):
-            token = issue_token(token_claims, self.d.hsm.sign)
-        # this process signed these very claims: its Release need not verify the signature
-        # again (expiry and node are still checked on every use, _verify_token)
-        self._verified_tokens.put(hashlib.sha256(token).digest(), token_claims)
-        passed = tuple(r for group in (rules or []) for r in group)
-        return AttestResult(token, token_claims.exp, passed)
+        return _Attested(token_claims, claims_json, actor, subject,
+                         f"{kind} evidence verified for job {session.job_id}",
+                         tuple(r for group in (rules or []) for r in group))
 
     def _verified(self, kind: str, verifier: EvidenceVerifier, payload: bytes,
                   context: VerificationContext) -> VerificationResult:
@@ -380,6 +463,20 @@ class NodeFlow:
     def release(
         self, *, node_id: str, token: bytes, tenant_id: str, dataset_id: str, key_version: int
     ) -> ReleaseResult:
+        return self._released(node_id=node_id, token=token, tenant_id=tenant_id,
+                              dataset_id=dataset_id, key_version=key_version)
+
+    @audited_refusals("release")
+    def _release_step(self, **kwargs: Any) -> ReleaseResult:
+        return self._released(**kwargs)
+
+    def _released(
+        self, *, node_id: str, tenant_id: str, dataset_id: str, key_version: int,
+        token: bytes = b"", verified: tuple[TokenClaims, bytes] | None = None,
+    ) -> ReleaseResult:
+        """A release for the claims of ``token``, or for ``verified``: the claims and their
+        canonical JSON that :meth:`attest_release` has just verified in this call (the
+        stored copy may lag behind: it is written without its own sync)."""
         check_id("node", node_id)
         check_id("tenant", tenant_id)
         check_id("dataset", dataset_id)
@@ -387,11 +484,14 @@ class NodeFlow:
             raise InvalidArgument("key_version must be from 1 to 2**32-1")
         actor = f"node:{node_id}"
         subject = f"dataset:{tenant_id}/{dataset_id}@v{key_version}"
-        claims = self._verify_token(token, node_id, actor)
+        claims = (verified[0] if verified is not None
+                  else self._verify_token(token, node_id, actor))
         # every row this release checks, in one repository call; checked in the order below
         node, tenant, dataset, share, session, session_claims = self.d.repo.release_reads(
             node_id=node_id, tenant_id=tenant_id, dataset_id=dataset_id,
             key_version=key_version, session_id=claims.session_id)
+        if verified is not None:
+            session_claims = verified[1]
         if node is None:
             raise NotFound(f"node {node_id} is not enrolled")
         if node.revoked:

@@ -471,11 +471,11 @@ class PostgresRepository:
 
     @_guarded
     def consume_session(self, c: psycopg.Connection, session_id: str,
-                        node_id: str) -> Session | None:
+                        node_id: str, *, durable: bool = True) -> Session | None:
         """Mark the session used if it belongs to ``node_id``; the session as it was before.
         The conditional UPDATE is the single-use check: of two replicas consuming one
         session at once, the second waits on the row lock, re-reads ``used=1`` and updates
-        nothing."""
+        nothing. Every commit here is durable, ``durable`` or not."""
         won = c.execute("UPDATE sessions SET used=1 WHERE session_id=%s AND node_id=%s "
                         "AND used=0", (session_id, node_id)).rowcount == 1
         r = c.execute("SELECT * FROM sessions WHERE session_id=%s", (session_id,)).fetchone()
@@ -487,6 +487,10 @@ class PostgresRepository:
         return Session(session_id=session.session_id, node_id=session.node_id,
                        job_id=session.job_id, nonce=session.nonce,
                        expires_ms=session.expires_ms, used=not won)
+
+    @_guarded
+    def mark_session_used(self, c: psycopg.Connection, session_id: str) -> None:
+        c.execute("UPDATE sessions SET used=1 WHERE session_id=%s", (session_id,))
 
     @_guarded
     def pending_sessions(self, c: psycopg.Connection, node_id: str, now_ms: int,

@@ -137,8 +137,10 @@ def _unsynced(fn: Callable[..., T]) -> Callable[..., T]:
     (``synchronous=NORMAL``; FULL again right after). Only for writes whose loss in a power
     cut makes a later step fail closed and loosens nothing: a challenge's session (its Attest
     then finds no session) and a session's verified claims (its Release then finds no claims,
-    "claims.digest"). WAL frames are written in order, so the next synced commit (or the
-    audit log's own sync of the answer that follows) does not undo them on a clean run."""
+    "claims.digest"), or for a write the caller makes durable itself with a later synced
+    commit before it answers (a releasing Attest's consumed session: the lease's commit, or
+    ``mark_session_used``). WAL frames are written in order, so the next synced commit (or
+    the audit log's own sync of the answer that follows) does not undo them on a clean run."""
 
     @functools.wraps(fn)
     def wrapper(self: SqliteRepository, *args: Any, **kwargs: Any) -> T:
@@ -398,13 +400,33 @@ class SqliteRepository:
         r = self._db.execute("SELECT * FROM sessions WHERE session_id=?", (session_id,)).fetchone()
         return None if r is None else self._session(r)
 
-    @_guarded
-    def consume_session(self, session_id: str, node_id: str) -> Session | None:
+    def consume_session(self, session_id: str, node_id: str, *,
+                        durable: bool = True) -> Session | None:
         """Mark the session used if it belongs to ``node_id``; the session as it was before.
 
         A session of another node is returned unchanged (``used`` as stored), so a node naming
         another node's session cannot burn its nonce. The conditional UPDATE is the single-use
-        check, atomic even across processes."""
+        check, atomic even across processes. ``durable=False``: the commit does not wait for
+        the disk; the caller's next durable commit on this connection (WAL frames are written
+        in order) or :meth:`mark_session_used` makes it durable before the answer leaves."""
+        if durable:
+            return self._consume_durably(session_id, node_id)
+        return self._consume_unsynced(session_id, node_id)
+
+    @_guarded
+    def mark_session_used(self, session_id: str) -> None:
+        # an unconditional write, so this commit has frames to sync, with any earlier ones
+        self._db.execute("UPDATE sessions SET used=1 WHERE session_id=?", (session_id,))
+
+    @_guarded
+    def _consume_durably(self, session_id: str, node_id: str) -> Session | None:
+        return self._consume(session_id, node_id)
+
+    @_unsynced
+    def _consume_unsynced(self, session_id: str, node_id: str) -> Session | None:
+        return self._consume(session_id, node_id)
+
+    def _consume(self, session_id: str, node_id: str) -> Session | None:
         won = self._db.execute(
             "UPDATE sessions SET used=1 WHERE session_id=? AND node_id=? AND used=0",
             (session_id, node_id),

@@ -159,7 +159,8 @@ def test_broker_logs_are_structured_lines(session: Session) -> None:
         plain = [ln for ln in lines if ln and not ln.startswith("{")]
         assert len(plain) == 1 and "listening on" in plain[0], plain
         requests = [r for r in records if r["logger"] == "kms_broker.request"]
-        released = [r for r in requests if r["method"].endswith("/Release")
+        # the trainer's key client releases inside its Attest calls (AttestRequest.release)
+        released = [r for r in requests if r["method"].endswith("/Attest")
                     and r["identity"] == "node:node-a" and r["decision"] == "allowed"]
         assert len(released) >= 2, requests[-5:]  # job-1 and job-2
         revokes = [r for r in requests if r["method"].endswith("/RevokeGrant")]

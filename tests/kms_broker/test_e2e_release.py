@@ -49,7 +49,7 @@ def test_release_gives_the_node_the_right_dek(world: World) -> None:
     # where the time went, for the trainer's log: every phase once, in order, none negative
     address = released.leases[0].broker
     assert [name for name, _ in released.timings] == [
-        "challenge", "evidence", f"attest {address}", f"release {address}", "derive"]
+        "challenge", "evidence", f"attest+release {address}", f"open {address}", "derive"]
     assert all(seconds >= 0 for _, seconds in released.timings)
 
 

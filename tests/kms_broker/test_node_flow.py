@@ -250,3 +250,76 @@ def test_the_policy_is_decided_once_per_claims(broker, monkeypatch) -> None:
     flow.renew(node_id="n1", lease_id=first.lease_id, token=_token(flow, "n1"))
     assert len(calls) == 1
 
+
+
+def _attest_release(flow: NodeFlow, node: str):
+    ch = flow.challenge(node_id=node, job_id="j")
+    _, pub = sealing.generate_node_key()
+    kind, payload = make_evidence(expected_report_data(ch.nonce, ch.session_id, pub))
+    return flow.attest_release(node_id=node, session_id=ch.session_id, kind=kind,
+                               payload=payload, node_public_key=pub, tenant_id="acme",
+                               dataset_id="ds", key_version=1)
+
+
+def test_one_call_release_uses_the_hsm_once_and_audits_both_steps(broker) -> None:
+    """Attest then Release touches the HSM twice (token signature, seal); the one call that
+    does both only seals, and its two records (attest, release) are in the chain."""
+    flow, _, hsm, tmp = broker
+    calls = hsm.calls
+    _release(flow, "n1", _token(flow, "n1"))
+    three = hsm.calls - calls
+    calls = hsm.calls
+    attested, released = _attest_release(flow, "n1")
+    assert (three, hsm.calls - calls) == (2, 1)
+    assert attested.token == b"" and attested.rules and released.sealed_share
+    log = [line for line in (tmp / "audit.log").read_text().splitlines()
+           if "checkpoint" not in line]
+    assert '"attest"' in log[-2] and '"release"' in log[-1] and '"allowed"' in log[-1]
+    assert verify_log(tmp / "audit.log").ok
+
+
+def test_one_call_release_fails_closed(broker, monkeypatch) -> None:
+    """A seal that fails frees the room; an audit log that cannot sync releases nothing."""
+    flow, _, hsm, _ = broker
+    hsm.fail_next(error=HsmUnavailable)
+    with pytest.raises(Unavailable):
+        _attest_release(flow, "n1")
+
+    def no_disk(seq: int) -> None:
+        raise Unavailable("audit log unavailable: disk gone")
+
+    monkeypatch.setattr(flow.d.audit, "wait_durable", no_disk)
+    with pytest.raises(Unavailable, match="disk gone"):
+        _attest_release(flow, "n1")
+    monkeypatch.undo()
+    _attest_release(flow, "n2")  # the grant's one place is still free after both failures
+
+
+def test_one_call_release_keeps_the_spent_nonce_durable(broker, monkeypatch) -> None:
+    """The releasing Attest commits the consumed session without its own sync: a release's
+    lease commit (durable) covers it, and a refusal after the nonce was spent marks the session
+    used durably before it leaves; another node's session is not marked (nor spent)."""
+    flow, _, _, _ = broker
+    repo = flow.d.repo
+    calls: list[tuple] = []
+    consume, mark = repo.consume_session, repo.mark_session_used
+    monkeypatch.setattr(repo, "consume_session", lambda s, n, **kw: (
+        calls.append(("consume", s, kw.get("durable", True))), consume(s, n, **kw))[1])
+    monkeypatch.setattr(repo, "mark_session_used", lambda s: (
+        calls.append(("mark", s)), mark(s))[1])
+    _attest_release(flow, "n1")  # released: the lease's commit is the durable one
+    assert [c[0] for c in calls] == ["consume"] and calls[0][2] is False
+    calls.clear()
+    with pytest.raises(PermissionDenied, match=r"lease\.no_room"):
+        _attest_release(flow, "n2")  # the grant's one place is n1's: refused after attesting
+    assert [c[0] for c in calls] == ["consume", "mark"] and calls[1][1] == calls[0][1]
+    assert repo.get_session(calls[0][1]).used
+    calls.clear()
+    ch = flow.challenge(node_id="n1", job_id="j")  # n1's session, named by n2
+    _, pub = sealing.generate_node_key()
+    kind, payload = make_evidence(expected_report_data(ch.nonce, ch.session_id, pub))
+    with pytest.raises(PermissionDenied, match=r"session\.node"):
+        flow.attest_release(node_id="n2", session_id=ch.session_id, kind=kind,
+                            payload=payload, node_public_key=pub, tenant_id="acme",
+                            dataset_id="ds", key_version=1)
+    assert [c[0] for c in calls] == ["consume"] and not repo.get_session(ch.session_id).used

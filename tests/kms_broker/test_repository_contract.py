@@ -183,6 +183,15 @@ def test_sessions_are_single_use_and_per_node(repo) -> None:
     assert repo.get_session_claims("s1") is None
     repo.put_session_claims("s1", b'{"c":1}')
     assert repo.get_session_claims("s1") == b'{"c":1}'
+    # durable=False: as atomic and single-use; mark_session_used spends a session (durably)
+    repo.add_session(Session(**{**_fields(s), "session_id": "s3"}))
+    repo.add_session(Session(**{**_fields(s), "session_id": "s4"}))
+    assert repo.consume_session("s3", "n2", durable=False).used is False  # not burnt
+    assert repo.consume_session("s3", "n1", durable=False).used is False
+    assert repo.consume_session("s3", "n1", durable=False).used is True
+    repo.mark_session_used("s4")
+    repo.mark_session_used("s4")  # idempotent
+    assert repo.consume_session("s4", "n1").used is True
     session, claims = repo.get_session_and_claims("s1")
     assert session.session_id == "s1" and claims == b'{"c":1}'
     assert repo.get_session_and_claims("nope") == (None, None)

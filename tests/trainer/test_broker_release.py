@@ -122,8 +122,8 @@ def test_ddp_trains_on_a_key_released_by_the_broker(tmp_path, release, procs):
     assert "world 2 on cpu, backend gloo, precision bf16" in err
     # rank 0 says where its start-up time went (benchmarks/bench_first_step.py reads these)
     assert re.search(r"dataset key from 1 broker\(s\) in \d+ ms: code identity \d+ ms, "
-                     r"challenge \d+ ms, evidence \d+ ms, attest \S+ \d+ ms, release \S+ \d+ ms, "
-                     r"derive \d+ ms$", err, re.MULTILINE), err[-3000:]
+                     r"challenge \d+ ms, evidence \d+ ms, attest\+release \S+ \d+ ms, "
+                     r"open \S+ \d+ ms, derive \d+ ms$", err, re.MULTILINE), err[-3000:]
     assert err.count("first batch after") == 1
     assert err.count("shred report (normal exit)") == 2
     assert list((tmp_path / "job-1" / "ckpt").glob("ckpt-0000000040.ctck"))

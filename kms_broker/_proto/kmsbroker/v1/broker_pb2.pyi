@@ -46,30 +46,44 @@ class RuleResult(_message.Message):
     def __init__(self, name: _Optional[str] = ..., passed: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class AttestRequest(_message.Message):
-    __slots__ = ("node_id", "session_id", "evidence", "node_public_key", "report_data_set")
+    __slots__ = ("node_id", "session_id", "evidence", "node_public_key", "report_data_set", "release")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     NODE_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     REPORT_DATA_SET_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     session_id: str
     evidence: Evidence
     node_public_key: bytes
     report_data_set: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, node_id: _Optional[str] = ..., session_id: _Optional[str] = ..., evidence: _Optional[_Union[Evidence, _Mapping]] = ..., node_public_key: _Optional[bytes] = ..., report_data_set: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    release: ReleaseTarget
+    def __init__(self, node_id: _Optional[str] = ..., session_id: _Optional[str] = ..., evidence: _Optional[_Union[Evidence, _Mapping]] = ..., node_public_key: _Optional[bytes] = ..., report_data_set: _Optional[_Iterable[bytes]] = ..., release: _Optional[_Union[ReleaseTarget, _Mapping]] = ...) -> None: ...
+
+class ReleaseTarget(_message.Message):
+    __slots__ = ("tenant_id", "dataset_id", "key_version")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    dataset_id: str
+    key_version: int
+    def __init__(self, tenant_id: _Optional[str] = ..., dataset_id: _Optional[str] = ..., key_version: _Optional[int] = ...) -> None: ...
 
 class AttestResponse(_message.Message):
-    __slots__ = ("allowed", "token", "token_expires_unix_ms", "rules")
+    __slots__ = ("allowed", "token", "token_expires_unix_ms", "rules", "release")
     ALLOWED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     RULES_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
     allowed: bool
     token: bytes
     token_expires_unix_ms: int
     rules: _containers.RepeatedCompositeFieldContainer[RuleResult]
-    def __init__(self, allowed: _Optional[bool] = ..., token: _Optional[bytes] = ..., token_expires_unix_ms: _Optional[int] = ..., rules: _Optional[_Iterable[_Union[RuleResult, _Mapping]]] = ...) -> None: ...
+    release: ReleaseResponse
+    def __init__(self, allowed: _Optional[bool] = ..., token: _Optional[bytes] = ..., token_expires_unix_ms: _Optional[int] = ..., rules: _Optional[_Iterable[_Union[RuleResult, _Mapping]]] = ..., release: _Optional[_Union[ReleaseResponse, _Mapping]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("node_id", "token", "tenant_id", "dataset_id", "key_version")
