@@ -72,7 +72,7 @@ class LocalPostgres:
             # gets a short directory named after it, the same one on every start (/tmp
             # itself: the harness points TMPDIR into the run directory)
             tag = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:16]
-            self.socket_dir = Path("/tmp") / f"ct-pg-{tag}"  # noqa: S108 - a private 0700 dir
+            self.socket_dir = Path("/tmp") / f"ct-pgsock-{tag}"  # noqa: S108 - a private 0700 dir
         self.passfile = self.root / "pgpass"
         self.port = port if port is not None else free_port()
         self.listen = listen
