@@ -34,6 +34,7 @@ from attest.interface import (
 from attest.policy import evidence_claims
 from kms_broker.domain.deps import BrokerDeps, check_id, check_size, hsm_errors
 from kms_broker.domain.errors import (
+    AuthorizationChanged,
     BrokerError,
     InvalidArgument,
     NotFound,
@@ -570,6 +571,11 @@ class NodeFlow:
                     written.append(self.d.audit.write(
                         "release", actor=actor, subject=subject, outcome="allowed",
                         reason=f"grant {grant.grant_id}, job {claims.job_id}"))
+            except AuthorizationChanged as changed:
+                # revoked or shredded since this release's checks (the repository read the
+                # rows again under the lease's lock): no lease was taken; refused, audited
+                raise self.d.deny("release", actor=actor, subject=subject,
+                                  reason=str(changed)) from None
             except BaseException:
                 with contextlib.suppress(Exception):  # without a unit of work it committed
                     self.d.repo.drop_lease(lease.lease_id)

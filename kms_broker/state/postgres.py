@@ -67,6 +67,7 @@ from kms_broker.domain.model import (
     Upload,
 )
 from kms_broker.domain.revocations import RevocationEvent
+from kms_broker.state.repository import check_still_authorized
 
 __all__ = ["PgTransactions", "PostgresRepository", "safe_dsn"]
 
@@ -659,9 +660,18 @@ class PostgresRepository:
     def take_lease(self, c: psycopg.Connection, lease: Lease, *, now_ms: int,
                    max_nodes: int) -> bool:
         """Insert ``lease`` if its grant has room for its node, as one transaction holding
-        an advisory lock on (tenant, grant) until commit: replicas take turns per grant."""
+        an advisory lock on (tenant, grant) until commit: replicas take turns per grant. The
+        tenant, grant and node rows are read again ``FOR SHARE`` (in the order a shred takes
+        them): a shred or revocation that committed after the caller's checks raises
+        :class:`AuthorizationChanged`; one in flight waits for this commit and then sees
+        (and revokes) this lease."""
         c.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
                   (f"lease:{len(lease.tenant_id)}:{lease.tenant_id}:{lease.grant_id}",))
+        check_still_authorized(lease, *(c.execute(q, a).fetchone() for q, a in (
+            ("SELECT status FROM tenants WHERE tenant_id=%s FOR SHARE", (lease.tenant_id,)),
+            ("SELECT revoked FROM grants WHERE tenant_id=%s AND grant_id=%s FOR SHARE",
+             (lease.tenant_id, lease.grant_id)),
+            ("SELECT revoked FROM nodes WHERE node_id=%s FOR SHARE", (lease.node_id,)))))
         if not self._room(c, lease.tenant_id, lease.grant_id, lease.node_id, now_ms, max_nodes):
             return False
         self._insert_lease(c, lease)
