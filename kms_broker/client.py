@@ -34,6 +34,16 @@ died mid-call may already have consumed the session's nonce. Leases name their h
 ``label`` (the set's addresses joined by commas), so a renewal may go to any replica. A
 revocation stream lost to a dead replica is reopened on the next one.
 
+Manifest from the brokers: :meth:`KeyClient.fetch_dek` names the dataset in every Challenge;
+each broker answers with the manifest it has on record (``manifest_name``, and the key version
+it belongs to; nothing when the node may not read the dataset). Every broker must answer the
+same; a manifest the caller names must equal the one on record for that key version;
+``key_version`` 0 takes the broker's. The caller's ``check_dataset`` then runs with the
+result (:class:`DatasetRef`, whose ``manifest_name`` is empty when neither the caller nor the
+brokers know it), after the challenges and before any evidence, attestation or release, so a
+manifest missing from the node's store costs no key release and no lease. Disagreements
+raise :class:`DatasetRefError`.
+
 Each broker's channel waits on its first call until it is connected, up to ``timeout_s``
 (:func:`kms_broker.rpc.wait_until_ready`), so a client started before its broker listens, or
 many clients starting at once, connect rather than fail.
@@ -73,6 +83,8 @@ from sealed.secrets import SecretBuffer
 
 __all__ = [
     "BrokerEndpoint",
+    "DatasetRef",
+    "DatasetRefError",
     "EvidenceFor",
     "EvidenceForSet",
     "KeyClient",
@@ -103,6 +115,22 @@ EvidenceForSet = Callable[[Sequence[bytes]], SharedEvidence]
 
 class ShareOpenError(BrokerRpcError):
     """A released share did not open under this node's key and transcript."""
+
+
+class DatasetRefError(BrokerRpcError):
+    """The dataset the caller names does not match what the brokers have on record (another
+    manifest, a key version whose manifest the brokers do not know, or brokers that disagree);
+    raised before any evidence is made or key released. ``code`` is FAILED_PRECONDITION."""
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetRef:
+    """The dataset a release is for, as the brokers have it on record."""
+
+    tenant_id: str
+    dataset_id: str
+    key_version: int
+    manifest_name: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +165,7 @@ class ReleasedKey:
     key_version: int
     leases: tuple[Lease, ...]
     timings: tuple[tuple[str, float], ...] = ()
+    manifest_name: str = ""  # the dataset's manifest, as the brokers have it on record
 
 
 @dataclass(slots=True)
@@ -318,20 +347,34 @@ class KeyClient:
 
     def _attest_all(self, *, wait_for_ready: bool = False,
                     timings: list[tuple[str, float]] | None = None,
-                    release: pb.ReleaseTarget | None = None) -> list[_Attested]:
+                    dataset: _DatasetAsk | None = None,
+                    release: bool = False) -> list[_Attested]:
         """One fresh attestation at every broker with one evidence; raises the first
         permission denial (after every broker has judged), else the first other error.
-        ``timings`` gets the challenge and evidence phases (seconds). ``release``: each
-        Attest also releases that key (``_Attested.released``) and no token is issued."""
+        ``timings`` gets the challenge and evidence phases (seconds). ``dataset``: name it
+        in every challenge, resolve it (``dataset.resolved``) and run its check before the
+        evidence is made. ``release`` (with ``dataset``): each Attest also releases the
+        resolved key (``_Attested.released``) and no token is issued."""
         started = time.perf_counter()
+        named = {} if dataset is None else {
+            "tenant_id": dataset.tenant_id, "dataset_id": dataset.dataset_id}
 
         def challenge(broker: _Broker) -> _Attested:
             reply = self._call(broker, "Challenge", pb.ChallengeRequest(
-                node_id=self.node_id, job_id=self.job_id), wait_for_ready=wait_for_ready)
+                node_id=self.node_id, job_id=self.job_id, **named),
+                wait_for_ready=wait_for_ready)
             private_key, public_key = sealing.generate_node_key()
             return _Attested(broker, private_key, public_key, reply)
 
         sessions = _raise_first(self._each(self._brokers, challenge))
+        target = None
+        if dataset is not None:
+            dataset.resolve([(a.broker.endpoint.address, a.challenge) for a in sessions])
+            assert dataset.resolved is not None
+            if release:
+                target = pb.ReleaseTarget(tenant_id=dataset.tenant_id,
+                                          dataset_id=dataset.dataset_id,
+                                          key_version=dataset.resolved.key_version)
         challenged = time.perf_counter()
         items = [expected_report_data(a.challenge.nonce, a.challenge.session_id, a.public_key)
                  for a in sessions]
@@ -348,12 +391,12 @@ class KeyClient:
                 node_id=self.node_id, session_id=a.challenge.session_id,
                 evidence=pb.Evidence(kind=evidence.kind, payload=evidence.payload),
                 node_public_key=a.public_key, report_data_set=evidence.report_data_set,
-                release=release,
+                release=target,
             ), wait_for_ready=wait_for_ready)
             a.token = reply.token
             # a broker from before the releasing Attest ignores the field and answers with a
             # token: the release then takes its own call (Release with that token)
-            a.released = reply.release if release is not None and reply.HasField(
+            a.released = reply.release if target is not None and reply.HasField(
                 "release") else None
             a.attest_s = time.perf_counter() - began
             return a
@@ -367,21 +410,28 @@ class KeyClient:
             raise denials[0]
         return _raise_first(results)
 
-    def fetch_dek(self, *, tenant_id: str, dataset_id: str, key_version: int) -> ReleasedKey:
+    def fetch_dek(self, *, tenant_id: str, dataset_id: str, key_version: int = 0,
+                  manifest_name: str = "",
+                  check_dataset: Callable[[DatasetRef], None] | None = None) -> ReleasedKey:
         """Attest to every broker, release and open every share, derive the DEK (failing
-        over to another replica of a share holder that is unavailable)."""
-        return self._failing_over(lambda: self._fetch_dek_once(
-            tenant_id=tenant_id, dataset_id=dataset_id, key_version=key_version))
+        over to another replica of a share holder that is unavailable).
 
-    def _fetch_dek_once(self, *, tenant_id: str, dataset_id: str,
-                        key_version: int) -> ReleasedKey:
+        ``key_version`` 0 and ``manifest_name`` empty: those the brokers have on record;
+        given, they must match it (see the module docstring). ``check_dataset`` runs with the
+        resolved :class:`DatasetRef` before any evidence or release; what it raises ends the
+        call."""
+        return self._failing_over(lambda: self._fetch_dek_once(_DatasetAsk(
+            tenant_id, dataset_id, key_version, manifest_name, check_dataset)))
+
+    def _fetch_dek_once(self, ask: _DatasetAsk) -> ReleasedKey:
         shares: dict[int, SecretBuffer] = {}
         leases: list[Lease] = []
         timings: list[tuple[str, float]] = []
+        tenant_id, dataset_id = ask.tenant_id, ask.dataset_id
         try:
-            target = pb.ReleaseTarget(tenant_id=tenant_id, dataset_id=dataset_id,
-                                      key_version=key_version) if self._one_call else None
-            attested = self._attest_all(timings=timings, release=target)
+            attested = self._attest_all(timings=timings, dataset=ask, release=self._one_call)
+            assert ask.resolved is not None
+            key_version = ask.resolved.key_version
             timings += [(f"{'attest' if a.released is None else 'attest+release'} "
                          f"{a.broker.endpoint.address}", a.attest_s) for a in attested]
 
@@ -442,7 +492,7 @@ class KeyClient:
                 share.zeroize()
         self._leases = leases
         return ReleasedKey(dek, tenant_id, dataset_id, key_version, tuple(leases),
-                           tuple(timings))
+                           tuple(timings), ask.resolved.manifest_name)
 
     def renew(self) -> int:
         """Re-attest to each broker (in parallel, one evidence) and renew its lease; returns
@@ -499,6 +549,48 @@ class KeyClient:
 @dataclass(frozen=True, slots=True)
 class _Failed:
     error: Exception
+
+
+@dataclass(slots=True)
+class _DatasetAsk:
+    """What the caller named (0 / empty: not named) and, once the brokers answered, what
+    the release is for."""
+
+    tenant_id: str
+    dataset_id: str
+    key_version: int
+    manifest_name: str
+    check: Callable[[DatasetRef], None] | None
+    resolved: DatasetRef | None = None
+
+    def resolve(self, answers: Sequence[tuple[str, Any]]) -> None:
+        """From each broker's (address, ChallengeResponse): one record, or
+        DatasetRefError; then the caller's check."""
+        where = f"{self.tenant_id}/{self.dataset_id}"
+        records = {(r.manifest_name, r.manifest_key_version) for _, r in answers}
+        if len(records) > 1:
+            said = "; ".join(f"{a}: {r.manifest_name or 'none'} (key version "
+                             f"{r.manifest_key_version})" for a, r in answers)
+            raise DatasetRefError(
+                f"the brokers disagree on the manifest of dataset {where} ({said}); register "
+                f"the upload at every broker that holds a share", code="FAILED_PRECONDITION")
+        name, version = records.pop()
+        key_version = self.key_version or version
+        if not key_version:
+            raise DatasetRefError(
+                f"the brokers have no manifest on record for dataset {where} that this job may "
+                f"read (a grant must name the job and the dataset), so its key version is not "
+                f"known; name dataset.key_version in the job file", code="FAILED_PRECONDITION")
+        on_record = name if version == key_version else ""
+        if self.manifest_name and on_record and self.manifest_name != on_record:
+            raise DatasetRefError(
+                f"dataset.manifest {self.manifest_name} does not match the manifest the brokers "
+                f"have on record for {where} key version {key_version} ({on_record}); remove "
+                f"dataset.manifest from the job file or correct it", code="FAILED_PRECONDITION")
+        manifest = self.manifest_name or on_record  # "" when nobody knows it (the check says)
+        self.resolved = DatasetRef(self.tenant_id, self.dataset_id, key_version, manifest)
+        if self.check is not None:
+            self.check(self.resolved)
 
 
 def _raise_first(results: list[Any]) -> list[Any]:

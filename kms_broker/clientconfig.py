@@ -13,6 +13,7 @@ setting        flag                       environment variable         profile k
 =============  =========================  ===========================  ==================
 brokers        ``--broker HOST:PORT``     ``KMS_BROKER_ADDRESSES``     ``brokers``
                (repeat, in share order)   (comma-separated)            (list)
+               replicas: ``A|B``          ``A|B,C``                    ``[[A, B], C]``
 TLS directory  ``--tls DIR``              ``KMS_BROKER_TLS_DIR``       ``tls``
 CA             ``--ca FILE``              ``KMS_BROKER_CA``            ``ca``
 certificate    ``--cert FILE``            ``KMS_BROKER_CERT``          ``cert``
@@ -35,6 +36,11 @@ key in DIR: the one for the role the command needs (``tenant-<tenant>.pem`` for 
 commands, ``operator-*.pem`` for node commands), else ``client.pem``, else the only
 ``*.pem``/``*.key`` pair there. A file given alone (``--ca``, ``--cert``, ``--key``) at a
 higher level overrides the one the directory gives.
+
+A share holder that runs as several replicas (on one PostgreSQL database and HSM token) is
+a replica set: its addresses joined by ``|`` (``--broker 'a.example:7001|b.example:7001'``)
+or, in a profile, a list inside the list. Each command tries a set's replicas in turn and
+leaves one that is unavailable for the next, for up to 30 s (:mod:`kms_broker.replicas`).
 
 Every broker address must be ``HOST:PORT`` (``[v6addr]:PORT`` for IPv6) or ``unix:PATH``:
 gRPC would otherwise take a bare host to mean port 443. The resolved configuration holds
@@ -105,7 +111,9 @@ def default_profile_file(environ: Mapping[str, str]) -> Path:
 
 @dataclass(frozen=True)
 class ClientConfig:
-    """Resolved client settings; ``sources`` says where each came from (flag, env, profile)."""
+    """Resolved client settings; ``sources`` says where each came from (flag, env, profile).
+    ``brokers``: one entry per share holder, in share order; a replica set's addresses are
+    joined by ``|`` (:meth:`holders` splits them)."""
 
     brokers: tuple[str, ...]
     ca: Path | None
@@ -150,13 +158,21 @@ class ClientConfig:
                 f"init`) or set {ENV['tenant_key']}")
         return self.tenant_key
 
-    def endpoints(self) -> list[Any]:
+    def holders(self) -> tuple[tuple[str, ...], ...]:
+        """Each share holder's addresses (one, or a replica set's), in share order."""
+        from kms_broker.replicas import split_set
+
+        return tuple(split_set(b) for b in self.brokers)
+
+    def endpoints(self) -> list[list[Any]]:
+        """One list of endpoints per share holder (its replicas, in the order to try)."""
         from kms_broker.rpc import BrokerEndpoint
 
         ca, cert, key = self.require_tls()
-        return [BrokerEndpoint.from_files(a, ca=ca, cert=cert, key=key,
-                                          server_name=self.server_name)
-                for a in self.require_brokers()]
+        self.require_brokers()
+        return [[BrokerEndpoint.from_files(a, ca=ca, cert=cert, key=key,
+                                           server_name=self.server_name) for a in holder]
+                for holder in self.holders()]
 
 
 def _load_profile(path: Path, name: str, explicit: bool) -> dict[str, Any]:
@@ -190,8 +206,12 @@ def _load_profile(path: Path, name: str, explicit: bool) -> dict[str, Any]:
             continue
         if k == "brokers":
             v = [v] if isinstance(v, str) else v
-            if not isinstance(v, list) or not all(isinstance(a, str) for a in v):
-                raise ClientConfigError(f"profile {name!r}: brokers must be a list of HOST:PORT")
+            if not isinstance(v, list) or not all(
+                    isinstance(a, str) or (isinstance(a, list) and a
+                                           and all(isinstance(r, str) for r in a)) for a in v):
+                raise ClientConfigError(f"profile {name!r}: brokers must be a list of HOST:PORT "
+                                        f"(a replica set: a list of HOST:PORT inside it)")
+            v = [a if isinstance(a, str) else "|".join(a) for a in v]
         elif k in _PATH_KEYS:
             v = path.parent / Path(str(v)).expanduser()
         else:
@@ -262,12 +282,15 @@ def resolve(flags: Mapping[str, Any], *, role: str | None = None,
         for k in ("brokers", "server_name", "tenant", "tenant_key"):
             if k not in values and k in layer:
                 values[k], sources[k] = layer[k], source
+    from kms_broker.replicas import split_set
+
     brokers = tuple(values.get("brokers", ()))
-    for address in brokers:
+    addresses = [a for spec in brokers for a in split_set(spec)]
+    for address in addresses:
         if not (address.startswith("unix:") and len(address) > 5):  # a local socket path
             parse_address(address)
-    if len(set(brokers)) != len(brokers):
-        raise ClientConfigError(f"a broker address is given twice: {', '.join(brokers)}")
+    if len(set(addresses)) != len(addresses):
+        raise ClientConfigError(f"a broker address is given twice: {', '.join(addresses)}")
     tenant = values.get("tenant")
     for source, layer in layers:  # TLS files: a single file beats a directory one level down
         from_dir: dict[str, Path] = {}

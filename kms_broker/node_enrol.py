@@ -25,6 +25,7 @@ import grpc
 
 from kms_broker._proto.kmsbroker.v1 import broker_pb2 as pb
 from kms_broker._proto.kmsbroker.v1 import broker_pb2_grpc as pb_grpc
+from kms_broker.replicas import REPLICA_CONNECT_S, on_any_replica
 from kms_broker.rpc import BrokerEndpoint, error_from_rpc, open_channel, wait_until_ready
 
 __all__ = ["EnrolledAt", "EnrollingTpm", "enrol_node"]
@@ -46,21 +47,25 @@ class EnrolledAt:
 
 
 def enrol_node(
-    brokers: Sequence[BrokerEndpoint], *, node_id: str, tenant_scope: str, tpm: EnrollingTpm,
-    timeout_s: float = 30.0,
+    brokers: Sequence[BrokerEndpoint | Sequence[BrokerEndpoint]], *, node_id: str,
+    tenant_scope: str, tpm: EnrollingTpm, timeout_s: float = 30.0,
 ) -> list[EnrolledAt]:
     """Enrol this TPM's AK as ``node_id`` at every broker; raises BrokerRpcError on the first
-    refusal (earlier brokers stay enrolled: enrolment is idempotent, rerun after a fix)."""
+    refusal (earlier brokers stay enrolled: enrolment is idempotent, rerun after a fix).
+
+    A broker given as a replica set (a sequence of endpoints) is enrolled at the first
+    replica that answers (:mod:`kms_broker.replicas`); both calls of one enrolment go to the
+    same replica, since pending enrolments live in that process's memory."""
     begin = pb.BeginEnrolNodeRequest(
         node_id=node_id, tenant_scope=tenant_scope, ek_certificate=tpm.ek_certificate(),
         ek_public=tpm.ek_public(), ak_public=tpm.ak_public(),
     )
-    done = []
-    for endpoint in brokers:
+
+    def at(endpoint: BrokerEndpoint, connect_s: float) -> EnrolledAt:
         channel = open_channel(endpoint)
         stub = pb_grpc.OperatorServiceStub(channel)
         try:
-            wait_until_ready(channel, endpoint.address, timeout_s)
+            wait_until_ready(channel, endpoint.address, connect_s)
             challenge = stub.BeginEnrolNode(begin, timeout=timeout_s)
             try:
                 answer = tpm.activate_credential(challenge.credential_blob,
@@ -74,6 +79,12 @@ def enrol_node(
             raise error_from_rpc(exc, endpoint.address) from None
         finally:
             channel.close()
-        done.append(EnrolledAt(endpoint.address, reply.node_id, reply.ak_name,
-                               reply.ek_certificate_sha256))
+        return EnrolledAt(endpoint.address, reply.node_id, reply.ak_name,
+                          reply.ek_certificate_sha256)
+
+    done = []
+    for holder in brokers:
+        replicas = [holder] if isinstance(holder, BrokerEndpoint) else list(holder)
+        connect_s = timeout_s if len(replicas) == 1 else min(timeout_s, REPLICA_CONNECT_S)
+        done.append(on_any_replica(replicas, lambda e, c=connect_s: at(e, c)))  # type: ignore[misc]
     return done

@@ -88,12 +88,15 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         self.streams = streams or StreamSlots(per_key=8, total=32)
 
     def Challenge(self, request: pb.ChallengeRequest, context: grpc.ServicerContext) -> Any:
-        c = run(context, lambda: self.flow.challenge(node_id=request.node_id,
-                                                     job_id=request.job_id), "Challenge",
+        c = run(context, lambda: self.flow.challenge(
+            node_id=request.node_id, job_id=request.job_id, tenant_id=request.tenant_id,
+            dataset_id=request.dataset_id), "Challenge",
                 self.metrics)
         return pb.ChallengeResponse(nonce=c.nonce, session_id=c.session_id,
                                     expires_unix_ms=c.expires_ms,
-                                    broker_id=self.flow.d.settings.broker_id)
+                                    broker_id=self.flow.d.settings.broker_id,
+                                    manifest_name=c.manifest_name,
+                                    manifest_key_version=c.manifest_key_version)
 
     def Attest(self, request: pb.AttestRequest, context: grpc.ServicerContext) -> Any:
         if request.HasField("release"):

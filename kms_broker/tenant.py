@@ -27,6 +27,7 @@ from kms_broker import sealing
 from kms_broker._proto.kmsbroker.v1 import broker_pb2 as pb
 from kms_broker._proto.kmsbroker.v1 import broker_pb2_grpc as pb_grpc
 from kms_broker.grants import GrantDocument, sign_grant
+from kms_broker.replicas import FAILOVER_S, REPLICA_CONNECT_S, SEPARATOR, on_any_replica
 from kms_broker.rpc import (
     BrokerEndpoint,
     BrokerRpcError,
@@ -70,24 +71,39 @@ def load_tenant_key(path: Path) -> Ed25519PrivateKey:
 
 
 class TenantClient:
-    """One broker, as one tenant (the client certificate must name ``tenant:<id>``)."""
+    """One broker, as one tenant (the client certificate must name ``tenant:<id>``).
 
-    def __init__(self, endpoint: BrokerEndpoint, *, tenant_id: str,
-                 signing_key: Ed25519PrivateKey | None = None, timeout_s: float = 30.0) -> None:
-        self.endpoint = endpoint
+    ``endpoint`` may be a replica set (a sequence of endpoints): each call goes to the
+    replica that answered last, and on UNAVAILABLE to the next one (:mod:`kms_broker.replicas`);
+    ``address`` is then the set's label (its addresses joined by ``|``)."""
+
+    def __init__(self, endpoint: BrokerEndpoint | Sequence[BrokerEndpoint], *, tenant_id: str,
+                 signing_key: Ed25519PrivateKey | None = None, timeout_s: float = 30.0,
+                 failover_s: float = FAILOVER_S) -> None:
+        replicas = [endpoint] if isinstance(endpoint, BrokerEndpoint) else list(endpoint)
+        if not replicas:
+            raise ValueError("a replica set needs at least one address")
+        self.endpoint = replicas[0]
         self.tenant_id = tenant_id
         self._key = signing_key
         self._timeout = timeout_s
-        self._channel = open_channel(endpoint)
-        self._ready = ReadyOnce(self._channel, endpoint.address, timeout_s)
-        self._stub = pb_grpc.TenantServiceStub(self._channel)
+        self._failover_s = failover_s
+        # a replica of a set that does not connect is left for the next one sooner
+        connect_s = timeout_s if len(replicas) == 1 else min(timeout_s, REPLICA_CONNECT_S)
+        self._replicas = []
+        for e in replicas:
+            channel = open_channel(e)
+            self._replicas.append((e, channel, ReadyOnce(channel, e.address, connect_s),
+                                   pb_grpc.TenantServiceStub(channel)))
+        self._current = 0
 
     @property
     def address(self) -> str:
-        return self.endpoint.address
+        return SEPARATOR.join(e.address for e, *_ in self._replicas)
 
     def close(self) -> None:
-        self._channel.close()
+        for _, channel, _, _ in self._replicas:
+            channel.close()
 
     def __enter__(self) -> TenantClient:
         return self
@@ -97,11 +113,20 @@ class TenantClient:
 
     def _call(self, method: str, **fields: Any) -> Any:
         request = getattr(pb, f"{method}Request")(tenant_id=self.tenant_id, **fields)
-        self._ready()  # the first call waits (up to the deadline) for the connection
-        try:
-            return getattr(self._stub, method)(request, timeout=self._timeout)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self.address) from None
+        start = self._current
+        order = [(start + i) % len(self._replicas) for i in range(len(self._replicas))]
+
+        def on(index: int) -> Any:
+            endpoint, _, ready, stub = self._replicas[index]
+            ready()  # the first call waits (up to the deadline) for the connection
+            try:
+                reply = getattr(stub, method)(request, timeout=self._timeout)
+            except grpc.RpcError as exc:
+                raise error_from_rpc(exc, endpoint.address) from None
+            self._current = index
+            return reply
+
+        return on_any_replica(order, on, failover_s=self._failover_s)
 
     def public_key(self) -> bytes:
         if self._key is None:

@@ -9,16 +9,23 @@
   - a :class:`~sealed.store.FetchStore` (``MappedDirStore``, the trainer's): the shard is
     taken in chunks of :data:`FETCH_SEGMENTS` segments (4 MiB). Each chunk is probed when it
     is scheduled, up to :data:`FETCH_AHEAD` chunks ahead of the one being decrypted (a shard
-    found cached whole is not probed chunk by chunk): a
-    cached chunk is decrypted in place from the store's mapping (zero-copy); one that is not is
-    read by the store's I/O thread into one of :data:`FETCH_BUFFERS` reused buffers (large
-    sequential reads, as a plain ``read``) while this thread decrypts the chunks before it,
-    so cold data costs about what reading it costs. ``next_shard`` names the shard the
-    caller decrypts next: its first chunks are scheduled before the call returns, so its
-    reads overlap the caller's use of this one. A background read that comes back short (an
-    object truncated after it was opened) is a :class:`StoreError`, never decrypted.
+    found cached whole is not probed chunk by chunk): a cached chunk is decrypted in place
+    from the store's mapping (zero-copy); one that is not is read by the store's I/O thread
+    into one of :data:`FETCH_BUFFERS` reused buffers (large sequential reads, as a plain
+    ``read``) while this thread decrypts the chunks before it, so cold data costs about what
+    reading it costs. A shard with nothing under way yet (the first of a run) has its first
+    chunks scheduled before its header is read.
+    ``next_shard`` names the shard the caller decrypts next: its first chunks are scheduled
+    before the call returns, so its reads overlap the caller's use of this one. A background
+    read that comes back short (an object truncated after it was opened) is a
+    :class:`StoreError`, never decrypted.
   - another store with ``view_range`` (``MemoryStore``): a zero-copy view of the range;
-  - any other store: ``readinto`` one reused buffer (8 MiB per ranged read).
+  - any other store: ``readinto`` one reused buffer (8 MiB per ranged read). If the store
+    offers ``will_need`` (:class:`~sealed.store.WillNeedStore`: ``S3Store``) and the caller
+    names ``next_shard``, the first :data:`HINT_BYTES` of that shard are hinted while the
+    last reads of this one run, one read's worth more per read as the end nears (so the
+    store's fetches stay as many in flight across the boundary as inside a shard); a hint
+    that fails is dropped (the call that reads that shard reports the error).
 
   If any segment fails, everything already written to the caller's buffer is zeroed and
   :class:`DecryptionError` names the shard and segment: no plaintext of a tampered shard is
@@ -46,13 +53,21 @@ import itertools
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 from sealed import streaming
 from sealed.errors import DecryptionError, StoreError
 from sealed.manifest import NO_DIGEST, Manifest, ShardEntry, open_manifest
 from sealed.secrets import SecretBuffer, zeroize
 from sealed.shard import ShardView, shard_aad
-from sealed.store import Fetch, FetchStore, ObjectStore, RangeViewStore, ReadTicket
+from sealed.store import (
+    Fetch,
+    FetchStore,
+    ObjectStore,
+    RangeViewStore,
+    ReadTicket,
+    WillNeedStore,
+)
 
 __all__ = ["READ_SEGMENTS", "DatasetReader"]
 
@@ -60,6 +75,7 @@ READ_SEGMENTS = 8  # ciphertext is fetched up to 8 segments (8 MiB) per ranged r
 FETCH_SEGMENTS = 4  # from a FetchStore: chunks of 4 segments (4 MiB), probed and read whole
 FETCH_BUFFERS = 4  # reused read buffers of one chunk each: reads run up to 4 chunks ahead
 FETCH_AHEAD = 8  # chunks probed and scheduled ahead of the one being decrypted
+HINT_BYTES = 4 * READ_SEGMENTS * streaming.SEGMENT_SIZE  # next shard hinted to a remote store
 
 
 @dataclass(slots=True, eq=False)
@@ -84,13 +100,14 @@ class DatasetReader:
         self._dek = dek.copy()
         self._ciphers: dict[int, streaming.SegmentCipher] = {}
         self._checked: set[int] = set()
-        self._ctbuf = bytearray(READ_SEGMENTS * streaming.SEGMENT_SIZE)
+        self._ctbuf = bytearray(0)  # the read buffer of stores read by copy (allocated then)
         self._scratch = bytearray(0)
         self._closed = False
         # chunks probed (and, where not cached, being read) ahead, in decryption order
         self._ahead: deque[_Chunk] = deque()
         self._fetching = isinstance(store, FetchStore)  # (protocol checks are slow: once)
         self._viewing = isinstance(store, RangeViewStore)
+        self._hinting = isinstance(store, WillNeedStore)
         self._fetches: dict[int, Fetch | None] = {}
         self._warm: dict[int, bool] = {}  # shards taken as cached whole (see _schedule)
         self._spare: list[bytearray] = []
@@ -215,12 +232,18 @@ class DatasetReader:
             finally:
                 view.release()
             return written
+        if not self._ctbuf:
+            self._ctbuf = bytearray(READ_SEGMENTS * streaming.SEGMENT_SIZE)
         ctview = memoryview(self._ctbuf)
+        hint = then is not None and self._hinting
         try:
             for a in range(first, last + 1, READ_SEGMENTS):
                 b = min(last, a + READ_SEGMENTS - 1)
                 start = streaming.ciphertext_start(a)
                 end = min(ct_size, (b + 1) * streaming.SEGMENT_SIZE)
+                if hint and ct_size - end < HINT_BYTES:
+                    assert then is not None
+                    hint = self._hint(then, HINT_BYTES - (ct_size - end))
                 chunk = ctview[: end - start]
                 self._store.readinto(entry.object_name, start, chunk)
                 written += cipher.decrypt_segments_into(ct_size, a, b, chunk, out[written:])
@@ -228,6 +251,18 @@ class DatasetReader:
             zeroize(out[:written])
             raise
         return written
+
+    def _hint(self, j: int, length: int) -> bool:
+        """Tell the store the first ``length`` bytes of shard ``j`` (rounded up to whole
+        reads) are read next; False once that failed (no more hints this call)."""
+        entry = self._manifest.shards[j]
+        unit = READ_SEGMENTS * streaming.SEGMENT_SIZE
+        length = min(entry.ciphertext_size, -(-length // unit) * unit)
+        try:
+            cast(WillNeedStore, self._store).will_need(entry.object_name, 0, length)
+        except StoreError:
+            return False
+        return True
 
     # ------------------------------------------------------------------ cached or fetched
 
@@ -257,7 +292,9 @@ class DatasetReader:
             self._warm[j] = fetch is None or fetch.cached(0, entry.ciphertext_size)
         fetch = self._fetches[j]
         if self._warm[j] or fetch.cached(chunk.start, chunk.stop - chunk.start):
-            return True  # decrypted in place from the store's mapping
+            # decrypted in place from the store's mapping (a chunk that read-ahead is
+            # filling counts as cached: touching it waits for that read, no new one)
+            return True
         if not self._spare:
             if self._buffers >= FETCH_BUFFERS:
                 return False
@@ -414,11 +451,15 @@ class DatasetReader:
                 f"shard {j} needs a writable buffer of {entry.plaintext_size} bytes, got {len(out)}"
             )
         self._check_size(j, entry)
+        n = streaming.segment_count(entry.ciphertext_size)
+        if self._fetching and not self._ahead:
+            # nothing under way (the first shard of a run, or no hint named it): its first
+            # chunks are scheduled before the header is read, so the two reads overlap
+            self._top_up(self._chunks(j, entry, 0, n - 1, FETCH_AHEAD), 0)
         header = bytearray(streaming.HEADER_SIZE)
         self._store.readinto(entry.object_name, 0, header)
         if not hmac.compare_digest(header, entry.header):
             raise DecryptionError(f"shard {j}", shard=j)
-        n = streaming.segment_count(entry.ciphertext_size)
         written = self._decrypt_segments(j, entry, 0, n - 1, out, next_shard)
         view = out[:written]
         if verify_digest and not hmac.compare_digest(hashlib.sha256(view).digest(), entry.sha256):

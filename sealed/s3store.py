@@ -21,19 +21,23 @@ How each operation maps onto S3
   checked: a short object is an error, never a short read. botocore retries requests that
   fail before their response; a transfer cut off in the body resumes with a GET of the rest
   (three attempts in all), so a network hiccup does not end a training job.
-- Parallel prefetch: ``will_need`` (an explicit hint; the dataset reader sends none today, so the
-  sequential read-ahead below is what runs in training) starts
-  fetching a range on the pool into a buffer of its own; a later ``readinto`` of any part of
-  it waits for it and copies that part out. Without hints the store reads ahead by itself:
-  when a read continues where the previous read of the object ended, it keeps the next
-  ``prefetch`` pieces (8 MiB, or the read's length if larger) coming, bounded by the
-  object's size (known from ``HeadObject`` or the ``Content-Range`` of a response); and a
-  read at offset 0 right after ``size`` (how
+- Parallel prefetch: ``will_need(name, offset, length)`` (a hint) starts fetching a range on
+  the pool, in pieces of 8 MiB (at most ``prefetch`` pieces per hint, skipping parts already
+  being fetched), each into a buffer of its own; a later ``readinto`` of any part of it waits
+  for it and copies that part out. The dataset reader sends it for the *next* shard while it
+  reads the last pieces of the current one (``DatasetReader.decrypt_shard_into`` with
+  ``next_shard``, as the trainer's pipeline calls it), so the GETs of the next shard keep the
+  pool busy across the shard boundary instead of starting after it. Without hints the store
+  reads ahead by itself: when a read continues where the previous read of the object ended,
+  it keeps the next ``prefetch`` pieces (8 MiB, or the read's length if larger) coming,
+  bounded by the object's size (known from ``HeadObject`` or the ``Content-Range`` of a
+  response); and a read at offset 0 right after ``size`` (how
   :meth:`~sealed.reader.DatasetReader.decrypt_shard_into` enters a shard: size check, then
-  the stream header) starts that read-ahead at offset 0, so the header and the first chunk
-  come in one GET and a shard is fetched in 8 MiB GETs, four in flight, each byte once.
-  Prefetched ranges are ciphertext; at most ``2 * prefetch`` are held (64 MiB with the
-  defaults); record reads (random access) start none.
+  the stream header) starts that read-ahead at offset 0 (after whatever a hint already
+  fetches), so the header and the first chunk come in one GET and a shard is fetched in
+  8 MiB GETs, four in flight, each byte once. Prefetched ranges are ciphertext; at most
+  ``2 * prefetch`` are held (64 MiB with the defaults; the oldest is dropped, and a read of
+  it fetches it again); record reads (random access) start none.
 - ``size`` / ``exists``: ``HeadObject``; ``delete``: ``DeleteObject`` (idempotent, as S3 is);
   ``list``: ``ListObjectsV2`` pages under the prefix; keys that are not valid object names
   (written by something else) are skipped, as a local store skips foreign files.
@@ -78,6 +82,7 @@ import contextlib
 import ipaddress
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -164,6 +169,24 @@ class _Prefetch:
         self.buf = bytearray(length)
         self.done = threading.Event()
         self.error: BaseException | None = None
+
+
+class _Pending:
+    """The pieces one :meth:`S3Store.will_need` hint fetches."""
+
+    __slots__ = ("_pieces",)
+
+    def __init__(self, pieces: list[_Prefetch]) -> None:
+        self._pieces = pieces
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once every piece has arrived (or failed: a read fetches it again)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for piece in self._pieces:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not piece.done.wait(left):
+                return False
+        return True
 
 
 class S3Store:
@@ -408,19 +431,30 @@ class S3Store:
 
     # ------------------------------------------------------------------ prefetch
 
-    def will_need(self, name: str, offset: int, length: int) -> threading.Event | None:
-        """Start fetching ``[offset, offset + length)``; the event is set once it is here."""
+    def will_need(self, name: str, offset: int, length: int) -> _Pending | None:
+        """Start fetching ``[offset, offset + length)`` in pieces of 8 MiB (at most
+        ``prefetch`` pieces; parts already being fetched are not fetched again). The result's
+        ``wait(timeout)`` returns True once every piece is here (None: nothing to fetch)."""
         from sealed.store import _check_range
 
         _check_range(offset, length)
         validate_object_name(name)
         if length == 0 or self._prefetch_depth == 0:
             return None
-        with self._lock:
-            entry, _ = self._covering(name, offset, offset + length)
-            if entry is not None and entry.offset + entry.length >= offset + length:
-                return entry.done
-        return self._start_prefetch(name, offset, length).done
+        end = offset + length
+        pieces: list[_Prefetch] = []
+        at = offset
+        while at < end:
+            with self._lock:
+                entry, next_start = self._covering(name, at, end)
+            if entry is None:
+                if len(pieces) >= self._prefetch_depth:
+                    break
+                stop = min(next_start, at + READ_AHEAD_PIECE)
+                entry = self._start_prefetch(name, at, stop - at)
+            pieces.append(entry)
+            at = entry.offset + entry.length
+        return _Pending(pieces)
 
     def _covering(self, name: str, pos: int, end: int) -> tuple[_Prefetch | None, int]:
         """The prefetch holding byte ``pos``, else None and where the next one in
@@ -470,10 +504,15 @@ class S3Store:
                 return
             piece = max(length, READ_AHEAD_PIECE)
             if start_of_scan:
-                at = offset
                 window = min(size, max(offset + length,
                                        offset + self._prefetch_depth * READ_AHEAD_PIECE))
                 piece = READ_AHEAD_PIECE
+                at = offset
+                while True:  # after the pieces a hint (will_need) already fetches
+                    entry, _ = self._covering(name, at, window)
+                    if entry is None:
+                        break
+                    at = entry.offset + entry.length
             else:
                 at = max(self._ahead_end.get(name, 0), offset + length)
                 window = min(size, offset + length + self._prefetch_depth * piece)

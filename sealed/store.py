@@ -24,7 +24,9 @@ straight from it instead of copying into its read buffer. A store may also offer
 :class:`FetchStore`'s ``fetch``: an object opened for reads into the caller's buffers on a
 background I/O thread, with a probe that says whether a range is in memory already; the
 reader then decrypts cached ranges in place (``view_range``) and has uncached ones read into
-reused buffers ahead of the one it decrypts, so I/O overlaps decryption.
+reused buffers ahead of the one it decrypts, so I/O overlaps decryption. A remote store may
+offer :class:`WillNeedStore`'s ``will_need``: the reader names the start of the next shard
+with it while it reads the end of the current one (:class:`sealed.s3store.S3Store`).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ __all__ = [
     "ObjectStore",
     "RangeViewStore",
     "ReadTicket",
+    "WillNeedStore",
     "open_store",
     "validate_object_name",
 ]
@@ -168,6 +171,17 @@ class FetchStore(Protocol):
     def fetch(self, name: str) -> Fetch | None:
         """Open object ``name`` for :meth:`Fetch.cached` probes and :meth:`Fetch.read_into`
         (None: this store has no background reads after all, e.g. a wrapper's inner store)."""
+        ...
+
+
+@runtime_checkable
+class WillNeedStore(Protocol):
+    """Optional capability: a hint that a range will be read soon (its fetch may start now)."""
+
+    def will_need(self, name: str, offset: int, length: int) -> object:
+        """Start fetching ``[offset, offset + length)`` of object ``name`` in the background;
+        a later read of it is served from what was fetched. Only a hint: a failure shows
+        in the read that wants the range."""
         ...
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kms_broker.logs import fields
+from trainer.dataset_check import DatasetMismatch, require_manifest, resolved
 from trainer.guard import CodeIdentityRefused
 from trainer.job_identity import job_claims
 from trainer.keysource import (
@@ -81,6 +82,7 @@ class AttestedKeySource:
                 "tcti: device:/dev/tpmrm0}`"
             )
         self._config = config
+        self._job = config  # with the dataset's key version and manifest once resolved
         self._node_id = node_id or (config.attestation.node_id if config.attestation else "")
         self._evidence_for = evidence_for
         self._client: Any = None
@@ -109,7 +111,8 @@ class AttestedKeySource:
         from attest.tpm2.agent import collect_evidence, node_claims
 
         tcti = self._config.attestation.tcti
-        claims = node_claims(code=self._code_claims(), extra=job_claims(self._config))
+        # the job as the brokers resolved it (key version, manifest): what is trained
+        claims = node_claims(code=self._code_claims(), extra=job_claims(self._job))
         # every process using this TPM takes turns: measuring resets and extends one PCR
         with open(_tpm_lock_path(tcti), "a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -147,7 +150,7 @@ class AttestedKeySource:
 
     # key -----------------------------------------------------------------------------------
     def acquire(self) -> KeyHandle:
-        from kms_broker.client import KeyClient
+        from kms_broker.client import DatasetRefError, KeyClient
         from kms_broker.rpc import (
             BrokerEndpoint,
             BrokerRpcError,
@@ -161,11 +164,13 @@ class AttestedKeySource:
             self._code_claims()  # refuses (CodeIdentityRefused) before any broker is asked
         checked = time.perf_counter()
         try:
-            endpoints = [
-                BrokerEndpoint.from_files(b.address, ca=Path(b.ca), cert=Path(b.cert),
-                                          key=Path(b.key), server_name=b.server_name)
-                for b in config.brokers
-            ]
+            # a share holder with replicas is a list of endpoints (KeyClient fails over)
+            endpoints: list[Any] = []
+            for b in config.brokers:
+                replicas = [BrokerEndpoint.from_files(a, ca=Path(b.ca), cert=Path(b.cert),
+                                                      key=Path(b.key), server_name=b.server_name)
+                            for a in b.replicas]
+                endpoints.append(replicas[0] if len(replicas) == 1 else replicas)
         except OSError as exc:
             raise KeySourceUnavailable(
                 f"cannot read broker TLS material {exc.filename}: {exc.strerror}"
@@ -180,7 +185,11 @@ class AttestedKeySource:
         try:
             released = client.fetch_dek(tenant_id=config.tenant_id,
                                         dataset_id=config.dataset.id,
-                                        key_version=config.dataset.key_version)
+                                        key_version=config.dataset.key_version or 0,
+                                        manifest_name=config.dataset.manifest or "",
+                                        check_dataset=self._check_dataset)
+        except DatasetRefError as exc:
+            raise DatasetMismatch(str(exc)) from None
         except PermissionDeniedError as exc:
             reasons = tuple(f"{r.name}: {r.reason}" for r in exc.failed_rules)
             # the failed rules by name: their explanations are said once, in the error the
@@ -200,8 +209,9 @@ class AttestedKeySource:
                          broker=lease.broker, job_id=config.job_id, node_id=self._node_id,
                          decision="released", lease_id=lease.lease_id,
                          lease_expires_unix_ms=lease.expires_unix_ms))
-        log.info("dataset key %s/%s v%d derived from %d share(s)", config.tenant_id,
-                 config.dataset.id, config.dataset.key_version, len(released.leases),
+        log.info("dataset key %s/%s v%d (manifest %s) derived from %d share(s)",
+                 config.tenant_id, config.dataset.id, released.key_version,
+                 self._job.dataset.manifest, len(released.leases),
                  extra=fields(job_id=config.job_id, brokers=[x.broker for x in released.leases]))
         phases = [("code identity", checked - started), *released.timings]
         total_ms = (time.perf_counter() - started) * 1e3
@@ -209,7 +219,7 @@ class AttestedKeySource:
         log.info("dataset key from %d broker(s) in %.0f ms: %s", len(endpoints), total_ms,
                  ", ".join(f"{name} {seconds * 1e3:.0f} ms" for name, seconds in phases))
         expiry = min(lease.expires_unix_ms for lease in released.leases) / 1000.0
-        handle = KeyHandle(dek=released.dek, lease_expiry=expiry)
+        handle = KeyHandle(dek=released.dek, lease_expiry=expiry, config=self._job)
 
         def on_revoked(notice: Any) -> None:
             handle.revoke(f"broker {notice.broker} revoked the lease: {notice.reason}")
@@ -223,6 +233,19 @@ class AttestedKeySource:
                                          name="trainer-renew", daemon=True)
         self._renewer.start()
         return handle
+
+    def _check_dataset(self, ref: Any) -> None:
+        """Between the challenges and the evidence (kms_broker.client): take the dataset's key
+        version and manifest as the brokers have them on record and check the manifest is in
+        the store, before any key is released."""
+        job = resolved(self._config, key_version=ref.key_version, manifest=ref.manifest_name
+                       or None)
+        if job.dataset != self._config.dataset:
+            log.info("dataset %s/%s: key version %d, manifest %s (as the brokers have it on "
+                     "record)", job.tenant_id, job.dataset.id, job.dataset.key_version,
+                     job.dataset.manifest or "unknown")
+        require_manifest(job)
+        self._job = job
 
     def _renew_loop(self, handle: KeyHandle, expiry: float) -> None:
         from kms_broker.rpc import NotFoundError, PermissionDeniedError, UnavailableError

@@ -64,7 +64,10 @@ exit codes: 0 ok, 1 failure, 2 usage / invalid job, 3 key revoked, 4 attestation
             5 code identity refused (something outside the measured code set would run),
             6 sealed channel between ranks failed authentication,
             7 broker unreachable (an outage, not a revocation: no key released,
-              or the lease ran out while renewals could not reach a broker)
+              or the lease ran out while renewals could not reach a broker),
+            8 dataset not found or not as the brokers have it on record (the manifest
+              is not in the store, or the job names another manifest than the brokers
+              registered): found before any key is released
             143 SIGTERM, 130 SIGINT, 129 SIGHUP, 131 SIGQUIT (128 + N, after shredding;
             under torchrun for each worker, and for `python -m trainer.launch` itself)
 """
@@ -179,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
             missing = config.missing_files()
             emit_json({**_job_summary(config), "missing": list(missing)})
             return EXIT_USAGE if missing else EXIT_OK
+        version = (f"v{config.dataset.key_version}" if config.dataset.key_version
+                   else "(key version and manifest from the brokers)")
         print(f"job {config.job_id} (tenant {config.tenant_id}): dataset {config.dataset.id} "
-              f"v{config.dataset.key_version}, model {config.model.name}, {config.steps} steps, "
+              f"{version}, model {config.model.name}, {config.steps} steps, "
               f"batch {config.batch_size}x{config.grad_accum}, {config.precision}, "
               f"{len(config.brokers)} broker(s)")
         missing = config.missing_files()
@@ -214,7 +219,7 @@ def _job_summary(config: JobConfig) -> dict[str, object]:
                     "manifest": config.dataset.manifest, "store": str(config.dataset.store)},
         "model": config.model.name, "steps": config.steps, "batch_size": config.batch_size,
         "grad_accum": config.grad_accum, "precision": config.precision,
-        "brokers": [str(getattr(b, "address", b)) for b in config.brokers],
+        "brokers": [list(b.replicas) for b in config.brokers],
     }
 
 
@@ -275,6 +280,7 @@ def _train(config: JobConfig, node_id: str | None, threads: int) -> int:
     import torch
 
     from trainer.attested import AttestedKeySource
+    from trainer.dataset_check import EXIT_DATASET, DatasetMismatch
     from trainer.guard import EXIT_CODE_IDENTITY, CodeIdentityRefused
     from trainer.keysource import AttestationDenied, BrokersUnreachable, KeySourceUnavailable
     from trainer.shred import EXIT_BROKER_UNREACHABLE
@@ -301,7 +307,10 @@ def _train(config: JobConfig, node_id: str | None, threads: int) -> int:
         return EXIT_BROKER_UNREACHABLE
     except DatasetMissing as exc:
         print(f"trainer: dataset not found, no key requested: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return EXIT_DATASET
+    except DatasetMismatch as exc:
+        print(f"trainer: dataset mismatch, no key requested: {exc}", file=sys.stderr)
+        return EXIT_DATASET
     except (KeySourceUnavailable, ConfigError) as exc:
         print(f"trainer: cannot obtain the dataset key: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -9,10 +9,15 @@ Example::
 
     job_id: job-7
     tenant_id: acme
-    dataset: {id: corpus, key_version: 1, manifest: corpus.manifest, store: /data/store}
-    # or store: s3://bucket/prefix (sealed/s3store.py: standard AWS configuration)
+    dataset: {id: corpus, store: /data/store}
+    # key_version and manifest are optional: the brokers say which manifest they have on
+    # record (trainer/dataset_check.py); a job that names them must match
+    # store: s3://bucket/prefix also works (sealed/s3store.py: standard AWS configuration)
     brokers:          # one per share, in share order
       - {address: "broker-a:7443", ca: ca.pem, cert: node.pem, key: node.key}
+      # a share holder with replicas: addresses, tried in turn (failover)
+      - {addresses: ["broker-b1:7443", "broker-b2:7443"], ca: ca.pem, cert: node.pem,
+         key: node.key}
     attestation: {node_id: node-1, tcti: "device:/dev/tpmrm0"}
     model: {name: tiny-gpt, params: {layers: 2, d_model: 128, heads: 4}}
     optimizer: {lr: 3.0e-3, weight_decay: 0.1, betas: [0.9, 0.95]}
@@ -95,22 +100,28 @@ def _path(where: str, value: object) -> None:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DatasetConfig:
     id: str
-    key_version: int
-    manifest: str
     # where the sealed objects are: a local directory (or file:// URI), or s3://BUCKET/PREFIX
     # (endpoint, credentials and CA from the standard AWS variables and profile files)
     store: str
+    # None: the key version whose manifest the brokers have on record
+    key_version: int | None = None
+    # None: the manifest the brokers have on record; given, it must match theirs
+    manifest: str | None = None
 
     def __post_init__(self) -> None:
         try:
             validate_identifier("dataset", self.id)
         except ValueError as exc:
             raise ConfigError(f"dataset.id: {exc}") from None
-        _int("dataset.key_version", self.key_version, lo=1, hi=2**32 - 1)
-        try:
-            validate_object_name(self.manifest)
-        except StoreError as exc:
-            raise ConfigError(f"dataset.manifest: {exc}") from None
+        if self.key_version is not None:
+            _int("dataset.key_version", self.key_version, lo=1, hi=2**32 - 1)
+        if self.manifest is not None:
+            _require(isinstance(self.manifest, str),
+                     f"dataset.manifest must be an object name, got {self.manifest!r:.60}")
+            try:
+                validate_object_name(self.manifest)
+            except StoreError as exc:
+                raise ConfigError(f"dataset.manifest: {exc}") from None
         _path("dataset.store", self.store)
         if self.store.startswith("s3://"):
             try:
@@ -135,26 +146,48 @@ class DatasetConfig:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class BrokerConfig:
-    """One key broker holding one share; the list order is the share order."""
+    """One key broker holding one share; the list order is the share order. ``address``, or
+    ``addresses`` for a replica set of it (replicas on one PostgreSQL database and HSM token;
+    the node fails over to the next on UNAVAILABLE, kms_broker/client.py)."""
 
-    address: str
     ca: str
     cert: str
     key: str
+    address: str | None = None
+    addresses: tuple[str, ...] = ()
     server_name: str | None = None  # TLS name of the broker when it differs from the address
 
     def __post_init__(self) -> None:
+        _require((self.address is None) != (not self.addresses),
+                 "brokers[]: give address (one broker) or addresses (its replicas), not both"
+                 if self.address is not None else
+                 "brokers[]: missing address (or addresses, for a replica set)")
+        _require(isinstance(self.addresses, tuple | list) and len(self.addresses) <= 16,
+                 "brokers[].addresses must be a list of at most 16 addresses")
+        object.__setattr__(self, "addresses", tuple(self.addresses))
+        _require(len(set(self.replicas)) == len(self.replicas),
+                 f"brokers[].addresses lists an address twice: {', '.join(self.replicas)}")
+        for address in self.replicas:
+            _require(
+                isinstance(address, str) and bool(_ADDRESS.match(address)),
+                f"brokers[].address must be host:port or unix:PATH, got {address!r:.60}",
+            )
         if self.server_name is not None:
             _require(
                 isinstance(self.server_name, str) and 0 < len(self.server_name) <= 253,
                 f"brokers[].server_name must be a host name, got {self.server_name!r:.60}",
             )
-        _require(
-            isinstance(self.address, str) and bool(_ADDRESS.match(self.address)),
-            f"brokers[].address must be host:port or unix:PATH, got {self.address!r:.60}",
-        )
         for name in ("ca", "cert", "key"):
             _path(f"brokers[].{name}", getattr(self, name))
+
+    @property
+    def replicas(self) -> tuple[str, ...]:
+        """The share holder's addresses, in the order they are tried."""
+        return (self.address,) if self.address is not None else self.addresses
+
+    @property
+    def label(self) -> str:
+        return ",".join(self.replicas)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -353,7 +386,8 @@ class JobConfig:
         if "://" not in store or store.startswith("file://"):
             if not self.dataset.store_path.is_dir():
                 problems.append(f"dataset.store: no directory {store}")
-            elif not (self.dataset.store_path / self.dataset.manifest).is_file():
+            elif self.dataset.manifest and \
+                    not (self.dataset.store_path / self.dataset.manifest).is_file():
                 problems.append(f"dataset.manifest: {self.dataset.manifest} is not in {store}")
         if self.attestation is not None and self.attestation.tcti.startswith("device:"):
             device = self.attestation.tcti.removeprefix("device:").split(",")[0]
@@ -405,6 +439,10 @@ def _build(cls: type, data: object, where: str) -> Any:
             kwargs[key] = tuple(
                 _build(BrokerConfig, b, f"brokers[{i}]") for i, b in enumerate(value)
             )
+        elif cls is BrokerConfig and key == "addresses":
+            _require(isinstance(value, list) and all(isinstance(a, str) for a in value),
+                     f"{sub} must be a list of host:port addresses")
+            kwargs[key] = tuple(value)
         elif cls is OptimizerConfig and key == "betas":
             _require(isinstance(value, list | tuple), "optimizer.betas must be a list")
             kwargs[key] = tuple(value)

@@ -27,18 +27,28 @@ DESCRIPTIONS: dict[str, str] = {
     "job_id": "The job's id: grants name it, and the brokers bind it into every session.",
     "tenant_id": "The tenant whose dataset this job trains on.",
     "dataset.id": "The dataset id given to `kms-broker dataset upload --dataset`.",
-    "dataset.key_version": "The dataset key version to ask the brokers for (1 after the "
-                           "first upload).",
+    "dataset.key_version": "The dataset key version to ask the brokers for. Default: the "
+                           "version whose manifest the brokers have on record (the last "
+                           "upload registered).",
     "dataset.manifest": "The manifest's object name that `kms-broker dataset upload` printed. "
-                        "The trainer checks it is in the store before it asks for any key.",
-    "dataset.store": "Where the sealed objects are: a local directory (or `file://` URI).",
+                        "Default: the one the brokers have on record (each Challenge names "
+                        "the dataset and the broker answers with it); when given it must "
+                        "match theirs (else exit 8). Either way the trainer checks the "
+                        "manifest is in the store before it asks for any key (exit 8).",
+    "dataset.store": "Where the sealed objects are: a local directory (or `file://` URI), or "
+                     "`s3://BUCKET/PREFIX` (docs/s3.md).",
     "checkpoint.dir": "Directory for the encrypted checkpoints (sealed with a key derived "
                       "from the dataset key; never plaintext).",
     "checkpoint.interval": "Steps between checkpoints; the last step always checkpoints.",
     "checkpoint.keep_last": "How many checkpoints to keep.",
     "brokers": "Every broker holding a share, in share order (the order `dataset upload` "
                "used); all of them must release for the key to exist.",
-    "brokers[].address": "`host:port` (or `unix:PATH`) of the broker.",
+    "brokers[].address": "`host:port` (or `unix:PATH`) of the broker. Give this or "
+                         "`addresses`.",
+    "brokers[].addresses": "A replica set of the broker (replicas on one PostgreSQL database "
+                           "and HSM token): its `host:port` addresses, tried in turn; an "
+                           "unavailable replica is left for the next within a deadline "
+                           "(failover).",
     "brokers[].ca": "PEM of the CA that issued the broker's certificate.",
     "brokers[].cert": "This node's client certificate (role node, its node id).",
     "brokers[].key": "This node's TLS private key.",
@@ -104,7 +114,7 @@ def _rows(cls: type, prefix: str) -> list[tuple[str, str, str]]:
         else:
             default = "required"
         kind = str(f.type).replace("Precision", "bf16 | fp16 | fp32") \
-            .replace("Device", "auto | cpu | cuda")
+            .replace("Device", "auto | cpu | cuda").replace("tuple[str, ...]", "list[str]")
         if not prefix and f.name in _NESTED:
             rows.append((key, "section", default))
             rows.extend(_rows(_NESTED[f.name], f"{key}."))

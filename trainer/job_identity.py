@@ -14,6 +14,11 @@ the same document::
      "steps", "batch_size", "grad_accum", "clip", "precision", "seq_len", "seed",
      "checkpoint": {"interval", "keep_last"}}
 
+``dataset.key_version`` and ``dataset.manifest`` are the values the job runs with: when the
+job file leaves them out, those the brokers have on record (``trainer.dataset_check``,
+resolved before the evidence is made), so a job file that names them and one that does not
+measure the same job.
+
 **Canonical form**: JSON with keys sorted, no whitespace (``","`` and ``":"``), ASCII only
 (``\\uXXXX`` escapes), tuples as arrays, numbers as Python's ``json`` writes them (so a YAML
 ``3e-3`` and ``0.003`` are the same job: the digest is over values, not over the file's

@@ -15,9 +15,12 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from sealed.secrets import SecretBuffer
+
+if TYPE_CHECKING:
+    from trainer.config import JobConfig
 
 __all__ = [
     "AttestationDenied",
@@ -54,7 +57,8 @@ class KeyHandle:
     by the source (revocation pushed or found while renewing); ``revoke_reason`` says why.
     ``renewal_problem`` is set while renewals fail because a broker cannot be reached (and
     cleared by the next successful renewal): a lease that runs out then is an outage, not a
-    revocation.
+    revocation. ``config``: the job with its dataset as the brokers have it on record (key
+    version and manifest filled in), when the source learned it; None: the job as given.
     """
 
     dek: SecretBuffer
@@ -62,6 +66,7 @@ class KeyHandle:
     revoked: threading.Event = field(default_factory=threading.Event)
     revoke_reason: str = ""
     renewal_problem: str = ""
+    config: JobConfig | None = None
 
     def revoke(self, reason: str) -> None:
         self.revoke_reason = reason

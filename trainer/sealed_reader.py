@@ -69,7 +69,13 @@ class SealedShards:
 
 
 def open_sealed_reader(config: JobConfig, dek: SecretBuffer) -> SealedShards:
-    """Open the job's dataset (authenticating its manifest) from its store."""
+    """Open the job's dataset (authenticating its manifest) from its store. The job's
+    key version and manifest must be known by now (named, or resolved by the brokers)."""
+    from trainer.dataset_check import DatasetMissing
+
+    if not config.dataset.manifest or config.dataset.key_version is None:
+        raise DatasetMissing(f"dataset {config.dataset.id}: the manifest and key version are "
+                             f"not known (name dataset.manifest and dataset.key_version)")
     store: MappedDirStore | S3Store
     if config.dataset.store_is_s3:
         store = S3Store.from_url(config.dataset.store)

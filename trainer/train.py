@@ -42,6 +42,7 @@ from sealed.secrets import SecretBuffer
 from trainer.checkpoint import CheckpointStore, derive_checkpoint_key, scrub
 from trainer.config import JobConfig
 from trainer.data import EncryptedBatches, FeatureRecords, ShardReader, TokenWindows, make_loader
+from trainer.dataset_check import DatasetMissing, require_manifest
 from trainer.distributed import DistEnv, init_distributed, shutdown_distributed
 from trainer.hardening import failed_required, format_checks, harden_process, self_check
 from trainer.keysource import KeyHandle, KeySource
@@ -63,27 +64,6 @@ ReaderFactory = Callable[[JobConfig, SecretBuffer], ShardReader]
 
 class HardeningFailed(Exception):
     """A required hardening check failed; the message lists each with its fix."""
-
-
-class DatasetMissing(Exception):
-    """The job's manifest is not in its store: found before any broker is asked for a key."""
-
-
-def require_manifest(config: JobConfig) -> None:
-    """The dataset's manifest must be in the job's store before the key is requested, so a
-    wrong store path or manifest name costs no release (and no lease) at the brokers."""
-    from sealed.store import LocalDirStore
-
-    store = config.dataset.store
-    if "://" in store and not store.startswith("file://"):
-        return  # a remote store: its reader checks the manifest (sealed.store)
-    root = config.dataset.store_path
-    if not root.is_dir():
-        raise DatasetMissing(f"dataset.store {store} is not a directory on this node")
-    if not LocalDirStore(root).exists(config.dataset.manifest):
-        raise DatasetMissing(
-            f"dataset.manifest {config.dataset.manifest} is not in the store {store} "
-            f"(the name `kms-broker dataset upload` printed, in the store it wrote)")
 
 
 @dataclass(slots=True)
@@ -248,9 +228,13 @@ def run_job(
                 log.warning("mlockall refused (%s): only key buffers are locked",
                             hardening.mlockall_error)
         env = init_distributed(config.device)
-        if open_reader is None:
+        if open_reader is None and config.dataset.manifest:
             require_manifest(config)  # before any key is released (and leased)
+        # a job that does not name its manifest learns it from the brokers: the key source
+        # checks the store then, still before any release (trainer.dataset_check)
         handle = key_source.acquire()
+        if handle.config is not None:
+            config = handle.config
         shredder.add_secret("dataset key", handle.dek)
         watcher = _LeaseWatcher(handle, shredder, config.lease_poll_interval)
         watcher.start()

@@ -1,11 +1,15 @@
 """Entry point of a training node (services ``node-a`` and ``node-b`` in docker-compose.yml).
 
 Renders this node's job file from ``/deploy/config/job.yaml.tmpl`` (its own certificate,
-TPM and paths; the dataset's manifest name from the job description the tenant published in
-the store), records its pid for the healthcheck (``python -m compose.probe pidfile``), and
-replaces itself with the trainer: torchrun (through ``trainer.launch``, which exits 128 + N
-when the job is stopped by signal N) with a static rendezvous at ``--master`` when the job
-spans several nodes, else ``trainer`` directly. Always ``--attest``: the only way the
+TPM and paths; the job, tenant and dataset ids from the job description the tenant published
+in the store; no manifest name unless the description pins ``key_version`` and ``manifest``:
+the trainer learns it from the brokers, which have it on record from the upload, and checks
+the store for it before any key is released, exit 8 when it is missing or a pinned one does
+not match), records its
+pid for the healthcheck (``python -m compose.probe pidfile``), and replaces itself with the
+trainer: torchrun (through ``trainer.launch``, which exits 128 + N when the job is stopped by
+signal N) with a static rendezvous at ``--master`` when the job spans several nodes, else
+``trainer`` directly. Always ``--attest``: the only way the
 trainer obtains the dataset key.
 
 Container paths are ``--root`` + the path, as in bootstrap.py (``${CT_ROOT:-}``).
@@ -35,13 +39,40 @@ def _store(published: object, root: str) -> str:
     return published
 
 
+def _where(spec: str) -> str:
+    """The job file's address key of one ``--broker``: one address, or a replica set's."""
+    replicas = [a.strip() for a in spec.split("|")]
+    if not all(re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+:\d{1,5}", a) for a in replicas):
+        raise SystemExit(f"node: --broker {spec!r:.80} is not HOST:PORT[|HOST:PORT...]")
+    if len(replicas) == 1:
+        return f'address: "{replicas[0]}"'
+    return "addresses: [" + ", ".join(f'"{a}"' for a in replicas) + "]"
+
+
+def _pinned(info: dict) -> str:
+    """``, key_version: N, manifest: NAME`` when the job description pins them, else ""."""
+    out = ""
+    if info.get("key_version") is not None:
+        version = info["key_version"]
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise SystemExit(f"node: the job description names a bad key_version {version!r:.40}")
+        out += f", key_version: {version}"
+    if info.get("manifest") is not None:
+        manifest = info["manifest"]
+        # rendered into YAML: only what an object name can hold (the job config checks more)
+        if not isinstance(manifest, str) or not re.fullmatch(r"[A-Za-z0-9._/-]{1,256}", manifest):
+            raise SystemExit(f"node: the job description names a bad manifest {manifest!r:.80}")
+        out += f", manifest: {manifest}"
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--root", default="", help="prefix of every container path (CT_ROOT)")
     parser.add_argument("--node", required=True, help="this node's enrolled id")
     parser.add_argument("--tcti", required=True, help="this node's TPM (swtpm:host=..,port=..)")
     parser.add_argument("--broker", action="append", required=True, metavar="HOST:PORT",
-                        help="brokers in share order")
+                        help="brokers in share order; a broker's replicas joined by |")
     parser.add_argument("--job-info", required=True, help="JSON the tenant published")
     parser.add_argument("--rank", type=int, default=0, help="this node's rank")
     parser.add_argument("--nnodes", type=int, default=1, help="nodes in the job")
@@ -61,15 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     info = json.loads(info_path.read_text())
     tls = home / "tls"
     brokers = "\n".join(
-        f'  - {{address: "{address}", ca: {tls}/ca.pem, cert: {tls}/node-{args.node}.pem, '
+        f"  - {{{_where(spec)}, ca: {tls}/ca.pem, cert: {tls}/node-{args.node}.pem, "
         f"key: {tls}/node-{args.node}.key}}"
-        for address in args.broker
+        for spec in args.broker
     )
     template = string.Template(Path(f"{root}/deploy/config/job.yaml.tmpl").read_text())
     job = template.substitute(
         job_id=info["job_id"], tenant_id=info["tenant_id"], dataset_id=info["dataset_id"],
-        key_version=int(info["key_version"]), manifest=info["manifest"],
-        store=_store(info.get("store"), root),
+        store=_store(info.get("store"), root), pinned=_pinned(info),
         brokers=brokers, node_id=args.node, tcti=args.tcti, steps=args.steps,
         checkpoints=f"{root}/store/checkpoints/{info['job_id']}",
     )

@@ -9,8 +9,9 @@
 4. ``kms-broker dataset upload``: the sample corpus encrypted into the shared store (or into
    ``--store s3://BUCKET/PREFIX``).
 5. ``kms-broker grant create`` for the job, for ``--max-nodes`` nodes, at both brokers.
-6. Publishes the job description (ids and the manifest's object name, no secret) to
-   ``/store/jobs/<job>.json`` for the nodes.
+6. Publishes the job description (ids only, no secret) to ``/store/jobs/<job>.json`` for
+   the nodes. Not the manifest's name: the brokers have it on record from the upload and
+   tell each node's trainer (trainer/dataset_check.py).
 
 Container paths are ``--root`` + the path, as in bootstrap.py.
 """
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs.mkdir(exist_ok=True)
     (jobs / f"{args.job}.json").write_text(json.dumps({
         "job_id": args.job, "tenant_id": args.tenant, "dataset_id": args.dataset,
-        "key_version": 1, "manifest": manifest, "grant_id": f"grant-{args.job}",
+        "grant_id": f"grant-{args.job}",
         **({"store": args.store} if args.store else {}),
     }, indent=1))
     print(f"tenant: job {args.job} published", flush=True)

@@ -34,6 +34,8 @@ class Dataset:
     share_index: int
     share_count: int
     manifest_name: str = ""
+    # the key version manifest_name belongs to (0: not recorded: a row from before the column)
+    manifest_key_version: int = 0
     store_uri: str = ""
     holders: tuple[str, ...] = ()
     status: Literal["pending", "active"] = "pending"

@@ -34,6 +34,7 @@ from attest.interface import (
 from attest.policy import evidence_claims
 from kms_broker.domain.deps import BrokerDeps, check_id, check_size, hsm_errors
 from kms_broker.domain.errors import (
+    AuthorizationChanged,
     BrokerError,
     InvalidArgument,
     NotFound,
@@ -94,6 +95,9 @@ class Challenge:
     nonce: bytes
     session_id: str
     expires_ms: int
+    # the dataset's registered manifest, when the challenge named a dataset (see challenge)
+    manifest_name: str = ""
+    manifest_key_version: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +216,7 @@ class NodeFlow:
             raise Unauthenticated("attestation token was issued to another node")
         return claims
 
-    def _live_node(self, node_id: str, actor: str, event: str, subject: str) -> None:
+    def _live_node(self, node_id: str, actor: str, event: str, subject: str) -> Any:
         node = self.d.repo.get_node(node_id)
         if node is None:
             raise NotFound(f"node {node_id} is not enrolled")
@@ -220,6 +224,7 @@ class NodeFlow:
             raise self.d.deny(event, actor=actor, subject=subject,
                               reason=f"node.revoked: node {node_id} has been revoked")
         self.d.require_bound(node, event=event, actor=actor, subject=subject)
+        return node
 
     # ----------------------------------------------------------- watch
     @audited_refusals("watch")
@@ -230,11 +235,21 @@ class NodeFlow:
 
     # ----------------------------------------------------------- challenge
     @audited_refusals("challenge")
-    def challenge(self, *, node_id: str, job_id: str) -> Challenge:
+    def challenge(self, *, node_id: str, job_id: str, tenant_id: str = "",
+                  dataset_id: str = "") -> Challenge:
+        """A fresh session. With ``dataset_id`` (and ``tenant_id``): also the dataset's
+        registered manifest name and the key version it belongs to, so the node can check its
+        store before any key is released; only for a node that may ask for the dataset (its
+        tenant scope allows the tenant and an unrevoked grant names this job and dataset),
+        else none. Manifest names are opaque random object names (sealed.writer); the manifest
+        itself is encrypted under the DEK."""
         check_id("node", node_id)
         check_id("job", job_id)
         actor = f"node:{node_id}"
-        self._live_node(node_id, actor, "challenge", f"job:{job_id}")
+        node = self._live_node(node_id, actor, "challenge", f"job:{job_id}")
+        manifest = ("", 0)
+        if dataset_id or tenant_id:
+            manifest = self._manifest_for(node.tenant_scope, job_id, tenant_id, dataset_id)
         limit = self.d.settings.max_pending_sessions_per_node
         if self.d.repo.pending_sessions(node_id, self.d.clock.now_ms(), limit) >= limit:
             error = ResourceExhausted(f"node {node_id} has {limit} unused challenges pending; "
@@ -249,7 +264,24 @@ class NodeFlow:
             expires_ms=self.d.clock.now_ms() + self.d.settings.session_ttl_ms,
         )
         self.d.repo.add_session(session)
-        return Challenge(session.nonce, session.session_id, session.expires_ms)
+        return Challenge(session.nonce, session.session_id, session.expires_ms, *manifest)
+
+    def _manifest_for(self, tenant_scope: str, job_id: str, tenant_id: str,
+                      dataset_id: str) -> tuple[str, int]:
+        """The dataset's registered manifest and its key version, or ("", 0) when this node
+        may not ask for the dataset or the dataset has none on record: the answer never says
+        which (no oracle of datasets or grants); the release refuses on its own."""
+        check_id("tenant", tenant_id)
+        check_id("dataset", dataset_id)
+        if tenant_scope not in ("", tenant_id):
+            return "", 0
+        if not any(g.tenant_id == tenant_id and not g.revoked
+                   for g in self.d.repo.grants_for(job_id=job_id, dataset_id=dataset_id)):
+            return "", 0
+        dataset = self.d.repo.get_dataset(tenant_id, dataset_id)
+        if dataset is None or dataset.status != "active" or not dataset.manifest_key_version:
+            return "", 0
+        return dataset.manifest_name, dataset.manifest_key_version
 
     # -------------------------------------------------------------- attest
     @audited_refusals("attest")
@@ -520,22 +552,41 @@ class NodeFlow:
             raise Unauthenticated("the token's session no longer exists")
         # The lease-room check and the lease that takes the room are one repository step
         # (one write transaction), so two nodes releasing at once, through one broker process
-        # or several sharing the state, cannot both fit under max_nodes. The lease is taken
-        # before sealing and dropped again if sealing or the audit fails.
+        # or several sharing the state, cannot both fit under max_nodes. The lease and the
+        # release's audit record are one unit of work (PostgreSQL: one transaction, so no
+        # lease commits without its record), both before sealing; the lease is dropped again
+        # if the audit or sealing fails.
+        written: list[int] = []
+
         def take(grant: Grant, now: int) -> Lease | None:
             lease = Lease(
                 lease_id=self.d.random.token_id(), node_id=node_id, grant_id=grant.grant_id,
                 tenant_id=tenant_id, dataset_id=dataset_id,
                 expires_ms=min(now + self.d.settings.lease_ttl_ms, grant.expires_ms),
             )
-            return lease if self.d.repo.take_lease(lease, now_ms=now,
-                                                   max_nodes=grant.max_nodes) else None
+            try:
+                with self.d.unit_of_work():
+                    if not self.d.repo.take_lease(lease, now_ms=now, max_nodes=grant.max_nodes):
+                        return None
+                    written.append(self.d.audit.write(
+                        "release", actor=actor, subject=subject, outcome="allowed",
+                        reason=f"grant {grant.grant_id}, job {claims.job_id}"))
+            except AuthorizationChanged as changed:
+                # revoked or shredded since this release's checks (the repository read the
+                # rows again under the lease's lock): no lease was taken; refused, audited
+                raise self.d.deny("release", actor=actor, subject=subject,
+                                  reason=str(changed)) from None
+            except BaseException:
+                with contextlib.suppress(Exception):  # without a unit of work it committed
+                    self.d.repo.drop_lease(lease.lease_id)
+                raise
+            return lease
 
-        grant, lease = self._authorize(claims, node_id, tenant_id, dataset_id, actor, subject,
-                                       tenant.signing_public_key, session_claims, take)
+        _grant, lease = self._authorize(claims, node_id, tenant_id, dataset_id, actor, subject,
+                                        tenant.signing_public_key, session_claims, take)
         try:
             sealed, transcript = self._seal(claims, session, share, tenant_id, dataset_id,
-                                            key_version, grant, actor, subject,
+                                            key_version, written[0], actor, subject,
                                             share_index=dataset.share_index)
         except BaseException:
             with contextlib.suppress(Exception):
@@ -545,17 +596,16 @@ class NodeFlow:
                              lease.lease_id, lease.expires_ms)
 
     def _seal(self, claims: TokenClaims, session: Any, share: Any, tenant_id: str,
-              dataset_id: str, key_version: int, grant: Grant, actor: str,
+              dataset_id: str, key_version: int, seq: int, actor: str,
               subject: str, *, share_index: int) -> tuple[bytes, bytes]:
+        """Seal the share; ``seq``: the release's audit record, written before the HSM acts
+        (fail closed). The sealed share leaves only once the record is durable (the file
+        log's sync overlaps the HSM call; a PostgreSQL record committed with its lease)."""
         transcript = release_transcript(
             session_id=claims.session_id, nonce=session.nonce, tenant_id=tenant_id,
             dataset_id=dataset_id, key_version=key_version,
             broker_id=self.d.settings.broker_id, node_public_key=claims.node_key,
         )
-        # fail closed: the record is written before the HSM acts, and the sealed share leaves
-        # only once the record is on disk (the sync overlaps the HSM call)
-        seq = self.d.audit.write("release", actor=actor, subject=subject, outcome="allowed",
-                                 reason=f"grant {grant.grant_id}, job {claims.job_id}")
         try:
             with hsm_errors("sealing"):
                 # bound inside the HSM: a share row moved from another dataset, key version
@@ -708,7 +758,8 @@ class NodeFlow:
             raise self.d.deny("renew", actor=actor, subject=subject,
                               reason=f"{failed[0].name}: {failed[0].reason}", rules=tuple(failed))
         expires = min(now + self.d.settings.lease_ttl_ms, grant.expires_ms)
-        self.d.audit.append("renew", actor=actor, subject=subject, outcome="allowed",
-                            reason=f"grant {grant.grant_id}")
-        self.d.repo.extend_lease(lease_id, expires)
+        with self.d.unit_of_work():  # the extension and its record commit together
+            self.d.audit.append("renew", actor=actor, subject=subject, outcome="allowed",
+                                reason=f"grant {grant.grant_id}")
+            self.d.repo.extend_lease(lease_id, expires)
         return expires

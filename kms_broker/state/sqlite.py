@@ -33,6 +33,7 @@ from kms_broker.domain.model import (
     Upload,
 )
 from kms_broker.domain.revocations import RevocationEvent
+from kms_broker.state.repository import check_still_authorized
 
 __all__ = ["SqliteRepository"]
 
@@ -107,6 +108,18 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX uploads_by_expiry ON uploads(expires_ms);
     CREATE INDEX uploads_by_tenant ON uploads(tenant_id, committed, expires_ms);
     CREATE INDEX leases_by_expiry ON leases(expires_ms);
+    """,
+    # which key version the registered manifest belongs to, so a node can learn the manifest
+    # from the broker (ChallengeResponse.manifest_name); an older row is known only when the
+    # dataset has a single key version
+    """
+    ALTER TABLE datasets ADD COLUMN manifest_key_version INTEGER NOT NULL DEFAULT 0;
+    UPDATE datasets SET manifest_key_version = (
+        SELECT MIN(s.key_version) FROM dataset_shares s
+        WHERE s.tenant_id = datasets.tenant_id AND s.dataset_id = datasets.dataset_id)
+    WHERE manifest_name != '' AND (
+        SELECT COUNT(*) FROM dataset_shares s
+        WHERE s.tenant_id = datasets.tenant_id AND s.dataset_id = datasets.dataset_id) = 1;
     """,
 )
 
@@ -262,11 +275,13 @@ class SqliteRepository:
     @_guarded
     def put_dataset(self, d: Dataset) -> None:
         self._db.execute(
-            "INSERT INTO datasets VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(tenant_id, dataset_id) "
+            "INSERT INTO datasets VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(tenant_id, dataset_id) "
             "DO UPDATE SET manifest_name=excluded.manifest_name, store_uri=excluded.store_uri, "
-            "holders=excluded.holders, status=excluded.status",
+            "holders=excluded.holders, status=excluded.status, "
+            "manifest_key_version=excluded.manifest_key_version",
             (d.tenant_id, d.dataset_id, d.share_index, d.share_count, d.manifest_name,
-             d.store_uri, json.dumps(list(d.holders)), d.status, d.created_ms),
+             d.store_uri, json.dumps(list(d.holders)), d.status, d.created_ms,
+             d.manifest_key_version),
         )
 
     @staticmethod
@@ -274,7 +289,7 @@ class SqliteRepository:
         return Dataset(
             tenant_id=r[0], dataset_id=r[1], share_index=r[2], share_count=r[3],
             manifest_name=r[4], store_uri=r[5], holders=tuple(json.loads(r[6])), status=r[7],
-            created_ms=r[8],
+            created_ms=r[8], manifest_key_version=r[9],
         )
 
     @_guarded
@@ -607,8 +622,16 @@ class SqliteRepository:
     def take_lease(self, lease: Lease, *, now_ms: int, max_nodes: int) -> bool:
         """Insert ``lease`` if its grant has room for its node (:meth:`lease_room`), as one
         write transaction: ``BEGIN IMMEDIATE`` takes SQLite's write lock before the check, so
-        broker worker processes sharing this file cannot both take the last place."""
+        broker worker processes sharing this file cannot both take the last place. Under the
+        same lock the tenant, the grant and the node are read again: a shred or revocation
+        that committed after the caller's checks raises :class:`AuthorizationChanged`, and
+        one that commits later sees this lease (and revokes it)."""
         self._db.execute("BEGIN IMMEDIATE")
+        check_still_authorized(lease, *(self._db.execute(q, a).fetchone() for q, a in (
+            ("SELECT status FROM tenants WHERE tenant_id=?", (lease.tenant_id,)),
+            ("SELECT revoked FROM grants WHERE tenant_id=? AND grant_id=?",
+             (lease.tenant_id, lease.grant_id)),
+            ("SELECT revoked FROM nodes WHERE node_id=?", (lease.node_id,)))))
         if not self._room(lease.tenant_id, lease.grant_id, lease.node_id, now_ms, max_nodes):
             return False
         self._insert_lease(lease)

@@ -24,6 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from attest.code_digest import MANIFEST_NAME, environment_manifest
 from compose import LocalHarness, ServiceFailed
+from compose.ports import free_port
+from sealed.manifest import MANIFEST_PREFIX
 from tests.compose.conftest import live_processes
 from tests.compose.test_deployment import (
     CANARIES,
@@ -38,6 +40,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EXIT_ATTESTATION_DENIED = 4  # trainer/cli.py
 EXIT_CODE_IDENTITY = 5  # trainer/guard.py
+EXIT_DATASET = 8  # trainer/dataset_check.py
 
 
 class Deployment:
@@ -294,11 +297,35 @@ def test_node_enrolled_for_another_tenant_is_refused(deployment: Deployment):
     deployment.assert_clean("node-a")
 
 
-def _shard_objects(store: Path, manifest: str) -> list[Path]:
+def test_trainer_fails_over_to_the_live_replica_of_each_broker(deployment: Deployment):
+    """Issue 15: each share holder given to the node as a replica set whose first replica is
+    down (an address where nothing listens): node.py renders `addresses: [...]` into the job
+    file and `trainer --attest` leaves the dead replica for the live one, attests, receives
+    both shares and trains; both brokers record the release."""
+    harness = deployment.harness
+    dead = [f"127.0.0.1:{free_port()}" for _ in deployment.brokers]
+    argv = [a for a in deployment.node_argv("node-a", "node-a",
+                                            deployment.variables["TPM_A_PORT"])
+            if not a.startswith("--broker=")]
+    argv += [f"--broker={d}|{b}" for d, b in zip(dead, deployment.brokers, strict=True)]
+    since = int(time.time() * 1000)
+    result = harness.run("node-a", argv)
+    output = (result.stdout + result.stderr).decode(errors="replace")
+    assert result.returncode == 0, output[-3000:]
+    assert "step 5/5" in output and "Traceback" not in output
+    job = harness.host_path("node-a", "/var/lib/node-a/job.yaml").read_text()
+    assert f'addresses: ["{dead[0]}", "{deployment.brokers[0]}"]' in job
+    for broker in ("provider", "tenant"):
+        assert len(_released(deployment.audit_since(broker, since), "node:node-a")) == 1, broker
+    deployment.assert_clean("node-a")
+
+
+def _shard_objects(store: Path) -> list[Path]:
     return sorted(
         p for p in store.rglob("*")
         if p.is_file() and p.relative_to(store).parts[0] not in ("jobs", "checkpoints")
-        and p.relative_to(store).as_posix() != manifest and not p.name.startswith(".")
+        and not p.relative_to(store).as_posix().startswith(MANIFEST_PREFIX)
+        and not p.name.startswith(".")
     )
 
 
@@ -309,8 +336,7 @@ def test_shard_modified_mid_run_stops_training_naming_the_shard(deployment: Depl
     handed on, and the failed output is zeroed: sealed/reader.py), and both nodes shred."""
     harness = deployment.harness
     store = harness.volume_path("store")
-    info = json.loads((store / "jobs" / "job-1.json").read_text())
-    shards = _shard_objects(store, info["manifest"])
+    shards = _shard_objects(store)
     assert shards, sorted(p.as_posix() for p in store.rglob("*"))
     harness.up(["node-a", "node-b"])
     deadline = time.monotonic() + WAIT_S
@@ -341,3 +367,55 @@ def test_shard_modified_mid_run_stops_training_naming_the_shard(deployment: Depl
     assert _files_containing(harness.run_dir, CANARIES) == []
     for node in ("node-a", "node-b"):
         deployment.assert_clean(node)
+
+
+def test_manifest_comes_from_the_brokers_and_is_checked_before_any_release(
+        deployment: Deployment):
+    """Issue 16: the node's job file names no manifest (deploy/bin/node.py renders none); the
+    trainer learns it from the brokers. A job description that pins another manifest, and a
+    store that lacks the manifest on record, both stop `trainer --attest` with exit 8 before
+    any broker releases anything (no release record at either broker)."""
+    harness = deployment.harness
+    store = harness.volume_path("store")
+    info_path = store / "jobs" / "job-1.json"
+    info = json.loads(info_path.read_text())
+    assert "manifest" not in info and "key_version" not in info  # ids only
+    (manifest,) = [p for p in store.rglob("*")
+                   if p.relative_to(store).as_posix().startswith(MANIFEST_PREFIX)]
+    tpm = deployment.variables["TPM_A_PORT"]
+
+    def run(job_info: Path) -> str:
+        argv = [a if not a.startswith("--job-info=") else f"--job-info={job_info}"
+                for a in deployment.node_argv("node-a", "node-a", tpm)]
+        result = harness.run("node-a", argv)
+        output = (result.stdout + result.stderr).decode(errors="replace")
+        assert result.returncode == EXIT_DATASET, output[-3000:]
+        assert "Traceback" not in output and "step 1/5" not in output
+        return output
+
+    since = int(time.time() * 1000)
+    pinned = store / "jobs" / "job-1-pinned.json"
+    # another manifest object that is in the store (so the trainer's own store check passes
+    # and the brokers' record is what refuses it)
+    wrong = "manifests/" + "0" * 32
+    (store / wrong).write_bytes(manifest.read_bytes())
+    pinned.write_text(json.dumps({**info, "key_version": 1, "manifest": wrong}))
+    try:
+        output = run(pinned)
+    finally:
+        pinned.unlink()
+        (store / wrong).unlink()
+    assert "trainer: dataset mismatch, no key requested" in output
+    assert wrong in output and manifest.relative_to(store).as_posix() in output
+
+    hidden = manifest.with_name(manifest.name + ".away")
+    manifest.rename(hidden)
+    try:
+        output = run(info_path)
+    finally:
+        hidden.rename(manifest)
+    assert "trainer: dataset not found, no key requested" in output
+    assert f"{manifest.relative_to(store).as_posix()} of dataset" in output
+    for broker in ("provider", "tenant"):
+        assert _released(deployment.audit_since(broker, since), "node:node-a") == [], broker
+    deployment.assert_clean("node-a")

@@ -208,3 +208,31 @@ def test_sqlite_list_nodes_with_their_revoked_state(tmp_path: Path) -> None:
                                                            (True, True)]
     assert nodes[2].tenant_scope == "acme" and nodes[0].enrolled_ms == 5
     repo.close()
+
+
+def test_sqlite_migration_records_the_manifest_key_version_only_when_unambiguous(
+        tmp_path: Path) -> None:
+    """A state directory from before the manifest's key version was recorded: a dataset with
+    one key version gets it; one with several stays unknown (0: the broker then names no
+    manifest, and the job must)."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY)")
+    for version, script in enumerate(MIGRATIONS[:4], start=1):
+        db.executescript(script)
+        db.execute("INSERT INTO schema_migrations VALUES (?)", (version,))
+    db.execute("INSERT INTO tenants VALUES ('acme', x'00', 1, 'active', 0, x'')")
+    for ds, versions in (("one", (1,)), ("two", (1, 2))):
+        db.execute("INSERT INTO datasets VALUES ('acme', ?, 0, 1, 'manifests/m', '', '[]', "
+                   "'active', 0)", (ds,))
+        for v in versions:
+            db.execute("INSERT INTO dataset_shares VALUES ('acme', ?, ?, 1, x'00')", (ds, v))
+    db.commit()
+    db.close()
+    repo = SqliteRepository(path)
+    assert repo.schema_version() == len(MIGRATIONS)
+    assert repo.get_dataset("acme", "one").manifest_key_version == 1
+    assert repo.get_dataset("acme", "two").manifest_key_version == 0
+    repo.close()

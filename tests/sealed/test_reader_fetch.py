@@ -25,12 +25,18 @@ SEG = streaming.SEGMENT_SIZE
 
 
 class ProbedStore(MappedDirStore):
-    """The real mapped store with its cache probe answered by ``policy(offset)``."""
+    """The real mapped store with its cache probe answered by ``policy(name, offset)``; counts
+    the probes and the mapped views (ranges decrypted in place from the mapping)."""
 
     def __init__(self, root, policy) -> None:
         super().__init__(root)
         self.policy = policy
         self.probes = 0
+        self.views: list[tuple[str, int, int]] = []
+
+    def view_range(self, name: str, offset: int, length: int) -> memoryview:
+        self.views.append((name, offset, length))
+        return super().view_range(name, offset, length)
 
     def fetch(self, name: str) -> Fetch:
         fetch = super().fetch(name)
@@ -41,7 +47,7 @@ class ProbedStore(MappedDirStore):
 
             def cached(self, offset: int, length: int) -> bool:
                 store.probes += 1
-                return store.policy(offset)
+                return store.policy(name, offset)
 
         probed = _Probed.__new__(_Probed)
         Fetch.__init__(probed, name, fetch._fd, self._queue_read)
@@ -50,9 +56,11 @@ class ProbedStore(MappedDirStore):
 
 
 POLICIES = {
-    "cold": lambda offset: False,
-    "cached": lambda offset: True,
-    "mixed": lambda offset: (offset // (reader_module.FETCH_SEGMENTS * SEG)) % 2 == 1,
+    "cold": lambda name, offset: False,
+    "cached": lambda name, offset: True,
+    # some shards cached, others not (object names are random hex), chunks alternating
+    "mixed": lambda name, offset: (int(name[-1], 16) + offset // (
+        reader_module.FETCH_SEGMENTS * SEG)) % 2 == 1,
 }
 
 
@@ -104,6 +112,47 @@ def test_every_path_decrypts_exactly_what_was_written(probed, dek) -> None:
             streaming.plaintext_start(1) :
         ]
     assert probed.probes > 0
+
+
+def test_the_first_shard_s_reads_start_before_its_header_is_read(dek, tmp_path) -> None:
+    events: list[str] = []
+
+    class Logged(ProbedStore):
+        def readinto(self, name, offset, buf) -> None:
+            events.append(f"readinto {offset}")
+            super().readinto(name, offset, buf)
+
+        def _queue_read(self, fetch, offset, buf, ticket) -> None:
+            events.append(f"queued {offset}")
+            super()._queue_read(fetch, offset, buf, ticket)
+
+    store = Logged(tmp_path / "store", POLICIES["cold"])
+    records = make_records([3 * SEG + 12_345] * 3)
+    ref = write(store, records, dek, target_shard_size=64 << 20)
+    with open_reader(store, ref, dek) as reader:
+        expected = _shard_plaintexts(reader, records)[0]
+        events.clear()
+        assert reader.decrypt_shard_into(0, bytearray(reader.shard_plaintext_size(0))) == expected
+    assert events[0] == f"queued {streaming.HEADER_SIZE}"  # the first chunk, right after it
+    assert events.index("readinto 0") > 0  # the header
+    store.close()
+
+
+def test_a_shard_cached_whole_is_decrypted_from_the_mapping(dek, tmp_path) -> None:
+    store = ProbedStore(tmp_path / "store", POLICIES["cached"])
+    records = make_records([3 * SEG + 12_345] * 3)
+    ref = write(store, records, dek, target_shard_size=64 << 20)
+    with open_reader(store, ref, dek) as reader:
+        assert reader.num_shards == 1
+        expected = _shard_plaintexts(reader, records)[0]
+        buf = bytearray(reader.shard_plaintext_size(0))
+        assert reader.decrypt_shard_into(0, buf) == expected
+        entry = reader.manifest.shards[0]
+        name, size = entry.object_name, entry.ciphertext_size
+    # one view over the whole shard after its header: no chunk read into a buffer
+    assert store.views == [(name, streaming.HEADER_SIZE, size - streaming.HEADER_SIZE)]
+    assert store.probes == 1
+    store.close()
 
 
 def test_a_tampered_chunk_read_in_the_background_fails_and_zeroes_the_buffer(dek, tmp_path):

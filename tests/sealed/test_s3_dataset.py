@@ -6,6 +6,7 @@ write access to the bucket could) detected on read.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import uuid
@@ -100,6 +101,47 @@ def test_a_record_read_fetches_only_its_segments(ds) -> None:
         fetched = sum(b - a for a, b in requests.ranges())
         # one or two 1 MiB segments (with their tags) of a ~6 MiB shard
         assert 0 < fetched <= 2 * (MIB + 16)
+
+
+def test_naming_the_next_shard_fetches_its_start_ahead_and_each_byte_once(ds) -> None:
+    """The trainer's way through a dataset on S3: each shard decrypted naming the next one.
+    The next shard's GETs start before it is asked for (they overlap this shard's
+    decryption and the caller's use of it) and no byte is fetched twice."""
+    import threading
+
+    from tests.sealed.test_s3store import Requests
+
+    with ds.reader() as r:
+        buf = bytearray(r.max_shard_plaintext_size)
+        expected = [bytes(r.decrypt_shard_into(j, buf)) for j in range(r.num_shards)]
+    names = ds.shard_names()
+    paths = [f"/{ds.server.bucket}/{ds.key(n)}" for n in names]
+    requests = Requests(ds.store._client)
+
+    def gets(j: int) -> list[tuple[int, int]]:
+        out = []
+        for method, url, rng, _ in list(requests.seen):
+            if method == "GET" and rng and url.endswith(paths[j]):
+                a, b = rng.removeprefix("bytes=").split("-")
+                out.append((int(a), int(b) + 1))
+        return sorted(out)
+
+    with ds.reader() as r:
+        buf = bytearray(r.max_shard_plaintext_size)
+        assert bytes(r.decrypt_shard_into(0, buf, next_shard=1)) == expected[0]
+        for _ in range(2400):  # a hang guard on a busy machine, not a timing check
+            if gets(1):
+                break
+            threading.Event().wait(0.05)
+        assert gets(1) and gets(1)[0][0] == 0  # shard 1's start requested before it is read
+        for j in range(1, r.num_shards):
+            nxt = j + 1 if j + 1 < r.num_shards else None
+            assert bytes(r.decrypt_shard_into(j, buf, next_shard=nxt)) == expected[j]
+        sizes = [s.ciphertext_size for s in r.manifest.shards]
+    for j, size in enumerate(sizes):
+        ranges = gets(j)
+        assert ranges[0][0] == 0 and ranges[-1][1] == size, (j, ranges)
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges)), (j, ranges)
 
 
 def test_a_tampered_shard_is_detected(ds) -> None:

@@ -175,6 +175,28 @@ def test_will_need_hint_fetches_in_the_background(s3) -> None:
     assert len(requests.ranges()) == before  # served from the prefetched range
 
 
+def test_a_hint_is_fetched_in_8_mib_pieces_and_a_scan_after_it_fetches_the_rest(s3) -> None:
+    """The reader hints a shard's first pieces before it enters the shard (size, header at 0,
+    then chunks): the scan uses the hinted pieces and its read-ahead starts after them."""
+    data = os.urandom(50 * MIB + 3)
+    s3.put("shard", data)
+    requests = Requests(s3._client)
+    # more than ``prefetch`` (4) pieces asked for: 4 fetched, parts already coming not again
+    assert s3.will_need("shard", 0, 8 * MIB).wait(120)
+    assert s3.will_need("shard", 0, 48 * MIB).wait(120)
+    assert requests.ranges() == [(a, a + 8 * MIB) for a in range(0, 32 * MIB, 8 * MIB)]
+    assert s3.size("shard") == len(data)
+    out = bytearray(len(data))
+    view = memoryview(out)
+    s3.readinto("shard", 0, view[:40])
+    starts = [40, *range(8 * MIB, len(data), 8 * MIB)]
+    for a, b in itertools.pairwise([*starts, len(data)]):
+        s3.readinto("shard", a, view[a:b])
+    assert out == data
+    assert requests.ranges() == [(a, min(a + 8 * MIB, len(data)))
+                                 for a in range(0, len(data), 8 * MIB)]
+
+
 def test_random_reads_trigger_no_read_ahead(s3) -> None:
     data = os.urandom(12 * MIB)
     s3.put("obj", data)

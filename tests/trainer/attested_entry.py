@@ -21,6 +21,7 @@ from tests.kms_broker.verifiers import make_evidence  # noqa: E402
 from trainer.attested import AttestedKeySource  # noqa: E402
 from trainer.cli import denial_lines, setup_logging  # noqa: E402
 from trainer.config import JobConfig  # noqa: E402
+from trainer.dataset_check import EXIT_DATASET, DatasetMissing  # noqa: E402
 from trainer.keysource import AttestationDenied, KeySourceUnavailable  # noqa: E402
 from trainer.shred import EXIT_ATTESTATION_DENIED, EXIT_FAILURE, EXIT_OK  # noqa: E402
 from trainer.train import run_job  # noqa: E402
@@ -43,6 +44,9 @@ def main() -> int:
     except KeySourceUnavailable as exc:
         print(f"trainer: cannot obtain the dataset key: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except DatasetMissing as exc:
+        print(f"trainer: dataset not found, no key requested: {exc}", file=sys.stderr)
+        return EXIT_DATASET
     if result.rank == 0:
         print(f"RESULT steps_done={result.steps_done} start_step={result.start_step}", flush=True)
     return EXIT_OK

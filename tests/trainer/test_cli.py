@@ -69,6 +69,7 @@ def test_help_explains_commands_and_exit_codes():
     assert out.returncode == 0
     for text in ("--attest", "--job", "check", "validate", "exit codes", "143 SIGTERM",
                  "4 attestation denied", "5 code identity refused", "7 broker unreachable",
+                 "8 dataset not found or not as the brokers have it on record",
                  "--threads", "--log-format"):
         assert text in out.stdout
 
@@ -97,6 +98,14 @@ def test_validate_prints_a_summary(tmp_path, dataset):
     out = trainer("validate", "--job", str(job))
     assert out.returncode == 0
     assert "job job-1 (tenant acme): dataset corpus v1, model tiny-gpt, 60 steps" in out.stdout
+
+
+def test_validate_a_job_that_leaves_the_manifest_to_the_brokers(tmp_path, dataset):
+    job = job_dict(dataset, tmp_path / "run")
+    job["dataset"] = {"id": "corpus", "store": str(dataset.store)}
+    out = trainer("validate", "--job", str(write_job(tmp_path / "job.yaml", job)))
+    assert out.returncode == 0, out.stderr
+    assert "dataset corpus (key version and manifest from the brokers)" in out.stdout
 
 
 def test_attest_without_brokers_says_why(tmp_path, dataset):
@@ -135,9 +144,9 @@ def test_no_key_is_requested_before_the_manifest_is_found(tmp_path, dataset):
     assert "no-such.manifest" in text
     job.write_text(text)
     out = trainer("--attest", "--job", str(job))
-    assert out.returncode == 1, out.stderr
+    assert out.returncode == 8, out.stderr
     assert "dataset not found, no key requested" in out.stderr
-    assert "no-such.manifest is not in the store" in out.stderr
+    assert "no-such.manifest of dataset" in out.stderr and "is not in the store" in out.stderr
     assert "UNAVAILABLE" not in out.stderr and "Traceback" not in out.stderr
 
 

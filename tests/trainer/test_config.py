@@ -109,3 +109,35 @@ def test_yaml_file_errors_are_clear(tmp_path):
     big.write_bytes(b"#" * ((1 << 20) + 1))
     with pytest.raises(ConfigError, match="larger than 1 MiB"):
         JobConfig.from_yaml(big)
+
+
+def test_dataset_key_version_and_manifest_are_optional(tmp_path):
+    job = dict(BASE)
+    job["dataset"] = {"id": "ds1", "store": str(tmp_path)}
+    config = JobConfig.from_mapping(job)
+    assert (config.dataset.key_version, config.dataset.manifest) == (None, None)
+    assert config.missing_files() == []  # no manifest named: nothing to look for yet
+    named = {**job, "dataset": {**job["dataset"], "manifest": "manifests/" + "a" * 32}}
+    assert JobConfig.from_mapping(named).missing_files() == [
+        f"dataset.manifest: manifests/{'a' * 32} is not in {tmp_path}"]
+    for bad, message in (({"manifest": "../x"}, "dataset.manifest"),
+                         ({"manifest": 7}, "dataset.manifest must be an object name"),
+                         ({"key_version": 0}, "dataset.key_version must be an integer")):
+        with pytest.raises(ConfigError, match=message):
+            JobConfig.from_mapping({**job, "dataset": {**job["dataset"], **bad}})
+
+
+def test_a_broker_is_one_address_or_a_replica_set():
+    tls = {"ca": "ca.pem", "cert": "n.pem", "key": "n.key"}
+    config = JobConfig.from_mapping({**BASE, "brokers": [
+        {"address": "a:1", **tls}, {"addresses": ["b1:1", "b2:1"], **tls}]})
+    assert [b.replicas for b in config.brokers] == [("a:1",), ("b1:1", "b2:1")]
+    for broker, message in (
+            ({"address": "a:1", "addresses": ["b:1"]}, "not both"),
+            ({}, "missing address"),
+            ({"addresses": []}, "missing address"),
+            ({"addresses": ["b:1", "b:1"]}, "lists an address twice"),
+            ({"addresses": ["b"]}, "must be host:port"),
+            ({"addresses": "b:1"}, "must be a list of host:port")):
+        with pytest.raises(ConfigError, match=message):
+            JobConfig.from_mapping({**BASE, "brokers": [{**broker, **tls}]})

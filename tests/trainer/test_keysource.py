@@ -3,6 +3,7 @@ outcomes (a fake KeyClient stands in here; the broker integration tests use the 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import ClassVar
 
@@ -15,7 +16,7 @@ from kms_broker.rpc import PermissionDeniedError, UnavailableError
 from sealed.secrets import SecretBuffer
 from tests.trainer.conftest import job_dict
 from trainer.attested import AttestedKeySource
-from trainer.config import JobConfig
+from trainer.config import DatasetConfig, JobConfig
 from trainer.keysource import (
     AttestationDenied,
     BrokersUnreachable,
@@ -55,6 +56,7 @@ class FakeClient:
     instances: ClassVar[list[FakeClient]] = []
     fetch_error: Exception | None = None
     renew_error: Exception | None = None
+    record: tuple[int, str] | None = None  # (key version, manifest) the brokers have
     lease_ms = 1_000
 
     def __init__(self, endpoints, *, node_id, job_id, evidence_for):
@@ -65,9 +67,15 @@ class FakeClient:
         self.closed = False
         FakeClient.instances.append(self)
 
-    def fetch_dek(self, *, tenant_id, dataset_id, key_version):
+    def fetch_dek(self, *, tenant_id, dataset_id, key_version, manifest_name="",
+                  check_dataset=None):
         if self.fetch_error:
             raise self.fetch_error
+        if check_dataset is not None:  # without a record: what the job names
+            version, manifest = self.record or (key_version, manifest_name)
+            check_dataset(client_module.DatasetRef(tenant_id, dataset_id,
+                                                   key_version or version,
+                                                   manifest_name or manifest))
         kind, payload = self.evidence_for(b"\x01" * 32)
         assert (kind, payload) == ("tpm2", b"evidence over " + b"\x01" * 32)
         expires = int(time.time() * 1000) + self.lease_ms
@@ -90,7 +98,7 @@ class FakeClient:
 @pytest.fixture
 def fake_client(monkeypatch):
     FakeClient.instances = []
-    FakeClient.fetch_error = FakeClient.renew_error = None
+    FakeClient.fetch_error = FakeClient.renew_error = FakeClient.record = None
     monkeypatch.setattr(client_module, "KeyClient", FakeClient)
     return FakeClient
 
@@ -154,3 +162,47 @@ def test_unavailable_broker_and_bad_setup_are_clear(tmp_path, dataset, fake_clie
     (tmp_path / "node.key").unlink()
     with pytest.raises(KeySourceUnavailable, match="cannot read broker TLS material"):
         AttestedKeySource(cfg, evidence_for=_evidence).acquire()
+
+
+def test_a_job_without_manifest_takes_the_brokers_record_and_checks_the_store(
+        tmp_path, dataset, fake_client):
+    config = dataclasses.replace(_config(tmp_path, dataset), dataset=DatasetConfig(
+        id="corpus", store=str(dataset.store)))
+    assert config.dataset.manifest is None
+    fake_client.record = (1, dataset.manifest)
+    handle = AttestedKeySource(config, evidence_for=_evidence).acquire()
+    assert handle.config is not None
+    assert (handle.config.dataset.key_version, handle.config.dataset.manifest) == (
+        1, dataset.manifest)
+    handle.dek.zeroize()
+
+    from trainer.dataset_check import DatasetMissing
+
+    fake_client.record = (1, "manifests/" + "f" * 32)  # on record, but not in this store
+    with pytest.raises(DatasetMissing, match="is not in the store"):
+        AttestedKeySource(config, evidence_for=_evidence).acquire()
+    fake_client.record = (1, "")  # the brokers know the version but no manifest
+    with pytest.raises(DatasetMissing, match=r"name dataset\.manifest"):
+        AttestedKeySource(config, evidence_for=_evidence).acquire()
+
+
+def test_a_mismatch_from_the_client_is_a_dataset_mismatch(tmp_path, dataset, fake_client):
+    from trainer.dataset_check import DatasetMismatch
+
+    fake_client.fetch_error = client_module.DatasetRefError(
+        "dataset.manifest x does not match", code="FAILED_PRECONDITION")
+    with pytest.raises(DatasetMismatch, match="does not match"):
+        AttestedKeySource(_config(tmp_path, dataset), evidence_for=_evidence).acquire()
+
+
+def test_replica_sets_reach_the_client_as_lists(tmp_path, dataset, fake_client):
+    config = _config(tmp_path, dataset)
+    tls = {k: getattr(config.brokers[0], k) for k in ("ca", "cert", "key")}
+    config = JobConfig.from_mapping({**job_dict(dataset, tmp_path / "run"),
+                                     "attestation": {"node_id": "node-1",
+                                                     "tcti": "device:/dev/null"},
+                                     "brokers": [{"address": "a:1", **tls},
+                                                 {"addresses": ["b1:1", "b2:1"], **tls}]})
+    AttestedKeySource(config, evidence_for=_evidence).acquire().dek.zeroize()
+    first, second = fake_client.instances[-1].endpoints
+    assert first.address == "a:1" and [e.address for e in second] == ["b1:1", "b2:1"]

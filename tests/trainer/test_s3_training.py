@@ -41,6 +41,14 @@ ENTRY = REPO / "tests" / "trainer" / "attested_entry.py"
 PREFIX = "tenants/acme"
 
 
+EXIT_DATASET = 8  # trainer/dataset_check.py
+
+
+def _releases(broker) -> int:  # type: ignore[no-untyped-def]
+    return sum(1 for r in broker.audit() if r["event"] == "release"
+               and r["outcome"] == "allowed")
+
+
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "kms_broker.cli", *args], cwd=REPO,
                           env=child_env(**env), capture_output=True, text=True, check=False)
@@ -82,9 +90,11 @@ def test_upload_to_s3_and_train_from_it(tmp_path, pki, softhsm_config, procs):  
                 "cert": str(pki.root / "node-n1.pem"), "key": str(pki.root / "node-n1.key"),
                 "server_name": "localhost"}
         ds = type("DS", (), {"manifest": manifest, "store": server.url(PREFIX)})
-        job = write_job(tmp_path / "job.yaml", job_dict(
-            ds, tmp_path / "run", brokers=[node], steps=40,
-            attestation={"node_id": "n1", "tcti": "device:/dev/null"}))
+        spec = job_dict(ds, tmp_path / "run", brokers=[node], steps=40,
+                        attestation={"node_id": "n1", "tcti": "device:/dev/null"})
+        # no manifest, no key version: the broker's record names them (issue 16)
+        spec["dataset"] = {"id": "corpus", "store": server.url(PREFIX)}
+        job = write_job(tmp_path / "job.yaml", spec)
         cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                str(ENTRY), "--job", str(job)]
         proc = Proc(cmd, tmp_path / "logs", "train", **env)
@@ -104,6 +114,18 @@ def test_upload_to_s3_and_train_from_it(tmp_path, pki, softhsm_config, procs):  
         # nor did plaintext reach any file this run wrote (logs, checkpoints, state)
         assert files_containing([tmp_path / "run", tmp_path / "s3"],
                                 [canary.encode()]) == []
+
+        # the manifest on record gone from the bucket: found before any key is released
+        releases = _releases(broker)
+        server.raw.delete_object(Bucket=server.bucket, Key=f"{PREFIX}/{manifest}")
+        cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+               str(ENTRY), "--job", str(job)]
+        proc = Proc(cmd, tmp_path / "logs", "missing", **env)
+        procs.append(proc)
+        assert proc.wait() != 0, proc.err()[-4000:]  # torchrun itself exits 1
+        assert f"failed (exitcode: {EXIT_DATASET})" in proc.err(), proc.err()[-4000:]
+        assert f"manifest {manifest} of dataset corpus is not in the store" in proc.err()
+        assert _releases(broker) == releases
     finally:
         broker.stop()
         server.stop()

@@ -8,24 +8,32 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ChallengeRequest(_message.Message):
-    __slots__ = ("node_id", "job_id")
+    __slots__ = ("node_id", "job_id", "tenant_id", "dataset_id")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     job_id: str
-    def __init__(self, node_id: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
+    tenant_id: str
+    dataset_id: str
+    def __init__(self, node_id: _Optional[str] = ..., job_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., dataset_id: _Optional[str] = ...) -> None: ...
 
 class ChallengeResponse(_message.Message):
-    __slots__ = ("nonce", "session_id", "expires_unix_ms", "broker_id")
+    __slots__ = ("nonce", "session_id", "expires_unix_ms", "broker_id", "manifest_name", "manifest_key_version")
     NONCE_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     BROKER_ID_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_NAME_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_KEY_VERSION_FIELD_NUMBER: _ClassVar[int]
     nonce: bytes
     session_id: str
     expires_unix_ms: int
     broker_id: str
-    def __init__(self, nonce: _Optional[bytes] = ..., session_id: _Optional[str] = ..., expires_unix_ms: _Optional[int] = ..., broker_id: _Optional[str] = ...) -> None: ...
+    manifest_name: str
+    manifest_key_version: int
+    def __init__(self, nonce: _Optional[bytes] = ..., session_id: _Optional[str] = ..., expires_unix_ms: _Optional[int] = ..., broker_id: _Optional[str] = ..., manifest_name: _Optional[str] = ..., manifest_key_version: _Optional[int] = ...) -> None: ...
 
 class Evidence(_message.Message):
     __slots__ = ("kind", "payload")
