@@ -49,6 +49,12 @@ class Unavailable(BrokerError):
     """A dependency is down (HSM, state store, audit log): fail closed, retry later."""
 
 
+class AuthorizationChanged(BrokerError):
+    """What a release was checked against changed before its lease was taken (the grant or
+    the node revoked, the tenant shredded, in another transaction meanwhile); the message
+    starts with the rule (``grant.revoked: ...``), as a denial's reason does."""
+
+
 class IntegrityFailure(BrokerError):
     """Stored key material did not authenticate (a wrapped share under the wrong KEK)."""
 

@@ -8,8 +8,9 @@ return ``None`` for unknown ids; a store that cannot be reached raises ``Unavail
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
+from kms_broker.domain.errors import AuthorizationChanged
 from kms_broker.domain.model import (
     Dataset,
     DatasetShare,
@@ -21,7 +22,19 @@ from kms_broker.domain.model import (
     Upload,
 )
 
-__all__ = ["Repository"]
+__all__ = ["Repository", "check_still_authorized"]
+
+
+def check_still_authorized(lease: Lease, tenant: Any, grant: Any, node: Any) -> None:
+    """Raise :class:`AuthorizationChanged` unless the rows (status,), (revoked,), (revoked,)
+    read for ``lease`` say its tenant is active, its grant and its node not revoked."""
+    if tenant is None or tenant[0] != "active":
+        raise AuthorizationChanged(f"tenant.shredded: tenant {lease.tenant_id} has been "
+                                   f"shredded")
+    if grant is None or grant[0]:
+        raise AuthorizationChanged(f"grant.revoked: grant {lease.grant_id} has been revoked")
+    if node is None or node[0] != 0:  # 0: NODE_ACTIVE in both stores
+        raise AuthorizationChanged(f"node.revoked: node {lease.node_id} has been revoked")
 
 
 class Repository(Protocol):
@@ -99,7 +112,8 @@ class Repository(Protocol):
                    max_nodes: int) -> bool: ...
     def take_lease(
         self, lease: Lease, *, now_ms: int, max_nodes: int
-    ) -> bool: ...  # lease_room + add_lease as one step, atomic across broker processes
+    ) -> bool: ...  # lease_room + add_lease as one step, atomic across broker processes;
+    # AuthorizationChanged if the tenant, grant or node no longer allow it (read in the step)
     def revoke_leases(
         self,
         *,

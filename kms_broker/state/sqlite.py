@@ -33,6 +33,7 @@ from kms_broker.domain.model import (
     Upload,
 )
 from kms_broker.domain.revocations import RevocationEvent
+from kms_broker.state.repository import check_still_authorized
 
 __all__ = ["SqliteRepository"]
 
@@ -621,8 +622,16 @@ class SqliteRepository:
     def take_lease(self, lease: Lease, *, now_ms: int, max_nodes: int) -> bool:
         """Insert ``lease`` if its grant has room for its node (:meth:`lease_room`), as one
         write transaction: ``BEGIN IMMEDIATE`` takes SQLite's write lock before the check, so
-        broker worker processes sharing this file cannot both take the last place."""
+        broker worker processes sharing this file cannot both take the last place. Under the
+        same lock the tenant, the grant and the node are read again: a shred or revocation
+        that committed after the caller's checks raises :class:`AuthorizationChanged`, and
+        one that commits later sees this lease (and revokes it)."""
         self._db.execute("BEGIN IMMEDIATE")
+        check_still_authorized(lease, *(self._db.execute(q, a).fetchone() for q, a in (
+            ("SELECT status FROM tenants WHERE tenant_id=?", (lease.tenant_id,)),
+            ("SELECT revoked FROM grants WHERE tenant_id=? AND grant_id=?",
+             (lease.tenant_id, lease.grant_id)),
+            ("SELECT revoked FROM nodes WHERE node_id=?", (lease.node_id,)))))
         if not self._room(lease.tenant_id, lease.grant_id, lease.node_id, now_ms, max_nodes):
             return False
         self._insert_lease(lease)

@@ -3,6 +3,7 @@ token and lease expiry, renewals, and that denials never reach the HSM."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -323,3 +324,30 @@ def test_one_call_release_keeps_the_spent_nonce_durable(broker, monkeypatch) -> 
                             payload=payload, node_public_key=pub, tenant_id="acme",
                             dataset_id="ds", key_version=1)
     assert [c[0] for c in calls] == ["consume"] and not repo.get_session(ch.session_id).used
+
+
+@pytest.mark.parametrize("change", ["grant", "node"])
+def test_a_revocation_between_the_checks_and_the_lease_refuses_the_release(
+        broker, monkeypatch, change) -> None:
+    """The grant (or the node) is revoked by another request after this release checked it
+    and before its lease is taken: refused with the rule and audited; no lease, no sealing."""
+    flow, _, hsm, tmp = broker
+    token = _token(flow, "n1")
+    repo, take_lease = flow.d.repo, flow.d.repo.take_lease
+
+    def revoked_meanwhile(*args, **kw):  # committed by another request just before the lease
+        if change == "grant":
+            repo.revoke_grant("acme", "g")
+        else:
+            repo.revoke_node("n1")
+        return take_lease(*args, **kw)
+
+    monkeypatch.setattr(repo, "take_lease", revoked_meanwhile)
+    calls = hsm.calls
+    with pytest.raises(PermissionDenied, match=rf"{change}\.revoked"):
+        _release(flow, "n1", token)
+    assert repo.active_lease_nodes("acme", "g", flow.d.clock.now_ms()) == set()
+    assert hsm.calls == calls  # nothing sealed
+    denied = [json.loads(line) for line in (tmp / "audit.log").read_text().splitlines()
+              if '"denied"' in line]
+    assert any(f"{change}.revoked" in r.get("reason", "") for r in denied)

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from kms_broker.domain.errors import AlreadyExists
+from kms_broker.domain.errors import AlreadyExists, AuthorizationChanged
 from kms_broker.domain.model import (
     Dataset,
     DatasetShare,
@@ -257,7 +257,17 @@ def test_policies_and_grants_scoped_per_tenant(repo) -> None:
     assert repo.revoke_grant("acme", "nope") is False
 
 
+def _lease_world(repo: Any, nodes: int, grants: tuple[str, ...] = ("g1",)) -> None:
+    """The rows a lease is taken under: tenant acme, its grants and nodes n0..n{nodes-1}."""
+    _tenant(repo)
+    for g in grants:
+        repo.add_grant(_grant(g), b"doc", b"sig")
+    for i in range(nodes):
+        repo.put_node(_node(f"n{i}"))
+
+
 def test_leases_room_and_revocation(repo) -> None:
+    _lease_world(repo, 4)
     repo.add_lease(_lease("l1", "n1"))
     with pytest.raises(AlreadyExists):
         repo.add_lease(_lease("l1", "n1"))
@@ -353,6 +363,7 @@ def test_lease_room_holds_across_instances(open_repo) -> None:
     """Twelve nodes race for a grant of max_nodes=3 through two instances: 3 get leases."""
     repos = [open_repo(), open_repo()]
     nodes, granted = 12, []
+    _lease_world(repos[0], nodes)
     lock = threading.Lock()
     barrier = threading.Barrier(nodes)
 
@@ -365,6 +376,48 @@ def test_lease_room_holds_across_instances(open_repo) -> None:
     _run_threads(worker, nodes)
     assert len(granted) == 3
     assert repos[0].active_lease_nodes("acme", "g1", NOW) == {f"n{i}" for i in granted}
+
+
+@pytest.mark.parametrize("change", ["grant", "node", "tenant"])
+def test_a_lease_is_refused_under_what_was_revoked_since_the_checks(repo, change) -> None:
+    """A release checks the grant, the node and the tenant, then takes its lease; a revocation
+    or shred committed in between (by another request or replica) is seen when the lease is
+    taken: refused with the rule, and no lease left."""
+    _lease_world(repo, 2)
+    assert repo.take_lease(_lease("l1", "n1"), now_ms=NOW, max_nodes=2) is True
+    {"grant": lambda: repo.revoke_grant("acme", "g1"),
+     "node": lambda: repo.revoke_node("n0"),
+     "tenant": lambda: repo.set_tenant_status("acme", "shredded")}[change]()
+    rule = {"grant": "grant.revoked", "node": "node.revoked", "tenant": "tenant.shredded"}
+    with pytest.raises(AuthorizationChanged, match=rf"^{rule[change]}: "):
+        repo.take_lease(_lease("l2", "n0"), now_ms=NOW, max_nodes=2)
+    assert repo.get_lease("l2") is None
+
+
+def test_a_revocation_in_flight_waits_for_a_lease_being_taken_and_revokes_it(open_repo):
+    """Two instances: one takes a lease while the other revokes the grant; whichever commits
+    first, the lease ends up refused or revoked, never active under a revoked grant."""
+    a, b = open_repo(), open_repo()
+    _lease_world(a, 8)
+    outcomes: list[str] = []
+    barrier = threading.Barrier(2)
+
+    def take(i: int) -> None:
+        barrier.wait(timeout=60)
+        if i == 0:
+            try:
+                outcomes.append("taken" if a.take_lease(_lease("l1", "n1"), now_ms=NOW,
+                                                        max_nodes=8) else "full")
+            except AuthorizationChanged:
+                outcomes.append("refused")
+        else:
+            b.revoke_grant("acme", "g1")
+            b.revoke_leases(now_ms=NOW, grant_id="g1", tenant_id="acme")
+
+    _run_threads(take, 2)
+    lease = a.get_lease("l1")
+    assert outcomes in (["taken"], ["refused"])
+    assert lease is None or lease.revoked, "an active lease under a revoked grant"
 
 
 def _run_threads(target: Callable[[int], None], n: int) -> None:
