@@ -22,20 +22,28 @@ Claims come **only** from the replayed event log, and only when it replays to th
 application PCR of a quote whose signature, nonce, PCR digest and selection all hold; a
 stale, forged or unbound quote yields no claims at all. (A boot PCR mismatch keeps the claims:
 they are authentic, and the failure alone makes the result not ok.)
+
+The event log's parse, replay digest and claims are a pure function of its bytes, which a
+node sends unchanged at every attestation (its claims are static): they are memoised by the
+log's bytes (:func:`_read_log`, logs up to 64 KiB, 256 of them). The quote (signature,
+nonce, PCR values) is checked afresh every time; the memo only spares re-parsing the same
+bytes, and a log that does not parse is never memoised.
 """
 
 from __future__ import annotations
 
 import functools
 import hmac
+import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from attest.eventlog import APP_PCR, EventLog
-from attest.interface import Failure, VerificationContext, VerificationResult
+from attest.interface import Failure, MalformedEvidence, VerificationContext, VerificationResult
 from attest.tpm2.evidence import Tpm2Evidence
 from attest.tpm2.marshal import ALG_SHA256, parse_public
 from attest.tpm2.quote import PublicKey, check_quote
@@ -67,6 +75,41 @@ def _parse_ak(value: bytes) -> PublicKey:
     return key
 
 
+MEMO_LOG_BYTES = 64 * 1024  # bigger logs are parsed every time: the memo stays small
+
+
+@dataclass(frozen=True, slots=True)
+class _ReadLog:
+    """An event log read once: its replayed PCR value and its claims as JSON text (a fresh
+    dict per use), or why its claims are malformed (raised only where claims are taken)."""
+
+    replay: bytes
+    claims_json: str
+    claims_error: str
+
+
+def _read_log(data: bytes) -> _ReadLog:
+    """Parse ``data`` (MalformedEvidence when it does not parse), memoised by its bytes (the
+    memo compares whole logs, never a digest alone)."""
+    if len(data) > MEMO_LOG_BYTES:
+        return _read_log_now(data)
+    return _read_log_memo(bytes(data))
+
+
+@functools.lru_cache(maxsize=256)
+def _read_log_memo(data: bytes) -> _ReadLog:
+    return _read_log_now(data)
+
+
+def _read_log_now(data: bytes) -> _ReadLog:
+    log = EventLog.from_bytes(data)
+    try:
+        claims, error = json.dumps(log.claims()), ""
+    except MalformedEvidence as exc:
+        claims, error = "", str(exc)
+    return _ReadLog(log.replay(), claims, error)
+
+
 def _reference_pcrs(reference: Mapping[str, Any]) -> dict[int, bytes]:
     raw = reference.get("boot_pcrs") or {}
     out: dict[int, bytes] = {}
@@ -86,7 +129,7 @@ class Tpm2Verifier:
 
     def verify(self, evidence: bytes, context: VerificationContext) -> VerificationResult:
         ev = Tpm2Evidence.from_bytes(evidence)
-        log = EventLog.from_bytes(ev.event_log)
+        log = _read_log(ev.event_log)
         ak_value = context.node.get("ak_public")
         if ak_value is None:
             return VerificationResult(
@@ -120,9 +163,11 @@ class Tpm2Verifier:
         failures += self._boot_failures(ev, quoted, context.reference)
         claims: dict[str, Any] = {}
         app = ev.pcrs.get(APP_PCR)
-        if app is not None and APP_PCR in quoted and hmac.compare_digest(log.replay(), app):
+        if app is not None and APP_PCR in quoted and hmac.compare_digest(log.replay, app):
             if quote_authentic:
-                claims = log.claims()
+                if log.claims_error:
+                    raise MalformedEvidence(log.claims_error)
+                claims = json.loads(log.claims_json)
         else:
             failures.append(
                 Failure(

@@ -113,6 +113,38 @@ def test_enrol_quote_verify_end_to_end(node, enrolled, claims):
     assert enrolled.ak_name == bytes.fromhex(enrolled.node_context()["ak_name"])
 
 
+def test_a_log_sent_again_is_read_once_and_every_quote_is_still_checked(node, enrolled, claims):
+    """The event log's parse is memoised by its bytes (a node resends the same log at every
+    attestation): the quote of each attestation is still checked, claims come only with an
+    authentic quote, and each result's claims are its own."""
+    from attest.tpm2.verifier import _read_log_memo
+
+    log = EventLog.from_claims(claims)
+    _, _, rd1 = challenge()
+    first = Tpm2Verifier().verify(node.evidence(log, rd1).to_bytes(), context(rd1, enrolled))
+    hits = _read_log_memo.cache_info().hits
+    _, _, rd2 = challenge()
+    second = node.evidence(log, rd2).to_bytes()
+
+    again = Tpm2Verifier().verify(second, context(rd2, enrolled))
+    _, _, other = challenge()
+    stale = Tpm2Verifier().verify(second, context(other, enrolled))  # not this session's
+
+    assert _read_log_memo.cache_info().hits >= hits + 2
+    assert first.ok and again.ok, (first.failures, again.failures)
+    assert dict(again.claims) == claims and again.claims is not first.claims
+    assert ids(stale) == {"tpm2.nonce"} and stale.claims == {}
+
+
+def test_a_log_whose_claims_do_not_parse_is_malformed_every_time(node, enrolled, claims):
+    twice = EventLog((Event.claim("ksm_enabled", False), Event.claim("ksm_enabled", True)))
+    for _ in range(2):  # the second answer comes from the memo: the same refusal
+        _, _, rd = challenge()
+        evidence = node.evidence(twice, rd).to_bytes()
+        with pytest.raises(MalformedEvidence, match="measured twice"):
+            Tpm2Verifier().verify(evidence, context(rd, enrolled))
+
+
 def test_enrolment_binds_the_ak_name_of_this_tpm(node, enrolled):
     from attest.tpm2.marshal import parse_public
 
