@@ -40,8 +40,12 @@ $(STAMP): pyproject.toml
 	@echo "==> $(VENV) ready"
 	touch $@
 
+# DEMO_STATE=postgres: the provider broker on the compose `postgres` service; DEMO_STORE=s3:
+# the dataset in the compose `s3` service (defaults: embedded SQLite, the shared volume)
+DEMO_STATE ?= sqlite
+DEMO_STORE ?= local
 demo: setup
-	$(BIN)/python -m demo
+	$(BIN)/python -m demo --state $(DEMO_STATE) --store $(DEMO_STORE)
 
 lint: setup
 	$(BIN)/ruff check .

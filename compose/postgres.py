@@ -15,11 +15,13 @@ Binaries: ``$PG_BIN`` if set, else the newest ``/usr/lib/postgresql/*/bin``, els
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -29,6 +31,7 @@ from compose.ports import free_port
 __all__ = ["LocalPostgres", "PostgresUnavailable", "pg_bin_dir"]
 
 DB_NAME = "broker"
+MAX_SOCKET_PATH = 100
 DB_USER = "ctrain"
 START_TIMEOUT_S = 120
 
@@ -64,6 +67,12 @@ class LocalPostgres:
         self.root.mkdir(parents=True, exist_ok=True)
         self.data = self.root / "data"
         self.socket_dir = self.root / "run"
+        if len(str(self.socket_dir.absolute() / ".s.PGSQL.65535.lock")) > MAX_SOCKET_PATH:
+            # a unix socket path is at most 107 bytes: a deep root (a compose run directory)
+            # gets a short directory named after it, the same one on every start (/tmp
+            # itself: the harness points TMPDIR into the run directory)
+            tag = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:16]
+            self.socket_dir = Path("/tmp") / f"ct-pgsock-{tag}"  # noqa: S108 - a private 0700 dir
         self.passfile = self.root / "pgpass"
         self.port = port if port is not None else free_port()
         self.listen = listen
@@ -134,6 +143,7 @@ class LocalPostgres:
         self._grant_traverse()
         if not (self.data / "PG_VERSION").exists():
             self._init()
+        self._ensure_socket_dir()
         argv = [str(self.bin / "postgres"), "-D", str(self.data),
                 *self._server_options(self.listen)]
         if self._user is not None:
@@ -147,7 +157,16 @@ class LocalPostgres:
                 "-c", f"listen_addresses={listen}", "-c", "max_connections=200",
                 "-c", "fsync=on", "-c", "synchronous_commit=on"]
 
+    def _ensure_socket_dir(self) -> None:
+        self.socket_dir.mkdir(mode=0o700, exist_ok=True)
+        st = self.socket_dir.lstat()
+        owners = {os.geteuid()} | ({self._user.pw_uid} if self._user is not None else set())
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid not in owners:
+            raise PostgresUnavailable(f"{self.socket_dir} is not a directory of this user's")
+        self._chown(self.socket_dir)
+
     def _pg_ctl_start(self, listen: str | None = None) -> None:
+        self._ensure_socket_dir()
         options = " ".join(self._server_options(self.listen if listen is None else listen))
         done = self._run(self.bin / "pg_ctl", "-D", self.data, "-l", self.root / "server.log",
                          "-w", "-t", str(START_TIMEOUT_S), "-o", options, "start")
@@ -200,6 +219,8 @@ class LocalPostgres:
         if self.data.exists():
             self.stop("immediate")
         shutil.rmtree(self.root, ignore_errors=True)
+        if not self.socket_dir.is_relative_to(self.root):
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalPostgres:
         return self.start()

@@ -3,8 +3,11 @@
 Runs docker-compose.yml through the harness (``docker compose`` where an engine runs, local
 processes otherwise): bootstrap, two key brokers each holding one share, the tenant's
 encrypted upload, policy and grant, two attested nodes training tiny-gpt together, encrypted
-checkpoint, shred; then prints a summary. Exit status 0 when every phase passed, 1 when one
-failed (with the failing service's log tail), 2 for bad arguments, 130 on Ctrl-C.
+checkpoint, shred; then prints a summary. ``--state postgres`` puts the provider broker's
+state and audit log in the compose ``postgres`` service and ``--store s3`` the dataset in the
+``s3`` service (``make demo DEMO_STATE=postgres DEMO_STORE=s3``); the default is embedded.
+Exit status 0 when every phase passed, 1 when one failed (with the failing service's log
+tail), 2 for bad arguments, 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -31,6 +34,13 @@ def _parser() -> argparse.ArgumentParser:
                         help="docker compose if an engine runs (auto), or force one")
     parser.add_argument("--run-root", type=Path, default=None,
                         help="parent of the run directory (default: ./run in the repository)")
+    parser.add_argument("--state", choices=("sqlite", "postgres"), default="sqlite",
+                        help="the provider broker's state and audit log: embedded SQLite "
+                        "(default) or the compose `postgres` service (make demo "
+                        "DEMO_STATE=postgres)")
+    parser.add_argument("--store", choices=("local", "s3"), default="local",
+                        help="where the encrypted dataset lives: the shared store volume "
+                        "(default) or the compose `s3` service (make demo DEMO_STORE=s3)")
     return parser
 
 
@@ -44,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = Settings(steps=args.steps, mode=args.mode,
-                            run_root=args.run_root or REPO / "run")
+                            run_root=args.run_root or REPO / "run", state=args.state,
+                            store=args.store)
     except ValueError as exc:
         _parser().error(str(exc))
 
@@ -58,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"demo: {exc}")
         return 1
     how = f"local processes, run {run.harness.run_id}" if run.local else "docker compose"
+    how += {"postgres": "; provider broker on PostgreSQL"}.get(settings.state, "")
+    how += {"s3": f"; dataset in S3 ({settings.dataset_store})"}.get(settings.store, "")
     _say(f"confidential training demo: run directory {run.directory} ({how})")
     code = 0
     try:

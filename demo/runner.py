@@ -32,6 +32,17 @@ PACKAGES = ("sealed", "kms_broker", "attest", "trainer", "compose")
 BROKERS = ("provider", "tenant")
 NODES = ("node-a", "node-b")
 MAX_AUDIT_BYTES = 16 << 20
+S3_DATASET = "s3://ct-data/corpus"  # the bucket the `s3` service creates, and a prefix
+PROVIDER_CONFIG = "/var/lib/provider-broker/broker.yaml"
+# lists every object under the store address in argv[1] (the tenant's own AWS files) as JSON
+# {name: base64 of its bytes}; run in the tenant's environment, so under Docker as well
+_LIST_S3 = (
+    "import base64, json, sys\n"
+    "from sealed.store import open_store\n"
+    "store = open_store(sys.argv[1])\n"
+    "print(json.dumps({n: base64.b64encode(store.get_range(n, 0, store.size(n))).decode()\n"
+    "                  for n in store.list()}))\n"
+)
 
 Say = Callable[[str], None]
 HEARTBEAT_S = 15.0  # a phase that runs longer says so this often, so a wait never looks hung
@@ -69,6 +80,11 @@ class Settings:
     lease_ttl_ms: int = 20000
     mode: str = "auto"  # auto | local | docker
     run_root: Path = REPO / "run"
+    # sqlite: every broker embedded; postgres: the provider broker's state and audit log in
+    # the compose `postgres` service (the tenant's own broker keeps SQLite)
+    state: str = "sqlite"
+    # local: the shared store volume; s3: the compose `s3` service (S3_BUCKET/S3_PREFIX)
+    store: str = "local"
 
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= 100_000:
@@ -77,6 +93,20 @@ class Settings:
             raise ValueError("lease TTL must be from 2000 to 3600000 ms")
         if self.mode not in ("auto", "local", "docker"):
             raise ValueError("mode must be auto, local or docker")
+        if self.state not in ("sqlite", "postgres"):
+            raise ValueError("state must be sqlite or postgres")
+        if self.store not in ("local", "s3"):
+            raise ValueError("store must be local or s3")
+
+    @property
+    def profiles(self) -> tuple[str, ...]:
+        return (("postgres",) if self.state == "postgres" else ()) + (
+            ("s3",) if self.store == "s3" else ())
+
+    @property
+    def dataset_store(self) -> str:
+        """The tenant's ``--store``: empty for the shared volume."""
+        return S3_DATASET if self.store == "s3" else ""
 
 
 @dataclass
@@ -98,19 +128,23 @@ class DemoRun:
             suffix += 1
             self.directory = self.settings.run_root / f"demo-{stamp}-{suffix}"
         self.directory.mkdir(mode=0o700)
-        provider, tenant, tpm_a, tpm_b, master = free_port_pairs(5)
+        provider, tenant, tpm_a, tpm_b, master, postgres, s3 = free_port_pairs(7)
         self.variables = {
             "PROVIDER_BROKER_PORT": str(provider), "TENANT_BROKER_PORT": str(tenant),
             "TPM_A_PORT": str(tpm_a), "TPM_A_CTRL_PORT": str(tpm_a + 1),
             "TPM_B_PORT": str(tpm_b), "TPM_B_CTRL_PORT": str(tpm_b + 1),
             "MASTER_PORT": str(master), "TRAIN_STEPS": str(self.settings.steps),
             "LEASE_TTL_MS": str(self.settings.lease_ttl_ms),
+            "POSTGRES_PORT": str(postgres), "S3_PORT": str(s3),
+            "PROVIDER_BROKER_STATE": self.settings.state,
+            "DATASET_STORE": self.settings.dataset_store,
         }
         try:
             image = build_image_environment(self.directory / "image")
             self.harness = open_harness(
                 COMPOSE_FILE, self.directory / "compose", mode=self.settings.mode,  # type: ignore[arg-type]
                 variables=self.variables, image_env=image_environment_variables(image),
+                profiles=self.settings.profiles,
             )
         except (OSError, ComposeError) as exc:
             shutil.rmtree(self.directory, ignore_errors=True)
@@ -165,8 +199,47 @@ class DemoRun:
         return sorted(out)
 
     def audit(self, broker: str) -> list[dict[str, Any]]:
+        if broker == "provider" and self.settings.state == "postgres":
+            return self._pg_audit()
         raw = self.read(f"{broker}-broker", f"/var/lib/{broker}-broker/state/audit.log")
         return [json.loads(line) for line in raw.decode().splitlines() if line.endswith("}")]
+
+    def _pg_audit(self) -> list[dict[str, Any]]:
+        """The provider broker's audit log in the `postgres` service: read with the URL and
+        password file its broker.yaml names (here), or ``kms-broker audit tail --config``
+        next to the broker (Docker). Empty until the broker has created it."""
+        if self.local:
+            import psycopg
+            import yaml
+
+            config = self.harness.host_path("provider-broker", PROVIDER_CONFIG)
+            dsn = yaml.safe_load(config.read_text())["state"]
+            try:
+                with psycopg.connect(dsn, connect_timeout=10) as db:
+                    rows = db.execute("SELECT line FROM audit_log ORDER BY seq").fetchall()
+            except psycopg.errors.UndefinedTable:
+                return []
+            except psycopg.OperationalError as exc:
+                raise PhaseFailed("audit", f"the postgres service is unreachable: {exc}"
+                                  ) from None
+            return [json.loads(bytes(r[0])) for r in rows]
+        done = self.harness.exec("provider-broker", [
+            "kms-broker", "audit", "tail", "--config", PROVIDER_CONFIG, "--limit", "1000000",
+            "--format", "json"])
+        if done.returncode != 0:
+            return []
+        return list(json.loads(done.stdout)["records"])
+
+    def s3_objects(self) -> dict[str, bytes]:
+        """Every object of the dataset's S3 prefix, fetched with the tenant's AWS files."""
+        import base64
+
+        done = self.harness.run("tenant", ["python", "-c", _LIST_S3, S3_DATASET])
+        if done.returncode != 0:
+            raise PhaseFailed("summary", "listing the S3 bucket failed: "
+                              + done.stderr.decode(errors="replace")[-500:])
+        return {name: base64.b64decode(body)
+                for name, body in json.loads(done.stdout).items()}
 
     def log_tail(self, service: str, lines: int = 25) -> str:
         try:
@@ -181,9 +254,15 @@ class DemoRun:
                                      "broker, a software TPM per node"):
             h.up(["bootstrap"])
             h.wait_completed("bootstrap")
+        extra = [s for s in ("postgres", "s3") if s in self.settings.profiles]
+        where = {"postgres": "PostgreSQL (the provider broker's state and audit log)",
+                 "s3": "an S3-compatible server (the dataset)"}
         with self.phase("services", "provider broker, tenant broker, TPMs of node-a and "
-                                    "node-b (waiting for their health checks)"):
-            h.up(["provider-broker", "tenant-broker", "tpm-a", "tpm-b"], wait=True)
+                                    "node-b" + "".join(f", {where[s]}" for s in extra)
+                                    + " (waiting for their health checks)"):
+            if "postgres" in extra:  # initialised and serving before anything else starts
+                h.up(["postgres"], wait=True)
+            h.up([*extra, "provider-broker", "tenant-broker", "tpm-a", "tpm-b"], wait=True)
         for broker in ("provider-broker", "tenant-broker"):
             for line in h.logs(broker).splitlines():
                 if line.startswith("kms-broker ") and " listening on " in line:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -25,9 +26,10 @@ NODE_EVENTS = ("attest", "release", "renew")
 MAX_SCAN = 64 << 20
 
 
+# offline, on the log the config names (a state directory, or the PostgreSQL database)
 _VERIFY_WITH_KEY = (
     'k=$(mktemp) && kms-broker audit public-key --config "$0" > "$k" && '
-    'kms-broker audit verify --public-key "$k" --state-dir "$1" --format json; rc=$?; '
+    'kms-broker audit verify --public-key "$k" --config "$0" --format json; rc=$?; '
     'rm -f "$k"; exit $rc'
 )
 
@@ -101,32 +103,44 @@ def summarise(run: DemoRun, *, keep: bool) -> list[str]:
         say(f"  {row.broker}: {row.event} {row.actor}: {row.reason}")
     for broker in BROKERS:
         home = f"/var/lib/{broker}-broker"
-        state, config = (str(h.host_path(f"{broker}-broker", p)) if run.local else p
-                         for p in (f"{home}/state", f"{home}/broker.yaml"))
+        config = (str(h.host_path(f"{broker}-broker", f"{home}/broker.yaml")) if run.local
+                  else f"{home}/broker.yaml")
         # verify with the broker's audit public key, so authenticity is checked too
-        verified = h.exec(f"{broker}-broker", ["sh", "-c", _VERIFY_WITH_KEY, config, state])
+        verified = h.exec(f"{broker}-broker", ["sh", "-c", _VERIFY_WITH_KEY, config])
         status = _verify_status(verified.stdout.decode(), verified.stderr.decode())
-        say(f"{broker} broker audit log: {len(records[broker])} records, verify: {status}")
+        where = (" (in PostgreSQL)" if broker == "provider" and run.settings.state == "postgres"
+                 else "")
+        say(f"{broker} broker audit log{where}: {len(records[broker])} records, "
+            f"verify: {status}")
 
-    say(_heading("what storage holds (the shared store volume)"))
+    in_s3 = run.settings.store == "s3"
+    say(_heading("what storage holds (the shared store volume"
+                 + (f" and the bucket {run.settings.dataset_store})" if in_s3 else ")")))
     corpus = {p.name: p.read_text() for p in sorted(CORPUS.iterdir()) if p.is_file()}
-    files = run.list_files("tenant", "/store")
+    objects: list[tuple[str, int, Callable[[], bytes]]] = [
+        (name, size, lambda n=name: run.read("tenant", f"/store/{n}"))
+        for name, size in run.list_files("tenant", "/store")]
+    if in_s3:
+        objects += [(f"s3:{name}", len(body), lambda b=body: b)
+                    for name, body in sorted(run.s3_objects().items())]
     total_hits = 0
-    first_shard = ""
-    for name, size in files:
+    first_shard, first_bytes = "", b""
+    for name, size, body in objects:
         if name.startswith("jobs/"):
             kind = "job description (ids only)"
         elif name.startswith("checkpoints/"):
             kind = "encrypted checkpoint"
-        elif name.startswith(MANIFEST_PREFIX):
+        elif name.removeprefix("s3:").startswith(MANIFEST_PREFIX):
             kind = "encrypted manifest"
         else:
             kind = "encrypted shard"
             first_shard = first_shard or name
-        hits = plaintext_hits(run.read("tenant", f"/store/{name}"), corpus.values())
-        total_hits += hits
+        data = body()
+        total_hits += plaintext_hits(data, corpus.values())
+        if name == first_shard:
+            first_bytes = data[:64]
         say(f"  {name:<58} {human_size(size):>10}  {kind}")
-    say(f"objects: {len(files)}; corpus lines found in any of them: {total_hits}")
+    say(f"objects: {len(objects)}; corpus lines found in any of them: {total_hits}")
     if run.local:
         written = [p for p in (run.directory / "compose").rglob("*")
                    if p.is_file() and not p.is_symlink()]
@@ -135,10 +149,9 @@ def summarise(run: DemoRun, *, keep: bool) -> list[str]:
         say(f"every file the services wrote (volumes, logs, homes, temp dirs): {len(written)}; "
             f"containing corpus text: {len(leaked)}")
     if first_shard:
-        data = run.read("tenant", f"/store/{first_shard}")
         say(f"\nfirst bytes of {first_shard} (what storage and the node operator see):")
-        for offset in range(0, min(len(data), 64), 16):
-            chunk = data[offset:offset + 16]
+        for offset in range(0, len(first_bytes), 16):
+            chunk = first_bytes[offset:offset + 16]
             say(f"  {offset:04x}  {chunk.hex(' ')}")
     name, text = next(iter(corpus.items()))
     say(f"\nwhat the tenant has on its own machine (deploy/config/corpus/{name}):")

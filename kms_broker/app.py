@@ -185,7 +185,7 @@ def open_pg_audit(repo: Any, hsm: Any, now_ms: Any) -> Any:
     against the HSM's anchor: a log that lost anchored records refuses to start."""
     from kms_broker.audit_pg import PgAuditLog
 
-    audit = PgAuditLog(repo.pool, now_ms=now_ms, sign=hsm.sign,
+    audit = PgAuditLog(repo.transactions, now_ms=now_ms, sign=hsm.sign,
                        anchor=lambda seq, head: hsm.set_audit_anchor(seq, bytes.fromhex(head)))
     held = hsm.audit_anchor()
     if held is not None:
@@ -238,6 +238,8 @@ def build_server(config: BrokerConfig, *, hsm: Any = None, worker: int | None = 
         load_policy=Policy.from_yaml,
         settings=settings,
         reference_values=config.reference_values,
+        # PostgreSQL: an action's state change and its audit record commit together
+        **({"unit_of_work": repo.unit_of_work} if config.state != "sqlite" else {}),
     )
     tls = TlsMaterial(ca_pem=config.ca.read_bytes(), cert_pem=config.cert.read_bytes(),
                       key_pem=config.key.read_bytes())

@@ -10,16 +10,27 @@ Table ``audit_log``::
                                 of seq, time_ms, prev, event, actor, subject, outcome,
                                 reason[, sig], hash (see kms_broker.audit), without "\\n"
 
-An append is one transaction on the state database: it takes a transaction-scoped advisory
-lock (replicas append in turn), reads the head (the last row, re-checked: its hash must match
-its content, or nothing is chained onto it and the append fails with ``Unavailable``), inserts
-the next record and commits; the commit is durable (``synchronous_commit`` on) before
-:meth:`PgAuditLog.append` returns, so callers keep the write-before-act order of the file log:
-the action happens only after its record is committed. Every ``checkpoint_every`` records, and
-at :meth:`seal`, a checkpoint signed by the HSM over the head is inserted under the same
-lock; :meth:`seal` then stores the head as the HSM anchor (``Hsm.set_audit_anchor``, never
-moving back), which the broker checks at start (:func:`kms_broker.app.check_audit_anchor`
-works on this log through :meth:`PgAuditLog.lines`).
+An append takes a transaction-scoped advisory lock (replicas append in turn), reads the head
+(the last row, re-checked: its hash must match its content, or nothing is chained onto it and
+the append fails with ``Unavailable``) and inserts the next record. Outside a unit of work it
+is one transaction of its own, durable (``synchronous_commit`` on) before
+:meth:`PgAuditLog.append` returns (write-before-act, as with the file log). Inside the
+repository's unit of work (:meth:`kms_broker.state.postgres.PostgresRepository.unit_of_work`,
+the same :class:`~kms_broker.state.postgres.PgTransactions`), the record joins the
+transaction of the action it records: the action's state change and its record commit
+together or not at all (the lock is held to that commit, so the domain appends last). Any
+database error, a refusing trigger included, is ``Unavailable`` (fail closed).
+
+Every ``checkpoint_every`` records, and at :meth:`seal`, a checkpoint signed by the HSM over
+the head is inserted under the same lock; :meth:`seal` then stores the head as the HSM
+anchor (``Hsm.set_audit_anchor``, never moving back), which the broker checks at start
+(:func:`kms_broker.app.check_audit_anchor` works on this log through
+:meth:`PgAuditLog.lines`).
+
+Table ``audit_anchor`` (one row, ``id = 1``) holds the head last anchored on the HSM, signed
+by the broker key over :func:`kms_broker.audit.anchor_message` (``seq BIGINT, hash TEXT,
+sig BYTEA``; it only moves forward), the counterpart of the file log's ``audit.anchor`` for
+offline ``kms-broker audit verify --state postgresql://...`` (:func:`read_pg_audit`).
 
 :func:`kms_broker.audit.verify_log`, ``check_anchor`` and ``tail_log`` read this log through
 ``PgAuditLog.path`` (an object with ``lines()``), so ``VerifyAudit``/``TailAudit`` and
@@ -37,18 +48,22 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import PoolTimeout
 
-from kms_broker.audit import GENESIS, _record_hash, checkpoint_message
+from kms_broker.audit import GENESIS, Anchor, _record_hash, anchor_message, checkpoint_message
 from kms_broker.domain.errors import Unavailable
 from kms_broker.encoding import canonical_json
+from kms_broker.state.postgres import PgTransactions
 
-__all__ = ["PgAuditLog"]
+__all__ = ["PgAuditLog", "read_pg_audit"]
 
 _LOCK_NS, _LOCK_AUDIT = 0x6B6D73, 3  # kms_broker.state.postgres uses 1 and 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit_log (
-    seq BIGINT PRIMARY KEY, hash TEXT NOT NULL, line BYTEA NOT NULL)
+    seq BIGINT PRIMARY KEY, hash TEXT NOT NULL, line BYTEA NOT NULL);
+CREATE TABLE IF NOT EXISTS audit_anchor (
+    id SMALLINT PRIMARY KEY CHECK (id = 1), seq BIGINT NOT NULL, hash TEXT NOT NULL,
+    sig BYTEA NOT NULL)
 """
 
 
@@ -66,10 +81,10 @@ class _Lines:
 
 
 class PgAuditLog:
-    def __init__(self, pool: ConnectionPool, *, now_ms: Callable[[], int],
+    def __init__(self, transactions: PgTransactions, *, now_ms: Callable[[], int],
                  sign: Callable[[bytes], bytes] | None = None, checkpoint_every: int = 64,
                  anchor: Callable[[int, str], None] | None = None) -> None:
-        self._pool = pool
+        self._tx = transactions
         self._now_ms = now_ms
         self._sign = sign
         self._every = checkpoint_every
@@ -80,9 +95,9 @@ class PgAuditLog:
 
     def _run(self, fn: Callable[[psycopg.Connection], Any]) -> Any:
         try:
-            with self._pool.connection() as conn, conn.transaction():
+            with self._tx.transaction() as conn:
                 return fn(conn)
-        except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
+        except (psycopg.Error, PoolTimeout) as exc:  # a refusing trigger too: fail closed
             raise Unavailable(f"audit log unavailable: {type(exc).__name__}") from None
 
     # ------------------------------------------------------------------ reading
@@ -189,8 +204,61 @@ class PgAuditLog:
         seq, head = self._run(op)
         if self._anchor is not None and seq > self._anchored:
             self._anchor(seq, head)
+            if self._sign is not None:  # for offline verification, after the HSM anchor
+                self._store_signed_anchor(Anchor(seq, head,
+                                                 self._sign(anchor_message(seq, head))))
             self._anchored = seq
         return seq
 
+    def _store_signed_anchor(self, anchor: Anchor) -> None:
+        self._run(lambda c: c.execute(
+            "INSERT INTO audit_anchor VALUES (1, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
+            "seq=EXCLUDED.seq, hash=EXCLUDED.hash, sig=EXCLUDED.sig "
+            "WHERE audit_anchor.seq < EXCLUDED.seq", (anchor.seq, anchor.hash, anchor.sig)))
+
     def close(self) -> None:
         """The pool belongs to the repository; nothing of its own to close."""
+
+
+class _OfflineLines:
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self._conn = conn
+
+    def lines(self) -> Iterator[bytes]:
+        after = 0
+        while True:
+            rows = self._conn.execute(
+                "SELECT seq, line FROM audit_log WHERE seq>%s ORDER BY seq LIMIT 1000",
+                (after,)).fetchall()
+            if not rows:
+                return
+            for seq, line in rows:
+                after = seq
+                yield bytes(line)
+
+    def __str__(self) -> str:
+        return "audit_log (PostgreSQL)"
+
+
+def read_pg_audit(conn: psycopg.Connection) -> tuple[Any, Anchor | None]:
+    """For offline verification on a connection of its own (read only, nothing created):
+    the log (an object with ``lines()`` for :func:`kms_broker.audit.verify_log`) and its
+    signed anchor (None when none was stored). ``ValueError`` when the database holds no
+    audit log, or a malformed anchor."""
+    tables = {r[0] for r in conn.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = "
+        "current_schema() AND table_name IN ('audit_log', 'audit_anchor')")}
+    if "audit_log" not in tables:
+        raise ValueError("the database holds no audit log (table audit_log)")
+    anchor = None
+    if "audit_anchor" in tables:
+        row = conn.execute("SELECT seq, hash, sig FROM audit_anchor WHERE id=1").fetchone()
+        if row is not None:
+            seq, digest, sig = row
+            try:
+                if seq < 0 or len(bytes.fromhex(digest)) != 32:
+                    raise ValueError("bad field")
+            except (ValueError, TypeError):
+                raise ValueError("the stored audit anchor is malformed") from None
+            anchor = Anchor(seq, digest, bytes(sig))
+    return _OfflineLines(conn), anchor

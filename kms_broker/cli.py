@@ -17,7 +17,8 @@
     kms-broker node enrol NODE --tcti TCTI ...     (on the node, operator certificate)
     kms-broker node revoke|reinstate NODE ...      (operator certificate)
     kms-broker node list ...                       (enrolled nodes, revoked state)
-    kms-broker audit verify|tail --state-dir DIR   (offline) or --broker ADDR (online)
+    kms-broker audit verify|tail --state-dir DIR | --state postgresql://... |
+                                 --config broker.yaml   (offline) or --broker ADDR (online)
     kms-broker audit public-key --config broker.yaml   (PEM, for verify --public-key)
     kms-broker completion bash|zsh                 (shell completion script)
 
@@ -753,18 +754,21 @@ def cmd_node_reinstate(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     from kms_broker.audit import read_anchor_file, tail_log, verify_log
 
-    if args.state_dir is not None:
-        log_path = args.state_dir / "audit.log"
+    state_dir, dsn = args.state_dir, _offline_state(args)
+    if dsn == "sqlite":  # broker.yaml with the embedded default
+        state_dir, dsn = load_config_for_audit(args.config).state_dir, None
+    if dsn is not None:
+        return _audit_offline_pg(args, dsn)
+    if state_dir is not None:
+        log_path = state_dir / "audit.log"
         if not log_path.exists():
             raise CliError(f"no audit log at {log_path}")
         if args.action == "verify":
-            return _verify_offline(args, log_path, read_anchor_file, verify_log)
-        records = list(tail_log(log_path, args.limit))
-        if _json(args):
-            emit_json({"records": records})
-        else:
-            for rec in records:
-                print(json.dumps(rec, sort_keys=True))
+            anchor_path = log_path.with_name("audit.anchor")
+            return _verify_offline(
+                args, log_path, lambda: read_anchor_file(anchor_path), verify_log,
+                missing=f"no anchor file at {anchor_path}")
+        _print_tail(args, list(tail_log(log_path, args.limit)))
         return 0
     bad = 0
     rows: list[dict[str, Any]] = []
@@ -814,12 +818,80 @@ def _public_key_arg(text: str) -> bytes:
         raise CliError("--public-key must be a PEM file or hex SEC1 bytes") from None
 
 
-def _verify_offline(args: argparse.Namespace, log_path: Path, read_anchor: Any,
-                    verify: Any) -> int:
+def _print_tail(args: argparse.Namespace, records: list[Any]) -> None:
+    if _json(args):
+        emit_json({"records": records})
+    else:
+        for rec in records:
+            print(json.dumps(rec, sort_keys=True))
+
+
+def load_config_for_audit(path: Path) -> Any:
+    from kms_broker.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _offline_state(args: argparse.Namespace) -> str | None:
+    """``--state URL`` or the ``state`` of ``--config broker.yaml`` (None: neither given)."""
+    from kms_broker.config import ConfigError, parse_state
+
+    if args.state is not None and args.config is not None:
+        raise CliError("give --state or --config, not both", EXIT_USAGE)
+    if args.state is not None:
+        try:
+            return parse_state(args.state)
+        except ConfigError as exc:
+            raise CliError(f"--state: {exc}", EXIT_USAGE) from None
+    if args.config is not None:
+        return str(load_config_for_audit(args.config).state)
+    return None
+
+
+def _audit_offline_pg(args: argparse.Namespace, dsn: str) -> int:
+    """``audit verify|tail`` on the audit log in the broker's PostgreSQL database, read on a
+    connection of its own in a read-only transaction (nothing created or changed)."""
+    import psycopg
+
+    from kms_broker.audit import tail_log, verify_log
+    from kms_broker.audit_pg import read_pg_audit
+    from kms_broker.state.postgres import safe_dsn
+
+    try:
+        conn = psycopg.connect(dsn, connect_timeout=10)
+    except psycopg.Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CliError(f"cannot connect to {safe_dsn(dsn)}: {first}",
+                       EXIT_UNREACHABLE) from None
+    try:
+        conn.read_only = True
+        with conn.transaction():  # one snapshot: the records and the anchor agree
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            try:
+                source, anchor = read_pg_audit(conn)
+            except ValueError as exc:
+                raise CliError(f"{safe_dsn(dsn)}: {exc}") from None
+            if args.action == "verify":
+                return _verify_offline(args, source, lambda: anchor, verify_log,
+                                       missing="no signed anchor in table audit_anchor")
+            _print_tail(args, list(tail_log(source, args.limit)))
+            return 0
+    except psycopg.Error as exc:
+        raise CliError(f"reading the audit log from {safe_dsn(dsn)} failed: "
+                       f"{type(exc).__name__}") from None
+    finally:
+        conn.close()
+
+
+def _verify_offline(args: argparse.Namespace, log_path: Any, read_anchor: Any,
+                    verify: Any, *, missing: str) -> int:
     """Exit 0: intact and authentic; 1: tampering found (or, with a key, no signed anchor);
-    2: chain intact but authenticity not checked (no key)."""
+    2: chain intact but authenticity not checked (no key). ``log_path``: the file log, or
+    the PostgreSQL log's lines; ``read_anchor()``: its signed anchor or None."""
     key = _public_key_arg(args.public_key) if args.public_key else None
-    anchor_path = log_path.with_name("audit.anchor")
 
     def report(status: str, detail: str, code: int) -> int:
         if _json(args):
@@ -831,7 +903,7 @@ def _verify_offline(args: argparse.Namespace, log_path: Path, read_anchor: Any,
         return code
 
     try:
-        anchor = read_anchor(anchor_path)
+        anchor = read_anchor()
     except ValueError as exc:
         return report("TAMPERED", str(exc), 1)
     result = verify(log_path, key, anchor)
@@ -842,7 +914,7 @@ def _verify_offline(args: argparse.Namespace, log_path: Path, read_anchor: Any,
               "the broker wrote this log", file=sys.stderr)
         return report("CHAIN_INTACT_UNAUTHENTICATED", result.problem, 2)
     if anchor is None:
-        return report("TAMPERED", f"no anchor file at {anchor_path}: records cut from the end "
+        return report("TAMPERED", f"{missing}: records cut from the end "
                       f"of the log cannot be ruled out ({result.problem})", 1)
     return report("OK", result.problem, 0)
 
@@ -1031,6 +1103,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("verify", "tail"):
         p = au.add_parser(name, help=f"{name} the hash-chained audit log")
         p.add_argument("--state-dir", type=Path, help="read the log offline from here")
+        p.add_argument("--state", metavar="postgresql://...",
+                       help="read the log offline from the broker's PostgreSQL database "
+                            "(no password in the URL: passfile=... or PGPASSFILE)")
+        p.add_argument("--config", type=Path, metavar="broker.yaml",
+                       help="read the log offline from the state this broker config names")
         p.add_argument("--public-key", help="broker audit key: PEM file from `audit "
                        "public-key`, or hex SEC1; checks checkpoints and the anchor")
         p.add_argument("--limit", type=int, default=20)

@@ -8,7 +8,10 @@ Creates, once (a second run finds ``/pki/bootstrapped`` and does nothing):
   that uses it. The CA key stays in the ``pki`` volume, which only this service mounts;
 - a SoftHSM token per broker (``kms-broker hsm init``) in that broker's token volume, with a
   random user PIN in a 0600 file there; the SO PIN is used once and deleted;
-- ``broker.yaml`` for each broker, rendered from ``/deploy/config/broker.yaml.tmpl``;
+- ``broker.yaml`` for each broker, rendered from ``/deploy/config/broker.yaml.tmpl``: state
+  in SQLite, or for the provider broker with ``--provider-state postgres`` in the
+  ``postgres`` service (``--postgres-url``, whose ``passfile=`` is the password file that
+  service writes on its first start; the tenant's own broker keeps SQLite);
 - a test EK manufacturer CA and, per node, swtpm state with an EK certificate it signed
   (``attest.swtpm``); the EK CA's root (``ek-root.pem``) and issuing CA
   (``ek-intermediates.pem``) go to each broker, which trusts them for TPM enrolment;
@@ -32,6 +35,7 @@ into 0600 files that ``kms-broker hsm init`` reads.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import shutil
@@ -148,8 +152,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="how long a released share's lease lasts before renewal")
     parser.add_argument("--s3-endpoint", default="https://s3:9000",
                         help="URL of the development S3 server, as the services reach it")
+    parser.add_argument("--provider-state", choices=("sqlite", "postgres"), default="sqlite",
+                        help="the provider broker's state: embedded SQLite, or the `postgres` "
+                             "service (--postgres-url)")
+    parser.add_argument("--postgres-url", default="",
+                        help="postgresql:// URL of the `postgres` service (passfile=..., no "
+                             "password), as the provider broker reaches it")
     args = parser.parse_args(argv)
     root = args.root.rstrip("/")
+    if args.provider_state == "postgres" and not args.postgres_url:
+        parser.error("--provider-state postgres needs --postgres-url")
+    state = {"provider": args.postgres_url if args.provider_state == "postgres" else "sqlite",
+             "tenant": "sqlite"}
 
     def at(container_path: str) -> Path:
         return Path(root + container_path)
@@ -192,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         (data / "broker.yaml").write_text(template.substitute(
             broker_id=broker, listen=listen[broker], data=str(data), hsm=str(hsm),
             cert=f"broker-{broker}", lease_ms=args.lease_ttl_ms,
+            state=json.dumps(state[broker]),  # a JSON string is a YAML string
         ))
 
     _log(f"tenant {args.tenant} and operator {args.operator} certificates")

@@ -75,13 +75,22 @@ class Admin:
         self.d.audit.append(event, actor=actor, subject=subject, outcome="allowed", reason=reason)
 
     @contextlib.contextmanager
-    def _acting(self, event: str, actor: str, subject: str, reason: str = "") -> Iterator[None]:
-        """Audit the action (fail closed), run it, and if it fails, audit the failure."""
-        self._audit(event, actor, subject, reason)
+    def _acting(self, event: str, actor: str, subject: str, reason: str = "", *,
+                atomic: bool = True) -> Iterator[None]:
+        """Audit the action (fail closed), run it, and if it fails, audit the failure. The
+        record is written first (write-before-act). ``atomic``: the record and the action's
+        state changes are one unit of work (PostgreSQL: one transaction, so a failed action
+        leaves no "allowed" record and a failed append no change)."""
+        audited = False
         try:
-            yield
+            with self.d.unit_of_work() if atomic else contextlib.nullcontext():
+                self._audit(event, actor, subject, reason)
+                audited = True
+                yield
         except BaseException as exc:
-            self._audit_error(event, actor, subject, f"failed: {type(exc).__name__}: {exc}")
+            if audited:  # after the rollback, if any: a record of its own
+                self._audit_error(event, actor, subject,
+                                  f"failed: {type(exc).__name__}: {exc}")
             raise
 
     def _audit_error(self, event: str, actor: str, subject: str, reason: str) -> None:
@@ -143,9 +152,10 @@ class Admin:
             raise error
         upload_id = self.d.random.token_id()
         expires = now + self.d.settings.upload_ttl_ms
+        # not atomic: the upload row must commit before the HSM makes its import key
         with self._acting("open_upload", f"tenant:{tenant_id}",
                           f"dataset:{tenant_id}/{dataset_id}",
-                          f"upload {upload_id}, key version {key_version}"):
+                          f"upload {upload_id}, key version {key_version}", atomic=False):
             # the row first: the janitor finds every import key through its upload row, so
             # a key pair the HSM made is never left on the token with nothing naming it
             if dataset is None:
@@ -358,10 +368,18 @@ class Admin:
         self._tenant(tenant_id, "shred_tenant")
         with self._acting("shred_tenant", f"tenant:{tenant_id}", f"tenant:{tenant_id}"):
             self.d.repo.set_tenant_status(tenant_id, "shredded")
-            with hsm_errors("shredding"):
-                destroyed = self.d.hsm.destroy_tenant_keks(tenant_id)
             leases = self.d.repo.revoke_leases(now_ms=self.d.clock.now_ms(),
                                                tenant_id=tenant_id)
+        # the HSM's destruction cannot be rolled back: only after the record and the
+        # status committed (a tenant marked shredded gets no release even if this fails)
+        try:
+            with hsm_errors("shredding"):
+                destroyed = self.d.hsm.destroy_tenant_keks(tenant_id)
+        except BaseException as exc:
+            self._audit_error("shred_tenant", f"tenant:{tenant_id}", f"tenant:{tenant_id}",
+                              f"failed: {type(exc).__name__}: {exc}")
+            self.d.revocations.publish(leases, f"tenant {tenant_id} shredded")
+            raise
         self.d.revocations.publish(leases, f"tenant {tenant_id} shredded")
         return destroyed
 

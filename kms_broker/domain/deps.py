@@ -98,6 +98,12 @@ class BrokerDeps:
     reference_values: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     on_denial: Callable[[str], None] = lambda reason: None  # metrics hook
     binding_checks: BindingVerifier | None = None  # made on first use from the HSM key
+    # One transaction for an action's state change and its audit record, where the state
+    # store and the audit log share one (PostgreSQL: PostgresRepository.unit_of_work): both
+    # commit or neither does. The default (SQLite state, file log) is no transaction: each
+    # call commits alone and the domain keeps write-before-act. No denial is audited inside
+    # one (a denial's record must stand when the action is rolled back).
+    unit_of_work: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
 
     def sign_tenant(self, tenant_id: str, signing_public_key: bytes) -> bytes:
         """The broker's signature binding a tenant id to its grant-signing key."""

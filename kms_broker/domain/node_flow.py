@@ -568,22 +568,36 @@ class NodeFlow:
             raise Unauthenticated("the token's session no longer exists")
         # The lease-room check and the lease that takes the room are one repository step
         # (one write transaction), so two nodes releasing at once, through one broker process
-        # or several sharing the state, cannot both fit under max_nodes. The lease is taken
-        # before sealing and dropped again if sealing or the audit fails.
+        # or several sharing the state, cannot both fit under max_nodes. The lease and the
+        # release's audit record are one unit of work (PostgreSQL: one transaction, so no
+        # lease commits without its record), both before sealing; the lease is dropped again
+        # if the audit or sealing fails.
+        written: list[int] = []
+
         def take(grant: Grant, now: int) -> Lease | None:
             lease = Lease(
                 lease_id=self.d.random.token_id(), node_id=node_id, grant_id=grant.grant_id,
                 tenant_id=tenant_id, dataset_id=dataset_id,
                 expires_ms=min(now + self.d.settings.lease_ttl_ms, grant.expires_ms),
             )
-            return lease if self.d.repo.take_lease(lease, now_ms=now,
-                                                   max_nodes=grant.max_nodes) else None
+            try:
+                with self.d.unit_of_work():
+                    if not self.d.repo.take_lease(lease, now_ms=now, max_nodes=grant.max_nodes):
+                        return None
+                    written.append(self.d.audit.write(
+                        "release", actor=actor, subject=subject, outcome="allowed",
+                        reason=f"grant {grant.grant_id}, job {claims.job_id}"))
+            except BaseException:
+                with contextlib.suppress(Exception):  # without a unit of work it committed
+                    self.d.repo.drop_lease(lease.lease_id)
+                raise
+            return lease
 
-        grant, lease = self._authorize(claims, node_id, tenant_id, dataset_id, actor, subject,
-                                       tenant.signing_public_key, session_claims, take)
+        _grant, lease = self._authorize(claims, node_id, tenant_id, dataset_id, actor, subject,
+                                        tenant.signing_public_key, session_claims, take)
         try:
             sealed, transcript = self._seal(claims, session, share, tenant_id, dataset_id,
-                                            key_version, grant, actor, subject,
+                                            key_version, written[0], actor, subject,
                                             share_index=dataset.share_index)
         except BaseException:
             with contextlib.suppress(Exception):
@@ -593,17 +607,16 @@ class NodeFlow:
                              lease.lease_id, lease.expires_ms)
 
     def _seal(self, claims: TokenClaims, session: Any, share: Any, tenant_id: str,
-              dataset_id: str, key_version: int, grant: Grant, actor: str,
+              dataset_id: str, key_version: int, seq: int, actor: str,
               subject: str, *, share_index: int) -> tuple[bytes, bytes]:
+        """Seal the share; ``seq``: the release's audit record, written before the HSM acts
+        (fail closed). The sealed share leaves only once the record is durable (the file
+        log's sync overlaps the HSM call; a PostgreSQL record committed with its lease)."""
         transcript = release_transcript(
             session_id=claims.session_id, nonce=session.nonce, tenant_id=tenant_id,
             dataset_id=dataset_id, key_version=key_version,
             broker_id=self.d.settings.broker_id, node_public_key=claims.node_key,
         )
-        # fail closed: the record is written before the HSM acts, and the sealed share leaves
-        # only once the record is on disk (the sync overlaps the HSM call)
-        seq = self.d.audit.write("release", actor=actor, subject=subject, outcome="allowed",
-                                 reason=f"grant {grant.grant_id}, job {claims.job_id}")
         try:
             with hsm_errors("sealing"):
                 # bound inside the HSM: a share row moved from another dataset, key version
@@ -756,7 +769,8 @@ class NodeFlow:
             raise self.d.deny("renew", actor=actor, subject=subject,
                               reason=f"{failed[0].name}: {failed[0].reason}", rules=tuple(failed))
         expires = min(now + self.d.settings.lease_ttl_ms, grant.expires_ms)
-        self.d.audit.append("renew", actor=actor, subject=subject, outcome="allowed",
-                            reason=f"grant {grant.grant_id}")
-        self.d.repo.extend_lease(lease_id, expires)
+        with self.d.unit_of_work():  # the extension and its record commit together
+            self.d.audit.append("renew", actor=actor, subject=subject, outcome="allowed",
+                                reason=f"grant {grant.grant_id}")
+            self.d.repo.extend_lease(lease_id, expires)
         return expires

@@ -20,11 +20,19 @@ transaction in the database, never a check in a process's memory:
   and a reader that remembers the highest id it saw never skips a later commit.
 
 Every write commits before it returns (``synchronous_commit`` is the server's, ``on`` by
-default: the commit is flushed to the WAL). ``psycopg.OperationalError`` (server down,
-connection lost, pool exhausted for ``POOL_TIMEOUT_S``) becomes ``Unavailable`` so callers
-fail closed; the pool checks a connection before handing it out and opens new ones as the
-server comes back (each request retries the connection), so a broker recovers from a
-database restart without being restarted.
+default: the commit is flushed to the WAL), except inside a unit of work
+(:meth:`PostgresRepository.unit_of_work`): there every repository call and every audit append
+(:mod:`kms_broker.audit_pg` shares :class:`PgTransactions`) made by the calling thread joins
+one transaction on one connection, committed when the block ends and rolled back, all of it,
+when the block raises or the commit fails (or the process dies before it). The domain wraps an
+action and its audit record in one, so neither commits without the other. A unit of work ends
+at its first error (PostgreSQL aborts the transaction): callers do not catch inside one.
+
+``psycopg.OperationalError`` (server down, connection lost, pool exhausted for
+``POOL_TIMEOUT_S``) becomes ``Unavailable`` so callers fail closed; the pool checks a
+connection before handing it out and opens new ones as the server comes back (each request
+retries the connection), so a broker recovers from a database restart without being
+restarted.
 Unique and foreign-key violations become ``AlreadyExists``, as in SQLite; a value PostgreSQL
 cannot store (a NUL character in TEXT) becomes ``InvalidArgument``.
 
@@ -36,10 +44,11 @@ certificate; :func:`safe_dsn` is what logs and errors show.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import psycopg
@@ -59,7 +68,7 @@ from kms_broker.domain.model import (
 )
 from kms_broker.domain.revocations import RevocationEvent
 
-__all__ = ["PostgresRepository", "safe_dsn"]
+__all__ = ["PgTransactions", "PostgresRepository", "safe_dsn"]
 
 POOL_MAX = 8
 POOL_TIMEOUT_S = 5.0
@@ -150,14 +159,50 @@ def safe_dsn(dsn: str) -> str:
     return psycopg.conninfo.make_conninfo(**{k: v for k, v in params.items() if v is not None})
 
 
+class PgTransactions:
+    """Where a statement runs: in the calling thread's unit of work when one is open, else in a
+    transaction of its own on a pooled connection (committed on return, rolled back on any
+    error). Shared by the repository and the audit log on the same pool."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection]:
+        joined = getattr(self._local, "conn", None)
+        if joined is not None:  # committed or rolled back with the unit of work
+            yield joined
+            return
+        with self.pool.connection() as conn, conn.transaction():
+            yield conn
+
+    @contextlib.contextmanager
+    def unit_of_work(self) -> Iterator[None]:
+        """One transaction for everything this thread does inside the block (a nested block
+        is part of the outer one). ``Unavailable`` when it cannot start or commit."""
+        if getattr(self._local, "conn", None) is not None:
+            yield
+            return
+        try:
+            with self.pool.connection() as conn, conn.transaction():
+                self._local.conn = conn
+                try:
+                    yield
+                finally:
+                    self._local.conn = None
+        except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
+            raise Unavailable(f"state store unavailable: {type(exc).__name__}") from None
+
+
 def _guarded(fn: Callable[..., T]) -> Callable[..., T]:
-    """Run the method in one transaction on a pooled connection (committed on return, rolled
-    back on any error) and map database errors to domain errors."""
+    """Run the method in one transaction (its own, or the thread's unit of work) and map
+    database errors to domain errors."""
 
     @functools.wraps(fn)
     def wrapper(self: PostgresRepository, *args: Any, **kwargs: Any) -> T:
         try:
-            with self._pool.connection() as conn, conn.transaction():
+            with self._tx.transaction() as conn:
                 return fn(self, conn, *args, **kwargs)
         except pg_errors.IntegrityError as exc:
             raise AlreadyExists(f"already exists or violates a reference: "
@@ -169,6 +214,8 @@ def _guarded(fn: Callable[..., T]) -> Callable[..., T]:
             raise Unavailable(f"state store unavailable: {type(exc).__name__}") from None
         except psycopg.InterfaceError as exc:  # a connection closed under us
             raise Unavailable(f"state store unavailable: {type(exc).__name__}") from None
+        except psycopg.Error as exc:  # anything else the server refused (a trigger, ...)
+            raise Unavailable(f"state store refused the change: {type(exc).__name__}") from None
 
     return wrapper
 
@@ -192,6 +239,7 @@ class PostgresRepository:
             self._pool.close()
             raise Unavailable(f"state store unavailable: cannot connect to "
                               f"{safe_dsn(dsn)}") from None
+        self._tx = PgTransactions(self._pool)
         self._listen_lock = threading.Lock()
         self._listener: psycopg.Connection | None = None
         try:
@@ -202,8 +250,19 @@ class PostgresRepository:
 
     @property
     def pool(self) -> ConnectionPool:
-        """The connection pool (the audit log in the same database uses it too)."""
+        """The connection pool."""
         return self._pool
+
+    @property
+    def transactions(self) -> PgTransactions:
+        """Where statements run (the audit log in the same database shares it, so its
+        appends join the repository's units of work)."""
+        return self._tx
+
+    def unit_of_work(self) -> contextlib.AbstractContextManager[None]:
+        """One transaction for the repository calls and audit appends made by this thread
+        inside the block (see the module docstring)."""
+        return self._tx.unit_of_work()
 
     def close(self) -> None:
         with self._listen_lock:

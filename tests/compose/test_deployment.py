@@ -54,7 +54,10 @@ def test_compose_file_declares_the_deployment():
             for name, s in services.items()} == {
         "bootstrap": set(),
         **{name: {("bootstrap", "service_completed_successfully")}
-           for name in ("provider-broker", "tenant-broker", "tpm-a", "tpm-b")},
+           for name in ("tenant-broker", "tpm-a", "tpm-b")},
+        # the postgres service when its profile is on (PROVIDER_BROKER_STATE=postgres)
+        "provider-broker": {("bootstrap", "service_completed_successfully"),
+                            ("postgres", "service_healthy")},
         "enrol": {(b, "service_healthy")
                   for b in ("provider-broker", "tenant-broker", "tpm-a", "tpm-b")},
         "tenant": {("provider-broker", "service_healthy"), ("tenant-broker", "service_healthy"),
