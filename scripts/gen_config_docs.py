@@ -51,7 +51,10 @@ def job_page() -> str:
             "The job file of `trainer --attest --job job.yaml` and `trainer validate`. Unknown "
             "keys and wrong types are refused by name. Dotted keys are nested mappings; "
             "`brokers[].x` is a key of each broker in the `brokers` list. A worked example: "
-            "[the walkthrough](../walkthrough.md), step 9.\n\n"
+            "[the walkthrough](../walkthrough.md), step 9. What a node measures of it "
+            "(`job.digest` and the `job.*` claims a policy or grant pins) is printed offline "
+            "by `trainer job-digest --job job.yaml` (with `--manifest NAME --key-version N` "
+            "when the file leaves them to the brokers; see `trainer --help`).\n\n"
             + _table(entries()))
 
 

@@ -4,6 +4,8 @@
     torchrun --nproc-per-node 2 -m trainer --attest --job JOB.yaml
     trainer check                            run the process-hardening self-check
     trainer validate --job JOB.yaml [--format json]   check a job file, print what it runs
+    trainer job-digest --job JOB.yaml [--manifest NAME] [--key-version N] [--format json]
+                                             the job digest and claims a node would measure
     trainer completion bash|zsh              shell completion script
     trainer --version
 
@@ -58,6 +60,14 @@ commands:
   validate    load and validate --job, check the files it names exist, print a summary
               (--format json: one JSON document), get no keys (exit 2 when something is
               missing)
+  job-digest  print the job digest and the job claims (job.*) a node measures into its
+              evidence for --job, without running anything: what a tenant pins in
+              params.allowed_job_digests or a grant's job.digest (--format json: one
+              JSON document). The digest covers the dataset's key version and manifest
+              as the node runs them: a job file that leaves them to the brokers needs
+              --manifest NAME (the name `kms-broker dataset upload` printed) and
+              --key-version N (exit 2 when one is needed and missing, or differs from
+              what the job file names). Needs none of the files the job names.
   completion  print a shell completion script: source <(trainer completion bash)
 
 exit codes: 0 ok, 1 failure, 2 usage / invalid job, 3 key revoked, 4 attestation denied,
@@ -81,7 +91,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_version(p)
-    p.add_argument("command", nargs="?", choices=("train", "check", "validate", "completion"),
+    p.add_argument("command", nargs="?", choices=("train", "check", "validate", "job-digest",
+                                                   "completion"),
                    default="train", help="what to do (default: train)")
     p.add_argument("shell", nargs="?", choices=("bash", "zsh"), help=argparse.SUPPRESS)
     add_format(p, top=True)
@@ -98,6 +109,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", default=os.environ.get("TRAINER_LOG_FORMAT", "text"),
                    choices=("text", "json"),
                    help="text lines or one JSON object per line (env TRAINER_LOG_FORMAT)")
+    p.add_argument("--manifest", metavar="NAME",
+                   help="job-digest: the dataset's manifest object name, when the job file "
+                        "leaves it to the brokers")
+    p.add_argument("--key-version", type=int, metavar="N",
+                   help="job-digest: the dataset's key version, when the job file leaves it "
+                        "to the brokers")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads per process (overrides the job's `threads`; default: "
                         "the cores this process may use, divided among the node's ranks)")
@@ -177,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         return _check(json_output=args.format == "json")
     config = _load(parser, args.job)
+    if args.command == "job-digest":
+        return _job_digest(config, args.manifest, args.key_version,
+                           json_output=args.format == "json")
+    if args.manifest is not None or args.key_version is not None:
+        parser.error("--manifest and --key-version belong to `trainer job-digest`")
     if args.command == "validate":
         if args.format == "json":
             missing = config.missing_files()
@@ -209,6 +231,28 @@ def main(argv: list[str] | None = None) -> int:
     if refused is not None:
         return refused
     return _train(config, args.node_id, args.threads or config.threads or default_threads())
+
+
+def _job_digest(config: JobConfig, manifest: str | None, key_version: int | None, *,
+                json_output: bool) -> int:
+    """``trainer job-digest``: the job identity a node measures (trainer/job_identity.py),
+    with the dataset's key version and manifest as the node would run them."""
+    from trainer.job_identity import as_measured, job_claims, job_digest, job_identity
+
+    try:
+        measured = as_measured(config, manifest=manifest, key_version=key_version)
+    except ConfigError as exc:
+        print(f"trainer: job-digest: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    claims = job_claims(measured)
+    if json_output:
+        emit_json({"job_digest": job_digest(measured), "claims": claims,
+                   "identity": job_identity(measured)})
+        return EXIT_OK
+    width = max(len(name) for name in claims)
+    for name, value in claims.items():
+        print(f"{name:<{width}}  {value}")
+    return EXIT_OK
 
 
 def _job_summary(config: JobConfig) -> dict[str, object]:

@@ -17,7 +17,9 @@ the same document::
 ``dataset.key_version`` and ``dataset.manifest`` are the values the job runs with: when the
 job file leaves them out, those the brokers have on record (``trainer.dataset_check``,
 resolved before the evidence is made), so a job file that names them and one that does not
-measure the same job.
+measure the same job. :func:`as_measured` fills them in the same way for a tenant who
+computes the digest offline (``trainer job-digest --manifest NAME --key-version N``), and
+refuses to guess: without them the digest is not the one any node would measure.
 
 **Canonical form**: JSON with keys sorted, no whitespace (``","`` and ``":"``), ASCII only
 (``\\uXXXX`` escapes), tuples as arrays, numbers as Python's ``json`` writes them (so a YAML
@@ -40,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from trainer.config import JobConfig
 
-__all__ = ["DOMAIN", "job_claims", "job_digest", "job_identity"]
+__all__ = ["DOMAIN", "as_measured", "job_claims", "job_digest", "job_identity"]
 
 DOMAIN = b"ct-job-identity/v1\x00"
 
@@ -61,6 +63,43 @@ def job_identity(config: JobConfig) -> dict[str, Any]:
         "seq_len": config.seq_len, "seed": config.seed,
         "checkpoint": {"interval": c.interval, "keep_last": c.keep_last},
     }
+
+
+def as_measured(config: JobConfig, *, manifest: str | None = None,
+                key_version: int | None = None) -> JobConfig:
+    """``config`` with the dataset's key version and manifest a node runs it with: those the
+    job file names, else ``manifest``/``key_version`` (what the brokers have on record, as
+    `kms-broker dataset upload` printed). ``ConfigError`` (naming the option) when one is
+    neither in the job file nor given, or is given and differs from the job file's (a node
+    runs such a job only where it agrees with the brokers, so only the file's value can be
+    measured)."""
+    from trainer.config import ConfigError
+    from trainer.dataset_check import resolved
+
+    d = config.dataset
+    missing = [option for option, named, given in (("--manifest NAME", d.manifest, manifest),
+                                                   ("--key-version N", d.key_version,
+                                                    key_version))
+               if named is None and given is None]
+    if missing:
+        fields = "/".join(m[2:].split()[0].replace("-", "_") for m in missing)
+        raise ConfigError(
+            f"the job file names no dataset.{fields}, "
+            f"which a node takes from the brokers and measures: give {' and '.join(missing)} "
+            f"(as `kms-broker dataset upload` printed them, or `kms-broker dataset list` "
+            f"shows them for dataset {d.id})")
+    for option, named, given in (("--manifest", d.manifest, manifest),
+                                 ("--key-version", d.key_version, key_version)):
+        if named is not None and given is not None and named != given:
+            raise ConfigError(
+                f"{option} {given} differs from the job file's "
+                f"dataset.{option[2:].replace('-', '_')} {named} (a node runs this job only "
+                f"with {named}); leave {option} out")
+    try:
+        return resolved(config, key_version=d.key_version or key_version,  # type: ignore[arg-type]
+                        manifest=d.manifest or manifest)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        raise ConfigError(f"--manifest/--key-version: {exc}") from None
 
 
 def canonical(document: Any) -> bytes:

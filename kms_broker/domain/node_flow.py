@@ -10,6 +10,10 @@ signed token, ``release`` with that token), or ``challenge`` and then ``attest_r
 which runs every check of ``attest`` and then every check of ``release`` in one call, the
 verified claims passed in memory: no token is signed or verified, and the two audit records
 share one sync. Both end in the same release checks (``_released``).
+
+A passed attestation's audit record (event ``attest``) gives as its reason the kind of
+evidence, the job id and, when the evidence measured a job, its ``job.digest``: the exact job
+the node attested for, which a tenant can compare with ``trainer job-digest``.
 """
 
 from __future__ import annotations
@@ -105,6 +109,18 @@ class AttestResult:
     token: bytes
     expires_ms: int
     rules: tuple[RuleOutcome, ...]
+
+
+def _job_digest_note(claims: Mapping[str, Any]) -> str:
+    """``", job.digest HEX"`` when the verified evidence measured a job (trainer/job_identity
+    .py): the audit record then names the exact job the node attested for, which a tenant
+    compares with ``trainer job-digest``. Only a 64-digit lowercase hex value is written (the
+    claim comes from the node)."""
+    digest = claims.get("job.digest")
+    if isinstance(digest, str) and len(digest) == 64 and all(
+            c in "0123456789abcdef" for c in digest):
+        return f", job.digest {digest}"
+    return ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,7 +449,8 @@ class NodeFlow:
             claims_digest=claims_digest, iat=now, exp=now + self.d.settings.token_ttl_ms,
         )
         return _Attested(token_claims, claims_json, actor, subject,
-                         f"{kind} evidence verified for job {session.job_id}",
+                         f"{kind} evidence verified for job {session.job_id}"
+                         f"{_job_digest_note(claims)}",
                          tuple(r for group in (rules or []) for r in group))
 
     def _verified(self, kind: str, verifier: EvidenceVerifier, payload: bytes,

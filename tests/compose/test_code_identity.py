@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import marshal
 import os
+import re
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,8 +32,10 @@ import yaml
 
 from attest.code_digest import CACHE_NAME, MANIFEST_NAME, environment_manifest
 from attest.digest_cache import RACY_NS
+from sealed.manifest import MANIFEST_PREFIX
 from tests.compose.test_deployment import _deployment
 from tests.compose.test_scenarios import Deployment, enrolled_deployment
+from tests.trainer.conftest import child_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -119,14 +125,37 @@ def _trainer_argv(job: Path) -> list[str]:
             "--node-id", "node-a"]
 
 
+def job_digest(job: Path, manifest: str) -> str:
+    """`trainer job-digest` as the tenant runs it offline, supplying the key version and
+    manifest the job file leaves to the brokers."""
+    out = subprocess.run([sys.executable, "-m", "trainer", "job-digest", "--job", str(job),
+                          "--manifest", manifest, "--key-version", "1", "--format", "json"],
+                         capture_output=True, text=True, env=child_env())
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)["job_digest"]  # type: ignore[no-any-return]
+
+
 def test_the_approved_environment_attests_and_trains(deployment: Deployment):
+    """... and the job digest each broker audits for the node's attestation is the one
+    `trainer job-digest` prints for the node's job file (which names no manifest or key
+    version: the node learns them from the brokers); one field changed, another digest."""
     since = int(time.time() * 1000)
     code, output = run_node(deployment)
     assert code == 0, output[-3000:]
     assert "step 5/5" in output and "shred report (normal exit)" in output
+    store = deployment.harness.volume_path("store")
+    (manifest,) = [p.relative_to(store).as_posix() for p in store.rglob("*")
+                   if p.relative_to(store).as_posix().startswith(MANIFEST_PREFIX)]
+    job = deployment.harness.host_path("node-a", "/var/lib/node-a/job.yaml")
+    assert "manifest" not in yaml.safe_load(job.read_text())["dataset"]
+    expected = job_digest(job, manifest)
     for broker, records in _node_records(deployment, since).items():
         assert any(r["event"] == "release" and r["outcome"] == "allowed" for r in records), (
             broker, records)
+        audited = {m for r in records if r["event"] == "attest" and r["outcome"] == "allowed"
+                   for m in re.findall(r"job\.digest ([0-9a-f]{64})", r["reason"])}
+        assert audited == {expected}, (broker, records)
+    assert job_digest(_job(deployment, "job-more-steps.yaml", steps=6), manifest) != expected
     deployment.assert_clean("node-a")
 
 

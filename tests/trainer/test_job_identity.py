@@ -1,17 +1,22 @@
-"""Job identity: the canonical job digest and the job claims, and a policy that pins a job
-field denies a job file that differs, naming the rule."""
+"""Job identity: the canonical job digest and the job claims, a policy that pins a job
+field denies a job file that differs, naming the rule, and `trainer job-digest` prints the
+digest a node measures (the broker-side proof: tests/compose/test_code_identity.py)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from attest.policy import Policy
+from tests.trainer.conftest import PY, child_env
 from trainer.config import JobConfig
+from trainer.dataset_check import resolved
 from trainer.job_identity import DOMAIN, job_claims, job_digest, job_identity
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,3 +120,78 @@ def test_unpinned_job_rules_pass_any_job():
     policy = Policy.from_file(ROOT / "policies/dev-swtpm.yaml").with_params(
         {"allowed_code_digests": [CODE]})
     assert policy.evaluate(node(config(steps=10**6, model={"name": "classifier"}))).allowed
+
+
+# ---------------------------------------------------------------- trainer job-digest
+def job_digest_cli(path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "trainer", "job-digest", "--job", str(path), *args],
+                          cwd=ROOT, env=child_env(), capture_output=True, text=True)
+
+
+def job_file(tmp_path: Path, name: str, **overrides: Any) -> Path:
+    """A job file as deploy/bin/node.py renders one: the dataset's key version and manifest
+    left to the brokers, and none of the files it names present."""
+    data = job(**overrides)
+    data["dataset"] = {k: v for k, v in data["dataset"].items()
+                       if k not in ("key_version", "manifest")}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_job_digest_prints_what_a_node_measures_with_the_brokers_values(tmp_path):
+    """The digest and claims a node measures once the brokers named key version 1 and
+    manifest m.bin (trainer/attested.py: job_claims of the resolved job) are what
+    `trainer job-digest --manifest m.bin --key-version 1` prints, as JSON and as text."""
+    path = job_file(tmp_path, "job.yaml")
+    node_measures = resolved(JobConfig.from_yaml(path), key_version=1, manifest="m.bin")
+    out = job_digest_cli(path, "--manifest", "m.bin", "--key-version", "1", "--format", "json")
+    assert out.returncode == 0, out.stderr
+    printed = json.loads(out.stdout)
+    assert printed["job_digest"] == job_digest(node_measures) == job_digest(config())
+    assert printed["claims"] == job_claims(node_measures)
+    assert printed["identity"] == json.loads(json.dumps(job_identity(node_measures)))
+    text = job_digest_cli(path, "--manifest", "m.bin", "--key-version", "1")
+    assert text.returncode == 0, text.stderr
+    lines = dict(line.split(None, 1) for line in text.stdout.splitlines())
+    assert lines["job.digest"] == printed["job_digest"]
+    assert lines["job.steps"] == "100" and lines["job.key_version"] == "1"
+
+
+def test_job_digest_differs_for_a_job_differing_in_one_measured_field(tmp_path):
+    args = ("--manifest", "m.bin", "--key-version", "1", "--format", "json")
+    digests = {json.loads(job_digest_cli(job_file(tmp_path, f"{n}.yaml", **c), *args).stdout)[
+        "job_digest"] for n, c in (("base", {}), ("steps", {"steps": 101}),
+                                   ("fp32", {"precision": "fp32"}))}
+    assert len(digests) == 3
+    other_manifest = json.loads(job_digest_cli(
+        job_file(tmp_path, "base.yaml"), "--manifest", "m2.bin", "--key-version", "1",
+        "--format", "json").stdout)["job_digest"]
+    assert other_manifest not in digests
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ((), "the job file names no dataset.manifest/key_version, which a node takes from the "
+         "brokers and measures: give --manifest NAME and --key-version N"),
+    (("--manifest", "m.bin"), "give --key-version N ("),
+    (("--key-version", "1"), "give --manifest NAME ("),
+    (("--manifest", "../m", "--key-version", "1"), "invalid object name '../m'"),
+    (("--manifest", "m.bin", "--key-version", "0"), "dataset.key_version must be an integer"),
+])
+def test_job_digest_without_what_the_brokers_decide_is_one_clear_line(tmp_path, args,
+                                                                       message):
+    out = job_digest_cli(job_file(tmp_path, "job.yaml"), *args)
+    assert out.returncode == 2
+    assert out.stdout == "" and "Traceback" not in out.stderr
+    (line,) = out.stderr.splitlines()
+    assert line.startswith("trainer: job-digest: ") and message in line
+
+
+def test_job_digest_refuses_a_value_that_contradicts_the_job_file(tmp_path):
+    path = tmp_path / "named.yaml"
+    path.write_text(yaml.safe_dump(job()))  # names key version 1 and manifest m.bin
+    assert json.loads(job_digest_cli(path, "--format", "json").stdout)["job_digest"] == \
+        job_digest(config())  # nothing to supply
+    out = job_digest_cli(path, "--manifest", "other.bin")
+    assert out.returncode == 2 and out.stdout == ""
+    assert "--manifest other.bin differs from the job file's dataset.manifest m.bin" in out.stderr
