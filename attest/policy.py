@@ -180,7 +180,7 @@ def _compile_rule(raw: Any, index: int) -> Rule:
         where = f"rule {name!r}"
     unknown = set(raw) - _RULE_KEYS
     if unknown:
-        raise _fail(f"{where} has unknown field(s) {sorted(unknown)}; allowed: "
+        raise _fail(f"{where} has unknown field(s) {sorted(map(str, unknown))}; allowed: "
                     f"{sorted(_RULE_KEYS)}")
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise _fail(f"{where}: name must match [a-z0-9][a-z0-9_.-]{{0,63}}")
@@ -284,6 +284,8 @@ class Policy:
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(exc, "problem", None) or "invalid YAML"
             raise _fail(f"policy is not valid YAML{where}: {problem}") from None
+        except ValueError as exc:  # an integer past Python's 4300-digit conversion limit
+            raise _fail(f"policy is not valid YAML: {exc}") from None
         except RecursionError:
             raise _fail("policy is nested too deeply") from None
         try:
@@ -305,7 +307,7 @@ class Policy:
             raise _fail("policy must be a YAML mapping with name, version and rules")
         unknown = set(doc) - _TOP_KEYS
         if unknown:
-            raise _fail(f"policy has unknown field(s) {sorted(unknown)}; allowed: "
+            raise _fail(f"policy has unknown field(s) {sorted(map(str, unknown))}; allowed: "
                         f"{sorted(_TOP_KEYS)}")
         name = doc.get("name")
         if not isinstance(name, str) or not _NAME_RE.fullmatch(name):

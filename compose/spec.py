@@ -234,8 +234,10 @@ def load_project(
         raise ComposeFileError(f"{path}: not UTF-8 (byte {exc.start})") from None
     try:
         document = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: an integer past 4300 digits
         raise ComposeFileError(f"{path}: invalid YAML: {exc}") from None
+    except RecursionError:
+        raise ComposeFileError(f"{path}: nested too deeply") from None
     return _Parser(path, variables, per_service).project(document, name)
 
 

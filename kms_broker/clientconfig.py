@@ -184,8 +184,10 @@ def _load_profile(path: Path, name: str, explicit: bool) -> dict[str, Any]:
         return {}
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, yaml.YAMLError, ValueError) as exc:  # ValueError: an int past 4300 digits
         raise ClientConfigError(f"profile file {path}: {exc}") from None
+    except RecursionError:
+        raise ClientConfigError(f"profile file {path} is nested too deeply") from None
     if not isinstance(data, dict):
         raise ClientConfigError(f"profile file {path} must map profile names to settings")
     if name not in data:

@@ -154,15 +154,17 @@ def load_config(path: Path) -> BrokerConfig:
         raise ConfigError("config file is too large")
     try:
         doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: an integer past 4300 digits
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path} is nested too deeply") from None
     if not isinstance(doc, dict):
         raise ConfigError("config must be a mapping")
     known = {"broker_id", "listen", "state_dir", "tls", "hsm", "verifiers", "reference_values",
              "trusted_tenant_keys", "metrics_port", "ttl_ms", "ek_roots", "ek_intermediates",
              "workers", "limits", "janitor_interval_ms", "audit_checkpoint_s", "state"}
     if unknown := set(doc) - known:
-        raise ConfigError(f"unknown config keys: {sorted(unknown)}")
+        raise ConfigError(f"unknown config keys: {sorted(map(str, unknown))}")
     base = path.resolve().parent
     tls = doc.get("tls") or {}
     hsm = doc.get("hsm") or {}
@@ -207,7 +209,7 @@ def load_config(path: Path) -> BrokerConfig:
     if not isinstance(raw_limits, dict):
         raise ConfigError("limits must be a mapping")
     if unknown_limits := set(raw_limits) - set(Limits.__dataclass_fields__):
-        raise ConfigError(f"unknown limits keys: {sorted(unknown_limits)}")
+        raise ConfigError(f"unknown limits keys: {sorted(map(str, unknown_limits))}")
     try:
         limits = Limits(**raw_limits)
     except (TypeError, ValueError) as exc:

@@ -372,6 +372,10 @@ class JobConfig:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise ConfigError(f"job file {path} is not valid YAML: {exc}") from None
+        except ValueError as exc:  # an integer past Python's 4300-digit conversion limit
+            raise ConfigError(f"job file {path} is not valid YAML: {exc}") from None
+        except RecursionError:
+            raise ConfigError(f"job file {path} is nested too deeply") from None
         return cls.from_mapping(data)
 
     def missing_files(self) -> list[str]:

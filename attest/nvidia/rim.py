@@ -140,8 +140,9 @@ def load_rim(data: bytes, roots: Sequence[x509.Certificate], at: dt.datetime) ->
     config = SignatureConfiguration(verification_time=at, **_CONFIG_BASE)
     try:
         verified = XMLVerifier().verify(data, x509_cert=chain[0], expect_config=config)
-    except (InvalidInput, etree.LxmlError) as exc:  # signxml lets lxml's errors through
-        # (the XMLDSig schema check's DocumentInvalid, canonicalisation's C14NError)
+    except (InvalidInput, etree.LxmlError, ValueError) as exc:  # signxml lets lxml's errors
+        # through (the XMLDSig schema check's DocumentInvalid, canonicalisation's C14NError),
+        # and base64's ValueError on a SignatureValue that is not ASCII
         raise RimError(f"RIM signature structure is invalid: {exc}") from exc
     except SignXMLException as exc:
         problems.append(("signature", f"RIM {tag_id[:16]}... signature does not verify: "

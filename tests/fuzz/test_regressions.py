@@ -37,6 +37,7 @@ def test_malformed_collateral_is_a_collateral_error(name: str) -> None:
 @pytest.mark.parametrize("name", [
     "signature-value-not-base64",  # lxml DocumentInvalid from signxml's schema check
     "c14n-fails",                  # lxml C14NError from signxml's canonicalisation
+    "signature-value-not-ascii",   # base64's ValueError on non-ASCII text (1M campaign)
 ])
 def test_rim_whose_signature_xml_breaks_signxml_is_a_rim_error(name: str) -> None:
     from attest.nvidia import NvidiaTrustStore, load_rim
@@ -90,3 +91,64 @@ def test_rim_with_an_undecodable_certificate_is_a_rim_error(name: str) -> None:
 
     with pytest.raises(RimError, match="not valid DER"):
         load_rim(_input("nvidia_rim", name), NvidiaTrustStore.bundled().rim_roots, RIM_DAY)
+
+
+# --- YAML documents: found by the 1M/30-min campaign (session 5) ----------------------------
+# PyYAML turns a plain scalar of digits into int(), which raises a bare ValueError past
+# Python's 4300-digit limit; keys of mixed types (true:, '0':) broke sorting unknown keys.
+
+def test_policy_with_unknown_keys_of_mixed_types_is_a_policy_error() -> None:
+    from attest.policy import Policy, PolicyError
+
+    text = _input("policy_yaml", "unknown-keys-of-mixed-types").decode()
+    with pytest.raises(PolicyError, match=r"unknown field\(s\) \['0', 'True'\]"):
+        Policy.from_yaml(text)
+
+
+def test_job_file_with_an_integer_past_4300_digits_is_a_config_error(tmp_path: Path) -> None:
+    from trainer.config import ConfigError, JobConfig
+
+    path = tmp_path / "job.yaml"
+    path.write_bytes(_input("job_yaml", "integer-past-4300-digits"))
+    with pytest.raises(ConfigError, match=r"not valid YAML.*4300"):
+        JobConfig.from_yaml(path)
+
+
+_HUGE = "9" * 5000
+
+
+def test_every_yaml_loader_refuses_an_integer_past_4300_digits_by_its_own_error(
+        tmp_path: Path) -> None:
+    """The same input through the other YAML loaders (not yet fuzzed to this depth): each
+    answers with its own error type, naming the file, never a bare ValueError."""
+    from attest.policy import Policy, PolicyError
+    from compose.errors import ComposeFileError
+    from compose.spec import load_project
+    from kms_broker.clientconfig import ClientConfigError, _load_profile
+    from kms_broker.config import ConfigError as BrokerConfigError
+    from kms_broker.config import load_config
+
+    with pytest.raises(PolicyError, match="not valid YAML"):
+        Policy.from_yaml(f"name: p\nversion: {_HUGE}\nrules: []\n")
+    broker = tmp_path / "broker.yaml"
+    broker.write_text(f"broker_id: {_HUGE}\n")
+    with pytest.raises(BrokerConfigError, match="not valid YAML"):
+        load_config(broker)
+    compose = tmp_path / "docker-compose.yml"
+    compose.write_text(f"services:\n  a:\n    image: {_HUGE}\n")
+    with pytest.raises(ComposeFileError, match="invalid YAML"):
+        load_project(compose, variables={})
+    profile = tmp_path / "profiles.yaml"
+    profile.write_text(f"default:\n  timeout: {_HUGE}\n")
+    with pytest.raises(ClientConfigError, match=r"profiles\.yaml"):
+        _load_profile(profile, "default", True)
+
+
+def test_broker_config_with_unknown_keys_of_mixed_types_is_a_config_error(
+        tmp_path: Path) -> None:
+    from kms_broker.config import ConfigError, load_config
+
+    path = tmp_path / "broker.yaml"
+    path.write_text("true: 1\n'0': 2\n")
+    with pytest.raises(ConfigError, match=r"unknown config keys: \['0', 'True'\]"):
+        load_config(path)
