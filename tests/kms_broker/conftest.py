@@ -36,6 +36,7 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from attest.swtpm import LocalEkCa, Swtpm, manufacture
+from compose.postgres import LocalPostgres
 from kms_broker._proto.kmsbroker.v1 import broker_pb2_grpc as pb_grpc
 from kms_broker.client import KeyClient
 from kms_broker.grants import GrantDocument
@@ -123,6 +124,18 @@ def node_tpms(tmp_path_factory: pytest.TempPathFactory,
     tpms = NodeTpms(tmp_path_factory.mktemp("node-tpms"), ek_ca)
     yield tpms
     tpms.stop()
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[LocalPostgres]:
+    """A PostgreSQL cluster of the requesting module's own (system binaries, a temporary
+    directory), for modules that stop, restart or lock it or kill brokers on it, so no other
+    module sees that; tests that only need a database take ``pg_dsn`` (pg_fixtures.py)."""
+    cluster = LocalPostgres().start()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
 
 
 @pytest.fixture(scope="module")

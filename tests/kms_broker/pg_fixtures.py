@@ -1,6 +1,7 @@
 """A real PostgreSQL for the broker tests, started from the system binaries
 (:class:`compose.postgres.LocalPostgres`: initdb + pg_ctl in a temporary directory). One
-cluster per test session; :func:`fresh_database` gives each test its own empty database."""
+cluster per test session; :func:`fresh_database` gives each test its own empty database;
+``pg`` (tests/kms_broker/conftest.py) is a module's own cluster."""
 
 from __future__ import annotations
 

@@ -41,15 +41,6 @@ AUDIT_LOCK = (0x6B6D73, 3)  # kms_broker.audit_pg's advisory lock
 
 
 @pytest.fixture(scope="module")
-def pg() -> Iterator[LocalPostgres]:
-    cluster = LocalPostgres().start()
-    try:
-        yield cluster
-    finally:
-        cluster.destroy()
-
-
-@pytest.fixture(scope="module")
 def broker(broker_factory, pg: LocalPostgres,
            tmp_path_factory) -> Iterator[tuple[World, BrokerProc]]:
     b = broker_factory("atomic", extra_config={"state": pg.dsn})

@@ -20,15 +20,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def pg() -> Iterator[LocalPostgres]:
-    cluster = LocalPostgres().start()
-    try:
-        yield cluster
-    finally:
-        cluster.destroy()
-
-
-@pytest.fixture(scope="module")
 def pair(broker_factory, pg: LocalPostgres,
          tmp_path_factory) -> Iterator[tuple[World, BrokerProc, BrokerProc]]:
     with replica_pair(broker_factory, pg, tmp_path_factory, "clirep") as replicas:

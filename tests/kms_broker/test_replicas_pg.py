@@ -40,15 +40,6 @@ pytestmark = pytest.mark.integration
 WAIT_S = 90  # how long a helper polls before it gives up (a hang guard, not a timing check)
 
 
-@pytest.fixture(scope="module")
-def pg() -> Iterator[LocalPostgres]:
-    cluster = LocalPostgres().start()
-    try:
-        yield cluster
-    finally:
-        cluster.destroy()
-
-
 def start_replica(first: BrokerProc, name: str) -> BrokerProc:
     """Another ``serve`` process with ``first``'s config (same database, token and broker
     id) on a port and a state directory of its own."""
