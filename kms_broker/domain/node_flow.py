@@ -255,16 +255,23 @@ class NodeFlow:
                   dataset_id: str = "") -> Challenge:
         """A fresh session. With ``dataset_id`` (and ``tenant_id``): also the dataset's
         registered manifest name and the key version it belongs to, so the node can check its
-        store before any key is released; only for a node that may ask for the dataset (its
-        tenant scope allows the tenant and an unrevoked grant names this job and dataset),
-        else none. Manifest names are opaque random object names (sealed.writer); the manifest
-        itself is encrypted under the DEK."""
+        store before any key is released; only for a node that may ask for the dataset (an
+        unrevoked grant names this job and dataset), else none; a node enrolled for another
+        tenant is refused (``node.scope``, audited). Manifest names are opaque random object
+        names (sealed.writer); the manifest itself is encrypted under the DEK."""
         check_id("node", node_id)
         check_id("job", job_id)
         actor = f"node:{node_id}"
         node = self._live_node(node_id, actor, "challenge", f"job:{job_id}")
         manifest = ("", 0)
         if dataset_id or tenant_id:
+            check_id("tenant", tenant_id)
+            if node.tenant_scope not in ("", tenant_id):
+                # the node's own enrolment scope is no secret to it (no oracle of datasets or
+                # grants): refused here, naming the rule, as its release would be
+                raise self.d.deny("challenge", actor=actor, subject=f"job:{job_id}",
+                                  reason=f"node.scope: node is enrolled for tenant "
+                                         f"{node.tenant_scope} only")
             manifest = self._manifest_for(node.tenant_scope, job_id, tenant_id, dataset_id)
         limit = self.d.settings.max_pending_sessions_per_node
         if self.d.repo.pending_sessions(node_id, self.d.clock.now_ms(), limit) >= limit:

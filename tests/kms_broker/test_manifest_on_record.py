@@ -11,6 +11,7 @@ enrolled with ``kms-broker node enrol``, mTLS, SoftHSM2.
 
 from __future__ import annotations
 
+import grpc
 import pytest
 
 from kms_broker._proto.kmsbroker.v1 import broker_pb2 as pb
@@ -56,10 +57,18 @@ def test_challenge_names_the_registered_manifest_only_to_a_granted_job(world: Wo
     assert plain.session_id and plain.manifest_name == ""
 
 
-def test_a_node_of_another_tenant_learns_no_manifest(world: World) -> None:
+def test_a_node_of_another_tenant_is_refused_naming_its_scope_and_learns_no_manifest(
+        world: World) -> None:
     enrol(world.broker, "n3", tenant_scope="globex")
-    answer = _challenge(world, "n3", world.job_id, world.dataset_id)
-    assert (answer.manifest_name, answer.manifest_key_version) == ("", 0)
+    with pytest.raises(grpc.RpcError) as refused:
+        _challenge(world, "n3", world.job_id, world.dataset_id)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "node.scope: node is enrolled for tenant globex only" in refused.value.details()
+    assert world.manifest_name not in refused.value.details()
+    # the same whether or not the dataset exists: nothing about datasets or grants
+    with pytest.raises(grpc.RpcError) as other:
+        _challenge(world, "n3", world.job_id, "no-such-dataset")
+    assert other.value.details() == refused.value.details()
 
 
 def test_fetch_dek_without_version_or_manifest_takes_the_record(world: World) -> None:
