@@ -565,9 +565,13 @@ class _DatasetAsk:
 
     def resolve(self, answers: Sequence[tuple[str, Any]]) -> None:
         """From each broker's (address, ChallengeResponse): one record, or
-        DatasetRefError; then the caller's check."""
+        DatasetRefError; then the caller's check. A broker that answers no record abstains
+        (the upload may be registered at one share holder only, or it may not say); the
+        brokers that answer one must agree. Taking one broker's word is safe: the manifest
+        authenticates under the DEK, so a wrong name fails closed."""
         where = f"{self.tenant_id}/{self.dataset_id}"
-        records = {(r.manifest_name, r.manifest_key_version) for _, r in answers}
+        records = {(r.manifest_name, r.manifest_key_version) for _, r in answers
+                   if r.manifest_name or r.manifest_key_version} or {("", 0)}
         if len(records) > 1:
             said = "; ".join(f"{a}: {r.manifest_name or 'none'} (key version "
                              f"{r.manifest_key_version})" for a, r in answers)

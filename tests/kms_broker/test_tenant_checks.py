@@ -19,6 +19,7 @@ class _Broker(TenantClient):
 
     def __init__(self, digest: str) -> None:
         self.endpoint, self.tenant_id, self._digest = ENDPOINT, "acme", digest
+        self._replicas = [(ENDPOINT, None, None, None)]  # what .address names
 
     def _call(self, method: str, **fields):
         assert method == "PutPolicy"
