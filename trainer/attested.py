@@ -1,7 +1,10 @@
 """The production key source: attested release from every broker holding a share.
 
-For each process (every torchrun rank attests for itself, so no key crosses a process
-boundary): ``kms_broker.client.KeyClient`` makes a one-time P-256 key per broker and gets a
+One process per node attests: a process started alone, or local rank 0 under torchrun, which
+then hands the DEK, and every lease renewal and revocation after it, to the other local ranks
+of its torchrun agent (:mod:`trainer.local_keys`: a peer-checked Unix socket, never disk, env
+or argv; ``share_local_key=False`` makes every rank attest for itself as before). For the
+attesting process: ``kms_broker.client.KeyClient`` makes a one-time P-256 key per broker and gets a
 challenge from every broker at once; one piece of evidence covers every broker's
 ``expected_report_data(nonce, session_id, node_public_key)``; it attests, releases, opens the
 sealed shares and derives the DEK (shares zeroed). Evidence is a TPM 2.0 quote: the node's
@@ -10,14 +13,18 @@ checked against every mapped library before the first broker is contacted and be
 renewal) and the job identity (``trainer.job_identity``: ``job.digest``, ``job.model``, ...)
 are measured into the application PCR (``attest.tpm2.agent``) and quoted with the enrolled
 AK (or, with ``attestation.evidence: composite``, a CPU TEE report and one report per GPU).
-The local ranks of a job share one quote (:mod:`trainer.quote_batch`: whichever rank holds
-the batch lock quotes once over every waiting rank's sessions), because the TPM runs one
-command at a time and measuring resets and extends one PCR; a direct call of
+When every rank attests (``share_local_key=False``), the local ranks of a job share one quote
+(:mod:`trainer.quote_batch`: whichever rank holds the batch lock quotes once over every
+waiting rank's sessions), because the TPM runs one command at a time and measuring resets and
+extends one PCR; a direct call of
 :meth:`AttestedKeySource.evidence_for` takes turns at the TPM under an ``flock``.
 
 Lease: a background thread renews every lease (re-attesting) once half of it has run out; a
 refusal (permission denied, lease or grant gone) revokes the handle, so the trainer shreds
 and exits with code 3. Revocations pushed by the brokers (``WatchRevocations``) do the same.
+Local rank 0 forwards each to its local peers before it acts on it itself; a peer whose
+channel to rank 0 ends without goodbye is revoked too. A peer runs its own code-identity
+check before it takes the key and at every lease update it receives.
 """
 
 from __future__ import annotations
@@ -55,6 +62,30 @@ log = logging.getLogger("trainer.attest")
 EvidenceFor = Callable[[bytes], tuple[str, bytes]]
 
 
+def _local_ranks() -> tuple[int, int]:
+    """(LOCAL_RANK, LOCAL_WORLD_SIZE) under torchrun; (0, 1) for a process started alone."""
+    try:
+        rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    except ValueError:
+        raise KeySourceUnavailable("torchrun's LOCAL_RANK and LOCAL_WORLD_SIZE must be "
+                                   "integers") from None
+    if "LOCAL_RANK" not in os.environ or world < 2 or not 0 <= rank < world:
+        return 0, 1
+    return rank, world
+
+
+def _failure_kind(exc: BaseException) -> str:
+    """What local rank 0 tells its peers it met (trainer.local_keys, frame E)."""
+    from trainer.dataset_check import DatasetMissing
+
+    for cls, kind in ((AttestationDenied, "d"), (BrokersUnreachable, "u"),
+                      (DatasetMismatch, "m"), (DatasetMissing, "s")):
+        if isinstance(exc, cls):
+            return kind
+    return "x"
+
+
 def _tpm_lock_path(tcti: str) -> Path:
     tag = hashlib.sha256(tcti.encode()).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / f"trainer-tpm-{tag}.lock"
@@ -71,7 +102,10 @@ class AttestedKeySource:
         *,
         node_id: str | None = None,
         evidence_for: EvidenceFor | None = None,
+        share_local_key: bool = True,
     ) -> None:
+        """``share_local_key``: under torchrun with several local ranks, only local rank 0
+        attests and the others take the key from it (:mod:`trainer.local_keys`)."""
         if not config.brokers:
             raise KeySourceUnavailable(
                 "the job lists no brokers: --attest needs every broker that holds a share"
@@ -89,6 +123,10 @@ class AttestedKeySource:
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
         self._code: dict[str, str] | None = None
+        self._local_rank, local_world = _local_ranks() if share_local_key else (0, 1)
+        self._local_peers = local_world - 1  # > 0: rank 0 holds the key for its local peers
+        self._holder: Any = None
+        self._peer_watch: Any = None
 
     # evidence -------------------------------------------------------------------------------
     def evidence_for(self, report_data: bytes) -> tuple[str, bytes]:
@@ -126,7 +164,8 @@ class AttestedKeySource:
         from trainer.quote_batch import QuoteBatcher, batch_directory
 
         assert self._config.attestation is not None
-        expected = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        # ranks that attest for themselves meet at the TPM; with the key shared, one attests
+        expected = 1 if self._local_peers else int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
         batcher = QuoteBatcher(batch_directory(self._config.attestation.tcti,
                                                self._config.job_id),
                                self.evidence_for, expected=expected)
@@ -150,6 +189,85 @@ class AttestedKeySource:
 
     # key -----------------------------------------------------------------------------------
     def acquire(self) -> KeyHandle:
+        if self._local_rank > 0:
+            return self._acquire_from_local_rank_0()
+        if not self._local_peers:
+            return self._acquire_from_brokers()
+        from trainer.local_keys import LocalKeyHolder, channel_name
+
+        # listening before attesting: the peers wait on the channel, not in a retry loop
+        self._holder = LocalKeyHolder(channel_name(self._config.job_id),
+                                      peers=self._local_peers)
+        try:
+            handle = self._acquire_from_brokers()
+        except BaseException as exc:
+            self._holder.publish_error(_failure_kind(exc), str(exc),
+                                       tuple(getattr(exc, "reasons", ())))
+            raise
+        self._holder.publish_key(handle.dek, lease_expiry=handle.lease_expiry,
+                                 key_version=self._job.dataset.key_version or 0,
+                                 manifest=self._job.dataset.manifest or "")
+        return handle
+
+    def _acquire_from_local_rank_0(self) -> KeyHandle:
+        """A local peer: the key from local rank 0 (which attested for the node), then every
+        lease update and revocation it forwards."""
+        from trainer.dataset_check import DatasetMissing
+        from trainer.local_keys import HolderFailed, PeerWatcher, channel_name, receive_key
+
+        if self._evidence_for is None:
+            self._code_claims()  # this process's own code identity, before it holds a key
+        started = time.perf_counter()
+        try:
+            got = receive_key(channel_name(self._config.job_id), local_rank=self._local_rank)
+        except HolderFailed as exc:
+            message = f"local rank 0: {exc}"
+            if exc.kind == "d":
+                raise AttestationDenied(str(exc), exc.reasons) from None
+            if exc.kind == "u":
+                raise BrokersUnreachable(message) from None
+            if exc.kind == "m":
+                raise DatasetMismatch(message) from None
+            if exc.kind == "s":
+                raise DatasetMissing(message) from None
+            raise KeySourceUnavailable(message) from None
+        job = self._config
+        if got.key_version != (job.dataset.key_version or 0) or (
+                got.manifest and got.manifest != job.dataset.manifest):
+            job = resolved(job, key_version=got.key_version, manifest=got.manifest or None)
+        self._job = job
+        handle = KeyHandle(dek=got.dek, lease_expiry=got.lease_expiry, config=job)
+        log.info("dataset key from local rank 0 in %.0f ms (it attested for this node)",
+                 (time.perf_counter() - started) * 1e3, extra=fields(
+                     job_id=job.job_id, node_id=self._node_id, local_rank=self._local_rank))
+
+        def on_lease(expiry: float, problem: str) -> None:
+            if self._evidence_for is None:
+                try:
+                    self._code_claims()
+                except CodeIdentityRefused as exc:
+                    handle.revoke(f"code identity refused: {exc}")
+                    return
+            handle.renewal_problem = problem
+            handle.lease_expiry = expiry
+
+        def on_gone(reason: str) -> None:
+            if handle.renewal_problem:  # rank 0 ran out of lease in a broker outage: the same
+                handle.lease_expiry = time.time()  # outage here (exit 7, not "revoked")
+            else:
+                handle.revoke(reason)
+
+        self._peer_watch = PeerWatcher(got.channel, on_lease=on_lease,
+                                       on_revoked=handle.revoke, on_gone=on_gone)
+        return handle
+
+    def _revoke(self, handle: KeyHandle, reason: str) -> None:
+        """Local peers first: this process shreds and exits right after."""
+        if self._holder is not None:
+            self._holder.revoke(reason)
+        handle.revoke(reason)
+
+    def _acquire_from_brokers(self) -> KeyHandle:
         from kms_broker.client import DatasetRefError, KeyClient
         from kms_broker.rpc import (
             BrokerEndpoint,
@@ -222,7 +340,7 @@ class AttestedKeySource:
         handle = KeyHandle(dek=released.dek, lease_expiry=expiry, config=self._job)
 
         def on_revoked(notice: Any) -> None:
-            handle.revoke(f"broker {notice.broker} revoked the lease: {notice.reason}")
+            self._revoke(handle, f"broker {notice.broker} revoked the lease: {notice.reason}")
 
         def on_error(exc: BrokerRpcError) -> None:
             log.warning("revocation stream from %s lost (%s); resubscribing when it is back, "
@@ -260,13 +378,15 @@ class AttestedKeySource:
             try:
                 new_expiry = self._client.renew() / 1000.0
             except (PermissionDeniedError, NotFoundError) as exc:
-                handle.revoke(f"lease renewal refused: {exc}")
+                self._revoke(handle, f"lease renewal refused: {exc}")
                 return
             except CodeIdentityRefused as exc:  # unmeasured code mapped since the last check
-                handle.revoke(f"code identity refused: {exc}")
+                self._revoke(handle, f"code identity refused: {exc}")
                 return
             except UnavailableError as exc:
                 handle.renewal_problem = f"{exc.code}: {exc}"
+                if self._holder is not None:
+                    self._holder.lease(handle.lease_expiry or 0.0, handle.renewal_problem)
                 log.warning("lease renewal failed (%s); retrying until the lease expires", exc,
                             extra=fields(broker=exc.broker, status=exc.code))
                 continue
@@ -275,9 +395,16 @@ class AttestedKeySource:
             handle.renewal_problem = ""
             span = max(1.0, new_expiry - time.time())
             handle.lease_expiry = new_expiry
+            if self._holder is not None:
+                self._holder.lease(new_expiry)
 
     def close(self) -> None:
         self._stop.set()
+        if self._holder is not None:
+            with contextlib.suppress(Exception):
+                self._holder.close()  # goodbye: the peers keep their lease expiry
+        if self._peer_watch is not None:
+            self._peer_watch.close()
         if self._client is not None:
             with contextlib.suppress(Exception):
                 self._client.close()
