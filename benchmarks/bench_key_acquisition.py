@@ -13,13 +13,18 @@ digest measured into PCR 23, quoted by the AK) through the trainer's quote batch
 Sides, alternated round by round, each timed from the parent's "go" to the last rank's DEK:
 
 - ``1x1``: one rank, one broker.
-- ``2x2``: two ranks, two brokers: each rank attests to both brokers in parallel, and the two
-  ranks share one quote covering all four sessions (the shipped behaviour). Both sides use the
-  one-call release (an Attest that carries the release, ``KeyClient``'s default).
+- ``2x2``: two ranks, two brokers, the shipped behaviour (``trainer.attested`` under
+  torchrun): local rank 0 attests to both brokers in parallel (one quote, one releasing Attest
+  each) and hands the DEK to the other rank over the local key channel
+  (``trainer.local_keys``: it listens before it attests, the other rank waits on the channel).
+  Both sides use the one-call release (an Attest that carries the release, ``KeyClient``'s
+  default).
+- ``2x2 each rank attests``: the behaviour before the local key channel: each rank attests to
+  both brokers in parallel and the two ranks share one quote covering all four sessions.
 - ``1x1 three-call`` and ``2x2 three-call``: the same with ``one_call_release=False``
   (Attest for a token, then Release), for the comparison in one run.
-- ``2x2 one quote per rank``: the same, but each rank quotes for itself (batching off), to
-  show what sharing the quote buys.
+- ``2x2 one quote per rank``: each rank attests for itself and quotes for itself (batching
+  off), to show what sharing the quote buys.
 - ``2x2 before (serial)``: the key path as it was before parallel attestation (brokers one
   after another, one quote per broker, ranks taking turns at the TPM under a file lock),
   rebuilt from the same RPCs, for the before/after comparison in one run.
@@ -55,6 +60,7 @@ from kms_broker._proto.kmsbroker.v1 import broker_pb2_grpc as pb_grpc
 from kms_broker.client import KeyClient
 from kms_broker.rpc import BrokerEndpoint, open_channel
 from sealed.keys import derive_dek
+from trainer.local_keys import LocalKeyHolder, channel_name, receive_key
 from trainer.quote_batch import QuoteBatcher
 
 
@@ -102,22 +108,33 @@ code = code_digest().claims()  # measured once per process, as AttestedKeySource
 quote = lambda rd: ("tpm2", collect_evidence(tcti, rd, node_claims(code=code)))
 print("ready", flush=True)
 for line in sys.stdin:
-    side, ranks = line.split()
+    side, ranks, index = line.split()
     three = side.endswith("-3")  # the three-call flow: Attest for a token, then Release
     side = side.removesuffix("-3")
     brokers, dataset = (endpoints, "split") if side.startswith("2") else (endpoints[:1], "solo")
-    expected = int(ranks) if side == "2x2" else 1
+    expected = int(ranks) if side == "2x2each" else 1
     batcher = QuoteBatcher(Path(cfg["batch_dir"]), quote, expected=expected)
+    holder = None
     start = time.perf_counter()
-    if side == "2x2serial":
+    if side == "2x2" and index != "0":  # a local peer: the key from local rank 0
+        got = receive_key(channel_name(cfg["job"]), local_rank=int(index), wait_s=60)
+        dek, channels, made = got.dek, [got.channel], 0
+    elif side == "2x2serial":
         dek, channels, made = serial_fetch(brokers, dataset)
     else:
+        if side == "2x2":  # local rank 0: listens first, as trainer.attested does
+            holder = LocalKeyHolder(channel_name(cfg["job"]), peers=int(ranks) - 1, wait_s=60)
         client = KeyClient(brokers, node_id="n1", job_id=cfg["job"], evidence_for_set=batcher,
                            timeout_s=60, one_call_release=not three)
         dek = client.fetch_dek(tenant_id="acme", dataset_id=dataset, key_version=1).dek
         channels, made = [client], batcher.quotes_made
+        if holder is not None:
+            holder.publish_key(dek, lease_expiry=None, key_version=1, manifest="")
     print(json.dumps({"s": time.perf_counter() - start, "quotes": made}),
           flush=True)  # the DEK is in hand: that is the time measured
+    if holder is not None:
+        assert holder.wait_served(60), "the other local rank did not take the key"
+        holder.close()
     dek.zeroize()
     for c in channels:
         c.close()  # closing a gRPC channel takes 100-200 ms; not part of acquisition
@@ -233,9 +250,9 @@ class _Rank:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready"
 
-    def go(self, side: str, ranks: int) -> None:
+    def go(self, side: str, ranks: int, index: int) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(f"{side} {ranks}\n")
+        self.proc.stdin.write(f"{side} {ranks} {index}\n")
         self.proc.stdin.flush()
 
     def _line(self) -> str:
@@ -268,8 +285,8 @@ def _cpu_s(pids: list[int]) -> float:
 
 def _round(ranks: list[_Rank], side: str) -> tuple[float, int]:
     start = time.perf_counter()
-    for r in ranks:
-        r.go(side, len(ranks))
+    for i, r in enumerate(ranks):
+        r.go(side, len(ranks), i)
     results = [r.done() for r in ranks]
     elapsed = time.perf_counter() - start  # until the last rank holds its DEK
     for r in ranks:
@@ -308,11 +325,11 @@ def main(quick: bool) -> None:
                    "batch_dir": str(root / "batch")}
             ranks = [_Rank(cfg), _Rank(cfg)]
             sides = {"1x1": ranks[:1], "2x2": ranks, "1x1 three-call": ranks[:1],
-                     "2x2 three-call": ranks, "2x2 one quote per rank": ranks,
-                     "2x2 before (serial)": ranks}
+                     "2x2 three-call": ranks, "2x2 each rank attests": ranks,
+                     "2x2 one quote per rank": ranks, "2x2 before (serial)": ranks}
             wire = {"1x1": "1x1", "2x2": "2x2", "1x1 three-call": "1x1-3",
-                    "2x2 three-call": "2x2-3", "2x2 one quote per rank": "2x2solo",
-                    "2x2 before (serial)": "2x2serial"}
+                    "2x2 three-call": "2x2-3", "2x2 each rank attests": "2x2each",
+                    "2x2 one quote per rank": "2x2solo", "2x2 before (serial)": "2x2serial"}
             times: dict[str, list[float]] = {s: [] for s in sides}
             quotes: dict[str, list[int]] = {s: [] for s in sides}
             cpu: dict[str, float] = dict.fromkeys(sides, 0.0)
@@ -342,7 +359,8 @@ def main(quick: bool) -> None:
               f"includes closing the clients): {cpu[side] / rounds * 1e3:.0f} ms")
     print(f"  machine: {os.cpu_count()} cores, shared by the brokers, the ranks and the swtpm")
     base = statistics.median(times["1x1"])
-    for side in ("2x2", "2x2 one quote per rank", "2x2 before (serial)"):
+    for side in ("2x2", "2x2 each rank attests", "2x2 one quote per rank",
+                 "2x2 before (serial)"):
         print(f"  {side} / 1x1: {statistics.median(times[side]) / base:.2f}x")
     three = statistics.median(times["2x2 three-call"]) / statistics.median(
         times["1x1 three-call"])

@@ -182,6 +182,7 @@ class LocalKeyHolder:
         self._conns: dict[int, socket.socket] = {}  # local rank -> channel, once served
         self._first: SecretBuffer | None = None  # the K or E frame, whole
         self._ready = threading.Event()
+        self._all_served = threading.Event()
         self._closed = False
         self._accepter = threading.Thread(target=self._accept_loop, name="trainer-local-keys",
                                           daemon=True)
@@ -216,6 +217,11 @@ class LocalKeyHolder:
             self._serve(rank, conn)
         self._ready.set()
 
+    def wait_served(self, timeout_s: float) -> bool:
+        """Whether every peer has its first frame (the key or the error), waiting at most
+        ``timeout_s``."""
+        return self._all_served.wait(timeout_s)
+
     def lease(self, expiry: float, problem: str = "") -> None:
         self._broadcast(b"L", struct.pack(">Q", int(expiry * 1000)) + problem.encode()[:4096])
 
@@ -225,7 +231,7 @@ class LocalKeyHolder:
 
     def close(self) -> None:
         """Say goodbye to every peer (they keep their lease expiry) and stop serving."""
-        self._broadcast(b"B", b"")
+        self._broadcast(b"B", b"", quiet=True)  # a peer that has closed its end is done
         with self._lock:
             self._closed = True
             conns = list(self._conns.values())
@@ -293,19 +299,21 @@ class LocalKeyHolder:
             self._conns[rank] = conn
             if len(self._conns) >= self._peers:
                 self._drop_first()
+                self._all_served.set()
 
     def _drop_first(self) -> None:
         if self._first is not None:
             self._first.zeroize()
 
-    def _broadcast(self, kind: bytes, body: bytes) -> None:
+    def _broadcast(self, kind: bytes, body: bytes, *, quiet: bool = False) -> None:
         with self._lock:
             conns = list(self._conns.items()) if self._ready.is_set() else []
         for rank, conn in conns:
             try:
                 _send(conn, kind, body)
             except OSError as exc:
-                log.warning("local key channel: local rank %d gone (%s)", rank, exc)
+                if not quiet:
+                    log.warning("local key channel: local rank %d gone (%s)", rank, exc)
 
 
 @dataclass(slots=True)

@@ -78,7 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nnodes", type=int, default=1, help="nodes in the job")
     parser.add_argument("--master", default="", help="HOST:PORT of rank 0's rendezvous")
     parser.add_argument("--steps", type=int, default=40, help="training steps")
+    parser.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                        help="local ranks (local rank 0 attests for the node and hands the key "
+                             "to the others, trainer/local_keys.py)")
     args = parser.parse_args(argv)
+    if not 1 <= args.nproc_per_node <= 64:
+        parser.error("--nproc-per-node must be in [1, 64]")
     if not 0 <= args.rank < args.nnodes:
         parser.error(f"--rank must be in [0, {args.nnodes})")
     if args.nnodes > 1 and ":" not in args.master:
@@ -112,13 +117,17 @@ def main(argv: list[str] | None = None) -> int:
     # a key runs only measured code (trainer/guard.py).
     trainer = [sys.executable, "-I", "-B", "-m", "trainer", "--attest", "--job", str(job_file),
                "--node-id", args.node]
+    nproc = ["--nproc-per-node", str(args.nproc_per_node)]
     if args.nnodes > 1:
         host, _, port = args.master.rpartition(":")
         argv_exec = [
             sys.executable, "-I", "-B", "-m", "trainer.launch", "--nnodes", str(args.nnodes),
-            "--node-rank", str(args.rank), "--nproc-per-node", "1", "--master-addr", host,
+            "--node-rank", str(args.rank), *nproc, "--master-addr", host,
             "--master-port", port, "--no-python", *trainer,
         ]
+    elif args.nproc_per_node > 1:
+        argv_exec = [sys.executable, "-I", "-B", "-m", "trainer.launch", "--standalone", *nproc,
+                     "--no-python", *trainer]
     else:
         argv_exec = trainer
     print(f"node {args.node}: rank {args.rank}/{args.nnodes}, job {info['job_id']}, "

@@ -233,9 +233,11 @@ def test_two_brokers_two_attested_nodes_train_through_a_broker_restart(tmp_path:
 @pytest.mark.slow
 def test_tenant_revokes_at_its_own_broker_and_both_nodes_shred(tmp_path: Path):
     """Issue 6 scenario 4: the tenant revokes the grant at the broker it runs; both nodes
-    shred and stop although the provider broker never saw the revocation."""
+    shred and stop although the provider broker never saw the revocation. Each node runs two
+    local ranks (issue 12): local rank 0 attests for its node and hands the key to rank 1
+    (trainer/local_keys.py), and the revocation reaches and shreds every rank."""
     harness, variables = _deployment(tmp_path, TRAIN_STEPS="100000",
-                                    LEASE_TTL_MS=LEASE_TTL_MS)
+                                    LEASE_TTL_MS=LEASE_TTL_MS, NODE_NPROC="2")
     marker = f"CT_COMPOSE_ID={harness.run_id}:"
     nodes = {"node:node-a", "node:node-b"}
     try:
@@ -258,10 +260,14 @@ def test_tenant_revokes_at_its_own_broker_and_both_nodes_shred(tmp_path: Path):
                 harness.wait_completed(node)
             log = harness.logs(node)
             tenant_broker = f"127.0.0.1:{variables['TENANT_BROKER_PORT']}"
-            assert f"shred report (revoked: broker {tenant_broker} revoked the lease" in log, (
-                log[-3000:]
-            )
+            # both local ranks: rank 0 learnt it from the broker, rank 1 from rank 0
+            assert log.count(f"shred report (revoked: broker {tenant_broker} revoked the "
+                             "lease") == 2, log[-3000:]
+            assert log.count("dataset key from local rank 0 in") == 1, log[-3000:]
             assert "step 100000/100000" not in log
+        for broker in ("tenant", "provider"):  # one attestation and release per node
+            assert len([r for r in _audit(harness, broker) if r["event"] == "release"
+                        and r["outcome"] == "allowed"]) == 2
         assert [r["event"] for r in _audit(harness, "tenant")].count("revoke_grant") == 1
         assert not any("revoke" in r["event"] for r in _audit(harness, "provider"))
         assert {s.name: s.state for s in harness.ps()}["provider-broker"] == "running"
