@@ -1,7 +1,9 @@
 """Local ranks share one TPM quote (a group commit over a lock file).
 
-Every torchrun rank on a node attests for itself (no key crosses a process boundary), and
-each needs evidence bound to its own sessions (one per broker). A TPM runs one command at a
+Where every torchrun rank on a node attests for itself (``AttestedKeySource(share_local_key=
+False)``, or several jobs on one TPM; by default local rank 0 attests for the node and hands
+the key to its local peers, :mod:`trainer.local_keys`), each needs evidence bound to its own
+sessions (one per broker). A TPM runs one command at a
 time and measuring resets and extends one PCR, so ranks took turns: n ranks x m brokers made
 n x m quotes in a row. Here one quote serves every rank that is waiting: its report data is
 :func:`attest.interface.combined_report_data` over every waiting rank's items (each item one
