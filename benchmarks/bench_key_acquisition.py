@@ -333,15 +333,19 @@ def main(quick: bool) -> None:
             times: dict[str, list[float]] = {s: [] for s in sides}
             quotes: dict[str, list[int]] = {s: [] for s in sides}
             cpu: dict[str, float] = dict.fromkeys(sides, 0.0)
-            pids = [p.pid for p, _ in brokers] + [r.proc.pid for r in ranks]
-            pids.append(tpm.pid)
+            groups = {"brokers": [p.pid for p, _ in brokers],
+                      "ranks": [r.proc.pid for r in ranks], "swtpm": [tpm.pid]}
+            cpu_by: dict[str, dict[str, float]] = {s: dict.fromkeys(groups, 0.0) for s in sides}
             for side, group in sides.items():  # warm-up: connections, caches, imports
                 _round(group, wire[side])
             for _ in range(rounds):
                 for side, group in sides.items():
-                    before = _cpu_s(pids)
+                    before = {g: _cpu_s(members) for g, members in groups.items()}
                     seconds, n = _round(group, wire[side])
-                    cpu[side] += _cpu_s(pids) - before
+                    for g, members in groups.items():
+                        used = _cpu_s(members) - before[g]
+                        cpu_by[side][g] += used
+                        cpu[side] += used
                     times[side].append(seconds)
                     quotes[side].append(n)
         finally:
@@ -362,6 +366,9 @@ def main(quick: bool) -> None:
     for side in ("2x2", "2x2 each rank attests", "2x2 one quote per rank",
                  "2x2 before (serial)"):
         print(f"  {side} / 1x1: {statistics.median(times[side]) / base:.2f}x")
+    for side in ("1x1", "2x2", "2x2 each rank attests"):
+        print(f"  CPU per round, {side}: " + ", ".join(
+            f"{g} {v / rounds * 1e3:.1f} ms" for g, v in cpu_by[side].items()))
     # CPU per round says the same without the wall clock's noise on a shared machine
     print(f"  CPU per round, 2x2 / 1x1: {cpu['2x2'] / cpu['1x1']:.2f}x; 2x2 each rank attests "
           f"/ 1x1: {cpu['2x2 each rank attests'] / cpu['1x1']:.2f}x")
