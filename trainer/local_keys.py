@@ -229,8 +229,13 @@ class LocalKeyHolder:
         """Before rank 0's own handle is revoked (it shreds and exits right after)."""
         self._broadcast(b"R", reason.encode()[:4096])
 
-    def close(self) -> None:
-        """Say goodbye to every peer (they keep their lease expiry) and stop serving."""
+    def close(self, *, linger_s: float = 30.0) -> None:
+        """Say goodbye to every peer (they keep their lease expiry) and stop serving. When
+        rank 0 has published (its key or why it has none) and a peer has not yet taken it,
+        wait for that first, at most ``linger_s``, so a peer learns why rather than waiting
+        for a channel that is gone."""
+        if self._ready.is_set():
+            self._all_served.wait(max(0.0, min(linger_s, self._deadline - time.monotonic())))
         self._broadcast(b"B", b"", quiet=True)  # a peer that has closed its end is done
         with self._lock:
             self._closed = True

@@ -165,6 +165,25 @@ def test_policy_denial_exits_4_having_decrypted_nothing(tmp_path, release, procs
     assert "step 1/" not in err and not (tmp_path / "job-3" / "ckpt").exists()
 
 
+def test_a_denial_under_torchrun_reaches_every_local_rank_from_one_attestation(
+        tmp_path, release, procs):
+    """Local rank 0 attests for the node; the broker denies it once and the other local rank
+    learns the denial (with its reasons) from rank 0, never asking the broker itself."""
+    job = release.job(tmp_path, "job-3", steps=10)
+    before = len(release.broker.actions())
+    proc = Proc(torchrun(job, "--ksm-on"), tmp_path / "logs", "denied-torchrun")
+    procs.append(proc)
+    assert proc.wait() != 0
+    err = proc.err()
+    # the first rank to leave exits 4 naming the failed rule (torchrun then stops the
+    # other, which may be mid-exit itself); only rank 0 asked the broker
+    assert re.search(r"exitcode\s*:\s*4", err), err[-3000:]
+    assert "trainer: attestation denied" in err and "ksm-off" in err, err[-3000:]
+    assert "step 1/" not in err and not (tmp_path / "job-3" / "ckpt").exists()
+    attests = [e for e in release.broker.actions()[before:] if e["event"] == "attest"]
+    assert [e["outcome"] for e in attests] == ["denied"], attests
+
+
 def test_sigterm_scan_finds_no_dek_or_share_bytes(tmp_path, release, procs):
     job = release.job(tmp_path, "job-1", steps=1_000_000, log_interval=1)
     proc = Proc([PY, str(ENTRY), "--job", str(job)], tmp_path / "logs", "term",
