@@ -122,8 +122,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(level: str, fmt: str = "text") -> None:
-    """Rank 0 logs at ``level``; other ranks log warnings, plus their own attestation and
-    shred report (each rank attests and shreds for itself)."""
+    """Rank 0 logs at ``level``; other ranks log warnings, plus how they got the key (local
+    rank 0 attests for its node, the others take the key from it) and their shred report
+    (each rank shreds for itself)."""
     from kms_broker import logs
 
     rank = os.environ.get("RANK", "0")
