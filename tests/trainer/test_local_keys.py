@@ -66,6 +66,23 @@ say("end")
 """
 
 
+RAW = r"""
+import json, socket, struct, sys
+cfg = json.loads(sys.argv[1])
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(bytes.fromhex(cfg["name"]))
+got = b""
+try:  # no check of its own; rank 0 may have closed before the hello arrives
+    s.sendall(struct.pack(">cI", b"H", 4) + struct.pack(">I", 1))
+    s.settimeout(60)
+    while chunk := s.recv(4096):
+        got += chunk
+except (BrokenPipeError, ConnectionResetError):
+    pass
+print(json.dumps({"received": len(got)}), flush=True)
+"""
+
+
 class _Py:
     def __init__(self, code: str, cfg: dict, *, via_shell: bool = False) -> None:
         argv = [sys.executable, "-c", code, json.dumps(cfg)]
@@ -171,7 +188,11 @@ def test_a_process_that_is_not_a_sibling_gets_nothing(name, procs):
     got = json.loads(stranger.line())
     assert "dek" not in got and got["failed"] == "x"
     assert "not a sibling rank under this torchrun agent" in got["message"]
-    # the real peer still gets its key afterwards: the stranger took no place
+    # one that skips its own check and asks: rank 0 checks it and closes, sending nothing
+    raw = _Py(RAW, {"name": name.hex()}, via_shell=True)
+    procs.append(raw)
+    assert json.loads(raw.line()) == {"received": 0}
+    # the real peer still gets its key afterwards: the strangers took no place
     peer = _Py(PEER, {"name": name.hex(), "rank": 1})
     procs.append(peer)
     assert "dek" in json.loads(peer.line())
