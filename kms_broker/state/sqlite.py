@@ -201,9 +201,12 @@ class SqliteRepository:
     def __init__(self, path: Path | str) -> None:
         self._lock = threading.RLock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        # the writer-turn lock file beside a database file (none for ":memory:")
-        self._turn_fd = (-1 if str(path) == ":memory:" or str(path).startswith("file:")
-                         else os.open(f"{path}.writers", os.O_RDWR | os.O_CREAT, 0o600))
+        # the writer-turn lock file beside a database file (none for ":memory:"); the turn
+        # is only a queue (see _writer_turn), so without the file writers just do not queue
+        self._turn_fd = -1
+        if str(path) != ":memory:" and not str(path).startswith("file:"):
+            with contextlib.suppress(OSError):
+                self._turn_fd = os.open(f"{path}.writers", os.O_RDWR | os.O_CREAT, 0o600)
         # implicit transactions, committed by `with self._db`, begun with BEGIN IMMEDIATE so a
         # writer takes SQLite's write lock (waiting up to busy_timeout) before reading: broker
         # worker processes share this file, and a deferred read-then-write transaction could
