@@ -23,8 +23,8 @@ maps it) may also offer :class:`RangeViewStore`'s ``view_range``; the reader the
 straight from it instead of copying into its read buffer. A store may also offer
 :class:`FetchStore`'s ``fetch``: an object opened for reads into the caller's buffers on a
 background I/O thread, with a probe that says whether a range is in memory already; the
-reader then decrypts cached ranges in place (``view_range``) and has uncached ones read into
-reused buffers ahead of the one it decrypts, so I/O overlaps decryption. A remote store may
+reader then decrypts a shard cached whole in place (``view_range``) and has the others read
+into reused buffers ahead of the chunk it decrypts, so I/O overlaps decryption. A remote store may
 offer :class:`WillNeedStore`'s ``will_need``: the reader names the start of the next shard
 with it while it reads the end of the current one (:class:`sealed.s3store.S3Store`).
 """
@@ -554,7 +554,7 @@ def _cached_pages(fd: int, offset: int, length: int) -> int | None:
 class MappedDirStore(LocalDirStore):
     """A :class:`LocalDirStore` with zero-copy reads of cached data: the trainer's store.
 
-    Two ways in, chosen by the reader per chunk of a shard:
+    Two ways in, chosen by the reader per shard:
 
     * ``view_range`` maps the object read-only and keeps the mapping for the next read, so data
       in the page cache is decrypted in place (no copy into a read buffer, no page faults on a
@@ -563,9 +563,9 @@ class MappedDirStore(LocalDirStore):
     * ``fetch`` opens the object for background reads (:class:`Fetch`): ``cached`` probes
       whether a range is in memory; ``read_into`` has this store's I/O thread read a range
       through the kernel's read path (large sequential reads, as a plain ``read`` of the file)
-      into the caller's buffer. Data that is not cached is read this way, ahead of the chunk
-      being decrypted, into reused buffers, and decrypted from them: a mapping would fault
-      it in a few pages at a time, several times slower than the disk.
+      into the caller's buffer. A shard not cached whole is read this way, all of it in order,
+      ahead of the chunk being decrypted, into reused buffers, and decrypted from them: a
+      mapping would fault it in a few pages at a time, several times slower than the disk.
 
     Objects written through a store are never modified in place (a replacement is a new
     file), and the size is checked when the object is mapped, so a mapping stays valid; but

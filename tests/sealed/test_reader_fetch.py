@@ -241,3 +241,34 @@ def test_a_missing_next_shard_does_not_fail_the_current_one(probed, dek, tmp_pat
         assert reader.decrypt_shard_into(0, buf, next_shard=1) == expected[0]
         with pytest.raises(StoreError, match="not found"):  # reported where it is read
             reader.decrypt_shard_into(1, buf)
+
+
+def test_a_shard_not_cached_whole_is_read_in_order_by_the_io_thread_alone(dek, tmp_path):
+    # the probe finds the start cold and the rest "cached" (the kernel's read-ahead for the
+    # I/O thread's first read fills the next pages): every chunk is still read by the I/O
+    # thread, in order, so its reads stay one sequential stream; none comes from the mapping
+    queued: list[tuple[int, int]] = []
+
+    class Logged(ProbedStore):
+        def _queue_read(self, fetch, offset, buf, ticket) -> None:
+            queued.append((offset, len(buf)))
+            super()._queue_read(fetch, offset, buf, ticket)
+
+    store = Logged(tmp_path / "store", lambda name, offset: offset > 0)
+    records = make_records([20 * SEG + 777])
+    ref = write(store, records, dek, target_shard_size=64 << 20)
+    with open_reader(store, ref, dek) as reader:
+        assert reader.num_shards == 1
+        expected = _shard_plaintexts(reader, records)[0]
+        store.views.clear()
+        queued.clear()
+        assert reader.decrypt_shard_into(0, bytearray(reader.shard_plaintext_size(0))) == expected
+        size = reader.manifest.shards[0].ciphertext_size
+    assert store.views == []  # nothing decrypted from the mapping
+    assert store.probes == 1  # one probe for the shard, none per chunk
+    pos = streaming.HEADER_SIZE
+    for offset, length in queued:  # contiguous, in order, to the end
+        assert offset == pos
+        pos += length
+    assert pos == size
+    store.close()
