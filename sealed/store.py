@@ -515,6 +515,7 @@ class Fetch:
 
 
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+_FADV_SEQUENTIAL = getattr(os, "POSIX_FADV_SEQUENTIAL", None)  # None: no posix_fadvise here
 _PROBE_SPACING = 8 << 20  # Fetch.cached samples a page every 8 MiB of a long range
 _SYS_CACHESTAT = 451  # Linux >= 6.5; one number on every architecture
 
@@ -560,10 +561,13 @@ class MappedDirStore(LocalDirStore):
       in the page cache is decrypted in place (no copy into a read buffer, no page faults on a
       re-read: with the data cached this runs at the speed of AES-GCM on memory). No
       ``MADV_SEQUENTIAL``: its drop-behind would evict pages the next epoch re-reads.
-    * ``fetch`` opens the object for background reads (:class:`Fetch`): ``cached`` probes
-      whether a range is in memory; ``read_into`` has this store's I/O thread read a range
-      through the kernel's read path (large sequential reads, as a plain ``read`` of the file)
-      into the caller's buffer. A shard not cached whole is read this way, all of it in order,
+    * ``fetch`` opens the object for background reads (:class:`Fetch`), advised
+      ``POSIX_FADV_SEQUENTIAL`` (on Linux: twice the device's read-ahead window for that open
+      file, so the disk keeps reading ahead while the I/O thread waits for the GIL or a core
+      between two reads; nothing is dropped behind): ``cached`` probes whether a range is in
+      memory; ``read_into`` has this store's I/O thread read a range through the kernel's
+      read path (large sequential reads, as a plain ``read`` of the file) into the caller's
+      buffer. A shard not cached whole is read this way, all of it in order,
       ahead of the chunk being decrypted, into reused buffers, and decrypted from them: a
       mapping would fault it in a few pages at a time, several times slower than the disk.
 
@@ -586,6 +590,12 @@ class MappedDirStore(LocalDirStore):
             raise StoreError(f"object {name} not found") from None
         except OSError as exc:
             raise StoreError(f"cannot read object {name}: {exc.strerror}") from None
+        if _FADV_SEQUENTIAL is not None:
+            # the I/O thread reads this object front to back: Linux doubles the kernel's
+            # read-ahead window on this open file (no drop-behind), so the disk keeps reading
+            # while the I/O thread waits for the GIL or a core between two reads
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(fd, 0, 0, _FADV_SEQUENTIAL)
         return Fetch(name, fd, self._queue_read)
 
     def _queue_read(self, fetch: Fetch, offset: int, buf: memoryview, ticket: ReadTicket) -> None:
