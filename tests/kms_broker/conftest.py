@@ -217,6 +217,12 @@ class BrokerProc:
         return [json.loads(line) for line in (self.state_dir / "audit.log").read_text()
                 .splitlines()]
 
+    def actions(self) -> list[dict]:
+        """The audit records of actions: every record but the signed checkpoints, which the
+        broker writes on a timer whenever anything was appended (so a count taken across a
+        refusal may include one)."""
+        return [r for r in self.audit() if r.get("event") != "checkpoint"]
+
     def restart(self) -> None:
         """Stop and start the same broker (same config, state, token and port)."""
         self.stop()

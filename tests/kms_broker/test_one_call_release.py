@@ -111,12 +111,12 @@ def test_a_bad_release_target_changes_nothing(world: World) -> None:
     bad = pb.ReleaseTarget(tenant_id=world.tenant_id, dataset_id=world.dataset_id,
                            key_version=0)
     request, *_ = _request(world, stub, "n1", bad)
-    audited, leases = len(world.broker.audit()), _leases(world)
+    audited, leases = len(world.broker.actions()), _leases(world)
     with pytest.raises(grpc.RpcError) as info:
         stub.Attest(request, timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "key_version" in info.value.details()
-    assert len(world.broker.audit()) == audited and _leases(world) == leases
+    assert len(world.broker.actions()) == audited and _leases(world) == leases
     # the nonce was not spent: the same session still attests (for a token, three-call)
     request.ClearField("release")
     assert stub.Attest(request, timeout=30).token

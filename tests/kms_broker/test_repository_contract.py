@@ -469,3 +469,40 @@ def test_a_value_postgresql_cannot_hold_is_invalid_and_changes_nothing(
         assert repo.get_policy("acme", "d1") is None
     finally:
         repo.close()
+
+
+def test_postgresql_migration_records_the_manifest_key_version_only_when_unambiguous(
+        postgres_cluster) -> None:  # noqa: F811
+    """A PostgreSQL state store from before the manifest's key version was recorded (every
+    migration but the last applied): a dataset with one key version gets it; one with several
+    stays unknown (0: the broker then names no manifest, and the job must); one without a
+    manifest stays 0. As the SQLite store's migration (test_units.py)."""
+    import psycopg
+
+    from kms_broker.state.postgres import MIGRATIONS
+
+    dsn = fresh_database(postgres_cluster)
+    with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
+        conn.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY)")
+        for version, script in enumerate(MIGRATIONS[:-1], start=1):
+            conn.execute(script)
+            conn.execute("INSERT INTO schema_migrations VALUES (%s)", (version,))
+        conn.execute("INSERT INTO tenants VALUES ('acme', '\\x00', 1, 'active', 0, '')")
+        for ds, manifest, versions in (("one", "manifests/m1", (1,)),
+                                       ("two", "manifests/m2", (1, 2)),
+                                       ("bare", "", (1,))):
+            conn.execute("INSERT INTO datasets VALUES ('acme', %s, 0, 1, %s, '', '[]', "
+                         "'active', 0)", (ds, manifest))
+            for v in versions:
+                conn.execute("INSERT INTO dataset_shares VALUES ('acme', %s, %s, 1, '\\x00')",
+                             (ds, v))
+    repo = PostgresRepository(dsn)
+    try:
+        assert repo.schema_version() == len(MIGRATIONS)
+        got = {ds: repo.get_dataset("acme", ds) for ds in ("one", "two", "bare")}
+        assert got["one"].manifest_key_version == 1
+        assert got["one"].manifest_name == "manifests/m1"
+        assert got["two"].manifest_key_version == 0
+        assert got["bare"].manifest_key_version == 0
+    finally:
+        repo.close()
