@@ -9,8 +9,8 @@ elsewhere on a shared machine hits both sides of a pair alike.
    ``trainer.sealed_reader.open_sealed_reader`` (the function ``trainer --attest`` calls:
    ``MappedDirStore``, manifest authenticated) and decrypted shard by shard into one buffer by
    ``decrypt_shard_into``, one thread, naming the next shard as the trainer's prefetcher does
-   (cached chunks are decrypted in place from the mapping; the others are read by the store's
-   I/O thread into reused buffers ahead of decryption).
+   (shards cached whole are decrypted in place from the mapping; the others are read whole, in
+   order, by the store's I/O thread into reused buffers ahead of decryption).
    - warm (files in the page cache) against raw ``AESGCM.decrypt_into`` over the same
      ciphertext bytes held in memory: same segments (1 MiB), same keys and nonces, same output
      buffer, one thread: ``goal store_decrypt_warm_vs_raw`` (>= 0.90);
