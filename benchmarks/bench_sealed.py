@@ -9,8 +9,8 @@ elsewhere on a shared machine hits both sides of a pair alike.
    ``trainer.sealed_reader.open_sealed_reader`` (the function ``trainer --attest`` calls:
    ``MappedDirStore``, manifest authenticated) and decrypted shard by shard into one buffer by
    ``decrypt_shard_into``, one thread, naming the next shard as the trainer's prefetcher does
-   (cached chunks are decrypted in place from the mapping; the others are read by the store's
-   I/O thread into reused buffers ahead of decryption).
+   (shards cached whole are decrypted in place from the mapping; the others are read whole, in
+   order, by the store's I/O thread into reused buffers ahead of decryption).
    - warm (files in the page cache) against raw ``AESGCM.decrypt_into`` over the same
      ciphertext bytes held in memory: same segments (1 MiB), same keys and nonces, same output
      buffer, one thread: ``goal store_decrypt_warm_vs_raw`` (>= 0.90);
@@ -30,9 +30,12 @@ elsewhere on a shared machine hits both sides of a pair alike.
 Both the cold decrypt and the upload also print the CPU time of each side (all threads of
 the process; for the upload the CLI process, for the copy ``cp`` and ``sync``): on a machine
 shared with other work the wall-clock ratios swing with the load, the CPU seconds much less.
-For the cold decrypt also the decrypting thread's share and the major page faults of each
+For the cold decrypt also the decrypting thread's share, the major page faults of each
 side (chunks decrypted from the mapping must be in memory or under read-ahead: a major
-fault there means a page read by touching it, the slow way).
+fault there means a page read by touching it, the slow way), and the read requests and busy
+time of the disk during each side's runs (from ``/sys/dev/block``; the device is shared, so
+other work's reads count too): the store path should read the files in about as many
+requests as the plain read (a broken read-ahead shows as more, smaller ones).
 
 Run: ``.venv/bin/python -m benchmarks sealed`` (``--quick`` for the short version).
 """
@@ -120,6 +123,19 @@ def _main_thread_cpu() -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _disk_reads(path: Path) -> tuple[int, int] | None:
+    """(read requests completed, ms the device was busy) so far on the block device holding
+    ``path`` (/sys/dev/block/MAJ:MIN/stat), or None where there is none (tmpfs, overlay). The
+    device is shared: other processes' reads count too."""
+    st = os.stat(path)
+    stat = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/stat")
+    try:
+        fields = stat.read_text().split()
+    except OSError:
+        return None
+    return int(fields[0]), int(fields[9])
+
+
 def _drop_cache(paths: list[Path]) -> None:
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
@@ -204,6 +220,12 @@ def _decrypt(quick: bool) -> tuple[float, float]:
         rview = memoryview(rbuf)
         cpu: dict[str, list[float]] = {"ours": [], "plain": [], "main": []}
         faults: dict[str, list[int]] = {"ours": [], "plain": []}
+        disk: dict[str, list[tuple[int, int]]] = {"ours": [], "plain": []}
+
+        def disk_delta(side: str, before: tuple[int, int] | None) -> None:
+            after = _disk_reads(files[0])
+            if before is not None and after is not None:
+                disk[side].append((after[0] - before[0], after[1] - before[1]))
 
         def plain_read() -> float:
             _drop_cache(files)
@@ -213,10 +235,11 @@ def _decrypt(quick: bool) -> tuple[float, float]:
                     with open(f, "rb", buffering=0) as fh:
                         while fh.readinto(rview):
                             pass
-            c, f = _cpu(), _major_faults()
+            c, f, d = _cpu(), _major_faults(), _disk_reads(files[0])
             took = _timed(run)
             cpu["plain"].append(_cpu() - c)
             faults["plain"].append(_major_faults() - f)
+            disk_delta("plain", d)
             return took
 
         def ours_cold() -> float:
@@ -225,7 +248,7 @@ def _decrypt(quick: bool) -> tuple[float, float]:
             nonlocal shards
             shards.close()
             _drop_cache(files)
-            c, f, m = _cpu(), _major_faults(), _main_thread_cpu()
+            c, f, m, d = _cpu(), _major_faults(), _main_thread_cpu(), _disk_reads(files[0])
             t = time.perf_counter()
             shards = open_sealed_reader(config, dek)  # type: ignore[arg-type]
             for j in range(len(entries)):
@@ -234,6 +257,7 @@ def _decrypt(quick: bool) -> tuple[float, float]:
             cpu["ours"].append(_cpu() - c)
             cpu["main"].append(_main_thread_cpu() - m)
             faults["ours"].append(_major_faults() - f)
+            disk_delta("ours", d)
             return took
 
         cold = _pairs(ours_cold, plain_read, cold_reps)
@@ -246,6 +270,12 @@ def _decrypt(quick: bool) -> tuple[float, float]:
               f"store's I/O thread the rest), plain read "
               f"{statistics.median(cpu['plain']) * 1e3:.0f} ms; major page faults per run: "
               f"ours {max(faults['ours'])} at most, plain read {max(faults['plain'])} at most")
+        if disk["ours"] and disk["plain"]:
+            def med(side: str, k: int) -> float:
+                return statistics.median(x[k] for x in disk[side])
+            print(f"  cold disk (median per run, the whole device): read requests ours "
+                  f"{med('ours', 0):.0f}, plain read {med('plain', 0):.0f}; device busy ours "
+                  f"{med('ours', 1):.0f} ms, plain read {med('plain', 1):.0f} ms")
         cold_ratio = _summary("cold ours/plain read (time for the same files)",
                               [p / o for o, p in cold])
         shards.close()

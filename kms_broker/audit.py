@@ -47,10 +47,11 @@ authenticated` is false): anyone can write a fresh, fully re-chained log.
 Anchoring the head (truncation). A hash chain cannot show that records were cut from its
 end. So the head is anchored outside the log: :meth:`AuditLog.seal` writes a signed
 checkpoint (when anything was written since the last one), fdatasyncs the log and then
-stores the head (seq, record hash) as the anchor, under the log's exclusive ``flock`` so
-workers take turns and the anchor never moves back. The broker calls it every
-``audit_checkpoint_s`` seconds (default 2, :class:`Checkpointer`) and at clean shutdown. The
-anchor is kept in two places (``kms_broker.app`` wires them):
+stores the head (seq, record hash) as the anchor, under an exclusive ``flock`` on the sidecar
+file ``audit.log.anchoring`` so workers take turns and the anchor never moves back; only the
+checkpoint line is written under the log's own lock, so appends do not wait for the anchor.
+The broker calls it every ``audit_checkpoint_s`` seconds (default 2, :class:`Checkpointer`)
+and at clean shutdown. The anchor is kept in two places (``kms_broker.app`` wires them):
 
 - the HSM token (data object ``ctrain/audit-anchor``, ``Hsm.set_audit_anchor``): the
   authoritative copy. Writing it needs the token PIN, which the log's attacker (who can edit
@@ -246,6 +247,8 @@ class AuditLog:
         self._at_checkpoint = False  # the last record in the file is a checkpoint
         self._every = checkpoint_every
         self._lock = threading.Lock()
+        self._sealing = threading.Lock()  # one seal at a time in this instance (see seal)
+        self._anchoring_path = self.path.with_name(self.path.name + ".anchoring")
         self._cond = threading.Condition()
         self._synced = 0  # every record of this instance up to here is on disk
         self._attempted = 0  # a sync has been started for every own record up to here
@@ -322,17 +325,26 @@ class AuditLog:
 
     def seal(self) -> int:
         """Checkpoint the head if anything was written since the last checkpoint, make the log
-        durable and anchor the head (all under the exclusive lock, so workers take turns and
-        anchors only move forward). Returns the anchored seq. ``Unavailable`` on failure; if
+        durable and anchor the head. Returns the anchored seq. ``Unavailable`` on failure; if
         the log went backwards, the highest head this instance saw is anchored first, so a
-        restart refuses the shortened log."""
+        restart refuses the shortened log.
+
+        Locks: the whole seal holds the anchoring lock (this instance's ``_sealing`` and an
+        exclusive ``flock`` on the sidecar ``<log>.anchoring``), so sealers in every process
+        take turns and anchors only move forward (each reads the head after the previous one
+        stored its anchor, and the log only grows). Only the checkpoint itself is written
+        under the log's append lock, so its ``prev`` is the real head; the fdatasync and the
+        anchor (an HSM object write, a signature and the anchor file's own syncs: tens of
+        milliseconds on a busy disk) run after the append lock is released, so appends in
+        every worker go on meanwhile instead of queueing behind the seal."""
         try:
-            with self._lock, self._appending() as fd:
-                if self._sign is not None and self._seq > 0 and not self._at_checkpoint:
-                    self._emit_checkpoint(fd)
-                seq, head = self._seq, self._head
+            with self._sealing, self._anchoring():
+                with self._lock, self._appending() as fd:
+                    if self._sign is not None and self._seq > 0 and not self._at_checkpoint:
+                        self._emit_checkpoint(fd)
+                    seq, head = self._seq, self._head
                 if self._anchor is not None and seq > self._anchored:
-                    os.fdatasync(fd)
+                    self._sync_file()  # every record up to seq is on disk before it is anchored
                     self._anchor(seq, head)
                     self._anchored = seq
                 return seq
@@ -343,6 +355,33 @@ class AuditLog:
                 with contextlib.suppress(Exception):  # the HSM may be what is failing
                     self._anchor(seq, head)
             raise
+
+    @contextlib.contextmanager
+    def _anchoring(self) -> Iterator[None]:
+        """The cross-process anchoring lock (see :meth:`seal`); ``Unavailable`` if the lock
+        file cannot be opened or locked."""
+        try:
+            fd = os.open(self._anchoring_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise Unavailable(f"audit log unavailable: {exc.strerror or exc}") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                raise Unavailable(f"audit log unavailable: {exc.strerror or exc}") from None
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    def _sync_file(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise Unavailable(f"audit log unavailable: {exc.strerror or exc}") from None
 
     def wait_durable(self, seq: int) -> None:
         """Return once record ``seq`` is on disk; ``Unavailable`` if its sync failed.

@@ -33,8 +33,10 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
                   "audit log name it."),
     "listen": ("host:port", "Where the gRPC server listens (mTLS only). Port 0 picks a free "
                "port; the port is written to `STATE_DIR/broker.port` once it listens."),
-    "state_dir": ("path", "Directory for `broker.db` (SQLite), `audit.log` and "
-                  "`audit.anchor`. Created with the broker's umask; keep it owner-only."),
+    "state_dir": ("path", "Directory for `broker.db` (SQLite), `audit.log`, "
+                  "`audit.anchor` and the empty lock files `audit.log.anchoring` and "
+                  "`broker.db.writers`. Created with "
+                  "the broker's umask; keep it owner-only."),
     "state": ("`sqlite` or URL", "Where the broker keeps its state. `sqlite` (the default): "
               "`STATE_DIR/broker.db` and the audit log as files in `state_dir`, one machine. "
               "A `postgresql://user@host:5432/db?passfile=/etc/pgpass` URL: broker state and "

@@ -23,8 +23,8 @@ maps it) may also offer :class:`RangeViewStore`'s ``view_range``; the reader the
 straight from it instead of copying into its read buffer. A store may also offer
 :class:`FetchStore`'s ``fetch``: an object opened for reads into the caller's buffers on a
 background I/O thread, with a probe that says whether a range is in memory already; the
-reader then decrypts cached ranges in place (``view_range``) and has uncached ones read into
-reused buffers ahead of the one it decrypts, so I/O overlaps decryption. A remote store may
+reader then decrypts a shard cached whole in place (``view_range``) and has the others read
+into reused buffers ahead of the chunk it decrypts, so I/O overlaps decryption. A remote store may
 offer :class:`WillNeedStore`'s ``will_need``: the reader names the start of the next shard
 with it while it reads the end of the current one (:class:`sealed.s3store.S3Store`).
 """
@@ -515,6 +515,7 @@ class Fetch:
 
 
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+_FADV_SEQUENTIAL = getattr(os, "POSIX_FADV_SEQUENTIAL", None)  # None: no posix_fadvise here
 _PROBE_SPACING = 8 << 20  # Fetch.cached samples a page every 8 MiB of a long range
 _SYS_CACHESTAT = 451  # Linux >= 6.5; one number on every architecture
 
@@ -554,18 +555,21 @@ def _cached_pages(fd: int, offset: int, length: int) -> int | None:
 class MappedDirStore(LocalDirStore):
     """A :class:`LocalDirStore` with zero-copy reads of cached data: the trainer's store.
 
-    Two ways in, chosen by the reader per chunk of a shard:
+    Two ways in, chosen by the reader per shard:
 
     * ``view_range`` maps the object read-only and keeps the mapping for the next read, so data
       in the page cache is decrypted in place (no copy into a read buffer, no page faults on a
       re-read: with the data cached this runs at the speed of AES-GCM on memory). No
       ``MADV_SEQUENTIAL``: its drop-behind would evict pages the next epoch re-reads.
-    * ``fetch`` opens the object for background reads (:class:`Fetch`): ``cached`` probes
-      whether a range is in memory; ``read_into`` has this store's I/O thread read a range
-      through the kernel's read path (large sequential reads, as a plain ``read`` of the file)
-      into the caller's buffer. Data that is not cached is read this way, ahead of the chunk
-      being decrypted, into reused buffers, and decrypted from them: a mapping would fault
-      it in a few pages at a time, several times slower than the disk.
+    * ``fetch`` opens the object for background reads (:class:`Fetch`), advised
+      ``POSIX_FADV_SEQUENTIAL`` (on Linux: twice the device's read-ahead window for that open
+      file, so the disk keeps reading ahead while the I/O thread waits for the GIL or a core
+      between two reads; nothing is dropped behind): ``cached`` probes whether a range is in
+      memory; ``read_into`` has this store's I/O thread read a range through the kernel's
+      read path (large sequential reads, as a plain ``read`` of the file) into the caller's
+      buffer. A shard not cached whole is read this way, all of it in order,
+      ahead of the chunk being decrypted, into reused buffers, and decrypted from them: a
+      mapping would fault it in a few pages at a time, several times slower than the disk.
 
     Objects written through a store are never modified in place (a replacement is a new
     file), and the size is checked when the object is mapped, so a mapping stays valid; but
@@ -586,6 +590,12 @@ class MappedDirStore(LocalDirStore):
             raise StoreError(f"object {name} not found") from None
         except OSError as exc:
             raise StoreError(f"cannot read object {name}: {exc.strerror}") from None
+        if _FADV_SEQUENTIAL is not None:
+            # the I/O thread reads this object front to back: Linux doubles the kernel's
+            # read-ahead window on this open file (no drop-behind), so the disk keeps reading
+            # while the I/O thread waits for the GIL or a core between two reads
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(fd, 0, 0, _FADV_SEQUENTIAL)
         return Fetch(name, fd, self._queue_read)
 
     def _queue_read(self, fetch: Fetch, offset: int, buf: memoryview, ticket: ReadTicket) -> None:

@@ -6,11 +6,12 @@ buffer; records are views into it. The manifest's copy of the offset table (auth
 with the manifest) is what this adapter uses.
 
 The store is :class:`sealed.store.MappedDirStore` for a local directory: cached ciphertext
-is decrypted straight from the page cache (no copy into a read buffer); ciphertext not in
-memory is read by the store's I/O thread, a few 4 MiB chunks ahead, into reused buffers and
-decrypted from them while the next chunks are read, and the pipeline names the next shard so
-its first chunks are read before this one is handed over: a cold shard decrypts at about the
-rate a plain ``read`` of its file gets. (An object truncated in place while it is mapped and
+is decrypted straight from the page cache (no copy into a read buffer); a shard not in
+memory is read whole, in order, by the store's I/O thread (with the kernel's read-ahead
+window doubled on its file), a few 4 MiB chunks ahead, into reused buffers and decrypted
+from them while the next chunks are read, and the pipeline names the next shard so its first
+chunks are read before this one is handed over: a cold shard decrypts at about the rate a
+plain ``read`` of its file gets. (An object truncated in place while it is mapped and
 read ends the process with SIGBUS; see the store's docstring.) For ``store:
 s3://bucket/prefix`` it is :class:`sealed.s3store.S3Store`: ranged GETs in parallel, with
 the ranges after the one being decrypted prefetched.

@@ -17,6 +17,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -72,6 +73,53 @@ def test_records_cut_after_the_last_checkpoint_are_found(tmp_path: Path) -> None
     (tmp_path / "audit.anchor").unlink()
     with pytest.raises(AuditTruncated, match="ends at record 7"):
         check_audit_anchor(path, hsm, tmp_path / "audit.anchor")
+
+
+def test_appends_go_on_while_a_seal_stores_its_anchor(tmp_path: Path) -> None:
+    """The anchor (an HSM object write, a signature, the anchor file's syncs) is stored
+    outside the log's append lock: appends by this instance and by another appender on the
+    file (another worker) finish while a seal is inside its anchor write; a second sealer
+    waits for the first, so the anchor still only moves forward and names the record the
+    seal checkpointed."""
+    hsm = FakeHsm()
+    store = audit_anchor_writer(hsm, tmp_path / "audit.anchor")
+    inside, go = threading.Event(), threading.Event()
+    anchored: list[int] = []
+
+    def slow_anchor(seq: int, head: str) -> None:
+        if not anchored:
+            inside.set()
+            assert go.wait(DEADLINE_S)
+        store(seq, head)
+        anchored.append(seq)
+
+    clock = iter(range(1_000, 10_000_000, 7))
+    audit = AuditLog(tmp_path / "audit.log", now_ms=lambda: next(clock), sign=hsm.sign,
+                     checkpoint_every=1000, anchor=slow_anchor)
+    other = _log(tmp_path, hsm, every=1000)  # a second appender on the same file
+    _write(audit, 3)
+    sealer = threading.Thread(target=audit.seal)
+    sealer.start()
+    assert inside.wait(DEADLINE_S)  # the first seal wrote checkpoint 4 and is anchoring it
+    writers = [threading.Thread(target=_write, args=(log, 2, 10 * i))
+               for i, log in enumerate((audit, other), start=1)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(DEADLINE_S)
+    assert not any(w.is_alive() for w in writers), "appends waited for the anchor"
+    second = threading.Thread(target=other.seal)  # checkpoints 9 and must anchor after 4
+    second.start()
+    second.join(0.2)
+    assert hsm.audit_anchor() is None  # neither seal has stored an anchor yet
+    go.set()
+    sealer.join(DEADLINE_S)
+    second.join(DEADLINE_S)
+    assert not sealer.is_alive() and not second.is_alive()
+    assert anchored == [4]  # the first seal anchored its own checkpoint, not later records
+    assert hsm.audit_anchor()[0] == 9 == read_anchor_file(tmp_path / "audit.anchor").seq
+    assert verify_log(tmp_path / "audit.log", hsm.signing_public_key(),
+                      read_anchor_file(tmp_path / "audit.anchor")).ok
 
 
 def test_log_cut_under_a_running_appender_is_anchored_at_the_highest_head(

@@ -6,6 +6,7 @@ session and its verified claims. Kill -9 at every phase is shown by test_kill_fa
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ import pytest
 from kms_broker.domain.errors import AlreadyExists
 from kms_broker.domain.model import Node, Session
 from kms_broker.state.sqlite import SqliteRepository
+
+DEADLINE_S = 60  # a guard on waits, never an assertion about speed
 
 
 def test_every_commit_is_synced(tmp_path: Path) -> None:
@@ -46,3 +49,41 @@ def test_unsynced_writes_leave_the_connection_synced(tmp_path: Path) -> None:
         assert repo.consume_session("s1", "n1").used  # type: ignore[union-attr]
     finally:
         repo.close()
+
+
+def test_release_path_writers_take_turns_across_connections(tmp_path: Path) -> None:
+    """Two repositories on one file (as two broker workers have): while one holds its writer
+    turn, the other's release-path writes (a session, a consumed nonce) wait for it rather
+    than for SQLite's busy handler, then commit once it is released; a read needs no turn."""
+    first = SqliteRepository(tmp_path / "broker.db")
+    second = SqliteRepository(tmp_path / "broker.db")
+    try:
+        first.put_node(Node(node_id="n1", tenant_scope="", ak_public=b"ak",
+                            ek_certificate=b"ek", revoked=False, enrolled_ms=0))
+        session = Session(session_id="s1", node_id="n1", job_id="j", nonce=b"n" * 32,
+                          expires_ms=10**15)
+        done = threading.Event()
+
+        def write() -> None:
+            second.add_session(session)
+            second.consume_session("s1", "n1", durable=True)
+            done.set()
+
+        with first._lock, first._writer_turn():
+            writer = threading.Thread(target=write)
+            writer.start()
+            reader = SqliteRepository(tmp_path / "broker.db")  # a third worker
+            try:
+                assert reader.get_node("n1") is not None  # reads go on meanwhile
+            finally:
+                reader.close()
+            assert not done.wait(0.3)  # still waiting for the turn
+            assert first.get_session("s1") is None
+        writer.join(DEADLINE_S)
+        assert done.is_set()
+        stored = first.get_session("s1")
+        assert stored is not None and stored.used
+        assert (tmp_path / "broker.db.writers").exists()
+    finally:
+        first.close()
+        second.close()

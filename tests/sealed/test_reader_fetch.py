@@ -17,7 +17,7 @@ import pytest
 
 from sealed import DecryptionError, MappedDirStore, StoreError, streaming
 from sealed import reader as reader_module
-from sealed.store import Fetch
+from sealed.store import Fetch, _cached_pages
 
 from .helpers import make_records, open_reader, write
 
@@ -241,3 +241,82 @@ def test_a_missing_next_shard_does_not_fail_the_current_one(probed, dek, tmp_pat
         assert reader.decrypt_shard_into(0, buf, next_shard=1) == expected[0]
         with pytest.raises(StoreError, match="not found"):  # reported where it is read
             reader.decrypt_shard_into(1, buf)
+
+
+def test_a_shard_not_cached_whole_is_read_in_order_by_the_io_thread_alone(dek, tmp_path):
+    # the probe finds the start cold and the rest "cached" (the kernel's read-ahead for the
+    # I/O thread's first read fills the next pages): every chunk is still read by the I/O
+    # thread, in order, so its reads stay one sequential stream; none comes from the mapping
+    queued: list[tuple[int, int]] = []
+
+    class Logged(ProbedStore):
+        def _queue_read(self, fetch, offset, buf, ticket) -> None:
+            queued.append((offset, len(buf)))
+            super()._queue_read(fetch, offset, buf, ticket)
+
+    store = Logged(tmp_path / "store", lambda name, offset: offset > 0)
+    records = make_records([20 * SEG + 777])
+    ref = write(store, records, dek, target_shard_size=64 << 20)
+    with open_reader(store, ref, dek) as reader:
+        assert reader.num_shards == 1
+        expected = _shard_plaintexts(reader, records)[0]
+        store.views.clear()
+        queued.clear()
+        assert reader.decrypt_shard_into(0, bytearray(reader.shard_plaintext_size(0))) == expected
+        size = reader.manifest.shards[0].ciphertext_size
+    assert store.views == []  # nothing decrypted from the mapping
+    assert store.probes == 1  # one probe for the shard, none per chunk
+    pos = streaming.HEADER_SIZE
+    for offset, length in queued:  # contiguous, in order, to the end
+        assert offset == pos
+        pos += length
+    assert pos == size
+    store.close()
+
+
+def test_a_dataset_dropped_from_the_page_cache_is_read_in_order_by_the_io_thread(dek, tmp_path):
+    # the real probe this time (no answer fixed): the shards are dropped from the page cache
+    # as the benchmark's cold runs do, then read as the trainer reads them
+    queued: dict[str, list[tuple[int, int]]] = {}
+    views: list[str] = []
+
+    class Logged(MappedDirStore):
+        def _queue_read(self, fetch, offset, buf, ticket) -> None:
+            queued.setdefault(fetch._name, []).append((offset, len(buf)))
+            super()._queue_read(fetch, offset, buf, ticket)
+
+        def view_range(self, name: str, offset: int, length: int) -> memoryview:
+            views.append(name)
+            return super().view_range(name, offset, length)
+
+    root = tmp_path / "store"
+    records = make_records([9 * SEG + 4321] * 3)
+    writer = MappedDirStore(root)
+    ref = write(writer, records, dek, target_shard_size=9 << 20)
+    writer.close()
+    store = Logged(root)
+    with open_reader(store, ref, dek) as reader:
+        assert reader.num_shards == 3
+        expected = _shard_plaintexts(reader, records)
+        entries = reader.manifest.shards
+        for e in entries:  # never mapped: the clean pages go
+            fd = os.open(root / e.object_name, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                if _cached_pages(fd, 0, e.ciphertext_size):
+                    pytest.skip("this file system keeps dropped pages (tmpfs?): nothing is cold")
+            finally:
+                os.close(fd)
+        buf = bytearray(reader.max_shard_plaintext_size)
+        for j in range(3):
+            view = reader.decrypt_shard_into(j, buf, next_shard=j + 1 if j < 2 else None)
+            assert view == expected[j]
+    assert views == []  # nothing from the mapping: every shard was cold
+    for e in entries:  # each shard read whole, in order, in one stream of background reads
+        pos = streaming.HEADER_SIZE
+        for offset, length in queued[e.object_name]:
+            assert offset == pos
+            pos += length
+        assert pos == e.ciphertext_size
+    store.close()
