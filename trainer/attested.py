@@ -207,6 +207,7 @@ class AttestedKeySource:
         self._holder.publish_key(handle.dek, lease_expiry=handle.lease_expiry,
                                  key_version=self._job.dataset.key_version or 0,
                                  manifest=self._job.dataset.manifest or "")
+        handle.held = self._holder.held  # a signal before every peer has it shreds it too
         return handle
 
     def _acquire_from_local_rank_0(self) -> KeyHandle:

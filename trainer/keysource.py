@@ -59,6 +59,8 @@ class KeyHandle:
     cleared by the next successful renewal): a lease that runs out then is an outage, not a
     revocation. ``config``: the job with its dataset as the brokers have it on record (key
     version and manifest filled in), when the source learned it; None: the job as given.
+    ``held``: other copies of key material the source keeps for a while (local rank 0's key
+    frame for its local peers, :mod:`trainer.local_keys`), shredded with the DEK.
     """
 
     dek: SecretBuffer
@@ -67,6 +69,7 @@ class KeyHandle:
     revoke_reason: str = ""
     renewal_problem: str = ""
     config: JobConfig | None = None
+    held: tuple[SecretBuffer, ...] = ()
 
     def revoke(self, reason: str) -> None:
         self.revoke_reason = reason

@@ -203,6 +203,13 @@ class LocalKeyHolder:
             out[_HEADER.size + 2 + len(key):] = tail
         self._set_first(frame)
 
+    @property
+    def held(self) -> tuple[SecretBuffer, ...]:
+        """The key frame this holder keeps until every peer has it (for the shredder)."""
+        with self._lock:
+            first = self._first
+        return (first,) if first is not None and first.alive else ()
+
     def publish_error(self, kind: str, message: str, reasons: tuple[str, ...] = ()) -> None:
         body = kind.encode()[:1] + _text(message) + b"".join(_text(r) for r in reasons[:64])
         self._set_first(SecretBuffer.from_bytes(_HEADER.pack(b"E", len(body)) + body,

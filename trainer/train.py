@@ -236,6 +236,8 @@ def run_job(
         if handle.config is not None:
             config = handle.config
         shredder.add_secret("dataset key", handle.dek)
+        for held in handle.held:
+            shredder.add_secret("dataset key for the local ranks", held)
         watcher = _LeaseWatcher(handle, shredder, config.lease_poll_interval)
         watcher.start()
         if env.distributed:  # authenticated rendezvous before any model state moves

@@ -210,3 +210,25 @@ def test_the_holder_refuses_this_process_and_a_second_holder(name):
         holder.close()
     assert channel_name("job-a") != channel_name("job-b")
     assert channel_name("job-a").startswith(b"\0") and os.getppid() > 1
+
+
+def test_the_key_frame_rank_0_keeps_for_its_peers_is_handed_to_the_shredder() -> None:
+    """Until every peer has it, local rank 0 keeps the key frame; ``held`` hands it to the
+    shredder (trainer.train registers it with the DEK), so a signal in that window zeroes it
+    too, and a frame shredded before a peer comes is never sent."""
+    from sealed.secrets import SecretBuffer
+
+    name = channel_name(f"held-{secrets.token_hex(4)}")
+    holder = LocalKeyHolder(name, peers=1, wait_s=60)
+    try:
+        assert holder.held == ()  # nothing published yet
+        dek = secrets.token_bytes(32)
+        holder.publish_key(SecretBuffer.from_bytes(dek), lease_expiry=None, key_version=1,
+                           manifest="m")
+        (frame,) = holder.held
+        with frame.view() as v:
+            assert dek in bytes(v)  # TEST ONLY: the frame carries the key
+        frame.zeroize()  # what the shredder does
+        assert holder.held == ()
+    finally:
+        holder.close(linger_s=0)
