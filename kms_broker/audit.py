@@ -373,13 +373,17 @@ class AuditLog:
         finally:
             os.close(fd)  # releases the flock
 
+    def _fdatasync(self) -> None:
+        """fdatasync the log through a descriptor of its own (``OSError`` on failure)."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
     def _sync_file(self) -> None:
         try:
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
+            self._fdatasync()
         except OSError as exc:
             raise Unavailable(f"audit log unavailable: {exc.strerror or exc}") from None
 
@@ -410,11 +414,7 @@ class AuditLog:
             self._attempted = target
         error = None
         try:
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
+            self._fdatasync()
         except OSError as exc:
             error = exc.strerror or str(exc)
         with self._cond:

@@ -133,17 +133,23 @@ NODE_ACTIVE, NODE_REVOKED, NODE_REINSTATED = 0, 1, 2
 T = TypeVar("T")
 
 
+@contextlib.contextmanager
+def _mapped_errors() -> Iterator[None]:
+    """SQLite's errors as the domain's: a constraint -> AlreadyExists, anything operational
+    (locked, disk, I/O) -> Unavailable."""
+    try:
+        yield
+    except sqlite3.IntegrityError as exc:
+        raise AlreadyExists(f"already exists or violates a reference: {exc}") from None
+    except sqlite3.OperationalError as exc:
+        raise Unavailable(f"state store unavailable: {exc}") from None
+
+
 def _guarded(fn: Callable[..., T]) -> Callable[..., T]:
     @functools.wraps(fn)
     def wrapper(self: SqliteRepository, *args: Any, **kwargs: Any) -> T:
-        with self._lock:
-            try:
-                with self._db:
-                    return fn(self, *args, **kwargs)
-            except sqlite3.IntegrityError as exc:
-                raise AlreadyExists(f"already exists or violates a reference: {exc}") from None
-            except sqlite3.OperationalError as exc:
-                raise Unavailable(f"state store unavailable: {exc}") from None
+        with self._lock, _mapped_errors(), self._db:
+            return fn(self, *args, **kwargs)
 
     return wrapper
 
@@ -157,14 +163,8 @@ def _writes(fn: Callable[..., T]) -> Callable[..., T]:
 
     @functools.wraps(fn)
     def wrapper(self: SqliteRepository, *args: Any, **kwargs: Any) -> T:
-        with self._lock:
-            try:
-                with self._writer_turn(), self._db:
-                    return fn(self, *args, **kwargs)
-            except sqlite3.IntegrityError as exc:
-                raise AlreadyExists(f"already exists or violates a reference: {exc}") from None
-            except sqlite3.OperationalError as exc:
-                raise Unavailable(f"state store unavailable: {exc}") from None
+        with self._lock, _mapped_errors(), self._writer_turn(), self._db:
+            return fn(self, *args, **kwargs)
 
     return wrapper
 
@@ -181,18 +181,13 @@ def _unsynced(fn: Callable[..., T]) -> Callable[..., T]:
 
     @functools.wraps(fn)
     def wrapper(self: SqliteRepository, *args: Any, **kwargs: Any) -> T:
-        with self._lock:
+        with self._lock, _mapped_errors():
+            self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                self._db.execute("PRAGMA synchronous=NORMAL")
-                try:
-                    with self._writer_turn(), self._db:
-                        return fn(self, *args, **kwargs)
-                finally:
-                    self._db.execute("PRAGMA synchronous=FULL")
-            except sqlite3.IntegrityError as exc:
-                raise AlreadyExists(f"already exists or violates a reference: {exc}") from None
-            except sqlite3.OperationalError as exc:
-                raise Unavailable(f"state store unavailable: {exc}") from None
+                with self._writer_turn(), self._db:
+                    return fn(self, *args, **kwargs)
+            finally:
+                self._db.execute("PRAGMA synchronous=FULL")
 
     return wrapper
 
