@@ -75,15 +75,18 @@ def _local_ranks() -> tuple[int, int]:
     return rank, world
 
 
-def _failure_kind(exc: BaseException) -> str:
-    """What local rank 0 tells its peers it met (trainer.local_keys, frame E)."""
+def _failure_kinds() -> tuple[tuple[type[Exception], str], ...]:
+    """Local rank 0's failures and the kind it tells its peers (trainer.local_keys, frame E);
+    a peer raises the same class again. Any other failure is kind "x"."""
     from trainer.dataset_check import DatasetMissing
 
-    for cls, kind in ((AttestationDenied, "d"), (BrokersUnreachable, "u"),
-                      (DatasetMismatch, "m"), (DatasetMissing, "s")):
-        if isinstance(exc, cls):
-            return kind
-    return "x"
+    return ((AttestationDenied, "d"), (BrokersUnreachable, "u"), (DatasetMismatch, "m"),
+            (DatasetMissing, "s"))
+
+
+def _failure_kind(exc: BaseException) -> str:
+    """What local rank 0 tells its peers it met."""
+    return next((kind for cls, kind in _failure_kinds() if isinstance(exc, cls)), "x")
 
 
 def _tpm_lock_path(tcti: str) -> Path:
@@ -213,7 +216,6 @@ class AttestedKeySource:
     def _acquire_from_local_rank_0(self) -> KeyHandle:
         """A local peer: the key from local rank 0 (which attested for the node), then every
         lease update and revocation it forwards."""
-        from trainer.dataset_check import DatasetMissing
         from trainer.local_keys import HolderFailed, PeerWatcher, channel_name, receive_key
 
         if self._evidence_for is None:
@@ -222,16 +224,11 @@ class AttestedKeySource:
         try:
             got = receive_key(channel_name(self._config.job_id), local_rank=self._local_rank)
         except HolderFailed as exc:
-            message = f"local rank 0: {exc}"
-            if exc.kind == "d":
+            if exc.kind == "d":  # the denial as rank 0 met it, with the failed rules
                 raise AttestationDenied(str(exc), exc.reasons) from None
-            if exc.kind == "u":
-                raise BrokersUnreachable(message) from None
-            if exc.kind == "m":
-                raise DatasetMismatch(message) from None
-            if exc.kind == "s":
-                raise DatasetMissing(message) from None
-            raise KeySourceUnavailable(message) from None
+            cls = next((c for c, kind in _failure_kinds() if kind == exc.kind),
+                       KeySourceUnavailable)
+            raise cls(f"local rank 0: {exc}") from None
         job = self._config
         if got.key_version != (job.dataset.key_version or 0) or (
                 got.manifest and got.manifest != job.dataset.manifest):
