@@ -51,7 +51,7 @@ def _leases(world: World) -> int:
 
 
 def test_fetch_dek_releases_in_one_call_per_broker(world: World) -> None:
-    before = len(world.broker.audit())
+    before = len(world.broker.actions())
     with world.broker.key_client("n1", world.job_id) as client:
         released = client.fetch_dek(tenant_id=world.tenant_id, dataset_id=world.dataset_id,
                                     key_version=1)
@@ -62,8 +62,7 @@ def test_fetch_dek_releases_in_one_call_per_broker(world: World) -> None:
     assert [name for name, _ in released.timings] == [
         "challenge", "evidence", f"attest+release {address}", f"open {address}", "derive"]
     # both steps audited under their own event, the attestation first
-    events = [(r["event"], r["outcome"]) for r in world.broker.audit()[before:]
-              if r.get("event") != "checkpoint"]
+    events = [(r["event"], r["outcome"]) for r in world.broker.actions()[before:]]
     assert events == [("attest", "allowed"), ("release", "allowed")], events
 
 
@@ -127,13 +126,12 @@ def test_a_denied_release_after_a_passing_attestation(world: World) -> None:
     nowhere = pb.ReleaseTarget(tenant_id=world.tenant_id, dataset_id="no-such-dataset",
                                key_version=1)
     request, *_ = _request(world, stub, "n2", nowhere)
-    audited, leases = len(world.broker.audit()), _leases(world)
+    audited, leases = len(world.broker.actions()), _leases(world)
     with pytest.raises(grpc.RpcError) as info:
         stub.Attest(request, timeout=30)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert "no-such-dataset" in info.value.details()
-    events = [(r["event"], r["outcome"]) for r in world.broker.audit()[audited:]
-              if r.get("event") != "checkpoint"]
+    events = [(r["event"], r["outcome"]) for r in world.broker.actions()[audited:]]
     assert events == [("attest", "allowed"), ("release", "denied")], events
     assert _leases(world) == leases
     with pytest.raises(grpc.RpcError) as again:  # the attestation spent the nonce
@@ -152,15 +150,14 @@ def test_a_failed_attestation_releases_nothing(world: World) -> None:
     # evidence bound to another key than the one the share would be sealed to
     kind, payload = world.broker.evidence("n1")(
         expected_report_data(ch.nonce, ch.session_id, other))
-    audited, leases = len(world.broker.audit()), _leases(world)
+    audited, leases = len(world.broker.actions()), _leases(world)
     with pytest.raises(grpc.RpcError) as info:
         stub.Attest(pb.AttestRequest(node_id="n1", session_id=ch.session_id,
                                      evidence=pb.Evidence(kind=kind, payload=payload),
                                      node_public_key=pub, release=target), timeout=30)
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert world.broker.binding_failure in info.value.details()
-    events = [(r["event"], r["outcome"]) for r in world.broker.audit()[audited:]
-              if r.get("event") != "checkpoint"]
+    events = [(r["event"], r["outcome"]) for r in world.broker.actions()[audited:]]
     assert events == [("attest", "denied")], events
     assert _leases(world) == leases
 

@@ -121,12 +121,24 @@ def procs():
         p.stop()
 
 
-def test_the_key_lease_updates_and_revocation_reach_a_sibling(name, procs):
+def _holder(name: bytes, procs: list[_Py]) -> _Py:
+    """Local rank 0 for one peer, listening."""
     holder = _Py(HOLDER, {"name": name.hex(), "peers": 1})
     procs.append(holder)
     assert holder.line() == "listening"
-    peer = _Py(PEER, {"name": name.hex(), "rank": 1})  # waits for the key on the channel
+    return holder
+
+
+def _peer(name: bytes, procs: list[_Py], *, via_shell: bool = False) -> _Py:
+    """Local rank 1 asking for the key (a sibling of the holder unless ``via_shell``)."""
+    peer = _Py(PEER, {"name": name.hex(), "rank": 1}, via_shell=via_shell)
     procs.append(peer)
+    return peer
+
+
+def test_the_key_lease_updates_and_revocation_reach_a_sibling(name, procs):
+    holder = _holder(name, procs)
+    peer = _peer(name, procs)  # waits for the key on the channel
     dek = secrets.token_bytes(32)
     holder.send(f"key {dek.hex()}")
     got = json.loads(peer.line())
@@ -141,11 +153,8 @@ def test_the_key_lease_updates_and_revocation_reach_a_sibling(name, procs):
 
 
 def test_a_peer_that_connects_before_rank_0_listens_waits_for_it(name, procs):
-    peer = _Py(PEER, {"name": name.hex(), "rank": 1})
-    procs.append(peer)
-    holder = _Py(HOLDER, {"name": name.hex(), "peers": 1})
-    procs.append(holder)
-    assert holder.line() == "listening"
+    peer = _peer(name, procs)
+    holder = _holder(name, procs)
     dek = secrets.token_bytes(32)
     holder.send(f"key {dek.hex()}")
     assert json.loads(peer.line())["dek"] == dek.hex()
@@ -154,11 +163,8 @@ def test_a_peer_that_connects_before_rank_0_listens_waits_for_it(name, procs):
 
 
 def test_rank_0_dying_without_goodbye_ends_the_peer_lease(name, procs):
-    holder = _Py(HOLDER, {"name": name.hex(), "peers": 1})
-    procs.append(holder)
-    assert holder.line() == "listening"
-    peer = _Py(PEER, {"name": name.hex(), "rank": 1})
-    procs.append(peer)
+    holder = _holder(name, procs)
+    peer = _peer(name, procs)
     holder.send(f"key {secrets.token_bytes(32).hex()}")
     peer.line()
     holder.send("die")
@@ -167,24 +173,18 @@ def test_rank_0_dying_without_goodbye_ends_the_peer_lease(name, procs):
 
 
 def test_a_denial_reaches_the_peer_with_its_reasons(name, procs):
-    holder = _Py(HOLDER, {"name": name.hex(), "peers": 1})
-    procs.append(holder)
-    assert holder.line() == "listening"
-    peer = _Py(PEER, {"name": name.hex(), "rank": 1})
-    procs.append(peer)
+    holder = _holder(name, procs)
+    peer = _peer(name, procs)
     holder.send("deny")
     assert json.loads(peer.line()) == {"failed": "d", "message": "release denied by b1",
                                        "reasons": ["ksm-off: KSM is on", "r2: why"]}
 
 
 def test_a_process_that_is_not_a_sibling_gets_nothing(name, procs):
-    holder = _Py(HOLDER, {"name": name.hex(), "peers": 1})
-    procs.append(holder)
-    assert holder.line() == "listening"
+    holder = _holder(name, procs)
     holder.send(f"key {secrets.token_bytes(32).hex()}")
     assert holder.line() == "done"
-    stranger = _Py(PEER, {"name": name.hex(), "rank": 1}, via_shell=True)
-    procs.append(stranger)
+    stranger = _peer(name, procs, via_shell=True)
     got = json.loads(stranger.line())
     assert "dek" not in got and got["failed"] == "x"
     assert "not a sibling rank under this torchrun agent" in got["message"]
@@ -193,8 +193,7 @@ def test_a_process_that_is_not_a_sibling_gets_nothing(name, procs):
     procs.append(raw)
     assert json.loads(raw.line()) == {"received": 0}
     # the real peer still gets its key afterwards: the strangers took no place
-    peer = _Py(PEER, {"name": name.hex(), "rank": 1})
-    procs.append(peer)
+    peer = _peer(name, procs)
     assert "dek" in json.loads(peer.line())
 
 
