@@ -22,20 +22,16 @@ from types import TracebackType
 from tpm2_pytss import ESAPI, TSS2_Exception
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_SE, TPMA_OBJECT
 from tpm2_pytss.types import (
-    TPM2B_DATA,
     TPM2B_ENCRYPTED_SECRET,
     TPM2B_ID_OBJECT,
     TPM2B_PUBLIC,
-    TPML_DIGEST_VALUES,
-    TPML_PCR_SELECTION,
-    TPMT_HA,
-    TPMT_SIG_SCHEME,
     TPMT_SYM_DEF,
-    TPMU_HA,
 )
 from tpm2_pytss.utils import NoSuchIndex, NVReadEK, create_ek_template
 
 from attest.eventlog import APP_PCR, EventLog
+from attest.tpm2 import commands
+from attest.tpm2.commands import TpmError
 from attest.tpm2.evidence import Tpm2Evidence
 from attest.tpm2.marshal import parse_attest, parse_signature, trim_der
 from attest.tpm2.quote import pcr_digest
@@ -58,14 +54,6 @@ _AK_ATTRIBUTES = (
     | TPMA_OBJECT.RESTRICTED
     | TPMA_OBJECT.SIGN_ENCRYPT
 )
-
-
-class TpmError(RuntimeError):
-    """A TPM command failed; the message names the operation."""
-
-
-def _selection(indices: Iterable[int]) -> TPML_PCR_SELECTION:
-    return TPML_PCR_SELECTION.parse("sha256:" + ",".join(str(i) for i in sorted(indices)))
 
 
 class _DefinedNvRead:
@@ -107,6 +95,7 @@ class TpmNode:
         self._ek_cert: bytes = b""
         self._ak: ESYS_TR | None = None
         self._ak_public: bytes = b""
+        self._ak_handle = 0  # the AK's TPM handle, for the hand-marshalled quote
         self._closed = False
 
     def __enter__(self) -> TpmNode:
@@ -180,6 +169,7 @@ class TpmNode:
                 raise TpmError(f"creating the attestation key failed: {exc}") from None
             self._ak = handle
             self._ak_public = public.publicArea.marshal()
+            self._ak_handle = int(self._ectx.tr_get_tpm_handle(handle))
         return self._ak
 
     def ak_public(self) -> bytes:
@@ -218,53 +208,25 @@ class TpmNode:
 
     # -- PCRs ----------------------------------------------------------------------------
     def measure(self, log: EventLog) -> None:
-        """Reset the application PCR and extend every event of ``log`` into it, in order."""
-        handle = getattr(ESYS_TR, f"PCR{APP_PCR}")
-        try:
-            self._ectx.pcr_reset(handle)
-            for event in log.events:
-                ha = TPMT_HA(hashAlg=TPM2_ALG.SHA256, digest=TPMU_HA(sha256=event.digest))
-                self._ectx.pcr_extend(handle, TPML_DIGEST_VALUES([ha]))
-        except TSS2_Exception as exc:
-            raise TpmError(f"measuring into PCR {APP_PCR} failed: {exc}") from None
+        """Reset the application PCR and extend every event of ``log`` into it, in order
+        (hand-marshalled commands, :mod:`attest.tpm2.commands`: ESAPI's per-call conversions
+        cost more CPU than the TPM's work)."""
+        tcti = self._ectx.tcti
+        commands.pcr_reset(tcti, APP_PCR)
+        for event in log.events:
+            commands.pcr_extend(tcti, APP_PCR, event.digest)
 
     def read_pcrs(self, indices: Iterable[int]) -> dict[int, bytes]:
         """SHA-256 PCR values (PCR_Read returns at most 8 per call, so read in chunks)."""
-        wanted = sorted(set(indices))
-        out: dict[int, bytes] = {}
-        for start in range(0, len(wanted), 8):
-            chunk = wanted[start : start + 8]
-            try:
-                _, selection, values = self._ectx.pcr_read(_selection(chunk))
-            except TSS2_Exception as exc:
-                raise TpmError(f"PCR_Read failed: {exc}") from None
-            got = [
-                i
-                for sel in selection
-                for i in range(sel.sizeofSelect * 8)
-                if sel.pcrSelect[i // 8] >> (i % 8) & 1
-            ]
-            out.update(zip(got, (bytes(v) for v in values), strict=True))
-        if sorted(out) != wanted:
-            raise TpmError("the TPM did not return every requested SHA-256 PCR")
-        return out
+        return commands.pcr_read(self._ectx.tcti, indices)
 
     # -- quote ---------------------------------------------------------------------------
     def quote(
         self, qualifying_data: bytes, pcrs: Iterable[int] = QUOTED_PCRS
     ) -> tuple[bytes, bytes]:
-        """TPM2_Quote: (TPMS_ATTEST bytes, TPMT_SIGNATURE bytes)."""
-        ak = self._load_ak()
-        try:
-            attest, signature = self._ectx.quote(
-                ak,
-                _selection(pcrs),
-                TPM2B_DATA(qualifying_data),
-                TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL),
-            )
-        except TSS2_Exception as exc:
-            raise TpmError(f"TPM2_Quote failed: {exc}") from None
-        return bytes(attest), signature.marshal()
+        """TPM2_Quote with the AK: (TPMS_ATTEST bytes, TPMT_SIGNATURE bytes)."""
+        self._load_ak()
+        return commands.quote(self._ectx.tcti, self._ak_handle, qualifying_data, pcrs)
 
     def evidence(self, log: EventLog, report_data: bytes) -> Tpm2Evidence:
         """Measure ``log``, quote boot PCRs + application PCR over ``report_data``, package it.
