@@ -2,26 +2,33 @@
 
 Setup: a broker subprocess (``kms-broker serve --workers N``, N = cores, at least 2) on a fresh
 SoftHSM2 token, mTLS on 127.0.0.1, the default verifiers (the real ``tpm2`` one) trusting a
-local EK CA; one tenant, one dataset, a grant under a production-like policy: the 16 rules of
+local EK CA; one tenant, one dataset, a grant under a production-like policy: the rules of
 ``policies/production.yaml`` with params that this node meets (its trainer code digest). Each
 client is a separate process with its own swtpm, enrolled at the broker by
 ``kms-broker``'s ``enrol_node`` (MakeCredential/ActivateCredential); its claims are a hardened
 node's facts (read from a prepared root, as the tests do) and this checkout's code digest.
 
-One **cycle** is what a node does for a release from cold: Challenge, a TPM quote over the
-report data (in the client, not timed as broker work), then the broker verifies quote, event
-log, EK-enrolled AK and the 16-rule policy and releases (grant signature, lease room, HSM
-unwrap + ECDH + KDF + wrap, audit). Two flows, side by side in one run at each client count:
+One **cycle** is what a node does for a release from cold, as ``trainer --attest`` runs it:
+``KeyClient.fetch_dek`` with the trainer's evidence path (Challenge naming the dataset, a TPM
+quote over the report data with the node's facts, code and job claims measured into PCR 23,
+then opening the sealed share and deriving the DEK in the client), while the broker verifies
+quote, event log, EK-enrolled AK and the production policy and releases (grant signature,
+lease room, HSM unwrap + ECDH + KDF + wrap, audit). Each client keeps its one channel (one
+TLS handshake per process, as a trainer's KeyClient does for its fetch and renewals). Two
+flows, side by side in one run at each client count:
 
-- ``one-call`` (what ``KeyClient.fetch_dek`` runs): an Attest that carries the release
+- ``one-call`` (``KeyClient.fetch_dek``'s default): an Attest that carries the release
   (``AttestRequest.release``) and answers with the sealed share; no token is signed. Its
   "attest" and "release" latencies are both that one call (the share arrives with it).
-- ``three-call`` (DESIGN.md section 5 as written): Attest for a token, then Release with it.
+- ``three-call`` (DESIGN.md section 5 as written, ``one_call_release=False``): Attest for a
+  token, then Release with it (its "release" latency includes opening the share).
 
 Clients run cycles back to back at 1, 8, 32 and 64 clients (quick mode: 1 and 8).
 
 Measured: cycles per second per client count; attest and release latency (p50/p99) as the
-clients see them; the CPU of every broker process (``/proc``) per cycle, against the CPU of one
+clients see them (``ReleasedKey.timings``); the node CPU per cycle (every client process's
+threads, and its swtpm from ``/proc``: what the clients take from the cores the broker
+shares); the CPU of every broker process (``/proc``) per cycle, against the CPU of one
 raw in-process ``Pkcs11Hsm.seal_share`` on a second token (the floor of a release):
 ``goal broker_cold_cycle_cpu_vs_raw_seal`` (<= 4x), ``goal broker_cold_attest_p99_8clients_ms``
 (<= 100) and ``goal broker_cold_release_p99_8clients_ms`` (<= 50), all three on the one-call
@@ -164,60 +171,88 @@ def _tenant_setup(address: str, pki: Path, policy: str, nodes: int) -> int:
     return len(yaml.safe_load(policy)["rules"])
 
 
+# the job's claims, as trainer.job_identity.job_claims gives them for a small job: measured
+# into PCR 23 with the node's facts and code identity, as `trainer --attest` does
+JOB_CLAIMS = {
+    "job.digest": "ab" * 32, "job.id": JOB, "job.tenant": TENANT, "job.dataset": DATASET,
+    "job.key_version": 1, "job.model": "tiny-gpt", "job.precision": "fp32", "job.steps": 100,
+    "job.batch_size": 8, "job.grad_accum": 1, "job.seq_len": 128,
+    "job.checkpoint.interval": 50, "job.checkpoint.keep_last": 2,
+}
+
+
+def _node_file(root: Path, claims: dict, path: Path) -> None:
+    """What a client node needs to make its claims as the trainer does: the prepared host
+    root (facts are read again for every attestation), its code claims (measured once, as the
+    trainer does without the guard), the job's claims."""
+    from attest.facts import HostSource, collect_facts
+
+    facts = collect_facts(HostSource(root=root, gpu_probe=lambda: None))
+    code = {k: v for k, v in claims.items() if k not in facts}
+    path.write_text(json.dumps({"host": str(root), "code": code, "job": JOB_CLAIMS}))
+
+
 def _client_main(address: str, pki: str, node_id: str, tcti: str, cycles: int,
-                 claims_file: str, flow: str) -> None:
+                 node_file: str, flow: str) -> None:
     """One node in its own process: a warm-up cycle, "ready", wait for "go", then cycles.
-    ``flow``: "one-call" (Attest carrying the release, as ``KeyClient.fetch_dek`` does) or
-    "three-call" (Attest for a token, then Release with it)."""
-    import grpc
 
-    from attest.interface import expected_report_data
-    from attest.tpm2.agent import collect_evidence
-    from kms_broker import sealing
-    from kms_broker._proto.kmsbroker.v1 import broker_pb2 as pb
-    from kms_broker._proto.kmsbroker.v1 import broker_pb2_grpc as pb_grpc
-    from kms_broker.rpc import open_channel
+    A cycle is what ``trainer --attest`` runs for its key (trainer/attested.py):
+    ``KeyClient.fetch_dek`` (Challenge naming the dataset, a fresh one-time node key, the
+    evidence through the trainer's QuoteBatcher, Attest, open the sealed share, derive the
+    DEK), its evidence made as ``AttestedKeySource.evidence_for`` does (facts read again, code
+    and job claims measured into PCR 23, the TPM lock, ``collect_evidence``). ``flow``:
+    "one-call" (Attest carrying the release, ``KeyClient``'s default) or "three-call"
+    (``one_call_release=False``: Attest for a token, then Release with it)."""
+    import fcntl
 
-    claims = json.loads(Path(claims_file).read_text())
-    stub = pb_grpc.NodeServiceStub(open_channel(_endpoint(address, Path(pki), "node", node_id)))
+    from attest.facts import HostSource
+    from attest.tpm2.agent import collect_evidence, node_claims
+    from kms_broker.client import KeyClient
+    from kms_broker.rpc import UnavailableError
+    from trainer.attested import _tpm_lock_path
+    from trainer.quote_batch import QuoteBatcher, batch_directory
+
+    spec = json.loads(Path(node_file).read_text())
+    source = HostSource(root=Path(spec["host"]), gpu_probe=lambda: None)
+
+    def evidence_for(report_data: bytes) -> tuple[str, bytes]:
+        claims = node_claims(source, code=spec["code"], extra=spec["job"])
+        with open(_tpm_lock_path(tcti), "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                return "tpm2", collect_evidence(tcti, report_data, claims)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    client = KeyClient([_endpoint(address, Path(pki), "node", node_id)], node_id=node_id,
+                       job_id=JOB, timeout_s=120, one_call_release=flow == "one-call",
+                       evidence_for_set=QuoteBatcher(batch_directory(tcti, JOB),
+                                                     evidence_for, expected=1))
 
     def cycle() -> tuple[float, float]:
-        ch = stub.Challenge(pb.ChallengeRequest(node_id=node_id, job_id=JOB), timeout=120)
-        _, pub = sealing.generate_node_key()
-        evidence = collect_evidence(tcti, expected_report_data(ch.nonce, ch.session_id, pub),
-                                    claims)
-        t0 = time.perf_counter()
-        if flow == "one-call":
-            reply = stub.Attest(pb.AttestRequest(
-                node_id=node_id, session_id=ch.session_id, node_public_key=pub,
-                evidence=pb.Evidence(kind="tpm2", payload=evidence),
-                release=pb.ReleaseTarget(tenant_id=TENANT, dataset_id=DATASET, key_version=1)),
-                timeout=120)
-            if not reply.release.sealed_share:
-                raise RuntimeError("the one-call Attest released nothing")
-            took = time.perf_counter() - t0
-            return took, took  # the share arrives with the attestation's answer
-        token = stub.Attest(pb.AttestRequest(
-            node_id=node_id, session_id=ch.session_id, node_public_key=pub,
-            evidence=pb.Evidence(kind="tpm2", payload=evidence)), timeout=120).token
-        t1 = time.perf_counter()
-        stub.Release(pb.ReleaseRequest(node_id=node_id, token=token, tenant_id=TENANT,
-                                       dataset_id=DATASET, key_version=1), timeout=120)
-        return t1 - t0, time.perf_counter() - t1
+        released = client.fetch_dek(tenant_id=TENANT, dataset_id=DATASET, key_version=1)
+        released.dek.zeroize()
+        took = {name.split(" ", 1)[0]: seconds for name, seconds in released.timings}
+        if flow == "one-call":  # the share arrives with the attestation's answer
+            return took["attest+release"], took["attest+release"]
+        return took["attest"], took["release"]
 
     for attempt in range(5):  # the warm-up: a loaded machine may drop the first handshake
         try:
             cycle()
             break
-        except grpc.RpcError:
+        except UnavailableError:
             if attempt == 4:
                 raise
             time.sleep(1)
     print("ready", flush=True)
     sys.stdin.readline()
+    cpu = time.process_time()  # every thread of this process: gRPC's too
     lat = [cycle() for _ in range(cycles)]
-    print(json.dumps({"attest": [a for a, _ in lat], "release": [r for _, r in lat]}),
-          flush=True)
+    cpu = time.process_time() - cpu
+    print(json.dumps({"attest": [a for a, _ in lat], "release": [r for _, r in lat],
+                      "cpu": cpu}), flush=True)
+    client.close()
 
 
 def _raw_seal_cpu(softhsm, pin: str, n: int) -> float:  # type: ignore[no-untyped-def]
@@ -260,9 +295,12 @@ def _children(pid: int) -> list[int]:
 
 
 def _run(address: str, pki: Path, tpms: list, claims_file: Path, clients: int, cycles: int,
-         broker_pids: list[int], flow: str) -> tuple[list[float], list[float], float, float]:
+         broker_pids: list[int], flow: str
+         ) -> tuple[list[float], list[float], float, float, float]:
     """``clients`` node processes, ``cycles`` each: (attest latencies, release latencies,
-    wall seconds, broker CPU seconds) of the timed part."""
+    wall seconds, broker CPU seconds, node CPU seconds: the client processes and their
+    swtpms) of the timed part."""
+    swtpms = [t.pid for t in tpms[:clients]]
     procs = [subprocess.Popen(
         [sys.executable, "-m", "benchmarks.bench_broker", "--client", address, str(pki),
          f"n{i}", tpms[i].tcti, str(cycles), str(claims_file), flow],
@@ -274,6 +312,7 @@ def _run(address: str, pki: Path, tpms: list, claims_file: Path, clients: int, c
             if line.strip() != "ready":
                 raise RuntimeError(f"client did not start: {line!r}")
         cpu0 = sum(_cpu_seconds(pid) for pid in broker_pids)
+        tpm0 = sum(_cpu_seconds(pid) for pid in swtpms)
         t0 = time.perf_counter()
         for p in procs:
             p.stdin.write("go\n")  # type: ignore[union-attr]
@@ -281,6 +320,7 @@ def _run(address: str, pki: Path, tpms: list, claims_file: Path, clients: int, c
         results = [json.loads(p.stdout.readline()) for p in procs]  # type: ignore[union-attr]
         wall = time.perf_counter() - t0
         cpu = sum(_cpu_seconds(pid) for pid in broker_pids) - cpu0
+        node = sum(_cpu_seconds(pid) for pid in swtpms) - tpm0 + sum(r["cpu"] for r in results)
         for p in procs:
             p.wait(timeout=300)
     finally:
@@ -289,7 +329,7 @@ def _run(address: str, pki: Path, tpms: list, claims_file: Path, clients: int, c
                 p.kill()
     attest = [x for r in results for x in r["attest"]]
     release = [x for r in results for x in r["release"]]
-    return attest, release, wall, cpu
+    return attest, release, wall, cpu, node
 
 
 def main(quick: bool) -> None:
@@ -314,8 +354,8 @@ def main(quick: bool) -> None:
         tpms: list[Swtpm] = []
         try:
             claims = _claims(root / "host")
-            claims_file = root / "claims.json"
-            claims_file.write_text(json.dumps(claims))
+            claims_file = root / "node.json"
+            _node_file(root / "host", claims, claims_file)
             rules = _tenant_setup(address, pki, _policy(claims), max(counts))
             operator = _endpoint(address, pki, "operator", "ops")
             from kms_broker import certs
@@ -335,11 +375,11 @@ def main(quick: bool) -> None:
             print(f"raw in-process Pkcs11Hsm.seal_share: {raw_cpu * 1e3:.2f} ms CPU per seal")
             print(f"{'flow':>11}{'clients':>8}{'cycles/s':>10}{'attest p50':>12}"
                   f"{'attest p99':>12}{'release p50':>13}{'release p99':>13}"
-                  f"{'broker CPU/cycle':>18}{'vs raw seal':>13}")
+                  f"{'broker CPU/cycle':>18}{'vs raw seal':>13}{'node CPU/cycle':>16}")
             table: dict[tuple[str, int], tuple[list[float], list[float], float]] = {}
             for n in counts:
                 for flow in FLOWS:  # side by side, the production flow first
-                    attest, release, wall, cpu = _run(address, pki, tpms, claims_file, n,
+                    attest, release, wall, cpu, node = _run(address, pki, tpms, claims_file, n,
                                                       cycles[n], broker_pids, flow)
                     per = cpu / len(attest)
                     table[flow, n] = (attest, release, per)
@@ -347,7 +387,8 @@ def main(quick: bool) -> None:
                           f"{_pct(attest, .5) * 1e3:>10.1f}ms{_pct(attest, .99) * 1e3:>10.1f}ms"
                           f"{_pct(release, .5) * 1e3:>11.1f}ms"
                           f"{_pct(release, .99) * 1e3:>11.1f}ms{per * 1e3:>16.2f}ms"
-                          f"{per / raw_cpu:>12.1f}x", flush=True)
+                          f"{per / raw_cpu:>12.1f}x{node / len(attest) * 1e3:>15.2f}ms",
+                          flush=True)
         except BaseException:
             print("broker log tail:\n" + (root / "broker" / "broker.log").read_text()[-3000:])
             raise
