@@ -1,13 +1,14 @@
 """The node's hot TPM commands, marshalled by hand and sent over the ESAPI context's own TCTI.
 
-Every attestation extends the application PCR once per event (about twenty commands), quotes
-and reads the quoted PCRs back. Through ESAPI each of those builds and converts several
-tpm2-pytss/cffi objects per call, which costs the node more CPU than the TPM's own work; here a
-command is one ``struct.pack``, one ``transmit``/``receive`` pair and one header check. The
-TPM sees byte for byte the commands ESAPI sends (same tag, handles, password session and
-parameters), so PCR values, quotes and the event log are unchanged. Only commands that need
-no HMAC or policy session live here (the TPM's objects here have empty auth); keys and
-sessions stay with ESAPI (:mod:`attest.tpm2.node`).
+Every attestation creates the AK (a primary), extends the application PCR once per event
+(twenty to forty commands), quotes, reads the quoted PCRs back and flushes the AK. Through ESAPI
+each of those builds and converts several tpm2-pytss/cffi objects per call, which costs the
+node more CPU than the TPM's own work; here a command is one ``struct.pack``, one
+``transmit``/``receive`` pair and one header check. The TPM sees byte for byte the commands
+ESAPI sends (same tag, handles, password session and parameters), so the AK, PCR values, quotes
+and the event log are unchanged. Only commands that need no HMAC or policy session live here
+(the endorsement hierarchy and the AK have empty auth); the EK, ActivateCredential and its
+policy session stay with ESAPI (:mod:`attest.tpm2.node`).
 
 Byte formats (TPM 2.0 spec part 1 section 18, part 2, part 3; big-endian throughout)::
 
@@ -22,13 +23,20 @@ Byte formats (TPM 2.0 spec part 1 section 18, part 2, part 3; big-endian through
     response:  u16 tag | u32 responseSize | u32 responseCode (0 = success; anything else is a
                :class:`TpmError` naming the operation, the code decoded as the TSS does;
                TPM_RC_YIELDED/TESTING/RETRY resend the command, 5 submissions at most)
-               u32 handle x n                                  (none for the commands here)
+               u32 handle x n                        (one for CreatePrimary, else none)
                [TPM_ST_SESSIONS only: u32 parameterSize]
                parameters
                [TPM_ST_SESSIONS only: the session's response auth, ignored]
 
 Commands and their parameters:
 
+* ``TPM2_CreatePrimary`` (0x00000131), handle: the hierarchy, password session; parameters:
+  ``TPM2B_SENSITIVE_CREATE`` = u16 size = 4 | u16 userAuth size = 0 | u16 data size = 0 |
+  ``TPM2B_PUBLIC`` inPublic (u16 size | TPMT_PUBLIC template) | ``TPM2B_DATA`` outsideInfo =
+  u16 0 | ``TPML_PCR_SELECTION`` creationPCR = u32 count 0. Response: u32 objectHandle, then
+  parameters ``TPM2B_PUBLIC`` outPublic (u16 size | TPMT_PUBLIC) | creationData,
+  creationHash, creationTicket, name (ignored).
+* ``TPM2_FlushContext`` (0x00000165), no sessions; parameters: u32 flushHandle.
 * ``TPM2_PCR_Reset`` (0x0000013D), handle: the PCR, password session; no parameters.
 * ``TPM2_PCR_Extend`` (0x00000182), handle: the PCR, password session; parameters:
   ``TPML_DIGEST_VALUES`` = u32 count = 1 | u16 hashAlg = 0x000B (SHA-256) | 32-byte digest.
@@ -55,7 +63,8 @@ from tpm2_pytss import TSS2_Exception
 from attest.interface import MalformedEvidence
 from attest.tpm2.marshal import Reader, parse_pcr_selection
 
-__all__ = ["TpmError", "pcr_extend", "pcr_read", "pcr_reset", "quote"]
+__all__ = ["TpmError", "create_primary", "flush_context", "pcr_extend", "pcr_read", "pcr_reset",
+           "quote"]
 
 ST_NO_SESSIONS = 0x8001
 ST_SESSIONS = 0x8002
@@ -63,6 +72,8 @@ CC_PCR_RESET = 0x0000013D
 CC_PCR_EXTEND = 0x00000182
 CC_PCR_READ = 0x0000017E
 CC_QUOTE = 0x00000158
+CC_CREATE_PRIMARY = 0x00000131
+CC_FLUSH_CONTEXT = 0x00000165
 ALG_SHA256 = 0x000B
 ALG_NULL = 0x0010
 PCR_SELECT_BYTES = 3  # PCRs 0-23: what every PC-client TPM implements
@@ -88,8 +99,9 @@ def _code(rc: int) -> str:
 
 
 def _call(tcti: Any, what: str, code: int, handles: tuple[int, ...], params: bytes,
-          *, sessions: bool) -> bytes:
-    """Send one command; the response parameters (without the session area)."""
+          *, sessions: bool, handles_out: int = 0) -> bytes:
+    """Send one command; the response's handle area (``handles_out`` handles) and
+    parameters, without the session area."""
     body = struct.pack(f">{len(handles)}I", *handles)
     if sessions:
         body += _PASSWORD_SESSION
@@ -111,15 +123,17 @@ def _call(tcti: Any, what: str, code: int, handles: tuple[int, ...], params: byt
         raise TpmError(f"{what} failed: {_code(rc)}")
     if size != len(response):
         raise TpmError(f"{what} failed: the response says {size} bytes, {len(response)} came")
+    start = _HEADER.size + 4 * handles_out
     if not sessions:
+        if start > len(response):
+            raise TpmError(f"{what} failed: no handle in the response")
         return response[_HEADER.size:]
-    if len(response) < _HEADER.size + 4:
+    if len(response) < start + 4:
         raise TpmError(f"{what} failed: no parameterSize in the response")
-    (param_size,) = struct.unpack_from(">I", response, _HEADER.size)
-    start = _HEADER.size + 4
-    if start + param_size > len(response):
+    (param_size,) = struct.unpack_from(">I", response, start)
+    if start + 4 + param_size > len(response):
         raise TpmError(f"{what} failed: parameterSize {param_size} runs past the response")
-    return response[start : start + param_size]
+    return response[_HEADER.size : start] + response[start + 4 : start + 4 + param_size]
 
 
 def _selection(indices: Iterable[int]) -> bytes:
@@ -129,6 +143,30 @@ def _selection(indices: Iterable[int]) -> bytes:
             raise ValueError(f"PCR {i} is out of range")
         bitmap[i // 8] |= 1 << (i % 8)
     return struct.pack(">IHB", 1, ALG_SHA256, PCR_SELECT_BYTES) + bytes(bitmap)
+
+
+def create_primary(tcti: Any, what: str, hierarchy: int, template: bytes) -> tuple[int, bytes]:
+    """TPM2_CreatePrimary of ``template`` (TPMT_PUBLIC bytes) under ``hierarchy`` (empty auth,
+    no sensitive data): (the object's TPM handle, its TPMT_PUBLIC as the TPM made it)."""
+    params = (struct.pack(">HHH", 4, 0, 0) + struct.pack(">H", len(template)) + template
+              + struct.pack(">HI", 0, 0))
+    out = _call(tcti, what, CC_CREATE_PRIMARY, (hierarchy,), params, sessions=True,
+                handles_out=1)
+    try:
+        r = Reader(out, "TPM2_CreatePrimary response")
+        handle = r.u32("objectHandle")
+        public = r.tpm2b("outPublic", MAX_RESPONSE)
+    except MalformedEvidence as exc:
+        raise TpmError(f"{what}: {exc}") from None
+    if not public:
+        raise TpmError(f"{what}: the TPM returned no public area")
+    return handle, public
+
+
+def flush_context(tcti: Any, handle: int) -> None:
+    """TPM2_FlushContext of a transient object or session."""
+    _call(tcti, "TPM2_FlushContext", CC_FLUSH_CONTEXT, (), struct.pack(">I", handle),
+          sessions=False)
 
 
 def pcr_reset(tcti: Any, pcr: int) -> None:

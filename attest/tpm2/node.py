@@ -59,6 +59,10 @@ _AK_ATTRIBUTES = (
     | TPMA_OBJECT.RESTRICTED
     | TPMA_OBJECT.SIGN_ENCRYPT
 )
+_AK_TEMPLATE = TPM2B_PUBLIC.parse(  # the TPMT_PUBLIC bytes CreatePrimary gets
+    "ecc256:ecdsa-sha256:null", objectAttributes=_AK_ATTRIBUTES, nameAlg=TPM2_ALG.SHA256
+).publicArea.marshal()
+_ENDORSEMENT = 0x4000000B  # TPM_RH_ENDORSEMENT
 
 
 class _DefinedNvRead:
@@ -98,9 +102,9 @@ class TpmNode:
         self._ek: ESYS_TR | None = None
         self._ek_public: bytes = b""
         self._ek_cert: bytes = b""
-        self._ak: ESYS_TR | None = None
+        self._ak = 0  # the AK's TPM handle (0: not loaded)
+        self._ak_esys: ESYS_TR | None = None  # ESAPI's object for it, made when needed
         self._ak_public: bytes = b""
-        self._ak_handle = 0  # the AK's TPM handle, for the hand-marshalled quote
         self._closed = False
 
     def __enter__(self) -> TpmNode:
@@ -117,11 +121,13 @@ class TpmNode:
         if self._closed:
             return
         self._closed = True
-        for handle in (self._ak, self._ek):
-            if handle is not None:
-                with contextlib.suppress(TSS2_Exception):
-                    self._ectx.flush_context(handle)
-        self._ak = self._ek = None
+        if self._ak:
+            with contextlib.suppress(TpmError):
+                commands.flush_context(self._ectx.tcti, self._ak)
+        if self._ek is not None:
+            with contextlib.suppress(TSS2_Exception):
+                self._ectx.flush_context(self._ek)
+        self._ak, self._ak_esys, self._ek = 0, None, None
         self._ectx.close()
 
     # -- endorsement key --------------------------------------------------------------
@@ -163,18 +169,13 @@ class TpmNode:
         return self._ek_cert
 
     # -- attestation key --------------------------------------------------------------
-    def _load_ak(self) -> ESYS_TR:
-        if self._ak is None:
-            template = TPM2B_PUBLIC.parse(
-                "ecc256:ecdsa-sha256:null", objectAttributes=_AK_ATTRIBUTES, nameAlg=TPM2_ALG.SHA256
-            )
-            try:
-                handle, public, *_ = self._ectx.create_primary(None, template, ESYS_TR.ENDORSEMENT)
-            except TSS2_Exception as exc:
-                raise TpmError(f"creating the attestation key failed: {exc}") from None
-            self._ak = handle
-            self._ak_public = public.publicArea.marshal()
-            self._ak_handle = int(self._ectx.tr_get_tpm_handle(handle))
+    def _load_ak(self) -> int:
+        """The AK's TPM handle, created (hand-marshalled, :mod:`attest.tpm2.commands`: ESAPI's
+        CreatePrimary and FlushContext cost the node about 0.8 ms more CPU) on first use."""
+        if not self._ak:
+            self._ak, self._ak_public = commands.create_primary(
+                self._ectx.tcti, "creating the attestation key failed", _ENDORSEMENT,
+                _AK_TEMPLATE)
         return self._ak
 
     def ak_public(self) -> bytes:
@@ -184,7 +185,14 @@ class TpmNode:
 
     def activate_credential(self, credential_blob: bytes, encrypted_secret: bytes) -> bytes:
         """Recover a MakeCredential secret; TpmError when it was not made for this EK and AK."""
-        ak = self._load_ak()
+        ak = self._ak_esys
+        if ak is None:
+            try:
+                ak = self._ectx.tr_from_tpmpublic(self._load_ak())
+            except TSS2_Exception as exc:
+                raise TpmError(f"loading the attestation key into ESAPI failed: {exc}") \
+                    from None
+            self._ak_esys = ak
         ek = self._load_ek()
         session: ESYS_TR | None = None
         try:
@@ -230,8 +238,7 @@ class TpmNode:
         self, qualifying_data: bytes, pcrs: Iterable[int] = QUOTED_PCRS
     ) -> tuple[bytes, bytes]:
         """TPM2_Quote with the AK: (TPMS_ATTEST bytes, TPMT_SIGNATURE bytes)."""
-        self._load_ak()
-        return commands.quote(self._ectx.tcti, self._ak_handle, qualifying_data, pcrs)
+        return commands.quote(self._ectx.tcti, self._load_ak(), qualifying_data, pcrs)
 
     def evidence(self, log: EventLog, report_data: bytes) -> Tpm2Evidence:
         """Measure ``log``, quote boot PCRs + application PCR over ``report_data``, package it.

@@ -9,6 +9,7 @@ import pytest
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG
 from tpm2_pytss.types import (
     TPM2B_DATA,
+    TPM2B_PUBLIC,
     TPML_DIGEST_VALUES,
     TPML_PCR_SELECTION,
     TPMT_HA,
@@ -19,8 +20,8 @@ from tpm2_pytss.types import (
 from attest.eventlog import APP_PCR, Event, EventLog
 from attest.swtpm import Swtpm
 from attest.tpm2 import commands
-from attest.tpm2.marshal import parse_attest, parse_signature
-from attest.tpm2.node import QUOTED_PCRS, TpmError, TpmNode
+from attest.tpm2.marshal import parse_attest, parse_public, parse_signature
+from attest.tpm2.node import _AK_ATTRIBUTES, QUOTED_PCRS, TpmError, TpmNode
 from attest.tpm2.quote import pcr_digest
 
 
@@ -73,11 +74,29 @@ def test_quote_is_what_esapi_quotes_over_the_same_pcrs(node):
     sig = parse_signature(signature)
     assert pcr_digest(sig.hash_alg, parsed.pcr_select, banks) == parsed.pcr_digest
     # ESAPI's quote of the same PCRs signs the same digest with the same scheme
+    selection = TPML_PCR_SELECTION.parse("sha256:" + ",".join(map(str, QUOTED_PCRS)))
     esapi_attest, esapi_sig = node._ectx.quote(
-        node._ak, TPML_PCR_SELECTION.parse("sha256:" + ",".join(map(str, QUOTED_PCRS))),
-        TPM2B_DATA(b"n" * 32), TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL))
+        node._ectx.tr_from_tpmpublic(node._load_ak()), selection, TPM2B_DATA(b"n" * 32),
+        TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL))
     assert parse_attest(bytes(esapi_attest)).pcr_digest == parsed.pcr_digest
     assert esapi_sig.marshal()[:4] == signature[:4]  # ECDSA, SHA-256
+
+
+def test_the_ak_is_the_one_esapi_creates_from_the_same_template(node):
+    ak = node.ak_public()
+    handle, public, *_ = node._ectx.create_primary(None, TPM2B_PUBLIC.parse(
+        "ecc256:ecdsa-sha256:null", objectAttributes=_AK_ATTRIBUTES,
+        nameAlg=TPM2_ALG.SHA256), ESYS_TR.ENDORSEMENT)
+    node._ectx.flush_context(handle)
+    assert public.publicArea.marshal() == ak  # primaries come from the seed: same key
+    assert parse_public(ak).type == 0x0023  # TPM_ALG_ECC
+
+
+def test_close_flushes_the_ak(swtpm: Swtpm):
+    with TpmNode(swtpm.tcti) as tpm:
+        handle = tpm._load_ak()
+    with TpmNode(swtpm.tcti) as tpm, pytest.raises(TpmError, match="TPM2_Quote failed"):
+        commands.quote(tpm._ectx.tcti, handle, b"n", QUOTED_PCRS)
 
 
 def test_a_refused_command_is_a_tpm_error_naming_the_operation(node):
