@@ -147,8 +147,29 @@ def _recv_body(sock: socket.socket, size: int) -> bytes:
     return bytes(body)
 
 
+MAX_TEXT = 4096  # bytes of one message, reason or problem a frame carries
+
+
+def _utf8(s: str, limit: int = MAX_TEXT) -> bytes:
+    """``s`` as UTF-8, cut to at most ``limit`` bytes at a character boundary (a cut inside
+    a character would make the whole text undecodable at the peer); a lone surrogate (an
+    undecodable file name in an error message) becomes U+FFFD instead of raising."""
+    data = s.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return data
+    return data[:limit].decode("utf-8", "ignore").encode()
+
+
 def _text(s: str) -> bytes:
-    data = s.encode()[:4096]
+    data = _utf8(s)
+    return struct.pack(">H", len(data)) + data
+
+
+def _name(s: str) -> bytes:
+    """A name the peer must get whole (the manifest's object name): never cut."""
+    data = s.encode()
+    if len(data) > 0xFFFF:
+        raise ValueError(f"a manifest name of {len(data)} bytes (at most 65535)")
     return struct.pack(">H", len(data)) + data
 
 
@@ -193,7 +214,7 @@ class LocalKeyHolder:
                     manifest: str) -> None:
         if not MIN_DEK <= len(dek) <= MAX_DEK:
             raise ValueError(f"a DEK of {len(dek)} bytes")
-        tail = struct.pack(">QI", int((lease_expiry or 0) * 1000), key_version) + _text(manifest)
+        tail = struct.pack(">QI", int((lease_expiry or 0) * 1000), key_version) + _name(manifest)
         size = 2 + len(dek) + len(tail)
         frame = SecretBuffer(_HEADER.size + size)
         with frame.view() as out, dek.view() as key:
@@ -211,7 +232,12 @@ class LocalKeyHolder:
         return (first,) if first is not None and first.alive else ()
 
     def publish_error(self, kind: str, message: str, reasons: tuple[str, ...] = ()) -> None:
-        body = kind.encode()[:1] + _text(message) + b"".join(_text(r) for r in reasons[:64])
+        body = kind.encode()[:1] + _text(message)
+        for reason in reasons[:64]:  # as many whole reasons as one frame holds
+            text = _text(reason)
+            if len(body) + len(text) > MAX_FRAME - _HEADER.size:
+                break
+            body += text
         self._set_first(SecretBuffer.from_bytes(_HEADER.pack(b"E", len(body)) + body,
                                                 lock=False))
 
@@ -230,11 +256,11 @@ class LocalKeyHolder:
         return self._all_served.wait(timeout_s)
 
     def lease(self, expiry: float, problem: str = "") -> None:
-        self._broadcast(b"L", struct.pack(">Q", int(expiry * 1000)) + problem.encode()[:4096])
+        self._broadcast(b"L", struct.pack(">Q", int(expiry * 1000)) + _utf8(problem))
 
     def revoke(self, reason: str) -> None:
         """Before rank 0's own handle is revoked (it shreds and exits right after)."""
-        self._broadcast(b"R", reason.encode()[:4096])
+        self._broadcast(b"R", _utf8(reason))
 
     def close(self, *, linger_s: float = 30.0) -> None:
         """Say goodbye to every peer (they keep their lease expiry) and stop serving. When

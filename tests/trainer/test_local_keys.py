@@ -32,6 +32,8 @@ for line in sys.stdin:
                            key_version=3, manifest="m-abc")
     elif cmd == "deny":
         holder.publish_error("d", "release denied by b1", ("ksm-off: KSM is on", "r2: why"))
+    elif cmd == "deny-long":  # 6,000 bytes of 3-byte characters: the 4,096-byte cut falls
+        holder.publish_error("d", "\u20ac" * 2000, ("r\u00e9ason " * 1000,) * 40)  # inside one
     elif cmd == "lease":
         holder.lease(float(arg), "UNAVAILABLE: b1 down" if float(arg) > 5000 else "")
     elif cmd == "revoke":
@@ -178,6 +180,19 @@ def test_a_denial_reaches_the_peer_with_its_reasons(name, procs):
     holder.send("deny")
     assert json.loads(peer.line()) == {"failed": "d", "message": "release denied by b1",
                                        "reasons": ["ksm-off: KSM is on", "r2: why"]}
+
+
+def test_a_long_non_ascii_denial_reaches_the_peer_cut_at_a_character(name, procs):
+    holder = _holder(name, procs)
+    peer = _peer(name, procs)
+    holder.send("deny-long")
+    got = json.loads(peer.line())
+    assert got["failed"] == "d"  # not "x", "its error did not decode"
+    assert got["message"] == "\u20ac" * (4096 // 3)
+    # 40 such reasons do not fit one 64 KiB frame: as many whole (cut) reasons as fit arrive
+    assert 10 < len(got["reasons"]) < 40
+    for reason in got["reasons"]:
+        assert ("r\u00e9ason " * 1000).startswith(reason) and 4090 < len(reason.encode()) <= 4096
 
 
 def test_a_process_that_is_not_a_sibling_gets_nothing(name, procs):
