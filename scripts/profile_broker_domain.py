@@ -77,6 +77,9 @@ def main() -> None:
     ap.add_argument("--cycles", type=int, default=50, help="cycles per round (at most 60)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--probe", action="store_true", help="thread CPU of each step")
+    ap.add_argument("--alternate", action="store_true",
+                    help="also alternate cycles between two broker instances on one state "
+                         "(two SQLite connections, two audit log writers), as two workers")
     args = ap.parse_args()
     n = max(1, min(args.cycles, 60))  # a node may hold 64 pending challenges
     with tempfile.TemporaryDirectory(prefix="profile-broker-domain-") as tmp:
@@ -101,12 +104,17 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=60)
             raw = bb._raw_seal_cpu(softhsm, raw_pin, 100)
-            server = build_server(load_config(root / "broker" / "broker.yaml"))
-            flow = node_flow.NodeFlow(server.deps)
+            config = load_config(root / "broker" / "broker.yaml")
+            servers = [build_server(config) for _ in range(2 if args.alternate else 1)]
+            flows = [node_flow.NodeFlow(s.deps) for s in servers]
+            flow = flows[0]
 
-            def batch(count: int) -> tuple[float, float]:
+            def batch(count: int, using: int = 1) -> tuple[float, float]:
+                """``using``: cycle i runs on flow i % using (2: two connections to the
+                state and two audit log instances, as two workers have)."""
                 start = time.process_time()
-                challenges = [flow.challenge(node_id="n0", job_id=bb.JOB) for _ in range(count)]
+                challenges = [flows[i % using].challenge(node_id="n0", job_id=bb.JOB)
+                              for i in range(count)]
                 challenge_cpu = time.process_time() - start
                 evidence = []
                 for ch in challenges:
@@ -114,8 +122,8 @@ def main() -> None:
                     evidence.append((ch, pub, collect_evidence(
                         tpm.tcti, expected_report_data(ch.nonce, ch.session_id, pub), claims)))
                 start = time.process_time()
-                for ch, pub, payload in evidence:
-                    _, released = flow.attest_release(
+                for i, (ch, pub, payload) in enumerate(evidence):
+                    _, released = flows[i % using].attest_release(
                         node_id="n0", session_id=ch.session_id, kind="tpm2", payload=payload,
                         node_public_key=pub, tenant_id=bb.TENANT, dataset_id=bb.DATASET,
                         key_version=1)
@@ -132,11 +140,25 @@ def main() -> None:
                     _probe(acc, flow.d.audit, name, f"audit.{name}")
                 _probe(acc, flow.d.hsm, "seal_share", "hsm.seal_share")
                 _probe(acc, flow.d.verifiers["tpm2"], "verify", "tpm2.verify")
+                if args.alternate:  # the second instance's repository and audit log too
+                    for name in _REPO_CALLS:
+                        _probe(acc, flows[1].d.repo, name, f"repo.{name}")
+                    for name in ("write", "wait_durable"):
+                        _probe(acc, flows[1].d.audit, name, f"audit.{name}")
                 for name in ("evidence_claims", "_claims_json", "release_transcript",
                              "_check_node_key"):
                     _probe(acc, node_flow, name, name)
                 for name in _FLOW_STEPS:
-                    _probe(acc, flow, name, f"flow.{name}")
+                    for each in flows:
+                        _probe(acc, each, name, f"flow.{name}")
+            per_mode: dict[str, dict[str, list[float]]] = {"one": {}, "two": {}}
+
+            def keep(mode: str) -> None:
+                for key, (cpu, calls) in acc.items():
+                    slot = per_mode[mode].setdefault(key, [0.0, 0])
+                    slot[0] += cpu
+                    slot[1] += calls
+                acc.clear()
             collections: dict[int, list[float]] = {}
             started = [0.0]
 
@@ -152,20 +174,35 @@ def main() -> None:
                   f"{n} cycles x {args.rounds} rounds; raw in-process seal_share "
                   f"{raw * 1e3:.3f} ms CPU")
             results = []
+            alternated = []
             gc.callbacks.append(on_gc)
             try:
                 for i in range(args.rounds):
                     c, a = batch(n)
+                    keep("one")
                     results.append((c, a))
                     print(f"round {i}: Challenge {c * 1e3:.3f} ms, attest_release "
                           f"{a * 1e3:.3f} ms, cycle {(c + a) * 1e3:.3f} ms CPU "
                           f"({(c + a) / raw:.2f}x raw seal)", flush=True)
+                    if args.alternate:
+                        if i == 0:
+                            batch(4, 2)  # warm the second instance
+                        acc.clear()
+                        c, a = batch(n, 2)
+                        keep("two")
+                        alternated.append(c + a)
+                        print(f"round {i}, two instances alternating: cycle "
+                              f"{(c + a) * 1e3:.3f} ms CPU ({(c + a) / raw:.2f}x raw seal)",
+                              flush=True)
             finally:
                 gc.callbacks.remove(on_gc)
             total = n * args.rounds
-            for key, (cpu, calls) in sorted(acc.items(), key=lambda kv: -kv[1][0]):
+            two = per_mode["two"]
+            for key, (cpu, calls) in sorted(per_mode["one"].items(), key=lambda kv: -kv[1][0]):
                 print(f"  {key:28s} {cpu / total * 1e3:8.3f} ms/cycle  "
-                      f"({calls / total:.1f} calls/cycle)")
+                      f"({calls / total:.1f} calls/cycle)"
+                      + (f"  two instances: {two[key][0] / total * 1e3:8.3f} ms/cycle"
+                         if key in two else ""))
             for generation, (count, cpu) in sorted(collections.items()):
                 print(f"  gc generation {generation}: {count / total:.2f} collections/cycle, "
                       f"{cpu / total * 1e3:.3f} ms/cycle (evidence collection included)")
@@ -191,8 +228,14 @@ def main() -> None:
             print(f"median: Challenge {c * 1e3:.3f} ms, attest_release {a * 1e3:.3f} ms, "
                   f"cycle {(c + a) * 1e3:.3f} ms CPU = {(c + a) / raw:.2f}x the raw seal "
                   f"({raw * 1e3:.3f} ms)")
-            for stop in server.on_stop:  # the janitor, the revocation relay, a last seal
-                stop()
+            if alternated:
+                one = statistics.median(r[0] + r[1] for r in results)
+                two = statistics.median(alternated)
+                print(f"two instances alternating / one: {two / one:.2f}x "
+                      f"({two * 1e3:.3f} / {one * 1e3:.3f} ms)")
+            for server in servers:
+                for stop in server.on_stop:  # the janitor, the revocation relay, a last seal
+                    stop()
         finally:
             tpm.stop()
             if proc.poll() is None:
