@@ -2,7 +2,7 @@
 
 Setup: a broker subprocess (``kms-broker serve --workers N``, N = cores, at least 2) on a fresh
 SoftHSM2 token, mTLS on 127.0.0.1, the default verifiers (the real ``tpm2`` one) trusting a
-local EK CA; one tenant, one dataset, a grant under a production-like policy: the 16 rules of
+local EK CA; one tenant, one dataset, a grant under a production-like policy: the rules (19) of
 ``policies/production.yaml`` with params that this node meets (its trainer code digest). Each
 client is a separate process with its own swtpm, enrolled at the broker by
 ``kms-broker``'s ``enrol_node`` (MakeCredential/ActivateCredential); its claims are a hardened
@@ -10,7 +10,7 @@ node's facts (read from a prepared root, as the tests do) and this checkout's co
 
 One **cycle** is what a node does for a release from cold: Challenge, a TPM quote over the
 report data (in the client, not timed as broker work), then the broker verifies quote, event
-log, EK-enrolled AK and the 16-rule policy and releases (grant signature, lease room, HSM
+log, EK-enrolled AK and the 19-rule policy and releases (grant signature, lease room, HSM
 unwrap + ECDH + KDF + wrap, audit). Two flows, side by side in one run at each client count:
 
 - ``one-call`` (what ``KeyClient.fetch_dek`` runs): an Attest that carries the release
