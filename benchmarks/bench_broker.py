@@ -2,7 +2,7 @@
 
 Setup: a broker subprocess (``kms-broker serve --workers N``, N = cores, at least 2) on a fresh
 SoftHSM2 token, mTLS on 127.0.0.1, the default verifiers (the real ``tpm2`` one) trusting a
-local EK CA; one tenant, one dataset, a grant under a production-like policy: the rules of
+local EK CA; one tenant, one dataset, a grant under a production-like policy: the rules (19) of
 ``policies/production.yaml`` with params that this node meets (its trainer code digest). Each
 client is a separate process with its own swtpm, enrolled at the broker by
 ``kms-broker``'s ``enrol_node`` (MakeCredential/ActivateCredential); its claims are a hardened
@@ -12,7 +12,7 @@ One **cycle** is what a node does for a release from cold, as ``trainer --attest
 ``KeyClient.fetch_dek`` with the trainer's evidence path (Challenge naming the dataset, a TPM
 quote over the report data with the node's facts, code and job claims measured into PCR 23,
 then opening the sealed share and deriving the DEK in the client), while the broker verifies
-quote, event log, EK-enrolled AK and the production policy and releases (grant signature,
+quote, event log, EK-enrolled AK and the 19-rule policy and releases (grant signature,
 lease room, HSM unwrap + ECDH + KDF + wrap, audit). Each client keeps its one channel (one
 TLS handshake per process, as a trainer's KeyClient does for its fetch and renewals). Two
 flows, side by side in one run at each client count:

@@ -3,7 +3,7 @@
 1. CEL correctness: a table of edge-case expressions, the CEL spec's answer, and what
    ``common-expression-language`` (Rust, what attest.policy uses) and ``cel-python`` (celpy,
    pure Python) give.
-2. Policy evaluation: the shipped production policy (16 rules) over a hardened GPU node's
+2. Policy evaluation: the shipped production policy (19 rules) over a hardened GPU node's
    claims through ``Policy.evaluate`` (ours: nesting claims, every rule, reasons), the same
    compiled programs executed bare with the Rust engine, and with celpy.
 3. SEV-SNP: ``SnpVerifier.verify`` on a real Milan report (container parse, report parse,

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from compose.docker import compose_base_argv
-from compose.errors import ComposeError
+from compose.errors import ComposeError, ServiceFailed
 from compose.harness import docker_engine_available
 from compose.image import build_image_environment, image_environment_variables
 from compose.local import LocalHarness
@@ -169,7 +169,8 @@ def _up(args: argparse.Namespace, compose_file: Path, run_dir: Path) -> int:
     try:
         print(f"run directory: {run_dir} (run {harness.run_id})", flush=True)
         starter = threading.Thread(
-            target=_start, args=(harness, args.services, stopping, start_errors), daemon=True
+            target=_start, args=(harness, args.services, stopping, start_errors),
+            kwargs={"watched": args.exit_code_from}, daemon=True,
         )
         starter.start()
         last_report = ""
@@ -217,7 +218,13 @@ def _start(
     services: list[str],
     stopping: threading.Event,
     errors: list[ComposeError],
+    *,
+    watched: str | None = None,
 ) -> None:
+    """``up --wait`` in the starter thread; a failure stops the run. ``watched`` (the
+    ``--exit-code-from`` service) exiting while services still start is how such a run ends,
+    not a failure: ``up`` reports it as one (a one-shot that exited non-zero), and the
+    follow loop takes its status, whichever of the two sees the exit first."""
     try:
         harness.up(services or None, wait=True)
         _write_state(harness, harness.run_dir / STATE_FILE)
@@ -225,6 +232,10 @@ def _start(
     except ComposeError as exc:
         if stopping.is_set():
             return  # interrupted while starting: not a failure of the services
+        if (isinstance(exc, ServiceFailed) and exc.service == watched
+                and any(s.name == watched and s.state in ("exited", "stopped")
+                        for s in harness.ps())):
+            return
         errors.append(exc)
         print(f"[compose] error: {exc}", file=sys.stderr, flush=True)
         stopping.set()

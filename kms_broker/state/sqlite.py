@@ -133,23 +133,28 @@ NODE_ACTIVE, NODE_REVOKED, NODE_REINSTATED = 0, 1, 2
 T = TypeVar("T")
 
 
-@contextlib.contextmanager
-def _mapped_errors() -> Iterator[None]:
+def _mapped(exc: sqlite3.Error) -> Exception:
     """SQLite's errors as the domain's: a constraint -> AlreadyExists, anything operational
-    (locked, disk, I/O) -> Unavailable."""
-    try:
-        yield
-    except sqlite3.IntegrityError as exc:
-        raise AlreadyExists(f"already exists or violates a reference: {exc}") from None
-    except sqlite3.OperationalError as exc:
-        raise Unavailable(f"state store unavailable: {exc}") from None
+    (locked, disk, I/O) -> Unavailable; any other SQLite error is returned unchanged."""
+    if isinstance(exc, sqlite3.IntegrityError):
+        return AlreadyExists(f"already exists or violates a reference: {exc}")
+    if isinstance(exc, sqlite3.OperationalError):
+        return Unavailable(f"state store unavailable: {exc}")
+    return exc
 
 
 def _guarded(fn: Callable[..., T]) -> Callable[..., T]:
+    """One transaction (``with self._db``: committed on success, rolled back on an error)
+    under the connection lock, SQLite's errors mapped (:func:`_mapped`)."""
+
     @functools.wraps(fn)
     def wrapper(self: SqliteRepository, *args: Any, **kwargs: Any) -> T:
-        with self._lock, _mapped_errors(), self._db:
-            return fn(self, *args, **kwargs)
+        with self._lock:
+            try:
+                with self._db:
+                    return fn(self, *args, **kwargs)
+            except (sqlite3.IntegrityError, sqlite3.OperationalError) as exc:
+                raise _mapped(exc) from None
 
     return wrapper
 
@@ -163,8 +168,12 @@ def _writes(fn: Callable[..., T]) -> Callable[..., T]:
 
     @functools.wraps(fn)
     def wrapper(self: SqliteRepository, *args: Any, **kwargs: Any) -> T:
-        with self._lock, _mapped_errors(), self._writer_turn(), self._db:
-            return fn(self, *args, **kwargs)
+        with self._lock:
+            try:
+                with self._writer_turn(), self._db:
+                    return fn(self, *args, **kwargs)
+            except (sqlite3.IntegrityError, sqlite3.OperationalError) as exc:
+                raise _mapped(exc) from None
 
     return wrapper
 
@@ -181,13 +190,16 @@ def _unsynced(fn: Callable[..., T]) -> Callable[..., T]:
 
     @functools.wraps(fn)
     def wrapper(self: SqliteRepository, *args: Any, **kwargs: Any) -> T:
-        with self._lock, _mapped_errors():
-            self._db.execute("PRAGMA synchronous=NORMAL")
+        with self._lock:
             try:
-                with self._writer_turn(), self._db:
-                    return fn(self, *args, **kwargs)
-            finally:
-                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                try:
+                    with self._writer_turn(), self._db:
+                        return fn(self, *args, **kwargs)
+                finally:
+                    self._db.execute("PRAGMA synchronous=FULL")
+            except (sqlite3.IntegrityError, sqlite3.OperationalError) as exc:
+                raise _mapped(exc) from None
 
     return wrapper
 
@@ -275,6 +287,9 @@ class SqliteRepository:
 
     @_guarded
     def get_tenant(self, tenant_id: str) -> Tenant | None:
+        return self._read_tenant(tenant_id)
+
+    def _read_tenant(self, tenant_id: str) -> Tenant | None:
         r = self._db.execute("SELECT * FROM tenants WHERE tenant_id=?", (tenant_id,)).fetchone()
         return None if r is None else Tenant(
             tenant_id=r[0], signing_public_key=r[1], kek_version=r[2], status=r[3], created_ms=r[4],
@@ -341,6 +356,9 @@ class SqliteRepository:
 
     @_guarded
     def get_dataset(self, tenant_id: str, dataset_id: str) -> Dataset | None:
+        return self._read_dataset(tenant_id, dataset_id)
+
+    def _read_dataset(self, tenant_id: str, dataset_id: str) -> Dataset | None:
         r = self._db.execute(
             "SELECT * FROM datasets WHERE tenant_id=? AND dataset_id=?", (tenant_id, dataset_id)
         ).fetchone()
@@ -384,6 +402,10 @@ class SqliteRepository:
 
     @_guarded
     def get_share(self, tenant_id: str, dataset_id: str, key_version: int) -> DatasetShare | None:
+        return self._read_share(tenant_id, dataset_id, key_version)
+
+    def _read_share(self, tenant_id: str, dataset_id: str,
+                    key_version: int) -> DatasetShare | None:
         r = self._db.execute(
             "SELECT * FROM dataset_shares WHERE tenant_id=? AND dataset_id=? AND key_version=?",
             (tenant_id, dataset_id, key_version),
@@ -414,6 +436,9 @@ class SqliteRepository:
 
     @_guarded
     def get_node(self, node_id: str) -> Node | None:
+        return self._read_node(node_id)
+
+    def _read_node(self, node_id: str) -> Node | None:
         r = self._db.execute("SELECT * FROM nodes WHERE node_id=?", (node_id,)).fetchone()
         return None if r is None else Node(
             node_id=r[0], tenant_scope=r[1], ak_public=bytes(r[2]), ek_certificate=bytes(r[3]),
@@ -489,19 +514,26 @@ class SqliteRepository:
         return self._consume(session_id, node_id)
 
     def _consume(self, session_id: str, node_id: str) -> Session | None:
+        # the winner gets its row back from the conditional UPDATE itself (one statement);
+        # only a refusal (unknown, another node's, already used) reads the row
         won = self._db.execute(
-            "UPDATE sessions SET used=1 WHERE session_id=? AND node_id=? AND used=0",
+            "UPDATE sessions SET used=1 WHERE session_id=? AND node_id=? AND used=0 "
+            "RETURNING session_id, node_id, job_id, nonce, expires_ms",
             (session_id, node_id),
-        ).rowcount == 1
+        ).fetchall()
+        if won:
+            r = won[0]
+            return Session(session_id=r[0], node_id=r[1], job_id=r[2], nonce=bytes(r[3]),
+                           expires_ms=r[4], used=False)
         r = self._db.execute("SELECT * FROM sessions WHERE session_id=?", (session_id,)).fetchone()
         if r is None:
             return None
         session = self._session(r)
         if session.node_id != node_id:
-            return session
+            return session  # another node's session, unchanged
         return Session(session_id=session.session_id, node_id=session.node_id,
                        job_id=session.job_id, nonce=session.nonce,
-                       expires_ms=session.expires_ms, used=not won)
+                       expires_ms=session.expires_ms, used=True)
 
     @_guarded
     def pending_sessions(self, node_id: str, now_ms: int, limit: int) -> int:
@@ -532,15 +564,18 @@ class SqliteRepository:
         """The rows one release checks, read under one hold of the connection lock (no write
         from this process lands between them):
         node, tenant, dataset, share, the token's session and its stored claims."""
-        node = self.get_node(node_id)
-        tenant = self.get_tenant(tenant_id)
-        dataset = self.get_dataset(tenant_id, dataset_id)
-        share = self.get_share(tenant_id, dataset_id, key_version)
-        session, claims = self.get_session_and_claims(session_id)
-        return node, tenant, dataset, share, session, claims
+        return (self._read_node(node_id), self._read_tenant(tenant_id),
+                self._read_dataset(tenant_id, dataset_id),
+                self._read_share(tenant_id, dataset_id, key_version),
+                *self._read_session_and_claims(session_id))
 
     @_guarded
     def get_session_and_claims(self, session_id: str) -> tuple[Session | None, bytes | None]:
+        return self._read_session_and_claims(session_id)
+
+    def _read_session_and_claims(
+        self, session_id: str
+    ) -> tuple[Session | None, bytes | None]:
         r = self._db.execute("SELECT * FROM sessions WHERE session_id=?", (session_id,)).fetchone()
         if r is None:
             return None, None
@@ -674,11 +709,14 @@ class SqliteRepository:
         that committed after the caller's checks raises :class:`AuthorizationChanged`, and
         one that commits later sees this lease (and revokes it)."""
         self._db.execute("BEGIN IMMEDIATE")
-        check_still_authorized(lease, *(self._db.execute(q, a).fetchone() for q, a in (
-            ("SELECT status FROM tenants WHERE tenant_id=?", (lease.tenant_id,)),
-            ("SELECT revoked FROM grants WHERE tenant_id=? AND grant_id=?",
-             (lease.tenant_id, lease.grant_id)),
-            ("SELECT revoked FROM nodes WHERE node_id=?", (lease.node_id,)))))
+        # the three rows in one statement; each column is NULL when its row is gone (the
+        # columns read are NOT NULL, so NULL means no row)
+        row = self._db.execute(
+            "SELECT (SELECT status FROM tenants WHERE tenant_id=?), "
+            "(SELECT revoked FROM grants WHERE tenant_id=? AND grant_id=?), "
+            "(SELECT revoked FROM nodes WHERE node_id=?)",
+            (lease.tenant_id, lease.tenant_id, lease.grant_id, lease.node_id)).fetchone()
+        check_still_authorized(lease, *(None if v is None else (v,) for v in row))
         if not self._room(lease.tenant_id, lease.grant_id, lease.node_id, now_ms, max_nodes):
             return False
         self._insert_lease(lease)

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 from tests.compose.conftest import live_processes
@@ -117,6 +119,43 @@ def test_help_and_usage_errors(tmp_path: Path):
     result = _compose(tmp_path, "up")  # no compose file there
     assert result.returncode == 1
     assert "cannot read compose file" in result.stderr
+
+
+def test_the_watched_service_exiting_while_up_still_waits_is_not_a_start_failure(
+    tmp_path: Path
+):
+    """``up --exit-code-from job`` where ``up --wait`` itself sees the job exit non-zero (the
+    server turns healthy only after the job has written its marker and, half a second later,
+    exited): the starter leaves the status to the follow loop instead of failing the run
+    (a busy machine made the starter see the exit first: exit 1, not the job's 3)."""
+    from compose.cli import _start
+    from compose.local import LocalHarness
+
+    marker = tmp_path / "job-ran"
+    healthy = (f"import os, sys, time; os.path.exists({str(marker)!r}) or sys.exit(1); "
+               "time.sleep(0.5)")
+    (tmp_path / "docker-compose.yml").write_text(textwrap.dedent(f"""
+        services:
+          server:
+            command: [python, -c, "import time; time.sleep(600)"]
+            healthcheck:
+              test: [CMD, python, -c, "{healthy}"]
+              interval: 50ms
+          job:
+            command: [python, -c, "open({str(marker)!r}, 'w').close(); raise SystemExit(3)"]
+        """))
+    harness = LocalHarness(tmp_path / "docker-compose.yml", tmp_path / "run", variables={})
+    stopping, errors = threading.Event(), []
+    try:
+        _start(harness, [], stopping, errors, watched="job")
+        assert errors == [] and not stopping.is_set(), errors
+        deadline = time.monotonic() + 120
+        while (job := {x.name: x for x in harness.ps()}["job"]).state != "exited":
+            assert time.monotonic() < deadline, job
+            time.sleep(0.05)
+        assert job.exit_code == 3
+    finally:
+        harness.down()
 
 
 def test_exit_code_from_a_service(tmp_path: Path):
