@@ -21,6 +21,8 @@ anything else is refused)::
           quote takes (the last quote's duration, in quote-seconds; at most ``gather_s``),
           take the pending requests (own items first, at most MAX_REPORT_DATA_SET items),
           quote once over the combined report data, write resp-<id> for every other rank
+          (with ``expected`` 1, the usual case of one attesting rank per node, the leader
+          waits for nobody and neither reads nor writes quote-seconds)
     3. release the lock
 
 Why wait at most one quote: a rank arriving ``d`` seconds after the leader gets its evidence at
@@ -182,10 +184,11 @@ class QuoteBatcher:
             self.quotes_shared += 1
             return evidence
         (directory / f"req-{me}").unlink(missing_ok=True)
-        deadline = time.monotonic() + self.wait_s(directory)
-        while (self._expected > 1 and len(self._pending(directory, me)) < self._expected - 1
-               and time.monotonic() < deadline):
-            time.sleep(0.002)
+        if self._expected > 1:  # a lone rank waits for nobody (and reads no quote-seconds)
+            deadline = time.monotonic() + self.wait_s(directory)
+            while (len(self._pending(directory, me)) < self._expected - 1
+                   and time.monotonic() < deadline):
+                time.sleep(0.002)
         taken: dict[str, bytes] = {}
         room = MAX_REPORT_DATA_SET - len(items)
         for path in self._pending(directory, me):
@@ -211,10 +214,14 @@ class QuoteBatcher:
                 _write_atomic(directory / f"req-{other}", data)
             raise
         self.quotes_made += 1
-        _write_atomic(directory / "quote-seconds", f"{time.monotonic() - started:.6f}".encode())
-        shared = _encode(SharedEvidence(kind, payload, tuple(every)))
-        for other in taken:
-            _write_atomic(directory / f"resp-{other}", shared)
+        if self._expected > 1:  # only leaders that wait read it (every rank of a job has the
+            # same expected count); a lone rank saves the write and its rename
+            _write_atomic(directory / "quote-seconds",
+                          f"{time.monotonic() - started:.6f}".encode())
+        if taken:
+            shared = _encode(SharedEvidence(kind, payload, tuple(every)))
+            for other in taken:
+                _write_atomic(directory / f"resp-{other}", shared)
         self._sweep(directory)
         return evidence
 

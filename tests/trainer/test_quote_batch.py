@@ -127,6 +127,14 @@ def test_response_encoding_round_trips_and_rejects_damage() -> None:
             _decode(bad)
 
 
+def test_a_lone_rank_neither_waits_nor_records_its_quote_time(tmp_path) -> None:
+    from kms_broker.client import SharedEvidence
+
+    batcher = QuoteBatcher(tmp_path, lambda rd: ("k", rd), expected=1)
+    assert batcher([b"a" * 32]) == SharedEvidence("k", b"a" * 32, ())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lock"]  # no quote-seconds, no req
+
+
 def test_a_leader_waits_no_longer_than_a_quote_takes(tmp_path) -> None:
     from trainer.quote_batch import FIRST_QUOTE_S, GATHER_S
 
