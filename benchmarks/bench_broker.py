@@ -203,26 +203,19 @@ def _client_main(address: str, pki: str, node_id: str, tcti: str, cycles: int,
     and job claims measured into PCR 23, the TPM lock, ``collect_evidence``). ``flow``:
     "one-call" (Attest carrying the release, ``KeyClient``'s default) or "three-call"
     (``one_call_release=False``: Attest for a token, then Release with it)."""
-    import fcntl
-
     from attest.facts import HostSource
-    from attest.tpm2.agent import collect_evidence, node_claims
+    from attest.tpm2.agent import node_claims
     from kms_broker.client import KeyClient
     from kms_broker.rpc import UnavailableError
-    from trainer.attested import _tpm_lock_path
+    from trainer.attested import tpm_evidence
     from trainer.quote_batch import QuoteBatcher, batch_directory
 
     spec = json.loads(Path(node_file).read_text())
     source = HostSource(root=Path(spec["host"]), gpu_probe=lambda: None)
 
-    def evidence_for(report_data: bytes) -> tuple[str, bytes]:
-        claims = node_claims(source, code=spec["code"], extra=spec["job"])
-        with open(_tpm_lock_path(tcti), "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                return "tpm2", collect_evidence(tcti, report_data, claims)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def evidence_for(report_data: bytes) -> tuple[str, bytes]:  # as the trainer's
+        return tpm_evidence(tcti, report_data,
+                            node_claims(source, code=spec["code"], extra=spec["job"]))
 
     client = KeyClient([_endpoint(address, Path(pki), "node", node_id)], node_id=node_id,
                        job_id=JOB, timeout_s=120, one_call_release=flow == "one-call",

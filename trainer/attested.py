@@ -94,6 +94,19 @@ def _tpm_lock_path(tcti: str) -> Path:
     return Path(tempfile.gettempdir()) / f"trainer-tpm-{tag}.lock"
 
 
+def tpm_evidence(tcti: str, report_data: bytes, claims: dict[str, Any]) -> tuple[str, bytes]:
+    """``("tpm2", evidence)`` of ``claims`` over ``report_data``; every process using this TPM
+    takes turns (measuring resets and extends one PCR), on a lock file named by the TCTI."""
+    from attest.tpm2.agent import collect_evidence
+
+    with open(_tpm_lock_path(tcti), "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return "tpm2", collect_evidence(tcti, report_data, claims)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class AttestedKeySource:
     """Attest to every broker in ``config.brokers`` and derive the DEK (see module doc)."""
 
@@ -149,18 +162,11 @@ class AttestedKeySource:
             except (NvmlUnavailable, TeeUnavailable) as exc:
                 raise KeySourceUnavailable(f"no composite evidence on this node: {exc}") \
                     from None
-        from attest.tpm2.agent import collect_evidence, node_claims
+        from attest.tpm2.agent import node_claims
 
-        tcti = self._config.attestation.tcti
         # the job as the brokers resolved it (key version, manifest): what is trained
         claims = node_claims(code=self._code_claims(), extra=job_claims(self._job))
-        # every process using this TPM takes turns: measuring resets and extends one PCR
-        with open(_tpm_lock_path(tcti), "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                return "tpm2", collect_evidence(tcti, report_data, claims)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        return tpm_evidence(self._config.attestation.tcti, report_data, claims)
 
     def _shared_quotes(self) -> Any:
         """One quote for every local rank of this job waiting at this TPM."""
