@@ -40,6 +40,7 @@ from attest.tpm2 import EkTrustStore, Tpm2Verifier, begin_enrolment, complete_en
 from attest.tpm2.marshal import ALG_SHA256, parse_public, parse_signature
 from attest.tpm2.node import _AK_ATTRIBUTES, QUOTED_PCRS, TpmNode
 from attest.tpm2.quote import check_quote
+from benchmarks._proc import cpu_seconds
 
 
 def _ms(fn: Callable[[], object], n: int) -> float:
@@ -146,10 +147,6 @@ def _node_cpu(swtpm: Swtpm, n: int, rounds: int) -> dict[str, tuple[float, float
         with TpmNode(swtpm.tcti) as tpm:
             tpm.evidence(log, rd).to_bytes()
 
-    def tpm_cpu() -> float:
-        fields = Path(f"/proc/{swtpm.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
     flows = {"ESAPI calls": lambda: _esapi_evidence(swtpm.tcti, log, rd),
              "hand-marshalled": ours}
     got: dict[str, list[tuple[float, float]]] = {name: [] for name in flows}
@@ -157,10 +154,11 @@ def _node_cpu(swtpm: Swtpm, n: int, rounds: int) -> dict[str, tuple[float, float
         fn()
     for _ in range(rounds):
         for name, fn in flows.items():
-            c, t = time.process_time(), tpm_cpu()
+            c, t = time.process_time(), cpu_seconds(swtpm.pid)
             for _ in range(n):
                 fn()
-            got[name].append(((time.process_time() - c) / n * 1e3, (tpm_cpu() - t) / n * 1e3))
+            got[name].append(((time.process_time() - c) / n * 1e3,
+                              (cpu_seconds(swtpm.pid) - t) / n * 1e3))
     return {name: (statistics.median(c for c, _ in v), statistics.median(t for _, t in v))
             for name, v in got.items()}
 

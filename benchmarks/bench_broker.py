@@ -49,6 +49,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks._proc import cpu_seconds
+
 REPO = Path(__file__).resolve().parent.parent
 FLOWS = ("one-call", "three-call")
 
@@ -63,11 +65,6 @@ HARDENED = {  # a hardened node's facts, as files under a prepared root (read by
     "proc/swaps": "Filename Type Size Used Priority\n",
     "proc/self/limits": "Max core file size        0                    0  bytes\n",
 }
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -171,14 +168,19 @@ def _tenant_setup(address: str, pki: Path, policy: str, nodes: int) -> int:
     return len(yaml.safe_load(policy)["rules"])
 
 
-# the job's claims, as trainer.job_identity.job_claims gives them for a small job: measured
-# into PCR 23 with the node's facts and code identity, as `trainer --attest` does
-JOB_CLAIMS = {
-    "job.digest": "ab" * 32, "job.id": JOB, "job.tenant": TENANT, "job.dataset": DATASET,
-    "job.key_version": 1, "job.model": "tiny-gpt", "job.precision": "fp32", "job.steps": 100,
-    "job.batch_size": 8, "job.grad_accum": 1, "job.seq_len": 128,
-    "job.checkpoint.interval": 50, "job.checkpoint.keep_last": 2,
-}
+def _job_claims() -> dict:
+    """The job's claims (``trainer.job_identity.job_claims``) of a small job: measured into
+    PCR 23 with the node's facts and code identity, as `trainer --attest` does."""
+    from trainer.config import JobConfig
+    from trainer.job_identity import job_claims
+
+    return job_claims(JobConfig.from_mapping({
+        "job_id": JOB, "tenant_id": TENANT,
+        "dataset": {"id": DATASET, "key_version": 1, "store": "/nonexistent"},
+        "checkpoint": {"dir": "/nonexistent", "interval": 50, "keep_last": 2},
+        "model": {"name": "tiny-gpt"}, "steps": 100, "batch_size": 8, "seq_len": 128,
+        "precision": "fp32",
+    }))
 
 
 def _node_file(root: Path, claims: dict, path: Path) -> None:
@@ -189,7 +191,7 @@ def _node_file(root: Path, claims: dict, path: Path) -> None:
 
     facts = collect_facts(HostSource(root=root, gpu_probe=lambda: None))
     code = {k: v for k, v in claims.items() if k not in facts}
-    path.write_text(json.dumps({"host": str(root), "code": code, "job": JOB_CLAIMS}))
+    path.write_text(json.dumps({"host": str(root), "code": code, "job": _job_claims()}))
 
 
 def _client_main(address: str, pki: str, node_id: str, tcti: str, cycles: int,
@@ -304,16 +306,16 @@ def _run(address: str, pki: Path, tpms: list, claims_file: Path, clients: int, c
             line = p.stdout.readline()  # type: ignore[union-attr]
             if line.strip() != "ready":
                 raise RuntimeError(f"client did not start: {line!r}")
-        cpu0 = sum(_cpu_seconds(pid) for pid in broker_pids)
-        tpm0 = sum(_cpu_seconds(pid) for pid in swtpms)
+        cpu0 = sum(cpu_seconds(pid) for pid in broker_pids)
+        tpm0 = sum(cpu_seconds(pid) for pid in swtpms)
         t0 = time.perf_counter()
         for p in procs:
             p.stdin.write("go\n")  # type: ignore[union-attr]
             p.stdin.flush()  # type: ignore[union-attr]
         results = [json.loads(p.stdout.readline()) for p in procs]  # type: ignore[union-attr]
         wall = time.perf_counter() - t0
-        cpu = sum(_cpu_seconds(pid) for pid in broker_pids) - cpu0
-        node = sum(_cpu_seconds(pid) for pid in swtpms) - tpm0 + sum(r["cpu"] for r in results)
+        cpu = sum(cpu_seconds(pid) for pid in broker_pids) - cpu0
+        node = sum(cpu_seconds(pid) for pid in swtpms) - tpm0 + sum(r["cpu"] for r in results)
         for p in procs:
             p.wait(timeout=300)
     finally:

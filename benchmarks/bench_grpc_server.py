@@ -43,6 +43,8 @@ import time
 from concurrent import futures
 from pathlib import Path
 
+from benchmarks._proc import cpu_seconds
+
 MODES = ("sync", "aio inline", "aio to-thread")
 SAVING_TARGET_MS = 0.4
 _METHOD = "/bench.Echo/Call"
@@ -128,11 +130,6 @@ def _client(pki: str, address: str, calls: int, size: int, channels: int,
     print("done", flush=True)
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 _ME = [sys.executable, "-m", "benchmarks.bench_grpc_server"]
 _REPO = Path(__file__).resolve().parent.parent
 
@@ -147,13 +144,13 @@ def _client_cpu(pids: list[int], pki: Path, address: str, size: int, calls: int,
     try:
         if client.stdout.readline().strip() != "ready":  # type: ignore[union-attr]
             raise RuntimeError("the client did not connect")
-        before = sum(_cpu_seconds(p) for p in pids)
+        before = sum(cpu_seconds(p) for p in pids)
         started = time.perf_counter()
         client.stdin.write("go\n")  # type: ignore[union-attr]
         client.stdin.flush()  # type: ignore[union-attr]
         if client.stdout.readline().strip() != "done":  # type: ignore[union-attr]
             raise RuntimeError("the client failed")
-        used = sum(_cpu_seconds(p) for p in pids) - before
+        used = sum(cpu_seconds(p) for p in pids) - before
         used -= idle_per_s * (time.perf_counter() - started)
         client.wait(timeout=60)
         return used / calls
@@ -193,9 +190,9 @@ def _broker_health(root: Path, calls: int) -> tuple[list[float], list[float]]:
     try:
         certs.issue(pki, pki, role="node", ident="n")
         time.sleep(2)  # past start-up
-        idle0, t0 = _cpu_seconds(proc.pid), time.perf_counter()
+        idle0, t0 = cpu_seconds(proc.pid), time.perf_counter()
         time.sleep(5)
-        idle = (_cpu_seconds(proc.pid) - idle0) / (time.perf_counter() - t0)
+        idle = (cpu_seconds(proc.pid) - idle0) / (time.perf_counter() - t0)
         broker, bare = [], []
         for _ in range(3):
             broker.append(_client_cpu([proc.pid], pki, address, 0, calls, 1,

@@ -47,6 +47,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks._proc import cpu_seconds
+
 REPO = Path(__file__).resolve().parents[1]
 ZERO_BOOT = {i: "00" * 32 for i in range(8)}
 JOB = "job-ka"
@@ -278,11 +280,7 @@ class _Rank:
 
 def _cpu_s(pids: list[int]) -> float:
     """User + system CPU seconds so far of these processes."""
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+    return sum(cpu_seconds(pid) for pid in pids)
 
 
 def _round(ranks: list[_Rank], side: str) -> tuple[float, int]:

@@ -50,6 +50,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks._proc import cpu_seconds
 from benchmarks.bench_broker import (
     DATASET,
     JOB,
@@ -57,7 +58,6 @@ from benchmarks.bench_broker import (
     TENANT,
     ZERO_BOOT,
     _claims,
-    _cpu_seconds,
     _endpoint,
     _pct,
     _policy,
@@ -154,7 +154,7 @@ def _cpu(pids: list[int]) -> float:
     total = 0.0
     for pid in pids:
         with contextlib.suppress(OSError, ValueError, IndexError):  # a backend that exited
-            total += _cpu_seconds(pid)
+            total += cpu_seconds(pid)
     return total
 
 

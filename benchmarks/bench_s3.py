@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
+from benchmarks._proc import cpu_seconds
 from benchmarks.bench_sealed import _generated
 from sealed import SecretBuffer
 from sealed.writer import write_dataset
@@ -48,11 +49,6 @@ SHARD = 64 << 20  # the writer's default target shard size
 RANGE = 8 << 20
 IN_FLIGHT = 4
 GOAL = 0.90
-
-
-def _server_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _raw(server: S3Server, keys: list[tuple[str, int]], bufs: dict[str, bytearray]) -> None:
@@ -111,14 +107,14 @@ def main(quick: bool = False) -> None:
             bufs = {key: bytearray(size) for key, size in keys}
             out = bytearray(max(e.plaintext_size for e in entries))
             def raw_run() -> tuple[float, float, float]:
-                cpu0, srv0, t0 = time.process_time(), _server_cpu(server.proc.pid), \
+                cpu0, srv0, t0 = time.process_time(), cpu_seconds(server.proc.pid), \
                     time.perf_counter()
                 _raw(server, keys, bufs)
                 wall = time.perf_counter() - t0
-                return wall, time.process_time() - cpu0, _server_cpu(server.proc.pid) - srv0
+                return wall, time.process_time() - cpu0, cpu_seconds(server.proc.pid) - srv0
 
             def ours_run() -> tuple[float, float, float]:
-                cpu0, srv0, t0 = time.process_time(), _server_cpu(server.proc.pid), \
+                cpu0, srv0, t0 = time.process_time(), cpu_seconds(server.proc.pid), \
                     time.perf_counter()
                 shards = open_sealed_reader(config, dek)  # type: ignore[arg-type]
                 n = shards.num_shards
@@ -126,7 +122,7 @@ def main(quick: bool = False) -> None:
                     shards.decrypt_shard_into(j, out, j + 1 if j + 1 < n else None)
                 shards.close()
                 wall = time.perf_counter() - t0
-                return wall, time.process_time() - cpu0, _server_cpu(server.proc.pid) - srv0
+                return wall, time.process_time() - cpu0, cpu_seconds(server.proc.pid) - srv0
 
             ours, raw, ratios = [], [], []
             for rep in range(reps):  # pairs of adjacent runs, the order alternating
